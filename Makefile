@@ -1,0 +1,36 @@
+# Every target sets up .venv itself when it is missing or stale, and is safe to rerun.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mlc-installed
+DATA   ?= examples/comp5329-mini
+RUN    ?= runs/demo
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## make demo: the main job end to end on the real sample shipped in examples/
+demo: setup
+	$(BIN)/mlc validate $(DATA)
+
+## make test: ruff, then the test suite (CI runs exactly this)
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/fit_head.py
+
+clean:
+	rm -rf cache/*.h5 cache/*/ runs/demo

@@ -1,0 +1,318 @@
+"""The feature cache: the only module that imports h5py.
+
+One HDF5 file per data split and encoder pair. Layout (N records, V image views, C classes):
+
+    image_ids     (N,)            utf-8 strings, in CSV order
+    image         (N, V, Di)      float16 pooled image embeddings; view 0 = evaluation transform
+    text          (N, Dt)         float16 pooled caption embeddings
+    labels        (N, C)          uint8 multi-hot, only for labelled splits
+    image_trunk   (N, V, *S)      optional: frozen activations at an image trunk cut (float16)
+    text_trunk    (N, T, Ht)      optional: token states at a text trunk cut (float16), with
+    text_mask     (N, T)          its attention mask (uint8)
+
+    attrs["meta"]  JSON of CacheMeta: encoders, weights hashes, preprocessing, labels, data fingerprint…
+
+Writing is crash-safe and resumable: rows are committed in chunks, each chunk an ``.npz`` written
+atomically into ``<target>.partial/``; only when every chunk is there is the HDF5 file assembled
+under a temp name and renamed to ``<target>``. So ``kill -9`` at any moment loses at most the chunk
+in flight, and an unfinished cache never looks finished. HDF5 itself is not crash-safe, which is
+why partial results never live inside an HDF5 file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from .atomic import atomic_path, write_json
+from .errors import MismatchError, MlcError
+from .labels import LabelSpace
+
+# Fields that may differ between two caches that hold the same features.
+_NOT_IDENTITY = frozenset({"created", "mlc_version", "num_records", "extra"})
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """Everything needed to tell what a cache holds and whether it may be reused."""
+
+    split: str
+    image_encoder: str
+    text_encoder: str
+    image_weights: str
+    image_weights_hash: str
+    text_weights: str
+    text_weights_hash: str
+    random_init: bool
+    image_preprocess: dict[str, Any]
+    text_preprocess: dict[str, Any]
+    views: int
+    image_dim: int
+    text_dim: int
+    label_ids: tuple[int, ...]
+    label_names: tuple[str, ...]
+    data_fingerprint: str
+    num_records: int
+    image_cut: str | None = None
+    text_cut: str | None = None
+    source_run: str | None = None
+    mlc_version: str = ""
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ValueError("a cache holds at least one image view")
+        object.__setattr__(self, "label_ids", tuple(int(i) for i in self.label_ids))
+        object.__setattr__(self, "label_names", tuple(self.label_names))
+
+    @property
+    def labels(self) -> LabelSpace:
+        return LabelSpace(self.label_ids, self.label_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CacheMeta:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide whether two caches hold the same features (JSON-normalised)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+        return json.loads(json.dumps(d, sort_keys=True))
+
+    def differences(self, other: CacheMeta) -> list[str]:
+        a, b = self.identity(), other.identity()
+        return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def read_meta(path: str | os.PathLike[str]) -> CacheMeta:
+    """Read a finished cache's metadata; a clear error for anything that is not one."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (an unfinished extraction is there: rerun `mlc extract` to finish it)" if Path(
+            f"{path}.partial"
+        ).exists() else ""
+        raise MlcError(f"{path}: no such cache file{hint}")
+    try:
+        with h5py.File(path, "r") as f:
+            return CacheMeta.from_dict(json.loads(f.attrs["meta"]))
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise MlcError(f"{path}: not an mlc feature cache ({exc})") from exc
+
+
+class CacheWriter:
+    """Commit rows chunk by chunk (atomic .npz files), then assemble the HDF5 file once complete."""
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str],
+        meta: CacheMeta,
+        image_ids: Sequence[str],
+        labels: np.ndarray | None,
+        chunk_rows: int = 512,
+    ) -> None:
+        if chunk_rows < 1:
+            raise ValueError("chunk_rows must be positive")
+        if len(image_ids) != meta.num_records:
+            raise ValueError("meta.num_records must equal the number of image ids")
+        self.target = Path(target)
+        self.meta = meta
+        self.image_ids = list(image_ids)
+        self.labels = labels
+        self.chunk_rows = chunk_rows
+        self.work = Path(f"{self.target}.partial")
+        self.resumed = self._prepare_work_dir()
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-len(self.image_ids) // self.chunk_rows)
+
+    def bounds(self, chunk: int) -> tuple[int, int]:
+        start = chunk * self.chunk_rows
+        return start, min(start + self.chunk_rows, len(self.image_ids))
+
+    def _chunk_path(self, chunk: int) -> Path:
+        return self.work / f"chunk-{chunk:06d}.npz"
+
+    def _plan(self) -> dict[str, Any]:
+        return {"meta": self.meta.identity(), "chunk_rows": self.chunk_rows, "image_ids": self.image_ids}
+
+    def _prepare_work_dir(self) -> int:
+        """Keep chunks of an interrupted run with the same plan; discard a stale one. Returns chunks kept."""
+        plan_file = self.work / "plan.json"
+        if plan_file.is_file():
+            try:
+                same = json.loads(plan_file.read_text()) == json.loads(json.dumps(self._plan()))
+            except json.JSONDecodeError:
+                same = False
+            if same:
+                return self.num_chunks - len(self.pending())
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        write_json(plan_file, self._plan())
+        return 0
+
+    def pending(self) -> list[int]:
+        """Chunks not yet committed, in order."""
+        return [c for c in range(self.num_chunks) if not self._chunk_path(c).is_file()]
+
+    def commit(self, chunk: int, arrays: dict[str, np.ndarray]) -> None:
+        """Atomically store the rows of one chunk: each array has the chunk's rows on axis 0."""
+        start, stop = self.bounds(chunk)
+        for name, arr in arrays.items():
+            if arr.shape[0] != stop - start:
+                raise ValueError(f"chunk {chunk}: {name} has {arr.shape[0]} rows, expected {stop - start}")
+        with atomic_path(self._chunk_path(chunk)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    def finalize(self) -> Path:
+        """Assemble every chunk into the HDF5 file (under a temp name, then renamed) and clean up."""
+        missing = self.pending()
+        if missing:
+            raise MlcError(f"{self.target}: {len(missing)} chunks are missing; cannot finalize")
+        n = len(self.image_ids)
+        with atomic_path(self.target) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["meta"] = json.dumps(self.meta.to_dict(), sort_keys=True)
+            # Human-readable copies of the key facts (`h5ls -v` / h5dump show them).
+            for key in ("split", "image_encoder", "text_encoder", "data_fingerprint", "mlc_version"):
+                f.attrs[key] = str(getattr(self.meta, key))
+            f.create_dataset("image_ids", data=np.array(self.image_ids, dtype=object),
+                             dtype=h5py.string_dtype("utf-8"))
+            if self.labels is not None:
+                f.create_dataset("labels", data=self.labels.astype(np.uint8))
+            datasets: dict[str, h5py.Dataset] = {}
+            for chunk in range(self.num_chunks):
+                start, stop = self.bounds(chunk)
+                with np.load(self._chunk_path(chunk)) as z:
+                    for name in z.files:
+                        arr = z[name]
+                        if name not in datasets:
+                            # Chunked along rows so a reader can stream a few rows at a time.
+                            row_chunk = max(1, min(n, (1 << 20) // max(1, arr[0].nbytes)))
+                            datasets[name] = f.create_dataset(
+                                name, shape=(n, *arr.shape[1:]), dtype=arr.dtype,
+                                chunks=(row_chunk, *arr.shape[1:]),
+                            )
+                        datasets[name][start:stop] = arr
+        shutil.rmtree(self.work)
+        return self.target
+
+
+class CacheReader:
+    """Read a finished cache. The HDF5 handle is opened lazily and reopened after fork (one per process)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    def _h5(self) -> h5py.File:
+        # h5py handles do not survive fork: DataLoader workers each open their own.
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into spawn-started workers: never ship an open handle.
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return self.meta.num_records
+
+    def has(self, name: str) -> bool:
+        return name in self._h5()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._h5()[name].shape)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else s for s in self._h5()["image_ids"][:]]
+
+    def labels(self) -> np.ndarray:
+        if "labels" not in self._h5():
+            raise MlcError(f"{self.path}: the {self.meta.split!r} split has no labels")
+        return self._h5()["labels"][:].astype(np.float32)
+
+    def array(self, name: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """A dataset (or some of its rows, any order) as numpy, in its stored dtype."""
+        if name not in self._h5():
+            raise MlcError(f"{self.path}: the cache has no {name!r} dataset")
+        ds = self._h5()[name]
+        if rows is None:
+            return ds[:]
+        if isinstance(rows, slice):
+            return ds[rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.empty((0, *ds.shape[1:]), dtype=ds.dtype)
+        # h5py fancy indexing needs strictly increasing indices: read unique sorted rows, then
+        # scatter back to the order (and repeats) asked for.
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        return ds[uniq][inverse]
+
+    def dataset(self, names: Sequence[str], rows: np.ndarray | None = None,
+                with_labels: bool = True) -> CacheDataset:
+        """A torch Dataset over some rows; each item is a dict of float32 tensors (+ ``labels``)."""
+        return CacheDataset(self, tuple(names), rows, with_labels)
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Streams rows from the cache (for activation caches too big to hold in memory)."""
+
+    def __init__(self, reader: CacheReader, names: tuple[str, ...], rows: np.ndarray | None,
+                 with_labels: bool) -> None:
+        self.reader = reader
+        self.names = names
+        self.rows = np.arange(len(reader)) if rows is None else np.asarray(rows)
+        self.with_labels = with_labels and reader.has("labels")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = int(self.rows[i])
+        h5 = self.reader._h5()
+        item = {name: torch.from_numpy(np.asarray(h5[name][row])) for name in self.names}
+        if self.with_labels:
+            item["labels"] = torch.from_numpy(h5["labels"][row].astype(np.float32))
+        item["row"] = torch.tensor(row)
+        return item
+
+
+def check_compatible(meta: CacheMeta, expected: dict[str, Any], *, what: str) -> None:
+    """Refuse a cache whose fields differ from what a run expects (encoders, weights, labels, cuts)."""
+    have = meta.to_dict()
+    diffs = [
+        f"{k}: the run has {v!r}, the cache has {have.get(k)!r}"
+        for k, v in expected.items()
+        if json.loads(json.dumps(have.get(k))) != json.loads(json.dumps(v))
+    ]
+    if diffs:
+        raise MismatchError(f"{what} does not match: " + "; ".join(diffs))

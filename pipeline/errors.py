@@ -1,0 +1,32 @@
+"""The exceptions mlc raises for bad input; the CLI turns them into one clear line and exit code 2."""
+
+from __future__ import annotations
+
+
+class MlcError(Exception):
+    """Any user-facing failure: bad input, missing weights, a mismatched cache or run."""
+
+
+class DataError(MlcError):
+    """A fault in an input file, located by file and (when known) 1-based line number."""
+
+    def __init__(self, file: str, line: int | None, fault: str) -> None:
+        self.file, self.line, self.fault = str(file), line, fault
+        where = f"{self.file}:{line}" if line is not None else self.file
+        super().__init__(f"{where}: {fault}")
+
+
+class ImageError(MlcError):
+    """An image file that is missing or cannot be decoded."""
+
+    def __init__(self, path: str, fault: str) -> None:
+        self.path, self.fault = str(path), fault
+        super().__init__(f"{path}: {fault}")
+
+
+class WeightsError(MlcError):
+    """Pretrained weights that cannot be found or loaded."""
+
+
+class MismatchError(MlcError):
+    """A cache, run folder or checkpoint that does not belong with what it is used with."""

@@ -1,0 +1,182 @@
+"""Fusion heads: small ``nn.Module``s from cached image/text features to (B, C) logits, in a registry.
+
+Every head has ``forward(image_feat, text_feat)`` with ``image_feat`` (B, Di) or None and
+``text_feat`` (B, Dt) or None, a class attribute ``modalities`` naming the inputs it reads, and
+``config()`` returning the keyword arguments that rebuild it: ``create_head(**head.config())``.
+Features may arrive as float16 from the cache; heads cast them to their own parameter dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pipeline.errors import MlcError
+
+
+class FusionHead(nn.Module):
+    """Base class: stores the constructor arguments and checks/casts inputs."""
+
+    name: ClassVar[str]
+    modalities: ClassVar[tuple[str, ...]]
+
+    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.image_dim, self.text_dim, self.num_classes = int(image_dim), int(text_dim), int(num_classes)
+        self.hidden, self.dropout_p = int(hidden), float(dropout)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-ready) such that ``create_head(**config())`` rebuilds this head."""
+        return {
+            "name": self.name,
+            "image_dim": self.image_dim,
+            "text_dim": self.text_dim,
+            "num_classes": self.num_classes,
+            "hidden": self.hidden,
+            "dropout": self.dropout_p,
+        }
+
+    def _input(self, x: torch.Tensor | None, modality: str, dim: int) -> torch.Tensor:
+        """Check one modality's (B, D) features and cast them (e.g. float16 cache) to the head's dtype."""
+        if x is None:
+            raise ValueError(f"head {self.name!r} needs {modality} features, got None")
+        if x.ndim != 2 or x.shape[1] != dim:
+            raise ValueError(f"head {self.name!r} expects {modality} features (B, {dim}), got {tuple(x.shape)}")
+        return x.to(dtype=next(self.parameters()).dtype)
+
+    def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
+    """One hidden layer: Linear -> ReLU -> Dropout -> Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+class SumHead(FusionHead):
+    """The seed report's fusion: project each modality to ``hidden`` linearly, add, ReLU, dropout, Linear.
+
+    Kept faithful to the seed (no normalisation layer), so its numbers are a like-for-like baseline.
+    """
+
+    name = "sum"
+    modalities = ("image", "text")
+
+    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
+                 dropout: float = 0.2) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
+                         dropout=dropout)
+        self.image_proj = nn.Linear(image_dim, hidden)
+        self.text_proj = nn.Linear(text_dim, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
+        zi = self.image_proj(self._input(image_feat, "image", self.image_dim))  # (B, H)
+        zt = self.text_proj(self._input(text_feat, "text", self.text_dim))  # (B, H)
+        return self.classifier(self.dropout(torch.relu(zi + zt)))  # (B, C)
+
+
+class ConcatHead(FusionHead):
+    """Concatenate both feature vectors, then an MLP with one hidden layer."""
+
+    name = "concat"
+    modalities = ("image", "text")
+
+    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
+                 dropout: float = 0.2) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
+                         dropout=dropout)
+        self.mlp = _mlp(image_dim + text_dim, hidden, num_classes, dropout)
+
+    def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
+        x = torch.cat([self._input(image_feat, "image", self.image_dim),
+                       self._input(text_feat, "text", self.text_dim)], dim=1)  # (B, Di + Dt)
+        return self.mlp(x)  # (B, C)
+
+
+class GatedHead(FusionHead):
+    """Gated fusion (after Arevalo et al. 2017's gated multimodal unit).
+
+    zi = tanh(Wi x_img), zt = tanh(Wt x_txt), both (B, H); g = sigmoid(Wg [zi; zt]) is a per-sample,
+    per-dimension gate, so the head can lean on the caption for some concepts and on the image for
+    others; z = g * zi + (1 - g) * zt, then dropout and a Linear classifier. tanh keeps the two
+    projections on one scale so the gate, not a magnitude difference, decides the mix.
+    """
+
+    name = "gated"
+    modalities = ("image", "text")
+
+    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
+                 dropout: float = 0.2) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
+                         dropout=dropout)
+        self.image_proj = nn.Linear(image_dim, hidden)
+        self.text_proj = nn.Linear(text_dim, hidden)
+        self.gate = nn.Linear(2 * hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
+        zi = torch.tanh(self.image_proj(self._input(image_feat, "image", self.image_dim)))  # (B, H)
+        zt = torch.tanh(self.text_proj(self._input(text_feat, "text", self.text_dim)))  # (B, H)
+        g = torch.sigmoid(self.gate(torch.cat([zi, zt], dim=1)))  # (B, H) in (0, 1)
+        z = g * zi + (1.0 - g) * zt  # (B, H)
+        return self.classifier(self.dropout(z))  # (B, C)
+
+
+class ImageHead(FusionHead):
+    """Image-only ablation: an MLP over the image features; text features are ignored (may be None)."""
+
+    name = "image"
+    modalities = ("image",)
+
+    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
+                 dropout: float = 0.2) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
+                         dropout=dropout)
+        self.mlp = _mlp(image_dim, hidden, num_classes, dropout)
+
+    def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
+        return self.mlp(self._input(image_feat, "image", self.image_dim))  # (B, C)
+
+
+class TextHead(FusionHead):
+    """Caption-only ablation: an MLP over the text features; image features are ignored (may be None)."""
+
+    name = "text"
+    modalities = ("text",)
+
+    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
+                 dropout: float = 0.2) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
+                         dropout=dropout)
+        self.mlp = _mlp(text_dim, hidden, num_classes, dropout)
+
+    def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
+        return self.mlp(self._input(text_feat, "text", self.text_dim))  # (B, C)
+
+
+HEADS: dict[str, type[FusionHead]] = {
+    cls.name: cls for cls in (SumHead, ConcatHead, GatedHead, ImageHead, TextHead)
+}
+
+
+def create_head(
+    name: str,
+    *,
+    image_dim: int,
+    text_dim: int,
+    num_classes: int,
+    hidden: int = 512,
+    dropout: float = 0.2,
+) -> FusionHead:
+    """Build the head registered as ``name``; raises MlcError for an unknown name."""
+    if name not in HEADS:
+        raise MlcError(f"unknown head {name!r}; choose from {', '.join(sorted(HEADS))}")
+    if min(image_dim, text_dim, num_classes, hidden) < 1 or not 0.0 <= dropout < 1.0:
+        raise ValueError("image_dim, text_dim, num_classes and hidden must be >= 1 and dropout in [0, 1)")
+    return HEADS[name](image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
+                       dropout=dropout)

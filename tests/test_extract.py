@@ -1,0 +1,151 @@
+"""Stage 1 with tiny random encoders: cache contents, reuse, resume after SIGKILL, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, make_data_dir
+from typer.testing import CliRunner
+
+from pipeline.cache import CacheReader
+from pipeline.cli import app
+from pipeline.data import DataDir, load_image
+from pipeline.errors import ImageError, MismatchError
+from pipeline.extract import ExtractConfig, extract, load_encoders
+from pipeline.labels import COCO18
+
+TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, batch_size=4)
+
+
+def cfg(data_dir: Path, out: Path, **kw) -> ExtractConfig:
+    return ExtractConfig(data_dir=data_dir, out_dir=out, **{**TINY, **kw})
+
+
+def test_cache_holds_what_the_encoders_compute(data_dir, tmp_path):
+    c = cfg(data_dir, tmp_path / "cache", views=2, chunk_rows=8)
+    train, test = extract(c)
+    records = DataDir.open(data_dir).records("train")
+    image, text = load_encoders(c)
+    with CacheReader(train) as r:
+        m = r.meta
+        assert (m.image_encoder, m.text_encoder, m.views, m.random_init) == ("tiny-resnet", "tiny-bert", 2, True)
+        assert m.image_weights_hash == image.weights_hash and m.text_weights_hash == text.weights_hash
+        assert m.label_ids == COCO18.ids and len(m.data_fingerprint) == 64
+        assert r.image_ids == [rec.image_id for rec in records]
+        np.testing.assert_array_equal(r.labels(), COCO18.multi_hot([rec.labels for rec in records]))
+        img = r.array("image")
+        assert img.shape == (24, 2, image.dim) and img.dtype == np.float16
+        # Row 7, view 0 and the flipped view 1, recomputed directly.
+        pil = load_image(data_dir / "data" / "7.jpg")
+        x = torch.stack([image.preprocess.transform(v)(pil) for v in (0, 1)])
+        with torch.inference_mode():
+            want = image(x).numpy()
+            tok = text.tokenize([records[7].caption])
+            want_t = text(tok["input_ids"], tok["attention_mask"]).numpy()
+        np.testing.assert_allclose(img[7].astype(np.float32), want, rtol=2e-2, atol=2e-3)
+        np.testing.assert_allclose(r.array("text")[7].astype(np.float32), want_t[0], rtol=2e-2, atol=2e-3)
+    with CacheReader(test) as r:
+        assert r.meta.split == "test" and not r.has("labels") and "36889.jpg" in r.image_ids
+
+
+def test_rerun_does_nothing_and_changed_data_is_refused(data_dir, tmp_path, capsys):
+    c = cfg(data_dir, tmp_path / "cache", splits=("train",))
+    (path,) = extract(c)
+    before = path.stat().st_mtime_ns
+    extract(c)
+    assert "up to date" in capsys.readouterr().out and path.stat().st_mtime_ns == before
+    csv = data_dir / "train.csv"
+    csv.write_text(csv.read_text().replace("in the street", "in the road", 1))
+    with pytest.raises(MismatchError, match="different features.*data_fingerprint"):
+        extract(c)
+    extract(dataclasses.replace(c, overwrite=True))
+    assert path.stat().st_mtime_ns != before
+    # Another encoder never touches this file: it gets its own name.
+    (other,) = extract(dataclasses.replace(c, image_encoder="tiny-resnet", views=2))
+    assert other != path
+
+
+def test_corrupt_image_stops_with_its_name_or_is_skipped(data_dir, tmp_path, capsys):
+    (data_dir / "data" / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    c = cfg(data_dir, tmp_path / "cache", splits=("train",))
+    with pytest.raises(ImageError, match=r"3\.jpg"):
+        extract(c)
+    (path,) = extract(dataclasses.replace(c, skip_bad_images=True))
+    assert "skipped 1 bad images" in capsys.readouterr().err
+    with CacheReader(path) as r:
+        assert "3.jpg" not in r.image_ids and len(r) == 23
+
+
+def test_missing_weights_message_via_cli(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    res = CliRunner().invoke(app, ["extract", str(data_dir), "--preset", "seed", "--out-dir", str(tmp_path / "c")])
+    assert res.exit_code == 2
+    assert "--image-weights" in res.output and "offline" in res.output
+    assert not list((tmp_path / "c").rglob("*.h5"))
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    data_dir = make_data_dir(tmp_path / "tiny", n_train=80, n_test=2)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline.cli", "extract", str(data_dir), "--image-encoder", "tiny-resnet",
+           "--text-encoder", "tiny-bert", "--random-init", "--split", "train", "--workers", "0",
+           "--batch-size", "2", "--chunk-rows", "2", "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    partial = out / "tiny" / "train__tiny-resnet__tiny-bert__random.h5.partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(partial.glob("chunk-*.npz"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(partial.glob("chunk-*.npz")))
+    assert 3 <= done < 40, "the process should be killed mid-run"
+    assert not partial.with_suffix("").exists(), "a killed extraction must not leave a finished-looking cache"
+
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    (fresh,) = extract(cfg(data_dir, tmp_path / "fresh", splits=("train",), batch_size=2, chunk_rows=2))
+    with CacheReader(partial.with_suffix("")) as a, CacheReader(fresh) as b:
+        assert a.image_ids == b.image_ids
+        for name in ("image", "text", "labels"):
+            np.testing.assert_array_equal(a.array(name), b.array(name))
+    assert not partial.exists()
+
+
+def test_trunk_cut_cache_and_bad_cut(data_dir, tmp_path):
+    c = cfg(data_dir, tmp_path / "cache", splits=("train",), image_cut="layer3", text_cut="layer1")
+    (path,) = extract(c)
+    image, text = load_encoders(c)
+    with CacheReader(path) as r:
+        assert r.meta.image_cut == "layer3" and r.meta.text_cut == "layer1"
+        trunk = torch.from_numpy(r.array("image_trunk")[:, 0]).float()
+        with torch.inference_mode():
+            top = image.forward_top(trunk, "layer3").numpy()
+        # The top blocks fed from the cache give the cached embedding (float16 tolerance).
+        np.testing.assert_allclose(top, r.array("image")[:, 0].astype(np.float32), rtol=5e-2, atol=5e-3)
+        states = torch.from_numpy(r.array("text_trunk")).float()
+        mask = torch.from_numpy(r.array("text_mask")).long()
+        with torch.inference_mode():
+            pooled = text.forward_top(states, mask, "layer1").numpy()
+        np.testing.assert_allclose(pooled, r.array("text").astype(np.float32), rtol=5e-2, atol=5e-3)
+    with pytest.raises(Exception, match="no trunk cut"):
+        extract(dataclasses.replace(c, image_cut="layer9"))
+
+
+@pytest.mark.skipif(os.cpu_count() is None, reason="needs a CPU count")
+def test_cli_extract_prints_paths(data_dir, tmp_path):
+    res = CliRunner().invoke(app, ["extract", str(data_dir), "--image-encoder", "tiny-resnet", "--text-encoder",
+                                   "tiny-bert", "--random-init", "--workers", "0", "--out-dir", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert "train__tiny-resnet__tiny-bert__random.h5" in res.output
+    assert "test__tiny-resnet__tiny-bert__random.h5" in res.output

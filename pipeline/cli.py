@@ -203,6 +203,81 @@ def submit(
     typer.echo(f"wrote {path}: {line}")
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def finetune(
+    data_dir: Path = typer.Argument(None, help="Competition data folder (not needed with --from-cache)."),
+    out: Path = typer.Option(Path("runs/finetune"), "--out", help="Run folder to write."),
+    preset: str = typer.Option(None, "--preset", help="Encoder pair: 'seed' (default) or 'offline'."),
+    image_encoder: str = typer.Option(None, "--image-encoder", help="Image encoder (overrides the preset)."),
+    text_encoder: str = typer.Option(None, "--text-encoder", help="Text encoder (overrides the preset)."),
+    image_weights: str = typer.Option(None, "--image-weights", help="Local image weights file."),
+    text_weights: str = typer.Option(None, "--text-weights", help="Local Hugging Face text model folder."),
+    random_init: bool = typer.Option(False, "--random-init", help="Random encoders (tests and speed only)."),
+    end_to_end: bool = typer.Option(False, "--end-to-end", help="Train every encoder weight (the seed "
+                                    "report's recipe); without it only the top --unfreeze blocks train."),
+    unfreeze: int = typer.Option(2, "--unfreeze", help="Top blocks of each encoder that train when not "
+                                 "--end-to-end (0 = head only)."),
+    from_cache: Path = typer.Option(None, "--from-cache", help="Train the encoders' top parts over a trunk "
+                                    "cache (`mlc extract --image-cut … --text-cut …`) instead of images."),
+    init_head: Path = typer.Option(None, "--init-head", help="Start the head from a fit-head run's head."),
+    head: str = typer.Option("sum", "--head", help="Fusion head: sum (the seed's), concat, gated, image, text."),
+    hidden: int = typer.Option(512, "--hidden", help="Hidden width of the head."),
+    dropout: float = typer.Option(0.2, "--dropout", help="Dropout in the head."),
+    loss: str = typer.Option("bce", "--loss", help="bce, soft-margin or asl."),
+    pos_weight: bool = typer.Option(True, "--pos-weight/--no-pos-weight", help="Per-class positive weights "
+                                    "for bce (the seed's)."),
+    sampler: str = typer.Option("weighted", "--sampler", help="weighted (the seed's inverse label frequency "
+                                "sampler) or uniform."),
+    epochs: int = typer.Option(4, "--epochs", help="Training epochs."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Rows per step (per process)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Learning rate of the head."),
+    encoder_lr: float = typer.Option(None, "--encoder-lr", help="Learning rate of the encoders (default lr/10)."),
+    weight_decay: float = typer.Option(1e-5, "--weight-decay", help="Adam weight decay."),
+    accumulate: int = typer.Option(1, "--accumulate", help="Gradient accumulation steps."),
+    clip: float = typer.Option(1.0, "--clip", help="Gradient norm clipping (0 = off)."),
+    warmup: float = typer.Option(0.05, "--warmup", help="Warm-up, as a fraction of all steps."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine or constant after warm-up."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Held-out fraction (stratified)."),
+    max_rows: int = typer.Option(None, "--max-rows", help="Use only the first N labelled rows (quick runs)."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="The seed's image augmentations."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader workers."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.pt."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes: >1 relaunches under torchrun (DDP; NCCL on CUDA, "
+                              "gloo on CPU)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA."),
+    device: str = _DEVICE,
+) -> None:
+    """Finetune encoders and a fusion head together; the run folder works with submit, report and
+    `extract --from-run`."""
+    import sys
+
+    from .extract import resolve_encoders
+    from .finetune import FinetuneConfig, launch
+    from .finetune import finetune as run_finetune
+
+    if nproc > 1:
+        argv = sys.argv[1:]
+        i = argv.index("--nproc")
+        raise typer.Exit(launch(nproc, argv[:i] + argv[i + 2:]))
+    try:
+        img, txt = resolve_encoders(preset, image_encoder, text_encoder)
+        cfg = FinetuneConfig(
+            data_dir=data_dir, out=out, image_encoder=img, text_encoder=txt, image_weights=image_weights,
+            text_weights=text_weights, random_init=random_init, end_to_end=end_to_end, unfreeze=unfreeze,
+            from_cache=from_cache, init_head=init_head, head=head, hidden=hidden, dropout=dropout, loss=loss,
+            pos_weight=pos_weight, sampler=sampler, epochs=epochs, batch_size=batch_size, lr=lr,
+            encoder_lr=encoder_lr, weight_decay=weight_decay, accumulate=accumulate, clip=clip or None,
+            warmup=warmup, schedule=schedule, val_fraction=val_fraction, max_rows=max_rows, seed=seed,
+            device=device, amp=amp, workers=workers, augment=augment, resume=resume,
+        )
+        metrics = run_finetune(cfg)
+    except MlcError as err:
+        _fail(err)
+    if metrics:
+        typer.echo(f"validation samples-F1 {metrics['samples_f1']:.4f} (tuned thresholds)  run: {out}")
+
+
 @app.command()
 def report(
     run: Path = typer.Argument(..., help="A run folder from `mlc fit-head` or `mlc finetune`."),

@@ -141,14 +141,14 @@ def fit_head(
     sampler: str = typer.Option("uniform", "--sampler", help="uniform, or weighted (inverse label frequency, "
                                 "with replacement, as the seed report)."),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adam or adamw."),
-    lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
+    lr: float = typer.Option(3e-3, "--lr", help="Learning rate."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="Weight decay."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Rows per step."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Rows per step."),
     epochs: int = typer.Option(40, "--epochs", help="Most epochs; training stops early when validation "
                                "samples-F1 stops improving."),
-    patience: int = typer.Option(6, "--patience", help="Epochs without improvement before stopping."),
+    patience: int = typer.Option(4, "--patience", help="Epochs without improvement before stopping."),
     hidden: int = typer.Option(512, "--hidden", help="Hidden width of the head."),
-    dropout: float = typer.Option(0.3, "--dropout", help="Dropout in the head."),
+    dropout: float = typer.Option(0.5, "--dropout", help="Dropout in the head."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Held-out fraction (multi-label stratified)."),
     folds: int = typer.Option(0, "--folds", help="K-fold: train K heads, tune thresholds on out-of-fold "
                               "predictions, average the heads at prediction (0 = one split)."),

@@ -1,0 +1,88 @@
+"""Benchmark stage 2 on the offline-encoder cache of the shared competition subset.
+
+Trains on ids 0-9999 (early stopping and threshold tuning on a stratified 20% of those), and
+reports samples-F1 on ids 10000-11999, which neither training nor tuning ever saw. Heads: image,
+text, sum, concat, gated; plus the wall time of the default fit + threshold tuning.
+
+    .venv/bin/python bench/fit_head.py [--cache cache/comp5329/train__efficientnet-lite0__minilm-l6*.h5]
+
+Extract the cache first: `mlc extract ../shared/data/comp5329 --preset offline --split train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.cache import CacheReader  # noqa: E402
+from pipeline.fit_head import Features, FitHeadConfig, evaluate, fit, predict  # noqa: E402
+from pipeline.metrics import samples_f1  # noqa: E402
+from pipeline.thresholds import apply_thresholds  # noqa: E402
+
+
+def find_cache() -> Path:
+    hits = sorted((REPO / "cache" / "comp5329").glob("train__efficientnet-lite0__minilm-l6*.h5"))
+    if not hits:
+        sys.exit("no offline cache of ../shared/data/comp5329: run `mlc extract ../shared/data/comp5329 "
+                 "--preset offline --split train` first")
+    return hits[0]
+
+
+def subset(f: Features, rows: np.ndarray) -> Features:
+    return Features([f.ids[i] for i in rows], f.image[rows], f.text[rows], f.labels[rows])
+
+
+def run(cfg: FitHeadConfig, train: Features, report: Features) -> dict:
+    """Fit on `train` (its own held-out 20% for early stopping + thresholds), score on `report`."""
+    t = time.perf_counter()
+    results, held = fit(cfg, train, lambda s: None)
+    scores_held = np.concatenate([r.val_scores for r in results])
+    _, th = evaluate(cfg, train.labels[held], scores_held)
+    secs = time.perf_counter() - t
+    scores = np.mean([predict(r.head, report.image, report.text) for r in results], axis=0)
+    y = report.labels
+    return {
+        "at_0.5": samples_f1(y, apply_thresholds(scores, 0.5)),
+        "global": samples_f1(y, apply_thresholds(scores, th["global"])),
+        "per_class": samples_f1(y, apply_thresholds(scores, np.asarray(th["per_class"]))),
+        "seconds": secs,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="timing repeats of the default head")
+    args = ap.parse_args()
+    cache = args.cache or find_cache()
+    reader = CacheReader(cache)
+    feats = Features.load(reader)
+    ids = np.array([int(i.split(".")[0]) for i in feats.ids])
+    train, report = subset(feats, np.flatnonzero(ids < 10000)), subset(feats, np.flatnonzero(ids >= 10000))
+    print(f"cache {cache.name}: image {reader.meta.image_encoder} ({feats.image.shape[-1]}-d, "
+          f"{feats.image.shape[1]} view(s)), text {reader.meta.text_encoder} ({feats.text.shape[-1]}-d); "
+          f"train {len(train.ids)} rows (ids 0-9999), report {len(report.ids)} rows (ids 10000-11999); "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'head':8s} {'loss':5s} {'F1@0.5':>7s} {'global':>7s} {'per-class':>9s} {'fit+tune s':>10s}")
+    rows = [("image", "bce"), ("text", "bce"), ("sum", "bce"), ("concat", "bce"), ("gated", "bce"),
+            ("concat", "asl")]
+    for head, loss in rows:
+        r = run(FitHeadConfig(cache=cache, head=head, loss=loss), train, report)
+        print(f"{head:8s} {loss:5s} {r['at_0.5']:7.4f} {r['global']:7.4f} {r['per_class']:9.4f} "
+              f"{r['seconds']:10.1f}", flush=True)
+    times = [run(FitHeadConfig(cache=cache), train, report)["seconds"] for _ in range(args.repeats)]
+    print(f"default head (concat, bce) fit + threshold tuning: median {statistics.median(times):.1f} s "
+          f"over {args.repeats} runs ({', '.join(f'{t:.1f}' for t in times)})")
+
+
+if __name__ == "__main__":
+    main()

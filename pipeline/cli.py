@@ -7,6 +7,7 @@ and pass the error to ``_fail``; import heavy modules (torch) inside the command
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NoReturn
 
@@ -123,8 +124,10 @@ def extract(
             skip_bad_images=skip_bad_images, image_cut=image_cut, text_cut=text_cut, overwrite=overwrite,
             chunk_rows=chunk_rows,
         )
-        for path in run_extract(cfg):
-            typer.echo(str(path))
+        paths = run_extract(cfg)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the paths; print once
+            for path in paths:
+                typer.echo(str(path))
     except MlcError as err:
         _fail(err)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import math
 import os
 import socket
@@ -981,6 +982,18 @@ TEXT_ENCODERS: dict[str, TextEncoderSpec] = {
             config=_minilm_config,
             tokenizer=lambda: _folder_tokenizer(*_minilm_folder()),
         ),
+        # The seed report's ablation (embedding + BiLSTM over BERT token ids), built by _create_lstm.
+        TextEncoderSpec(
+            name="lstm",
+            dim=512,
+            num_layers=1,
+            preprocess=TextPreprocess(max_length=128, lowercase=True, pooling="mean"),
+            cuts=(),
+            weights="scratch: trained from scratch by `mlc finetune --text-encoder lstm`",
+            locate=None,
+            config=lambda: None,
+            tokenizer=lambda: _bert_base_tokenizer(),
+        ),
         TextEncoderSpec(
             name="tiny-bert",
             dim=32,
@@ -1030,6 +1043,8 @@ def create_text_encoder(
     ``save_pretrained`` folder (model + tokenizer); random_init=True: random weights (``seed`` makes
     them reproducible). ``pooling`` overrides the entry's pooling ("mean", "cls", "pooler").
     """
+    if name == "lstm":  # trained from scratch by design: no pretrained source to look for
+        return _create_lstm(weights, seed)  # type: ignore[return-value]
     spec: TextEncoderSpec = _lookup(TEXT_ENCODERS, name, "text")
     if random_init and weights is not None:
         raise MlcError(f"{name}: pass either weights= or random_init=True, not both")
@@ -1076,6 +1091,88 @@ def create_text_encoder(
         cuts=spec.cuts,
         tokenizer_source=tok_source,
     )
+
+
+class LstmTextEncoder(nn.Module):
+    """The seed report's ablation text encoder: embedding + bidirectional LSTM over the BERT
+    tokenizer's ids, trained from scratch. (B, T) ids -> (B, 2 * hidden) masked mean of the outputs.
+
+    It has no pretrained weights by design: created without ``weights`` it starts from a seeded
+    initialisation (``random_init`` True, recorded in caches) and is meant to be trained by
+    ``mlc finetune --text-encoder lstm``; ``save_pretrained``/``weights=DIR`` round-trip it.
+    """
+
+    cuts: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer: Any, *, vocab_size: int, embed: int = 256, hidden: int = 256,
+                 weights_source: str, random_init: bool, tokenizer_source: str) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed, padding_idx=0)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True, bidirectional=True)
+        self.tokenizer, self.tokenizer_source = tokenizer, tokenizer_source
+        self.name, self.dim, self.num_layers = "lstm", 2 * hidden, 1
+        self.preprocess = TextPreprocess(max_length=128, lowercase=True, pooling="mean")
+        self.config = {"vocab_size": vocab_size, "embed": embed, "hidden": hidden}
+        self.weights_source, self.random_init = weights_source, random_init
+        self.weights_hash = state_dict_hash(self)
+        self.eval()
+
+    tokenize = TextEncoder.tokenize
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        lengths = attention_mask.sum(1).clamp(min=1).cpu()
+        # Packed so padding never enters the recurrence: a caption's vector is the same in any batch.
+        packed = nn.utils.rnn.pack_padded_sequence(self.embedding(input_ids), lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=input_ids.shape[1])
+        m = attention_mask.unsqueeze(-1).to(out.dtype)  # (B, T, 1)
+        return (out * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, 2H)
+
+    def _no_cut(self, cut: str) -> MlcError:
+        return MlcError(f"lstm has no trunk cuts (asked for {cut!r}); it is small enough to train whole")
+
+    def forward_trunk(self, input_ids: Tensor, attention_mask: Tensor, cut: str) -> Tensor:
+        raise self._no_cut(cut)
+
+    def forward_top(self, hidden: Tensor, attention_mask: Tensor, cut: str) -> Tensor:
+        raise self._no_cut(cut)
+
+    def top_parameters(self, cut: str) -> Iterator[nn.Parameter]:
+        raise self._no_cut(cut)
+
+    def top_block_parameters(self, n: int) -> Iterator[nn.Parameter]:
+        """Trained from scratch, so any unfreezing trains all of it."""
+        if n > 0:
+            yield from self.parameters()
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        from safetensors.torch import save_file
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(Path(folder) / "lstm.safetensors"))
+        (Path(folder) / "lstm.json").write_text(json.dumps(self.config))
+        self.tokenizer.save_pretrained(str(folder))
+
+
+def _create_lstm(weights: str | os.PathLike[str] | None, seed: int | None) -> LstmTextEncoder:
+    if weights is None:
+        tokenizer, tok_source = _bert_base_tokenizer()
+        with _seeded(0 if seed is None else seed):
+            return LstmTextEncoder(tokenizer, vocab_size=len(tokenizer), weights_source="scratch (seeded init)",
+                                   random_init=True, tokenizer_source=tok_source)
+    from safetensors.torch import load_file
+
+    folder = Path(weights).expanduser().resolve()
+    if not (folder / "lstm.safetensors").is_file() or not (folder / "lstm.json").is_file():
+        raise WeightsError(f"lstm: {folder} holds no lstm.safetensors + lstm.json (written by a finetuned run)")
+    tokenizer, tok_source = _folder_tokenizer(str(folder), f"file:{folder}")
+    enc = LstmTextEncoder(tokenizer, **json.loads((folder / "lstm.json").read_text()),
+                          weights_source=f"file:{folder}", random_init=False, tokenizer_source=tok_source)
+    enc.load_state_dict(load_file(str(folder / "lstm.safetensors")))
+    enc.weights_hash = state_dict_hash(enc)
+    return enc.eval()
 
 
 # --------------------------------------------------------------------------------------------------

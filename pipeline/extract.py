@@ -247,7 +247,7 @@ def extract_split(cfg: ExtractConfig, split: str, image: ImageEncoder, text: Tex
         split=split, image_encoder=image.name, text_encoder=text.name,
         image_weights=image.weights_source, image_weights_hash=image.weights_hash,
         text_weights=text.weights_source, text_weights_hash=text.weights_hash,
-        random_init=cfg.random_init, image_preprocess=image.preprocess.to_dict(),
+        random_init=image.random_init or text.random_init, image_preprocess=image.preprocess.to_dict(),
         text_preprocess=text.preprocess.to_dict(), views=cfg.views, image_dim=image.dim, text_dim=text.dim,
         label_ids=COCO18.ids, label_names=COCO18.names,
         data_fingerprint=fingerprint(records, data.image_dir), num_records=len(records),

@@ -517,6 +517,8 @@ def _finetune(cfg: FinetuneConfig, device: torch.device) -> dict[str, Any]:
         bar = tqdm(p.train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not is_main(),
                    dynamic_ncols=True, file=sys.stderr, leave=False)
         opt.zero_grad(set_to_none=True)
+        step_secs: list[float] = []  # wall time per step, data wait included (the first pays start-up)
+        t_step = time.perf_counter()
         for i, batch in enumerate(bar):
             b = _to(batch, device)
             with autocast(device, cfg.amp):
@@ -534,6 +536,8 @@ def _finetune(cfg: FinetuneConfig, device: torch.device) -> dict[str, Any]:
             total += loss.item() * len(b["labels"])
             seen += len(b["labels"])
             bar.set_postfix(loss=f"{total / seen:.4f}")
+            step_secs.append(time.perf_counter() - t_step)
+            t_step = time.perf_counter()
         bar.close()
         train_secs = time.perf_counter() - t0
         rows, scores = _validate(model, p.val_loader, device, p.y.shape[1])
@@ -544,7 +548,8 @@ def _finetune(cfg: FinetuneConfig, device: torch.device) -> dict[str, Any]:
         f1_tuned = cross_fitted_f1(y_val, scores, "per-class", cfg.seed)
         history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_f1_at_0.5": f1_05,
                         "val_f1_tuned": f1_tuned, "train_seconds": round(train_secs, 1),
-                        "train_rows_per_second": round(seen * world_size() / train_secs, 2)})
+                        "train_rows_per_second": round(seen * world_size() / train_secs, 2),
+                        "median_step_seconds": round(float(np.median(step_secs[1:] or step_secs)), 4)})
         log(f"epoch {epoch}: train loss {total / max(seen, 1):.4f}, val samples-F1 {f1_05:.4f} at 0.5, "
             f"{f1_tuned:.4f} tuned (cross-fitted), {seen * world_size() / train_secs:.1f} rows/s")
         is_best = f1_tuned > best["f1"]

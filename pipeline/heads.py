@@ -127,36 +127,37 @@ class GatedHead(FusionHead):
         return self.classifier(self.dropout(z))  # (B, C)
 
 
-class ImageHead(FusionHead):
-    """Image-only ablation: an MLP over the image features; text features are ignored (may be None)."""
+class _SingleModalityHead(FusionHead):
+    """An MLP over one modality's features; the other input is ignored (may be None)."""
+
+    modality: ClassVar[str]
+
+    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
+                 dropout: float = 0.2) -> None:
+        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
+                         dropout=dropout)
+        self.mlp = _mlp(image_dim if self.modality == "image" else text_dim, hidden, num_classes, dropout)
+
+    def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
+        if self.modality == "image":
+            return self.mlp(self._input(image_feat, "image", self.image_dim))  # (B, C)
+        return self.mlp(self._input(text_feat, "text", self.text_dim))  # (B, C)
+
+
+class ImageHead(_SingleModalityHead):
+    """Image-only ablation."""
 
     name = "image"
     modalities = ("image",)
-
-    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
-                         dropout=dropout)
-        self.mlp = _mlp(image_dim, hidden, num_classes, dropout)
-
-    def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
-        return self.mlp(self._input(image_feat, "image", self.image_dim))  # (B, C)
+    modality = "image"
 
 
-class TextHead(FusionHead):
-    """Caption-only ablation: an MLP over the text features; image features are ignored (may be None)."""
+class TextHead(_SingleModalityHead):
+    """Caption-only ablation."""
 
     name = "text"
     modalities = ("text",)
-
-    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
-                         dropout=dropout)
-        self.mlp = _mlp(text_dim, hidden, num_classes, dropout)
-
-    def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
-        return self.mlp(self._input(text_feat, "text", self.text_dim))  # (B, C)
+    modality = "text"
 
 
 HEADS: dict[str, type[FusionHead]] = {

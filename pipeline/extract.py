@@ -301,21 +301,23 @@ def _encode_chunks(cfg: ExtractConfig, writer: CacheWriter, chunks: list[int], d
         pad_to = int(text.tokenize([r.caption for r in records])["attention_mask"].sum(1).max())
     bar = tqdm(total=len(rows), unit="img", desc=f"extract {writer.meta.split}", disable=not is_main(),
                dynamic_ncols=True, file=sys.stderr)
-    buffer: dict[str, list[np.ndarray]] = {}
-    batches = _batches(loader, rows)
-    for chunk in chunks:
-        start, stop = writer.bounds(chunk)
-        while sum(len(a) for a in buffer.get("image", [])) < stop - start:
-            _, views = next(batches)
-            for k, v in _encode_images(image, views, device, cfg.image_cut).items():
-                buffer.setdefault(k, []).append(v)
-            bar.update(len(views))
-        arrays = {k: np.concatenate(v) for k, v in buffer.items()}
-        buffer = {}
-        arrays.update(_encode_texts(text, [r.caption for r in records[start:stop]], cfg.batch_size * 2,
-                                    device, cfg.text_cut, pad_to))
-        writer.commit(chunk, arrays)
-    bar.close()
+    try:
+        buffer: dict[str, list[np.ndarray]] = {}
+        batches = _batches(loader, rows)
+        for chunk in chunks:
+            start, stop = writer.bounds(chunk)
+            while sum(len(a) for a in buffer.get("image", [])) < stop - start:
+                _, views = next(batches)
+                for k, v in _encode_images(image, views, device, cfg.image_cut).items():
+                    buffer.setdefault(k, []).append(v)
+                bar.update(len(views))
+            arrays = {k: np.concatenate(v) for k, v in buffer.items()}
+            buffer = {}
+            arrays.update(_encode_texts(text, [r.caption for r in records[start:stop]], cfg.batch_size * 2,
+                                        device, cfg.text_cut, pad_to))
+            writer.commit(chunk, arrays)
+    finally:
+        bar.close()  # end the bar's line, so an error prints on a line of its own
 
 
 def extract(cfg: ExtractConfig) -> list[Path]:

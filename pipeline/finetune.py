@@ -20,12 +20,14 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,7 @@ from .encoders import (
     create_text_encoder,
 )
 from .errors import ImageError, MismatchError, MlcError
+from .extract import ExtractConfig
 from .fit_head import cross_fitted_f1, fit_thresholds
 from .heads import HEADS, create_head
 from .labels import COCO18
@@ -390,8 +393,6 @@ def _extract_weights(extract: dict[str, Any]) -> tuple[str | None, str | None]:
 
 def _contract(image: ImageEncoder, text: TextEncoder) -> Any:
     """A CacheMeta-like object with the fields a head run's contract names (for --init-head)."""
-    from types import SimpleNamespace
-
     d = {"image_encoder": image.name, "text_encoder": text.name, "image_weights_hash": image.weights_hash,
          "text_weights_hash": text.weights_hash, "image_preprocess": image.preprocess.to_dict(),
          "text_preprocess": text.preprocess.to_dict(), "image_dim": image.dim, "text_dim": text.dim,
@@ -588,14 +589,11 @@ def _write_run(cfg: FinetuneConfig, p: Prepared, history: list[dict], best: dict
     save_state(model.image, out / "image_encoder.safetensors")
     text_dir = out / "text_encoder"
     tmp_dir = out / ".text_encoder.tmp"
+    # Written beside, then swapped in, so a crash never leaves a half-written text_encoder/.
     if tmp_dir.exists():
-        import shutil
-
         shutil.rmtree(tmp_dir)
     model.text.save_pretrained(tmp_dir)
     if text_dir.exists():
-        import shutil
-
         shutil.rmtree(text_dir)
     os.replace(tmp_dir, text_dir)
     # The contract names the weights as `mlc extract --from-run` will load them: reload to hash.
@@ -612,8 +610,6 @@ def _write_run(cfg: FinetuneConfig, p: Prepared, history: list[dict], best: dict
         "detail_with_final_thresholds_in_sample": _jsonable(summarize(y, scores, th)),
     }
     metrics["samples_f1"] = metrics["samples_f1_per_class"]
-    from .extract import ExtractConfig
-
     extract = ExtractConfig(data_dir=cfg.data_dir or Path("."), image_encoder=cfg.image_encoder,
                             text_encoder=cfg.text_encoder, from_run=out).to_dict()
     write_run_files(out, config={"kind": "finetune", **cfg.to_dict()},

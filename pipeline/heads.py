@@ -22,10 +22,16 @@ class FusionHead(nn.Module):
     name: ClassVar[str]
     modalities: ClassVar[tuple[str, ...]]
 
-    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
+    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
+                 dropout: float = 0.2) -> None:
         super().__init__()
         self.image_dim, self.text_dim, self.num_classes = int(image_dim), int(text_dim), int(num_classes)
         self.hidden, self.dropout_p = int(hidden), float(dropout)
+        self._build(self.image_dim, self.text_dim, self.num_classes, self.hidden, self.dropout_p)
+
+    def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
+        """Create the head's layers (each subclass)."""
+        raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments (JSON-ready) such that ``create_head(**config())`` rebuilds this head."""
@@ -64,10 +70,7 @@ class SumHead(FusionHead):
     name = "sum"
     modalities = ("image", "text")
 
-    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
-                         dropout=dropout)
+    def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         self.image_proj = nn.Linear(image_dim, hidden)
         self.text_proj = nn.Linear(text_dim, hidden)
         self.dropout = nn.Dropout(dropout)
@@ -85,10 +88,7 @@ class ConcatHead(FusionHead):
     name = "concat"
     modalities = ("image", "text")
 
-    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
-                         dropout=dropout)
+    def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         self.mlp = _mlp(image_dim + text_dim, hidden, num_classes, dropout)
 
     def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
@@ -109,10 +109,7 @@ class GatedHead(FusionHead):
     name = "gated"
     modalities = ("image", "text")
 
-    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
-                         dropout=dropout)
+    def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         self.image_proj = nn.Linear(image_dim, hidden)
         self.text_proj = nn.Linear(text_dim, hidden)
         self.gate = nn.Linear(2 * hidden, hidden)
@@ -132,10 +129,7 @@ class _SingleModalityHead(FusionHead):
 
     modality: ClassVar[str]
 
-    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
-                         dropout=dropout)
+    def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         self.mlp = _mlp(image_dim if self.modality == "image" else text_dim, hidden, num_classes, dropout)
 
     def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .atomic import write_json, write_text
 from .cache import CacheReader
 from .device import select_device
 from .errors import MlcError
-from .heads import HEADS, create_head
+from .heads import HEADS, create_head, predict_proba
 from .losses import LOSSES, create_loss, inverse_frequency_weights, pos_weight_from_labels
 from .metrics import samples_f1, summarize
 from .runs import cache_record, write_run_files
@@ -115,16 +115,9 @@ class FitResult:
     best_epoch: int
 
 
-@torch.inference_mode()
-def predict(head: torch.nn.Module, image: torch.Tensor, text: torch.Tensor, batch: int = 8192) -> np.ndarray:
-    """Probabilities (N, C), averaged over the cached image views (test-time augmentation)."""
-    head.eval()
-    out = []
-    for s in range(0, len(text), batch):
-        img, txt = image[s:s + batch], text[s:s + batch]
-        prob = sum(torch.sigmoid(head(img[:, v], txt)) for v in range(img.shape[1])) / img.shape[1]
-        out.append(prob)
-    return torch.cat(out).numpy()
+def predict(head: torch.nn.Module, image: torch.Tensor, text: torch.Tensor) -> np.ndarray:
+    """Probabilities (N, C) as numpy, averaged over the cached image views."""
+    return predict_proba(head, image, text).numpy()
 
 
 def train_head(cfg: FitHeadConfig, feats: Features, train_idx: np.ndarray, val_idx: np.ndarray,

@@ -154,6 +154,18 @@ class TextHead(_SingleModalityHead):
     modality = "text"
 
 
+@torch.inference_mode()
+def predict_proba(head: nn.Module, image: torch.Tensor, text: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    """image (N, V, Di), text (N, Dt) -> probabilities (N, C), averaged over the V cached image views
+    (test-time augmentation). Inputs may be float16 (a cache); rows go through in batches."""
+    head.eval()
+    out = []
+    for s in range(0, len(text), batch):
+        img, txt = image[s:s + batch], text[s:s + batch]
+        out.append(sum(torch.sigmoid(head(img[:, v], txt)) for v in range(img.shape[1])) / img.shape[1])
+    return torch.cat(out)
+
+
 HEADS: dict[str, type[FusionHead]] = {
     cls.name: cls for cls in (SumHead, ConcatHead, GatedHead, ImageHead, TextHead)
 }

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path, write_json
 from .cache import CacheMeta, check_compatible
 from .errors import MlcError
-from .heads import create_head
+from .heads import create_head, predict_proba
 from .labels import LabelSpace
 from .thresholds import apply_thresholds
 
@@ -88,19 +88,10 @@ class Run:
         """Refuse features from other encoders, weights, preprocessing or label vocabulary."""
         check_compatible(meta, self.cache["contract"], what=f"the cache {meta.split!r} for run {self.path}")
 
-    @torch.inference_mode()
-    def scores(self, image: np.ndarray, text: np.ndarray, batch: int = 4096) -> np.ndarray:
-        """image (N, V, Di), text (N, Dt) -> probabilities (N, C), averaged over views and folds."""
-        out = np.zeros((len(text), len(self.labels)), np.float32)
-        for s in range(0, len(text), batch):
-            img = torch.from_numpy(image[s:s + batch]).float()
-            txt = torch.from_numpy(text[s:s + batch]).float()
-            prob = torch.zeros(len(txt), len(self.labels))
-            for head in self.heads:
-                for v in range(img.shape[1]):  # test-time augmentation over cached views
-                    prob += torch.sigmoid(head(img[:, v], txt))
-            out[s:s + batch] = (prob / (len(self.heads) * img.shape[1])).numpy()
-        return out
+    def scores(self, image: np.ndarray, text: np.ndarray) -> np.ndarray:
+        """image (N, V, Di), text (N, Dt) -> probabilities (N, C), averaged over views and fold heads."""
+        img, txt = torch.from_numpy(image), torch.from_numpy(text)
+        return (sum(predict_proba(h, img, txt) for h in self.heads) / len(self.heads)).numpy()
 
     def predict(self, scores: np.ndarray) -> np.ndarray:
         """Scores -> (N, C) 0/1 with the tuned thresholds; every image gets at least one label."""

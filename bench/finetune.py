@@ -163,7 +163,7 @@ def part3(trunk: Path, base: FinetuneConfig, epochs: int, tmp: Path) -> None:
     t = time.perf_counter()
     results, held = fit(cfg, tr, lambda s: None)
     scores_held = np.concatenate([r.val_scores for r in results])
-    _, th = evaluate(cfg, tr.labels[held], scores_held)
+    _, th = evaluate(tr.labels[held], scores_held, cfg.thresholds, cfg.seed)
     th["label_ids"] = list(reader.meta.label_ids)
     secs = time.perf_counter() - t
     frozen = tmp / "frozen-full"

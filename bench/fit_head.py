@@ -46,7 +46,7 @@ def run(cfg: FitHeadConfig, train: Features, report: Features) -> dict:
     t = time.perf_counter()
     results, held = fit(cfg, train, lambda s: None)
     scores_held = np.concatenate([r.val_scores for r in results])
-    _, th = evaluate(cfg, train.labels[held], scores_held)
+    _, th = evaluate(train.labels[held], scores_held, cfg.thresholds, cfg.seed)
     secs = time.perf_counter() - t
     scores = np.mean([predict(r.head, report.image, report.text) for r in results], axis=0)
     y = report.labels

@@ -50,11 +50,11 @@ from .encoders import (
 )
 from .errors import ImageError, MismatchError, MlcError
 from .extract import ExtractConfig
-from .fit_head import cross_fitted_f1, fit_thresholds
+from .fit_head import cross_fitted_f1, evaluate
 from .heads import HEADS, create_head
 from .labels import COCO18
 from .losses import LOSSES, create_loss, inverse_frequency_weights, pos_weight_from_labels
-from .metrics import samples_f1, summarize
+from .metrics import samples_f1
 from .runs import Run, save_state, write_run_files
 from .splits import train_val_split
 from .thresholds import apply_thresholds
@@ -600,32 +600,18 @@ def _write_run(cfg: FinetuneConfig, p: Prepared, history: list[dict], best: dict
     image = create_image_encoder(cfg.image_encoder, weights=str(out / "image_encoder.safetensors"))
     text = create_text_encoder(cfg.text_encoder, weights=str(text_dir))
     contract = _contract(image, text).to_dict()
-    th = fit_thresholds(y, scores, "per-class")
-    metrics = {
-        "samples_f1_at_0.5": samples_f1(y, apply_thresholds(scores, 0.5)),
-        "samples_f1_global": cross_fitted_f1(y, scores, "global", cfg.seed),
-        "samples_f1_per_class": cross_fitted_f1(y, scores, "per-class", cfg.seed),
-        "best_epoch": best["epoch"], "held_out_rows": int(len(y)), "mode": cfg.mode,
-        "note": "tuned-threshold F1s are cross-fitted on the held-out rows",
-        "detail_with_final_thresholds_in_sample": _jsonable(summarize(y, scores, th)),
-    }
-    metrics["samples_f1"] = metrics["samples_f1_per_class"]
+    metrics, th = evaluate(y, scores, "per-class", cfg.seed)
+    metrics.update(best_epoch=best["epoch"], mode=cfg.mode)
+    th["label_ids"] = list(COCO18.ids)
     extract = ExtractConfig(data_dir=cfg.data_dir or Path("."), image_encoder=cfg.image_encoder,
                             text_encoder=cfg.text_encoder, from_run=out).to_dict()
     write_run_files(out, config={"kind": "finetune", **cfg.to_dict()},
                     cache={"contract": contract, "extract": extract},
-                    head_config=model.head.config(), heads=[model.head], thresholds={
-                        "mode": "per-class", "global": float(fit_thresholds(y, scores, "global")[0]),
-                        "per_class": th.tolist(), "label_ids": list(COCO18.ids)},
-                    metrics=metrics, history=history, val_ids=[p.ids[r] for r in rows], val_scores=scores,
-                    val_labels=y)
+                    head_config=model.head.config(), heads=[model.head], thresholds=th, metrics=metrics,
+                    history=history, val_ids=[p.ids[r] for r in rows], val_scores=scores, val_labels=y)
     log(f"best epoch {best['epoch']}: held-out samples-F1 {metrics['samples_f1']:.4f} (tuned, cross-fitted); "
         f"run folder {out}")
     return metrics
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -206,24 +206,27 @@ def fit(cfg: FitHeadConfig, feats: Features, log: Callable[[str], None]) -> tupl
     return [train_head(cfg, feats, tr, va, log)], va
 
 
-def evaluate(cfg: FitHeadConfig, y: np.ndarray, scores: np.ndarray) -> tuple[dict, dict]:
-    """Tune thresholds on held-out scores; metrics at 0.5 / global / per-class (cross-fitted)."""
-    t_final = fit_thresholds(y, scores, cfg.thresholds)
-    g = float(tune_global(y, scores))
+def evaluate(y: np.ndarray, scores: np.ndarray, mode: str, seed: int) -> tuple[dict, dict]:
+    """Held-out scores -> (metrics, thresholds), both JSON-ready; shared by fit-head and finetune.
+
+    Metrics at 0.5 and with global / per-class thresholds (cross-fitted); the thresholds for
+    submission are tuned on all the held-out rows with ``mode``.
+    """
+    t_final = fit_thresholds(y, scores, mode)
     metrics = {
         "samples_f1_at_0.5": samples_f1(y, apply_thresholds(scores, 0.5)),
-        "samples_f1_global": cross_fitted_f1(y, scores, "global", cfg.seed),
-        "samples_f1_per_class": cross_fitted_f1(y, scores, "per-class", cfg.seed),
-        "threshold_mode": cfg.thresholds,
+        "samples_f1_global": cross_fitted_f1(y, scores, "global", seed),
+        "samples_f1_per_class": cross_fitted_f1(y, scores, "per-class", seed),
+        "threshold_mode": mode,
         "held_out_rows": int(len(y)),
         "note": "tuned-threshold F1s are cross-fitted: thresholds tuned on one half of the held-out rows, "
                 "scored on the other half, and vice versa",
     }
     metrics["samples_f1"] = {"fixed": metrics["samples_f1_at_0.5"], "global": metrics["samples_f1_global"],
-                             "per-class": metrics["samples_f1_per_class"]}[cfg.thresholds]
+                             "per-class": metrics["samples_f1_per_class"]}[mode]
     metrics["detail_with_final_thresholds_in_sample"] = summarize(y, scores, t_final)
-    thresholds = {"mode": cfg.thresholds, "global": g, "per_class": t_final.tolist()}
-    return metrics, thresholds
+    thresholds = {"mode": mode, "global": float(tune_global(y, scores)), "per_class": t_final.tolist()}
+    return _to_jsonable(metrics), thresholds
 
 
 def _to_jsonable(obj: Any) -> Any:
@@ -239,15 +242,16 @@ def _to_jsonable(obj: Any) -> Any:
 
 
 def _fit_and_score(cfg: FitHeadConfig, feats: Features, reader: CacheReader,
-                   log: Callable[[str], None]) -> tuple[list[FitResult], np.ndarray, dict, dict]:
+                   log: Callable[[str], None]) -> tuple[list[FitResult], np.ndarray, np.ndarray, dict, dict]:
+    """Fit, then evaluate the held-out scores: (heads, held-out rows, their scores, metrics, thresholds)."""
     start = time.perf_counter()
     results, held = fit(cfg, feats, log)
     scores = np.concatenate([r.val_scores for r in results])
-    metrics, th = evaluate(cfg, feats.labels[held], scores)
+    metrics, th = evaluate(feats.labels[held], scores, cfg.thresholds, cfg.seed)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     metrics["best_epochs"] = [r.best_epoch for r in results]
     th["label_ids"] = list(reader.meta.label_ids)
-    return results, held, metrics, th
+    return results, held, scores, metrics, th
 
 
 def load_features(cfg: FitHeadConfig) -> tuple[CacheReader, Features]:
@@ -272,17 +276,15 @@ def fit_head(cfg: FitHeadConfig, loaded: tuple[CacheReader, Features] | None = N
     log(f"cache {cfg.cache}: {len(feats.ids)} rows, {feats.image.shape[1]} view(s), "
         f"image {reader.meta.image_encoder} ({feats.image.shape[-1]}-d), text {reader.meta.text_encoder} "
         f"({feats.text.shape[-1]}-d)")
-    results, held, metrics, th = _fit_and_score(cfg, feats, reader, log)
+    results, held, scores, metrics, th = _fit_and_score(cfg, feats, reader, log)
     log(f"held-out samples-F1: {metrics['samples_f1_at_0.5']:.4f} at 0.5, "
         f"{metrics['samples_f1_global']:.4f} global threshold, {metrics['samples_f1_per_class']:.4f} per-class "
         f"(cross-fitted); {metrics['seconds']:.1f} s")
     write_run_files(
         cfg.out, config={"kind": "head", **cfg.to_dict()}, cache=cache_record(reader.meta),
-        head_config=results[0].head.config(), heads=[r.head for r in results], thresholds=_to_jsonable(th),
-        metrics=_to_jsonable(metrics),
+        head_config=results[0].head.config(), heads=[r.head for r in results], thresholds=th, metrics=metrics,
         history=[r.history for r in results] if cfg.folds else results[0].history,
-        val_ids=[feats.ids[i] for i in held], val_scores=np.concatenate([r.val_scores for r in results]),
-        val_labels=feats.labels[held],
+        val_ids=[feats.ids[i] for i in held], val_scores=scores, val_labels=feats.labels[held],
     )
     write_text(cfg.out / "train.log", "\n".join(lines) + "\n")
     return metrics
@@ -304,7 +306,7 @@ def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
     board = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         params = dict(zip(keys, combo, strict=True))
-        _, _, m, _ = _fit_and_score(dataclasses.replace(cfg, **params), loaded[1], loaded[0], lambda s: None)
+        _, _, _, m, _ = _fit_and_score(dataclasses.replace(cfg, **params), loaded[1], loaded[0], lambda s: None)
         board.append({**params, "samples_f1": m["samples_f1"], "at_0.5": m["samples_f1_at_0.5"],
                       "seconds": m["seconds"]})
         if not quiet:

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.mlc-installed
 DATA   ?= examples/comp5329-mini
 RUN    ?= runs/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-slow test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,17 @@ demo: setup
 	@echo "validation samples-F1: $$($(BIN)/python -c 'import json;print(round(json.load(open("$(RUN)/metrics.json"))["samples_f1"],4))')"
 	@echo "submission: $(RUN)/submission.csv   report: $(RUN)/report/report.html"
 
-## make test: ruff, then the test suite (CI runs exactly this)
+## make test: ruff, then the fast test suite (everything but the tests marked slow)
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## make test-slow: only the slow tests (real subprocesses killed mid-run, torchrun with 2 processes)
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+## make test-all: ruff and every test (CI runs `make test` then `make test-slow`)
+test-all: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

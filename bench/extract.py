@@ -27,7 +27,8 @@ from _subset import first_rows  # noqa: E402
 
 from pipeline.data import DataDir, load_image  # noqa: E402
 from pipeline.encoders import create_image_encoder, create_text_encoder  # noqa: E402
-from pipeline.extract import ExtractConfig, extract_split  # noqa: E402
+from pipeline.extract import ExtractConfig  # noqa: E402
+from pipeline.features import Job, build_cache, cache_path  # noqa: E402
 
 RESNET50_GFLOP = 8.18  # 4.09 GMACs per 224x224 image (torchvision's published figure) x 2
 
@@ -87,7 +88,9 @@ def bench_pair(image_name: str, text_name: str, data: Path, batch: int, repeats:
         # The extract path itself (fingerprint, decode workers, encode, chunk commits, HDF5 assembly),
         # with the encoders already loaded, as the bare loops have them.
         t = time.perf_counter()
-        extract_split(cfg, "train", enc, txt_enc, torch.device("cpu"))
+        recipe = cfg.recipe()
+        build_cache(Job(recipe, DataDir.open(data), "train", cache_path(out, data, "train", recipe), cfg,
+                        cfg.chunk_rows), enc, txt_enc, torch.device("cpu"))
         real.append(len(x) / (time.perf_counter() - t))
         shutil.rmtree(out)
     return {"bare": statistics.median(bare), "ceiling": statistics.median(ceiling),

@@ -38,10 +38,11 @@ from _subset import first_rows  # noqa: E402
 
 from pipeline.encoders import create_image_encoder, create_text_encoder  # noqa: E402
 from pipeline.extract import ExtractConfig, extract  # noqa: E402
-from pipeline.finetune import FinetuneConfig, MultiModal, finetune  # noqa: E402
+from pipeline.finetune import FinetuneConfig, finetune  # noqa: E402
 from pipeline.fit_head import FitHeadConfig, fit_head  # noqa: E402
 from pipeline.heads import create_head  # noqa: E402
 from pipeline.losses import create_loss  # noqa: E402
+from pipeline.model import MultiModal  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "comp5329"
 
@@ -143,13 +144,12 @@ def main() -> None:
 
 def part3(trunk: Path, base: FinetuneConfig, epochs: int, tmp: Path) -> None:
     """The issue's full-size split: train on ids 0-9999, report on ids 10000-11999 (never seen)."""
-    from fit_head import subset  # bench/fit_head.py
-
     from pipeline.cache import CacheReader
-    from pipeline.finetune import TrunkRows, _build, _to
-    from pipeline.fit_head import Features, evaluate, fit, predict
+    from pipeline.datasets import TrunkRows, to_device
+    from pipeline.fit_head import Features
     from pipeline.metrics import samples_f1
-    from pipeline.runs import cache_record, write_run_files
+    from pipeline.model import load_model
+    from pipeline.runs import RunDir
     from pipeline.thresholds import apply_thresholds
 
     reader = CacheReader(trunk)
@@ -157,43 +157,32 @@ def part3(trunk: Path, base: FinetuneConfig, epochs: int, tmp: Path) -> None:
     ids = np.array([int(i.split(".")[0]) for i in feats.ids])
     train_rows, report_rows = np.flatnonzero(ids < 10000), np.flatnonzero(ids >= 10000)
     y_report = feats.labels[report_rows]
-    # Frozen: a sum head on rows 0-9999 (its own 80/20 split), saved as a run for --init-head.
-    cfg = FitHeadConfig(cache=trunk, head="sum")
-    tr = subset(feats, train_rows)
-    t = time.perf_counter()
-    results, held = fit(cfg, tr, lambda s: None)
-    scores_held = np.concatenate([r.val_scores for r in results])
-    _, th = evaluate(tr.labels[held], scores_held, cfg.thresholds, cfg.seed)
-    th["label_ids"] = list(reader.meta.label_ids)
-    secs = time.perf_counter() - t
+    # Frozen: a sum head on rows 0-9999 (its own 80/20 split), a run folder that --init-head takes.
     frozen = tmp / "frozen-full"
-    write_run_files(frozen, config={"kind": "head", **cfg.to_dict()}, cache=cache_record(reader.meta),
-                    head_config=results[0].head.config(), heads=[results[0].head], thresholds=th, metrics={},
-                    history=results[0].history, val_ids=[tr.ids[i] for i in held], val_scores=scores_held,
-                    val_labels=tr.labels[held])
-    s = predict(results[0].head, feats.image[report_rows], feats.text[report_rows])
-    f1 = samples_f1(y_report, apply_thresholds(s, np.asarray(th["per_class"])))
-    rate = len(held) * 4 * (results[0].best_epoch + 4) / secs
+    t = time.perf_counter()
+    m = fit_head(FitHeadConfig(cache=trunk, head="sum", out=frozen), loaded=(reader, feats.subset(train_rows)),
+                 quiet=True)
+    secs = time.perf_counter() - t
+    run = RunDir(frozen).load()
+    s = run.scores(feats.image[report_rows].numpy(), feats.text[report_rows].numpy())
+    f1 = samples_f1(y_report, run.predict(s))
+    rate = len(train_rows) * 0.8 * (m["best_epochs"][0] + 4) / secs
     print(f"  frozen + fit-head sum                         samples-F1 {f1:.4f}  {rate:9.0f} img/s", flush=True)
     ft = dataclasses.replace(base, data_dir=None, from_cache=trunk, image_cut="block11", max_rows=10000,
                              epochs=epochs, init_head=frozen, sampler="uniform", pos_weight=False, lr=3e-4,
                              encoder_lr=1e-4, out=tmp / "trunk-full")
     _, rate = run_finetune(ft)
-    torch.manual_seed(0)
-    p = _build(ft, torch.device("cpu"))
-    p.model.load_state_dict(torch.load(ft.out / "checkpoints" / "best.pt", weights_only=True)["model"])
-    p.model.eval()
+    tuned = RunDir(ft.out).load()
+    model = load_model(tuned, reader.meta.image_cut, reader.meta.text_cut)
     loader = torch.utils.data.DataLoader(TrunkRows(reader, report_rows, False, 0), batch_size=64)
     out = []
     with torch.no_grad():
         for batch in loader:
-            b = _to(batch, torch.device("cpu"))
-            out.append(torch.sigmoid(p.model(b["pixels"], b["input_ids"], b["attention_mask"])).numpy())
-    t_run = json.loads((ft.out / "thresholds.json").read_text())["per_class"]
-    f1 = samples_f1(y_report, apply_thresholds(np.concatenate(out), np.asarray(t_run)))
+            b = to_device(batch, torch.device("cpu"))
+            out.append(torch.sigmoid(model(b["pixels"], b["input_ids"], b["attention_mask"])).numpy())
+    f1 = samples_f1(y_report, apply_thresholds(np.concatenate(out), tuned.thresholds))
     print(f"  trunk cache block11, {epochs} epochs                 samples-F1 {f1:.4f}  {rate:9.1f} img/s",
           flush=True)
-
 
 if __name__ == "__main__":
     main()

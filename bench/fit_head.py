@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.cache import CacheReader  # noqa: E402
-from pipeline.fit_head import Features, FitHeadConfig, evaluate, fit, predict  # noqa: E402
+from pipeline.evaluation import evaluate  # noqa: E402
+from pipeline.fit_head import Features, FitHeadConfig, fit, heads_of  # noqa: E402
+from pipeline.heads import predict_proba  # noqa: E402
 from pipeline.metrics import samples_f1  # noqa: E402
 from pipeline.thresholds import apply_thresholds  # noqa: E402
 
@@ -37,10 +39,6 @@ def find_cache() -> Path:
     return hits[0]
 
 
-def subset(f: Features, rows: np.ndarray) -> Features:
-    return Features([f.ids[i] for i in rows], f.image[rows], f.text[rows], f.labels[rows])
-
-
 def run(cfg: FitHeadConfig, train: Features, report: Features) -> dict:
     """Fit on `train` (its own held-out 20% for early stopping + thresholds), score on `report`."""
     t = time.perf_counter()
@@ -48,7 +46,8 @@ def run(cfg: FitHeadConfig, train: Features, report: Features) -> dict:
     scores_held = np.concatenate([r.val_scores for r in results])
     _, th = evaluate(train.labels[held], scores_held, cfg.thresholds, cfg.seed)
     secs = time.perf_counter() - t
-    scores = np.mean([predict(r.head, report.image, report.text) for r in results], axis=0)
+    scores = np.mean([predict_proba(h, report.image, report.text).numpy() for h in heads_of(cfg, train, results)],
+                     axis=0)
     y = report.labels
     return {
         "at_0.5": samples_f1(y, apply_thresholds(scores, 0.5)),
@@ -67,7 +66,7 @@ def main() -> None:
     reader = CacheReader(cache)
     feats = Features.load(reader)
     ids = np.array([int(i.split(".")[0]) for i in feats.ids])
-    train, report = subset(feats, np.flatnonzero(ids < 10000)), subset(feats, np.flatnonzero(ids >= 10000))
+    train, report = feats.subset(np.flatnonzero(ids < 10000)), feats.subset(np.flatnonzero(ids >= 10000))
     print(f"cache {cache.name}: image {reader.meta.image_encoder} ({feats.image.shape[-1]}-d, "
           f"{feats.image.shape[1]} view(s)), text {reader.meta.text_encoder} ({feats.text.shape[-1]}-d); "
           f"train {len(train.ids)} rows (ids 0-9999), report {len(report.ids)} rows (ids 10000-11999); "

@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a plain script without installing the package
 
 from pipeline.atomic import write_text  # noqa: E402
-from pipeline.data import Record, parse_csv, read_csv  # noqa: E402
 from pipeline.labels import COCO18  # noqa: E402
+from pipeline.records import Record, parse_csv, read_csv  # noqa: E402
 
 TRAIN_STEP, TEST_STEP = 15, 5
 QUIRKY_TRAIN = (1014, 2259, 6751, 9084, 9508)

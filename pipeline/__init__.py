@@ -1,3 +1,3 @@
 """mlc: multi-label image+caption classification as a feature-caching two-stage pipeline."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -46,3 +46,16 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
 
 def write_json(target: str | os.PathLike[str], obj: Any) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_safetensors(target: str | os.PathLike[str], weights: Any) -> None:
+    """A module's state dict (or a name -> tensor mapping) as safetensors: mlc's one weights writer.
+
+    Tensors are copied to contiguous CPU memory first: channels_last weights are not contiguous.
+    """
+    from safetensors.torch import save_file
+
+    state = weights.state_dict() if hasattr(weights, "state_dict") else weights
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})  # "pt": what transformers expects

@@ -38,6 +38,7 @@ from .atomic import atomic_path, write_json
 from .errors import MismatchError, MlcError
 from .labels import LabelSpace
 
+CACHE_FORMAT = 2  # 1: mlc 0.1 (no "format" field; its "extra" held the extract config)
 # Fields that may differ between two caches that hold the same features.
 _NOT_IDENTITY = frozenset({"created", "mlc_version", "num_records", "extra"})
 
@@ -68,7 +69,8 @@ class CacheMeta:
     source_run: str | None = None
     mlc_version: str = ""
     created: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # {"recipe": how the features were made}
+    format: int = CACHE_FORMAT
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -108,9 +110,13 @@ def read_meta(path: str | os.PathLike[str]) -> CacheMeta:
         raise MlcError(f"{path}: no such cache file{hint}")
     try:
         with h5py.File(path, "r") as f:
-            return CacheMeta.from_dict(json.loads(f.attrs["meta"]))
+            d = json.loads(f.attrs["meta"])
     except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise MlcError(f"{path}: not an mlc feature cache ({exc})") from exc
+    if d.get("format", 1) != CACHE_FORMAT:
+        raise MlcError(f"{path}: written by another mlc (cache format {d.get('format', 1)}); this mlc reads "
+                       f"format {CACHE_FORMAT}. Extract again with --overwrite to replace it.")
+    return CacheMeta.from_dict(d)
 
 
 class CacheWriter:

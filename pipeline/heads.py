@@ -8,12 +8,14 @@ Features may arrive as float16 from the cache; heads cast them to their own para
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from pipeline.errors import MlcError
+from .config import Config, opt, require
+from .errors import MlcError
 
 
 class FusionHead(nn.Module):
@@ -169,6 +171,28 @@ def predict_proba(head: nn.Module, image: torch.Tensor, text: torch.Tensor, batc
 HEADS: dict[str, type[FusionHead]] = {
     cls.name: cls for cls in (SumHead, ConcatHead, GatedHead, ImageHead, TextHead)
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadOptions(Config):
+    """Which fusion head, how wide: shared by ``fit-head`` and ``finetune``."""
+
+    PANEL: ClassVar[str] = "Head"
+
+    head: str = opt("concat", "Fusion head: sum (the seed report's), concat, gated, image or text "
+                    "(single-modality ablations).")
+    hidden: int = opt(512, "Hidden width of the head.")
+    dropout: float = opt(0.5, "Dropout in the head.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require([(self.head in HEADS, f"--head must be one of {sorted(HEADS)}"),
+                 (self.hidden >= 1, "--hidden must be at least 1"),
+                 (0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")])
+
+    def create_head(self, image_dim: int, text_dim: int, num_classes: int) -> FusionHead:
+        return create_head(self.head, image_dim=image_dim, text_dim=text_dim, num_classes=num_classes,
+                           hidden=self.hidden, dropout=self.dropout)
 
 
 def create_head(

@@ -38,9 +38,6 @@ class LabelSpace:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def column(self, label_id: int) -> int:
-        return self.ids.index(label_id)
-
     def multi_hot(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """(N,) lists of label ids -> (N, C) float32 0/1 matrix, label order within a row ignored."""
         col = {lid: j for j, lid in enumerate(self.ids)}
@@ -49,10 +46,6 @@ class LabelSpace:
             for lid in labels:
                 y[i, col[lid]] = 1.0
         return y
-
-    def decode(self, y: np.ndarray) -> list[list[int]]:
-        """(N, C) 0/1 matrix -> per-row ascending label ids."""
-        return [[self.ids[j] for j in np.flatnonzero(row)] for row in np.asarray(y) > 0]
 
 
 COCO18 = LabelSpace.coco18()

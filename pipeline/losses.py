@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import MlcError
+from .errors import MlcError
 
 
 class AsymmetricLoss(nn.Module):

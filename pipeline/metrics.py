@@ -11,16 +11,10 @@ true label, and the pipeline predicts at least one label per image.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
 
-from pipeline.thresholds import apply_thresholds
 
-
-def _as_binary(y: np.ndarray, name: str) -> np.ndarray:
+def as_binary(y: np.ndarray, name: str) -> np.ndarray:
     """(N, C) anything 0/1 -> (N, C) bool; rejects other shapes so a transposed matrix fails loudly."""
     y = np.asarray(y)
     if y.ndim != 2:
@@ -29,7 +23,7 @@ def _as_binary(y: np.ndarray, name: str) -> np.ndarray:
 
 
 def _pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    t, p = _as_binary(y_true, "y_true"), _as_binary(y_pred, "y_pred")
+    t, p = as_binary(y_true, "y_true"), as_binary(y_pred, "y_pred")
     if t.shape != p.shape:
         raise ValueError(f"y_true {t.shape} and y_pred {p.shape} differ in shape")
     return t, p
@@ -93,7 +87,7 @@ def average_precision_per_class(y_true: np.ndarray, scores: np.ndarray) -> np.nd
     AP = sum over distinct thresholds of (R_k - R_{k-1}) * P_k, i.e. each positive contributes the
     precision at the end of its tie group of equal scores, divided by the number of positives.
     """
-    t = _as_binary(y_true, "y_true")
+    t = as_binary(y_true, "y_true")
     s = np.asarray(scores, dtype=np.float64)
     if s.shape != t.shape:
         raise ValueError(f"y_true {t.shape} and scores {s.shape} differ in shape")
@@ -125,51 +119,59 @@ def mean_average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(ap.mean()) if ap.size else float("nan")
 
 
-def _json_float(x: float) -> float | None:
-    """NaN -> None, so metrics.json stays strict JSON."""
-    return None if math.isnan(x) else float(x)
+# ------------------------------------------------------------------------ curves and sweeps (report)
+
+SWEEP = np.linspace(0.0, 1.0, 101)  # thresholds for the F1-vs-threshold curves
 
 
-def summarize(
-    y_true: np.ndarray,
-    scores: np.ndarray,
-    thresholds: float | np.ndarray,
-    *,
-    at_least_one: bool = True,
-    names: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Every metric for one (y_true, scores, thresholds) triple, as a JSON-ready dict (metrics.json).
+def pr_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) of one class at every distinct score cut, from (0, 1) on; as sklearn's
+    ``precision_recall_curve`` (without importing sklearn, which costs seconds)."""
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order].astype(np.float64)
+    ends = np.r_[np.flatnonzero(np.diff(s_sorted)), s_sorted.size - 1]  # last row of each tie group
+    tp = np.cumsum(y_sorted)[ends]
+    precision = tp / (ends + 1)
+    recall = tp / max(y_sorted.sum(), 1.0)
+    return np.r_[1.0, precision], np.r_[0.0, recall]
 
-    Predictions are ``apply_thresholds(scores, thresholds, at_least_one=at_least_one)``, exactly what
-    a submission would contain. Per-class entries are lists in column order; ``ap`` is None for a
-    class with no positives (it is left out of ``mAP``).
+
+def class_f1_sweep(y: np.ndarray, s: np.ndarray, grid: np.ndarray = SWEEP) -> np.ndarray:
+    """(C, G) F1 of each class alone when it is predicted at ``score >= grid[g]``."""
+    on = s[:, :, None] >= grid[None, None, :]  # (N, C, G)
+    tp = (on & y[:, :, None]).sum(0)
+    denom = y.sum(0)[:, None] + on.sum(0)
+    return np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), 0.0)
+
+
+def samples_f1_sweep(y: np.ndarray, s: np.ndarray, thr: np.ndarray, grid: np.ndarray = SWEEP) -> np.ndarray:
+    """(C, G) samples-F1 when class j's threshold is ``grid[g]`` and every other class keeps ``thr``.
+
+    Exact for ``apply_thresholds(..., at_least_one=True)``: a row left empty gets the label with the
+    largest margin (first column on ties), which may be j or the best of the other columns.
     """
-    y_pred = apply_thresholds(scores, thresholds, at_least_one=at_least_one)
-    t = _as_binary(y_true, "y_true")
-    pc = per_class(t, y_pred)
-    ap = average_precision_per_class(t, scores)
-    c = t.shape[1]
-    thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (c,))
-    if names is not None and len(names) != c:
-        raise ValueError(f"{len(names)} names for {c} classes")
-    out: dict[str, Any] = {
-        "n_images": int(t.shape[0]),
-        "at_least_one": bool(at_least_one),
-        "samples_f1": _json_float(samples_f1(t, y_pred)),
-        "micro_f1": _json_float(micro_f1(t, y_pred)),
-        "macro_f1": _json_float(macro_f1(t, y_pred)),
-        "mAP": _json_float(mean_average_precision(t, scores)),
-        "mean_true_labels": _json_float(float(t.sum(1).mean()) if t.size else float("nan")),
-        "mean_pred_labels": _json_float(float(y_pred.sum(1).mean()) if y_pred.size else float("nan")),
-        "per_class": {
-            "threshold": [float(x) for x in thr],
-            "precision": [float(x) for x in pc["precision"]],
-            "recall": [float(x) for x in pc["recall"]],
-            "f1": [float(x) for x in pc["f1"]],
-            "support": [int(x) for x in pc["support"]],
-            "ap": [_json_float(float(x)) for x in ap],
-        },
-    }
-    if names is not None:
-        out["per_class"]["name"] = [str(n) for n in names]
+    n, c = s.shape
+    margin = s - thr[None, :]  # (N, C)
+    n_true = y.sum(1)[:, None]  # (N, 1)
+    rows = np.arange(n)
+    out = np.empty((c, grid.size))
+    for j in range(c):
+        others = np.arange(c) != j
+        m_o, on_o, y_o = margin[:, others], margin[:, others] >= 0, y[:, others]
+        p_o, tp_o = on_o.sum(1)[:, None], (on_o & y_o).sum(1)[:, None]
+        if m_o.shape[1]:
+            arg = m_o.argmax(1)
+            best, y_best = m_o[rows, arg][:, None], y_o[rows, arg][:, None]
+            col_best = np.flatnonzero(others)[arg][:, None]  # real column index, for the tie rule
+        else:
+            best, y_best, col_best = np.full((n, 1), -np.inf), np.zeros((n, 1), bool), np.full((n, 1), c)
+        mj = s[:, j, None] - grid[None, :]  # (N, G)
+        on_j = mj >= 0
+        empty = (p_o == 0) & ~on_j
+        force_j = empty & ((mj > best) | ((mj == best) & (j < col_best)))
+        force_o = empty & ~force_j
+        pick_j = on_j | force_j
+        tp = tp_o + (pick_j & y[:, j, None]) + (force_o & y_best)
+        denom = n_true + p_o + pick_j + force_o
+        out[j] = np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), 0.0).mean(0)
     return out

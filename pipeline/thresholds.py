@@ -16,9 +16,9 @@ restricts the candidates to fixed values instead, which is the coarser, less ove
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+
+from .metrics import samples_f1
 
 _TOL = 1e-9  # an F1-sum gain smaller than this is float noise, not an improvement
 
@@ -49,13 +49,6 @@ def _f1(tp: np.ndarray, n_true: np.ndarray, n_pred: np.ndarray) -> np.ndarray:
     """Elementwise 2TP/(|true|+|pred|), 0 where both are empty (zero_division=0, as metrics.py)."""
     denom = (n_true + n_pred).astype(np.float64)
     return np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1.0), 0.0)
-
-
-def _samples_f1(y: np.ndarray, pred: np.ndarray) -> float:
-    """Samples-F1 of bool (N, C) matrices; equals metrics.samples_f1 (kept here to avoid an import cycle)."""
-    if y.shape[0] == 0:
-        return float("nan")
-    return float(_f1((y & pred).sum(1), y.sum(1), pred.sum(1)).mean())
 
 
 def apply_thresholds(
@@ -206,36 +199,6 @@ def tune_per_class(
         if not moved:
             break
     # The guard the docstring promises: never worse than where we started, on this data.
-    f_start = _samples_f1(y, apply_thresholds(s, t0, at_least_one=at_least_one) > 0)
-    f_end = _samples_f1(y, apply_thresholds(s, t, at_least_one=at_least_one) > 0)
+    f_start = samples_f1(y, apply_thresholds(s, t0, at_least_one=at_least_one))
+    f_end = samples_f1(y, apply_thresholds(s, t, at_least_one=at_least_one))
     return t if f_end >= f_start else t0
-
-
-def compare_thresholds(
-    y_true_val: np.ndarray,
-    scores_val: np.ndarray,
-    global_t: float,
-    per_class_t: np.ndarray,
-    *,
-    at_least_one: bool = True,
-) -> dict[str, Any]:
-    """Samples-F1 on (y_true_val, scores_val) at a fixed 0.5, at ``global_t`` and at ``per_class_t``.
-
-    JSON-ready: ``{"f1_at_0.5", "f1_global", "f1_per_class", "global_threshold", "per_class_thresholds"}``.
-    Use data the thresholds were not tuned on for an honest comparison.
-    """
-    s = _scores(scores_val)
-    y = _labels(y_true_val, s.shape)
-    pc = _threshold_vector(per_class_t, s.shape[1])
-
-    def f1(th: float | np.ndarray) -> float:
-        return _samples_f1(y, apply_thresholds(s, th, at_least_one=at_least_one) > 0)
-
-    return {
-        "f1_at_0.5": f1(0.5),
-        "f1_global": f1(float(global_t)),
-        "f1_per_class": f1(pc),
-        "global_threshold": float(global_t),
-        "per_class_thresholds": [float(x) for x in pc],
-        "at_least_one": bool(at_least_one),
-    }

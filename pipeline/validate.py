@@ -9,9 +9,24 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import DataDir, Record, check_images, parse_csv
+from .config import Config, as_paths, opt
+from .data import DataDir, check_images
 from .errors import DataError, ImageError
 from .labels import LabelSpace
+from .records import Record, parse_csv
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidateConfig(Config):
+    """Options of ``mlc validate``."""
+
+    data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
+                         argument=True, required=True)
+    csv_only: bool = opt(False, "Check only the CSV files; skip opening every image (much faster).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        as_paths(self, "data_dir")
 
 
 @dataclass(frozen=True)

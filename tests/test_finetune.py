@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 
 from pipeline.cache import CacheReader
 from pipeline.data import DataDir, load_image
-from pipeline.encoders import create_image_encoder, create_text_encoder
+from pipeline.encoders import create_image_encoder, load_encoder
 from pipeline.errors import MismatchError, MlcError
 from pipeline.extract import ExtractConfig, extract
-from pipeline.finetune import FinetuneConfig, _build, _to, finetune
+from pipeline.finetune import FinetuneConfig, build_task, finetune
 from pipeline.losses import create_loss
+from pipeline.runs import RunDir
 
 TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert")
 ARGS = ["--image-encoder", "tiny-resnet", "--text-encoder", "tiny-bert", "--random-init", "--workers", "0"]
@@ -30,17 +31,14 @@ ARGS = ["--image-encoder", "tiny-resnet", "--text-encoder", "tiny-bert", "--rand
 
 def train_loss(cfg: FinetuneConfig, state: dict | None) -> float:
     """BCE over the training rows with the model in eval mode and no augmentation."""
-    torch.manual_seed(cfg.seed)
-    p = _build(dataclasses.replace(cfg, augment=False, sampler="uniform"), torch.device("cpu"))
+    task, _ = build_task(dataclasses.replace(cfg, augment=False, sampler="uniform"), torch.device("cpu"))
     if state is not None:
-        p.model.load_state_dict(state)
-    p.model.eval()
+        task.model.load_state_dict(state)
+    task.model.eval()
     loss_fn, total, n = create_loss("bce"), 0.0, 0
     with torch.no_grad():
-        for batch in p.train_loader:
-            b = _to(batch, torch.device("cpu"))
-            total += loss_fn(p.model(b["pixels"], b["input_ids"], b["attention_mask"]), b["labels"]).item() * len(
-                b["labels"])
+        for b in task.batches(1):
+            total += loss_fn(task.forward(task.model, b), b["labels"]).item() * len(b["labels"])
             n += len(b["labels"])
     return total / n
 
@@ -54,8 +52,8 @@ def test_one_epoch_lowers_the_loss(data_dir, tmp_path):
     ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     after = train_loss(cfg, ck["model"])
     assert after < before - 0.01, (before, after)
-    for name in ("head-0.safetensors", "image_encoder.safetensors", "text_encoder", "thresholds.json",
-                 "metrics.json", "cache.json", "config.json", "val_scores.npz"):
+    for name in ("head-0.safetensors", "encoders/image/model.safetensors", "encoders/text/encoder.json",
+                 "thresholds.json", "metrics.json", "features.json", "config.json", "val_scores.npz", "manifest.json"):
         assert (tmp_path / "run" / name).exists(), name
 
 
@@ -64,11 +62,12 @@ def test_partial_unfreeze_trains_only_the_top(data_dir, tmp_path):
                          batch_size=8, workers=0, lr=1e-2, **TINY)
     finetune(cfg)
     first = create_image_encoder("tiny-resnet", random_init=True, seed=cfg.seed).state_dict()
-    tuned = load_file(str(tmp_path / "run" / "image_encoder.safetensors"))
+    tuned = load_file(str(tmp_path / "run" / "encoders" / "image" / "model.safetensors"))
     assert torch.equal(first["conv1.weight"], tuned["conv1.weight"])  # frozen bottom unchanged
     assert not torch.equal(first["layer4.0.conv1.weight"], tuned["layer4.0.conv1.weight"])  # top trained
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_where_an_uninterrupted_run_does(tmp_path):
     data_dir = make_data_dir(tmp_path / "tiny", n_train=64, n_test=2)
     common = ["finetune", str(data_dir), *ARGS, "--end-to-end", "--epochs", "3", "--batch-size", "4",
@@ -90,7 +89,7 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_does(tmp_path):
     whole = subprocess.run([sys.executable, "-m", "pipeline.cli", *common, "--out", str(tmp_path / "whole")],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    for name in ("head-0.safetensors", "image_encoder.safetensors"):
+    for name in ("head-0.safetensors", "encoders/image/model.safetensors"):
         a, b = load_file(str(killed / name)), load_file(str(tmp_path / "whole" / name))
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{name}:{k}")
@@ -117,7 +116,7 @@ def test_two_process_gloo_run_under_torchrun(data_dir, tmp_path):
     assert "2 process(es)" in res.stderr
     # Only rank 0 prints and writes: one summary line, one set of files.
     assert res.stderr.count("best epoch") == 1
-    assert (out / "head-0.safetensors").is_file() and (out / "text_encoder").is_dir()
+    assert (out / "head-0.safetensors").is_file() and RunDir(out).has_encoders()
     assert len(list(out.glob(".*.tmp"))) == 0
 
 
@@ -128,8 +127,7 @@ def test_extract_from_run_uses_the_finetuned_encoders(data_dir, tmp_path):
     base = dict(data_dir=data_dir, splits=("train",), workers=0, **TINY)
     (pre,) = extract(ExtractConfig(out_dir=tmp_path / "c", random_init=True, **base))
     (post,) = extract(ExtractConfig(out_dir=tmp_path / "c", from_run=run, **base))
-    image = create_image_encoder("tiny-resnet", weights=str(run / "image_encoder.safetensors"))
-    text = create_text_encoder("tiny-bert", weights=str(run / "text_encoder"))
+    image, text = load_encoder(RunDir(run).encoder_dir("image")), load_encoder(RunDir(run).encoder_dir("text"))
     rec = DataDir.open(data_dir).records("train")[2]
     with torch.inference_mode():
         want_i = image(image.preprocess.transform(0)(load_image(data_dir / "data" / rec.image_id))[None]).numpy()

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import fit_head as fh
+from pipeline import evaluation as ev
 from pipeline.cache import CacheMeta, CacheReader, CacheWriter
 from pipeline.cli import app
 from pipeline.errors import MismatchError, MlcError
 from pipeline.fit_head import FitHeadConfig, fit_grid, fit_head
 from pipeline.labels import COCO18
-from pipeline.runs import Run
+from pipeline.metrics import samples_f1
+from pipeline.runs import RunDir
 
 
 def synthetic_cache(path, n=600, views=2, seed=0, split="train", **meta_kw):
@@ -33,7 +34,7 @@ def synthetic_cache(path, n=600, views=2, seed=0, split="train", **meta_kw):
         image_weights_hash="a" * 64, text_weights="random-init", text_weights_hash="b" * 64, random_init=True,
         image_preprocess={"crop": 64}, text_preprocess={"max_length": 32}, views=views, image_dim=32, text_dim=16,
         label_ids=COCO18.ids, label_names=COCO18.names, data_fingerprint="f" * 64, num_records=n,
-        extra={"extract_config": {"image_encoder": "tiny-resnet", "text_encoder": "tiny-bert"}},
+        extra={"recipe": {"image_encoder": "tiny-resnet", "text_encoder": "tiny-bert"}},
     )
     meta = dataclasses.replace(meta, **meta_kw)
     w = CacheWriter(path, meta, [f"{i}.jpg" for i in range(n)], y if split == "train" else None, chunk_rows=n)
@@ -50,14 +51,16 @@ def test_fit_head_learns_and_writes_a_complete_run(cache, tmp_path):
     out = tmp_path / "run"
     m = fit_head(FitHeadConfig(cache=cache, out=out, epochs=15), quiet=True)
     y = CacheReader(cache).labels()
-    chance = fh.samples_f1(y, np.tile(y.mean(0) > 0.25, (len(y), 1)).astype(np.uint8))
+    chance = samples_f1(y, np.tile(y.mean(0) > 0.25, (len(y), 1)).astype(np.uint8))
     assert m["samples_f1"] > chance + 0.15
-    for name in ("config.json", "cache.json", "head.json", "head-0.safetensors", "thresholds.json",
-                 "metrics.json", "history.json", "val_scores.npz", "train.log"):
+    for name in ("manifest.json", "config.json", "features.json", "head.json", "head-0.safetensors",
+                 "thresholds.json", "metrics.json", "history.json", "val_scores.npz", "train.log"):
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["kind"] == "head" and cfg["head"] == "concat"
-    run = Run.load(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == 2 and "head-0.safetensors" in manifest["files"]
+    run = RunDir(out).load()
     assert len(run.thresholds) == len(COCO18) and run.labels == COCO18
     with CacheReader(cache) as r:
         scores = run.scores(r.array("image"), r.array("text"))
@@ -73,29 +76,29 @@ def test_thresholds_are_never_tuned_on_the_rows_they_are_scored_on(monkeypatch):
     y = (rng.random((200, 18)) < 0.2).astype(np.float32)
     scores = np.clip(y * 0.6 + rng.random((200, 18)) * 0.5, 0, 1).astype(np.float32)
     tuned_on: list[set] = []
-    real = fh.fit_thresholds
+    real = ev.fit_thresholds
 
     def spy(yy, ss, mode):
         tuned_on.append({tuple(r) for r in np.round(ss, 6)})
         return real(yy, ss, mode)
 
-    monkeypatch.setattr(fh, "fit_thresholds", spy)
+    monkeypatch.setattr(ev, "fit_thresholds", spy)
     scored: list[set] = []
-    real_f1 = fh.samples_f1
+    real_f1 = ev.samples_f1
 
     def spy_f1(yt, yp):
         scored.append(len(yt))
         return real_f1(yt, yp)
 
-    monkeypatch.setattr(fh, "samples_f1", spy_f1)
-    fh.cross_fitted_f1(y, scores, "per-class", seed=0)
+    monkeypatch.setattr(ev, "samples_f1", spy_f1)
+    ev.cross_fitted_f1(y, scores, "per-class", seed=0)
     assert len(tuned_on) == 2 and not (tuned_on[0] & tuned_on[1])
     assert sum(scored) == 200  # each row scored exactly once, by thresholds tuned on the other half
 
 
 def test_each_head_and_loss_beats_chance(cache, tmp_path):
     y = CacheReader(cache).labels()
-    chance = fh.samples_f1(y, np.tile(y.mean(0) > 0.25, (len(y), 1)).astype(np.uint8))
+    chance = samples_f1(y, np.tile(y.mean(0) > 0.25, (len(y), 1)).astype(np.uint8))
     for head, loss in (("sum", "bce"), ("gated", "asl"), ("image", "soft-margin"), ("text", "bce")):
         m = fit_head(FitHeadConfig(cache=cache, out=tmp_path / head, head=head, loss=loss, epochs=10,
                                    sampler="weighted", pos_weight=loss == "bce"), quiet=True)
@@ -115,7 +118,7 @@ def test_folds_and_grid(cache, tmp_path):
 
 def test_run_refuses_a_cache_from_other_encoders_or_labels(cache, tmp_path):
     fit_head(FitHeadConfig(cache=cache, out=tmp_path / "run", epochs=2), quiet=True)
-    run = Run.load(tmp_path / "run")
+    run = RunDir(tmp_path / "run").load()
     other = CacheReader(synthetic_cache(tmp_path / "o.h5", text_weights_hash="c" * 64)).meta
     with pytest.raises(MismatchError, match="text_weights_hash"):
         run.check_cache(other)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
 
-from pipeline import metrics
+from pipeline import evaluation, metrics
 
 
 def _random_case(seed: int, n: int = 300, c: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,7 +91,7 @@ def test_shape_mismatch_raises() -> None:
 def test_summarize_is_consistent_and_json_ready() -> None:
     y, _, scores = _random_case(5)
     thr = np.linspace(0.3, 0.7, y.shape[1])
-    out = metrics.summarize(y, scores, thr, names=[f"c{i}" for i in range(y.shape[1])])
+    out = evaluation.summarize(y, scores, thr, names=[f"c{i}" for i in range(y.shape[1])])
     json.dumps(out, allow_nan=False)  # strict JSON: NaN APs became None
     from pipeline.thresholds import apply_thresholds
 
@@ -108,7 +108,7 @@ def test_summarize_is_consistent_and_json_ready() -> None:
 
 def test_summarize_scalar_threshold_without_at_least_one() -> None:
     y, _, scores = _random_case(6)
-    out = metrics.summarize(y, scores, 0.9, at_least_one=False)
+    out = evaluation.summarize(y, scores, 0.9, at_least_one=False)
     pred = (scores >= 0.9).astype(int)
     assert out["samples_f1"] == pytest.approx(f1_score(y, pred, average="samples", zero_division=0))
     assert out["per_class"]["threshold"] == [0.9] * y.shape[1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -12,9 +11,12 @@ import pytest
 from PIL import Image
 
 from pipeline import report
+from pipeline.encoders import create_image_encoder, create_text_encoder
 from pipeline.errors import DataError, MlcError
+from pipeline.heads import create_head
 from pipeline.labels import COCO18
-from pipeline.metrics import samples_f1
+from pipeline.metrics import class_f1_sweep, pr_curve, samples_f1, samples_f1_sweep
+from pipeline.runs import RunDir, RunFiles
 from pipeline.thresholds import apply_thresholds, tune_global, tune_per_class
 
 # Label frequencies of the competition's train.csv (person 76%, parking meter under 1%).
@@ -41,36 +43,28 @@ def fake_scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def make_run(path: Path, *, n: int = 400, folds: int = 0, submission: bool = True, encoders: bool = False,
              seed: int = 0) -> dict:
-    """A run folder as fit_head writes it (fake weights: only their size matters here); returns metrics."""
-    path.mkdir(parents=True)
+    """A run folder written by the real writer, with fake held-out scores; returns its metrics."""
     y, s = fake_scores(n, seed)
     g = tune_global(y, s)
     thr = tune_per_class(y, s, init=np.full(18, g))
-    ids = np.array([f"{i}.jpg" for i in range(n)])
-    np.savez(path / "val_scores.npz", image_ids=ids, scores=s, labels=y)
-    (path / "thresholds.json").write_text(json.dumps(
-        {"label_ids": list(COCO18.ids), "mode": "per-class", "global": float(g), "per_class": list(map(float, thr))}))
     rng = np.random.default_rng(seed)
 
     def curve(k: int, epochs: int) -> list[dict]:
         return [{"epoch": e, "train_loss": 0.3 / e ** 0.5 + 0.01 * k, "val_loss": 0.2 + 0.1 / e + 0.002 * e,
                  "val_f1_at_0.5": 0.8 - 0.2 / e + 0.01 * rng.random()} for e in range(1, epochs + 1)]
 
-    history = [curve(k, 8 + k) for k in range(folds)] if folds else curve(0, 12)
-    (path / "history.json").write_text(json.dumps(history))
     metrics = {"samples_f1_at_0.5": samples_f1(y, apply_thresholds(s, 0.5)), "samples_f1_global": 0.81234,
                "samples_f1_per_class": 0.82345, "samples_f1": 0.82345, "threshold_mode": "per-class",
                "seconds": 12.5, "best_epochs": [6 + k for k in range(max(folds, 1))], "held_out_rows": n}
-    (path / "metrics.json").write_text(json.dumps(metrics))
-    (path / "config.json").write_text(json.dumps({"kind": "head", "head": "concat", "lr": 0.001, "folds": folds}))
-    (path / "cache.json").write_text(json.dumps({"contract": {}, "extract": {}}))
-    (path / "head.json").write_text(json.dumps({"name": "concat"}))
-    for k in range(max(folds, 1)):
-        (path / f"head-{k}.safetensors").write_bytes(b"\0" * 250_000)
-    if encoders:
-        (path / "image_encoder.safetensors").write_bytes(b"\0" * 2_000_000)
-        (path / "text_encoder").mkdir()
-        (path / "text_encoder" / "model.safetensors").write_bytes(b"\0" * 1_000_000)
+    heads = [create_head("concat", image_dim=32, text_dim=16, num_classes=18) for _ in range(max(folds, 1))]
+    enc = (create_image_encoder("tiny-resnet", random_init=True, seed=0),
+           create_text_encoder("tiny-bert", random_init=True, seed=0)) if encoders else None
+    RunDir(path).write(RunFiles(
+        kind="head", config={"head": "concat", "lr": 0.001, "folds": folds}, features=[], heads=heads,
+        thresholds={"label_ids": list(COCO18.ids), "label_names": list(COCO18.names), "mode": "per-class",
+                    "global": float(g), "per_class": list(map(float, thr))},
+        metrics=metrics, history=[curve(k, 8 + k) for k in range(max(folds, 1))],
+        val_ids=[f"{i}.jpg" for i in range(n)], val_scores=s, val_labels=y, log=["fake run"], encoders=enc))
     if submission:
         _, st = fake_scores(200, seed + 1)
         pred = apply_thresholds(st, thr)
@@ -119,23 +113,29 @@ def test_report_folds_without_submission(tmp_path: Path) -> None:
     assert "This run holds no encoder weights" in html
 
 
-def test_minimal_run_folder(tmp_path: Path) -> None:
-    """Only val_scores.npz, and a class with no held-out positives: notes instead of failures."""
+def test_class_without_held_out_positives(tmp_path: Path) -> None:
+    """A class with no held-out positives: notes on the page, no division-by-zero warnings."""
     run = tmp_path / "run"
     make_run(run, n=150, submission=False)
     with np.load(run / "val_scores.npz") as z:
         arrays = dict(z)
     arrays["labels"][:, 11] = 0
     np.savez(run / "val_scores.npz", **arrays)
-    for name in ("thresholds.json", "history.json", "metrics.json", "config.json"):
-        (run / name).unlink()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no division-by-zero or sklearn warnings leak out
         html = report.make_report(run).read_text()
+    assert f"No held-out images carry <b>{COCO18.names[11]}</b>" in html
     _check_pngs(html, run / "report", [report.PLOT_FILES[k] for k in
-                                        ("per_class_f1", "pr_curves", "f1_vs_threshold", "label_confusion")])
-    assert "thresholds.json is missing" in html and "history.json is missing" in html
-    assert "<details><summary>config.json" not in html
+                                        ("per_class_f1", "pr_curves", "f1_vs_threshold", "training_curves",
+                                         "label_confusion")])
+
+
+def test_run_of_an_older_format_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "cache.json").write_text("{}")  # what mlc 0.1 wrote, without a manifest
+    with pytest.raises(MlcError, match="run format 1"):
+        report.make_report(run)
 
 
 def test_explicit_test_predictions_and_bad_labels(tmp_path: Path) -> None:
@@ -172,13 +172,13 @@ def test_samples_f1_sweep_matches_brute_force() -> None:
     s = np.round(rng.random((60, 5)), 2)  # ties with the grid and between columns
     thr = rng.uniform(0.3, 0.8, 5)
     grid = np.linspace(0, 1, 21)
-    got = report.samples_f1_sweep(y, s, thr, grid)
+    got = samples_f1_sweep(y, s, thr, grid)
     for j in range(5):
         for g, t in enumerate(grid):
             tj = thr.copy()
             tj[j] = t
             assert got[j, g] == pytest.approx(samples_f1(y, apply_thresholds(s, tj)), abs=1e-12)
-    cls = report.class_f1_sweep(y, s, grid)
+    cls = class_f1_sweep(y, s, grid)
     assert cls[0, 0] == pytest.approx(2 * y[:, 0].sum() / (y[:, 0].sum() + 60))
 
 
@@ -189,7 +189,7 @@ def test_pr_curve_matches_brute_force() -> None:
     cuts = np.unique(s)[::-1]
     want_p = [1.0] + [(y & (s >= t)).sum() / (s >= t).sum() for t in cuts]
     want_r = [0.0] + [(y & (s >= t)).sum() / y.sum() for t in cuts]
-    got_p, got_r = report.pr_curve(y, s)
+    got_p, got_r = pr_curve(y, s)
     np.testing.assert_allclose(got_p, want_p)
     np.testing.assert_allclose(got_r, want_r)
 

@@ -63,10 +63,10 @@ def test_interrupted_write_keeps_the_previous_file(run, data_dir, tmp_path, monk
 
 def test_mismatched_run_and_cache_are_refused(run, data_dir, tmp_path):
     # The run's head was fitted on these exact encoders; doctor its contract to another text encoder.
-    cache_json = run / "cache.json"
-    record = json.loads(cache_json.read_text())
-    record["contract"]["text_weights_hash"] = "0" * 64
-    cache_json.write_text(json.dumps(record))
+    features_json = run / "features.json"
+    record = json.loads(features_json.read_text())
+    record[0]["contract"]["text_weights_hash"] = "0" * 64
+    features_json.write_text(json.dumps(record))
     with pytest.raises(MismatchError, match="text_weights_hash"):
         submit(SubmitConfig(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0))
     assert not (run / "submission.csv").exists()

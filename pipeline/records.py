@@ -1,0 +1,369 @@
+"""Reading the competition CSVs: records, however dirty the file.
+
+The published CSVs are not valid CSV: captions are double-quoted but quotes inside a caption are
+not escaped (``9084.jpg,3 1 11,"A street sign labeled "Seltzer Way," with ..."``), and some captions
+hold a newline. ``csv.reader`` and ``pandas.read_csv`` split or drop such rows, so this module parses
+records explicitly:
+
+* a record starts at a line that begins with an ImageID (a file name with an image extension)
+  followed by a comma; other lines continue the caption of the record before them;
+* the caption is everything between the first quote after the label field and the *last* quote of
+  the record (an optional trailing comma may follow it);
+* a caption written with proper CSV escaping (every inner quote doubled) is un-doubled.
+
+Also accepted: CRLF line ends, a UTF-8 BOM, a trailing comma on every line (the 2021 edition),
+unquoted captions, and files written by ``csv.writer`` (quoted ImageIDs and labels included).
+Every fault is reported as a :class:`DataError` with file, line and fault; no row is ever dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+from .labels import COCO18, LabelSpace
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TRAIN_COLUMNS = ("ImageID", "Labels", "Caption")
+TEST_COLUMNS = ("ImageID", "Caption")
+
+# A line that certainly starts a record: an image file name (no quote, no comma; it may hold a path,
+# which is then refused with a clear message rather than glued onto the caption before) + a comma.
+# The id may be quoted (a file written with csv.QUOTE_ALL).
+_RECORD_START = re.compile(r'^"?[^,"\n]*[^,"\s]\.(?:jpe?g|png|bmp|gif|webp|tiff?)"?[ \t]*,', re.IGNORECASE)
+# A line that may start a record when the record before it is complete: one token, then a comma.
+# Catches ImageIDs without an image extension (so they get an error, not silently merged), while a
+# caption continuation ("full of very tidily arranged piles ...") has spaces before any comma.
+_LOOSE_START = re.compile(r'^"?[^,"\s]+"?[ \t]*,')
+_LABEL = re.compile(r"[0-9]+")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_MAX_LISTED = 5  # problems named in the one-line summary that read_csv raises
+
+
+@dataclass(frozen=True)
+class Record:
+    """One CSV row. ``labels`` is None for test rows; ``line`` is the 1-based line it starts on."""
+
+    image_id: str
+    caption: str
+    labels: tuple[int, ...] | None
+    line: int
+
+
+class CsvProblems(DataError):
+    """Several faults in one CSV: located at the first one, the message counts and lists a few."""
+
+    def __init__(self, file: str, problems: Sequence[DataError]) -> None:
+        self.problems = list(problems)
+        first = self.problems[0]
+        listed = "; ".join(f"line {p.line}: {p.fault}" for p in self.problems[1:_MAX_LISTED])
+        more = len(self.problems) - _MAX_LISTED
+        fault = f"{first.fault} (and {len(self.problems) - 1} more problems: {listed}"
+        fault += f"; ... {more} more)" if more > 0 else ")"
+        super().__init__(file, first.line, fault)
+
+
+def image_id_fault(image_id: str) -> str | None:
+    """Why ``image_id`` is not a plain image file name, or None when it is.
+
+    ImageIDs are joined onto the image folder, so anything that could climb out of it (a path
+    separator, ``..``, an absolute or drive path) is refused before any file is opened.
+    """
+    shown = repr(image_id)
+    if not image_id:
+        return "empty ImageID"
+    if image_id != image_id.strip():
+        return f"ImageID {shown} has leading or trailing spaces"
+    if image_id.startswith(("/", "\\")) or _DRIVE.match(image_id):
+        return f"ImageID {shown} is an absolute path; it must be a plain file name"
+    if image_id in (".", "..") or ".." in re.split(r"[/\\]", image_id):
+        return f"ImageID {shown} contains '..'; it must be a plain file name"
+    if "/" in image_id or "\\" in image_id:
+        return f"ImageID {shown} contains a path separator; it must be a plain file name"
+    if any(ord(ch) < 32 or ch in ':*?"<>|' for ch in image_id):
+        return f"ImageID {shown} contains a character not allowed in a file name"
+    if not image_id.lower().endswith(IMAGE_EXTENSIONS):
+        return f"ImageID {shown} is not an image file name (expected e.g. 123.jpg)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------- CSV
+
+
+def _split_lines(data: bytes) -> list[bytes]:
+    """Lines without their ends; LF or CRLF (a CR alone only in a file with no LF at all)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # the BOM some editors (Excel "CSV UTF-8") put at the start
+    sep = b"\n" if b"\n" in data or b"\r" not in data else b"\r"
+    lines = data.split(sep)
+    if lines and lines[-1] == b"":
+        lines.pop()  # the file's final newline ends the last line, it does not start another
+    return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+
+
+def _id_field(text: str) -> str:
+    """The ImageID: the text before the first comma, without spaces or CSV quotes around it."""
+    field = text.partition(",")[0].strip()
+    return field[1:-1] if len(field) >= 2 and field[0] == field[-1] == '"' else field
+
+
+def _caption_part(text: str, labelled: bool) -> str | None:
+    """The text after the ImageID (and label) field, or None when those fields are incomplete."""
+    _, sep, rest = text.partition(",")
+    if sep and labelled:
+        _, sep, rest = rest.partition(",")
+    return rest if sep else None
+
+
+def _opens_quote(first_line: str, labelled: bool) -> bool:
+    """True when a record's caption starts with a quote (only then may it span lines)."""
+    rest = _caption_part(first_line, labelled)
+    return rest is not None and rest.lstrip().startswith('"')
+
+
+def _ends_with_quote(line: str) -> bool:
+    """Whether a line ends with a (possible) closing quote, before an optional trailing comma."""
+    return line.rstrip().removesuffix(",").rstrip().endswith('"')
+
+
+def _closed_on_first_line(first_line: str, labelled: bool) -> bool:
+    """Whether a quoted caption also ends on its record's first line (its opening quote does not count)."""
+    rest = (_caption_part(first_line, labelled) or "").strip().removesuffix(",").rstrip()
+    return len(rest) >= 2 and rest.endswith('"')
+
+
+def _unescape(inner: str) -> str:
+    """Un-double quotes only when the caption is consistently CSV-escaped.
+
+    A properly escaped caption has every inner quote doubled, so every run of quotes has even length.
+    The dirty 2023 files leave inner quotes single (``reads "oh no, ...!"``), giving an odd run
+    somewhere; such captions are kept exactly as written.
+    """
+    runs = re.findall(r'"+', inner)
+    if runs and all(len(run) % 2 == 0 for run in runs):
+        return inner.replace('""', '"')
+    return inner
+
+
+def _parse_header(
+    line: str, file: str, columns: tuple[str, ...]
+) -> tuple[bool, DataError | None]:
+    """(has_header, fault). A missing header is a fault but the rows can still be read."""
+    expected = ",".join(columns)
+    if _RECORD_START.match(line):
+        return False, DataError(file, 1, f"missing header: expected '{expected}' but line 1 is a record")
+    cells = [c.strip().strip('"').strip() for c in line.split(",")]
+    if len(cells) > 1 and cells[-1] == "":
+        cells.pop()  # trailing-comma variant
+    if [c.lower() for c in cells] != [c.lower() for c in columns]:
+        return True, DataError(file, 1, f"wrong columns: expected '{expected}', found '{','.join(cells)}'")
+    return True, None
+
+
+def _parse_record(
+    text: str, line: int, file: str, labelled: bool, label_space: LabelSpace
+) -> tuple[Record | None, list[DataError]]:
+    """One record's text (lines joined with \\n) -> the Record, or None and its faults."""
+    problems: list[DataError] = []
+
+    def fault(msg: str, at: int = line) -> None:
+        problems.append(DataError(file, at, msg))
+
+    columns = TRAIN_COLUMNS if labelled else TEST_COLUMNS
+    image_id = _id_field(text)
+    _, sep, rest = text.partition(",")
+    if not sep:
+        fault(f"expected {len(columns)} fields ({','.join(columns)}), found no comma")
+        return None, problems
+    if (why := image_id_fault(image_id)) is not None:
+        fault(why)
+
+    labels: tuple[int, ...] | None = None
+    if labelled:
+        field, sep, rest = rest.partition(",")
+        if not sep:
+            fault("missing caption field (expected ImageID,Labels,Caption)")
+            return None, problems
+        field = field.strip()
+        if len(field) >= 2 and field[0] == field[-1] == '"':
+            field = field[1:-1]  # "1 19" quoted by a CSV writer
+        found: list[int] = []
+        for token in field.split():
+            if not _LABEL.fullmatch(token):
+                fault(f"label {token!r} is not an integer")
+            elif int(token) not in label_space.ids:
+                fault(f"label {int(token)} is not in the label space (ids {_describe_ids(label_space)})")
+            elif int(token) in found:
+                fault(f"label {int(token)} is repeated")
+            else:
+                found.append(int(token))
+        if not field.split():
+            fault("no labels: a training row needs at least one label")
+        labels = tuple(found)
+
+    caption = _parse_caption(rest, text, line, fault)
+    if caption is not None and not caption.strip():
+        fault("empty caption")
+    if problems or caption is None:
+        return None, problems
+    return Record(image_id, caption, labels, line), problems
+
+
+def _parse_caption(rest: str, text: str, line: int, fault: Callable[..., None]) -> str | None:
+    """The caption field: between the first quote and the record's last quote, or unquoted."""
+    stripped = rest.lstrip()
+    if not stripped.startswith('"'):
+        caption = rest.strip().removesuffix(",").strip()  # one trailing comma: the 2021 variant
+        if "\n" in caption:  # the record's second line is the stray one
+            fault("line does not start a record (ImageID,...) and an unquoted caption cannot span lines",
+                  line + 1)
+            return None
+        if '"' in caption:
+            fault("caption is not quoted but contains a quote (too many fields?)")
+            return None
+        return caption
+    opening = len(rest) - len(stripped)
+    last = rest.rfind('"')
+    if last == opening:
+        fault("unterminated quote: the caption's opening quote is never closed")
+        return None
+    tail = rest[last + 1 :]
+    if not re.fullmatch(r"\s*,?\s*", tail):
+        # Locate the stray text: the line of its first non-space character.
+        junk = len(text) - len(tail) + (len(tail) - len(tail.lstrip()))
+        fault(f"unexpected text after the caption's closing quote: {tail.strip()[:40]!r}",
+              line + text[:junk].count("\n"))
+        return None
+    return _unescape(rest[opening + 1 : last])
+
+
+def _describe_ids(label_space: LabelSpace) -> str:
+    """'1-11, 13-19' for COCO18: runs of consecutive ids."""
+    ids = sorted(label_space.ids)
+    if not ids:
+        return "none"
+    runs: list[str] = []
+    start = prev = ids[0]
+    for i in [*ids[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        runs.append(f"{start}-{prev}" if prev > start else str(start))
+        if i is not None:
+            start = prev = i
+    return ", ".join(runs)
+
+
+def _decode(raw: list[bytes], file: str) -> tuple[list[str], set[int], list[DataError]]:
+    """Lines as text; a line that is not UTF-8 is reported (and kept, with replacement characters)."""
+    problems: list[DataError] = []
+    lines: list[str] = []
+    bad_lines: set[int] = set()
+    for n, chunk in enumerate(raw, start=1):
+        try:
+            lines.append(chunk.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            problems.append(DataError(file, n, f"not valid UTF-8 (byte {chunk[err.start]:#04x} at column "
+                                               f"{err.start + 1})"))
+            bad_lines.add(n)
+            lines.append(chunk.decode("utf-8", errors="replace"))
+    return lines, bad_lines, problems
+
+
+def _group(lines: list[str], first: int, labelled: bool) -> list[tuple[int, list[str]]]:
+    """Lines grouped into records: (first line number, [lines]). ``is_open``: the current record's
+    quoted caption has no closing quote yet, so only a certain record start may end it."""
+    groups: list[tuple[int, list[str]]] = []
+    quoted = is_open = False
+    for n, text in enumerate(lines[first - 1:], start=first):
+        if groups:
+            starts = bool(_RECORD_START.match(text)) or (not is_open and bool(_LOOSE_START.match(text)))
+        else:
+            starts = bool(text.strip())  # the first non-blank line after the header
+        if starts:
+            groups.append((n, [text]))
+            quoted = _opens_quote(text, labelled)
+            is_open = quoted and not _closed_on_first_line(text, labelled)
+        elif groups:
+            groups[-1][1].append(text)
+            if text.strip():  # a blank line neither opens nor closes
+                is_open = quoted and not _ends_with_quote(text)
+    return groups
+
+
+def parse_csv(
+    path: str | os.PathLike[str], *, labelled: bool, label_space: LabelSpace = COCO18
+) -> tuple[list[Record], list[DataError]]:
+    """Read a competition CSV, gathering every problem instead of stopping at the first.
+
+    Returns the good records (file order) and the problems (file order). A record with any fault
+    is not returned; it is named in the problems instead.
+    """
+    path = Path(path)
+    file = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], [DataError(file, None, "file not found")]
+    except OSError as err:
+        return [], [DataError(file, None, f"cannot read file: {err.strerror or err}")]
+
+    lines, bad_lines, problems = _decode(_split_lines(data), file)
+    if not lines or not any(ln.strip() for ln in lines):
+        return [], [DataError(file, None, "empty file: no header and no records")]
+
+    columns = TRAIN_COLUMNS if labelled else TEST_COLUMNS
+    has_header, header_fault = _parse_header(lines[0], file, columns)
+    if header_fault is not None:
+        problems.append(header_fault)
+        if has_header:
+            return [], problems  # wrong columns: the layout of the rows is unknown
+    groups = _group(lines, 2 if has_header else 1, labelled)
+
+    records: list[Record] = []
+    seen: dict[str, int] = {}
+    for start, group in groups:
+        text = "\n".join(group).rstrip()  # blank lines after a record are not part of it
+        record, faults = _parse_record(text, start, file, labelled, label_space)
+        problems.extend(faults)
+        if any(start <= b < start + len(group) for b in bad_lines):
+            continue  # already reported as not UTF-8
+        image_id = _id_field(text)
+        if image_id in seen:
+            fault = f"duplicate ImageID {image_id} (first on line {seen[image_id]})"
+            problems.append(DataError(file, start, fault))
+            continue
+        seen.setdefault(image_id, start)
+        if record is not None:
+            records.append(record)
+    if not groups:
+        problems.append(DataError(file, None, "no records: the file has a header but no rows"))
+    problems.sort(key=lambda p: p.line or 0)
+    return records, problems
+
+
+def read_csv(
+    path: str | os.PathLike[str], *, labelled: bool, label_space: LabelSpace = COCO18
+) -> list[Record]:
+    """All records of a competition CSV; raises DataError (the first fault, or a summary) if any."""
+    records, problems = parse_csv(path, labelled=labelled, label_space=label_space)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise CsvProblems(str(path), problems)
+    return records
+
+
+def read_train_csv(path: str | os.PathLike[str], label_space: LabelSpace = COCO18) -> list[Record]:
+    """``ImageID,Labels,Caption`` rows."""
+    return read_csv(path, labelled=True, label_space=label_space)
+
+
+def read_test_csv(path: str | os.PathLike[str]) -> list[Record]:
+    """``ImageID,Caption`` rows (labels None)."""
+    return read_csv(path, labelled=False)

@@ -18,13 +18,7 @@ setup: $(STAMP)
 
 ## make demo: the main job end to end on the real sample shipped in examples/
 demo: setup
-	$(BIN)/mlc validate $(DATA)
-	$(BIN)/mlc extract $(DATA) --preset offline
-	$(BIN)/mlc fit-head cache/$(notdir $(DATA))/train__efficientnet-lite0__minilm-l6.h5 --out $(RUN)
-	$(BIN)/mlc submit $(RUN) --data $(DATA)
-	$(BIN)/mlc report $(RUN)
-	@echo "validation samples-F1: $$($(BIN)/python -c 'import json;print(round(json.load(open("$(RUN)/metrics.json"))["samples_f1"],4))')"
-	@echo "submission: $(RUN)/submission.csv   report: $(RUN)/report/report.html"
+	$(BIN)/mlc run $(DATA) --preset offline --out $(RUN)
 
 ## make test: ruff, then the fast test suite (everything but the tests marked slow)
 test: setup

@@ -1,16 +1,21 @@
-"""Benchmark stage 1: `mlc extract` throughput against a bare forward loop (the ceiling).
+"""Benchmark stage 1: `mlc extract` through torch and through ONNX Runtime, side by side.
 
-For each encoder: images (captions) per second of the real extract path (JPEG decoding in
-DataLoader workers, chunk commits, progress bar) and of a bare `inference_mode` forward over
-tensors already in memory, same batch size and threads, measured side by side, median of
---repeats. Also this machine's fp32 matmul rate and ResNet50's share of it.
+For each encoder pair, on the first --images labelled images of the shared subset: images per second
+of the real extract path (fingerprint, JPEG decoding in DataLoader workers, encoding, chunk commits,
+HDF5 assembly; encoders loaded and graphs exported beforehand, as a rerun finds them) with three
+engines, alternated so each sees the same machine load, median of --repeats:
+  torch eager (plain memory layout), torch (channels_last: the torch backend as shipped), onnx.
+Also the bare ONNX forward over tensors already in memory (the ceiling the extract path approaches),
+the largest difference between ONNX and torch features per encoder, and (--tune) how the two cores
+are best split between ONNX Runtime's threads and the decode workers.
 
-    .venv/bin/python bench/extract.py [--data ../shared/data/comp5329] [--images 256] [--repeats 3]
+    .venv/bin/python bench/extract.py [--images 2000] [--repeats 3] [--tune]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import statistics
 import sys
@@ -18,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,113 +31,127 @@ sys.path.insert(0, str(REPO))
 
 from _subset import first_rows  # noqa: E402
 
+from pipeline.backends import engine  # noqa: E402
 from pipeline.data import DataDir, load_image  # noqa: E402
 from pipeline.encoders import create_image_encoder, create_text_encoder  # noqa: E402
-from pipeline.extract import ExtractConfig  # noqa: E402
-from pipeline.features import Job, build_cache, cache_path  # noqa: E402
+from pipeline.features import Job, LoaderOptions, Recipe, build_cache, cache_path  # noqa: E402
 
-RESNET50_GFLOP = 8.18  # 4.09 GMACs per 224x224 image (torchvision's published figure) x 2
-
-
-def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
+ENGINES = ("torch eager", "torch", "onnx")
 
 
-def bare_text_seconds(enc: torch.nn.Module, captions: list[str], batch: int) -> float:
-    """Seconds for tokenise + length-sorted batched forward over all captions (extract's text path)."""
+def engines(image, text, onnx_dir: Path) -> dict:
+    """The three ways to run the same encoders (ONNX graphs exported here, once). The channels_last
+    engine gets its own copy of the image encoder: it converts the weights' layout in place."""
+    kw = dict(device=torch.device("cpu"), image_cut=None, text_cut=None, onnx_dir=onnx_dir, log=lambda m: None)
+    return {"onnx": engine(image, text, backend="onnx", **kw),
+            "torch eager": engine(image, text, backend="torch", channels_last=False, **kw),
+            "torch": engine(copy.deepcopy(image), text, backend="torch", **kw)}
+
+
+def extract_rate(data: Path, recipe: Recipe, image, text, eng, workers: int, tmp: Path) -> float:
+    """Images/s of the extract path into a fresh cache folder (removed afterwards)."""
+    out = tmp / "cache-run"
+    dd = DataDir.open(data)
+    n = len(dd.records("train"))
+    job = Job(recipe, dd, "train", cache_path(out, data, "train", recipe),
+              LoaderOptions(batch_size=32, workers=workers), chunk_rows=512)
     t = time.perf_counter()
-    with torch.inference_mode():
-        tok = enc.tokenize(captions)
-        lengths = tok["attention_mask"].sum(1)
-        order = torch.argsort(lengths, descending=True)
-        for s in range(0, len(captions), batch):
-            rows = order[s:s + batch]
-            m = int(lengths[rows].max())
-            enc(tok["input_ids"][rows, :m], tok["attention_mask"][rows, :m])
-    return time.perf_counter() - t
+    build_cache(job, image, text, eng, torch.device("cpu"))
+    rate = n / (time.perf_counter() - t)
+    shutil.rmtree(out)
+    return rate
 
 
-def bench_pair(image_name: str, text_name: str, data: Path, batch: int, repeats: int, random_init: bool,
-               workers: int, tmp: Path) -> dict:
-    """Median rates: bare image forward, bare image+text (the ceiling), and the real extract path."""
-    enc = create_image_encoder(image_name, random_init=random_init, seed=0 if random_init else None)
-    enc = enc.eval().to(memory_format=torch.channels_last)
+def bare_rate(eng, x: torch.Tensor, captions: list[str], text) -> float:
+    """Images/s of the forward alone over in-memory tensors: images in batches of 32, captions as the
+    extract path batches them (length-sorted, 32 a batch)."""
+    from pipeline.features import encode_texts
+
+    eng.image(x[:32])  # warm-up
+    t = time.perf_counter()
+    for s in range(0, len(x), 32):
+        eng.image(x[s:s + 32])
+    encode_texts(text, eng.text, captions, 32)
+    return len(x) / (time.perf_counter() - t)
+
+
+def max_diffs(engs: dict, x: torch.Tensor, captions: list[str], text) -> tuple[float, float]:
+    tok = text.tokenize(captions[:64])
+    img = np.abs(engs["onnx"].image(x[:32])["image"] - engs["torch"].image(x[:32])["image"]).max()
+    txt = np.abs(engs["onnx"].text(tok["input_ids"], tok["attention_mask"])["text"]
+                 - engs["torch"].text(tok["input_ids"], tok["attention_mask"])["text"]).max()
+    return float(img), float(txt)
+
+
+def bench_pair(image_name: str, text_name: str, data: Path, repeats: int, workers: int, tmp: Path) -> dict:
+    random = image_name == "resnet50"  # no ResNet50 weights here: random init, same FLOPs
+    image = create_image_encoder(image_name, random_init=random, seed=0 if random else None)
+    text = create_text_encoder(text_name, random_init=text_name.startswith("tiny"), seed=0)
+    recipe = Recipe(image_encoder=image_name, text_encoder=text_name, random_init=random)
+    t = time.perf_counter()
+    engs = engines(image, text, tmp / "onnx")
+    export_s = time.perf_counter() - t
     dd = DataDir.open(data)
     records = dd.records("train")
-    tf = enc.preprocess.transform(0)
-    x = torch.stack([tf(load_image(dd.image_path(r.image_id))) for r in records])
-    x = x.contiguous(memory_format=torch.channels_last)
-    captions = [r.caption for r in records]
-    txt_enc = create_text_encoder(text_name, random_init=random_init, seed=0 if random_init else None).eval()
-    bare, ceiling, real = [], [], []
-    for k in range(repeats):
-        with torch.inference_mode():
-            enc(x[:batch])  # warm-up
-            t = time.perf_counter()
-            for s in range(0, len(x), batch):
-                enc(x[s:s + batch])
-            t_img = time.perf_counter() - t
-        t_txt = bare_text_seconds(txt_enc, captions, batch * 2)
-        bare.append(len(x) / t_img)
-        ceiling.append(len(x) / (t_img + t_txt))
-        out = tmp / f"cache-{image_name}-{k}"
-        cfg = ExtractConfig(data_dir=data, image_encoder=image_name, text_encoder=text_name, splits=("train",),
-                            random_init=random_init, batch_size=batch, workers=workers, out_dir=out,
-                            chunk_rows=batch * 4)
-        # The extract path itself (fingerprint, decode workers, encode, chunk commits, HDF5 assembly),
-        # with the encoders already loaded, as the bare loops have them.
-        t = time.perf_counter()
-        recipe = cfg.recipe()
-        build_cache(Job(recipe, DataDir.open(data), "train", cache_path(out, data, "train", recipe), cfg,
-                        cfg.chunk_rows), enc, txt_enc, torch.device("cpu"))
-        real.append(len(x) / (time.perf_counter() - t))
-        shutil.rmtree(out)
-    return {"bare": statistics.median(bare), "ceiling": statistics.median(ceiling),
-            "extract": statistics.median(real)}
+    tf = image.preprocess.pixels(0)
+    x = torch.stack([tf(load_image(dd.image_path(r.image_id))) for r in records[:256]])  # uint8
+    captions = [r.caption for r in records[:256]]
+    rates: dict[str, list[float]] = {k: [] for k in (*ENGINES, "bare onnx")}
+    for _ in range(repeats):
+        for name in ENGINES:
+            rates[name].append(extract_rate(data, recipe, image, text, engs[name], workers, tmp))
+        rates["bare onnx"].append(bare_rate(engs["onnx"], x, captions, text))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"rates": med, "diffs": max_diffs(engs, x, captions, text), "export_s": export_s,
+            "n": len(records)}
+
+
+def tune(data: Path, tmp: Path) -> None:
+    """lite0 + MiniLM through ONNX: extract img/s for each split of the cores (threads x workers)."""
+    image, text = create_image_encoder("efficientnet-lite0"), create_text_encoder("minilm-l6")
+    recipe = Recipe(image_encoder="efficientnet-lite0", text_encoder="minilm-l6")
+    print("onnx threads x decode workers (lite0 + MiniLM extract, img/s):")
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        eng = engine(image, text, backend="onnx", device=torch.device("cpu"), image_cut=None, text_cut=None,
+                     onnx_dir=tmp / "onnx", log=lambda m: None)
+        for workers in (0, 1, 2, 3):
+            rate = extract_rate(data, recipe, image, text, eng, workers, tmp)
+            print(f"  {threads} ORT thread(s), {workers} decode worker(s): {rate:7.1f}", flush=True)
+    torch.set_num_threads(2)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "comp5329")
-    ap.add_argument("--images", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--resnet-images", type=int, default=512)
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--encoders", default="efficientnet-lite0,efficientnet-lite2,resnet50")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--pairs", default="efficientnet-lite0+minilm-l6,resnet50+tiny-bert")
     args = ap.parse_args()
     if not args.data.is_dir():
         args.data = REPO / "examples" / "comp5329-mini"
-    print(f"data {args.data}, {args.images} images, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"{args.workers} decode worker(s), median of {args.repeats}")
-    gf = matmul_gflops()
-    print(f"fp32 matmul (2048^3): {gf:.1f} GFLOP/s")
+    print(f"data {args.data}; batch 32, {torch.get_num_threads()} threads, {args.workers} decode workers; "
+          f"median of {args.repeats}, engines alternated")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        data = first_rows(args.data, args.images, tmp)
-        print(f"{'image + text encoder':34s} {'bare image':>10s} {'bare img+txt':>12s} {'extract':>8s} "
-              f"{'extract/bare':>12s}   (images per second)")
-        for name in args.encoders.split(","):
-            random = name == "resnet50"  # no ResNet50 weights here: random init, same FLOPs
-            text = "tiny-bert" if random else "minilm-l6"
-            r = bench_pair(name, text, data, args.batch_size, args.repeats, random, args.workers, tmp)
-            line = (f"{name + ' + ' + text:34s} {r['bare']:10.2f} {r['ceiling']:12.2f} {r['extract']:8.2f} "
-                    f"{r['extract'] / r['ceiling']:12.2f}")
-            if random:
-                rate = r["bare"] * RESNET50_GFLOP
-                line += (f"   resnet50 bare {1 / r['bare']:.3f} s/img = {rate:.1f} GFLOP/s = "
-                         f"{rate / gf:.0%} of matmul")
-            print(line, flush=True)
-        caps = [r.caption for r in DataDir.open(data).records("train")]
-        minilm = create_text_encoder("minilm-l6").eval()
-        secs = statistics.median(bare_text_seconds(minilm, caps, 64) for _ in range(args.repeats))
-        print(f"minilm-l6 alone: {len(caps) / secs:.1f} captions/s (tokenise + length-sorted batches of 64)")
+        if args.tune:
+            tune(first_rows(args.data, args.images, tmp / "tune"), tmp)
+        for pair in args.pairs.split(","):
+            image_name, text_name = pair.split("+")
+            n = args.resnet_images if image_name == "resnet50" else args.images
+            data = first_rows(args.data, n, tmp / pair)
+            r = bench_pair(image_name, text_name, data, args.repeats, args.workers, tmp)
+            rates = r["rates"]
+            print(f"\n{pair} ({'random init, ' if image_name == 'resnet50' else ''}{r['n']} images; ONNX export "
+                  f"{r['export_s']:.1f} s once):")
+            for name in (*ENGINES, "bare onnx"):
+                print(f"  {name:12s} {rates[name]:7.1f} img/s   {rates[name] / rates['torch eager']:5.2f}x torch eager"
+                      f"   {rates[name] / rates['torch']:5.2f}x torch")
+            print(f"  extract / bare onnx forward: {rates['onnx'] / rates['bare onnx']:.2f}")
+            print(f"  max |onnx - torch|: image {r['diffs'][0]:.2e}, text {r['diffs'][1]:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,35 +1,68 @@
-"""Atomic file writes: write a sibling temp file, fsync, then rename over the target.
+"""Writing safely: atomic files, whole-folder swaps, locks, stale leftovers, clear errors.
 
-A crash or Ctrl-C at any moment leaves either the old file or the new one, never half of one.
+* ``atomic_path``: write a sibling temp file, fsync, then rename over the target. A crash or Ctrl-C at
+  any moment leaves either the old file or the new one, never half of one.
+* ``swap_in``: a folder written beside its target replaces it in one step (``renameat2`` exchange on
+  Linux), so a run folder is always the old one or the new one.
+* ``lock``: one writer per cache file or run folder (``flock`` on a hidden lock file beside it).
+* ``clean_stale``: temp files and staging folders left by processes that died are removed.
+* Every ``OSError`` while writing becomes an ``OutputError`` naming the path: "cannot write PATH: No
+  space left on device".
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import BusyError, OutputError
+
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(tmp|staging|old)$")
+
+
+def _temp_name(target: Path, kind: str) -> str:
+    """``.NAME.PID.RANDOM.KIND``: the pid tells ``clean_stale`` whether its writer is still alive."""
+    return f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
+
+
+def ensure_dir(path: str | os.PathLike[str]) -> Path:
+    """mkdir -p, with an OutputError naming the folder when it cannot be made."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(str(path), e) from e
+    return path
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path beside ``target``; on success it replaces ``target``, on error it is removed."""
+    """Yield a temp path beside ``target``; on success it replaces ``target``, on error it is removed.
+    An OSError while writing (disk full, read-only folder) becomes an OutputError naming ``target``."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    ensure_dir(target.parent)
+    tmp_path = target.parent / _temp_name(target, "tmp")
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.chmod(tmp_path, 0o666 & ~_umask())  # give the file the usual mode
         os.replace(tmp_path, target)
+    except OSError as e:
+        raise OutputError(str(target), e) from e
     finally:
-        if tmp_path.exists():
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
 
 
@@ -45,7 +78,8 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
 
 
 def write_json(target: str | os.PathLike[str], obj: Any) -> None:
-    write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    # allow_nan=False: a NaN would be written as the non-JSON token NaN; better to fail loudly here
+    write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 def write_safetensors(target: str | os.PathLike[str], weights: Any) -> None:
@@ -59,3 +93,124 @@ def write_safetensors(target: str | os.PathLike[str], weights: Any) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(target) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})  # "pt": what transformers expects
+
+
+def check_writable(folder: str | os.PathLike[str]) -> Path:
+    """Make ``folder`` (and parents) and prove a file can be written there, before a long job starts."""
+    folder = ensure_dir(folder)
+    probe = folder / _temp_name(folder / "write-check", "tmp")
+    try:
+        probe.write_bytes(b"ok")
+    except OSError as e:
+        raise OutputError(str(folder), e) from e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def clean_stale(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove temp files and staging/old folders in ``folder`` whose writing process is dead."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _STALE.match(p.name)
+        if m and not _alive(int(m["pid"])):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed.append(p)
+    return removed
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh folder beside ``target`` to write a whole new version of it into."""
+    ensure_dir(target.parent)
+    path = target.parent / _temp_name(target, "staging")
+    ensure_dir(path)
+    return path
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OutputError(str(b), OSError(err, os.strerror(err)))
+
+
+def swap_in(staging: Path, target: Path, keep: tuple[str, ...] = ()) -> None:
+    """Make the complete folder ``staging`` become ``target``; the previous ``target`` is deleted, except
+    its entries named in ``keep``, which move into the new one.
+
+    With an existing target the two are exchanged atomically where the OS can (a reader sees the old
+    folder or the new one, never neither); elsewhere the old one is renamed aside first.
+    """
+    try:
+        if not target.exists():
+            os.replace(staging, target)
+            return
+        if _exchange(staging, target):
+            old = staging  # now holds the previous version
+        else:
+            old = target.parent / _temp_name(target, "old")
+            os.replace(target, old)
+            os.replace(staging, target)
+        for name in keep:
+            if (old / name).exists() and not (target / name).exists():
+                os.replace(old / name, target / name)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise OutputError(str(target), e) from e
+
+
+@contextlib.contextmanager
+def lock(target: str | os.PathLike[str], what: str = "") -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside ``target`` (flock) while writing it; BusyError at once when another
+    process holds it. The lock dies with its process, so a killed writer never blocks the next run."""
+    target = Path(target)
+    ensure_dir(target.parent)
+    path = target.parent / f".{target.name}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    except OSError as e:
+        raise OutputError(str(path), e) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise BusyError(f"another mlc process is writing {what or target} (pid {holder}); wait for it "
+                            "to finish, or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock

@@ -21,11 +21,16 @@ why partial results never live inside an HDF5 file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import multiprocessing
 import os
+import re
 import shutil
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +39,8 @@ import h5py
 import numpy as np
 import torch
 
-from .atomic import atomic_path, write_json
-from .errors import MismatchError, MlcError
+from .atomic import atomic_path, clean_stale, ensure_dir, write_json
+from .errors import MismatchError, MlcError, OutputError
 from .labels import LabelSpace
 
 CACHE_FORMAT = 2  # 1: mlc 0.1 (no "format" field; its "extra" held the extract config)
@@ -111,8 +116,11 @@ def read_meta(path: str | os.PathLike[str]) -> CacheMeta:
     try:
         with h5py.File(path, "r") as f:
             d = json.loads(f.attrs["meta"])
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise MlcError(f"{path}: not an mlc feature cache ({exc})") from exc
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise MlcError(f"{path}: not an mlc feature cache, or a damaged one ({str(exc).splitlines()[0]}); "
+                       "extract again with --overwrite to replace it") from exc
+    if not isinstance(d, dict):
+        raise MlcError(f"{path}: its metadata is not an object; extract again with --overwrite to replace it")
     if d.get("format", 1) != CACHE_FORMAT:
         raise MlcError(f"{path}: written by another mlc (cache format {d.get('format', 1)}); this mlc reads "
                        f"format {CACHE_FORMAT}. Extract again with --overwrite to replace it.")
@@ -120,7 +128,11 @@ def read_meta(path: str | os.PathLike[str]) -> CacheMeta:
 
 
 class CacheWriter:
-    """Commit rows chunk by chunk (atomic .npz files), then assemble the HDF5 file once complete."""
+    """Commit rows chunk by chunk (atomic .npz files), then assemble the HDF5 file once complete.
+
+    Every chunk file carries the digest of the plan it was written for (its cache's identity, row ids
+    and chunking); a chunk of any other plan, or one that cannot be read, is deleted, never adopted.
+    """
 
     def __init__(
         self,
@@ -140,6 +152,9 @@ class CacheWriter:
         self.labels = labels
         self.chunk_rows = chunk_rows
         self.work = Path(f"{self.target}.partial")
+        self.digest = hashlib.sha256(json.dumps(self._plan(), sort_keys=True).encode()).hexdigest()
+        clean_stale(self.target.parent)
+        clean_stale(self.work)
         self.resumed = self._prepare_work_dir()
 
     @property
@@ -157,19 +172,33 @@ class CacheWriter:
         return {"meta": self.meta.identity(), "chunk_rows": self.chunk_rows, "image_ids": self.image_ids}
 
     def _prepare_work_dir(self) -> int:
-        """Keep chunks of an interrupted run with the same plan; discard a stale one. Returns chunks kept."""
+        """Keep the chunks of an interrupted run of this very plan; delete anything else. Returns chunks kept."""
         plan_file = self.work / "plan.json"
+        same = False
         if plan_file.is_file():
-            try:
-                same = json.loads(plan_file.read_text()) == json.loads(json.dumps(self._plan()))
-            except json.JSONDecodeError:
-                same = False
-            if same:
-                return self.num_chunks - len(self.pending())
-            shutil.rmtree(self.work)
-        self.work.mkdir(parents=True, exist_ok=True)
-        write_json(plan_file, self._plan())
-        return 0
+            with contextlib.suppress(OSError, ValueError):
+                same = json.loads(plan_file.read_text()).get("digest") == self.digest
+        if not same and self.work.exists():
+            shutil.rmtree(self.work, ignore_errors=True)
+        ensure_dir(self.work)
+        if not same:
+            write_json(plan_file, {"digest": self.digest, **self._plan()})
+            return 0
+        for path in self.work.glob("chunk-*.npz"):
+            if not self._belongs(path):
+                path.unlink()
+        return self.num_chunks - len(self.pending())
+
+    def _belongs(self, path: Path) -> bool:
+        """A chunk of this plan, readable, with the right number of rows."""
+        try:
+            chunk = int(path.stem.split("-")[1])
+            with np.load(path, allow_pickle=False) as z:
+                start, stop = self.bounds(chunk)
+                return str(z["_plan"]) == self.digest and all(z[k].shape[0] == stop - start
+                                                               for k in z.files if k != "_plan")
+        except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile, EOFError):
+            return False
 
     def pending(self) -> list[int]:
         """Chunks not yet committed, in order."""
@@ -182,28 +211,48 @@ class CacheWriter:
             if arr.shape[0] != stop - start:
                 raise ValueError(f"chunk {chunk}: {name} has {arr.shape[0]} rows, expected {stop - start}")
         with atomic_path(self._chunk_path(chunk)) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, _plan=np.asarray(self.digest), **arrays)
 
     def finalize(self) -> Path:
-        """Assemble every chunk into the HDF5 file (under a temp name, then renamed) and clean up."""
+        """Assemble every chunk into the HDF5 file (under a temp name, then renamed) and clean up.
+
+        HDF5 is not safe against a full disk: once a write fails with ENOSPC the library cannot even close
+        the file, and the process dies of a segmentation fault at exit. So the free space is checked
+        first, and the assembly runs in a forked child process: if HDF5 fails anyway, the child dies, this
+        process reports it and the committed chunks stay (rerun after freeing space).
+        """
         missing = self.pending()
         if missing:
             raise MlcError(f"{self.target}: {len(missing)} chunks are missing; cannot finalize")
+        need = sum(p.stat().st_size for p in self.work.glob("chunk-*.npz")) * 1.05 + (1 << 20)
+        free = shutil.disk_usage(self.target.parent).free
+        if free < need:
+            raise OutputError(str(self.target), f"not enough free space to assemble the cache (needs about "
+                              f"{need / 1e6:.0f} MB, {free / 1e6:.0f} MB free); the encoded chunks are kept in "
+                              f"{self.work}: free some space and rerun")
+        _in_child(self._assemble, self.target)
+        shutil.rmtree(self.work, ignore_errors=True)
+        return self.target
+
+    def _assemble(self) -> None:
         n = len(self.image_ids)
         with atomic_path(self.target) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["meta"] = json.dumps(self.meta.to_dict(), sort_keys=True)
             # Human-readable copies of the key facts (`h5ls -v` / h5dump show them).
             for key in ("split", "image_encoder", "text_encoder", "data_fingerprint", "mlc_version"):
                 f.attrs[key] = str(getattr(self.meta, key))
-            f.create_dataset("image_ids", data=np.array(self.image_ids, dtype=object),
-                             dtype=h5py.string_dtype("utf-8"))
+            # Fixed-length UTF-8 bytes (not variable-length strings) so the Fletcher-32 checksum covers them.
+            ids = np.array([i.encode("utf-8") for i in self.image_ids], dtype=bytes)
+            f.create_dataset("image_ids", data=ids, chunks=True, fletcher32=True)
             if self.labels is not None:
-                f.create_dataset("labels", data=self.labels.astype(np.uint8))
+                f.create_dataset("labels", data=self.labels.astype(np.uint8), chunks=True, fletcher32=True)
             datasets: dict[str, h5py.Dataset] = {}
             for chunk in range(self.num_chunks):
                 start, stop = self.bounds(chunk)
-                with np.load(self._chunk_path(chunk)) as z:
+                with np.load(self._chunk_path(chunk), allow_pickle=False) as z:
                     for name in z.files:
+                        if name == "_plan":
+                            continue
                         arr = z[name]
                         if name not in datasets:
                             # Chunked along rows, ~64 KiB a chunk: a random row read (a DataLoader
@@ -211,11 +260,43 @@ class CacheWriter:
                             row_chunk = max(1, min(n, (1 << 16) // max(1, arr[0].nbytes)))
                             datasets[name] = f.create_dataset(
                                 name, shape=(n, *arr.shape[1:]), dtype=arr.dtype,
-                                chunks=(row_chunk, *arr.shape[1:]),
+                                chunks=(row_chunk, *arr.shape[1:]), fletcher32=True,
                             )
                         datasets[name][start:stop] = arr
-        shutil.rmtree(self.work)
-        return self.target
+
+
+def _in_child(fn: Any, target: Path) -> None:
+    """Run ``fn`` in a forked process; an exception or a crash there becomes an error here."""
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            fn()
+            send.send(None)
+        except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as text
+            send.send(_io_reason(e))
+            raise SystemExit(1) from None
+
+    proc = ctx.Process(target=child, daemon=True)
+    proc.start()
+    send.close()
+    why = recv.recv() if recv.poll(None) else None
+    proc.join()
+    if proc.exitcode == 0:
+        return
+    if why is None:
+        why = f"the HDF5 writer died (exit code {proc.exitcode}; a full disk makes HDF5 crash)"
+    raise OutputError(str(target), why)
+
+
+def _io_reason(e: BaseException) -> str:
+    """HDF5 reports a failed write as RuntimeError with 'errno = 28, error message = ...': keep the reason."""
+    text = str(e)
+    if isinstance(e, OutputError):
+        return text.split(": ", 1)[-1].split(": ", 1)[-1]
+    m = re.search(r"error message = '([^']+)'", text)
+    return m.group(1) if m else f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class CacheReader:
@@ -260,29 +341,49 @@ class CacheReader:
 
     @property
     def image_ids(self) -> list[str]:
-        return [s.decode() if isinstance(s, bytes) else s for s in self._h5()["image_ids"][:]]
+        return [s.decode() if isinstance(s, bytes) else s for s in self.array("image_ids")]
 
     def labels(self) -> np.ndarray:
         if "labels" not in self._h5():
             raise MlcError(f"{self.path}: the {self.meta.split!r} split has no labels")
-        return self._h5()["labels"][:].astype(np.float32)
+        return self.array("labels").astype(np.float32)
 
     def array(self, name: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
-        """A dataset (or some of its rows, any order) as numpy, in its stored dtype."""
+        """A dataset (or some of its rows, any order) as numpy, in its stored dtype. Damaged bytes fail
+        the dataset's Fletcher-32 checksum: an MlcError naming the cache and the dataset."""
         if name not in self._h5():
             raise MlcError(f"{self.path}: the cache has no {name!r} dataset")
         ds = self._h5()[name]
-        if rows is None:
-            return ds[:]
-        if isinstance(rows, slice):
-            return ds[rows]
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size == 0:
-            return np.empty((0, *ds.shape[1:]), dtype=ds.dtype)
-        # h5py fancy indexing needs strictly increasing indices: read unique sorted rows, then
-        # scatter back to the order (and repeats) asked for.
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        return ds[uniq][inverse]
+        with self._reading(name):
+            if rows is None:
+                return ds[:]
+            if isinstance(rows, slice):
+                return ds[rows]
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.size == 0:
+                return np.empty((0, *ds.shape[1:]), dtype=ds.dtype)
+            # h5py fancy indexing needs strictly increasing indices: read unique sorted rows, then
+            # scatter back to the order (and repeats) asked for.
+            uniq, inverse = np.unique(rows, return_inverse=True)
+            return ds[uniq][inverse]
+
+    @contextlib.contextmanager
+    def _reading(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except (OSError, RuntimeError) as e:  # "data error detected by Fletcher32 checksum", a bad header
+            raise MlcError(f"{self.path}: the {name!r} dataset is damaged ({str(e).splitlines()[0]}); extract "
+                           "it again with --overwrite") from e
+
+    def finite(self, name: str, values: np.ndarray, ids: Sequence[str] | None = None) -> np.ndarray:
+        """``values`` (rows of dataset ``name``), or an MlcError naming the rows that hold NaN or infinity."""
+        bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(1))
+        if bad.size:
+            ids = ids if ids is not None else self.image_ids
+            raise MlcError(f"{self.path}: {bad.size} row(s) of {name!r} hold NaN or infinite values (e.g. "
+                           f"{', '.join(ids[i] for i in bad[:5])}); the cache is damaged: extract it again "
+                           "with --overwrite")
+        return values
 
     def dataset(self, names: Sequence[str], rows: np.ndarray | None = None,
                 with_labels: bool = True) -> CacheDataset:
@@ -305,10 +406,10 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = int(self.rows[i])
-        h5 = self.reader._h5()
-        item = {name: torch.from_numpy(np.asarray(h5[name][row])) for name in self.names}
+        item = {name: torch.from_numpy(np.asarray(self.reader.array(name, slice(row, row + 1))[0]))
+                for name in self.names}
         if self.with_labels:
-            item["labels"] = torch.from_numpy(h5["labels"][row].astype(np.float32))
+            item["labels"] = torch.from_numpy(self.reader.array("labels", slice(row, row + 1))[0].astype(np.float32))
         item["row"] = torch.tensor(row)
         return item
 

@@ -124,6 +124,16 @@ def report(cfg: Any) -> None:
     typer.echo(f"wrote {make_report(cfg.run)}")
 
 
+def run(cfg: Any) -> None:
+    """The whole job in one command: validate, extract train and test, fit-head, submit, report; each step
+    reuses what is already done, so a rerun does no work."""
+    from .workflow import run as go
+
+    result = go(cfg)
+    typer.echo(f"validation samples-F1 {result['samples_f1']:.4f} (cross-fitted)  run: {result['run']}")
+    typer.echo(f"submission: {result['submission']}   report: {result['report']}")
+
+
 def encoders(cfg: Any) -> None:
     """List the registered image and text encoders and presets."""
     from .encoders import PRESETS, list_encoders
@@ -137,6 +147,7 @@ def encoders(cfg: Any) -> None:
 
 # command name -> (its function, "module:ConfigClass")
 COMMANDS: dict[str, tuple[Callable[[Any], int | None], str]] = {
+    "run": (run, "pipeline.workflow:RunConfig"),
     "validate": (validate, "pipeline.validate:ValidateConfig"),
     "extract": (extract, "pipeline.extract:ExtractConfig"),
     "fit-head": (fit_head, "pipeline.fit_head:FitHeadConfig"),

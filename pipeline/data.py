@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -93,13 +94,20 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open, fully decode and convert an image to RGB; ImageError if missing, corrupt or truncated."""
+def load_image(path: str | os.PathLike[str], draft: int | None = None) -> Image.Image:
+    """Open, fully decode and convert an image to RGB; ImageError if missing, corrupt or truncated.
+
+    ``draft``: the shorter side the caller will resize to. A JPEG at least twice that size is decoded
+    at a reduced scale by libjpeg (``Image.draft``), never below ``draft``.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageError(str(path), "file not found" if not path.exists() else "not a file")
     try:
         with Image.open(path) as im:
+            if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:
+                scale = draft / min(im.size)
+                im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
             im.load()  # decode now, so a truncated file fails here and not inside a DataLoader
             return _to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

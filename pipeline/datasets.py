@@ -21,17 +21,20 @@ Fault = tuple[str, str]  # (path, what is wrong)
 
 
 class ImageViews(torch.utils.data.Dataset):
-    """Row i's image decoded into its V views: (i, (V, 3, H, W) float, fault or None)."""
+    """Row i's image decoded into its V views: (i, (V, 3, H, W) tensor, fault or None), with whatever
+    ``transforms`` give (uint8 ``ImagePreprocess.pixels`` in extraction). ``draft``: the shorter side big
+    JPEGs may be decoded down to (see ``data.load_image``)."""
 
-    def __init__(self, data: DataDir, records: Sequence[Record], transforms: Sequence[Callable]) -> None:
-        self.data, self.records, self.transforms = data, records, transforms
+    def __init__(self, data: DataDir, records: Sequence[Record], transforms: Sequence[Callable],
+                 draft: int | None = None) -> None:
+        self.data, self.records, self.transforms, self.draft = data, records, transforms, draft
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, Fault | None]:
         try:
-            img = load_image(self.data.image_path(self.records[i].image_id))
+            img = load_image(self.data.image_path(self.records[i].image_id), self.draft)
         except ImageError as exc:
             return i, torch.zeros(0), (exc.path, exc.fault)
         return i, torch.stack([t(img) for t in self.transforms]), None

@@ -30,3 +30,16 @@ class WeightsError(MlcError):
 
 class MismatchError(MlcError):
     """A cache, run folder or checkpoint that does not belong with what it is used with."""
+
+
+class OutputError(MlcError):
+    """A file or folder that cannot be written: disk full, read-only, permission denied."""
+
+    def __init__(self, path: str, err: OSError | str) -> None:
+        self.path = str(path)
+        why = err if isinstance(err, str) else (err.strerror or str(err))
+        super().__init__(f"cannot write {path}: {why}")
+
+
+class BusyError(MlcError):
+    """Another mlc process is writing the same cache or run folder."""

@@ -14,7 +14,7 @@ from .config import as_paths, opt, require
 from .data import DataDir
 from .device import distributed
 from .encoders import EncoderOptions
-from .features import Job, LoaderOptions, Recipe, build_cache, cache_path, prepare_encoders
+from .features import Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine
 
 SPLITS = ("train", "test")
 
@@ -33,8 +33,9 @@ class ExtractConfig(EncoderOptions, LoaderOptions):
                                 "block11, layer3) for `mlc finetune --from-cache`.")
     text_cut: str | None = opt(None, "Also cache the text encoder's token states at this cut (e.g. layer4).")
     out_dir: Path = opt(Path("cache"), "Where caches are written (OUT_DIR/<data folder name>/"
-                        "<split>__<image>__<text>.h5).")
-    chunk_rows: int = opt(256, "Rows per committed chunk: an interrupted run loses at most this many rows of work.")
+                        "<split>__<image>__<text>.h5; exported ONNX graphs in OUT_DIR/onnx).")
+    chunk_rows: int = opt(512, "Rows per committed chunk: an interrupted run loses at most this many rows of work "
+                          "(captions are length-sorted within a chunk, so bigger chunks pad less).")
     skip_bad_images: bool = opt(False, "Leave out missing or corrupt images (reported by id) instead of stopping "
                                 "at the first.")
     overwrite: bool = opt(False, "Replace an existing cache that holds different features (other weights or "
@@ -53,7 +54,7 @@ class ExtractConfig(EncoderOptions, LoaderOptions):
         return Recipe(image_encoder=self.image_encoder, text_encoder=self.text_encoder,
                       image_weights=self.image_weights, text_weights=self.text_weights, random_init=self.random_init,
                       from_run=None if self.from_run is None else str(self.from_run.resolve()), views=self.views,
-                      image_cut=self.image_cut, text_cut=self.text_cut)
+                      image_cut=self.image_cut, text_cut=self.text_cut, text_pooling=self.text_pooling)
 
 
 def extract(cfg: ExtractConfig) -> list[Path]:
@@ -62,8 +63,7 @@ def extract(cfg: ExtractConfig) -> list[Path]:
     recipe = cfg.recipe()
     data = DataDir.open(cfg.data_dir)
     with distributed(cfg.device) as device:
-        image, text = recipe.encoders()
-        prepare_encoders(image, text, device)
+        image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.out_dir / "onnx")
         return [build_cache(Job(recipe, data, split, cache_path(cfg.out_dir, cfg.data_dir, split, recipe), cfg,
-                                cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite), image, text, device)
+                                cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite), image, text, eng, device)
                 for split in cfg.splits]

@@ -10,10 +10,14 @@ every WORLD_SIZE-th chunk and rank 0 assembles the file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import hashlib
+import re
+import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,11 +27,13 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .atomic import check_writable, lock
+from .backends import BACKENDS, Engine, engine
 from .cache import CacheMeta, CacheWriter, read_meta
 from .config import Config, opt, require
 from .data import DataDir, check_images, fingerprint
 from .datasets import ImageViews, collate_views
-from .device import autocast, is_main, rank, world_size
+from .device import is_main, rank, world_size
 from .encoders import ImageEncoder, TextEncoder, create_image_encoder, create_text_encoder, load_encoder
 from .errors import ImageError, MismatchError, MlcError
 from .labels import COCO18
@@ -44,11 +50,14 @@ class LoaderOptions(Config):
     batch_size: int = opt(32, "Images per forward pass.")
     workers: int = opt(2, "DataLoader worker processes decoding JPEGs.")
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
+    backend: str = opt("auto", "How the frozen encoders run: onnx (ONNX Runtime, CPU; exported once per encoder, "
+                       "checked against torch), torch, or auto (onnx on CPU, torch on CUDA).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require([(self.batch_size >= 1, "--batch-size must be at least 1"),
-                 (self.workers >= 0, "--workers must be 0 or more")])
+                 (self.workers >= 0, "--workers must be 0 or more"),
+                 (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}")])
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class Recipe:
     views: int = 1
     image_cut: str | None = None
     text_cut: str | None = None
+    text_pooling: str | None = None
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -99,12 +109,15 @@ class Recipe:
             parts.append(f"txt-{self.text_cut}")
         if self.views > 1:
             parts.append(f"v{self.views}")
+        if self.text_pooling:
+            parts.append(f"pool-{self.text_pooling}")
         return "_".join(parts) or None
 
     def encoders(self) -> tuple[ImageEncoder, TextEncoder]:
         """Pretrained (or explicit local) weights, a finetuned run's encoders, or seeded random init."""
         if self.from_run is not None:
             run = RunDir(Path(self.from_run))
+            run.verify()
             if not run.has_encoders():
                 raise MlcError(f"{run.path}: not a finetuned run folder (needs encoders/image and encoders/text, "
                                "written by `mlc finetune`)")
@@ -118,17 +131,24 @@ class Recipe:
             image = create_image_encoder(self.image_encoder, weights=self.image_weights,
                                          random_init=self.random_init, seed=seed)
             text = create_text_encoder(self.text_encoder, weights=self.text_weights, random_init=self.random_init,
-                                       seed=seed)
+                                       seed=seed, pooling=self.text_pooling)
         for enc, cut in ((image, self.image_cut), (text, self.text_cut)):
             if cut is not None and cut not in enc.cuts:
                 raise enc.no_cut(cut)
         return image, text  # type: ignore[return-value]
 
 
+def safe_name(name: str) -> str:
+    """An encoder name as a file name part: ``timm:convnext_tiny`` -> ``timm-convnext_tiny-<hash>`` (the hash of
+    the full name keeps names that differ only in dropped characters apart)."""
+    safe = re.sub(r"[^A-Za-z0-9._=-]+", "-", name).strip("-")[-60:]
+    return safe if safe == name else f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+
+
 def cache_path(out_dir: Path, data_dir: Path, split: str, recipe: Recipe) -> Path:
     """``<out_dir>/<data folder name>/<split>__<image>__<text>[__<tag>].h5``."""
     tag = recipe.tag()
-    name = f"{split}__{recipe.image_encoder}__{recipe.text_encoder}" + (f"__{tag}" if tag else "")
+    name = f"{split}__{safe_name(recipe.image_encoder)}__{safe_name(recipe.text_encoder)}" + (f"__{tag}" if tag else "")
     return Path(out_dir) / Path(data_dir).resolve().name / f"{name}.h5"
 
 
@@ -141,12 +161,18 @@ class Job:
     split: str
     target: Path
     loader: LoaderOptions
-    chunk_rows: int = 256
+    chunk_rows: int = 512
     skip_bad_images: bool = False
     overwrite: bool = False
+    command: str = "extract"  # whose options the error messages may suggest
+
+    @property
+    def elsewhere(self) -> str:
+        return "--cache-dir" if self.command == "submit" else "--out-dir"
 
 
-def _meta(job: Job, image: ImageEncoder, text: TextEncoder, records: list[Record]) -> CacheMeta:
+def _meta(job: Job, image: ImageEncoder, text: TextEncoder, records: list[Record], eng: Engine,
+          skipped: list[tuple[str, str]]) -> CacheMeta:
     r = job.recipe
     return CacheMeta(
         split=job.split, image_encoder=image.name, text_encoder=text.name,
@@ -159,7 +185,7 @@ def _meta(job: Job, image: ImageEncoder, text: TextEncoder, records: list[Record
         image_cut=r.image_cut, text_cut=r.text_cut,
         source_run=str(Path(r.from_run).resolve()) if r.from_run else None,
         mlc_version=__version__, created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        extra={"recipe": r.to_dict()},
+        extra={"recipe": r.to_dict(), "backend": eng.backends, "skipped": [list(x) for x in skipped]},
     )
 
 
@@ -169,119 +195,130 @@ def _up_to_date(job: Job, meta: CacheMeta) -> bool:
         return False
     try:
         old = read_meta(job.target)
-    except MlcError:
-        if job.overwrite:
-            return False
-        raise
-    if not old.differences(meta):
+    except MlcError as e:
+        if not job.overwrite:
+            raise
+        if is_main():
+            print(f"replacing {job.target}: {e}", file=sys.stderr)
+        return False
+    diffs = old.differences(meta)
+    if not diffs:
         return True
+    skipped = old.extra.get("skipped") or []
+    if skipped and not job.skip_bad_images and not job.overwrite:
+        raise MismatchError(
+            f"{job.target} was extracted with --skip-bad-images and lacks {len(skipped)} {job.split} image(s): "
+            + ", ".join(f"{i} ({why})" for i, why in skipped[:5])
+            + (". A submission needs every test image: repair or replace those files, then run `mlc submit` "
+               "again with --overwrite to encode the test split anew." if job.command == "submit" else
+               ". Pass --skip-bad-images to reuse it, or --overwrite to encode every image anew."))
     if not job.overwrite:
-        raise MismatchError(f"{job.target} exists but holds different features ("
-                            + "; ".join(old.differences(meta)[:4])
-                            + "). Pass --overwrite to replace it, or --out-dir to write elsewhere.")
+        raise MismatchError(f"{job.target} exists but holds different features (" + "; ".join(diffs[:4])
+                            + f"). Pass --overwrite to replace it, or {job.elsewhere} to write elsewhere.")
     return False
 
 
-def build_cache(job: Job, image: ImageEncoder, text: TextEncoder, device: torch.device) -> Path:
-    """Encode one split into its cache file (or find it already done). Returns the cache path."""
+def _records(job: Job) -> tuple[list[Record], list[tuple[str, str]]]:
+    """The split's records, less the unusable images with --skip-bad-images (never all of them)."""
     records = job.data.records(job.split)
-    if job.skip_bad_images:
-        records, skipped = check_images(job.data, records, skip_bad=True)
-        if skipped and is_main():
-            print(f"skipped {len(skipped)} bad images in {job.split}: "
-                  + ", ".join(f"{i} ({why})" for i, why in skipped), file=sys.stderr)
-    meta = _meta(job, image, text, records)
-    if _up_to_date(job, meta):
+    if not job.skip_bad_images:
+        return records, []
+    kept, skipped = check_images(job.data, records, skip_bad=True)
+    if not kept:
+        raise MlcError(f"every image of {job.data.csv_path(job.split)} is missing or unreadable ({len(skipped)}, "
+                       f"e.g. {skipped[0][0]}: {skipped[0][1]}); nothing to extract")
+    if skipped and is_main():
+        print(f"skipped {len(skipped)} bad images in {job.split}: "
+              + ", ".join(f"{i} ({why})" for i, why in skipped), file=sys.stderr)
+    return kept, skipped
+
+
+def build_cache(job: Job, image: ImageEncoder, text: TextEncoder, eng: Engine, device: torch.device) -> Path:
+    """Encode one split into its cache file (or find it already done), running the encoders through
+    ``eng``. Returns the cache path. One process at a time writes a cache: a second stops at once."""
+    check_writable(job.target.parent)
+    records, skipped = _records(job)
+    meta = _meta(job, image, text, records, eng, skipped)
+    with lock(job.target, f"the cache {job.target}") if is_main() else contextlib.nullcontext():
+        if _up_to_date(job, meta):
+            if is_main():
+                # chunks of some earlier, unfinished run: stale now (the lock says no one else writes them)
+                shutil.rmtree(f"{job.target}.partial", ignore_errors=True)
+                print(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data); nothing to do")
+            return job.target
+        labels = COCO18.multi_hot([r.labels or () for r in records]) if job.split == "train" else None
+        # Batches never straddle chunks, so a chunk commits as soon as its last batch is done.
+        chunk_rows = -(-job.chunk_rows // job.loader.batch_size) * job.loader.batch_size
+        writer = CacheWriter(job.target, meta, [r.image_id for r in records], labels, chunk_rows)
+        mine = [c for c in writer.pending() if c % world_size() == rank()]
+        if writer.resumed and is_main():
+            print(f"{job.target}: resuming, {writer.resumed} of {writer.num_chunks} chunks already done")
+        if mine:
+            _encode_chunks(job, writer, mine, records, image, text, eng, device)
+        if world_size() > 1:
+            torch.distributed.barrier()
         if is_main():
-            print(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data); nothing to do")
-        return job.target
-    labels = COCO18.multi_hot([r.labels or () for r in records]) if job.split == "train" else None
-    # Batches never straddle chunks, so a chunk commits as soon as its last batch is done.
-    chunk_rows = -(-job.chunk_rows // job.loader.batch_size) * job.loader.batch_size
-    writer = CacheWriter(job.target, meta, [r.image_id for r in records], labels, chunk_rows)
-    mine = [c for c in writer.pending() if c % world_size() == rank()]
-    if writer.resumed and is_main():
-        print(f"{job.target}: resuming, {writer.resumed} of {writer.num_chunks} chunks already done")
-    if mine:
-        _encode_chunks(job, writer, mine, records, image, text, device)
-    if world_size() > 1:
-        torch.distributed.barrier()
-    if is_main():
-        writer.finalize()
-        print(f"wrote {job.target} ({len(records)} rows, {job.recipe.views} view(s))")
-    if world_size() > 1:
-        torch.distributed.barrier()
+            writer.finalize()
+            print(f"wrote {job.target} ({len(records)} rows, {job.recipe.views} view(s))")
+        if world_size() > 1:
+            torch.distributed.barrier()
     return job.target
 
 
-@torch.inference_mode()
-def encode_texts(text: TextEncoder, captions: Sequence[str], batch_size: int, device: torch.device,
-                 cut: str | None = None, pad_to: int | None = None) -> dict[str, np.ndarray]:
-    """Pooled caption embeddings (N, Dt); with a cut also token states (N, T, H) and mask (N, T).
+def encode_texts(text: TextEncoder, run: Callable[[torch.Tensor, torch.Tensor], dict[str, np.ndarray]],
+                 captions: Sequence[str], batch_size: int, pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """Pooled caption embeddings (N, Dt) float16; with a cut also token states (N, pad_to, H) and mask (N, pad_to).
 
     Captions are sorted by length and batched so each batch pads only to its own longest caption.
     """
     enc = text.tokenize(list(captions))
     lengths = enc["attention_mask"].sum(1)
     order = torch.argsort(lengths, descending=True)
-    pooled = np.zeros((len(captions), text.dim), dtype=np.float16)
-    states = mask = None
+    out: dict[str, np.ndarray] = {}
     for s in range(0, len(captions), batch_size):
         rows = order[s:s + batch_size]
         t = int(lengths[rows].max())
-        ids = enc["input_ids"][rows, :t].to(device)
-        att = enc["attention_mask"][rows, :t].to(device)
-        with autocast(device):
-            if cut is None:
-                out = text(ids, att)
-            else:
-                h = text.forward_trunk(ids, att, cut)  # (B, t, H)
-                out = text.forward_top(h, att, cut)
-                if states is None:
-                    states = np.zeros((len(captions), pad_to, h.shape[-1]), dtype=np.float16)
-                    mask = np.zeros((len(captions), pad_to), dtype=np.uint8)
-                states[rows.numpy(), :t] = h.float().cpu().numpy()
-                mask[rows.numpy(), :t] = att.cpu().numpy()
-        pooled[rows.numpy()] = out.float().cpu().numpy()
-    result = {"text": pooled}
-    if states is not None:
-        result["text_trunk"], result["text_mask"] = states, mask
-    return result
-
-
-@torch.inference_mode()
-def encode_images(image: ImageEncoder, views: torch.Tensor, device: torch.device,
-                  cut: str | None = None) -> dict[str, np.ndarray]:
-    """(B, V, 3, H, W) -> image (B, V, Di) and, with a cut, image_trunk (B, V, *S)."""
-    b, v = views.shape[:2]
-    x = views.flatten(0, 1).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    with autocast(device):
-        if cut is None:
-            feats, trunk = image(x), None
-        else:
-            trunk = image.forward_trunk(x, cut)
-            feats = image.forward_top(trunk, cut)
-    out = {"image": feats.float().cpu().numpy().astype(np.float16).reshape(b, v, -1)}
-    if trunk is not None:
-        out["image_trunk"] = trunk.float().cpu().numpy().astype(np.float16).reshape(b, v, *trunk.shape[1:])
+        att = enc["attention_mask"][rows, :t]
+        got = run(enc["input_ids"][rows, :t], att)
+        if not out:
+            out["text"] = np.zeros((len(captions), got["text"].shape[-1]), dtype=np.float16)
+            if "text_trunk" in got:
+                out["text_trunk"] = np.zeros((len(captions), pad_to, got["text_trunk"].shape[-1]), np.float16)
+                out["text_mask"] = np.zeros((len(captions), pad_to), dtype=np.uint8)
+        r = rows.numpy()
+        out["text"][r] = got["text"]
+        if "text_trunk" in got:
+            out["text_trunk"][r, :t] = got["text_trunk"]
+            out["text_mask"][r, :t] = att.numpy()
     return out
 
 
-def _batches(loader: torch.utils.data.DataLoader, rows: list[int]) -> Iterator[tuple[list[int], torch.Tensor]]:
+def encode_images(run: Callable[[torch.Tensor], dict[str, np.ndarray]], views: torch.Tensor) -> dict[str, np.ndarray]:
+    """(B, V, 3, H, W) uint8 -> image (B, V, Di) and, with a cut, image_trunk (B, V, *S), float16."""
+    b, v = views.shape[:2]
+    got = run(views.flatten(0, 1))
+    return {k: a.astype(np.float16).reshape(b, v, *a.shape[1:]) for k, a in got.items()}
+
+
+def _batches(loader: torch.utils.data.DataLoader, rows: list[int],
+             command: str) -> Iterator[tuple[list[int], torch.Tensor]]:
     for idx, views, errors in loader:
         if errors:
             path, fault = errors[0]
-            raise ImageError(path, f"{fault} (pass --skip-bad-images to leave such images out)")
+            hint = ("every test image needs a prediction: repair or replace the file" if command == "submit"
+                    else "pass --skip-bad-images to leave such images out")
+            raise ImageError(path, f"{fault} ({hint})")
         yield [rows[i] for i in idx], views
 
 
 def _encode_chunks(job: Job, writer: CacheWriter, chunks: list[int], records: list[Record],
-                   image: ImageEncoder, text: TextEncoder, device: torch.device) -> None:
+                   image: ImageEncoder, text: TextEncoder, eng: Engine, device: torch.device) -> None:
     rows = [r for c in chunks for r in range(*writer.bounds(c))]
     r, opts = job.recipe, job.loader
-    transforms = [image.preprocess.transform(v) for v in range(r.views)]
+    transforms = [image.preprocess.pixels(v) for v in range(r.views)]  # uint8 from the workers
     loader = torch.utils.data.DataLoader(
-        ImageViews(job.data, [records[i] for i in rows], transforms), batch_size=opts.batch_size, shuffle=False,
+        ImageViews(job.data, [records[i] for i in rows], transforms, image.preprocess.draft_size()),
+        batch_size=opts.batch_size, shuffle=False,
         num_workers=opts.workers, collate_fn=collate_views, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if opts.workers else None)
     pad_to = None
@@ -292,25 +329,30 @@ def _encode_chunks(job: Job, writer: CacheWriter, chunks: list[int], records: li
                dynamic_ncols=True, file=sys.stderr)
     try:
         buffer: dict[str, list[np.ndarray]] = {}
-        batches = _batches(loader, rows)
+        batches = _batches(loader, rows, job.command)
         for chunk in chunks:
             start, stop = writer.bounds(chunk)
             while sum(len(a) for a in buffer.get("image", [])) < stop - start:
                 _, views = next(batches)
-                for k, v in encode_images(image, views, device, r.image_cut).items():
+                for k, v in encode_images(eng.image, views).items():
                     buffer.setdefault(k, []).append(v)
                 bar.update(len(views))
             arrays = {k: np.concatenate(v) for k, v in buffer.items()}
             buffer = {}
-            arrays.update(encode_texts(text, [rec.caption for rec in records[start:stop]], opts.batch_size * 2,
-                                       device, r.text_cut, pad_to))
+            # Caption batches as large as image batches: shorter captions pad less (measured: 32 beat 64)
+            arrays.update(encode_texts(text, eng.text, [rec.caption for rec in records[start:stop]],
+                                       opts.batch_size, pad_to))
             writer.commit(chunk, arrays)
     finally:
         bar.close()  # end the bar's line, so an error prints on a line of its own
 
 
-def prepare_encoders(image: ImageEncoder, text: TextEncoder, device: torch.device) -> None:
-    """Move both encoders to ``device`` in eval mode; the image encoder channels_last (faster convolutions)."""
-    image.to(device).eval()
-    text.to(device).eval()
-    image.to(memory_format=torch.channels_last)
+def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.device,
+                        onnx_dir: Path) -> tuple[ImageEncoder, TextEncoder, Engine]:
+    """The recipe's encoders and the forward functions of the backend ``loader`` asks for (ONNX graphs
+    exported to / reused from ``onnx_dir``); progress notes on rank 0 only."""
+    image, text = recipe.encoders()
+    eng = engine(image, text, backend=loader.backend, device=device, image_cut=recipe.image_cut,
+                 text_cut=recipe.text_cut, onnx_dir=onnx_dir,
+                 log=lambda msg: print(msg, file=sys.stderr) if is_main() else None)
+    return image, text, eng

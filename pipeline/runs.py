@@ -20,10 +20,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
+import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import __version__
-from .atomic import atomic_path, write_json, write_safetensors, write_text
+from . import __version__, schemas
+from .atomic import (
+    atomic_path,
+    check_writable,
+    clean_stale,
+    lock,
+    staging_dir,
+    swap_in,
+    write_json,
+    write_safetensors,
+    write_text,
+)
 from .cache import CacheMeta
-from .errors import MismatchError, MlcError
-from .heads import create_head, predict_proba
+from .errors import MismatchError, MlcError, OutputError
+from .heads import HEADS, create_head, predict_proba
 from .labels import LabelSpace
 from .thresholds import apply_thresholds
 
@@ -56,6 +68,9 @@ class Contract:
     image_dim: int
     text_dim: int
     label_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label_ids", tuple(self.label_ids))  # JSON gives a list
 
     @classmethod
     def of_cache(cls, meta: CacheMeta) -> Contract:
@@ -123,12 +138,10 @@ class Run:
     def contract(self) -> Contract:
         return Contract.from_dict(self.features[0]["contract"])
 
-    @property
-    def recipe(self) -> dict[str, Any]:
-        return self.features[0]["recipe"]
-
-    def check_cache(self, meta: CacheMeta) -> None:
-        self.contract.check(meta, what=f"the {meta.split} cache for run {self.path}")
+    def check_caches(self, metas: list[CacheMeta], paths: list[Any]) -> None:
+        """Each cache against its features.json entry (same order)."""
+        for entry, meta, path in zip(self.features, metas, paths, strict=True):
+            Contract.from_dict(entry["contract"]).check(meta, what=f"the {meta.split} cache {path}")
 
     def scores(self, image: np.ndarray, text: np.ndarray) -> np.ndarray:
         """image (N, V, Di), text (N, Dt) -> probabilities (N, C), averaged over views and fold heads."""
@@ -182,47 +195,86 @@ class RunDir:
 
     # ------------------------------------------------------------------------------------ writing
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold this run folder's lock (another writer stops at once), after proving its parent is writable
+        and clearing what dead writers left beside it. Stages take it before any long work."""
+        check_writable(self.path.parent)
+        with lock(self.path, f"the run folder {self.path}"):
+            clean_stale(self.path.parent)
+            yield
+
     def write(self, files: RunFiles) -> None:
-        """Write every file of the run (each atomically), then the manifest."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.glob("head-*.safetensors"):
-            stale.unlink()
+        """Write the whole run into a staging folder beside this one, manifest last, then swap it in: the
+        previous run (with its submission and report, which belong to it) stays intact until the new one
+        is complete. A finetune's checkpoints move over to the new folder. Call inside ``writing()``."""
+        stage = RunDir(staging_dir(self.path))
+        try:
+            stage._write_files(files)
+            stage._write_manifest(files.kind)
+            swap_in(stage.path, self.path, keep=("checkpoints",))
+        finally:
+            if stage.path.exists():
+                shutil.rmtree(stage.path, ignore_errors=True)
+
+    def _write_files(self, files: RunFiles) -> None:
         for k, head in enumerate(files.heads):
             write_safetensors(self.head_weights(k), head)
         if files.encoders is not None:
             for kind, enc in zip(("image", "text"), files.encoders, strict=True):
-                _save_encoder(enc, self.encoder_dir(kind))
+                try:
+                    enc.save(self.encoder_dir(kind))
+                except OSError as e:  # the tokenizer's own writer
+                    raise OutputError(str(self.encoder_dir(kind)), e) from e
         write_json(self.config, {"kind": files.kind, **files.config})
         write_json(self.features, files.features)
         write_json(self.head, files.heads[0].config())
         write_json(self.thresholds, files.thresholds)
         write_json(self.metrics, files.metrics)
         write_json(self.history, files.history)
-        if files.extra_json:
-            for name, obj in files.extra_json.items():
-                write_json(self / name, obj)
+        for name, obj in (files.extra_json or {}).items():
+            write_json(self / name, obj)
         with atomic_path(self.val_scores) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, image_ids=np.asarray(files.val_ids, dtype=str), scores=files.val_scores.astype(np.float32),
                      labels=files.val_labels.astype(np.uint8))
         write_text(self.log, "\n".join(files.log) + "\n")
-        self._write_manifest(files.kind)
 
     def _write_manifest(self, kind: str) -> None:
         listed = sorted(p for p in self.path.rglob("*") if p.is_file() and self._in_manifest(p))
         write_json(self.manifest, {"format": RUN_FORMAT, "kind": kind, "mlc_version": __version__,
                                    "files": {str(p.relative_to(self.path)): {"bytes": p.stat().st_size,
-                                                                            "sha256": _sha256(p)}
+                                                                            "sha256": sha256_file(p)}
                                              for p in listed}})
 
     def _in_manifest(self, p: Path) -> bool:
         rel = p.relative_to(self.path).parts
-        return rel[0] not in ("checkpoints", "report", "manifest.json", "submission.csv") \
-            and not rel[-1].startswith(".")
+        return rel[0] not in _LATER and not rel[-1].startswith(".")
 
     # ------------------------------------------------------------------------------------ reading
 
+    def verify(self) -> dict[str, Any]:
+        """The manifest, after checking the folder against it: every listed file present with its size and
+        sha256, nothing unlisted beside them. MlcError naming the first file that is not as written."""
+        manifest = self.check_format()
+        files = manifest["files"]
+        for name, entry in files.items():
+            path = self / name
+            if not path.is_file():
+                raise MlcError(f"{path}: missing from the run folder (listed in manifest.json); the run is "
+                               "incomplete: refit it")
+            size = path.stat().st_size
+            if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+                what = f"{size} bytes instead of {entry['bytes']}" if size != entry["bytes"] else "its content changed"
+                raise MlcError(f"{path}: not as the run wrote it ({what}; manifest.json); refit the run")
+        extra = sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*")
+                       if p.is_file() and self._in_manifest(p) and str(p.relative_to(self.path)) not in files)
+        if extra:
+            raise MlcError(f"{self / extra[0]}: not part of the run (not in manifest.json); remove it "
+                           f"({len(extra)} such file(s))")
+        return manifest
+
     def check_format(self) -> dict[str, Any]:
-        """The manifest; MlcError for a folder that is no run, or a run of another format."""
+        """The manifest (checked); MlcError for a folder that is no run, or a run of another format."""
         if not self.path.is_dir():
             raise MlcError(f"{self.path}: not an mlc run folder (missing the folder)")
         if not self.manifest.is_file():
@@ -230,50 +282,72 @@ class RunDir:
                 raise MlcError(f"{self.path}: written by an older mlc (run format 1); this mlc reads run format "
                                f"{RUN_FORMAT}. Refit it (mlc fit-head / mlc finetune) to use it here.")
             raise MlcError(f"{self.path}: not an mlc run folder (missing manifest.json)")
-        manifest = self.read_json("manifest.json")
-        if manifest.get("format") != RUN_FORMAT:
-            raise MlcError(f"{self.path}: run format {manifest.get('format')!r}; this mlc reads format {RUN_FORMAT}")
+        manifest = schemas.manifest(self.read_json("manifest.json"), self.manifest)
+        if manifest["format"] != RUN_FORMAT:
+            raise MlcError(f"{self.path}: run format {manifest['format']}; this mlc reads format {RUN_FORMAT}")
         return manifest
 
     def read_json(self, name: str) -> Any:
         path = self / name
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants(path))
         except FileNotFoundError:
             raise MlcError(f"{path}: missing from the run folder") from None
         except (OSError, ValueError) as e:
             raise MlcError(f"{path}: cannot read JSON ({e})") from e
 
     def load(self) -> Run:
-        """The run's head(s), thresholds and contract, ready to predict."""
-        manifest = self.check_format()
-        config, features, head_cfg, th = (self.read_json(n) for n in
-                                          ("config.json", "features.json", "head.json", "thresholds.json"))
-        files = sorted(self.path.glob("head-*.safetensors"), key=lambda p: int(p.stem.split("-")[1]))
-        if not files:
-            raise MlcError(f"{self.path}: no head-*.safetensors weights")
-        heads = []
-        for f in files:
-            head = create_head(**head_cfg)
-            head.load_state_dict(load_file(str(f)))
-            heads.append(head.eval())
+        """The run's head(s), thresholds and contract, verified and ready to predict."""
+        manifest = self.verify()
+        features = schemas.features(self.read_json("features.json"), self.features)
+        th = schemas.thresholds(self.read_json("thresholds.json"), self.thresholds)
+        head_cfg = schemas.head(self.read_json("head.json"), self.head, tuple(HEADS))
+        config = self.read_json("config.json")
+        contracts = [Contract.from_dict(e["contract"]) for e in features]
+        _check_consistent(self, th, head_cfg, contracts, features)
+        names = sorted((n for n in manifest["files"] if re.fullmatch(r"head-\d+\.safetensors", n)),
+                       key=lambda n: int(n[5:-12]))
+        if not names:
+            raise MlcError(f"{self.path}: no head-*.safetensors weights in manifest.json")
+        heads = [self._load_head(n, head_cfg) for n in names]
         labels = LabelSpace(tuple(th["label_ids"]), tuple(th["label_names"]))
         return Run(self, manifest["kind"], config, features, head_cfg, heads,
                    np.asarray(th["per_class"], np.float32), labels)
 
-
-def _save_encoder(encoder: Any, target: Path) -> None:
-    """Encoder.save into a sibling folder, then swapped in: never a half-written encoder folder."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    encoder.save(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    def _load_head(self, name: str, head_cfg: dict[str, Any]) -> torch.nn.Module:
+        head = create_head(**head_cfg)
+        try:
+            head.load_state_dict(load_file(str(self / name)))
+        except Exception as e:  # SafetensorError, a shape mismatch, ...
+            raise MlcError(f"{self / name}: cannot load the head's weights ({type(e).__name__}: {e})") from e
+        return head.eval()
 
 
-def _sha256(path: Path) -> str:
+_LATER = ("checkpoints", "report", "manifest.json", "submission.csv")  # written after the run, not in it
+
+
+def _no_constants(path: Path) -> Any:
+    def refuse(token: str) -> None:
+        raise MlcError(f"{path}: holds {token}, which is not a number JSON allows")
+    return refuse
+
+
+def _check_consistent(run: RunDir, th: dict[str, Any], head_cfg: dict[str, Any], contracts: list[Contract],
+                      features: list[dict[str, Any]]) -> None:
+    """thresholds.json, head.json and features.json must describe one model."""
+    if [str(i) for i in th["label_ids"]] != [str(i) for i in contracts[0].label_ids]:
+        raise MlcError(f"{run.thresholds}: label_ids {th['label_ids']} differ from the labels the features were "
+                       f"made for ({list(contracts[0].label_ids)}, features.json)")
+    if head_cfg["num_classes"] != len(th["label_ids"]):
+        raise MlcError(f"{run.head}: num_classes {head_cfg['num_classes']} but {len(th['label_ids'])} labels")
+    dims = (sum(c.image_dim for c, e in zip(contracts, features, strict=True) if e.get("image", True)),
+            sum(c.text_dim for c, e in zip(contracts, features, strict=True) if e.get("text", True)))
+    if (head_cfg["image_dim"], head_cfg["text_dim"]) != dims:
+        raise MlcError(f"{run.head}: image_dim/text_dim {head_cfg['image_dim']}/{head_cfg['text_dim']} do not "
+                       f"match the features' {dims[0]}/{dims[1]} (features.json)")
+
+
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
@@ -281,7 +355,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def feature_entry(contract: Contract, recipe: dict[str, Any]) -> dict[str, Any]:
-    """One entry of features.json."""
-    return {"contract": contract.to_dict(), "recipe": recipe}
+def feature_entry(contract: Contract, recipe: dict[str, Any], use: dict[str, bool] | None = None) -> dict[str, Any]:
+    """One entry of features.json: a cache's contract, its recipe, and which of its features the head reads."""
+    return {"contract": contract.to_dict(), "recipe": recipe, **(use or {"image": True, "text": True})}
 

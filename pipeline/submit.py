@@ -6,19 +6,21 @@ preprocessing, views); a matching test cache is reused, otherwise it is made fir
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text
+from .atomic import check_writable, write_text
 from .cache import CacheReader
 from .config import as_paths, opt, require
 from .data import DataDir
 from .device import distributed
 from .errors import MlcError
-from .features import Job, LoaderOptions, Recipe, build_cache, cache_path, prepare_encoders
+from .features import Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine
+from .fused import Part, load_joined
 from .runs import Run, RunDir
 
 
@@ -29,7 +31,10 @@ class SubmitConfig(LoaderOptions):
     run: Path = opt(None, "A run folder from `mlc fit-head` or `mlc finetune`.", argument=True, required=True)
     data_dir: Path = opt(None, "Data folder whose test.csv is predicted.", flag="--data", required=True)
     out: Path | None = opt(None, "Submission file (default RUN/submission.csv).")
-    cache_dir: Path = opt(Path("cache"), "Where the test cache is found or written.")
+    cache_dir: Path = opt(Path("cache"), "Where the test cache is found or written (and exported ONNX graphs, "
+                          "in CACHE_DIR/onnx).")
+    overwrite: bool = opt(False, "Replace a test cache that holds other features (e.g. one extracted with "
+                          "--skip-bad-images) instead of stopping.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,32 +67,42 @@ def check_ids(expected: list[str], got: list[str], where: str) -> None:
                        f"duplicated {dupes[:5]}{', order differs' if not (missing or extra or dupes) else ''})")
 
 
-def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> Path:
-    """The test split's cache, made with the run's recipe (or found already made)."""
-    recipe = Recipe.from_dict(run.recipe, str(run.dir.features))
+def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> list[Path]:
+    """The test split's cache for each of the run's feature recipes (made, or found already made)."""
+    paths = []
     with distributed(cfg.device) as device:
-        image, text = recipe.encoders()
-        prepare_encoders(image, text, device)
-        job = Job(recipe, data, "test", cache_path(cfg.cache_dir, cfg.data_dir, "test", recipe), cfg,
-                  chunk_rows=max(cfg.batch_size, 256))
-        return build_cache(job, image, text, device)
+        for entry in run.features:
+            recipe = Recipe.from_dict(entry["recipe"], str(run.dir.features))
+            image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.cache_dir / "onnx")
+            job = Job(recipe, data, "test", cache_path(cfg.cache_dir, cfg.data_dir, "test", recipe), cfg,
+                      chunk_rows=max(cfg.batch_size, 512), overwrite=cfg.overwrite, command="submit")
+            paths.append(build_cache(job, image, text, eng, device))
+    return paths
 
 
 def submit(cfg: SubmitConfig) -> tuple[Path, str]:
     """Write the submission file atomically; return its path and a one-line summary."""
     run = RunDir(cfg.run).load()
+    check_writable(cfg.target.parent)  # before encoding the test split
     data = DataDir.open(cfg.data_dir)
     expected = [r.image_id for r in data.records("test")]
-    cache_file = make_test_features(run, cfg, data)
-    with CacheReader(cache_file) as reader:
-        run.check_cache(reader.meta)
-        ids = reader.image_ids
-        check_ids(expected, ids, str(cache_file))
-        scores = run.scores(reader.array("image"), reader.array("text"))
-    preds = run.predict(scores)
+    caches = make_test_features(run, cfg, data)
+    readers = [CacheReader(p) for p in caches]
+    try:
+        run.check_caches([r.meta for r in readers], caches)
+        for r in readers:
+            check_ids(expected, r.image_ids, str(r.path))
+        parts = [Part(e.get("image", True), e.get("text", True)) for e in run.features]
+        ids, image, text = load_joined(readers, parts)
+    finally:
+        for r in readers:
+            r.close()
+    preds = run.predict(run.scores(image, text))
     lines = format_rows(ids, preds, run.labels.ids)
     check_ids(expected, [ln.split(",", 1)[0] for ln in lines[1:]], "submission")
-    write_text(cfg.target, "\n".join(lines) + "\n")
+    inside = cfg.target.resolve().parent == run.path.resolve()
+    with run.dir.writing() if inside else contextlib.nullcontext():  # the run may not be swapped meanwhile
+        write_text(cfg.target, "\n".join(lines) + "\n")
     return cfg.target, summary(run, preds)
 
 

@@ -77,7 +77,9 @@ def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["image", "text"])
 def test_every_registered_name_builds_what_its_spec_promises(kind):
     """Each listed entry, built with random weights, has its spec's dim, preprocessing and cuts."""
-    for name in E.list_encoders()[kind]:
+    listed = E.list_encoders()[kind]
+    assert any(n.startswith("hf:") for n in listed)  # open families are listed as prefix:<name>
+    for name in (n for n in listed if "<" not in n):
         spec = E.get_spec(kind, name)
         if name in ("bert-base-uncased", "lstm", "efficientnet-lite2") or (name.startswith("efficientnet")
                                                                           and not _has("efficientnet_lite_pytorch")):
@@ -116,13 +118,13 @@ def test_unknown_names_and_conflicting_arguments(tmp_path):
 
 def test_tiny_image_encoder_shapes_and_mode(tiny_image):
     enc = tiny_image
-    assert (enc.name, enc.dim, enc.random_init, enc.weights_source) == ("tiny-resnet", 64, True, "random-init")
+    assert (enc.name, enc.dim, enc.random_init, enc.weights_source) == ("tiny-resnet", 128, True, "random-init")
     assert not enc.training and len(enc.weights_hash) == 64
     x = _images(3, enc.preprocess.crop)
     with torch.inference_mode():
         y = enc(x)
-    assert y.shape == (3, 64) and y.dtype == torch.float32
-    assert enc.trunk_shape("layer2") == (16, 8, 8)
+    assert y.shape == (3, 128) and y.dtype == torch.float32
+    assert enc.trunk_shape("layer2") == (32, 8, 8)
     # channels_last module and input give the same features
     cl = E.create_image_encoder("tiny-resnet", random_init=True, seed=0).to(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -263,7 +265,7 @@ def test_tiny_image_save_and_load_round_trip(tmp_path, tiny_image):
 
 def test_torch_checkpoint_with_ddp_prefix_and_classifier(tmp_path, tiny_image):
     sd = {f"module.{k}": v for k, v in tiny_image.state_dict().items()}
-    sd |= {"module.fc.weight": torch.zeros(10, 64), "module.fc.bias": torch.zeros(10)}
+    sd |= {"module.fc.weight": torch.zeros(10, 128), "module.fc.bias": torch.zeros(10)}
     torch.save({"model": sd, "epoch": 3}, tmp_path / "ckpt.pth")
     back = E.create_image_encoder("tiny-resnet", weights=tmp_path / "ckpt.pth")
     assert back.weights_hash == tiny_image.weights_hash
@@ -342,6 +344,7 @@ def test_image_transform_views():
         "mean": [0.5] * 3,
         "std": [0.25] * 3,
         "interpolation": "bilinear",
+        "jpeg_draft": True,
     }
     with pytest.raises(ValueError):
         pre.transform(-1)

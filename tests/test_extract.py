@@ -24,7 +24,9 @@ from pipeline.errors import ImageError, MismatchError, MlcError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.labels import COCO18
 
-TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, batch_size=4)
+# backend torch: these tests are about the cache; tests/test_backends.py covers the ONNX path
+TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, batch_size=4,
+            backend="torch")
 
 
 def cfg(data_dir: Path, out: Path, **kw) -> ExtractConfig:
@@ -105,7 +107,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pipeline.cli", "extract", str(data_dir), "--image-encoder", "tiny-resnet",
            "--text-encoder", "tiny-bert", "--random-init", "--split", "train", "--workers", "0",
-           "--batch-size", "2", "--chunk-rows", "2", "--out-dir", str(out)]
+           "--batch-size", "2", "--chunk-rows", "2", "--out-dir", str(out), "--backend", "torch"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     partial = out / "tiny" / "train__tiny-resnet__tiny-bert__random.h5.partial"
     deadline = time.time() + 120
@@ -158,7 +160,8 @@ def test_trunk_cut_cache_and_bad_cut(data_dir, tmp_path):
 @pytest.mark.skipif(os.cpu_count() is None, reason="needs a CPU count")
 def test_cli_extract_prints_paths(data_dir, tmp_path):
     res = CliRunner().invoke(app, ["extract", str(data_dir), "--image-encoder", "tiny-resnet", "--text-encoder",
-                                   "tiny-bert", "--random-init", "--workers", "0", "--out-dir", str(tmp_path / "c")])
+                                   "tiny-bert", "--random-init", "--workers", "0", "--out-dir", str(tmp_path / "c"),
+                                   "--backend", "torch"])
     assert res.exit_code == 0, res.output
     assert "train__tiny-resnet__tiny-bert__random.h5" in res.output
     assert "test__tiny-resnet__tiny-bert__random.h5" in res.output
@@ -168,7 +171,7 @@ def test_cli_extract_prints_paths(data_dir, tmp_path):
 def test_sharded_extract_under_torchrun_matches_one_process(data_dir, tmp_path):
     common = ["-m", "pipeline.cli", "extract", str(data_dir), "--image-encoder", "tiny-resnet", "--text-encoder",
               "tiny-bert", "--random-init", "--split", "train", "--workers", "0", "--chunk-rows", "4",
-              "--batch-size", "4", "--device", "cpu"]
+              "--batch-size", "4", "--device", "cpu", "--backend", "torch"]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           *common, "--out-dir", str(tmp_path / "ddp")], cwd=REPO, capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

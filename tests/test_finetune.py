@@ -124,7 +124,7 @@ def test_extract_from_run_uses_the_finetuned_encoders(data_dir, tmp_path):
     run = tmp_path / "run"
     finetune(FinetuneConfig(data_dir=data_dir, out=run, random_init=True, end_to_end=True, epochs=1, batch_size=4,
                             lr=1e-2, encoder_lr=1e-2, workers=0, **TINY))
-    base = dict(data_dir=data_dir, splits=("train",), workers=0, **TINY)
+    base = dict(data_dir=data_dir, splits=("train",), workers=0, backend="torch", **TINY)
     (pre,) = extract(ExtractConfig(out_dir=tmp_path / "c", random_init=True, **base))
     (post,) = extract(ExtractConfig(out_dir=tmp_path / "c", from_run=run, **base))
     image, text = load_encoder(RunDir(run).encoder_dir("image")), load_encoder(RunDir(run).encoder_dir("text"))
@@ -142,7 +142,8 @@ def test_extract_from_run_uses_the_finetuned_encoders(data_dir, tmp_path):
 
 def test_finetune_over_a_trunk_cache(data_dir, tmp_path):
     (cache,) = extract(ExtractConfig(data_dir=data_dir, out_dir=tmp_path / "c", splits=("train",), workers=0,
-                                     random_init=True, image_cut="layer3", text_cut="layer1", views=2, **TINY))
+                                     backend="torch", random_init=True, image_cut="layer3", text_cut="layer1",
+                                     views=2, **TINY))
     cfg = FinetuneConfig(from_cache=cache, out=tmp_path / "run", epochs=2, batch_size=4, lr=3e-3, encoder_lr=1e-3,
                          workers=0, warmup=0.0, pos_weight=False, sampler="uniform", **TINY)
     before = train_loss(cfg, None)
@@ -154,5 +155,5 @@ def test_finetune_over_a_trunk_cache(data_dir, tmp_path):
         finetune(dataclasses.replace(cfg, out=tmp_path / "other", image_cut="layer2"))
     # Its encoders are whole (frozen bottom + trained top): extract --from-run works on the run.
     (post,) = extract(ExtractConfig(data_dir=data_dir, out_dir=tmp_path / "c", splits=("train",), workers=0,
-                                    from_run=tmp_path / "run", **TINY))
+                                    backend="torch", from_run=tmp_path / "run", **TINY))
     assert CacheReader(post).meta.source_run == str((tmp_path / "run").resolve())

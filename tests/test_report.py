@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import refresh_manifest
 from PIL import Image
 
 from pipeline import report
@@ -121,6 +122,7 @@ def test_class_without_held_out_positives(tmp_path: Path) -> None:
         arrays = dict(z)
     arrays["labels"][:, 11] = 0
     np.savez(run / "val_scores.npz", **arrays)
+    refresh_manifest(run)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no division-by-zero or sklearn warnings leak out
         html = report.make_report(run).read_text()
@@ -160,7 +162,7 @@ def test_missing_val_scores_names_the_file(tmp_path: Path) -> None:
     run = tmp_path / "run"
     make_run(run, submission=False)
     (run / "val_scores.npz").unlink()
-    with pytest.raises(MlcError, match="val_scores.npz"):
+    with pytest.raises(MlcError, match="val_scores.npz: missing from the run folder"):
         report.make_report(run)
     with pytest.raises(MlcError, match="no such run folder"):
         report.make_report(tmp_path / "absent")

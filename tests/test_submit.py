@@ -7,6 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from conftest import refresh_manifest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -16,14 +17,15 @@ from pipeline.extract import ExtractConfig, extract
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.submit import SubmitConfig, check_ids, submit
 
-TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, batch_size=8)
+TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, batch_size=8,
+            backend="torch")
 
 
 @pytest.fixture
 def run(data_dir, tmp_path):
     (train,) = extract(ExtractConfig(data_dir=data_dir, out_dir=tmp_path / "cache", splits=("train",), **TINY))
     out = tmp_path / "run"
-    fit_head(FitHeadConfig(cache=train, out=out, epochs=3, val_fraction=0.3), quiet=True)
+    fit_head(FitHeadConfig(caches=train, out=out, epochs=3, folds=0, val_fraction=0.3), quiet=True)
     return out
 
 
@@ -34,7 +36,8 @@ def read_submission(path: pathlib.Path) -> list[tuple[str, list[int]]]:
 
 
 def test_submission_has_every_test_id_once_with_valid_labels(run, data_dir, tmp_path):
-    path, line = submit(SubmitConfig(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0))
+    path, line = submit(SubmitConfig(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0,
+                        backend="torch"))
     rows = read_submission(path)
     want = [r.image_id for r in DataDir.open(data_dir).records("test")]
     assert [i for i, _ in rows] == want and "36889.jpg" in want  # the unescaped-quote row is there
@@ -55,7 +58,8 @@ def test_interrupted_write_keeps_the_previous_file(run, data_dir, tmp_path, monk
 
     monkeypatch.setattr(pathlib.Path, "write_text", crash)
     with pytest.raises(KeyboardInterrupt):
-        submit(SubmitConfig(run=run, data_dir=data_dir, out=target, cache_dir=tmp_path / "cache", workers=0))
+        submit(SubmitConfig(run=run, data_dir=data_dir, out=target, cache_dir=tmp_path / "cache", workers=0,
+                        backend="torch"))
     monkeypatch.undo()
     assert target.read_text() == "previous\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".sub.csv")] == []
@@ -67,11 +71,13 @@ def test_mismatched_run_and_cache_are_refused(run, data_dir, tmp_path):
     record = json.loads(features_json.read_text())
     record[0]["contract"]["text_weights_hash"] = "0" * 64
     features_json.write_text(json.dumps(record))
+    refresh_manifest(run)
     with pytest.raises(MismatchError, match="text_weights_hash"):
-        submit(SubmitConfig(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0))
+        submit(SubmitConfig(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0,
+                        backend="torch"))
     assert not (run / "submission.csv").exists()
     res = CliRunner().invoke(app, ["submit", str(run), "--data", str(data_dir), "--cache-dir",
-                                   str(tmp_path / "cache"), "--workers", "0"])
+                                   str(tmp_path / "cache"), "--workers", "0", "--backend", "torch"])
     assert res.exit_code == 2 and "does not match" in res.output
 
 
@@ -88,7 +94,8 @@ def test_not_a_run_folder(tmp_path, data_dir):
 
 
 def test_report_cli_on_a_real_run(run, data_dir, tmp_path):
-    submit(SubmitConfig(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0))
+    submit(SubmitConfig(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0,
+                        backend="torch"))
     res = CliRunner().invoke(app, ["report", str(run)])
     assert res.exit_code == 0, res.output
     html = (run / "report" / "report.html").read_text()

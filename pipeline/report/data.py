@@ -116,7 +116,7 @@ def load_report_data(run_dir: Path, *, test_predictions: Path | None = None) -> 
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise MlcError(f"{run.path}: no such run folder")
-    run.check_format()
+    run.verify()
     ids, scores, y_true = _load_val_scores(run.val_scores)
     c = scores.shape[1]
     th = run.read_json("thresholds.json")

@@ -1,0 +1,194 @@
+"""``hf:<hub id or local folder>``: Hugging Face models as mlc encoders.
+
+Text: ``AutoModel`` + ``AutoTokenizer``, caption vectors pooled by ``mean`` over the tokens (default),
+``cls`` or ``pooler`` (``--text-pooling``); BERT-type models (MiniLM, BERT, ...) also offer trunk cuts
+``layerN``. Image: ``AutoModel`` + ``AutoImageProcessor`` (ViT, DINOv2, ConvNeXt, a SigLIP vision
+tower, ...), preprocessing taken from the processor, features = the model's pooled output (or the mean
+of its last hidden states when it has none).
+
+Weights come from a local folder or the Hugging Face cache; downloaded there only when the network
+allows and MLC_OFFLINE/HF_HUB_OFFLINE are unset. Never random weights unless asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import WeightsError
+from .base import ImageEncoder
+from .registry import EncoderSpec, register_family
+from .text import BertTextEncoder
+from .transforms import ImagePreprocess, TextPreprocess
+from .weights import hf_cache_dir, offline, quiet_transformers, reachable, seeded
+
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes the processors store
+
+
+def _source(spec_name: str, ref: str, weights: str | os.PathLike[str] | None) -> tuple[str, bool, str]:
+    """(where from_pretrained reads, local_files_only, source in words) for ``hf:ref`` or ``weights``."""
+    if weights is not None:
+        folder = Path(weights).expanduser().resolve()
+        if not folder.is_dir():
+            raise WeightsError(f"{spec_name}: weights must be a model folder, and {folder} is not one")
+        return str(folder), True, f"file:{folder}"
+    if Path(ref).expanduser().is_dir():
+        folder = Path(ref).expanduser().resolve()
+        return str(folder), True, f"file:{folder}"
+    blocked = "MLC_OFFLINE/HF_HUB_OFFLINE is set" if offline() else reachable("https://huggingface.co")
+    return ref, blocked is not None, f"hf:{ref}"
+
+
+def _missing(spec_name: str, ref: str, e: Exception) -> WeightsError:
+    return WeightsError(
+        f"{spec_name}: cannot load {ref!r} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}). A hub id "
+        f"is read from the Hugging Face cache {hf_cache_dir()} (downloaded there when a network allows): fetch it "
+        f"on a machine with network with `hf download {ref} --local-dir DIR` and use hf:DIR, or copy that machine's "
+        f"cache folder into {hf_cache_dir()}."
+    )
+
+
+def _load(spec_name: str, ref: str, weights: Any, random_init: bool,
+          seed: int | None) -> tuple[nn.Module, str, str]:
+    """(model, source, where its processor/tokenizer files are) from a hub id or folder."""
+    from transformers import AutoConfig, AutoModel
+
+    where, local_only, source = _source(spec_name, ref, weights)
+    try:
+        with quiet_transformers():
+            if random_init:
+                config = AutoConfig.from_pretrained(where, local_files_only=local_only)
+                with seeded(seed):
+                    model = AutoModel.from_config(config)
+                source = "random-init"
+            else:
+                model, info = AutoModel.from_pretrained(where, local_files_only=local_only,
+                                                        output_loading_info=True)
+                missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
+                if missing:  # transformers would initialise these randomly: refuse
+                    raise WeightsError(f"{spec_name}: {where} lacks weights the model needs: {sorted(missing)[:4]}")
+    except WeightsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError (not cached), ValueError (unknown architecture), ...
+        raise _missing(spec_name, ref, e) from e
+    return model.float().eval(), source, where
+
+
+# -------------------------------------------------------------------------------------------- text
+
+
+class HFTextEncoder(BertTextEncoder):
+    """Any AutoModel text encoder; the BERT machinery (cuts, pooler) where the architecture is BERT's."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, preprocess: TextPreprocess, tokenizer_source: str) -> None:
+        super().__init__(model, tokenizer, preprocess, tokenizer_source)
+        self.bert_like = getattr(model.config, "model_type", "") == "bert"
+
+    def _pool(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.preprocess.pooling == "pooler" and getattr(self.model, "pooler", None) is None:
+            raise WeightsError(f"{self.name} has no pooler; use --text-pooling mean or cls")
+        return super()._pool(hidden, attention_mask)
+
+
+def _create_text(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: int | None, ref: str,
+                 pooling: str | None = None) -> HFTextEncoder:
+    from transformers import AutoTokenizer
+
+    model, source, where = _load(spec.name, ref, weights, random_init, seed)
+    local = Path(where).is_dir()
+    try:
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=local or offline())
+    except Exception as e:  # noqa: BLE001
+        raise _missing(spec.name, ref, e) from e
+    pre = TextPreprocess(max_length=min(512, int(getattr(tok, "model_max_length", 512) or 512)),
+                         lowercase=bool(getattr(tok, "do_lower_case", False)), pooling=pooling or "mean")
+    enc = HFTextEncoder(model, tok, pre, source)
+    layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    cuts = tuple(f"layer{i}" for i in range(1, layers)) if enc.bert_like else ()
+    enc.finish(spec.name, source, random_init, cuts)
+    return enc
+
+
+# ------------------------------------------------------------------------------------------- image
+
+
+class HFImageEncoder(ImageEncoder):
+    """An AutoModel vision model: (B, 3, H, W) -> its pooled output (or mean of the last hidden states)."""
+
+    steps = ("model",)
+
+    def __init__(self, model: nn.Module, crop: int) -> None:
+        super().__init__()
+        self.model = model
+        with torch.no_grad():
+            self.dim = int(self.forward(torch.zeros(1, 3, crop, crop)).shape[-1])
+
+    def weights_module(self) -> nn.Module:
+        return self.model
+
+    def save_extra(self, folder: Path) -> None:
+        self.model.config.save_pretrained(str(folder))
+        if getattr(self, "processor", None) is not None:
+            self.processor.save_pretrained(str(folder))
+
+    def run_step(self, i: int, x: Tensor) -> Tensor:
+        return x
+
+    def step_modules(self, i: int) -> list[nn.Module]:
+        return [self.model]
+
+    def forward_top(self, h: Tensor, cut: str | None) -> Tensor:
+        if cut is not None:
+            raise self.no_cut(cut)
+        out = self.model(pixel_values=h)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is not None:
+            return pooled.flatten(1)  # (B, D); ConvNeXt's is (B, D, 1, 1) in some versions
+        hidden = out.last_hidden_state
+        return hidden.mean(dim=1) if hidden.ndim == 3 else hidden.mean(dim=(2, 3))
+
+
+def _image_preprocess(processor: Any) -> ImagePreprocess:
+    size = dict(processor.size) if not isinstance(processor.size, int) else {"shortest_edge": processor.size}
+    crop_cfg = dict(getattr(processor, "crop_size", None) or {})
+    resize = int(size.get("shortest_edge") or size.get("height") or size.get("width"))
+    crop = int(crop_cfg.get("height") or size.get("height") or resize)
+    if not getattr(processor, "do_center_crop", False):
+        crop = min(crop, resize)
+    return ImagePreprocess(resize=max(resize, crop), crop=crop, mean=tuple(processor.image_mean),
+                           std=tuple(processor.image_std),
+                           interpolation=_RESAMPLE.get(int(getattr(processor, "resample", 3)), "bicubic"))
+
+
+def _create_image(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: int | None,
+                  ref: str) -> HFImageEncoder:
+    from transformers import AutoImageProcessor
+
+    model, source, where = _load(spec.name, ref, weights, random_init, seed)
+    try:
+        processor = AutoImageProcessor.from_pretrained(where, local_files_only=Path(where).is_dir() or offline())
+    except Exception as e:  # noqa: BLE001
+        raise _missing(spec.name, ref, e) from e
+    pre = _image_preprocess(processor)
+    if hasattr(model, "vision_model"):  # a CLIP/SigLIP pair: the vision tower alone
+        model = model.vision_model
+    enc = HFImageEncoder(model, pre.crop)
+    enc.preprocess, enc.processor = pre, processor
+    enc.finish(spec.name, source, random_init, ())
+    return enc
+
+
+def _family(kind: str, ref: str) -> EncoderSpec:
+    build = _create_text if kind == "text" else _create_image
+    return EncoderSpec(f"hf:{ref}", kind, None, None, (), f"hf:{ref} (Hugging Face cache or folder)",
+                       functools.partial(build, ref=ref))
+
+
+register_family("text", "hf", functools.partial(_family, "text"))
+register_family("image", "hf", functools.partial(_family, "image"))

@@ -1,0 +1,209 @@
+"""``open_clip:<arch>:<pretrained tag>``: the image tower or the text tower of an OpenCLIP model.
+
+CLIP features are strong frozen features for COCO-like labels. The image encoder is the model's
+``visual`` tower (its projected embedding), preprocessed as the model's config says; the text encoder
+is the rest (``encode_text``), with OpenCLIP's own tokenizer. Weights come from the Hugging Face cache
+(downloaded there when the network allows), or a local checkpoint file (``--image-weights`` /
+``--text-weights``). open_clip_torch is optional: ``pip install 'mlc[openclip]'``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import MlcError, WeightsError
+from .base import ImageEncoder, TextEncoder
+from .registry import EncoderSpec, register_family
+from .transforms import ImagePreprocess, TextPreprocess
+from .weights import WEIGHTS_FILE, hf_cache_dir, load_strict, offline, reachable, read_state_dict, seeded
+
+
+def _open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as e:
+        raise MlcError("open_clip:<arch>:<tag> encoders need open_clip_torch: pip install 'mlc[openclip]' "
+                       "(or pip install open-clip-torch)") from e
+    return open_clip
+
+
+def _parse(rest: str) -> tuple[str, str | None]:
+    arch, _, tag = rest.partition(":")
+    return arch, (tag or None)
+
+
+def _model(name: str, arch: str, tag: str | None, weights: Any, random_init: bool,
+           seed: int | None) -> tuple[nn.Module, str]:
+    """The whole CLIP model (both towers) with its weights, and their source in words."""
+    oc = _open_clip()
+    if arch not in oc.list_models():
+        raise MlcError(f"{name}: open_clip has no architecture {arch!r}; see open_clip.list_models()")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly" before any weights are loaded
+    try:
+        with seeded(seed):
+            model = oc.create_model(arch, pretrained=None)
+    finally:
+        root.setLevel(level)
+    if random_init:
+        return model.eval(), "random-init"
+    if weights is not None:
+        path = Path(weights).expanduser().resolve()
+        load_strict(model, read_state_dict(path), (), f"{name}: {path}")
+        return model.eval(), f"file:{path}"
+    if tag is None:
+        raise WeightsError(f"{name}: name the pretrained weights, open_clip:{arch}:<tag> (see "
+                           f"open_clip.list_pretrained_tags_by_model({arch!r})), or pass --random-init")
+    return _pretrained(name, arch, tag, model), f"open_clip:{arch}:{tag}"
+
+
+def _pretrained(name: str, arch: str, tag: str, model: nn.Module) -> nn.Module:
+    from huggingface_hub import try_to_load_from_cache
+
+    oc = _open_clip()
+    cfg = oc.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        raise WeightsError(f"{name}: open_clip knows no weights {tag!r} for {arch}; see "
+                           f"open_clip.list_pretrained_tags_by_model({arch!r})")
+    hub = (cfg.get("hf_hub") or "").strip("/")
+    for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        cached = try_to_load_from_cache(hub, fname) if hub else None
+        if isinstance(cached, str):
+            load_strict(model, read_state_dict(cached), (), f"{name}: {cached}")
+            return model.eval()
+    why = "MLC_OFFLINE/HF_HUB_OFFLINE is set" if offline() else reachable("https://huggingface.co")
+    if why is None:
+        try:
+            return oc.create_model(arch, pretrained=tag).eval()
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    raise WeightsError(
+        f"{name}: no pretrained weights: not in the Hugging Face cache {hf_cache_dir()} and not downloaded ({why}). "
+        f"Fetch them on a machine with network with `hf download {hub or arch} --local-dir DIR`, then pass the "
+        f"checkpoint file (DIR/open_clip_model.safetensors) with --image-weights / --text-weights."
+    )
+
+
+class OpenClipImageEncoder(ImageEncoder):
+    """The visual tower: (B, 3, H, W) -> (B, embed_dim) projected image embedding."""
+
+    steps = ("visual",)
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+        self.dim = int(getattr(visual, "output_dim", 0) or 0)
+
+    def weights_module(self) -> nn.Module:
+        return self.visual
+
+    def run_step(self, i: int, x: Tensor) -> Tensor:
+        return x
+
+    def step_modules(self, i: int) -> list[nn.Module]:
+        return [self.visual]
+
+    def forward_top(self, h: Tensor, cut: str | None) -> Tensor:
+        if cut is not None:
+            raise self.no_cut(cut)
+        return self.visual(h)
+
+
+class OpenClipTextEncoder(TextEncoder):
+    """The text tower: OpenCLIP token ids -> (B, embed_dim) projected caption embedding."""
+
+    def __init__(self, clip: nn.Module, tokenizer: Any, tokenizer_source: str) -> None:
+        super().__init__()
+        clip.visual = None  # the text side only (encode_text never touches it)
+        self.clip, self.tokenizer, self.tokenizer_source = clip, tokenizer, tokenizer_source
+        self.context = int(clip.context_length)
+        self.dim = int(clip.text_projection.shape[1] if isinstance(clip.text_projection, Tensor)
+                       else clip.text_projection.out_features)
+        self.preprocess = TextPreprocess(max_length=self.context, lowercase=True, pooling="cls")
+
+    def weights_module(self) -> nn.Module:
+        return self.clip
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def tokenize(self, captions: Sequence[str]) -> dict[str, Tensor]:
+        ids = self.tokenizer([str(c) for c in captions])  # (B, context) int64, 0-padded
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        # encode_text adds positional embeddings for the full context: pad a trimmed batch back with 0s
+        pad = self.context - input_ids.shape[1]
+        if pad > 0:
+            input_ids = nn.functional.pad(input_ids, (0, pad))
+        return self.clip.encode_text(input_ids)
+
+    def top_block_parameters(self, n: int) -> Any:
+        blocks = list(self.clip.transformer.resblocks)
+        params = [p for b in blocks[max(0, len(blocks) - n):] for p in b.parameters()] if n > 0 else []
+        if n > 0:
+            params += list(self.clip.ln_final.parameters())
+            params += [self.clip.text_projection] if isinstance(self.clip.text_projection, nn.Parameter) else []
+        return iter(params)
+
+    def save_extra(self, folder: Path) -> None:
+        pass  # the tokenizer is OpenCLIP's own, rebuilt from the architecture name
+
+
+def _preprocess(visual: nn.Module) -> ImagePreprocess:
+    cfg = visual.preprocess_cfg
+    size = cfg["size"][0] if isinstance(cfg["size"], list | tuple) else int(cfg["size"])
+    interp = cfg.get("interpolation", "bicubic")
+    return ImagePreprocess(resize=size, crop=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                           interpolation=interp if interp in ("nearest", "bilinear", "bicubic") else "bicubic")
+
+
+def _weights_file(weights: Any) -> Any:
+    """A folder an mlc encoder was saved in holds model.safetensors: the tower alone, loaded below."""
+    if weights is not None and Path(weights).is_dir():
+        return Path(weights) / WEIGHTS_FILE
+    return weights
+
+
+def _create_image(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: int | None,
+                  rest: str) -> OpenClipImageEncoder:
+    arch, tag = _parse(rest)
+    saved = weights is not None and Path(weights).is_dir()
+    model, source = _model(spec.name, arch, tag, None if saved else weights, random_init or saved, seed)
+    enc = OpenClipImageEncoder(model.visual)
+    if saved:
+        load_strict(enc.visual, read_state_dict(_weights_file(weights)), (), f"{spec.name}: {weights}")
+        source = f"file:{Path(weights).resolve()}"
+    enc.preprocess = _preprocess(model.visual)
+    enc.finish(spec.name, source, random_init, ())
+    return enc
+
+
+def _create_text(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: int | None,
+                 rest: str) -> OpenClipTextEncoder:
+    arch, tag = _parse(rest)
+    saved = weights is not None and Path(weights).is_dir()
+    model, source = _model(spec.name, arch, tag, None if saved else weights, random_init or saved, seed)
+    enc = OpenClipTextEncoder(model, _open_clip().get_tokenizer(arch), f"open_clip:{arch}")
+    if saved:
+        load_strict(enc.clip, read_state_dict(_weights_file(weights)), (), f"{spec.name}: {weights}")
+        source = f"file:{Path(weights).resolve()}"
+    enc.finish(spec.name, source, random_init, ())
+    return enc
+
+
+def _family(kind: str, rest: str) -> EncoderSpec:
+    build = _create_text if kind == "text" else _create_image
+    return EncoderSpec(f"open_clip:{rest}", kind, None, None, (),
+                       f"open_clip:{rest} (Hugging Face cache or a file)", functools.partial(build, rest=rest))
+
+
+register_family("image", "open_clip", functools.partial(_family, "image"))
+register_family("text", "open_clip", functools.partial(_family, "text"))

@@ -1,0 +1,86 @@
+"""Several caches of the same rows, read as one: their image features side by side, their text too.
+
+``mlc fit-head CACHE [CACHE ...]`` trains one head over all of them and ``mlc submit`` makes each test
+cache with its own recipe and joins them the same way. Caches must hold the same rows (ImageIDs in the
+same order, the same data fingerprint), labels and number of views; the difference is named otherwise.
+An image (or text) encoder that two caches share feeds the head once: lite0 + MiniLM fused with
+lite0 + MPNet gives lite0 + MiniLM + MPNet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .cache import CacheMeta, CacheReader
+from .errors import MismatchError
+
+
+@dataclass(frozen=True)
+class Part:
+    """Which of a cache's features feed the head."""
+
+    image: bool
+    text: bool
+
+    def to_dict(self) -> dict[str, bool]:
+        return {"image": self.image, "text": self.text}
+
+
+def _identity(meta: CacheMeta, kind: str) -> str:
+    d = meta.to_dict()
+    keys = [f"{kind}_encoder", f"{kind}_weights_hash", f"{kind}_preprocess", f"{kind}_cut"]
+    return json.dumps({k: d[k] for k in keys} | ({"views": meta.views} if kind == "image" else {}), sort_keys=True)
+
+
+def plan_parts(metas: Sequence[CacheMeta]) -> list[Part]:
+    """Each distinct image (and text) encoder once, from the first cache that has it."""
+    seen: dict[str, set[str]] = {"image": set(), "text": set()}
+    parts = []
+    for m in metas:
+        use = {}
+        for kind in ("image", "text"):
+            key = _identity(m, kind)
+            use[kind] = key not in seen[kind]
+            seen[kind].add(key)
+        parts.append(Part(**use))
+    return parts
+
+
+def check_joinable(readers: Sequence[CacheReader]) -> list[str]:
+    """The shared ImageIDs; MismatchError naming how a cache differs from the first."""
+    first = readers[0]
+    ids = first.image_ids
+    for r in readers[1:]:
+        a, b = first.meta, r.meta
+        if (a.split, a.label_ids, a.views) != (b.split, b.label_ids, b.views):
+            raise MismatchError(f"{r.path} cannot be fused with {first.path}: split/labels/views "
+                                f"{(b.split, list(b.label_ids), b.views)} vs {(a.split, list(a.label_ids), a.views)}")
+        other = r.image_ids
+        if other != ids:
+            n = min(len(ids), len(other))
+            row = next((i for i in range(n) if ids[i] != other[i]), n)
+            theirs, ours = (x[row] if row < len(x) else "none" for x in (other, ids))
+            raise MismatchError(f"{r.path} cannot be fused with {first.path}: other rows ({len(other)} vs "
+                                f"{len(ids)}; first difference at row {row}: {theirs} vs {ours})")
+        if a.data_fingerprint != b.data_fingerprint:
+            raise MismatchError(f"{r.path} cannot be fused with {first.path}: the same ImageIDs but other data "
+                                "(captions, labels or image bytes changed: data fingerprints differ)")
+    return ids
+
+
+def load_joined(readers: Sequence[CacheReader], parts: Sequence[Part]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(ids, image (N, V, sum Di), text (N, sum Dt)) as float32, NaN-free (MlcError naming rows otherwise)."""
+    ids = check_joinable(readers)
+    image: list[Any] = []
+    text: list[Any] = []
+    for r, part in zip(readers, parts, strict=True):
+        if part.image:
+            image.append(r.finite("image", r.array("image").astype(np.float32), ids))
+        if part.text:
+            text.append(r.finite("text", r.array("text").astype(np.float32), ids))
+    return ids, np.concatenate(image, axis=-1), np.concatenate(text, axis=-1)

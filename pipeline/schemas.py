@@ -1,0 +1,142 @@
+"""Checks of the JSON files mlc reads back: types, lengths, ranges. A fault names the file and the field.
+
+Pure functions over already-parsed JSON; ``runs.RunDir`` calls them before anything is used, so an
+edited or damaged file stops the command with ``PATH: field: what is wrong`` instead of a traceback or,
+worse, a silently wrong submission.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import MlcError
+
+THRESHOLD_MODES = ("per-class", "global", "fixed")
+RUN_KINDS = ("head", "finetune")
+CONTRACT_FIELDS = {"image_encoder": str, "text_encoder": str, "image_weights_hash": str, "text_weights_hash": str,
+                   "image_preprocess": dict, "text_preprocess": dict, "image_dim": int, "text_dim": int,
+                   "label_ids": list}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _fail(path: Path, field: str, msg: str) -> NoReturn:
+    raise MlcError(f"{path}: {field}: {msg}")
+
+
+def _dict(obj: Any, path: Path, field: str) -> dict:
+    if not isinstance(obj, dict):
+        _fail(path, field, f"expected an object, found {type(obj).__name__}")
+    return obj
+
+
+def _list(obj: Any, path: Path, field: str, min_len: int = 0) -> list:
+    if not isinstance(obj, list):
+        _fail(path, field, f"expected a list, found {type(obj).__name__}")
+    if len(obj) < min_len:
+        _fail(path, field, f"expected at least {min_len} entries, found {len(obj)}")
+    return obj
+
+
+def _int(obj: Any, path: Path, field: str, low: int = 0) -> int:
+    if isinstance(obj, bool) or not isinstance(obj, int) or obj < low:
+        _fail(path, field, f"expected an integer >= {low}, found {obj!r}")
+    return obj
+
+
+def _unit(obj: Any, path: Path, field: str) -> float:
+    """A finite number in [0, 1] (a probability threshold)."""
+    if isinstance(obj, bool) or not isinstance(obj, int | float) or not math.isfinite(obj) or not 0 <= obj <= 1:
+        _fail(path, field, f"expected a finite number in [0, 1], found {obj!r}")
+    return float(obj)
+
+
+def _key(d: dict, key: str, path: Path) -> Any:
+    if key not in d:
+        _fail(path, key, "missing")
+    return d[key]
+
+
+def label_ids(obj: Any, path: Path, field: str = "label_ids") -> list:
+    ids = _list(obj, path, field, 1)
+    for i, v in enumerate(ids):
+        if isinstance(v, bool) or not isinstance(v, int | str):
+            _fail(path, f"{field}[{i}]", f"expected a label id (integer or text), found {v!r}")
+    if len({str(v) for v in ids}) != len(ids):
+        _fail(path, field, "label ids repeat")
+    return ids
+
+
+def thresholds(d: Any, path: Path) -> dict:
+    d = _dict(d, path, "(file)")
+    ids = label_ids(_key(d, "label_ids", path), path)
+    names = _list(_key(d, "label_names", path), path, "label_names")
+    if len(names) != len(ids) or not all(isinstance(n, str) for n in names):
+        _fail(path, "label_names", f"expected {len(ids)} names (one per label id), found {names!r:.80}")
+    if _key(d, "mode", path) not in THRESHOLD_MODES:
+        _fail(path, "mode", f"expected one of {THRESHOLD_MODES}, found {d['mode']!r}")
+    _unit(_key(d, "global", path), path, "global")
+    per_class = _list(_key(d, "per_class", path), path, "per_class")
+    if len(per_class) != len(ids):
+        _fail(path, "per_class", f"expected {len(ids)} thresholds (one per label), found {len(per_class)}")
+    for i, t in enumerate(per_class):
+        _unit(t, path, f"per_class[{i}] (label {ids[i]})")
+    return d
+
+
+def head(d: Any, path: Path, heads: tuple[str, ...]) -> dict:
+    d = _dict(d, path, "(file)")
+    if _key(d, "name", path) not in heads:
+        _fail(path, "name", f"expected one of {heads}, found {d['name']!r}")
+    for key in ("image_dim", "text_dim", "num_classes", "hidden"):
+        _int(_key(d, key, path), path, key, 1)
+    drop = _key(d, "dropout", path)
+    if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop < 1:
+        _fail(path, "dropout", f"expected a number in [0, 1), found {drop!r}")
+    return d
+
+
+def contract(d: Any, path: Path, field: str) -> dict:
+    d = _dict(d, path, field)
+    for key, kind in CONTRACT_FIELDS.items():
+        v = d.get(key)
+        if v is None or isinstance(v, bool) or not isinstance(v, kind):
+            _fail(path, f"{field}.{key}", f"expected {kind.__name__}, found {v!r:.60}")
+    label_ids(d["label_ids"], path, f"{field}.label_ids")
+    return d
+
+
+def features(d: Any, path: Path) -> list:
+    entries = _list(d, path, "(file)", 1)
+    for i, e in enumerate(entries):
+        e = _dict(e, path, f"[{i}]")
+        contract(_key(e, "contract", path), path, f"[{i}].contract")
+        _dict(_key(e, "recipe", path), path, f"[{i}].recipe")
+        for kind in ("image", "text"):
+            if not isinstance(e.get(kind, True), bool):
+                _fail(path, f"[{i}].{kind}", f"expected true or false, found {e[kind]!r}")
+    return entries
+
+
+def manifest(d: Any, path: Path) -> dict:
+    d = _dict(d, path, "(file)")
+    _int(_key(d, "format", path), path, "format", 1)
+    if _key(d, "kind", path) not in RUN_KINDS:
+        _fail(path, "kind", f"expected one of {RUN_KINDS}, found {d['kind']!r}")
+    files = _dict(_key(d, "files", path), path, "files")
+    for name, entry in files.items():
+        entry = _dict(entry, path, f"files[{name!r}]")
+        _int(entry.get("bytes"), path, f"files[{name!r}].bytes")
+        if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+            _fail(path, f"files[{name!r}].sha256", "expected 64 hex digits")
+    return d
+
+
+def history(d: Any, path: Path) -> list:
+    folds = _list(d, path, "(file)")
+    for i, fold in enumerate(folds):
+        for j, epoch in enumerate(_list(fold, path, f"[{i}]")):
+            _dict(epoch, path, f"[{i}][{j}]")
+    return folds

@@ -1,0 +1,141 @@
+"""``mlc run``: the whole job in one command, each step reusing what is already done.
+
+validate -> extract train and test -> fit-head (5 folds by default) -> submit -> report, ending with the
+validation samples-F1, the submission and the report. With ``--finetune``, the CPU finetune route:
+a trunk cache (the encoders' bottom run once), the encoders' top blocks finetuned over it starting
+from the fitted head, and the test split encoded with the finetuned encoders.
+
+This module sits above the stages (like the CLI): it is the one place that chains them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import as_paths, opt, redefault, require
+from .encoders import EncoderOptions
+from .errors import MlcError
+from .extract import ExtractConfig, extract
+from .features import LoaderOptions
+from .finetune import FinetuneConfig, finetune
+from .fit_head import FitHeadConfig, fit_head
+from .heads import HeadOptions
+from .report import make_report
+from .runs import RunDir
+from .submit import SubmitConfig, submit
+from .validate import format_report, validate_data_dir
+
+# The trunk cuts of the CPU finetune route, by encoder (bench/recipes.py measured them on the shared
+# subset: the cut, epochs and learning rates that beat the frozen 5-fold head, see the README).
+TRUNK_ROUTE: dict[str, dict[str, Any]] = {
+    "efficientnet-lite0": {"image_cut": "block13", "epochs": 2},
+    "efficientnet-lite2": {"image_cut": "block18", "epochs": 2},
+    "resnet50": {"image_cut": "layer3", "epochs": 2},
+}
+TEXT_CUTS = {"minilm-l6": "layer4", "bert-base-uncased": "layer10"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(EncoderOptions, LoaderOptions):
+    """Options of ``mlc run``."""
+
+    data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
+                         argument=True, required=True)
+    out: Path | None = opt(None, "Run folder (default runs/<data folder>-<image encoder>-<text encoder>).")
+    cache_dir: Path = opt(Path("cache"), "Where caches (and exported ONNX graphs) are written.")
+    folds: int = redefault(FitHeadConfig, "folds", 5)
+    head: str = redefault(HeadOptions, "head", "concat")
+    finetune: bool = opt(False, "Then finetune the encoders' top blocks over a trunk cache (the CPU route: "
+                         "minutes per epoch) from the fitted head, and submit with the finetuned encoders.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        as_paths(self, "data_dir", "out", "cache_dir")
+        require([(self.data_dir is not None, "give the data folder")])
+        if self.out is None:
+            name = f"{self.data_dir.resolve().name}-{self.image_encoder}-{self.text_encoder}"
+            object.__setattr__(self, "out", Path("runs") / name.replace(":", "-").replace("/", "-"))
+
+
+def _say(msg: str) -> None:
+    print(f"[mlc run] {msg}", file=sys.stderr, flush=True)
+
+
+def _encoders(cfg: RunConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in ("preset", "image_encoder", "text_encoder", "image_weights", "text_weights",
+                                         "random_init", "text_pooling")}
+
+
+def _loader(cfg: RunConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in ("batch_size", "workers", "device", "backend")}
+
+
+def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool:
+    """The run folder holds a complete run of this very config over these caches."""
+    from .cache import read_meta
+    from .runs import Contract
+
+    try:
+        loaded = run.load()
+    except MlcError:
+        return False
+    stored = {k: v for k, v in loaded.config.items() if k != "kind"}
+    same = json.loads(json.dumps(config)) == stored and len(loaded.features) == len(caches)
+    return same and all(Contract.from_dict(e["contract"]) == Contract.of_cache(read_meta(c))
+                        for e, c in zip(loaded.features, caches, strict=False))
+
+
+def fit(cfg: RunConfig, caches: list[Path], out: Path) -> None:
+    head_cfg = FitHeadConfig(caches=tuple(caches), out=out, folds=cfg.folds, head=cfg.head)
+    if _up_to_date(RunDir(out), head_cfg.to_dict(), caches):
+        _say(f"{out}: up to date (same options, same features); not refitted")
+        return
+    fit_head(head_cfg)
+
+
+def finetune_route(cfg: RunConfig, frozen: Path) -> Path:
+    """Trunk cache -> finetune from the frozen run's head -> a finetuned run folder."""
+    route = TRUNK_ROUTE.get(cfg.image_encoder)
+    text_cut = TEXT_CUTS.get(cfg.text_encoder)
+    if route is None or text_cut is None:
+        raise MlcError(f"--finetune knows no trunk cut for {cfg.image_encoder} + {cfg.text_encoder}; use "
+                       "`mlc extract --image-cut ... --text-cut ...` and `mlc finetune --from-cache ...` directly")
+    (trunk,) = extract(ExtractConfig(data_dir=cfg.data_dir, splits=("train",), out_dir=cfg.cache_dir,
+                                     image_cut=route["image_cut"], text_cut=text_cut, **_encoders(cfg),
+                                     **_loader(cfg)))
+    out = cfg.out.with_name(cfg.out.name + "-finetuned")
+    if RunDir(out).manifest.is_file():
+        _say(f"{out}: already finetuned; delete it to finetune again")
+        return out
+    finetune(FinetuneConfig(from_cache=trunk, out=out, init_head=frozen, epochs=route["epochs"], sampler="uniform",
+                            pos_weight=False, lr=3e-4, encoder_lr=1e-4, batch_size=32, workers=cfg.workers,
+                            device=cfg.device, head=cfg.head, **_encoders(cfg)))
+    return out
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """The whole job; returns {"samples_f1", "run", "submission", "report"}."""
+    _say(f"validating {cfg.data_dir}")
+    report = validate_data_dir(cfg.data_dir, csv_only=False)
+    if not report.ok:
+        print(format_report(report))
+        raise MlcError(f"{cfg.data_dir}: {len(report.problems)} problem(s) in the data (listed above); fix them, "
+                       "or run the stages one by one (mlc extract --skip-bad-images ...)")
+    _say("extracting features (reused when already there)")
+    caches = extract(ExtractConfig(data_dir=cfg.data_dir, out_dir=cfg.cache_dir, **_encoders(cfg), **_loader(cfg)))
+    train = [c for c in caches if c.name.startswith("train__")]
+    _say(f"fitting the head ({cfg.folds or 1} fold(s))")
+    fit(cfg, train, cfg.out)
+    final = finetune_route(cfg, cfg.out) if cfg.finetune else cfg.out
+    rd = RunDir(final)
+    if not rd.submission.is_file():  # a refit removes the old submission: one here is this run's
+        submit(SubmitConfig(run=final, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, **_loader(cfg)))
+    if not (rd.report / "report.html").is_file():
+        make_report(final)
+    metrics = rd.read_json("metrics.json")
+    return {"samples_f1": metrics["samples_f1"], "run": final, "submission": rd.submission,
+            "report": rd.report / "report.html"}

@@ -1,0 +1,39 @@
+"""``mlc run``: the whole job on generated data writes the submission and the report; a rerun does no work."""
+
+from __future__ import annotations
+
+from conftest import make_data_dir
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.runs import RunDir
+
+ARGS = ["--image-encoder", "tiny-resnet", "--text-encoder", "tiny-bert", "--random-init", "--workers", "0",
+        "--backend", "torch", "--folds", "2"]
+
+
+def test_mlc_run_end_to_end_then_a_rerun_does_no_work(tmp_path):
+    data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
+    out = tmp_path / "runs" / "demo"
+    args = ["run", str(data), *ARGS, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert f"submission: {out / 'submission.csv'}" in first.output and "validation samples-F1" in first.output
+    run = RunDir(out)
+    run.verify()
+    assert run.submission.is_file() and (run.report / "report.html").is_file()
+    assert len(run.load().heads) == 2  # --folds 2
+    stamps = {p: p.stat().st_mtime_ns for p in [*out.rglob("*"), *(tmp_path / "cache").rglob("*.h5")] if p.is_file()}
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "up to date" in again.output and "not refitted" in again.output and "wrote" not in again.output
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten
+
+
+def test_mlc_run_stops_on_a_faulty_data_folder(tmp_path):
+    data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
+    (data / "data" / "3.jpg").unlink()
+    res = CliRunner().invoke(app, ["run", str(data), *ARGS, "--out", str(tmp_path / "r"), "--cache-dir",
+                                   str(tmp_path / "c")])
+    assert res.exit_code == 2 and "3.jpg" in res.output and "problem(s) in the data" in res.output
+    assert not (tmp_path / "r").exists()

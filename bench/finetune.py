@@ -124,7 +124,7 @@ def main() -> None:
                                                image_cut="block13", text_cut="layer4", out_dir=tmp / "cache"))
             frozen = tmp / "frozen"
             t = time.perf_counter()
-            m = fit_head(FitHeadConfig(caches=block13, out=frozen, head="sum"), quiet=True)
+            m = fit_head(FitHeadConfig(caches=block13, out=frozen, head="sum", folds=0), quiet=True)
             epochs = json.loads((frozen / "metrics.json").read_text())["best_epochs"][0] + 4  # + patience
             rate = args.rows * 0.8 * epochs / (time.perf_counter() - t)
             print(f"  frozen embeddings + fit-head sum           samples-F1 {m['samples_f1']:.4f}   "
@@ -160,8 +160,8 @@ def part3(trunk: Path, base: FinetuneConfig, epochs: int, tmp: Path) -> None:
     # Frozen: a sum head on rows 0-9999 (its own 80/20 split), a run folder that --init-head takes.
     frozen = tmp / "frozen-full"
     t = time.perf_counter()
-    m = fit_head(FitHeadConfig(caches=trunk, head="sum", out=frozen), loaded=([reader], feats.subset(train_rows)),
-                 quiet=True)
+    m = fit_head(FitHeadConfig(caches=trunk, head="sum", out=frozen, folds=0),
+                 loaded=([reader], feats.subset(train_rows)), quiet=True)
     secs = time.perf_counter() - t
     run = RunDir(frozen).load()
     s = run.scores(feats.image[report_rows].numpy(), feats.text[report_rows].numpy())

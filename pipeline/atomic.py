@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,17 @@ def swap_in(staging: Path, target: Path, keep: tuple[str, ...] = ()) -> None:
         raise OutputError(str(target), e) from e
 
 
+def _holder_pid(fd: int) -> str:
+    """The pid the lock holder wrote into the lock file. It writes it just after taking the lock, so a
+    loser that arrives in between waits for it a moment rather than report an unknown holder."""
+    for _ in range(40):
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.025)
+    return "?"
+
+
 @contextlib.contextmanager
 def lock(target: str | os.PathLike[str], what: str = "") -> Iterator[None]:
     """Hold ``.<name>.lock`` beside ``target`` (flock) while writing it; BusyError at once when another
@@ -206,11 +218,14 @@ def lock(target: str | os.PathLike[str], what: str = "") -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = _holder_pid(fd)
             raise BusyError(f"another mlc process is writing {what or target} (pid {holder}); wait for it "
                             "to finish, or stop it") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # no stale pid for the next loser to report
     finally:
         os.close(fd)  # releases the flock

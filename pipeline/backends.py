@@ -53,8 +53,8 @@ class BackendError(MlcError):
 class Engine:
     """Forward functions for both encoders, and what ran them (recorded in the cache's metadata)."""
 
-    image: Callable[[torch.Tensor], Outputs]
-    text: Callable[[torch.Tensor, torch.Tensor], Outputs]
+    image: Callable[[torch.Tensor], Outputs] | None
+    text: Callable[[torch.Tensor, torch.Tensor], Outputs] | None
     backends: dict[str, str] = field(default_factory=dict)  # {"image": "onnx (onnxruntime 1.x)", ...}
 
 
@@ -291,22 +291,28 @@ def _version(package: str) -> str:
         return "?"
 
 
-def engine(image: ImageEncoder, text: TextEncoder, *, backend: str, device: torch.device, image_cut: str | None,
-           text_cut: str | None, onnx_dir: Path, log: Callable[[str], None] | None = None,
+def engine(image: ImageEncoder | None, text: TextEncoder | None, *, backend: str, device: torch.device,
+           image_cut: str | None, text_cut: str | None, onnx_dir: Path, log: Callable[[str], None] | None = None,
            channels_last: bool = True) -> Engine:
-    """The forward functions for ``backend``: ``auto`` is ONNX Runtime on the CPU and torch on CUDA."""
+    """The forward functions for ``backend``: ``auto`` is ONNX Runtime on the CPU and torch on CUDA. A
+    modality without an encoder (None) gets no forward function."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if backend not in BACKENDS:
         raise MlcError(f"--backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "onnx" and device.type != "cpu":
         raise MlcError("--backend onnx runs on the CPU (onnxruntime's CPU provider); use --device cpu, or "
                        "--backend torch on CUDA")
-    image.to(device).eval()
-    text.to(device).eval()
-    runs: dict[str, Any] = {}
+    for enc in (image, text):
+        if enc is not None:
+            enc.to(device).eval()
+    runs: dict[str, Any] = {"image": None} if image is None else {}
     names: dict[str, str] = {}
+    if text is None:
+        runs["text"] = None
     if backend == "onnx" or (backend == "auto" and device.type == "cpu"):
         for kind, enc, cut in (("image", image, image_cut), ("text", text, text_cut)):
+            if enc is None:
+                continue
             try:
                 session = onnx_session(enc, cut, onnx_dir, log)
             except BackendError as e:
@@ -320,7 +326,8 @@ def engine(image: ImageEncoder, text: TextEncoder, *, backend: str, device: torc
         if channels_last:  # after any export: the exported graph is traced from the plain layout
             image.to(memory_format=torch.channels_last)
         runs["image"] = _torch_image(image, image_cut, device, channels_last)
-    runs.setdefault("text", _torch_text(text, text_cut, device))
+    if "text" not in runs:
+        runs["text"] = _torch_text(text, text_cut, device)
     for kind in ("image", "text"):
-        names.setdefault(kind, f"torch {torch.__version__}")
+        names.setdefault(kind, "none" if runs[kind] is None else f"torch {torch.__version__}")
     return Engine(runs["image"], runs["text"], names)

@@ -65,7 +65,7 @@ class CacheMeta:
     views: int
     image_dim: int
     text_dim: int
-    label_ids: tuple[int, ...]
+    label_ids: tuple[int | str, ...]
     label_names: tuple[str, ...]
     data_fingerprint: str
     num_records: int
@@ -80,7 +80,7 @@ class CacheMeta:
     def __post_init__(self) -> None:
         if self.views < 1:
             raise ValueError("a cache holds at least one image view")
-        object.__setattr__(self, "label_ids", tuple(int(i) for i in self.label_ids))
+        object.__setattr__(self, "label_ids", tuple(self.label_ids))  # ints (COMP5329) or text
         object.__setattr__(self, "label_names", tuple(self.label_names))
 
     @property

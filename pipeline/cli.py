@@ -47,7 +47,7 @@ def validate(cfg: Any) -> int:
     """
     from .validate import format_report, validate_data_dir
 
-    report = validate_data_dir(cfg.data_dir, csv_only=cfg.csv_only)
+    report = validate_data_dir(cfg.data_dir, csv_only=cfg.csv_only, options=cfg)
     typer.echo(format_report(report))
     return 0 if report.ok else 1
 
@@ -134,6 +134,23 @@ def run(cfg: Any) -> None:
     typer.echo(f"submission: {result['submission']}   report: {result['report']}")
 
 
+def predict(cfg: Any) -> None:
+    """Labels and probabilities for new photos (files, folders, globs) and their captions, from a run folder or
+    an exported model: a table for people, csv, or JSON lines for programs."""
+    from .predict import run as go
+
+    go(cfg)
+
+
+def export(cfg: Any) -> None:
+    """Write one self-contained folder that predicts without the training data or the caches (encoders, heads,
+    thresholds, preprocessing, tokenizer, label names); --dtype float16 halves its size."""
+    from .export import export as go
+
+    path, size = go(cfg)
+    typer.echo(f"wrote {path}: {size / 1e6:.1f} MB ({cfg.dtype}, {cfg.format})")
+
+
 def encoders(cfg: Any) -> None:
     """List the registered image and text encoders and presets."""
     from .encoders import PRESETS, list_encoders
@@ -154,6 +171,8 @@ COMMANDS: dict[str, tuple[Callable[[Any], int | None], str]] = {
     "finetune": (finetune, "pipeline.finetune:FinetuneConfig"),
     "submit": (submit, "pipeline.submit:SubmitConfig"),
     "report": (report, "pipeline.report:ReportConfig"),
+    "predict": (predict, "pipeline.predict:PredictConfig"),
+    "export": (export, "pipeline.export:ExportConfig"),
     "encoders": (encoders, "pipeline.config:Config"),
 }
 

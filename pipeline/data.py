@@ -5,6 +5,8 @@ The CSV records themselves are read by :mod:`pipeline.records`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -13,38 +15,65 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from PIL import Image
 
+from .config import Config, as_paths, opt, require
 from .errors import DataError, ImageError
-from .labels import COCO18, LabelSpace
-from .records import Record, image_id_fault, read_csv
+from .labels import LabelSpace, odd_tokens
+from .records import IMAGE_EXTENSIONS, CsvLayout, CsvProblems, Record, header_cells, image_id_fault, read_csv
 
 # ----------------------------------------------------------------------------------- data folder
 
 Split = Literal["train", "test"]
+LABELS_FILE = "labels.csv"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataOptions(Config):
+    """How a data folder's CSVs are laid out: shared by every command that reads one."""
+
+    PANEL: ClassVar[str] = "Data"
+
+    id_col: str = opt("ImageID", "Column of the row ids: the image file names.")
+    labels_col: str = opt("Labels", "Column of a row's labels.")
+    caption_col: str = opt("Caption", "Column of the captions (a dataset without it gets an image-only head).")
+    label_sep: str = opt(" ", "What separates a row's labels: any whitespace by default; e.g. ';' or '|'.")
+    labels: Path | None = opt(None, "A labels file (header id,name; one label a row): the labels' order and names; "
+                              "any other label is then an error. Default: DATA_DIR/labels.csv when there, else "
+                              "the labels train.csv holds (the COMP5329 names built in).")
+    images: bool = opt(True, "Rows have images; --no-images for a text-only dataset (ids need not be files).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        as_paths(self, "labels")
+        require([(bool(self.label_sep), "--label-sep must not be empty")])
+
+    def data_options(self) -> DataOptions:
+        """This option group alone (out of a stage config that inherits it)."""
+        return DataOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataOptions)})
 
 
 @dataclass(frozen=True)
 class DataDir:
-    """A competition data folder: ``train.csv``, ``test.csv`` and the images.
+    """A data folder: ``train.csv``, ``test.csv`` and the images.
 
     The images are in ``root/data`` (the Kaggle layout), else ``root/images``, else ``root`` itself.
     """
 
     root: Path
     image_dir: Path
-    label_space: LabelSpace = COCO18
+    options: DataOptions = dataclasses.field(default_factory=DataOptions)
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str], label_space: LabelSpace = COCO18) -> DataDir:
+    def open(cls, root: str | os.PathLike[str], options: DataOptions | None = None) -> DataDir:
         root = Path(root)
         if not root.is_dir():
             raise DataError(str(root), None, "data folder not found" if not root.exists() else "not a folder")
         image_dir = next((d for d in (root / "data", root / "images") if d.is_dir()), root)
-        return cls(root, image_dir, label_space)
+        return cls(root, image_dir, (options or DataOptions()).data_options())
 
     def csv_path(self, split: Split) -> Path:
         if split not in ("train", "test"):
@@ -54,12 +83,69 @@ class DataDir:
     def has(self, split: Split) -> bool:
         return self.csv_path(split).is_file()
 
+    @functools.cached_property
+    def labels_file(self) -> Path | None:
+        if self.options.labels is not None:
+            if not self.options.labels.is_file():
+                raise DataError(str(self.options.labels), None, "labels file not found")
+            return self.options.labels
+        default = self.root / LABELS_FILE
+        return default if default.is_file() else None
+
+    @functools.cached_property
+    def _fixed_labels(self) -> LabelSpace | None:
+        return LabelSpace.from_file(self.labels_file) if self.labels_file else None
+
+    def layout(self) -> CsvLayout:
+        o = self.options
+        allowed = frozenset(str(i) for i in self._fixed_labels.ids) if self._fixed_labels else None
+        return CsvLayout(o.id_col, o.labels_col, o.caption_col, o.label_sep, o.images, allowed)
+
     def records(self, split: Split) -> list[Record]:
-        """The split's records; DataError naming the file if it is missing or faulty."""
+        """The split's records; DataError naming the file if it is missing or faulty. Test rows that carry
+        labels must use the training labels (each other label is named with its row)."""
         path = self.csv_path(split)
         if not path.is_file():
             raise DataError(str(path), None, f"{split}.csv not found in the data folder")
-        return read_csv(path, labelled=split == "train", label_space=self.label_space)
+        records = read_csv(path, labelled=split == "train", layout=self.layout())
+        if split == "test" and any(r.labels for r in records):
+            space = self.label_space()
+            bad = [DataError(str(path), r.line, f"label {t!r} does not occur in the training labels "
+                                                f"({space.describe()})")
+                   for r in records for t in (r.labels or ()) if t not in space]
+            if bad:
+                raise bad[0] if len(bad) == 1 else CsvProblems(str(path), bad)
+        return records
+
+    def label_space(self) -> LabelSpace:
+        """The labels file's, or the labels train.csv holds."""
+        if self._fixed_labels is not None:
+            return self._fixed_labels
+        return self._train_labels
+
+    @functools.cached_property
+    def _train_labels(self) -> LabelSpace:
+        records = self.records("train")
+        space = LabelSpace.from_tokens(t for r in records for t in (r.labels or ()))
+        if not len(space):
+            raise DataError(str(self.csv_path("train")), None, "no labels at all")
+        odd = odd_tokens(space)
+        if odd:
+            # Integer labels with a few text ones among them are typos ("x3", "1.5"), not a text label space.
+            path = str(self.csv_path("train"))
+            bad = [DataError(path, r.line, f"label {t!r} is not an integer like the other labels; give a labels "
+                                           f"file (--labels) if text labels are meant")
+                   for r in records for t in (r.labels or ()) if t in odd]
+            raise bad[0] if len(bad) == 1 else CsvProblems(path, bad)
+        return space
+
+    def has_captions(self, split: Split = "train") -> bool:
+        """Whether the split's CSV has the caption column (an image-only dataset has none)."""
+        path = self.csv_path(split)
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
+            header = header_cells(fh.readline().rstrip("\r\n"))
+        return self.options.caption_col.lower() in {c.lower() for c in header} or (
+            bool(header) and header[0].lower().endswith(IMAGE_EXTENSIONS))  # no header: the competition's layout
 
     def image_path(self, image_id: str) -> Path:
         """Where an image lives; refuses an ImageID that is not a plain file name (never opens it)."""
@@ -170,6 +256,13 @@ def check_images(
 # ----------------------------------------------------------------------------------- fingerprint
 
 
+def _sorted_labels(tokens: Sequence[str]) -> list[int] | list[str]:
+    """Integer labels as integers, sorted numerically (the fingerprint of COMP5329 data since mlc 0.1)."""
+    if all(t.lstrip("-").isdigit() for t in tokens):
+        return sorted(int(t) for t in tokens)
+    return sorted(tokens)
+
+
 def fingerprint(records: Iterable[Record], image_dir: Path | None) -> str:
     """sha256 hex over each record's (image_id, caption, labels) and, if given, its image's bytes.
 
@@ -179,7 +272,7 @@ def fingerprint(records: Iterable[Record], image_dir: Path | None) -> str:
     records = list(records)
     h = hashlib.sha256(b"mlc-fingerprint-v1\n")
     for r in records:
-        labels = None if r.labels is None else sorted(r.labels)
+        labels = None if r.labels is None else _sorted_labels(r.labels)
         h.update(json.dumps([r.image_id, r.caption, labels], ensure_ascii=False).encode("utf-8"))
         h.update(b"\n")
     if image_dir is not None:

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import as_paths, opt, require
-from .data import DataDir
+from .data import DataDir, DataOptions
 from .device import distributed
 from .encoders import EncoderOptions
-from .features import Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine
+from .features import Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine, fit_to_data
 
 SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExtractConfig(EncoderOptions, LoaderOptions):
+class ExtractConfig(EncoderOptions, LoaderOptions, DataOptions):
     """What ``mlc extract`` does."""
 
     data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
@@ -32,8 +32,8 @@ class ExtractConfig(EncoderOptions, LoaderOptions):
     image_cut: str | None = opt(None, "Also cache the image encoder's activations at this trunk cut (e.g. "
                                 "block11, layer3) for `mlc finetune --from-cache`.")
     text_cut: str | None = opt(None, "Also cache the text encoder's token states at this cut (e.g. layer4).")
-    out_dir: Path = opt(Path("cache"), "Where caches are written (OUT_DIR/<data folder name>/"
-                        "<split>__<image>__<text>.h5; exported ONNX graphs in OUT_DIR/onnx).")
+    out_dir: Path = opt(Path("cache"), "Where caches are written (OUT_DIR/DATA_NAME/SPLIT__IMAGE__TEXT.h5; exported "
+                        "ONNX graphs in OUT_DIR/onnx).")
     chunk_rows: int = opt(512, "Rows per committed chunk: an interrupted run loses at most this many rows of work "
                           "(captions are length-sorted within a chunk, so bigger chunks pad less).")
     skip_bad_images: bool = opt(False, "Leave out missing or corrupt images (reported by id) instead of stopping "
@@ -60,8 +60,8 @@ class ExtractConfig(EncoderOptions, LoaderOptions):
 def extract(cfg: ExtractConfig) -> list[Path]:
     """Run stage 1 for every requested split; returns the cache paths (existing ones reused)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    recipe = cfg.recipe()
-    data = DataDir.open(cfg.data_dir)
+    data = DataDir.open(cfg.data_dir, cfg)
+    recipe = fit_to_data(cfg.recipe(), data)
     with distributed(cfg.device) as device:
         image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.out_dir / "onnx")
         return [build_cache(Job(recipe, data, split, cache_path(cfg.out_dir, cfg.data_dir, split, recipe), cfg,

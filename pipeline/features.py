@@ -31,12 +31,11 @@ from .atomic import check_writable, lock
 from .backends import BACKENDS, Engine, engine
 from .cache import CacheMeta, CacheWriter, read_meta
 from .config import Config, opt, require
-from .data import DataDir, check_images, fingerprint
+from .data import DataDir, DataOptions, check_images, fingerprint
 from .datasets import ImageViews, collate_views
 from .device import is_main, rank, world_size
-from .encoders import ImageEncoder, TextEncoder, create_image_encoder, create_text_encoder, load_encoder
+from .encoders import NONE, ImageEncoder, TextEncoder, create_image_encoder, create_text_encoder, load_encoder
 from .errors import ImageError, MismatchError, MlcError
-from .labels import COCO18
 from .records import Record
 from .runs import RunDir
 
@@ -75,6 +74,7 @@ class Recipe:
     image_cut: str | None = None
     text_cut: str | None = None
     text_pooling: str | None = None
+    data: dict[str, Any] | None = None  # the data folder's layout (DataOptions), so test.csv reads alike
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -113,8 +113,12 @@ class Recipe:
             parts.append(f"pool-{self.text_pooling}")
         return "_".join(parts) or None
 
-    def encoders(self) -> tuple[ImageEncoder, TextEncoder]:
-        """Pretrained (or explicit local) weights, a finetuned run's encoders, or seeded random init."""
+    def data_options(self) -> DataOptions:
+        return DataOptions(**(self.data or {}))
+
+    def encoders(self) -> tuple[ImageEncoder | None, TextEncoder | None]:
+        """Pretrained (or explicit local) weights, a finetuned run's encoders, or seeded random init; None
+        for a modality the recipe has no encoder for ('none')."""
         if self.from_run is not None:
             run = RunDir(Path(self.from_run))
             run.verify()
@@ -128,14 +132,16 @@ class Recipe:
         else:
             # Random init is seeded so a rerun builds the same weights (same hash): resumable and reusable.
             seed = 0 if self.random_init else None
-            image = create_image_encoder(self.image_encoder, weights=self.image_weights,
-                                         random_init=self.random_init, seed=seed)
-            text = create_text_encoder(self.text_encoder, weights=self.text_weights, random_init=self.random_init,
-                                       seed=seed, pooling=self.text_pooling)
+            image = None if self.image_encoder == NONE else create_image_encoder(
+                self.image_encoder, weights=self.image_weights, random_init=self.random_init, seed=seed)
+            text = None if self.text_encoder == NONE else create_text_encoder(
+                self.text_encoder, weights=self.text_weights, random_init=self.random_init, seed=seed,
+                pooling=self.text_pooling)
         for enc, cut in ((image, self.image_cut), (text, self.text_cut)):
-            if cut is not None and cut not in enc.cuts:
-                raise enc.no_cut(cut)
-        return image, text  # type: ignore[return-value]
+            if cut is not None and (enc is None or cut not in enc.cuts):
+                raise MlcError(f"--{'image' if enc is image else 'text'}-cut {cut}: no encoder to cut") if enc is None \
+                    else enc.no_cut(cut)
+        return image, text
 
 
 def safe_name(name: str) -> str:
@@ -143,6 +149,24 @@ def safe_name(name: str) -> str:
     the full name keeps names that differ only in dropped characters apart)."""
     safe = re.sub(r"[^A-Za-z0-9._=-]+", "-", name).strip("-")[-60:]
     return safe if safe == name else f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+
+
+def fit_to_data(recipe: Recipe, data: DataDir) -> Recipe:
+    """The recipe with the data folder's layout, and without an encoder for a modality the data lacks (said)."""
+    options = data.options.to_dict()
+    if data.options.labels is not None:
+        options["labels"] = str(Path(data.options.labels).resolve())
+    changes: dict[str, Any] = {"data": options}
+    if not data.options.images and recipe.image_encoder != NONE:
+        changes["image_encoder"] = NONE
+        if is_main():
+            print("note: --no-images: a text-only dataset; no image features", file=sys.stderr)
+    if not data.has_captions("train" if data.has("train") else "test") and recipe.text_encoder != NONE:
+        changes["text_encoder"] = NONE
+        if is_main():
+            print(f"note: no {data.options.caption_col!r} column: an image-only dataset; no caption features",
+                  file=sys.stderr)
+    return dataclasses.replace(recipe, **changes)
 
 
 def cache_path(out_dir: Path, data_dir: Path, split: str, recipe: Recipe) -> Path:
@@ -171,18 +195,28 @@ class Job:
         return "--cache-dir" if self.command == "submit" else "--out-dir"
 
 
-def _meta(job: Job, image: ImageEncoder, text: TextEncoder, records: list[Record], eng: Engine,
+def _identity(enc: ImageEncoder | TextEncoder | None) -> dict[str, Any]:
+    """What the cache records of one encoder (or of none)."""
+    if enc is None:
+        return {"encoder": NONE, "weights": "", "weights_hash": "", "random_init": False, "preprocess": {}, "dim": 0}
+    return {"encoder": enc.name, "weights": enc.weights_source, "weights_hash": enc.weights_hash,
+            "random_init": enc.random_init, "preprocess": enc.preprocess.to_dict(), "dim": enc.dim}
+
+
+def _meta(job: Job, image: ImageEncoder | None, text: TextEncoder | None, records: list[Record], eng: Engine,
           skipped: list[tuple[str, str]]) -> CacheMeta:
     r = job.recipe
+    i, t = _identity(image), _identity(text)
+    labels = job.data.label_space()
     return CacheMeta(
-        split=job.split, image_encoder=image.name, text_encoder=text.name,
-        image_weights=image.weights_source, image_weights_hash=image.weights_hash,
-        text_weights=text.weights_source, text_weights_hash=text.weights_hash,
-        random_init=image.random_init or text.random_init, image_preprocess=image.preprocess.to_dict(),
-        text_preprocess=text.preprocess.to_dict(), views=r.views, image_dim=image.dim, text_dim=text.dim,
-        label_ids=COCO18.ids, label_names=COCO18.names,
-        data_fingerprint=fingerprint(records, job.data.image_dir), num_records=len(records),
-        image_cut=r.image_cut, text_cut=r.text_cut,
+        split=job.split, image_encoder=i["encoder"], text_encoder=t["encoder"],
+        image_weights=i["weights"], image_weights_hash=i["weights_hash"],
+        text_weights=t["weights"], text_weights_hash=t["weights_hash"],
+        random_init=i["random_init"] or t["random_init"], image_preprocess=i["preprocess"],
+        text_preprocess=t["preprocess"], views=r.views, image_dim=i["dim"], text_dim=t["dim"],
+        label_ids=labels.ids, label_names=labels.names,
+        data_fingerprint=fingerprint(records, job.data.image_dir if image is not None else None),
+        num_records=len(records), image_cut=r.image_cut, text_cut=r.text_cut,
         source_run=str(Path(r.from_run).resolve()) if r.from_run else None,
         mlc_version=__version__, created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"recipe": r.to_dict(), "backend": eng.backends, "skipped": [list(x) for x in skipped]},
@@ -221,7 +255,7 @@ def _up_to_date(job: Job, meta: CacheMeta) -> bool:
 def _records(job: Job) -> tuple[list[Record], list[tuple[str, str]]]:
     """The split's records, less the unusable images with --skip-bad-images (never all of them)."""
     records = job.data.records(job.split)
-    if not job.skip_bad_images:
+    if not job.skip_bad_images or job.recipe.image_encoder == NONE:
         return records, []
     kept, skipped = check_images(job.data, records, skip_bad=True)
     if not kept:
@@ -233,7 +267,8 @@ def _records(job: Job) -> tuple[list[Record], list[tuple[str, str]]]:
     return kept, skipped
 
 
-def build_cache(job: Job, image: ImageEncoder, text: TextEncoder, eng: Engine, device: torch.device) -> Path:
+def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, eng: Engine,
+                device: torch.device) -> Path:
     """Encode one split into its cache file (or find it already done), running the encoders through
     ``eng``. Returns the cache path. One process at a time writes a cache: a second stops at once."""
     check_writable(job.target.parent)
@@ -246,7 +281,8 @@ def build_cache(job: Job, image: ImageEncoder, text: TextEncoder, eng: Engine, d
                 shutil.rmtree(f"{job.target}.partial", ignore_errors=True)
                 print(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data); nothing to do")
             return job.target
-        labels = COCO18.multi_hot([r.labels or () for r in records]) if job.split == "train" else None
+        labels = job.data.label_space().multi_hot([r.labels or () for r in records]) if job.split == "train" \
+            else None
         # Batches never straddle chunks, so a chunk commits as soon as its last batch is done.
         chunk_rows = -(-job.chunk_rows // job.loader.batch_size) * job.loader.batch_size
         writer = CacheWriter(job.target, meta, [r.image_id for r in records], labels, chunk_rows)
@@ -311,44 +347,53 @@ def _batches(loader: torch.utils.data.DataLoader, rows: list[int],
         yield [rows[i] for i in idx], views
 
 
-def _encode_chunks(job: Job, writer: CacheWriter, chunks: list[int], records: list[Record],
-                   image: ImageEncoder, text: TextEncoder, eng: Engine, device: torch.device) -> None:
-    rows = [r for c in chunks for r in range(*writer.bounds(c))]
-    r, opts = job.recipe, job.loader
-    transforms = [image.preprocess.pixels(v) for v in range(r.views)]  # uint8 from the workers
+def _image_batches(job: Job, image: ImageEncoder | None, records: list[Record], rows: list[int],
+                   device: torch.device) -> Iterator[tuple[list[int], torch.Tensor]] | None:
+    """Decoded uint8 views of ``rows``, batch by batch, from DataLoader workers; None without images."""
+    if image is None:
+        return None
+    opts = job.loader
+    transforms = [image.preprocess.pixels(v) for v in range(job.recipe.views)]  # uint8 from the workers
     loader = torch.utils.data.DataLoader(
         ImageViews(job.data, [records[i] for i in rows], transforms, image.preprocess.draft_size()),
-        batch_size=opts.batch_size, shuffle=False,
-        num_workers=opts.workers, collate_fn=collate_views, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if opts.workers else None)
+        batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers, collate_fn=collate_views,
+        pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if opts.workers else None)
+    return _batches(loader, rows, job.command)
+
+
+def _encode_chunks(job: Job, writer: CacheWriter, chunks: list[int], records: list[Record],
+                   image: ImageEncoder | None, text: TextEncoder | None, eng: Engine, device: torch.device) -> None:
+    rows = [r for c in chunks for r in range(*writer.bounds(c))]
+    batches = _image_batches(job, image, records, rows, device)
     pad_to = None
-    if r.text_cut is not None:
+    if job.recipe.text_cut is not None and text is not None:
         # One token length for the whole split so text_trunk rows stack into one dataset.
         pad_to = int(text.tokenize([rec.caption for rec in records])["attention_mask"].sum(1).max())
-    bar = tqdm(total=len(rows), unit="img", desc=f"extract {job.split}", disable=not is_main(),
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=len(rows), unit="img" if image is not None else "row", desc=f"extract {job.split}",
+               disable=not is_main(), dynamic_ncols=True, file=sys.stderr)
     try:
-        buffer: dict[str, list[np.ndarray]] = {}
-        batches = _batches(loader, rows, job.command)
         for chunk in chunks:
             start, stop = writer.bounds(chunk)
-            while sum(len(a) for a in buffer.get("image", [])) < stop - start:
+            buffer: dict[str, list[np.ndarray]] = {}
+            while batches is not None and sum(len(a) for a in buffer.get("image", [])) < stop - start:
                 _, views = next(batches)
                 for k, v in encode_images(eng.image, views).items():
                     buffer.setdefault(k, []).append(v)
                 bar.update(len(views))
             arrays = {k: np.concatenate(v) for k, v in buffer.items()}
-            buffer = {}
-            # Caption batches as large as image batches: shorter captions pad less (measured: 32 beat 64)
-            arrays.update(encode_texts(text, eng.text, [rec.caption for rec in records[start:stop]],
-                                       opts.batch_size, pad_to))
+            if text is not None:
+                # Caption batches as large as image batches: shorter captions pad less (measured: 32 beat 64)
+                arrays.update(encode_texts(text, eng.text, [rec.caption for rec in records[start:stop]],
+                                           job.loader.batch_size, pad_to))
+            if batches is None:
+                bar.update(stop - start)
             writer.commit(chunk, arrays)
     finally:
         bar.close()  # end the bar's line, so an error prints on a line of its own
 
 
 def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.device,
-                        onnx_dir: Path) -> tuple[ImageEncoder, TextEncoder, Engine]:
+                        onnx_dir: Path) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
     """The recipe's encoders and the forward functions of the backend ``loader`` asks for (ONNX graphs
     exported to / reused from ``onnx_dir``); progress notes on rank 0 only."""
     image, text = recipe.encoders()

@@ -27,15 +27,15 @@ import torch
 
 from .cache import CacheReader, check_compatible
 from .config import as_paths, opt, redefault, require
-from .data import DataDir
+from .data import DataDir, DataOptions
 from .datasets import CaptionCollate, ImageCaptionRows, TrunkRows, to_device
 from .device import autocast, distributed, is_main, rank, world_size
-from .encoders import EncoderOptions, ImageEncoder, TextEncoder
+from .encoders import NONE, EncoderOptions, ImageEncoder, TextEncoder
 from .errors import MismatchError, MlcError
 from .evaluation import evaluate
 from .features import Recipe
 from .heads import HeadOptions
-from .labels import COCO18
+from .labels import LabelSpace
 from .model import MultiModal
 from .runs import Contract, RunDir, RunFiles, feature_entry
 from .splits import train_val_split
@@ -43,7 +43,7 @@ from .training import Task, TrainOptions, TrainResult, make_sampler, train
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneConfig(EncoderOptions, HeadOptions, TrainOptions):
+class FinetuneConfig(EncoderOptions, HeadOptions, TrainOptions, DataOptions):
     """Options of ``mlc finetune``; written to the run folder as config.json. Defaults: the seed report's."""
 
     data_dir: Path | None = opt(None, "Data folder (not needed with --from-cache).", argument=True)
@@ -112,6 +112,7 @@ class _Source:
     text: TextEncoder
     ids: list[str]
     y: np.ndarray
+    labels: LabelSpace
     reader: CacheReader | None = None  # --from-cache
     data: DataDir | None = None  # images
     records: list | None = None
@@ -119,11 +120,15 @@ class _Source:
 
 def _source(cfg: FinetuneConfig) -> _Source:
     if not cfg.from_cache:
+        if NONE in (cfg.image_encoder, cfg.text_encoder):
+            raise MlcError("finetune trains an image and a text encoder together; use fit-head for a dataset "
+                           "without images or captions")
         image, text = cfg.create(seed=cfg.seed)
-        data = DataDir.open(cfg.data_dir)
+        data = DataDir.open(cfg.data_dir, cfg)
         records = data.records("train")
-        return _Source(image, text, [r.image_id for r in records], COCO18.multi_hot([r.labels for r in records]),
-                       data=data, records=records)
+        space = data.label_space()
+        return _Source(image, text, [r.image_id for r in records], space.multi_hot([r.labels for r in records]),
+                       space, data=data, records=records)
     reader = CacheReader(cfg.from_cache)
     meta = reader.meta
     if meta.split != "train" or not meta.image_cut or not meta.text_cut:
@@ -136,15 +141,30 @@ def _source(cfg: FinetuneConfig) -> _Source:
     if (image.weights_hash, text.weights_hash) != (meta.image_weights_hash, meta.text_weights_hash):
         raise MismatchError(f"{cfg.from_cache}: the encoders' weights differ from those the trunk cache was "
                             "extracted with")
-    return _Source(image, text, reader.image_ids, reader.labels(), reader=reader)
+    return _Source(image, text, reader.image_ids, reader.labels(), meta.labels, reader=reader)
 
 
-def _model(cfg: FinetuneConfig, src: _Source, device: torch.device) -> MultiModal:
+def _init_head(cfg: FinetuneConfig, src: _Source, held_out: set[str]) -> torch.nn.Module:
+    """The --init-head run's head, refused when it trained on rows this finetune holds out: the held-out F1
+    would be optimistic and the thresholds tuned on it biased (measured: worse on unseen images)."""
+    start = RunDir(cfg.init_head).load()
+    start.contract.check(Contract.of_encoders(src.image, src.text, src.labels), what=f"--init-head {cfg.init_head}")
+    fix = (f"fit the starting head on this finetune's split: mlc fit-head CACHE --folds 0 --seed {cfg.seed} "
+           f"--val-fraction {cfg.val_fraction}")
+    if len(start.heads) > 1:
+        raise MlcError(f"--init-head {cfg.init_head}: a {len(start.heads)}-fold run, whose heads each trained on most "
+                       f"of the rows this finetune holds out; {fix}")
+    seen = held_out - start.dir.held_out_ids()
+    if seen:
+        raise MlcError(f"--init-head {cfg.init_head}: its head trained on {len(seen)} of the {len(held_out)} rows "
+                       f"this finetune holds out (e.g. {min(seen)}); {fix}")
+    return start.heads[0]
+
+
+def _model(cfg: FinetuneConfig, src: _Source, device: torch.device, held_out: set[str]) -> MultiModal:
     head = cfg.create_head(src.image.dim, src.text.dim, src.y.shape[1])
     if cfg.init_head:
-        start = RunDir(cfg.init_head).load()
-        start.contract.check(Contract.of_encoders(src.image, src.text, COCO18), what=f"--init-head {cfg.init_head}")
-        head = start.heads[0]
+        head = _init_head(cfg, src, held_out)
     cuts = (src.reader.meta.image_cut, src.reader.meta.text_cut) if src.reader else (None, None)
     model = MultiModal(src.image, src.text, head, *cuts, channels_last=cfg.channels_last).to(device)
     if not cfg.end_to_end:
@@ -208,7 +228,7 @@ def build_task(cfg: FinetuneConfig, device: torch.device) -> tuple[Task, _Source
     n = len(src.ids) if cfg.max_rows is None else min(cfg.max_rows, len(src.ids))
     src.ids, src.y = src.ids[:n], src.y[:n]
     train_idx, val_idx = train_val_split(src.y, cfg.val_fraction, cfg.seed)
-    model = _model(cfg, src, device)
+    model = _model(cfg, src, device, {str(src.ids[i]) for i in val_idx})
     sampler = make_sampler(cfg, src.y[train_idx])
     train_loader, val_loader = _loaders(cfg, src, train_idx, val_idx, sampler, device)
 
@@ -270,13 +290,16 @@ def _write_run(cfg: FinetuneConfig, model: MultiModal, src: _Source, result: Tra
     y = src.y[result.val_rows]
     metrics, th = evaluate(y, result.val_scores, "per-class", cfg.seed)
     metrics.update(best_epoch=result.best_epoch, best_epochs=[result.best_epoch], mode=cfg.mode)
-    th.update(label_ids=list(COCO18.ids), label_names=list(COCO18.names))
-    recipe = Recipe(image_encoder=model.image.name, text_encoder=model.text.name, from_run=str(cfg.out.resolve()))
+    th.update(label_ids=list(src.labels.ids), label_names=list(src.labels.names))
+    data = cfg.data_options().to_dict() if src.data is not None else (
+        src.reader.meta.extra.get("recipe", {}).get("data") if src.reader is not None else None)
+    recipe = Recipe(image_encoder=model.image.name, text_encoder=model.text.name, from_run=str(cfg.out.resolve()),
+                    data=data)
     log(f"best epoch {result.best_epoch}: held-out samples-F1 {metrics['samples_f1']:.4f} (tuned, cross-fitted); "
         f"run folder {cfg.out}")
     RunDir(cfg.out).write(RunFiles(  # the lock is held by finetune()
         kind="finetune", config=cfg.to_dict(),
-        features=[feature_entry(Contract.of_encoders(model.image, model.text, COCO18), recipe.to_dict())],
+        features=[feature_entry(Contract.of_encoders(model.image, model.text, src.labels), recipe.to_dict())],
         heads=[model.head], thresholds=th, metrics=metrics, history=[result.history],
         val_ids=[src.ids[r] for r in result.val_rows], val_scores=result.val_scores, val_labels=y, log=lines,
         encoders=(model.image, model.text)))

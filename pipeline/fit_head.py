@@ -28,7 +28,7 @@ from .config import as_paths, opt, require
 from .errors import MlcError
 from .evaluation import THRESHOLD_MODES, evaluate
 from .fused import load_joined, plan_parts
-from .heads import HeadOptions, predict_proba
+from .heads import HEADS, HeadOptions, predict_proba
 from .runs import Contract, RunDir, RunFiles, feature_entry
 from .splits import kfold, train_val_split
 from .training import Task, TrainOptions, TrainResult, make_sampler, train
@@ -173,6 +173,7 @@ def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats
         log(f"cache {r.path}: " + (", ".join(used) or "nothing new (its encoders feed already)"))
     log(f"{len(feats.ids)} rows, {feats.image.shape[1]} view(s), image {feats.image.shape[-1]}-d, "
         f"text {feats.text.shape[-1]}-d")
+    cfg = _head_for(cfg, feats, log)
     results, held, scores, metrics, th = _fit_and_score(cfg, feats, log)
     log(f"held-out samples-F1: {metrics['samples_f1_at_0.5']:.4f} at 0.5, "
         f"{metrics['samples_f1_global']:.4f} global threshold, {metrics['samples_f1_per_class']:.4f} per-class "
@@ -187,6 +188,17 @@ def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats
         history=[r.history for r in results], val_ids=[feats.ids[i] for i in held], val_scores=scores,
         val_labels=feats.labels[held], log=lines, extra_json=extra_json))
     return metrics
+
+
+def _head_for(cfg: FitHeadConfig, feats: Features, log: Callable[[str], None]) -> FitHeadConfig:
+    """A dataset without images gets a text-only head, one without captions an image-only head (said)."""
+    for missing, only in (("image", "text"), ("text", "image")):
+        width = feats.image.shape[-1] if missing == "image" else feats.text.shape[-1]
+        if width == 0 and missing in HEADS[cfg.head].modalities:
+            article = "an" if only == "image" else "a"
+            log(f"note: no {missing} features in this data: {article} {only}-only head instead of {cfg.head!r}")
+            return dataclasses.replace(cfg, head=only)
+    return cfg
 
 
 def _load(caches: tuple[Path, ...]) -> tuple[list[CacheReader], Features]:

@@ -76,11 +76,12 @@ def check_joinable(readers: Sequence[CacheReader]) -> list[str]:
 def load_joined(readers: Sequence[CacheReader], parts: Sequence[Part]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(ids, image (N, V, sum Di), text (N, sum Dt)) as float32, NaN-free (MlcError naming rows otherwise)."""
     ids = check_joinable(readers)
-    image: list[Any] = []
-    text: list[Any] = []
+    n, views = len(ids), readers[0].meta.views
+    image: list[Any] = [np.zeros((n, views, 0), np.float32)]  # a dataset without images: no image features
+    text: list[Any] = [np.zeros((n, 0), np.float32)]
     for r, part in zip(readers, parts, strict=True):
-        if part.image:
+        if part.image and r.meta.image_dim:
             image.append(r.finite("image", r.array("image").astype(np.float32), ids))
-        if part.text:
+        if part.text and r.meta.text_dim:
             text.append(r.finite("text", r.array("text").astype(np.float32), ids))
     return ids, np.concatenate(image, axis=-1), np.concatenate(text, axis=-1)

@@ -207,7 +207,10 @@ def create_head(
     """Build the head registered as ``name``; raises MlcError for an unknown name."""
     if name not in HEADS:
         raise MlcError(f"unknown head {name!r}; choose from {', '.join(sorted(HEADS))}")
-    if min(image_dim, text_dim, num_classes, hidden) < 1 or not 0.0 <= dropout < 1.0:
-        raise ValueError("image_dim, text_dim, num_classes and hidden must be >= 1 and dropout in [0, 1)")
+    dims = {"image": image_dim, "text": text_dim}
+    if min(num_classes, hidden, *(dims[m] for m in HEADS[name].modalities)) < 1 or min(dims.values()) < 0 \
+            or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"head {name!r} needs {' and '.join(HEADS[name].modalities)} features, num_classes and "
+                         f"hidden >= 1 and dropout in [0, 1) (got dims {dims})")
     return HEADS[name](image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
                        dropout=dropout)

@@ -1,29 +1,50 @@
-"""The label space: the 18 COCO categories the competition uses (ids 1-19, 12 never occurs)."""
+"""The label space: which labels exist, in which column order, with which names.
+
+It comes from the data: the labels that occur in train.csv (integers sort numerically and stay integers,
+as in COMP5329; anything else is text, sorted), or a labels file (``labels.csv``: ``id,name`` rows, in
+the order given) which also fixes the order and the names and makes any other label an error. The
+COMP5329 names (COCO's categories 1-19 without 12) ship built in, recognised by the label set.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from .errors import DataError
+
+Label = int | str
 
 COCO_NAMES: dict[int, str] = {
     1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
     8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
     14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse",
 }
+_INT = re.compile(r"-?[0-9]+")
 
 
 @dataclass(frozen=True)
 class LabelSpace:
-    """An ordered set of label ids; column j of every target/score matrix is ``ids[j]``."""
+    """An ordered set of label ids; column j of every target/score matrix is ``ids[j]``.
 
-    ids: tuple[int, ...]
+    Ids compare by their text: the token ``"3"`` in a CSV is the label ``3``.
+    """
+
+    ids: tuple[Label, ...]
     names: tuple[str, ...]
+    _index: dict[str, int] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        if len(self.ids) != len(self.names) or len(set(self.ids)) != len(self.ids):
+        if len(self.ids) != len(self.names) or len({str(i) for i in self.ids}) != len(self.ids):
             raise ValueError("label ids must be unique and match the names one to one")
+        object.__setattr__(self, "_index", {str(i): j for j, i in enumerate(self.ids)})
 
     @classmethod
     def coco18(cls) -> LabelSpace:
@@ -31,21 +52,82 @@ class LabelSpace:
         return cls(ids, tuple(COCO_NAMES[i] for i in ids))
 
     @classmethod
-    def from_ids(cls, ids: Iterable[int]) -> LabelSpace:
-        ids = tuple(int(i) for i in ids)
-        return cls(ids, tuple(COCO_NAMES.get(i, str(i)) for i in ids))
+    def from_tokens(cls, tokens: Iterable[str]) -> LabelSpace:
+        """The labels that occur: integers (sorted numerically, named after COCO when they are COCO ids)
+        when every token is one, else text sorted."""
+        unique = sorted(set(tokens))
+        if unique and all(_INT.fullmatch(t) for t in unique):
+            ids: list[Label] = sorted(int(t) for t in unique)
+            coco = all(i in COCO_NAMES for i in ids)
+            return cls(tuple(ids), tuple(COCO_NAMES[i] if coco else str(i) for i in ids))
+        return cls(tuple(unique), tuple(unique))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> LabelSpace:
+        """``labels.csv``: a header ``id,name`` (name optional), one label a row, in the order to use."""
+        path = Path(path)
+        try:
+            rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))))
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(str(path), None, f"cannot read the labels file ({e})") from e
+        if not rows or [c.strip().lower() for c in rows[0][:1]] != ["id"]:
+            raise DataError(str(path), 1, "expected a header 'id,name' (one label a row below it)")
+        ids: list[str] = []
+        names: list[str] = []
+        for n, row in enumerate(rows[1:], start=2):
+            if not row or not "".join(row).strip():
+                continue
+            label = row[0].strip()
+            if not label or any(ch.isspace() for ch in label):
+                raise DataError(str(path), n, f"label id {label!r} is empty or holds spaces")
+            if label in ids:
+                raise DataError(str(path), n, f"label {label} is listed twice")
+            ids.append(label)
+            names.append(row[1].strip() if len(row) > 1 and row[1].strip() else label)
+        if not ids:
+            raise DataError(str(path), None, "no labels listed")
+        typed: list[Label] = [int(i) for i in ids] if all(_INT.fullmatch(i) for i in ids) else ids
+        return cls(tuple(typed), tuple(names))
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def multi_hot(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        """(N,) lists of label ids -> (N, C) float32 0/1 matrix, label order within a row ignored."""
-        col = {lid: j for j, lid in enumerate(self.ids)}
+    def __contains__(self, label: object) -> bool:
+        return str(label) in self._index
+
+    def column(self, label: Label) -> int:
+        """The column of ``label`` (a token or an id); KeyError when it is not in the space."""
+        return self._index[str(label)]
+
+    def multi_hot(self, rows: Sequence[Sequence[Label]]) -> np.ndarray:
+        """(N,) lists of labels -> (N, C) float32 0/1 matrix, label order within a row ignored."""
         y = np.zeros((len(rows), len(self.ids)), dtype=np.float32)
         for i, labels in enumerate(rows):
-            for lid in labels:
-                y[i, col[lid]] = 1.0
+            for label in labels:
+                y[i, self._index[str(label)]] = 1.0
         return y
+
+    def describe(self) -> str:
+        """'1-11, 13-19' for runs of integers, else the labels themselves (shortened)."""
+        if all(isinstance(i, int) for i in self.ids):
+            ids = sorted(self.ids)  # type: ignore[type-var]
+            runs, start, prev = [], ids[0], ids[0]
+            for i in [*ids[1:], None]:
+                if i is not None and i == prev + 1:
+                    prev = i
+                    continue
+                runs.append(f"{start}-{prev}" if prev > start else str(start))
+                if i is not None:
+                    start = prev = i
+            return ", ".join(runs)
+        shown = ", ".join(map(str, self.ids[:8]))
+        return shown + (f", ... ({len(self.ids)} labels)" if len(self.ids) > 8 else "")
+
+
+def odd_tokens(space: LabelSpace) -> set[str]:
+    """The text labels of a space that is mostly integers (at least 3 in 4): most likely typos."""
+    text = {str(i) for i in space.ids if not _INT.fullmatch(str(i))}
+    return text if text and len(text) * 4 <= len(space) else set()
 
 
 COCO18 = LabelSpace.coco18()

@@ -13,12 +13,18 @@ records explicitly:
 
 Also accepted: CRLF line ends, a UTF-8 BOM, a trailing comma on every line (the 2021 edition),
 unquoted captions, and files written by ``csv.writer`` (quoted ImageIDs and labels included).
-Every fault is reported as a :class:`DataError` with file, line and fault; no row is ever dropped
-silently.
+
+Other datasets name their columns otherwise, order them otherwise, add columns or have no caption:
+a :class:`CsvLayout` says which column holds what. A file in the competition's layout (id, labels,
+caption, the caption last) goes through the forgiving parser above; any other layout through a strict
+CSV reader that maps the named columns. Every fault is reported as a :class:`DataError` with file,
+line and fault; no row is ever dropped silently.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -26,11 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
-from .labels import COCO18, LabelSpace
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-TRAIN_COLUMNS = ("ImageID", "Labels", "Caption")
-TEST_COLUMNS = ("ImageID", "Caption")
 
 # A line that certainly starts a record: an image file name (no quote, no comma; it may hold a path,
 # which is then refused with a clear message rather than glued onto the caption before) + a comma.
@@ -40,19 +43,63 @@ _RECORD_START = re.compile(r'^"?[^,"\n]*[^,"\s]\.(?:jpe?g|png|bmp|gif|webp|tiff?
 # Catches ImageIDs without an image extension (so they get an error, not silently merged), while a
 # caption continuation ("full of very tidily arranged piles ...") has spaces before any comma.
 _LOOSE_START = re.compile(r'^"?[^,"\s]+"?[ \t]*,')
-_LABEL = re.compile(r"[0-9]+")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MAX_LISTED = 5  # problems named in the one-line summary that read_csv raises
 
 
 @dataclass(frozen=True)
 class Record:
-    """One CSV row. ``labels`` is None for test rows; ``line`` is the 1-based line it starts on."""
+    """One CSV row. ``labels`` are the row's label tokens (None where the file has no labels);
+    ``caption`` is "" in a dataset without captions; ``line`` is the 1-based line the row starts on."""
 
     image_id: str
     caption: str
-    labels: tuple[int, ...] | None
+    labels: tuple[str, ...] | None
     line: int
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """Which column holds what, how labels are separated, and what the ids are."""
+
+    id_col: str = "ImageID"
+    labels_col: str = "Labels"
+    caption_col: str = "Caption"
+    label_sep: str = " "  # " ": any whitespace
+    images: bool = True  # ids are image file names (checked as such)
+    allowed: frozenset[str] | None = None  # a labels file's ids: any other label is a fault
+
+    def columns(self, labelled: bool) -> tuple[str, ...]:
+        """The competition layout's columns for this layout's names."""
+        return (self.id_col, self.labels_col, self.caption_col) if labelled else (self.id_col, self.caption_col)
+
+    def split_labels(self, field: str) -> list[str]:
+        return field.split() if not self.label_sep.strip() else [t.strip() for t in field.split(self.label_sep)
+                                                                  if t.strip()]
+
+
+def label_faults(tokens: list[str], layout: CsvLayout, labelled: bool) -> tuple[tuple[str, ...], list[str]]:
+    """(the row's labels, what is wrong with them)."""
+    found: list[str] = []
+    faults: list[str] = []
+    for token in tokens:
+        if layout.allowed is not None and token not in layout.allowed:
+            known = ", ".join(sorted(layout.allowed, key=lambda t: (not t.isdigit(), t.zfill(20))))[:80]
+            faults.append(f"label {token!r} is not in the labels file (labels: {known})")
+        elif token in found:
+            faults.append(f"label {token!r} is repeated")
+        else:
+            found.append(token)
+    if labelled and not tokens:
+        faults.append("no labels: a training row needs at least one label")
+    return tuple(found), faults
+
+
+def id_fault(row_id: str, layout: CsvLayout) -> str | None:
+    """Why ``row_id`` cannot be a row id: an unsafe or non-image file name, or an empty id."""
+    if layout.images:
+        return image_id_fault(row_id)
+    return None if row_id.strip() == row_id and row_id else f"id {row_id!r} is empty or has spaces around it"
 
 
 class CsvProblems(DataError):
@@ -166,7 +213,7 @@ def _parse_header(
 
 
 def _parse_record(
-    text: str, line: int, file: str, labelled: bool, label_space: LabelSpace
+    text: str, line: int, file: str, labelled: bool, layout: CsvLayout
 ) -> tuple[Record | None, list[DataError]]:
     """One record's text (lines joined with \\n) -> the Record, or None and its faults."""
     problems: list[DataError] = []
@@ -174,37 +221,27 @@ def _parse_record(
     def fault(msg: str, at: int = line) -> None:
         problems.append(DataError(file, at, msg))
 
-    columns = TRAIN_COLUMNS if labelled else TEST_COLUMNS
+    columns = layout.columns(labelled)
     image_id = _id_field(text)
     _, sep, rest = text.partition(",")
     if not sep:
         fault(f"expected {len(columns)} fields ({','.join(columns)}), found no comma")
         return None, problems
-    if (why := image_id_fault(image_id)) is not None:
+    if (why := id_fault(image_id, layout)) is not None:
         fault(why)
 
-    labels: tuple[int, ...] | None = None
+    labels: tuple[str, ...] | None = None
     if labelled:
         field, sep, rest = rest.partition(",")
         if not sep:
-            fault("missing caption field (expected ImageID,Labels,Caption)")
+            fault(f"missing caption field (expected {','.join(columns)})")
             return None, problems
         field = field.strip()
         if len(field) >= 2 and field[0] == field[-1] == '"':
             field = field[1:-1]  # "1 19" quoted by a CSV writer
-        found: list[int] = []
-        for token in field.split():
-            if not _LABEL.fullmatch(token):
-                fault(f"label {token!r} is not an integer")
-            elif int(token) not in label_space.ids:
-                fault(f"label {int(token)} is not in the label space (ids {_describe_ids(label_space)})")
-            elif int(token) in found:
-                fault(f"label {int(token)} is repeated")
-            else:
-                found.append(int(token))
-        if not field.split():
-            fault("no labels: a training row needs at least one label")
-        labels = tuple(found)
+        labels, faults = label_faults(layout.split_labels(field), layout, labelled)
+        for f in faults:
+            fault(f)
 
     caption = _parse_caption(rest, text, line, fault)
     if caption is not None and not caption.strip():
@@ -240,23 +277,6 @@ def _parse_caption(rest: str, text: str, line: int, fault: Callable[..., None]) 
               line + text[:junk].count("\n"))
         return None
     return _unescape(rest[opening + 1 : last])
-
-
-def _describe_ids(label_space: LabelSpace) -> str:
-    """'1-11, 13-19' for COCO18: runs of consecutive ids."""
-    ids = sorted(label_space.ids)
-    if not ids:
-        return "none"
-    runs: list[str] = []
-    start = prev = ids[0]
-    for i in [*ids[1:], None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        runs.append(f"{start}-{prev}" if prev > start else str(start))
-        if i is not None:
-            start = prev = i
-    return ", ".join(runs)
 
 
 def _decode(raw: list[bytes], file: str) -> tuple[list[str], set[int], list[DataError]]:
@@ -297,13 +317,15 @@ def _group(lines: list[str], first: int, labelled: bool) -> list[tuple[int, list
 
 
 def parse_csv(
-    path: str | os.PathLike[str], *, labelled: bool, label_space: LabelSpace = COCO18
+    path: str | os.PathLike[str], *, labelled: bool, layout: CsvLayout | None = None
 ) -> tuple[list[Record], list[DataError]]:
-    """Read a competition CSV, gathering every problem instead of stopping at the first.
+    """Read a CSV, gathering every problem instead of stopping at the first.
 
-    Returns the good records (file order) and the problems (file order). A record with any fault
-    is not returned; it is named in the problems instead.
+    ``labelled``: every row must have labels (train.csv); a file without ``labelled`` may still carry a
+    labels column. Returns the good records (file order) and the problems (file order). A record with
+    any fault is not returned; it is named in the problems instead.
     """
+    layout = layout or CsvLayout()
     path = Path(path)
     file = str(path)
     try:
@@ -317,7 +339,11 @@ def parse_csv(
     if not lines or not any(ln.strip() for ln in lines):
         return [], [DataError(file, None, "empty file: no header and no records")]
 
-    columns = TRAIN_COLUMNS if labelled else TEST_COLUMNS
+    header = header_cells(lines[0])
+    columns = layout.columns(labelled)
+    other_layout = [c.lower() for c in header] != [c.lower() for c in columns] and not _RECORD_START.match(lines[0])
+    if other_layout and {c.lower() for c in header} >= {c.lower() for c in columns[:-1]}:
+        return _parse_strict(lines, bad_lines, problems, file, labelled, layout)
     has_header, header_fault = _parse_header(lines[0], file, columns)
     if header_fault is not None:
         problems.append(header_fault)
@@ -329,17 +355,11 @@ def parse_csv(
     seen: dict[str, int] = {}
     for start, group in groups:
         text = "\n".join(group).rstrip()  # blank lines after a record are not part of it
-        record, faults = _parse_record(text, start, file, labelled, label_space)
+        record, faults = _parse_record(text, start, file, labelled, layout)
         problems.extend(faults)
         if any(start <= b < start + len(group) for b in bad_lines):
             continue  # already reported as not UTF-8
-        image_id = _id_field(text)
-        if image_id in seen:
-            fault = f"duplicate ImageID {image_id} (first on line {seen[image_id]})"
-            problems.append(DataError(file, start, fault))
-            continue
-        seen.setdefault(image_id, start)
-        if record is not None:
+        if _first_sight(_id_field(text), start, seen, file, problems) and record is not None:
             records.append(record)
     if not groups:
         problems.append(DataError(file, None, "no records: the file has a header but no rows"))
@@ -347,11 +367,71 @@ def parse_csv(
     return records, problems
 
 
-def read_csv(
-    path: str | os.PathLike[str], *, labelled: bool, label_space: LabelSpace = COCO18
-) -> list[Record]:
-    """All records of a competition CSV; raises DataError (the first fault, or a summary) if any."""
-    records, problems = parse_csv(path, labelled=labelled, label_space=label_space)
+def header_cells(line: str) -> list[str]:
+    """The column names of a header line (quotes and a trailing empty cell dropped)."""
+    cells = [c.strip().strip('"').strip() for c in next(csv.reader([line]), [])]
+    if len(cells) > 1 and cells[-1] == "":
+        cells.pop()
+    return cells
+
+
+def _first_sight(row_id: str, line: int, seen: dict[str, int], file: str, problems: list[DataError]) -> bool:
+    """False (and a problem) for an id seen before."""
+    if row_id in seen:
+        problems.append(DataError(file, line, f"duplicate ImageID {row_id} (first on line {seen[row_id]})"))
+        return False
+    seen[row_id] = line
+    return True
+
+
+def _parse_strict(lines: list[str], bad_lines: set[int], problems: list[DataError], file: str, labelled: bool,
+                  layout: CsvLayout) -> tuple[list[Record], list[DataError]]:
+    """Any other layout: a proper CSV (quotes escaped by doubling), columns found by name."""
+    rows = csv.reader(io.StringIO("\n".join(lines) + "\n"))
+    header = [c.strip() for c in next(rows)]
+    where = {c.lower(): i for i, c in enumerate(header)}
+    i_id, i_lab, i_cap = (where.get(c.lower()) for c in (layout.id_col, layout.labels_col, layout.caption_col))
+    if i_id is None or (labelled and i_lab is None):
+        need = [layout.id_col] + [layout.labels_col] * labelled
+        problems.append(DataError(file, 1, f"no column {' or '.join(repr(c) for c in need)} in the header "
+                                           f"{','.join(header)!r} (name it with --id-col / --labels-col)"))
+        return [], problems
+    records: list[Record] = []
+    seen: dict[str, int] = {}
+    end = 1
+    for row in rows:
+        start, end = end + 1, rows.line_num
+        if not row or not "".join(row).strip():
+            continue
+        faults = []
+        if len(row) != len(header):
+            faults.append(f"expected {len(header)} fields ({','.join(header)}), found {len(row)}")
+        row_id, caption, field = (_cell(row, i) for i in (i_id, i_cap, i_lab))
+        if (why := id_fault(row_id, layout)) is not None:
+            faults.append(why)
+        labels, label_probs = (label_faults(layout.split_labels(field), layout, labelled)
+                               if i_lab is not None else (None, []))
+        faults += label_probs
+        if i_cap is not None and not caption:
+            faults.append("empty caption")
+        problems.extend(DataError(file, start, f) for f in faults)
+        if any(start <= b <= end for b in bad_lines) or not _first_sight(row_id, start, seen, file, problems):
+            continue
+        if not faults:
+            records.append(Record(row_id, caption, labels, start))
+    if not records and not problems:
+        problems.append(DataError(file, None, "no records: the file has a header but no rows"))
+    problems.sort(key=lambda p: p.line or 0)
+    return records, problems
+
+
+def _cell(row: list[str], i: int | None) -> str:
+    return row[i].strip() if i is not None and i < len(row) else ""
+
+
+def read_csv(path: str | os.PathLike[str], *, labelled: bool, layout: CsvLayout | None = None) -> list[Record]:
+    """All records of a CSV; raises DataError (the first fault, or a summary) if any."""
+    records, problems = parse_csv(path, labelled=labelled, layout=layout)
     if len(problems) == 1:
         raise problems[0]
     if problems:
@@ -359,11 +439,11 @@ def read_csv(
     return records
 
 
-def read_train_csv(path: str | os.PathLike[str], label_space: LabelSpace = COCO18) -> list[Record]:
+def read_train_csv(path: str | os.PathLike[str], layout: CsvLayout | None = None) -> list[Record]:
     """``ImageID,Labels,Caption`` rows."""
-    return read_csv(path, labelled=True, label_space=label_space)
+    return read_csv(path, labelled=True, layout=layout)
 
 
-def read_test_csv(path: str | os.PathLike[str]) -> list[Record]:
+def read_test_csv(path: str | os.PathLike[str], layout: CsvLayout | None = None) -> list[Record]:
     """``ImageID,Caption`` rows (labels None)."""
-    return read_csv(path, labelled=False)
+    return read_csv(path, labelled=False, layout=layout)

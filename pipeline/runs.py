@@ -67,7 +67,7 @@ class Contract:
     text_preprocess: dict[str, Any]
     image_dim: int
     text_dim: int
-    label_ids: tuple[int, ...]
+    label_ids: tuple[int | str, ...]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_ids", tuple(self.label_ids))  # JSON gives a list
@@ -190,6 +190,14 @@ class RunDir:
         heads = sorted(self.path.glob("head-*.safetensors"))
         return heads + [p for p in (self.config, self.features, self.head, self.thresholds) if p.is_file()]
 
+    def held_out_ids(self) -> set[str]:
+        """The image ids the run's heads were scored on and never trained on (val_scores.npz)."""
+        try:
+            with np.load(self.val_scores, allow_pickle=False) as z:
+                return {str(i) for i in z["image_ids"]}
+        except (OSError, KeyError, ValueError) as e:
+            raise MlcError(f"{self.val_scores}: cannot read the held-out ids ({e})") from e
+
     def has_encoders(self) -> bool:
         return all((self.encoder_dir(k) / "encoder.json").is_file() for k in ("image", "text"))
 
@@ -240,15 +248,8 @@ class RunDir:
         write_text(self.log, "\n".join(files.log) + "\n")
 
     def _write_manifest(self, kind: str) -> None:
-        listed = sorted(p for p in self.path.rglob("*") if p.is_file() and self._in_manifest(p))
         write_json(self.manifest, {"format": RUN_FORMAT, "kind": kind, "mlc_version": __version__,
-                                   "files": {str(p.relative_to(self.path)): {"bytes": p.stat().st_size,
-                                                                            "sha256": sha256_file(p)}
-                                             for p in listed}})
-
-    def _in_manifest(self, p: Path) -> bool:
-        rel = p.relative_to(self.path).parts
-        return rel[0] not in _LATER and not rel[-1].startswith(".")
+                                   "files": listing(self.path, _LATER + ("manifest.json",))})
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -256,21 +257,7 @@ class RunDir:
         """The manifest, after checking the folder against it: every listed file present with its size and
         sha256, nothing unlisted beside them. MlcError naming the first file that is not as written."""
         manifest = self.check_format()
-        files = manifest["files"]
-        for name, entry in files.items():
-            path = self / name
-            if not path.is_file():
-                raise MlcError(f"{path}: missing from the run folder (listed in manifest.json); the run is "
-                               "incomplete: refit it")
-            size = path.stat().st_size
-            if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-                what = f"{size} bytes instead of {entry['bytes']}" if size != entry["bytes"] else "its content changed"
-                raise MlcError(f"{path}: not as the run wrote it ({what}; manifest.json); refit the run")
-        extra = sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*")
-                       if p.is_file() and self._in_manifest(p) and str(p.relative_to(self.path)) not in files)
-        if extra:
-            raise MlcError(f"{self / extra[0]}: not part of the run (not in manifest.json); remove it "
-                           f"({len(extra)} such file(s))")
+        check_listing(self.path, manifest["files"], _LATER + ("manifest.json",), "refit the run")
         return manifest
 
     def check_format(self) -> dict[str, Any]:
@@ -323,7 +310,34 @@ class RunDir:
         return head.eval()
 
 
-_LATER = ("checkpoints", "report", "manifest.json", "submission.csv")  # written after the run, not in it
+_LATER = ("checkpoints", "report", "submission.csv")  # written after the run, not part of it
+
+
+def _listed(folder: Path, ignore: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).parts[0] not in ignore
+                  and not p.name.startswith("."))
+
+
+def listing(folder: Path, ignore: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """{relative path: {bytes, sha256}} of every file under ``folder`` (hidden ones and ``ignore`` aside)."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in _listed(folder, ignore)}
+
+
+def check_listing(folder: Path, files: dict[str, Any], ignore: tuple[str, ...], fix: str) -> None:
+    """``folder`` holds exactly ``files`` (a ``listing``), byte for byte; MlcError naming the first that is not."""
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise MlcError(f"{path}: missing from the folder (listed in its manifest); {fix}")
+        size = path.stat().st_size
+        if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            what = f"{size} bytes instead of {entry['bytes']}" if size != entry["bytes"] else "its content changed"
+            raise MlcError(f"{path}: not as it was written ({what}); {fix}")
+    extra = [str(p.relative_to(folder)) for p in _listed(folder, ignore) if str(p.relative_to(folder)) not in files]
+    if extra:
+        raise MlcError(f"{folder / extra[0]}: not part of {folder} (not in its manifest); remove it "
+                       f"({len(extra)} such file(s))")
 
 
 def _no_constants(path: Path) -> Any:

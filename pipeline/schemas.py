@@ -90,8 +90,10 @@ def head(d: Any, path: Path, heads: tuple[str, ...]) -> dict:
     d = _dict(d, path, "(file)")
     if _key(d, "name", path) not in heads:
         _fail(path, "name", f"expected one of {heads}, found {d['name']!r}")
-    for key in ("image_dim", "text_dim", "num_classes", "hidden"):
+    for key in ("num_classes", "hidden"):
         _int(_key(d, key, path), path, key, 1)
+    for key in ("image_dim", "text_dim"):  # 0: a dataset without that modality (a single-modality head)
+        _int(_key(d, key, path), path, key, 0)
     drop = _key(d, "dropout", path)
     if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop < 1:
         _fail(path, "dropout", f"expected a number in [0, 1), found {drop!r}")

@@ -84,7 +84,8 @@ def submit(cfg: SubmitConfig) -> tuple[Path, str]:
     """Write the submission file atomically; return its path and a one-line summary."""
     run = RunDir(cfg.run).load()
     check_writable(cfg.target.parent)  # before encoding the test split
-    data = DataDir.open(cfg.data_dir)
+    data = DataDir.open(cfg.data_dir, Recipe.from_dict(run.features[0]["recipe"], str(run.dir.features))
+                        .data_options())  # test.csv is read as train.csv was
     expected = [r.image_id for r in data.records("test")]
     caches = make_test_features(run, cfg, data)
     readers = [CacheReader(p) for p in caches]

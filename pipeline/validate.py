@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -9,15 +10,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, as_paths, opt
-from .data import DataDir, check_images
+from .config import as_paths, opt
+from .data import DataDir, DataOptions, check_images
 from .errors import DataError, ImageError
 from .labels import LabelSpace
 from .records import Record, parse_csv
 
 
 @dataclass(frozen=True, kw_only=True)
-class ValidateConfig(Config):
+class ValidateConfig(DataOptions):
     """Options of ``mlc validate``."""
 
     data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
@@ -52,7 +53,7 @@ class ValidationReport:
     label_space: LabelSpace
     n_train: int = 0
     n_test: int = 0
-    label_counts: dict[int, int] = field(default_factory=dict)  # label id -> train images with it
+    label_counts: dict[int | str, int] = field(default_factory=dict)  # label id -> train images with it
     labels_per_image: dict[int, int] = field(default_factory=dict)  # n labels -> train images
     caption_words: dict[str, CaptionStats] = field(default_factory=dict)  # split -> stats
     images_checked: int = 0  # 0 when csv_only
@@ -69,45 +70,61 @@ class ValidationReport:
         return not self.problems
 
 
-def validate_data_dir(root: str | os.PathLike[str], *, csv_only: bool, progress: bool = True) -> ValidationReport:
-    """Parse both CSVs (gathering every fault), check train/test overlap and, unless ``csv_only``,
-    that every image opens. Raises DataError only when ``root`` is not a folder."""
+def validate_data_dir(root: str | os.PathLike[str], *, csv_only: bool, progress: bool = True,
+                      options: DataOptions | None = None) -> ValidationReport:
+    """Parse both CSVs (gathering every fault), check train/test overlap and test labels, and, unless
+    ``csv_only``, that every image opens. Raises DataError only when ``root`` is not a folder."""
     t0 = time.perf_counter()
-    data_dir = DataDir.open(root)
-    report = ValidationReport(data_dir.root, data_dir.image_dir, data_dir.label_space)
+    data_dir = DataDir.open(root, options)
     found: dict[str, list[Record]] = {}
+    problems: list[DataError | ImageError] = []
+    stats: dict[str, CaptionStats] = {}
+    try:
+        layout = data_dir.layout()
+    except DataError as e:  # a labels file that cannot be read
+        problems.append(e)
+        layout = dataclasses.replace(DataDir.open(root).layout(), allowed=None)
     for split in ("train", "test"):
         path = data_dir.csv_path(split)
         if not path.is_file():
-            report.problems.append(DataError(str(path), None, f"{split}.csv not found in the data folder"))
+            problems.append(DataError(str(path), None, f"{split}.csv not found in the data folder"))
             continue
-        records, problems = parse_csv(path, labelled=split == "train", label_space=data_dir.label_space)
+        records, faults = parse_csv(path, labelled=split == "train", layout=layout)
         found[split] = records
-        report.problems.extend(problems)
-        if stats := CaptionStats.of(records):
-            report.caption_words[split] = stats
-
+        problems.extend(faults)
+        if stat := CaptionStats.of(records):
+            stats[split] = stat
     train, test = found.get("train", []), found.get("test", [])
+    space = _label_space(data_dir, train, problems)
+    report = ValidationReport(data_dir.root, data_dir.image_dir, space, problems=problems, caption_words=stats)
     report.n_train, report.n_test = len(train), len(test)
-    counts = Counter(lid for r in train for lid in r.labels or ())
-    report.label_counts = {lid: counts.get(lid, 0) for lid in data_dir.label_space.ids}
+    counts = Counter(str(t) for r in train for t in r.labels or ())
+    report.label_counts = {lid: counts.get(str(lid), 0) for lid in space.ids}
     report.labels_per_image = dict(sorted(Counter(len(r.labels or ()) for r in train).items()))
-
+    test_csv = str(data_dir.csv_path("test"))
+    problems.extend(DataError(test_csv, r.line, f"label {t!r} does not occur in the training labels "
+                                                f"({space.describe()})")
+                    for r in test for t in r.labels or () if t not in space)
     # A test image that is also a training image would leak its label into the score.
     train_lines = {r.image_id: r.line for r in train}
-    for r in test:
-        if r.image_id in train_lines:
-            report.problems.append(DataError(
-                str(data_dir.csv_path("test")), r.line,
-                f"ImageID {r.image_id} is also in train.csv (line {train_lines[r.image_id]})"))
-
-    if not csv_only:
+    problems.extend(DataError(test_csv, r.line, f"ImageID {r.image_id} is also in train.csv (line "
+                                                f"{train_lines[r.image_id]})")
+                    for r in test if r.image_id in train_lines)
+    if not csv_only and data_dir.options.images:
         records = train + test
         _, skipped = check_images(data_dir, records, skip_bad=True, progress=progress)
         report.images_checked = len(records)
-        report.problems.extend(ImageError(str(data_dir.image_path(i)), why) for i, why in skipped)
+        problems.extend(ImageError(str(data_dir.image_path(i)), why) for i, why in skipped)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _label_space(data_dir: DataDir, train: list[Record], problems: list) -> LabelSpace:
+    if data_dir.labels_file is not None and not any(str(data_dir.labels_file) == getattr(p, "file", None)
+                                                    for p in problems):
+        return data_dir.label_space()
+    tokens = [t for r in train for t in r.labels or ()]
+    return LabelSpace.from_tokens(tokens) if tokens else LabelSpace((), ())
 
 
 def format_report(report: ValidationReport) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import as_paths, opt, redefault, require
+from .data import DataOptions
 from .encoders import EncoderOptions
 from .errors import MlcError
 from .extract import ExtractConfig, extract
@@ -40,12 +41,12 @@ TEXT_CUTS = {"minilm-l6": "layer4", "bert-base-uncased": "layer10"}
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunConfig(EncoderOptions, LoaderOptions):
+class RunConfig(EncoderOptions, LoaderOptions, DataOptions):
     """Options of ``mlc run``."""
 
     data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
                          argument=True, required=True)
-    out: Path | None = opt(None, "Run folder (default runs/<data folder>-<image encoder>-<text encoder>).")
+    out: Path | None = opt(None, "Run folder (default runs/DATA_NAME-IMAGE-TEXT, after the data folder and encoders).")
     cache_dir: Path = opt(Path("cache"), "Where caches (and exported ONNX graphs) are written.")
     folds: int = redefault(FitHeadConfig, "folds", 5)
     head: str = redefault(HeadOptions, "head", "concat")
@@ -74,6 +75,10 @@ def _loader(cfg: RunConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in ("batch_size", "workers", "device", "backend")}
 
 
+def _data(cfg: RunConfig) -> dict[str, Any]:
+    return {f: getattr(cfg, f) for f in ("id_col", "labels_col", "caption_col", "label_sep", "labels", "images")}
+
+
 def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool:
     """The run folder holds a complete run of this very config over these caches."""
     from .cache import read_meta
@@ -89,16 +94,19 @@ def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool
                         for e, c in zip(loaded.features, caches, strict=False))
 
 
-def fit(cfg: RunConfig, caches: list[Path], out: Path) -> None:
-    head_cfg = FitHeadConfig(caches=tuple(caches), out=out, folds=cfg.folds, head=cfg.head)
+def fit(cfg: RunConfig, caches: list[Path], out: Path, folds: int) -> None:
+    head_cfg = FitHeadConfig(caches=tuple(caches), out=out, folds=folds, head=cfg.head)
     if _up_to_date(RunDir(out), head_cfg.to_dict(), caches):
         _say(f"{out}: up to date (same options, same features); not refitted")
         return
     fit_head(head_cfg)
 
 
-def finetune_route(cfg: RunConfig, frozen: Path) -> Path:
-    """Trunk cache -> finetune from the frozen run's head -> a finetuned run folder."""
+def finetune_route(cfg: RunConfig, train: list[Path]) -> Path:
+    """Trunk cache -> finetune from a frozen head fitted on the finetune's own split -> a finetuned run folder.
+
+    The 5-fold run cannot be the start: its heads trained on the rows the finetune holds out, which would
+    bias the finetune's held-out F1 and its thresholds."""
     route = TRUNK_ROUTE.get(cfg.image_encoder)
     text_cut = TEXT_CUTS.get(cfg.text_encoder)
     if route is None or text_cut is None:
@@ -106,12 +114,15 @@ def finetune_route(cfg: RunConfig, frozen: Path) -> Path:
                        "`mlc extract --image-cut ... --text-cut ...` and `mlc finetune --from-cache ...` directly")
     (trunk,) = extract(ExtractConfig(data_dir=cfg.data_dir, splits=("train",), out_dir=cfg.cache_dir,
                                      image_cut=route["image_cut"], text_cut=text_cut, **_encoders(cfg),
-                                     **_loader(cfg)))
+                                     **_loader(cfg), **_data(cfg)))
     out = cfg.out.with_name(cfg.out.name + "-finetuned")
     if RunDir(out).manifest.is_file():
         _say(f"{out}: already finetuned; delete it to finetune again")
         return out
-    finetune(FinetuneConfig(from_cache=trunk, out=out, init_head=frozen, epochs=route["epochs"], sampler="uniform",
+    start = cfg.out.with_name(cfg.out.name + "-split")
+    _say(f"fitting the starting head on the finetune's split ({start})")
+    fit(cfg, train, start, folds=0)
+    finetune(FinetuneConfig(from_cache=trunk, out=out, init_head=start, epochs=route["epochs"], sampler="uniform",
                             pos_weight=False, lr=3e-4, encoder_lr=1e-4, batch_size=32, workers=cfg.workers,
                             device=cfg.device, head=cfg.head, **_encoders(cfg)))
     return out
@@ -120,17 +131,18 @@ def finetune_route(cfg: RunConfig, frozen: Path) -> Path:
 def run(cfg: RunConfig) -> dict[str, Any]:
     """The whole job; returns {"samples_f1", "run", "submission", "report"}."""
     _say(f"validating {cfg.data_dir}")
-    report = validate_data_dir(cfg.data_dir, csv_only=False)
+    report = validate_data_dir(cfg.data_dir, csv_only=False, options=cfg)
     if not report.ok:
         print(format_report(report))
         raise MlcError(f"{cfg.data_dir}: {len(report.problems)} problem(s) in the data (listed above); fix them, "
                        "or run the stages one by one (mlc extract --skip-bad-images ...)")
     _say("extracting features (reused when already there)")
-    caches = extract(ExtractConfig(data_dir=cfg.data_dir, out_dir=cfg.cache_dir, **_encoders(cfg), **_loader(cfg)))
+    caches = extract(ExtractConfig(data_dir=cfg.data_dir, out_dir=cfg.cache_dir, **_encoders(cfg), **_loader(cfg),
+                                   **_data(cfg)))
     train = [c for c in caches if c.name.startswith("train__")]
     _say(f"fitting the head ({cfg.folds or 1} fold(s))")
-    fit(cfg, train, cfg.out)
-    final = finetune_route(cfg, cfg.out) if cfg.finetune else cfg.out
+    fit(cfg, train, cfg.out, cfg.folds)
+    final = finetune_route(cfg, train) if cfg.finetune else cfg.out
     rd = RunDir(final)
     if not rd.submission.is_file():  # a refit removes the old submission: one here is this run's
         submit(SubmitConfig(run=final, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, **_loader(cfg)))

@@ -15,6 +15,7 @@ from pipeline.data import DataDir, check_images, fingerprint, load_image
 from pipeline.errors import DataError, ImageError
 from pipeline.labels import COCO18, LabelSpace
 from pipeline.records import (
+    CsvLayout,
     CsvProblems,
     Record,
     image_id_fault,
@@ -41,12 +42,15 @@ def write(tmp_path: Path, text: str | bytes, name: str = "train.csv") -> Path:
     return path
 
 
-def one_problem(path: Path, labelled: bool = True, label_space: LabelSpace = COCO18) -> DataError:
+COCO_LAYOUT = CsvLayout(allowed=frozenset(str(i) for i in COCO18.ids))  # as with a labels file of COCO18
+
+
+def one_problem(path: Path, labelled: bool = True, layout: CsvLayout = COCO_LAYOUT) -> DataError:
     """Parse, expect exactly one problem, and check read_csv raises that same one."""
-    _, problems = parse_csv(path, labelled=labelled, label_space=label_space)
+    _, problems = parse_csv(path, labelled=labelled, layout=layout)
     assert len(problems) == 1, [str(p) for p in problems]
     with pytest.raises(DataError) as info:
-        read_csv(path, labelled=labelled, label_space=label_space)
+        read_csv(path, labelled=labelled, layout=layout)
     assert str(info.value) == str(problems[0])
     return problems[0]
 
@@ -138,7 +142,7 @@ def test_escaped_form_agrees_with_csv_module(tmp_path: Path, quoting: str, newli
         writer.writerow([f"{i}.jpg", "1 3", cap])
     records = read_train_csv(write(tmp_path, buf.getvalue()))
     assert [r.caption for r in records] == captions
-    assert all(r.labels == (1, 3) for r in records)
+    assert all(r.labels == ("1", "3") for r in records)
 
 
 def test_trailing_comma_variant(tmp_path: Path) -> None:
@@ -151,7 +155,7 @@ def test_trailing_comma_variant(tmp_path: Path) -> None:
 
 def test_utf8_bom(tmp_path: Path) -> None:
     path = write(tmp_path, b"\xef\xbb\xbf" + (TRAIN_HEADER + '0.jpg,1,"caf\xc3\xa9"\n').encode("latin-1"))
-    assert read_train_csv(path) == [Record("0.jpg", "caf\u00e9", (1,), 2)]
+    assert read_train_csv(path) == [Record("0.jpg", "caf\u00e9", ("1",), 2)]
 
 
 def test_unquoted_captions(tmp_path: Path) -> None:
@@ -164,7 +168,7 @@ def test_unquoted_captions(tmp_path: Path) -> None:
 def test_labels_in_any_order(tmp_path: Path) -> None:
     path = write(tmp_path, TRAIN_HEADER + '0.jpg,8 3 13,"a"\n1.jpg,13 3 8,"b"\n2.jpg,"19 1","c"\n')
     records = read_train_csv(path)
-    assert [r.labels for r in records] == [(8, 3, 13), (13, 3, 8), (19, 1)]  # kept as written
+    assert [r.labels for r in records] == [("8", "3", "13"), ("13", "3", "8"), ("19", "1")]  # kept as written
     y = COCO18.multi_hot([r.labels for r in records])
     assert (y[0] == y[1]).all() and y[0].sum() == 3
 
@@ -185,25 +189,40 @@ def test_duplicate_image_id_names_both_lines(tmp_path: Path) -> None:
     assert_names(err, path, 4, "duplicate ImageID 5.jpg", "line 2")
 
 
-def test_label_not_an_integer(tmp_path: Path) -> None:
-    path = write(tmp_path, TRAIN_HEADER + '0.jpg,1,"a"\n1.jpg,1 x3,"b"\n')
-    assert_names(one_problem(path), path, 3, "label 'x3' is not an integer")
-    path = write(tmp_path, TRAIN_HEADER + '0.jpg,1.5,"a"\n')
-    assert_names(one_problem(path), path, 2, "label '1.5' is not an integer")
+def test_a_text_label_among_integer_labels_is_a_typo(tmp_path: Path) -> None:
+    rows = "".join(f'{i}.jpg,{1 + i % 5},"c"\n' for i in range(8))
+    write(tmp_path, TRAIN_HEADER + rows + '8.jpg,1 x3,"b"\n')
+    with pytest.raises(DataError) as info:
+        DataDir.open(tmp_path).label_space()
+    assert_names(info.value, tmp_path / "train.csv", 10, "label 'x3' is not an integer", "--labels")
+    write(tmp_path, TRAIN_HEADER + rows + '8.jpg,1.5,"a"\n')
+    with pytest.raises(DataError, match="label '1.5' is not an integer"):
+        DataDir.open(tmp_path).label_space()
+    # Integer labels only: the space is what train.csv holds, sorted numerically, COCO names when COCO ids.
+    write(tmp_path, TRAIN_HEADER + rows)
+    space = DataDir.open(tmp_path).label_space()
+    assert space.ids == (1, 2, 3, 4, 5) and space.names[:2] == ("person", "bicycle")
 
 
 @pytest.mark.parametrize("label", ["12", "20", "0"])
 def test_label_outside_label_space(tmp_path: Path, label: str) -> None:
     path = write(tmp_path, TRAIN_HEADER + f'0.jpg,1,"a"\n1.jpg,3 {label},"b"\n')
-    assert_names(one_problem(path), path, 3, f"label {label} is not in the label space", "1-11, 13-19")
+    assert_names(one_problem(path), path, 3, f"label '{label}' is not in the labels file", "1, 2, 3")
 
 
 def test_custom_label_space(tmp_path: Path) -> None:
     path = write(tmp_path, TRAIN_HEADER + '0.jpg,12,"a"\n')
-    space = LabelSpace.from_ids([1, 12])
-    assert read_csv(path, labelled=True, label_space=space)[0].labels == (12,)
-    assert_names(one_problem(write(tmp_path, TRAIN_HEADER + '0.jpg,3,"a"\n'), label_space=space),
-                 tmp_path / "train.csv", 2, "label 3", "1, 12")
+    labels = write(tmp_path, "id,name\n12,twelve\n1,one\n", "labels.csv")
+    space = LabelSpace.from_file(labels)
+    assert space.ids == (12, 1) and space.names == ("twelve", "one")  # the file's order, not sorted
+    layout = CsvLayout(allowed=frozenset({"1", "12"}))
+    assert read_csv(path, labelled=True, layout=layout)[0].labels == ("12",)
+    assert_names(one_problem(write(tmp_path, TRAIN_HEADER + '0.jpg,3,"a"\n'), layout=layout),
+                 tmp_path / "train.csv", 2, "label '3'", "1, 12")
+    d = DataDir.open(tmp_path)  # labels.csv in the folder is found by default
+    assert d.label_space() == space
+    with pytest.raises(DataError, match="label '3' is not in the labels file"):
+        d.records("train")
 
 
 def test_train_row_without_labels(tmp_path: Path) -> None:
@@ -214,7 +233,7 @@ def test_train_row_without_labels(tmp_path: Path) -> None:
 
 def test_repeated_label(tmp_path: Path) -> None:
     path = write(tmp_path, TRAIN_HEADER + '0.jpg,1 3 1,"a"\n')
-    assert_names(one_problem(path), path, 2, "label 1 is repeated")
+    assert_names(one_problem(path), path, 2, "label '1' is repeated")
 
 
 @pytest.mark.parametrize("caption", ['""', "", "   ", '"   "'])
@@ -254,7 +273,7 @@ def test_plain_file_names_pass() -> None:
 
 def test_missing_header(tmp_path: Path) -> None:
     path = write(tmp_path, '0.jpg,1,"a"\n1.jpg,30,"b"\n')
-    records, problems = parse_csv(path, labelled=True)
+    records, problems = parse_csv(path, labelled=True, layout=COCO_LAYOUT)
     assert_names(problems[0], path, 1, "missing header", "ImageID,Labels,Caption")
     assert [p.line for p in problems] == [1, 2]  # the rows are still checked: every problem at once
     assert [r.image_id for r in records] == ["0.jpg"]
@@ -262,13 +281,24 @@ def test_missing_header(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("header", "labelled"),
-    [("ImageID,Caption", True), ("ImageID,Labels,Caption", False), ("id,labels,caption", True),
-     ("ImageID,Labels,Caption,Extra", True)],
+    [("ImageID,Caption", True), ("id,labels,caption", True), ("Image,Labels,Caption", True)],
 )
 def test_wrong_columns(tmp_path: Path, header: str, labelled: bool) -> None:
     path = write(tmp_path, f'{header}\n0.jpg,1,"a"\n')
     err = one_problem(path, labelled=labelled)
     assert_names(err, path, 1, "wrong columns", f"found '{header}'")
+
+
+def test_extra_columns_and_a_labelled_test_file_are_read_by_name(tmp_path: Path) -> None:
+    path = write(tmp_path, 'ImageID,Labels,Caption,Extra\n0.jpg,1 3,"a, b",x\n1.jpg,2,"c"\n')
+    records, problems = parse_csv(path, labelled=True)
+    assert [r.image_id for r in records] == ["0.jpg"] and records[0].labels == ("1", "3")
+    assert records[0].caption == "a, b"
+    assert_names(problems[0], path, 3, "expected 4 fields (ImageID,Labels,Caption,Extra), found 3")
+    swapped = write(tmp_path, 'ImageID,Caption,Labels\n0.jpg,"a cat",17\n', "swapped.csv")
+    assert read_train_csv(swapped) == [Record("0.jpg", "a cat", ("17",), 2)]
+    test = write(tmp_path, 'ImageID,Labels,Caption\n30000.jpg,1,"a"\n', "test.csv")  # labels kept for scoring
+    assert read_test_csv(test) == [Record("30000.jpg", "a", ("1",), 2)]
 
 
 def test_unterminated_quote(tmp_path: Path) -> None:
@@ -331,11 +361,11 @@ def test_all_problems_are_collected(tmp_path: Path) -> None:
     path = write(tmp_path, TRAIN_HEADER
                  + '0.jpg,1,"a"\n1.jpg,x,"b"\n2.jpg,1,""\n../3.jpg,1,"c"\n0.jpg,1,"d"\n4.jpg,20,"e"\n'
                  + '5.jpg,1,"f"\n6.jpg,,"g"\n')
-    records, problems = parse_csv(path, labelled=True)
+    records, problems = parse_csv(path, labelled=True, layout=COCO_LAYOUT)
     assert [r.image_id for r in records] == ["0.jpg", "5.jpg"]
     assert [p.line for p in problems] == [3, 4, 5, 6, 7, 9]
     with pytest.raises(CsvProblems) as info:
-        read_train_csv(path)
+        read_train_csv(path, COCO_LAYOUT)
     err = info.value
     assert isinstance(err, DataError) and err.line == 3 and len(err.problems) == 6
     assert f"{path}:3:" in str(err) and "5 more problems" in str(err) and "line 9" not in str(err)
@@ -470,14 +500,14 @@ def test_fingerprint(tmp_path: Path) -> None:
     r0 = records[0]
     changed = [
         [Record(r0.image_id, r0.caption + ".", r0.labels, r0.line), *records[1:]],
-        [Record(r0.image_id, r0.caption, (1, 3), r0.line), *records[1:]],
+        [Record(r0.image_id, r0.caption, ("1", "3"), r0.line), *records[1:]],
         records[::-1],
     ]
     for other in changed:
         assert fingerprint(other, d.image_dir) != base
     # Label order within a row and line numbers carry no meaning.
-    two = Record(r0.image_id, r0.caption, (3, 1), 99)
-    swapped = Record(r0.image_id, r0.caption, (1, 3), 2)
+    two = Record(r0.image_id, r0.caption, ("3", "1"), 99)
+    swapped = Record(r0.image_id, r0.caption, ("1", "3"), 2)
     assert fingerprint([two], None) == fingerprint([swapped], None)
     # One byte of one image.
     path = d.image_path("1.jpg")
@@ -501,7 +531,7 @@ def test_shared_data_reads_every_row() -> None:
     assert len(train) == 12_000 and len(test) == 1_001
     by_id = {r.image_id: r for r in train}
     assert by_id["9084.jpg"].caption == SELTZER
-    assert by_id["9084.jpg"].labels == (3, 1, 11)
+    assert by_id["9084.jpg"].labels == ("3", "1", "11")
     assert by_id["1014.jpg"].caption.count("\n") == 1
     assert "36889.jpg" in {r.image_id for r in test}
     assert {r.image_id for r in train} == {f"{i}.jpg" for i in range(12_000)}

@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, make_data_dir, refresh_manifest
 from typer.testing import CliRunner
 
-from pipeline.atomic import clean_stale
+from pipeline.atomic import clean_stale, lock
 from pipeline.cache import CacheMeta, CacheReader, CacheWriter
 from pipeline.cli import app
 from pipeline.errors import MlcError
@@ -118,7 +118,7 @@ def test_a_missing_fold_head_is_refused(fitted):
     run = fitted["run"]
     (run / "head-1.safetensors").unlink()
     code, out = mlc("submit", run, "--data", fitted["data"], "--cache-dir", fitted["tmp"] / "cache", "--workers", 0)
-    assert code == 2 and "head-1.safetensors: missing from the run folder" in out
+    assert code == 2 and "head-1.safetensors: missing from the folder" in out
     code, out = mlc("report", run)
     assert code == 2 and "head-1.safetensors" in out
 
@@ -126,7 +126,7 @@ def test_a_missing_fold_head_is_refused(fitted):
 def test_an_extra_head_is_refused(fitted):
     run = fitted["run"]
     (run / "head-3.safetensors").write_bytes((run / "head-0.safetensors").read_bytes())
-    with pytest.raises(MlcError, match=r"head-3.safetensors: not part of the run"):
+    with pytest.raises(MlcError, match=r"head-3.safetensors: not part of .*\(not in its manifest\); remove it"):
         RunDir(run).load()
 
 
@@ -136,13 +136,13 @@ def test_edited_or_damaged_files_name_the_file_and_field(fitted, case):
     th = json.loads((run / "thresholds.json").read_text())
     if case == "garbage":
         (run / "thresholds.json").write_text("{not json")
-        want = r"thresholds.json: not as the run wrote it"
+        want = r"thresholds.json: not as it was written"
     elif case == "nan":
-        th["per_class"][4] = float("nan")
+        th["per_class"][1] = float("nan")
         (run / "thresholds.json").write_text(json.dumps(th))  # json writes the token NaN
         want = r"thresholds.json: holds NaN"
     elif case == "labels":
-        th["label_ids"][11] = 12  # 12 is not a competition label
+        th["label_ids"][-1] = 12  # not a label of the data
         (run / "thresholds.json").write_text(json.dumps(th))
         want = r"thresholds.json: label_ids .* differ from the labels the features were made for"
     elif case == "dims":
@@ -254,6 +254,26 @@ def test_stale_temporary_files_of_dead_processes_are_removed(fitted):
                           image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0,
                           backend="torch", views=2))
     assert not stale.exists() and mine.exists()
+
+
+def test_a_held_lock_names_its_holder_and_is_free_once_released(tmp_path):
+    """A second writer stops at once with the holder's pid; after release the lock file holds no stale pid."""
+    target = tmp_path / "x.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pipeline.atomic import lock\n"
+         f"with lock({str(target)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = rf"another mlc process is writing {target} \(pid {holder.pid}\)"
+        with pytest.raises(MlcError, match=busy), lock(target):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock(target):  # the dead holder's lock died with it
+        pass
+    assert (tmp_path / ".x.h5.lock").read_text() == ""
 
 
 @pytest.mark.slow

@@ -157,3 +157,24 @@ def test_finetune_over_a_trunk_cache(data_dir, tmp_path):
     (post,) = extract(ExtractConfig(data_dir=data_dir, out_dir=tmp_path / "c", splits=("train",), workers=0,
                                     backend="torch", from_run=tmp_path / "run", **TINY))
     assert CacheReader(post).meta.source_run == str((tmp_path / "run").resolve())
+
+
+def test_init_head_must_not_have_trained_on_the_rows_the_finetune_holds_out(data_dir, tmp_path):
+    """A 5-fold head (or one fitted on another split) saw the finetune's held-out rows: its held-out F1 and
+    thresholds would be optimistic, so it is refused; a head fitted on the same split is taken."""
+    from pipeline.fit_head import FitHeadConfig, fit_head
+
+    (cache,) = extract(ExtractConfig(data_dir=data_dir, out_dir=tmp_path / "c", splits=("train",), workers=0,
+                                     backend="torch", random_init=True, **TINY))
+    cfg = FinetuneConfig(data_dir=data_dir, out=tmp_path / "ft", random_init=True, epochs=1, batch_size=4,
+                         workers=0, augment=False, **TINY)
+    for name, folds, seed, fault in (("folds", 2, 0, "a 2-fold run"), ("other", 0, 3, "trained on")):
+        fit_head(FitHeadConfig(caches=cache, out=tmp_path / name, epochs=1, folds=folds, seed=seed), quiet=True)
+        with pytest.raises(MlcError, match=fault) as info:
+            finetune(dataclasses.replace(cfg, init_head=tmp_path / name))
+        assert "--folds 0 --seed 0 --val-fraction 0.2" in str(info.value)
+    fit_head(FitHeadConfig(caches=cache, out=tmp_path / "same", epochs=1, folds=0), quiet=True)
+    start = RunDir(tmp_path / "same").load().heads[0].state_dict()
+    task, _ = build_task(dataclasses.replace(cfg, init_head=tmp_path / "same"), torch.device("cpu"))
+    got = task.model.head.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in start.items())

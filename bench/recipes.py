@@ -1,0 +1,135 @@
+"""Which recipe to use: samples-F1 on images no training or tuning saw, and the wall time of each recipe.
+
+On the shared competition subset: every recipe trains (and tunes its thresholds) on ids 0-9999 and is
+scored on ids 10000-11999. Recipes: the frozen offline encoders with one split or 5 folds, each offline
+encoder pair, two caches fused, and the CPU finetune route (a trunk cache, then the encoders' top
+blocks finetuned from the frozen head) at several cuts, epochs and learning rates.
+
+    .venv/bin/python bench/recipes.py [--only frozen,fused,trunk] [--cache-dir cache]
+
+Wall times: extraction of the train split (ONNX Runtime, 2 cores) + training + threshold tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.cache import CacheReader  # noqa: E402
+from pipeline.datasets import TrunkRows, to_device  # noqa: E402
+from pipeline.extract import ExtractConfig, extract  # noqa: E402
+from pipeline.finetune import FinetuneConfig, finetune  # noqa: E402
+from pipeline.fit_head import Features, FitHeadConfig, fit_head  # noqa: E402
+from pipeline.metrics import samples_f1  # noqa: E402
+from pipeline.model import load_model  # noqa: E402
+from pipeline.runs import RunDir  # noqa: E402
+from pipeline.thresholds import apply_thresholds  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data" / "comp5329"
+TEXT = "minilm-l6"
+
+
+def cache(image: str, cache_dir: Path, **cuts: str) -> tuple[Path, float]:
+    """The train cache of ``image`` + MiniLM (made once), and how long making it took (0 when reused)."""
+    t = time.perf_counter()
+    (path,) = extract(ExtractConfig(data_dir=SHARED, image_encoder=image, text_encoder=TEXT, splits=("train",),
+                                    out_dir=cache_dir, **cuts))
+    return path, time.perf_counter() - t
+
+
+def split(readers: list[CacheReader]) -> tuple[Features, Features, np.ndarray, np.ndarray]:
+    feats = Features.load(readers)
+    ids = np.array([int(i.split(".")[0]) for i in feats.ids])
+    train, report = np.flatnonzero(ids < 10000), np.flatnonzero(ids >= 10000)
+    return feats.subset(train), feats.subset(report), train, report
+
+
+def frozen(caches: list[Path], folds: int, out: Path, head: str = "concat") -> tuple[float, float]:
+    """(samples-F1 on ids 10000-11999, seconds to fit + tune) of a head over ``caches``."""
+    readers = [CacheReader(c) for c in caches]
+    train, report, _, _ = split(readers)
+    t = time.perf_counter()
+    fit_head(FitHeadConfig(caches=tuple(caches), out=out, folds=folds, head=head), loaded=(readers, train),
+             quiet=True)
+    secs = time.perf_counter() - t
+    run = RunDir(out).load()
+    return samples_f1(report.labels, run.predict(run.scores(report.image.numpy(), report.text.numpy()))), secs
+
+
+def trunk(trunk_cache: Path, frozen_run: Path, out: Path, epochs: int, lr: float,
+          encoder_lr: float) -> tuple[float, float]:
+    """(samples-F1 on ids 10000-11999, seconds) of the trunk route: finetune from the frozen head."""
+    reader = CacheReader(trunk_cache)
+    t = time.perf_counter()
+    finetune(FinetuneConfig(from_cache=trunk_cache, out=out, max_rows=10000, init_head=frozen_run, epochs=epochs,
+                            sampler="uniform", pos_weight=False, lr=lr, encoder_lr=encoder_lr, batch_size=32,
+                            workers=2, image_encoder=reader.meta.image_encoder, text_encoder=TEXT, head="concat"))
+    secs = time.perf_counter() - t
+    run = RunDir(out).load()
+    model = load_model(run, reader.meta.image_cut, reader.meta.text_cut)
+    ids = np.array([int(i.split(".")[0]) for i in reader.image_ids])
+    rows = np.flatnonzero(ids >= 10000)
+    loader = torch.utils.data.DataLoader(TrunkRows(reader, rows, False, 0), batch_size=64, num_workers=2)
+    scores = []
+    with torch.no_grad():
+        for batch in loader:
+            b = to_device(batch, torch.device("cpu"))
+            scores.append(torch.sigmoid(model(b["pixels"], b["input_ids"], b["attention_mask"])).numpy())
+    y = reader.labels()[rows]
+    return samples_f1(y, apply_thresholds(np.concatenate(scores), run.thresholds)), secs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-dir", type=Path, default=REPO / "cache")
+    ap.add_argument("--only", default="frozen,fused,trunk")
+    ap.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "mlc-recipes.json")
+    args = ap.parse_args()
+    parts = set(args.only.split(","))
+    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+
+    def record(name: str, f1: float, secs: float) -> None:
+        results[name] = {"samples_f1": round(f1, 4), "seconds": round(secs, 1)}
+        args.results.write_text(json.dumps(results, indent=1))
+        print(f"{name:62s} samples-F1 {f1:.4f}   {secs:7.1f} s", flush=True)
+
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        lite0, t0 = cache("efficientnet-lite0", args.cache_dir)
+        lite2, t2 = cache("efficientnet-lite2", args.cache_dir)
+        print(f"train caches: lite0 + MiniLM {t0:.0f} s, lite2 + MiniLM {t2:.0f} s (0 = reused)", flush=True)
+        if "frozen" in parts:
+            for name, caches, folds in (("lite0 + MiniLM, one split", [lite0], 0),
+                                        ("lite0 + MiniLM, 5 folds", [lite0], 5),
+                                        ("lite2 + MiniLM, one split", [lite2], 0),
+                                        ("lite2 + MiniLM, 5 folds", [lite2], 5)):
+                record(name, *frozen(caches, folds, tmp / name.replace(" ", "_")))
+        if "fused" in parts:
+            record("lite0 + lite2 + MiniLM fused, 5 folds", *frozen([lite0, lite2], 5, tmp / "fused"))
+        if "trunk" in parts:
+            for cut, epochs, lr, enc_lr in (("block13", 2, 3e-4, 1e-4), ("block15", 2, 3e-4, 1e-4),
+                                            ("block13", 3, 3e-4, 1e-4), ("block13", 2, 1e-3, 3e-4)):
+                tc, secs = cache("efficientnet-lite0", args.cache_dir, image_cut=cut, text_cut="layer4")
+                # The starting head is fitted on the finetune's own split (the first 10,000 rows, seed 0, 20%
+                # held out): a 5-fold head trained on the rows the finetune holds out (finetune refuses it).
+                base = tmp / f"frozen-{cut}"
+                f1, fsecs = frozen([tc], 0, base)
+                name = f"trunk {cut} + MiniLM layer4, {epochs} ep, lr {lr:g}/{enc_lr:g}"
+                f1_t, tsecs = trunk(tc, base, tmp / f"trunk-{cut}-{epochs}-{lr}", epochs, lr, enc_lr)
+                print(f"  (trunk cache {secs:.0f} s, its one-split start head {f1:.4f} in {fsecs:.0f} s)", flush=True)
+                record(name, f1_t, tsecs)
+
+
+if __name__ == "__main__":
+    main()

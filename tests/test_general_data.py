@@ -1,0 +1,188 @@
+"""mlc beyond the competition: other columns, string labels, a labels file, image-only and text-only data,
+`mlc predict` on new photos, `mlc export` (float16, one ONNX graph)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, make_data_dir
+from typer.testing import CliRunner
+
+from pipeline.cache import CacheReader
+from pipeline.cli import app
+from pipeline.data import DataDir, DataOptions
+from pipeline.errors import DataError
+from pipeline.export import ExportConfig, export
+from pipeline.extract import ExtractConfig, extract
+from pipeline.finetune import FinetuneConfig, finetune
+from pipeline.fit_head import FitHeadConfig, fit_head
+from pipeline.predict import PredictConfig, predict
+from pipeline.predictor import load
+from pipeline.submit import SubmitConfig, submit
+
+TAGS = REPO / "examples" / "tags-mini"
+MINI = REPO / "examples" / "comp5329-mini"
+TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, backend="torch")
+COLUMNS = dict(id_col="file", labels_col="tags", caption_col="title", label_sep="|")
+runner = CliRunner()
+
+
+def test_string_labels_and_custom_columns_round_trip(tmp_path):
+    (train,) = extract(ExtractConfig(data_dir=TAGS, out_dir=tmp_path / "c", splits=("train",), **TINY, **COLUMNS))
+    meta = CacheReader(train).meta
+    assert meta.label_ids[:3] == ("person", "bicycle", "car")  # labels.csv's order
+    assert meta.label_names[0] == "Person" and len(meta.label_ids) == 17
+    fit_head(FitHeadConfig(caches=train, out=tmp_path / "run", epochs=3, folds=2), quiet=True)
+    path, _ = submit(SubmitConfig(run=tmp_path / "run", data_dir=TAGS, cache_dir=tmp_path / "c", workers=0,
+                                  backend="torch"))  # the run remembers the columns
+    rows = list(csv.reader(path.read_text().splitlines()))
+    test_ids = [r.image_id for r in DataDir.open(TAGS, DataOptions(**COLUMNS)).records("test")]
+    assert [r[0] for r in rows[1:]] == test_ids and len(test_ids) == 21
+    assert all(set(r[1].split()) <= set(meta.label_ids) for r in rows[1:])
+    # predict on those photos with their titles gives the submission's labels
+    (tmp_path / "titles.csv").write_text("file,title\n" + "".join(
+        f'{r.image_id},"{r.caption}"\n' for r in DataDir.open(TAGS, DataOptions(**COLUMNS)).records("test")))
+    got = predict(PredictConfig(model=tmp_path / "run", paths=tuple(str(TAGS / "images" / i) for i in test_ids),
+                                captions=tmp_path / "titles.csv", workers=0, backend="torch"))
+    assert [" ".join(map(str, sorted(g["labels"], key=meta.label_ids.index))) for g in got] == \
+        [" ".join(sorted(r[1].split(), key=meta.label_ids.index)) for r in rows[1:]]
+
+
+def test_a_label_outside_the_labels_file_or_the_training_labels_names_its_row(tmp_path):
+    data = tmp_path / "tags"
+    shutil.copytree(TAGS, data)
+    train = (data / "train.csv").read_text().splitlines()
+    train[3] = train[3].replace("person", "persn", 1)
+    (data / "train.csv").write_text("\n".join(train) + "\n")
+    with pytest.raises(DataError, match=r"train.csv:4: label 'persn' is not in the labels file"):
+        DataDir.open(data, DataOptions(**COLUMNS)).records("train")
+    (data / "train.csv").write_text((TAGS / "train.csv").read_text())
+    (data / "labels.csv").unlink()  # the labels are then the ones train.csv holds
+    (data / "test.csv").write_text("file,title,tags\n30000.jpg,A photo.,person\n30050.jpg,Two cats.,unicorn\n")
+    with pytest.raises(DataError, match=r"test.csv:3: label 'unicorn' does not occur in the training labels"):
+        DataDir.open(data, DataOptions(**COLUMNS)).records("test")
+    res = runner.invoke(app, ["validate", str(data), "--csv-only", "--id-col", "file", "--labels-col", "tags",
+                              "--caption-col", "title", "--label-sep", "|"])
+    assert res.exit_code == 1 and "test.csv:3: label 'unicorn'" in res.output
+
+
+def test_image_only_and_text_only_datasets(tmp_path):
+    data = make_data_dir(tmp_path / "tiny", n_train=24, n_test=4)
+    no_caps = tmp_path / "nocaps"
+    shutil.copytree(data, no_caps)
+    for split in ("train", "test"):  # drop the caption column: a proper CSV without it
+        rows = DataDir.open(data).records(split)
+        head = "ImageID,Labels\n" if split == "train" else "ImageID\n"
+        (no_caps / f"{split}.csv").write_text(head + "".join(
+            f"{r.image_id},{' '.join(r.labels)}\n" if split == "train" else f"{r.image_id}\n" for r in rows))
+    res = runner.invoke(app, ["extract", str(no_caps), "--image-encoder", "tiny-resnet", "--text-encoder", "tiny-bert",
+                              "--random-init", "--workers", "0", "--backend", "torch", "--out-dir",
+                              str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert "an image-only dataset; no caption features" in res.output
+    (train,) = (tmp_path / "c").rglob("train__*.h5")
+    assert CacheReader(train).meta.text_encoder == "none" and not CacheReader(train).has("text")
+    res = runner.invoke(app, ["fit-head", str(train), "--out", str(tmp_path / "img"), "--epochs", "2", "--folds", "2"])
+    assert res.exit_code == 0 and "an image-only head instead of 'concat'" in res.output
+    assert json.loads((tmp_path / "img" / "head.json").read_text())["name"] == "image"
+    path, _ = submit(SubmitConfig(run=tmp_path / "img", data_dir=no_caps, cache_dir=tmp_path / "c", workers=0,
+                                  backend="torch"))
+    assert len(path.read_text().splitlines()) == 5
+    # text only: --no-images, ids need not be files
+    res = runner.invoke(app, ["extract", str(data), "--no-images", "--image-encoder", "tiny-resnet", "--text-encoder",
+                              "tiny-bert", "--random-init", "--workers", "0", "--backend", "torch", "--out-dir",
+                              str(tmp_path / "t")])
+    assert res.exit_code == 0 and "a text-only dataset" in res.output
+    (train,) = (tmp_path / "t").rglob("train__*.h5")
+    res = runner.invoke(app, ["fit-head", str(train), "--out", str(tmp_path / "txt"), "--epochs", "2", "--folds", "2"])
+    assert res.exit_code == 0 and "a text-only head" in res.output
+
+
+def test_predict_on_real_photos_matches_submit(tmp_path):
+    (train,) = extract(ExtractConfig(data_dir=MINI, out_dir=tmp_path / "c", splits=("train",), **TINY))
+    fit_head(FitHeadConfig(caches=train, out=tmp_path / "run", epochs=2, folds=2), quiet=True)
+    path, _ = submit(SubmitConfig(run=tmp_path / "run", data_dir=MINI, cache_dir=tmp_path / "c", workers=0,
+                                  backend="torch"))
+    wanted = dict(line.split(",") for line in path.read_text().splitlines()[1:])
+    records = DataDir.open(MINI).records("test")[:40]
+    (tmp_path / "caps.csv").write_text("file,caption\n" + "".join(
+        f'{r.image_id},"{r.caption.replace(chr(34), chr(34) * 2)}"\n' for r in records))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for r in records:
+        shutil.copy(MINI / "data" / r.image_id, photos / r.image_id)
+    res = runner.invoke(app, ["predict", str(tmp_path / "run"), str(photos), "--captions", str(tmp_path / "caps.csv"),
+                              "--format", "json", "--workers", "0", "--backend", "torch", "--top-k", "3"])
+    assert res.exit_code == 0, res.output
+    got = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert len(got) == 40
+    for g in got:
+        assert " ".join(map(str, sorted(g["labels"]))) == wanted[Path(g["path"]).name]
+        assert len(g["probabilities"]) >= 3
+    table = runner.invoke(app, ["predict", str(tmp_path / "run"), str(photos / records[0].image_id), "--caption",
+                                "a photo", "--workers", "0", "--backend", "torch", "--top-k", "18"])
+    assert table.exit_code == 0 and "labels (probability)" in table.output
+    also = table.output.split("[also: ")[1].rstrip().rstrip("]").split(", ")
+    names = set(DataDir.open(MINI).label_space().names)
+    assert len(also) >= 10 and all(a.rsplit(" ", 1)[0] in names for a in also), also  # names, not ids
+    missing = runner.invoke(app, ["predict", str(tmp_path / "run"), str(photos), "--workers", "0"])
+    assert missing.exit_code == 2 and "give --caption TEXT or --captions CSV" in missing.output
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("ft")
+    data = make_data_dir(tmp / "tiny", n_train=24, n_test=4)
+    run = tmp / "run"
+    finetune(FinetuneConfig(data_dir=data, out=run, epochs=1, batch_size=8, workers=0, end_to_end=True, lr=1e-2,
+                            encoder_lr=1e-2, image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True))
+    return run
+
+
+def test_export_float16_is_smaller_and_predicts_the_same_labels(finetuned, tmp_path):
+    full, full_size = export(ExportConfig(run=finetuned, out=tmp_path / "fp32"))
+    half, half_size = export(ExportConfig(run=finetuned, out=tmp_path / "fp16", dtype="float16"))
+    assert half_size < 0.6 * full_size
+    data = finetuned.parent / "tiny"
+    from pipeline.data import load_image
+
+    records = DataDir.open(data).records("train")
+    images = [load_image(data / "data" / r.image_id) for r in records]
+    caps = [r.caption for r in records]
+    run_p = load(finetuned, backend="torch").probabilities(images, caps)
+    for folder in (full, half):
+        p = load(folder, backend="torch").probabilities(images, caps)
+        np.testing.assert_allclose(p, run_p, atol=2e-2 if folder == half else 1e-5)
+        assert (load(folder, backend="torch").decide(p) == load(finetuned, backend="torch").decide(run_p)).mean() > 0.97
+    (half / "head-0.safetensors").write_bytes(b"broken")
+    with pytest.raises(Exception, match="head-0.safetensors: not as it was written"):
+        load(half)
+
+
+def test_export_as_one_onnx_graph_matches_torch(finetuned, tmp_path):
+    import onnxruntime as ort
+
+    out, _ = export(ExportConfig(run=finetuned, out=tmp_path / "onnx", format="onnx"))
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["graph"] == "model.onnx" and "model.onnx" in meta["files"]
+    pred = load(finetuned, backend="torch")
+    from pipeline.export import _probe
+
+    pixels, ids, mask = _probe(pred)
+    got = ort.InferenceSession(str(out / "model.onnx")).run(None, {"pixels": pixels.numpy(), "input_ids": ids.numpy(),
+                                                                   "attention_mask": mask.numpy()})[0]
+    b = pred.branches[0]
+    image = b.eng.image(pixels)["image"]
+    text = b.eng.text(ids, mask)["text"]
+    import torch
+
+    from pipeline.heads import predict_proba
+
+    want = predict_proba(pred.heads[0], torch.from_numpy(image)[:, None], torch.from_numpy(text)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert load(out, backend="torch").labels == pred.labels  # predict takes the folder too

@@ -5,7 +5,7 @@ scored on ids 10000-11999. Recipes: the frozen offline encoders with one split o
 encoder pair, two caches fused, and the CPU finetune route (a trunk cache, then the encoders' top
 blocks finetuned from the frozen head) at several cuts, epochs and learning rates.
 
-    .venv/bin/python bench/recipes.py [--only frozen,fused,trunk] [--cache-dir cache]
+    .venv/bin/python bench/recipes.py [--only frozen,fused,trunk] [--trunk CUT:EPOCHS:LR:ENC_LR,...]
 
 Wall times: extraction of the train split (ONNX Runtime, 2 cores) + training + threshold tuning.
 """
@@ -93,6 +93,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", type=Path, default=REPO / "cache")
     ap.add_argument("--only", default="frozen,fused,trunk")
+    ap.add_argument("--trunk", default="block13:2:3e-4:1e-4,block15:2:3e-4:1e-4,block13:3:3e-4:1e-4,"
+                                       "block13:2:1e-3:3e-4",
+                    help="trunk configs: CUT:EPOCHS:HEAD_LR:ENCODER_LR, comma-separated")
     ap.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "mlc-recipes.json")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -118,8 +121,9 @@ def main() -> None:
         if "fused" in parts:
             record("lite0 + lite2 + MiniLM fused, 5 folds", *frozen([lite0, lite2], 5, tmp / "fused"))
         if "trunk" in parts:
-            for cut, epochs, lr, enc_lr in (("block13", 2, 3e-4, 1e-4), ("block15", 2, 3e-4, 1e-4),
-                                            ("block13", 3, 3e-4, 1e-4), ("block13", 2, 1e-3, 3e-4)):
+            for spec in args.trunk.split(","):
+                cut, ep, lr_s, enc_s = spec.split(":")
+                epochs, lr, enc_lr = int(ep), float(lr_s), float(enc_s)
                 tc, secs = cache("efficientnet-lite0", args.cache_dir, image_cut=cut, text_cut="layer4")
                 # The starting head is fitted on the finetune's own split (the first 10,000 rows, seed 0, 20%
                 # held out): a 5-fold head trained on the rows the finetune holds out (finetune refuses it).

@@ -44,7 +44,8 @@ def test_mlc_run_finetune_route_starts_from_a_one_split_head_and_submits_with_th
     from pipeline import workflow
 
     # the tiny encoders' cuts (the real table lists the measured ones)
-    monkeypatch.setitem(workflow.TRUNK_ROUTE, "tiny-resnet", {"image_cut": "layer3", "epochs": 1})
+    monkeypatch.setitem(workflow.TRUNK_ROUTE, "tiny-resnet", {"image_cut": "layer3", "epochs": 1, "lr": 1e-3,
+                                                                 "encoder_lr": 3e-4})
     monkeypatch.setitem(workflow.TEXT_CUTS, "tiny-bert", "layer1")
     data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
     out = tmp_path / "runs" / "demo"

@@ -206,3 +206,16 @@ def test_confusion_definition(tmp_path: Path) -> None:
     i, j = 2, 7  # car images where car is missed and truck is predicted though not true
     want = (d.y_true[:, i] & ~a.y_pred[:, i] & a.y_pred[:, j] & ~d.y_true[:, j]).sum() / d.y_true[:, i].sum()
     assert m[i, j] == pytest.approx(want)
+
+
+def test_a_submission_with_word_labels_is_read_by_label_text(tmp_path):
+    from pipeline.labels import LabelSpace
+    from pipeline.report.data import read_predictions
+
+    space = LabelSpace(("cat", "dog", "traffic_light"), ("Cat", "Dog", "Traffic Light"))
+    sub = tmp_path / "submission.csv"
+    sub.write_text("ImageID,Labels\na.jpg,dog traffic_light\nb.jpg,cat\n")
+    np.testing.assert_array_equal(read_predictions(sub, space), [[False, True, True], [True, False, False]])
+    sub.write_text("ImageID,Labels\na.jpg,dog\nb.jpg,cow\n")
+    with pytest.raises(DataError, match=r"submission.csv:3: label 'cow' is not one of the run's label ids"):
+        read_predictions(sub, space)

@@ -84,7 +84,7 @@ def _normalise_history(raw: Any, where: Path) -> list[list[dict[str, Any]]]:
 
 
 def read_predictions(path: Path, labels: LabelSpace) -> np.ndarray:
-    """A submission CSV (``ImageID,Labels``; labels space-separated ids) -> (M, C) bool."""
+    """A submission CSV (``ImageID,Labels``; labels space-separated) -> (M, C) bool."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
@@ -92,7 +92,6 @@ def read_predictions(path: Path, labels: LabelSpace) -> np.ndarray:
     rows = list(csv.reader(text.splitlines()))
     if not rows or [h.strip() for h in rows[0][:2]] != ["ImageID", "Labels"]:
         raise DataError(str(path), 1, "expected the header ImageID,Labels")
-    col = {lid: j for j, lid in enumerate(labels.ids)}
     pred = np.zeros((len(rows) - 1, len(labels)), dtype=bool)
     kept = 0
     for line, row in enumerate(rows[1:], start=2):
@@ -102,8 +101,8 @@ def read_predictions(path: Path, labels: LabelSpace) -> np.ndarray:
             raise DataError(str(path), line, "expected ImageID,Labels")
         for tok in row[1].split():
             try:
-                pred[kept, col[int(tok)]] = True
-            except (ValueError, KeyError):
+                pred[kept, labels.column(tok)] = True  # by the label's text: ids may be integers or words
+            except KeyError:
                 raise DataError(str(path), line, f"label {tok!r} is not one of the run's label ids") from None
         kept += 1
     if kept == 0:

@@ -167,6 +167,26 @@ class ImageEncoder(Encoder):
             self.train(was_training)
 
 
+class WholeImageEncoder(ImageEncoder):
+    """An image network mlc does not cut (a Hugging Face or OpenCLIP tower): one step, the whole network.
+
+    Subclasses give ``weights_module()`` (the network) and ``pooled(x)``: (B, 3, H, W) -> (B, dim)."""
+
+    def pooled(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def run_step(self, i: int, x: Tensor) -> Tensor:
+        return x  # never reached: with one step there is no cut, and forward_top runs the whole network
+
+    def step_modules(self, i: int) -> list[nn.Module]:
+        return [self.weights_module()]
+
+    def forward_top(self, h: Tensor, cut: str | None) -> Tensor:
+        if cut is not None:
+            raise self.no_cut(cut)
+        return self.pooled(h)
+
+
 class TextEncoder(Encoder):
     """Captions -> (B, dim) vectors: ``tokenize`` then ``forward(input_ids, attention_mask)``."""
 

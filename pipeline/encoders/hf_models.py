@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import WeightsError
-from .base import ImageEncoder
+from .base import WholeImageEncoder
 from .registry import EncoderSpec, register_family
 from .text import BertTextEncoder
 from .transforms import ImagePreprocess, TextPreprocess
@@ -118,7 +118,7 @@ def _create_text(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: in
 # ------------------------------------------------------------------------------------------- image
 
 
-class HFImageEncoder(ImageEncoder):
+class HFImageEncoder(WholeImageEncoder):
     """An AutoModel vision model: (B, 3, H, W) -> its pooled output (or mean of the last hidden states)."""
 
     steps = ("model",)
@@ -137,16 +137,8 @@ class HFImageEncoder(ImageEncoder):
         if getattr(self, "processor", None) is not None:
             self.processor.save_pretrained(str(folder))
 
-    def run_step(self, i: int, x: Tensor) -> Tensor:
-        return x
-
-    def step_modules(self, i: int) -> list[nn.Module]:
-        return [self.model]
-
-    def forward_top(self, h: Tensor, cut: str | None) -> Tensor:
-        if cut is not None:
-            raise self.no_cut(cut)
-        out = self.model(pixel_values=h)
+    def pooled(self, x: Tensor) -> Tensor:
+        out = self.model(pixel_values=x)
         pooled = getattr(out, "pooler_output", None)
         if pooled is not None:
             return pooled.flatten(1)  # (B, D); ConvNeXt's is (B, D, 1, 1) in some versions

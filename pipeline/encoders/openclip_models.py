@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import MlcError, WeightsError
-from .base import ImageEncoder, TextEncoder
+from .base import TextEncoder, WholeImageEncoder
 from .registry import EncoderSpec, register_family
 from .transforms import ImagePreprocess, TextPreprocess
 from .weights import WEIGHTS_FILE, hf_cache_dir, load_strict, offline, reachable, read_state_dict, seeded
@@ -91,7 +91,7 @@ def _pretrained(name: str, arch: str, tag: str, model: nn.Module) -> nn.Module:
     )
 
 
-class OpenClipImageEncoder(ImageEncoder):
+class OpenClipImageEncoder(WholeImageEncoder):
     """The visual tower: (B, 3, H, W) -> (B, embed_dim) projected image embedding."""
 
     steps = ("visual",)
@@ -104,16 +104,8 @@ class OpenClipImageEncoder(ImageEncoder):
     def weights_module(self) -> nn.Module:
         return self.visual
 
-    def run_step(self, i: int, x: Tensor) -> Tensor:
-        return x
-
-    def step_modules(self, i: int) -> list[nn.Module]:
-        return [self.visual]
-
-    def forward_top(self, h: Tensor, cut: str | None) -> Tensor:
-        if cut is not None:
-            raise self.no_cut(cut)
-        return self.visual(h)
+    def pooled(self, x: Tensor) -> Tensor:
+        return self.visual(x)
 
 
 class OpenClipTextEncoder(TextEncoder):

@@ -92,7 +92,8 @@ class _TextGraph(nn.Module):
         return self.encoder.forward_top(h, attention_mask, self.cut), h
 
 
-def _graph(encoder: Any, cut: str | None) -> nn.Module:
+def encoder_graph(encoder: Any, cut: str | None) -> nn.Module:
+    """The module exported for ``encoder``: uint8 pixels, or token ids and mask, in; features out."""
     return (_ImageGraph if isinstance(encoder, ImageEncoder) else _TextGraph)(encoder, cut).eval()
 
 
@@ -102,7 +103,7 @@ def _names(encoder: nn.Module, cut: str | None) -> tuple[list[str], list[str]]:
     return inputs, [kind] + ([f"{kind}_trunk"] if cut else [])
 
 
-def _probe(encoder: nn.Module) -> tuple[torch.Tensor, ...]:
+def probe_inputs(encoder: nn.Module) -> tuple[torch.Tensor, ...]:
     """A fixed small batch: 2 seeded images, or 3 captions of different lengths (so padding is exercised)."""
     if isinstance(encoder, ImageEncoder):
         g = torch.Generator().manual_seed(0)
@@ -136,29 +137,40 @@ def _quiet() -> Iterator[None]:
             logging.disable(logging.NOTSET)
 
 
-def export(encoder: Any, cut: str | None, path: Path) -> None:
-    """Export ``encoder`` (its part above and below ``cut`` when given) to ``path``, atomically, with the
-    weights hash in the model's metadata. BackendError when torch cannot export it."""
+TOKEN_INPUTS = ("input_ids", "attention_mask")  # their axis 1 (tokens) is dynamic too
+
+
+def to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str], path: Path,
+            metadata: dict[str, str] | None = None) -> None:
+    """Export ``module`` on ``args`` to ``path`` (atomically) with a dynamic batch axis, and a dynamic token
+    axis on the token inputs; ``metadata`` goes into the model's properties. BackendError (the exporter's
+    one-line reason) when torch cannot export it."""
     import onnx
 
-    inputs, outputs = _names(encoder, cut)
-    args = _probe(encoder)
-    batch = torch.export.Dim("batch")
-    axes = {0: batch} if len(args) == 1 else {0: batch, 1: torch.export.Dim("tokens", max=4096)}
+    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=4096)
+    shapes = {k: {0: batch, 1: tokens} if k in TOKEN_INPUTS else {0: batch} for k in inputs}
     try:
         with _quiet(), torch.no_grad():
-            program = torch.onnx.export(_graph(encoder, cut), args, dynamo=True, input_names=inputs,
-                                        output_names=outputs, dynamic_shapes={k: axes for k in inputs},
-                                        verbose=False)
-        model = program.model_proto
+            model = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
+                                      dynamic_shapes=shapes, verbose=False).model_proto
     except Exception as e:
-        raise BackendError(f"{encoder.name} cannot be exported to ONNX ({_reason(e)}); use --backend torch") from e
-    for key, value in (("mlc_weights_hash", encoder.weights_hash), ("mlc_cut", cut or ""),
-                       ("mlc_export_version", str(EXPORT_VERSION))):
+        raise BackendError(_reason(e)) from e
+    for key, value in (metadata or {}).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
+
+
+def export(encoder: Any, cut: str | None, path: Path) -> None:
+    """Export ``encoder`` (its part above and below ``cut`` when given) to ``path``, atomically, with the
+    weights hash in the model's metadata. BackendError when torch cannot export it."""
+    inputs, outputs = _names(encoder, cut)
+    meta = {"mlc_weights_hash": encoder.weights_hash, "mlc_cut": cut or "", "mlc_export_version": str(EXPORT_VERSION)}
+    try:
+        to_onnx(encoder_graph(encoder, cut), probe_inputs(encoder), inputs, outputs, path, meta)
+    except BackendError as e:
+        raise BackendError(f"{encoder.name} cannot be exported to ONNX ({e}); use --backend torch") from e
 
 
 def _reason(e: Exception) -> str:
@@ -172,7 +184,7 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _session(path: Path, threads: int = 1) -> Any:
+def ort_session(path: Path, threads: int = 1) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -194,14 +206,19 @@ def _check(session: Any, encoder: Any, cut: str | None) -> str | None:
     if meta.get("mlc_weights_hash") != encoder.weights_hash or meta.get("mlc_cut", "") != (cut or "") \
             or meta.get("mlc_export_version") != str(EXPORT_VERSION):
         return "exported from other weights or by another mlc"
-    args = _probe(encoder)
+    args = probe_inputs(encoder)
     with torch.inference_mode():
-        want = _graph(encoder, cut)(*args)
+        want = encoder_graph(encoder, cut)(*args)
     want = want if isinstance(want, tuple) else (want,)
-    inputs, _ = _names(encoder, cut)
+    inputs, outputs = _names(encoder, cut)
     got = session.run(None, {k: a.numpy() for k, a in zip(inputs, args, strict=True)})
-    for name, g, w in zip(_names(encoder, cut)[1], got, want, strict=True):
-        w = w.float().numpy()
+    return mismatch(outputs, got, [w.float().numpy() for w in want])
+
+
+def mismatch(names: list[str], got: list[np.ndarray], want: list[np.ndarray]) -> str | None:
+    """Where ONNX Runtime's outputs ``got`` leave torch's ``want`` (beyond ATOL + RTOL x |want|, or not
+    finite, or another shape), or None."""
+    for name, g, w in zip(names, got, want, strict=True):
         if g.shape != w.shape:
             return f"{name}: shape {g.shape} instead of {w.shape}"
         err = np.abs(g - w) - (ATOL + RTOL * np.abs(w))
@@ -215,7 +232,7 @@ def onnx_session(encoder: Any, cut: str | None, onnx_dir: Path, log: Callable[[s
     path = onnx_file(onnx_dir, encoder, cut)
     if path.is_file():
         try:
-            session = _session(path)
+            session = ort_session(path)
             why = _check(session, encoder, cut)
         except Exception as e:  # a truncated or corrupt file
             why = f"unreadable ({type(e).__name__})"
@@ -224,7 +241,7 @@ def onnx_session(encoder: Any, cut: str | None, onnx_dir: Path, log: Callable[[s
         log(f"{path}: {why}; exporting it again")
     log(f"exporting {encoder.name}{f' (cut {cut})' if cut else ''} to ONNX: {path}")
     export(encoder, cut, path)
-    session = _session(path)
+    session = ort_session(path)
     why = _check(session, encoder, cut)
     if why is not None:
         path.unlink(missing_ok=True)

@@ -22,13 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_path, check_writable, staging_dir, swap_in, write_json, write_safetensors
-from .backends import ATOL, RTOL, _session
+from .atomic import check_writable, staging_dir, swap_in, write_json, write_safetensors
+from .backends import (
+    ATOL,
+    PROBE_CAPTIONS,
+    RTOL,
+    BackendError,
+    encoder_graph,
+    mismatch,
+    ort_session,
+    probe_inputs,
+    to_onnx,
+)
 from .config import Config, as_paths, opt, require
 from .errors import MlcError, OutputError
 from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, load
@@ -104,63 +113,53 @@ def _write(pred: Predictor, stage: Path, cfg: ExportConfig) -> dict[str, Any]:
 
 
 class _Whole(nn.Module):
-    """uint8 pixels (B, 3, H, W), token ids and mask (B, T) -> (B, C) probabilities, mean over the heads."""
+    """uint8 pixels (B, 3, H, W), token ids and mask (B, T) -> (B, C) probabilities, mean over the heads.
+    The encoders run as backends exports them (normalisation inside the graph)."""
 
     def __init__(self, pred: Predictor) -> None:
         super().__init__()
         (b,) = pred.branches
-        self.image, self.text = b.image, b.text
+        self.image = encoder_graph(b.image, None) if b.image is not None else None
+        self.text = encoder_graph(b.text, None) if b.text is not None else None
         self.heads = nn.ModuleList(pred.heads)
-        pre = b.image.preprocess if b.image is not None else None
-        if pre is not None:
-            self.register_buffer("mean", torch.tensor(pre.mean).view(1, -1, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(pre.std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         n = pixels.shape[0]
-        zi = self.image((pixels.to(torch.float32) / 255 - self.mean) / self.std) if self.image is not None \
-            else pixels.new_zeros((n, 0), dtype=torch.float32)
+        zi = self.image(pixels) if self.image is not None else pixels.new_zeros((n, 0), dtype=torch.float32)
         zt = self.text(input_ids, attention_mask) if self.text is not None \
             else pixels.new_zeros((n, 0), dtype=torch.float32)
         return torch.stack([torch.sigmoid(h(zi, zt)) for h in self.heads]).mean(0)
 
 
-def _probe(pred: Predictor) -> tuple[torch.Tensor, ...]:
+def probe_batch(pred: Predictor) -> tuple[torch.Tensor, ...]:
+    """pixels (2, 3, H, W) uint8, input_ids and attention_mask (2, T): backends' probe images and its first
+    two probe captions (of different lengths, so padding is exercised)."""
     (b,) = pred.branches
-    crop = b.image.preprocess.crop if b.image is not None else 8
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (2, 3, crop, crop), generator=g, dtype=torch.uint8)
+    if b.image is not None:
+        (pixels,) = probe_inputs(b.image)
+    else:
+        pixels = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)  # an input the graph ignores
     if b.text is None:
         return pixels, torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)
-    tok = b.text.tokenize(["a dog on a bench", "two people riding horses across a field"])
+    tok = b.text.tokenize(list(PROBE_CAPTIONS[:2]))
     return pixels, tok["input_ids"], tok["attention_mask"]
 
 
 def _write_graph(pred: Predictor, stage: Path) -> None:
     """model.onnx: the whole model in one graph, checked against torch on a probe batch."""
-    import onnx
-
-    from .backends import _quiet, _reason
-
     if len(pred.branches) != 1:
         raise MlcError("--format onnx exports a model over one cache; this run fuses several (use safetensors)")
     whole = _Whole(pred).eval()
-    args = _probe(pred)
-    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=4096)
-    names = ["pixels", "input_ids", "attention_mask"]
+    args = probe_batch(pred)
+    names, path = ["pixels", "input_ids", "attention_mask"], stage / "model.onnx"
     try:
-        with _quiet(), torch.no_grad():
-            program = torch.onnx.export(whole, args, dynamo=True, input_names=names, output_names=["probabilities"],
-                                        dynamic_shapes={"pixels": {0: batch}, "input_ids": {0: batch, 1: tokens},
-                                                        "attention_mask": {0: batch, 1: tokens}}, verbose=False)
-    except Exception as e:
-        raise MlcError(f"the model cannot be exported as one ONNX graph ({_reason(e)}); use --format safetensors") \
-            from e
-    with atomic_path(stage / "model.onnx") as tmp:
-        onnx.save(program.model_proto, str(tmp))
-    got = _session(stage / "model.onnx").run(None, {k: a.numpy() for k, a in zip(names, args, strict=True)})[0]
+        to_onnx(whole, args, names, ["probabilities"], path)
+    except BackendError as e:
+        raise MlcError(f"the model cannot be exported as one ONNX graph ({e}); use --format safetensors") from e
+    got = ort_session(path).run(None, {k: a.numpy() for k, a in zip(names, args, strict=True)})
     with torch.no_grad():
         want = whole(*args).numpy()
-    if np.abs(got - want).max() > ATOL + RTOL * np.abs(want).max():
-        raise MlcError(f"the exported graph differs from torch by {np.abs(got - want).max():.3g}; use --format "
-                       "safetensors")
+    why = mismatch(["probabilities"], got, [want])
+    if why is not None:
+        raise MlcError(f"the exported graph does not reproduce torch ({why}; tolerance {ATOL} + {RTOL} x |value|); "
+                       "use --format safetensors")

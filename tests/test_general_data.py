@@ -171,9 +171,9 @@ def test_export_as_one_onnx_graph_matches_torch(finetuned, tmp_path):
     meta = json.loads((out / "export.json").read_text())
     assert meta["graph"] == "model.onnx" and "model.onnx" in meta["files"]
     pred = load(finetuned, backend="torch")
-    from pipeline.export import _probe
+    from pipeline.export import probe_batch
 
-    pixels, ids, mask = _probe(pred)
+    pixels, ids, mask = probe_batch(pred)
     got = ort.InferenceSession(str(out / "model.onnx")).run(None, {"pixels": pixels.numpy(), "input_ids": ids.numpy(),
                                                                    "attention_mask": mask.numpy()})[0]
     b = pred.branches[0]

@@ -8,7 +8,6 @@ encoders, and the head reads the branches' image features side by side, then the
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,14 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import schemas
 from .backends import Engine, engine
 from .encoders import ImageEncoder, TextEncoder, load_encoder
 from .errors import MlcError
 from .features import Recipe, encode_texts
 from .fused import Part
-from .heads import create_head, predict_proba
+from .heads import HEADS, predict_proba
 from .labels import LabelSpace
-from .runs import RunDir, check_listing
+from .runs import RunDir, check_listing, load_head, read_json
 from .thresholds import apply_thresholds
 
 EXPORT_FILE = "export.json"
@@ -122,24 +122,17 @@ def _branch(image: ImageEncoder | None, text: TextEncoder | None, backend: str, 
 
 
 def _from_export(path: Path, backend: str, device: torch.device, onnx_dir: Path) -> Predictor:
-    try:
-        meta = json.loads((path / EXPORT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MlcError(f"{path / EXPORT_FILE}: cannot read ({e})") from e
-    if meta.get("format") != EXPORT_FORMAT:
-        raise MlcError(f"{path}: export format {meta.get('format')!r}; this mlc reads format {EXPORT_FORMAT}")
+    meta = read_json(path / EXPORT_FILE, "the export folder")
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != EXPORT_FORMAT:
+        raise MlcError(f"{path}: export format {fmt!r}; this mlc reads format {EXPORT_FORMAT}")
+    meta = schemas.export(meta, path / EXPORT_FILE, tuple(HEADS))
     check_listing(path, meta["files"], (EXPORT_FILE,), "export the run again")
     branches = []
     for b in meta["branches"]:
         image = load_encoder(path / b["image"]).float() if b.get("image") else None
         text = load_encoder(path / b["text"]).float() if b.get("text") else None
         branches.append(_branch(image, text, backend, device, onnx_dir))  # type: ignore[arg-type]
-    heads = []
-    from safetensors.torch import load_file
-
-    for name in meta["heads"]:
-        head = create_head(**meta["head"])
-        head.load_state_dict({k: v.float() for k, v in load_file(str(path / name)).items()})
-        heads.append(head.eval())
+    heads = [load_head(path / name, meta["head"]) for name in meta["heads"]]
     labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))
     return Predictor(path, branches, heads, meta["head"], np.asarray(meta["thresholds"], np.float32), labels)

@@ -275,13 +275,7 @@ class RunDir:
         return manifest
 
     def read_json(self, name: str) -> Any:
-        path = self / name
-        try:
-            return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants(path))
-        except FileNotFoundError:
-            raise MlcError(f"{path}: missing from the run folder") from None
-        except (OSError, ValueError) as e:
-            raise MlcError(f"{path}: cannot read JSON ({e})") from e
+        return read_json(self / name, "the run folder")
 
     def load(self) -> Run:
         """The run's head(s), thresholds and contract, verified and ready to predict."""
@@ -302,12 +296,27 @@ class RunDir:
                    np.asarray(th["per_class"], np.float32), labels)
 
     def _load_head(self, name: str, head_cfg: dict[str, Any]) -> torch.nn.Module:
-        head = create_head(**head_cfg)
-        try:
-            head.load_state_dict(load_file(str(self / name)))
-        except Exception as e:  # SafetensorError, a shape mismatch, ...
-            raise MlcError(f"{self / name}: cannot load the head's weights ({type(e).__name__}: {e})") from e
-        return head.eval()
+        return load_head(self / name, head_cfg)
+
+
+def read_json(path: Path, folder: str) -> Any:
+    """A JSON file mlc wrote into ``folder`` (named in the message); NaN/Infinity refused, faults named."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants(path))
+    except FileNotFoundError:
+        raise MlcError(f"{path}: missing from {folder}") from None
+    except (OSError, ValueError) as e:
+        raise MlcError(f"{path}: cannot read JSON ({e})") from e
+
+
+def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
+    """A head built from ``head_cfg`` with the weights in ``path`` (float16 ones are cast), in eval mode."""
+    head = create_head(**head_cfg)
+    try:
+        head.load_state_dict(load_file(str(path)))  # copies into the float32 parameters, casting
+    except Exception as e:  # SafetensorError, a shape mismatch, ...
+        raise MlcError(f"{path}: cannot load the head's weights ({type(e).__name__}: {e})") from e
+    return head.eval()
 
 
 _LATER = ("checkpoints", "report", "submission.csv")  # written after the run, not part of it

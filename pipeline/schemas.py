@@ -122,17 +122,49 @@ def features(d: Any, path: Path) -> list:
     return entries
 
 
-def manifest(d: Any, path: Path) -> dict:
-    d = _dict(d, path, "(file)")
-    _int(_key(d, "format", path), path, "format", 1)
-    if _key(d, "kind", path) not in RUN_KINDS:
-        _fail(path, "kind", f"expected one of {RUN_KINDS}, found {d['kind']!r}")
+def _files(d: dict, path: Path) -> dict:
+    """``files``: {relative path: {bytes, sha256}}, as ``runs.listing`` writes it."""
     files = _dict(_key(d, "files", path), path, "files")
     for name, entry in files.items():
         entry = _dict(entry, path, f"files[{name!r}]")
         _int(entry.get("bytes"), path, f"files[{name!r}].bytes")
         if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
             _fail(path, f"files[{name!r}].sha256", "expected 64 hex digits")
+    return files
+
+
+def manifest(d: Any, path: Path) -> dict:
+    d = _dict(d, path, "(file)")
+    _int(_key(d, "format", path), path, "format", 1)
+    if _key(d, "kind", path) not in RUN_KINDS:
+        _fail(path, "kind", f"expected one of {RUN_KINDS}, found {d['kind']!r}")
+    _files(d, path)
+    return d
+
+
+def export(d: Any, path: Path, heads: tuple[str, ...]) -> dict:
+    """``export.json`` (see export.py): labels, thresholds, the head and its weights, the encoder folders."""
+    d = _dict(d, path, "(file)")
+    _int(_key(d, "format", path), path, "format", 1)
+    files = _files(d, path)
+    ids = label_ids(_key(d, "label_ids", path), path)
+    names = _list(_key(d, "label_names", path), path, "label_names")
+    if len(names) != len(ids) or not all(isinstance(n, str) for n in names):
+        _fail(path, "label_names", f"expected {len(ids)} names (one per label id), found {names!r:.80}")
+    per_class = _list(_key(d, "thresholds", path), path, "thresholds")
+    if len(per_class) != len(ids):
+        _fail(path, "thresholds", f"expected {len(ids)} thresholds (one per label), found {len(per_class)}")
+    for i, t in enumerate(per_class):
+        _unit(t, path, f"thresholds[{i}] (label {ids[i]})")
+    head(_key(d, "head", path), path, heads)
+    for i, name in enumerate(_list(_key(d, "heads", path), path, "heads", 1)):
+        if name not in files:
+            _fail(path, f"heads[{i}]", f"{name!r} is not one of the exported files")
+    for i, b in enumerate(_list(_key(d, "branches", path), path, "branches", 1)):
+        b = _dict(b, path, f"branches[{i}]")
+        for kind in ("image", "text"):
+            if b.get(kind) is not None and not isinstance(b[kind], str):
+                _fail(path, f"branches[{i}].{kind}", f"expected a folder name or null, found {b[kind]!r}")
     return d
 
 

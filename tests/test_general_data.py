@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pipeline.cache import CacheReader
 from pipeline.cli import app
 from pipeline.data import DataDir, DataOptions
-from pipeline.errors import DataError
+from pipeline.errors import DataError, MlcError
 from pipeline.export import ExportConfig, export
 from pipeline.extract import ExtractConfig, extract
 from pipeline.finetune import FinetuneConfig, finetune
@@ -162,6 +162,22 @@ def test_export_float16_is_smaller_and_predicts_the_same_labels(finetuned, tmp_p
     (half / "head-0.safetensors").write_bytes(b"broken")
     with pytest.raises(Exception, match="head-0.safetensors: not as it was written"):
         load(half)
+
+
+@pytest.mark.parametrize("edit, fault", [
+    (lambda m: m.update(thresholds=m["thresholds"][:-1]), r"export.json: thresholds: expected \d+ thresholds"),
+    (lambda m: m["thresholds"].__setitem__(0, 1.5), r"export.json: thresholds\[0\] .*: expected a finite number"),
+    (lambda m: m.pop("heads"), r"export.json: heads: missing"),
+    (lambda m: m.update(heads=["head-9.safetensors"]), r"export.json: heads\[0\]: 'head-9.safetensors' is not one"),
+    (lambda m: m["head"].update(name="mlp9"), r"export.json: name: expected one of"),
+])
+def test_an_edited_export_json_names_the_file_and_field(finetuned, tmp_path, edit, fault):
+    out, _ = export(ExportConfig(run=finetuned, out=tmp_path / "x"))
+    meta = json.loads((out / "export.json").read_text())
+    edit(meta)
+    (out / "export.json").write_text(json.dumps(meta))
+    with pytest.raises(MlcError, match=fault):
+        load(out, backend="torch")
 
 
 def test_export_as_one_onnx_graph_matches_torch(finetuned, tmp_path):

@@ -13,17 +13,20 @@ import glob
 import io
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
 from .atomic import write_text
 from .config import as_paths, opt, require
 from .data import load_image
 from .device import select_device
-from .errors import DataError, MlcError
+from .errors import DataError, ImageError, MlcError
 from .features import LoaderOptions
 from .predictor import Predictor, load
 from .records import IMAGE_EXTENSIONS
@@ -90,14 +93,13 @@ def read_captions(path: Path) -> dict[str, str]:
     return out
 
 
-def _captions_for(cfg: PredictConfig, keys: list[str], pred: Predictor) -> list[str]:
+def _captions_for(cfg: PredictConfig, keys: list[str], pred: Predictor, table: dict[str, str] | None) -> list[str]:
     if not pred.needs_captions:
         return [""] * len(keys)
     if cfg.caption is not None:
         return [cfg.caption] * len(keys)
-    if cfg.captions is None:
+    if table is None:
         raise MlcError(f"{cfg.model} reads captions too: give --caption TEXT or --captions CSV")
-    table = read_captions(cfg.captions)
     missing = [k for k in keys if k not in table and Path(k).name not in table]
     if missing:
         raise MlcError(f"{cfg.captions}: no caption for {', '.join(missing[:5])}" +
@@ -105,23 +107,51 @@ def _captions_for(cfg: PredictConfig, keys: list[str], pred: Predictor) -> list[
     return [table.get(k, table.get(Path(k).name, "")) for k in keys]
 
 
+class _Photos(torch.utils.data.Dataset):
+    """Photo i decoded to RGB in a DataLoader worker: (image or None, fault or None)."""
+
+    def __init__(self, files: list[Path], draft: int | None) -> None:
+        self.files, self.draft = files, draft
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image | None, tuple[str, str] | None]:
+        try:
+            return load_image(self.files[i], self.draft), None
+        except ImageError as e:  # raised again in the main process (ImageError itself does not pickle)
+            return None, (e.path, e.fault)
+
+
+def _image_batches(files: list[Path], pred: Predictor, cfg: PredictConfig) -> Iterator[list[Image.Image]]:
+    loader = torch.utils.data.DataLoader(_Photos(files, pred.draft), batch_size=cfg.batch_size,
+                                         num_workers=cfg.workers, collate_fn=list)
+    for batch in loader:
+        for _, fault in batch:
+            if fault is not None:
+                raise ImageError(*fault)
+        yield [im for im, _ in batch]
+
+
 def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
     """One dict per photo (or caption): its labels, their names and probabilities."""
     pred = load(cfg.model, backend=cfg.backend, device=select_device(cfg.device), onnx_dir=cfg.onnx_dir)
+    table = read_captions(cfg.captions) if cfg.captions is not None else None
     if pred.needs_images:
         files = image_paths(cfg.paths)
         keys = [str(f) for f in files]
     else:  # a text-only model: the rows are the captions CSV's
         files = []
-        keys = list(read_captions(cfg.captions)) if cfg.captions else [str(p) for p in cfg.paths]
+        keys = list(table) if table is not None else [str(p) for p in cfg.paths]
     if not keys:
         raise MlcError("nothing to predict: give photos (or, for a text-only model, --captions)")
-    captions = _captions_for(cfg, keys, pred)
+    captions = _captions_for(cfg, keys, pred, table)
+    n = cfg.batch_size
+    images = _image_batches(files, pred, cfg) if files else None
     results: list[dict[str, Any]] = []
-    for s in range(0, len(keys), 64):
-        images = [load_image(f, pred.draft) for f in files[s:s + 64]] if files else None
-        probs = pred.probabilities(images, captions[s:s + 64])
-        for key, p, row in zip(keys[s:s + 64], probs, pred.decide(probs), strict=True):
+    for s in range(0, len(keys), n):
+        probs = pred.probabilities(next(images) if images is not None else None, captions[s:s + n], n)
+        for key, p, row in zip(keys[s:s + n], probs, pred.decide(probs), strict=True):
             cols = np.flatnonzero(row)
             top = np.argsort(-p)[:cfg.top_k] if cfg.top_k else []
             shown = sorted(set(cols) | set(top), key=lambda j: -p[j])

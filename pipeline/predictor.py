@@ -66,8 +66,10 @@ class Predictor:
         """The JPEG draft size the first image encoder allows (see data.load_image)."""
         return next((b.image.preprocess.draft_size() for b in self.branches if b.image is not None), None)
 
-    def features(self, images: Sequence[Image.Image] | None, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """image (N, 1, sum Di) and text (N, sum Dt) float32, in the order the head was trained on."""
+    def features(self, images: Sequence[Image.Image] | None, captions: Sequence[str],
+                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """image (N, 1, sum Di) and text (N, sum Dt) float32, in the order the head was trained on; the
+        encoders run ``batch_size`` rows at a time."""
         n = len(captions) if images is None else len(images)
         img_parts = [np.zeros((n, 1, 0), np.float32)]
         txt_parts = [np.zeros((n, 0), np.float32)]
@@ -76,15 +78,17 @@ class Predictor:
                 if images is None:
                     raise MlcError(f"{self.source}: this model reads images; give photos")
                 pixels = torch.stack([b.image.preprocess.pixels(0)(im) for im in images])  # (N, 3, H, W) uint8
-                out = [b.eng.image(pixels[s:s + 32])["image"] for s in range(0, n, 32)]
+                out = [b.eng.image(pixels[s:s + batch_size])["image"] for s in range(0, n, batch_size)]
                 img_parts.append(np.concatenate(out).astype(np.float32)[:, None, :])
             if b.text is not None:
-                txt_parts.append(encode_texts(b.text, b.eng.text, list(captions), 32)["text"].astype(np.float32))
+                txt = encode_texts(b.text, b.eng.text, list(captions), batch_size)["text"]
+                txt_parts.append(txt.astype(np.float32))
         return np.concatenate(img_parts, axis=-1), np.concatenate(txt_parts, axis=-1)
 
-    def probabilities(self, images: Sequence[Image.Image] | None, captions: Sequence[str]) -> np.ndarray:
+    def probabilities(self, images: Sequence[Image.Image] | None, captions: Sequence[str],
+                      batch_size: int = 32) -> np.ndarray:
         """(N, C): the fold heads' mean probability of each label."""
-        image, text = self.features(images, captions)
+        image, text = self.features(images, captions, batch_size)
         img, txt = torch.from_numpy(image), torch.from_numpy(text)
         return (sum(predict_proba(h, img, txt) for h in self.heads) / len(self.heads)).numpy()
 

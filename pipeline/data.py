@@ -22,8 +22,8 @@ from PIL import Image
 
 from .config import Config, as_paths, opt, require
 from .errors import DataError, ImageError
-from .labels import LabelSpace, odd_tokens
-from .records import IMAGE_EXTENSIONS, CsvLayout, CsvProblems, Record, header_cells, image_id_fault, read_csv
+from .labels import LabelSpace, odd_tokens, typed_ids
+from .records import IMAGE_EXTENSIONS, CsvLayout, Record, header_cells, image_id_fault, raise_problems, read_csv
 
 # ----------------------------------------------------------------------------------- data folder
 
@@ -113,8 +113,7 @@ class DataDir:
             bad = [DataError(str(path), r.line, f"label {t!r} does not occur in the training labels "
                                                 f"({space.describe()})")
                    for r in records for t in (r.labels or ()) if t not in space]
-            if bad:
-                raise bad[0] if len(bad) == 1 else CsvProblems(str(path), bad)
+            raise_problems(path, bad)
         return records
 
     def label_space(self) -> LabelSpace:
@@ -136,7 +135,7 @@ class DataDir:
             bad = [DataError(path, r.line, f"label {t!r} is not an integer like the other labels; give a labels "
                                            f"file (--labels) if text labels are meant")
                    for r in records for t in (r.labels or ()) if t in odd]
-            raise bad[0] if len(bad) == 1 else CsvProblems(path, bad)
+            raise_problems(path, bad)
         return space
 
     def has_captions(self, split: Split = "train") -> bool:
@@ -256,13 +255,6 @@ def check_images(
 # ----------------------------------------------------------------------------------- fingerprint
 
 
-def _sorted_labels(tokens: Sequence[str]) -> list[int] | list[str]:
-    """Integer labels as integers, sorted numerically (the fingerprint of COMP5329 data since mlc 0.1)."""
-    if all(t.lstrip("-").isdigit() for t in tokens):
-        return sorted(int(t) for t in tokens)
-    return sorted(tokens)
-
-
 def fingerprint(records: Iterable[Record], image_dir: Path | None) -> str:
     """sha256 hex over each record's (image_id, caption, labels) and, if given, its image's bytes.
 
@@ -272,7 +264,8 @@ def fingerprint(records: Iterable[Record], image_dir: Path | None) -> str:
     records = list(records)
     h = hashlib.sha256(b"mlc-fingerprint-v1\n")
     for r in records:
-        labels = None if r.labels is None else _sorted_labels(r.labels)
+        # integer labels as integers, sorted numerically: the fingerprint of COMP5329 data since mlc 0.1
+        labels = None if r.labels is None else sorted(typed_ids(r.labels))  # type: ignore[type-var]
         h.update(json.dumps([r.image_id, r.caption, labels], ensure_ascii=False).encode("utf-8"))
         h.update(b"\n")
     if image_dir is not None:

@@ -30,6 +30,13 @@ COCO_NAMES: dict[int, str] = {
 _INT = re.compile(r"-?[0-9]+")
 
 
+def typed_ids(tokens: Iterable[str]) -> list[Label]:
+    """Label tokens as ids, in the order given: integers when every token is one ("3", "-1"), else the
+    text itself (so a space of integer ids sorts numerically, and a text one alphabetically)."""
+    tokens = list(tokens)
+    return [int(t) for t in tokens] if all(_INT.fullmatch(t) for t in tokens) else list(tokens)
+
+
 @dataclass(frozen=True)
 class LabelSpace:
     """An ordered set of label ids; column j of every target/score matrix is ``ids[j]``.
@@ -55,12 +62,11 @@ class LabelSpace:
     def from_tokens(cls, tokens: Iterable[str]) -> LabelSpace:
         """The labels that occur: integers (sorted numerically, named after COCO when they are COCO ids)
         when every token is one, else text sorted."""
-        unique = sorted(set(tokens))
-        if unique and all(_INT.fullmatch(t) for t in unique):
-            ids: list[Label] = sorted(int(t) for t in unique)
+        ids = sorted(typed_ids(set(tokens)))  # type: ignore[type-var]  # all int or all str
+        if ids and isinstance(ids[0], int):
             coco = all(i in COCO_NAMES for i in ids)
             return cls(tuple(ids), tuple(COCO_NAMES[i] if coco else str(i) for i in ids))
-        return cls(tuple(unique), tuple(unique))
+        return cls(tuple(ids), tuple(ids))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> LabelSpace:
@@ -86,8 +92,7 @@ class LabelSpace:
             names.append(row[1].strip() if len(row) > 1 and row[1].strip() else label)
         if not ids:
             raise DataError(str(path), None, "no labels listed")
-        typed: list[Label] = [int(i) for i in ids] if all(_INT.fullmatch(i) for i in ids) else ids
-        return cls(tuple(typed), tuple(names))
+        return cls(tuple(typed_ids(ids)), tuple(names))
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -432,11 +432,16 @@ def _cell(row: list[str], i: int | None) -> str:
 def read_csv(path: str | os.PathLike[str], *, labelled: bool, layout: CsvLayout | None = None) -> list[Record]:
     """All records of a CSV; raises DataError (the first fault, or a summary) if any."""
     records, problems = parse_csv(path, labelled=labelled, layout=layout)
+    raise_problems(path, problems)
+    return records
+
+
+def raise_problems(path: str | os.PathLike[str], problems: Sequence[DataError]) -> None:
+    """Nothing when there are none; else the one problem, or a CsvProblems summary of them all."""
     if len(problems) == 1:
         raise problems[0]
     if problems:
         raise CsvProblems(str(path), problems)
-    return records
 
 
 def read_train_csv(path: str | os.PathLike[str], layout: CsvLayout | None = None) -> list[Record]:

@@ -569,3 +569,14 @@ def test_mini_sample_is_complete() -> None:
     size = sum(p.stat().st_size for p in MINI.rglob("*") if p.is_file())
     assert size <= 15e6
     assert os.path.getsize(MINI / "SOURCE.md") > 0
+
+
+def test_label_tokens_are_integers_only_when_every_one_is() -> None:
+    from pipeline.data import fingerprint
+    from pipeline.labels import typed_ids
+
+    assert typed_ids(["3", "-1", "19"]) == [3, -1, 19]
+    assert typed_ids(["--5", "3"]) == ["--5", "3"] and typed_ids(["³", "3"]) == ["³", "3"]  # never int("--5")
+    assert LabelSpace.from_tokens(["10", "9", "10"]).ids == (9, 10)  # numerically, not "10" < "9"
+    rec = Record(image_id="1.jpg", labels=("--5", "3"), caption="c", line=2)
+    assert len(fingerprint([rec], None)) == 64

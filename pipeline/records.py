@@ -243,7 +243,7 @@ def _parse_record(
         for f in faults:
             fault(f)
 
-    caption = _parse_caption(rest, text, line, fault)
+    caption = _parse_caption(rest, text, line, fault, columns[0])
     if caption is not None and not caption.strip():
         fault("empty caption")
     if problems or caption is None:
@@ -251,13 +251,13 @@ def _parse_record(
     return Record(image_id, caption, labels, line), problems
 
 
-def _parse_caption(rest: str, text: str, line: int, fault: Callable[..., None]) -> str | None:
+def _parse_caption(rest: str, text: str, line: int, fault: Callable[..., None], id_col: str) -> str | None:
     """The caption field: between the first quote and the record's last quote, or unquoted."""
     stripped = rest.lstrip()
     if not stripped.startswith('"'):
         caption = rest.strip().removesuffix(",").strip()  # one trailing comma: the 2021 variant
         if "\n" in caption:  # the record's second line is the stray one
-            fault("line does not start a record (ImageID,...) and an unquoted caption cannot span lines",
+            fault(f"line does not start a record ({id_col},...) and an unquoted caption cannot span lines",
                   line + 1)
             return None
         if '"' in caption:

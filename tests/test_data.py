@@ -336,7 +336,11 @@ def test_missing_caption_field(tmp_path: Path) -> None:
 
 def test_unquoted_caption_cannot_continue(tmp_path: Path) -> None:
     path = write(tmp_path, TRAIN_HEADER + "0.jpg,1,a cat\non a mat\n")
-    assert_names(one_problem(path), path, 3, "does not start a record")
+    assert_names(one_problem(path), path, 3, "does not start a record (ImageID,...)")
+    # another layout: the message names its id column
+    path = write(tmp_path, "file,tags,title\n0.jpg,cat,a cat\non a mat\n")
+    layout = CsvLayout("file", "tags", "title", "|", True, None)
+    assert_names(one_problem(path, layout=layout), path, 3, "does not start a record (file,...)")
 
 
 def test_not_utf8(tmp_path: Path) -> None:

@@ -371,11 +371,8 @@ def _check_consistent(run: RunDir, th: dict[str, Any], head_cfg: dict[str, Any],
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()  # streams the file (Python 3.11)
 
 
 def feature_entry(contract: Contract, recipe: dict[str, Any], use: dict[str, bool] | None = None) -> dict[str, Any]:

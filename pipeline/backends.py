@@ -4,7 +4,8 @@
 ``submit``): uint8 images (B, 3, H, W) as ``ImagePreprocess.pixels`` makes them -> {"image": (B, Di)
 [, "image_trunk": (B, C, h, w)]} and token ids + mask (B, T) -> {"text": (B, Dt)[, "text_trunk":
 (B, T, H)]}, all float32 numpy. Normalisation is part of the image forward (inside the ONNX graph,
-where it costs a fraction of what separate torch ops cost).
+where it costs a fraction of what separate torch ops cost). On the CPU through ONNX Runtime, each call
+runs on one core and callers keep one whole batch per core in flight (``Engine.lanes``).
 
 ONNX graphs are exported once per encoder with ``torch.onnx.export`` (the dynamo exporter; dynamic
 batch axis, and token axis for text), to ``<onnx_dir>/<kind>-<name>-<weights hash>-<cut>...onnx``,
@@ -22,7 +23,7 @@ import importlib.metadata
 import io
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,11 +52,31 @@ class BackendError(MlcError):
 
 @dataclass
 class Engine:
-    """Forward functions for both encoders, and what ran them (recorded in the cache's metadata)."""
+    """Forward functions for both encoders, what ran them (recorded in the cache's metadata), and how
+    many calls may run at once.
+
+    ``lanes``: ONNX Runtime runs each call on one core (a single-threaded session), so a caller keeps
+    ``lanes`` = torch's thread count of whole batches in flight (``pool``/``map``). Whole batches on
+    independent lanes never wait on each other: when a decode worker preempts one core, only that
+    lane's batch is late. torch (its own intra-op threads) and a mix of backends get one lane.
+    """
 
     image: Callable[[torch.Tensor], Outputs] | None
     text: Callable[[torch.Tensor, torch.Tensor], Outputs] | None
     backends: dict[str, str] = field(default_factory=dict)  # {"image": "onnx (onnxruntime 1.x)", ...}
+    lanes: int = 1
+
+    def pool(self) -> ThreadPoolExecutor:
+        """An executor with one thread per lane (ONNX Runtime and torch release the GIL while they run)."""
+        return ThreadPoolExecutor(self.lanes, thread_name_prefix="mlc-lane")
+
+    def map(self, run: Callable[..., Outputs], batches: Iterable[tuple[torch.Tensor, ...]]) -> list[Outputs]:
+        """``run(*batch)`` for every batch, spread over the lanes; results in the batches' order."""
+        batches = list(batches)
+        if self.lanes == 1 or len(batches) < 2:
+            return [run(*b) for b in batches]
+        with self.pool() as pool:
+            return list(pool.map(lambda b: run(*b), batches))
 
 
 class _ImageGraph(nn.Module):
@@ -185,12 +206,13 @@ def _reason(e: Exception) -> str:
 
 
 def ort_session(path: Path, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session on ``threads`` intra-op threads (1: the calling thread only)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    # One thread per run: the runner splits each batch over torch's thread count of concurrent runs
-    # (sessions are thread-safe). No barrier between the threads, so a decode worker preempting one
-    # core stalls half a batch, not the whole op: 5-7% faster extraction here than 2 intra-op threads.
+    # One thread per run by default: callers run whole batches on Engine.lanes threads instead, with no
+    # barrier between them (2 intra-op threads wait for each other at every op; when a decode worker
+    # preempts one core, the whole op waits).
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -282,22 +304,13 @@ def _torch_text(encoder: TextEncoder, cut: str | None, device: torch.device) -> 
     return run
 
 
-def _onnx_runner(session: Any, encoder: Any, cut: str | None, threads: int) -> Callable[..., Outputs]:
-    """Each batch split into ``threads`` parts run concurrently (ONNX Runtime releases the GIL)."""
+def _onnx_runner(session: Any, encoder: Any, cut: str | None) -> Callable[..., Outputs]:
+    """One session call per batch (thread-safe: lanes share the session)."""
     inputs, outputs = _names(encoder, cut)
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
-
-    def one(arrays: list[np.ndarray]) -> list[np.ndarray]:
-        return session.run(outputs, dict(zip(inputs, arrays, strict=True)))
 
     def run(*args: torch.Tensor) -> Outputs:
-        arrays = [a.cpu().numpy() for a in args]
-        n = len(arrays[0])
-        if pool is None or n < 2 * threads:
-            return dict(zip(outputs, one(arrays), strict=True))
-        bounds = np.linspace(0, n, threads + 1).astype(int)
-        parts = list(pool.map(one, [[a[s:e] for a in arrays] for s, e in zip(bounds[:-1], bounds[1:], strict=True)]))
-        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(outputs)}
+        got = session.run(outputs, {k: a.cpu().numpy() for k, a in zip(inputs, args, strict=True)})
+        return dict(zip(outputs, got, strict=True))
     return run
 
 
@@ -326,19 +339,25 @@ def engine(image: ImageEncoder | None, text: TextEncoder | None, *, backend: str
     names: dict[str, str] = {}
     if text is None:
         runs["text"] = None
+    sessions: dict[str, tuple[Any, Any, str | None]] = {}
     if backend == "onnx" or (backend == "auto" and device.type == "cpu"):
         for kind, enc, cut in (("image", image, image_cut), ("text", text, text_cut)):
             if enc is None:
                 continue
             try:
-                session = onnx_session(enc, cut, onnx_dir, log)
+                sessions[kind] = (onnx_session(enc, cut, onnx_dir, log), enc, cut)
             except BackendError as e:
                 if backend == "onnx":
                     raise
                 log(f"note: {e}; running {enc.name} with torch instead")
-                continue
-            runs[kind] = _onnx_runner(session, enc, cut, torch.get_num_threads())
-            names[kind] = f"onnxruntime {_version('onnxruntime')}"
+    threads = torch.get_num_threads()
+    # Lanes only when every forward is ONNX: a torch forward already uses every core.
+    lanes = threads if sessions and all(runs.get(k, 0) is None or k in sessions for k in ("image", "text")) else 1
+    for kind, (session, enc, cut) in sessions.items():
+        if lanes == 1 and threads > 1:  # beside a torch forward: one call at a time, on every core
+            session = ort_session(onnx_file(onnx_dir, enc, cut), threads)
+        runs[kind] = _onnx_runner(session, enc, cut)
+        names[kind] = f"onnxruntime {_version('onnxruntime')}"
     if "image" not in runs:
         if channels_last:  # after any export: the exported graph is traced from the plain layout
             image.to(memory_format=torch.channels_last)
@@ -347,4 +366,4 @@ def engine(image: ImageEncoder | None, text: TextEncoder | None, *, backend: str
         runs["text"] = _torch_text(text, text_cut, device)
     for kind in ("image", "text"):
         names.setdefault(kind, "none" if runs[kind] is None else f"torch {torch.__version__}")
-    return Engine(runs["image"], runs["text"], names)
+    return Engine(runs["image"], runs["text"], names, lanes)

@@ -78,10 +78,11 @@ class Predictor:
                 if images is None:
                     raise MlcError(f"{self.source}: this model reads images; give photos")
                 pixels = torch.stack([b.image.preprocess.pixels(0)(im) for im in images])  # (N, 3, H, W) uint8
-                out = [b.eng.image(pixels[s:s + batch_size])["image"] for s in range(0, n, batch_size)]
-                img_parts.append(np.concatenate(out).astype(np.float32)[:, None, :])
+                out = b.eng.map(b.eng.image, [(pixels[s:s + batch_size],) for s in range(0, n, batch_size)])
+                img_parts.append(np.concatenate([o["image"] for o in out]).astype(np.float32)[:, None, :])
             if b.text is not None:
-                txt = encode_texts(b.text, b.eng.text, list(captions), batch_size)["text"]
+                with b.eng.pool() as pool:
+                    txt = encode_texts(b.text, b.eng.text, list(captions), batch_size, pool=pool)["text"]
                 txt_parts.append(txt.astype(np.float32))
         return np.concatenate(img_parts, axis=-1), np.concatenate(txt_parts, axis=-1)
 

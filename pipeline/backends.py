@@ -23,7 +23,7 @@ import importlib.metadata
 import io
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +56,7 @@ class Engine:
     many calls may run at once.
 
     ``lanes``: ONNX Runtime runs each call on one core (a single-threaded session), so a caller keeps
-    ``lanes`` = torch's thread count of whole batches in flight (``pool``/``map``). Whole batches on
+    ``lanes`` = torch's thread count of whole batches in flight (``pool``). Whole batches on
     independent lanes never wait on each other: when a decode worker preempts one core, only that
     lane's batch is late. torch (its own intra-op threads) and a mix of backends get one lane.
     """
@@ -69,14 +69,6 @@ class Engine:
     def pool(self) -> ThreadPoolExecutor:
         """An executor with one thread per lane (ONNX Runtime and torch release the GIL while they run)."""
         return ThreadPoolExecutor(self.lanes, thread_name_prefix="mlc-lane")
-
-    def map(self, run: Callable[..., Outputs], batches: Iterable[tuple[torch.Tensor, ...]]) -> list[Outputs]:
-        """``run(*batch)`` for every batch, spread over the lanes; results in the batches' order."""
-        batches = list(batches)
-        if self.lanes == 1 or len(batches) < 2:
-            return [run(*b) for b in batches]
-        with self.pool() as pool:
-            return list(pool.map(lambda b: run(*b), batches))
 
 
 class _ImageGraph(nn.Module):

@@ -74,16 +74,16 @@ class Predictor:
         img_parts = [np.zeros((n, 1, 0), np.float32)]
         txt_parts = [np.zeros((n, 0), np.float32)]
         for b in self.branches:
-            if b.image is not None:
-                if images is None:
-                    raise MlcError(f"{self.source}: this model reads images; give photos")
-                pixels = torch.stack([b.image.preprocess.pixels(0)(im) for im in images])  # (N, 3, H, W) uint8
-                out = b.eng.map(b.eng.image, [(pixels[s:s + batch_size],) for s in range(0, n, batch_size)])
-                img_parts.append(np.concatenate([o["image"] for o in out]).astype(np.float32)[:, None, :])
-            if b.text is not None:
-                with b.eng.pool() as pool:
+            with b.eng.pool() as pool:  # batches spread over the engine's lanes
+                if b.image is not None:
+                    if images is None:
+                        raise MlcError(f"{self.source}: this model reads images; give photos")
+                    pixels = torch.stack([b.image.preprocess.pixels(0)(im) for im in images])  # (N, 3, H, W) uint8
+                    out = pool.map(b.eng.image, [pixels[s:s + batch_size] for s in range(0, n, batch_size)])
+                    img_parts.append(np.concatenate([o["image"] for o in out]).astype(np.float32)[:, None, :])
+                if b.text is not None:
                     txt = encode_texts(b.text, b.eng.text, list(captions), batch_size, pool=pool)["text"]
-                txt_parts.append(txt.astype(np.float32))
+                    txt_parts.append(txt.astype(np.float32))
         return np.concatenate(img_parts, axis=-1), np.concatenate(txt_parts, axis=-1)
 
     def probabilities(self, images: Sequence[Image.Image] | None, captions: Sequence[str],

@@ -281,7 +281,10 @@ def _in_child(fn: Any, target: Path) -> None:
     proc = ctx.Process(target=child, daemon=True)
     proc.start()
     send.close()
-    why = recv.recv() if recv.poll(None) else None
+    try:
+        why = recv.recv()
+    except EOFError:  # the child died before it could say why (a segfault in HDF5, a kill)
+        why = None
     proc.join()
     if proc.exitcode == 0:
         return

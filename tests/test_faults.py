@@ -21,10 +21,11 @@ import pytest
 from conftest import REPO, make_data_dir, refresh_manifest
 from typer.testing import CliRunner
 
+from pipeline import cache as cache_module
 from pipeline.atomic import clean_stale, lock
 from pipeline.cache import CacheMeta, CacheReader, CacheWriter
 from pipeline.cli import app
-from pipeline.errors import MlcError
+from pipeline.errors import MlcError, OutputError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.labels import COCO18
@@ -207,6 +208,22 @@ def test_non_finite_features_are_refused_with_their_rows(tmp_path):
     w.finalize()
     with pytest.raises(MlcError, match=r"2 row\(s\) of 'image' hold NaN or infinite values \(e.g. 7.jpg, 11.jpg\)"):
         fit_head(FitHeadConfig(caches=tmp_path / "c.h5", out=tmp_path / "run", epochs=1, folds=2), quiet=True)
+
+
+def test_an_hdf5_writer_that_dies_is_reported_and_the_chunks_kept(tmp_path, monkeypatch):
+    """The assembly runs in a child process because HDF5 can crash (a full disk): a child that dies
+    without a word is an error naming the file, and the committed chunks stay for a rerun."""
+    n = 4
+    meta = CacheMeta(split="test", image_encoder="tiny-resnet", text_encoder="tiny-bert", image_weights="r",
+                     image_weights_hash="a" * 64, text_weights="r", text_weights_hash="b" * 64, random_init=True,
+                     image_preprocess={}, text_preprocess={}, views=1, image_dim=4, text_dim=3,
+                     label_ids=COCO18.ids, label_names=COCO18.names, data_fingerprint="f" * 64, num_records=n)
+    w = CacheWriter(tmp_path / "c.h5", meta, [f"{i}.jpg" for i in range(n)], None, 32)
+    w.commit(0, {"image": np.ones((n, 1, 4), np.float16), "text": np.ones((n, 3), np.float16)})
+    monkeypatch.setattr(cache_module.h5py, "File", lambda *a, **k: os._exit(139))  # as a segfault would
+    with pytest.raises(OutputError, match=r"c\.h5: the HDF5 writer died \(exit code 139"):
+        w.finalize()
+    assert not (tmp_path / "c.h5").exists() and w.pending() == []
 
 
 def test_overwrite_replaces_a_corrupt_cache_file(fitted, capsys):

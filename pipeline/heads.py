@@ -8,9 +8,11 @@ Features may arrive as float16 from the cache; heads cast them to their own para
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -166,6 +168,12 @@ def predict_proba(head: nn.Module, image: torch.Tensor, text: torch.Tensor, batc
         img, txt = image[s:s + batch], text[s:s + batch]
         out.append(sum(torch.sigmoid(head(img[:, v], txt)) for v in range(img.shape[1])) / img.shape[1])
     return torch.cat(out)
+
+
+def ensemble_proba(heads: Sequence[nn.Module], image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """image (N, V, Di), text (N, Dt) numpy -> (N, C): the heads' (a run's fold heads') mean probability."""
+    img, txt = torch.from_numpy(image), torch.from_numpy(text)
+    return (sum(predict_proba(h, img, txt) for h in heads) / len(heads)).numpy()
 
 
 HEADS: dict[str, type[FusionHead]] = {

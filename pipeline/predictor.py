@@ -24,7 +24,7 @@ from .encoders import ImageEncoder, TextEncoder, load_encoder
 from .errors import MlcError
 from .features import Recipe, encode_texts
 from .fused import Part
-from .heads import HEADS, predict_proba
+from .heads import HEADS, ensemble_proba
 from .labels import LabelSpace
 from .runs import RunDir, check_listing, load_head, read_json
 from .thresholds import apply_thresholds
@@ -89,9 +89,7 @@ class Predictor:
     def probabilities(self, images: Sequence[Image.Image] | None, captions: Sequence[str],
                       batch_size: int = 32) -> np.ndarray:
         """(N, C): the fold heads' mean probability of each label."""
-        image, text = self.features(images, captions, batch_size)
-        img, txt = torch.from_numpy(image), torch.from_numpy(text)
-        return (sum(predict_proba(h, img, txt) for h in self.heads) / len(self.heads)).numpy()
+        return ensemble_proba(self.heads, *self.features(images, captions, batch_size))
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """(N, C) 0/1 with the tuned thresholds; at least one label per row, as submissions have."""

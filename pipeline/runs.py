@@ -48,7 +48,7 @@ from .atomic import (
 )
 from .cache import CacheMeta
 from .errors import MismatchError, MlcError, OutputError
-from .heads import HEADS, create_head, predict_proba
+from .heads import HEADS, create_head, ensemble_proba
 from .labels import LabelSpace
 from .thresholds import apply_thresholds
 
@@ -145,8 +145,7 @@ class Run:
 
     def scores(self, image: np.ndarray, text: np.ndarray) -> np.ndarray:
         """image (N, V, Di), text (N, Dt) -> probabilities (N, C), averaged over views and fold heads."""
-        img, txt = torch.from_numpy(image), torch.from_numpy(text)
-        return (sum(predict_proba(h, img, txt) for h in self.heads) / len(self.heads)).numpy()
+        return ensemble_proba(self.heads, image, text)
 
     def predict(self, scores: np.ndarray) -> np.ndarray:
         """Scores -> (N, C) 0/1 with the tuned thresholds; every image gets at least one label."""

@@ -96,9 +96,12 @@ class DataDir:
     def _fixed_labels(self) -> LabelSpace | None:
         return LabelSpace.from_file(self.labels_file) if self.labels_file else None
 
-    def layout(self) -> CsvLayout:
+    def layout(self, with_labels_file: bool = True) -> CsvLayout:
+        """How the CSVs are read: the data options' columns and separator, and (``with_labels_file``) the
+        labels file's ids as the only labels allowed."""
         o = self.options
-        allowed = frozenset(str(i) for i in self._fixed_labels.ids) if self._fixed_labels else None
+        fixed = self._fixed_labels if with_labels_file else None
+        allowed = frozenset(str(i) for i in fixed.ids) if fixed else None
         return CsvLayout(o.id_col, o.labels_col, o.caption_col, o.label_sep, o.images, allowed)
 
     def records(self, split: Split) -> list[Record]:
@@ -109,11 +112,7 @@ class DataDir:
             raise DataError(str(path), None, f"{split}.csv not found in the data folder")
         records = read_csv(path, labelled=split == "train", layout=self.layout())
         if split == "test" and any(r.labels for r in records):
-            space = self.label_space()
-            bad = [DataError(str(path), r.line, f"label {t!r} does not occur in the training labels "
-                                                f"({space.describe()})")
-                   for r in records for t in (r.labels or ()) if t not in space]
-            raise_problems(path, bad)
+            raise_problems(path, unknown_labels(path, records, self.label_space()))
         return records
 
     def label_space(self) -> LabelSpace:
@@ -124,18 +123,9 @@ class DataDir:
 
     @functools.cached_property
     def _train_labels(self) -> LabelSpace:
-        records = self.records("train")
-        space = LabelSpace.from_tokens(t for r in records for t in (r.labels or ()))
-        if not len(space):
-            raise DataError(str(self.csv_path("train")), None, "no labels at all")
-        odd = odd_tokens(space)
-        if odd:
-            # Integer labels with a few text ones among them are typos ("x3", "1.5"), not a text label space.
-            path = str(self.csv_path("train"))
-            bad = [DataError(path, r.line, f"label {t!r} is not an integer like the other labels; give a labels "
-                                           f"file (--labels) if text labels are meant")
-                   for r in records for t in (r.labels or ()) if t in odd]
-            raise_problems(path, bad)
+        path = self.csv_path("train")
+        space, bad = train_label_space(path, self.records("train"))
+        raise_problems(path, bad)
         return space
 
     def has_captions(self, split: Split = "train") -> bool:
@@ -151,6 +141,25 @@ class DataDir:
         if (why := image_id_fault(image_id)) is not None:
             raise DataError(str(self.root), None, why)
         return self.image_dir / image_id
+
+
+def train_label_space(path: Path, records: Sequence[Record]) -> tuple[LabelSpace, list[DataError]]:
+    """The labels ``records`` (train.csv at ``path``) hold, and what is wrong with them: no labels at all,
+    or a few text labels among integer ones (typos such as "x3" or "1.5", named with their rows)."""
+    tokens = [t for r in records for t in (r.labels or ())]
+    if not tokens:
+        return LabelSpace((), ()), [DataError(str(path), None, "no labels at all")]
+    space = LabelSpace.from_tokens(tokens)
+    odd = odd_tokens(space)
+    return space, [DataError(str(path), r.line, f"label {t!r} is not an integer like the other labels; give a "
+                                                f"labels file (--labels) if text labels are meant")
+                   for r in records for t in (r.labels or ()) if t in odd]
+
+
+def unknown_labels(path: Path, records: Sequence[Record], space: LabelSpace) -> list[DataError]:
+    """A fault for each label of ``records`` (test.csv at ``path``) that is not in the training labels."""
+    return [DataError(str(path), r.line, f"label {t!r} does not occur in the training labels ({space.describe()})")
+            for r in records for t in (r.labels or ()) if t not in space]
 
 
 # ---------------------------------------------------------------------------------------- images

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import time
@@ -11,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import as_paths, opt
-from .data import DataDir, DataOptions, check_images
+from .data import DataDir, DataOptions, check_images, train_label_space, unknown_labels
 from .errors import DataError, ImageError
 from .labels import LabelSpace
 from .records import Record, parse_csv
@@ -79,11 +78,12 @@ def validate_data_dir(root: str | os.PathLike[str], *, csv_only: bool, progress:
     found: dict[str, list[Record]] = {}
     problems: list[DataError | ImageError] = []
     stats: dict[str, CaptionStats] = {}
+    labels_file_ok = True
     try:
         layout = data_dir.layout()
-    except DataError as e:  # a labels file that cannot be read
+    except DataError as e:  # a labels file that is missing or cannot be read
         problems.append(e)
-        layout = dataclasses.replace(DataDir.open(root).layout(), allowed=None)
+        layout, labels_file_ok = data_dir.layout(with_labels_file=False), False
     for split in ("train", "test"):
         path = data_dir.csv_path(split)
         if not path.is_file():
@@ -95,16 +95,20 @@ def validate_data_dir(root: str | os.PathLike[str], *, csv_only: bool, progress:
         if stat := CaptionStats.of(records):
             stats[split] = stat
     train, test = found.get("train", []), found.get("test", [])
-    space = _label_space(data_dir, train, problems)
+    if labels_file_ok and data_dir.labels_file is not None:
+        space = data_dir.label_space()
+    elif train:
+        space, faults = train_label_space(data_dir.csv_path("train"), train)
+        problems.extend(faults)
+    else:
+        space = LabelSpace((), ())
     report = ValidationReport(data_dir.root, data_dir.image_dir, space, problems=problems, caption_words=stats)
     report.n_train, report.n_test = len(train), len(test)
     counts = Counter(str(t) for r in train for t in r.labels or ())
     report.label_counts = {lid: counts.get(str(lid), 0) for lid in space.ids}
     report.labels_per_image = dict(sorted(Counter(len(r.labels or ()) for r in train).items()))
     test_csv = str(data_dir.csv_path("test"))
-    problems.extend(DataError(test_csv, r.line, f"label {t!r} does not occur in the training labels "
-                                                f"({space.describe()})")
-                    for r in test for t in r.labels or () if t not in space)
+    problems.extend(unknown_labels(data_dir.csv_path("test"), test, space))
     # A test image that is also a training image would leak its label into the score.
     train_lines = {r.image_id: r.line for r in train}
     problems.extend(DataError(test_csv, r.line, f"ImageID {r.image_id} is also in train.csv (line "
@@ -117,14 +121,6 @@ def validate_data_dir(root: str | os.PathLike[str], *, csv_only: bool, progress:
         problems.extend(ImageError(str(data_dir.image_path(i)), why) for i, why in skipped)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _label_space(data_dir: DataDir, train: list[Record], problems: list) -> LabelSpace:
-    if data_dir.labels_file is not None and not any(str(data_dir.labels_file) == getattr(p, "file", None)
-                                                    for p in problems):
-        return data_dir.label_space()
-    tokens = [t for r in train for t in r.labels or ()]
-    return LabelSpace.from_tokens(tokens) if tokens else LabelSpace((), ())
 
 
 def format_report(report: ValidationReport) -> str:

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from pipeline import __version__
 from pipeline.cli import app
+from pipeline.data import DataOptions
 from pipeline.errors import DataError, ImageError
 from pipeline.labels import COCO_NAMES
 from pipeline.validate import format_report, validate_data_dir
@@ -87,6 +88,26 @@ def test_missing_csv_is_a_problem(tmp_path: Path) -> None:
     report = validate_data_dir(root, csv_only=True)
     assert [str(p) for p in report.problems] == [f"{root / 'test.csv'}: test.csv not found in the data folder"]
     assert report.n_train == 4
+
+
+def test_label_faults_are_reported_as_every_other_command_would_refuse_them(tmp_path: Path) -> None:
+    # A typo among integer labels: extract and fit-head refuse it, so validate names it with its row.
+    root = make_folder(tmp_path / "typo", TRAIN.replace("3.jpg,3,", "3.jpg,x3,"))
+    report = validate_data_dir(root, csv_only=True)
+    assert [str(p) for p in report.problems] == [
+        f"{root / 'train.csv'}:6: label 'x3' is not an integer like the other labels; give a labels file "
+        "(--labels) if text labels are meant"]
+    # A --labels file that is not there: one problem, not a crash.
+    root = make_folder(tmp_path / "nofile")
+    report = validate_data_dir(root, csv_only=True, options=DataOptions(labels=tmp_path / "absent.csv"))
+    assert [str(p) for p in report.problems] == [f"{tmp_path / 'absent.csv'}: labels file not found"]
+    assert report.n_train == 4 and report.label_space.ids == (1, 3, 14, 19)
+    # A broken labels file beside CSVs read with other options: the CSVs are still read with those options.
+    root = make_folder(tmp_path / "opts", TRAIN.replace("ImageID,", "photo,"), TEST.replace("ImageID,", "photo,"))
+    (root / "labels.csv").write_text("not,a labels,header\n")
+    report = validate_data_dir(root, csv_only=True, options=DataOptions(id_col="photo"))
+    assert len(report.problems) == 1 and str(report.problems[0]).startswith(f"{root / 'labels.csv'}")
+    assert report.n_train == 4 and report.n_test == 2
 
 
 runner = CliRunner()

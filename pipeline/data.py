@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from PIL import Image
@@ -54,6 +54,14 @@ class DataOptions(Config):
     def data_options(self) -> DataOptions:
         """This option group alone (out of a stage config that inherits it)."""
         return DataOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataOptions)})
+
+    def recorded(self) -> dict[str, Any]:
+        """These options as a cache's recipe or a run's features.json records them: the labels file as an
+        absolute path, so a later command run from another folder reads the same file."""
+        d = self.data_options().to_dict()
+        if self.labels is not None:
+            d["labels"] = str(Path(self.labels).resolve())
+        return d
 
 
 @dataclass(frozen=True)

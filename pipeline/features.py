@@ -155,10 +155,7 @@ def safe_name(name: str) -> str:
 
 def fit_to_data(recipe: Recipe, data: DataDir) -> Recipe:
     """The recipe with the data folder's layout, and without an encoder for a modality the data lacks (said)."""
-    options = data.options.to_dict()
-    if data.options.labels is not None:
-        options["labels"] = str(Path(data.options.labels).resolve())
-    changes: dict[str, Any] = {"data": options}
+    changes: dict[str, Any] = {"data": data.options.recorded()}
     if not data.options.images and recipe.image_encoder != NONE:
         changes["image_encoder"] = NONE
         if is_main():

@@ -291,7 +291,7 @@ def _write_run(cfg: FinetuneConfig, model: MultiModal, src: _Source, result: Tra
     metrics, th = evaluate(y, result.val_scores, "per-class", cfg.seed)
     metrics.update(best_epoch=result.best_epoch, best_epochs=[result.best_epoch], mode=cfg.mode)
     th.update(label_ids=list(src.labels.ids), label_names=list(src.labels.names))
-    data = cfg.data_options().to_dict() if src.data is not None else (
+    data = cfg.data_options().recorded() if src.data is not None else (
         src.reader.meta.extra.get("recipe", {}).get("data") if src.reader is not None else None)
     recipe = Recipe(image_encoder=model.image.name, text_encoder=model.text.name, from_run=str(cfg.out.resolve()),
                     data=data)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,10 +58,15 @@ def test_one_epoch_lowers_the_loss(data_dir, tmp_path):
         assert (tmp_path / "run" / name).exists(), name
 
 
-def test_partial_unfreeze_trains_only_the_top(data_dir, tmp_path):
+def test_partial_unfreeze_trains_only_the_top(data_dir, tmp_path, monkeypatch):
+    # A relative --labels file: the run records it absolute, so `submit` from another folder finds it.
+    (tmp_path / "labels-here.csv").write_text("id,name\n1,person\n3,car\n18,dog\n")
+    monkeypatch.chdir(tmp_path)
     cfg = FinetuneConfig(data_dir=data_dir, out=tmp_path / "run", random_init=True, unfreeze=1, epochs=1,
-                         batch_size=8, workers=0, lr=1e-2, **TINY)
+                         batch_size=8, workers=0, lr=1e-2, labels=Path("labels-here.csv"), **TINY)
     finetune(cfg)
+    (entry,) = RunDir(tmp_path / "run").read_json("features.json")
+    assert entry["recipe"]["data"]["labels"] == str(tmp_path.resolve() / "labels-here.csv")
     first = create_image_encoder("tiny-resnet", random_init=True, seed=cfg.seed).state_dict()
     tuned = load_file(str(tmp_path / "run" / "encoders" / "image" / "model.safetensors"))
     assert torch.equal(first["conv1.weight"], tuned["conv1.weight"])  # frozen bottom unchanged

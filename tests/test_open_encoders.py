@@ -199,3 +199,11 @@ def test_two_caches_fuse_and_a_mismatched_pair_is_refused(data, tmp_path):
         fit_head(FitHeadConfig(caches=(a, c), out=tmp_path / "bad", epochs=1, folds=2), quiet=True)
     assert not (tmp_path / "bad").exists()
     np.testing.assert_array_equal(CacheReader(a).labels(), CacheReader(b).labels())
+
+
+def test_a_load_error_becomes_one_line_even_without_a_message():
+    from pipeline.encoders.weights import one_line
+
+    assert one_line(OSError()) == "OSError: "  # an empty message once raised IndexError in the handler
+    assert one_line(ValueError("  first line\nsecond line")) == "ValueError: first line"
+    assert one_line(RuntimeError("x" * 500)) == "RuntimeError: " + "x" * 200

@@ -25,7 +25,7 @@ from .base import WholeImageEncoder
 from .registry import EncoderSpec, register_family
 from .text import BertTextEncoder
 from .transforms import ImagePreprocess, TextPreprocess
-from .weights import hf_cache_dir, offline, quiet_transformers, reachable, seeded
+from .weights import download_blocked, hf_cache_dir, one_line, quiet_transformers, seeded
 
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes the processors store
 
@@ -40,13 +40,12 @@ def _source(spec_name: str, ref: str, weights: str | os.PathLike[str] | None) ->
     if Path(ref).expanduser().is_dir():
         folder = Path(ref).expanduser().resolve()
         return str(folder), True, f"file:{folder}"
-    blocked = "MLC_OFFLINE/HF_HUB_OFFLINE is set" if offline() else reachable("https://huggingface.co")
-    return ref, blocked is not None, f"hf:{ref}"
+    return ref, download_blocked("https://huggingface.co") is not None, f"hf:{ref}"
 
 
 def _missing(spec_name: str, ref: str, e: Exception) -> WeightsError:
     return WeightsError(
-        f"{spec_name}: cannot load {ref!r} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}). A hub id "
+        f"{spec_name}: cannot load {ref!r} ({one_line(e)}). A hub id "
         f"is read from the Hugging Face cache {hf_cache_dir()} (downloaded there when a network allows): fetch it "
         f"on a machine with network with `hf download {ref} --local-dir DIR` and use hf:DIR, or copy that machine's "
         f"cache folder into {hf_cache_dir()}."
@@ -54,8 +53,9 @@ def _missing(spec_name: str, ref: str, e: Exception) -> WeightsError:
 
 
 def _load(spec_name: str, ref: str, weights: Any, random_init: bool,
-          seed: int | None) -> tuple[nn.Module, str, str]:
-    """(model, source, where its processor/tokenizer files are) from a hub id or folder."""
+          seed: int | None) -> tuple[nn.Module, str, str, bool]:
+    """(model, source, where its processor/tokenizer files are, whether to read them from local files
+    only) from a hub id or folder."""
     from transformers import AutoConfig, AutoModel
 
     where, local_only, source = _source(spec_name, ref, weights)
@@ -76,7 +76,7 @@ def _load(spec_name: str, ref: str, weights: Any, random_init: bool,
         raise
     except Exception as e:  # noqa: BLE001 - OSError (not cached), ValueError (unknown architecture), ...
         raise _missing(spec_name, ref, e) from e
-    return model.float().eval(), source, where
+    return model.float().eval(), source, where, local_only
 
 
 # -------------------------------------------------------------------------------------------- text
@@ -99,11 +99,10 @@ def _create_text(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: in
                  pooling: str | None = None) -> HFTextEncoder:
     from transformers import AutoTokenizer
 
-    model, source, where = _load(spec.name, ref, weights, random_init, seed)
-    local = Path(where).is_dir()
+    model, source, where, local_only = _load(spec.name, ref, weights, random_init, seed)
     try:
         with quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(where, local_files_only=local or offline())
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
     except Exception as e:  # noqa: BLE001
         raise _missing(spec.name, ref, e) from e
     pre = TextPreprocess(max_length=min(512, int(getattr(tok, "model_max_length", 512) or 512)),
@@ -162,9 +161,9 @@ def _create_image(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: i
                   ref: str) -> HFImageEncoder:
     from transformers import AutoImageProcessor
 
-    model, source, where = _load(spec.name, ref, weights, random_init, seed)
+    model, source, where, local_only = _load(spec.name, ref, weights, random_init, seed)
     try:
-        processor = AutoImageProcessor.from_pretrained(where, local_files_only=Path(where).is_dir() or offline())
+        processor = AutoImageProcessor.from_pretrained(where, local_files_only=local_only)
     except Exception as e:  # noqa: BLE001
         raise _missing(spec.name, ref, e) from e
     pre = _image_preprocess(processor)

@@ -21,7 +21,16 @@ from ..errors import MlcError, WeightsError
 from .base import TextEncoder, WholeImageEncoder
 from .registry import EncoderSpec, register_family
 from .transforms import ImagePreprocess, TextPreprocess
-from .weights import WEIGHTS_FILE, hf_cache_dir, load_strict, offline, reachable, read_state_dict, seeded
+from .weights import (
+    WEIGHTS_FILE,
+    download_blocked,
+    hf_cache_dir,
+    hub_cache_file,
+    load_strict,
+    one_line,
+    read_state_dict,
+    seeded,
+)
 
 
 def _open_clip() -> Any:
@@ -65,25 +74,22 @@ def _model(name: str, arch: str, tag: str | None, weights: Any, random_init: boo
 
 
 def _pretrained(name: str, arch: str, tag: str, model: nn.Module) -> nn.Module:
-    from huggingface_hub import try_to_load_from_cache
-
     oc = _open_clip()
     cfg = oc.get_pretrained_cfg(arch, tag)
     if not cfg:
         raise WeightsError(f"{name}: open_clip knows no weights {tag!r} for {arch}; see "
                            f"open_clip.list_pretrained_tags_by_model({arch!r})")
     hub = (cfg.get("hf_hub") or "").strip("/")
-    for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-        cached = try_to_load_from_cache(hub, fname) if hub else None
-        if isinstance(cached, str):
-            load_strict(model, read_state_dict(cached), (), f"{name}: {cached}")
-            return model.eval()
-    why = "MLC_OFFLINE/HF_HUB_OFFLINE is set" if offline() else reachable("https://huggingface.co")
+    cached = hub_cache_file(hub, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+    if cached is not None:
+        load_strict(model, read_state_dict(cached), (), f"{name}: {cached}")
+        return model.eval()
+    why = download_blocked("https://huggingface.co")
     if why is None:
         try:
             return oc.create_model(arch, pretrained=tag).eval()
         except Exception as e:  # noqa: BLE001
-            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            why = one_line(e)
     raise WeightsError(
         f"{name}: no pretrained weights: not in the Hugging Face cache {hf_cache_dir()} and not downloaded ({why}). "
         f"Fetch them on a machine with network with `hf download {hub or arch} --local-dir DIR`, then pass the "

@@ -23,7 +23,7 @@ from ..errors import MlcError, WeightsError
 from .base import ImageEncoder
 from .registry import EncoderSpec, register_family
 from .transforms import ImagePreprocess
-from .weights import hf_cache_dir, load_strict, offline, reachable, read_state_dict, seeded
+from .weights import download_blocked, hf_cache_dir, hub_cache_file, load_strict, one_line, read_state_dict, seeded
 
 _HEAD_CHILDREN = ("global_pool", "fc", "classifier", "head", "head_drop", "fc_norm", "pre_logits")
 
@@ -144,22 +144,19 @@ def _cuts(model: nn.Module) -> tuple[str, ...]:
 def _pretrained(name: str, model_name: str, model: nn.Module) -> str:
     """Load timm's pretrained weights into ``model``: from the Hugging Face cache, else downloaded when the
     network allows; a WeightsError saying what to fetch and where otherwise. Returns the source."""
-    from huggingface_hub import try_to_load_from_cache
-
     hub = model.pretrained_cfg.get("hf_hub_id") or f"timm/{model_name}"
-    for fname in ("model.safetensors", "pytorch_model.bin"):
-        cached = try_to_load_from_cache(hub, fname)
-        if isinstance(cached, str):
-            load_strict(model, read_state_dict(cached), _classifier_keys(model), f"{name}: {cached}")
-            return f"timm:{hub}"
-    why = "MLC_OFFLINE/HF_HUB_OFFLINE is set" if offline() else reachable("https://huggingface.co")
+    cached = hub_cache_file(hub, ("model.safetensors", "pytorch_model.bin"))
+    if cached is not None:
+        load_strict(model, read_state_dict(cached), _classifier_keys(model), f"{name}: {cached}")
+        return f"timm:{hub}"
+    why = download_blocked("https://huggingface.co")
     if why is None:
         try:
             loaded = _timm().create_model(model_name, pretrained=True, num_classes=0)
             model.load_state_dict(loaded.state_dict())
             return f"timm:{hub}"
         except Exception as e:  # noqa: BLE001 - a failed download, a broken file
-            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            why = one_line(e)
     raise WeightsError(
         f"{name}: no pretrained weights: not in the Hugging Face cache {hf_cache_dir()} (models--"
         f"{hub.replace('/', '--')}) and not downloaded ({why}). Fetch them on a machine with network with "

@@ -115,13 +115,36 @@ def reachable(url: str, timeout: float = 5.0) -> str | None:
         return f"{parsed.hostname} is unreachable: {e}"
 
 
+def download_blocked(url: str) -> str | None:
+    """Why ``url`` cannot be downloaded now (the user forbade the network, or its host does not answer),
+    or None when a download may be tried."""
+    return "MLC_OFFLINE/HF_HUB_OFFLINE is set" if offline() else reachable(url)
+
+
+def hub_cache_file(hub: str, names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` the Hugging Face cache holds for the repository ``hub``, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in names:
+        cached = try_to_load_from_cache(hub, name) if hub else None
+        if isinstance(cached, str):
+            return cached
+    return None
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters of it), for a message of our own."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def torchvision_state_dict(name: str, weights: Any) -> tuple[dict[str, Tensor], str]:
     """torchvision's weights from the torch hub cache, downloaded there first when the network allows."""
     url = weights.url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
     what = f"{type(weights).__name__}.{weights.name}"
     if not cached.is_file():
-        why = "MLC_OFFLINE/HF_HUB_OFFLINE is set" if offline() else reachable(url)
+        why = download_blocked(url)
         if why is not None:
             raise WeightsError(
                 f"{name}: no pretrained weights. Looked for torchvision's {what} at {cached} "

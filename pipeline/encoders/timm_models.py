@@ -42,18 +42,19 @@ class TimmEncoder(ImageEncoder):
     def __init__(self, model: nn.Module, probe_size: int) -> None:
         super().__init__()
         self.model = model.eval()
-        steps, modules = self._chain(probe_size, _cuts(model))
+        steps, modules, features = self._chain(probe_size, _cuts(model))
         self.steps, self._modules_of = steps, modules
-        self.dim = int(self.forward(torch.zeros(1, 3, probe_size, probe_size)).shape[1])
+        with torch.no_grad():  # the head over the probe's features: no third forward through the trunk
+            self.dim = int(self.model.forward_head(features, pre_logits=True).shape[1])
 
     def weights_module(self) -> nn.Module:
         return self.model
 
     @torch.no_grad()
-    def _chain(self, size: int, cuts: tuple[str, ...]) -> tuple[tuple[str, ...], list[nn.Module]]:
+    def _chain(self, size: int, cuts: tuple[str, ...]) -> tuple[tuple[str, ...], list[nn.Module], Tensor]:
         """The steps of forward_features as (name, module) when it is a plain chain of top-level modules
         (a Sequential expanded where the model's stages are its items, so ``blocks.3`` can be a cut);
-        else one opaque step."""
+        else one opaque step. Also forward_features of the probe batch it checked that on."""
         names: list[str] = []
         modules: list[nn.Module] = []
         for name, child in self.model.named_children():
@@ -75,8 +76,8 @@ class TimmEncoder(ImageEncoder):
         except Exception:  # noqa: BLE001 - any failure means the chain is not plain
             plain = False
         if not plain:
-            return ("features",), [self.model]
-        return tuple(names), modules
+            return ("features",), [self.model], want
+        return tuple(names), modules, want
 
     def run_step(self, i: int, x: Tensor) -> Tensor:
         if self.steps == ("features",):

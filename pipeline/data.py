@@ -115,13 +115,24 @@ class DataDir:
     def records(self, split: Split) -> list[Record]:
         """The split's records; DataError naming the file if it is missing or faulty. Test rows that carry
         labels must use the training labels (each other label is named with its row)."""
+        if split == "train":
+            return list(self._train_records)
+        path = self.csv_path(split)
+        records = self._read(split)
+        if any(r.labels for r in records):
+            raise_problems(path, unknown_labels(path, records, self.label_space()))
+        return records
+
+    @functools.cached_property
+    def _train_records(self) -> tuple[Record, ...]:
+        """train.csv parsed once: a command reads its rows and, without a labels file, its label space."""
+        return tuple(self._read("train"))
+
+    def _read(self, split: Split) -> list[Record]:
         path = self.csv_path(split)
         if not path.is_file():
             raise DataError(str(path), None, f"{split}.csv not found in the data folder")
-        records = read_csv(path, labelled=split == "train", layout=self.layout())
-        if split == "test" and any(r.labels for r in records):
-            raise_problems(path, unknown_labels(path, records, self.label_space()))
-        return records
+        return read_csv(path, labelled=split == "train", layout=self.layout())
 
     def label_space(self) -> LabelSpace:
         """The labels file's, or the labels train.csv holds."""
@@ -132,7 +143,7 @@ class DataDir:
     @functools.cached_property
     def _train_labels(self) -> LabelSpace:
         path = self.csv_path("train")
-        space, bad = train_label_space(path, self.records("train"))
+        space, bad = train_label_space(path, self._train_records)
         raise_problems(path, bad)
         return space
 

@@ -584,3 +584,20 @@ def test_label_tokens_are_integers_only_when_every_one_is() -> None:
     assert LabelSpace.from_tokens(["10", "9", "10"]).ids == (9, 10)  # numerically, not "10" < "9"
     rec = Record(image_id="1.jpg", labels=("--5", "3"), caption="c", line=2)
     assert len(fingerprint([rec], None)) == 64
+
+
+def test_train_csv_is_parsed_once_per_data_folder(tmp_path, monkeypatch):
+    from conftest import make_data_dir
+
+    from pipeline import data as data_module
+
+    calls = []
+    real = data_module.read_csv
+    monkeypatch.setattr(data_module, "read_csv", lambda path, **kw: calls.append(Path(path).name) or real(path, **kw))
+    dd = DataDir.open(make_data_dir(tmp_path / "d", n_train=6, n_test=2))
+    first = dd.records("train")
+    assert dd.label_space().ids == (1, 3, 18)
+    again = dd.records("train")
+    assert calls == ["train.csv"] and again == first
+    first.clear()  # each caller gets its own list
+    assert len(dd.records("train")) == 6

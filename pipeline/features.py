@@ -118,12 +118,14 @@ class Recipe:
     def data_options(self) -> DataOptions:
         return DataOptions(**(self.data or {}))
 
-    def encoders(self) -> tuple[ImageEncoder | None, TextEncoder | None]:
+    def encoders(self, verified: Path | None = None) -> tuple[ImageEncoder | None, TextEncoder | None]:
         """Pretrained (or explicit local) weights, a finetuned run's encoders, or seeded random init; None
-        for a modality the recipe has no encoder for ('none')."""
+        for a modality the recipe has no encoder for ('none'). ``verified``: a run folder the caller has
+        just verified (RunDir.load), not hashed again when it is the one the encoders come from."""
         if self.from_run is not None:
             run = RunDir(Path(self.from_run))
-            run.verify()
+            if verified is None or Path(verified).resolve() != run.path.resolve():
+                run.verify()
             if not run.has_encoders():
                 raise MlcError(f"{run.path}: not a finetuned run folder (needs encoders/image and encoders/text, "
                                "written by `mlc finetune`)")
@@ -477,11 +479,11 @@ def _encode_chunks(job: Job, writer: CacheWriter, chunks: list[int], records: li
         bar.close()  # end the bar's line, so an error prints on a line of its own
 
 
-def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.device,
-                        onnx_dir: Path) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
-    """The recipe's encoders and the forward functions of the backend ``loader`` asks for (ONNX graphs
-    exported to / reused from ``onnx_dir``); progress notes on rank 0 only."""
-    image, text = recipe.encoders()
+def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.device, onnx_dir: Path,
+                        verified: Path | None = None) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
+    """The recipe's encoders (``verified`` as in Recipe.encoders) and the forward functions of the backend
+    ``loader`` asks for (ONNX graphs exported to / reused from ``onnx_dir``); progress notes on rank 0 only."""
+    image, text = recipe.encoders(verified)
     eng = engine(image, text, backend=loader.backend, device=device, image_cut=recipe.image_cut,
                  text_cut=recipe.text_cut, onnx_dir=onnx_dir,
                  log=lambda msg: print(msg, file=sys.stderr) if is_main() else None)

@@ -111,7 +111,7 @@ def load(path: str | Path, *, backend: str = "auto", device: torch.device | None
     branches = []
     for entry in run.features:
         part = Part(entry.get("image", True), entry.get("text", True))
-        image, text = Recipe.from_dict(entry["recipe"], str(run.dir.features)).encoders()
+        image, text = Recipe.from_dict(entry["recipe"], str(run.dir.features)).encoders(run.path)
         branches.append(_branch(image if part.image else None, text if part.text else None, backend, device,
                                 onnx_dir))
     return Predictor(path, branches, run.heads, run.head_config, run.thresholds, run.labels)

@@ -73,7 +73,7 @@ def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> list[Path]
     with distributed(cfg.device) as device:
         for entry in run.features:
             recipe = Recipe.from_dict(entry["recipe"], str(run.dir.features))
-            image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.cache_dir / "onnx")
+            image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.cache_dir / "onnx", run.path)
             job = Job(recipe, data, "test", cache_path(cfg.cache_dir, cfg.data_dir, "test", recipe), cfg,
                       chunk_rows=max(cfg.batch_size, 512), overwrite=cfg.overwrite, command="submit")
             paths.append(build_cache(job, image, text, eng, device))

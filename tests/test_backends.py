@@ -24,6 +24,7 @@ from pipeline.extract import ExtractConfig, extract
 from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.heads import create_head
 from pipeline.model import MultiModal
+from pipeline.runs import RunDir
 from pipeline.submit import SubmitConfig, submit
 
 TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, batch_size=4)
@@ -108,13 +109,16 @@ def test_onnx_needs_the_cpu():
                         device=torch.device("cuda"), image_cut=None, text_cut=None, onnx_dir=Path("unused"))
 
 
-def test_submit_runs_a_finetuned_runs_encoders_through_onnx(tmp_path):
+def test_submit_runs_a_finetuned_runs_encoders_through_onnx(tmp_path, monkeypatch):
     data = make_data_dir(tmp_path / "tiny", n_train=24, n_test=4)
     run = tmp_path / "run"
     finetune(FinetuneConfig(data_dir=data, out=run, epochs=1, batch_size=8, workers=0, end_to_end=True, lr=1e-2,
                             encoder_lr=1e-2, **{k: v for k, v in TINY.items() if k not in ("workers", "batch_size")}))
     common = dict(run=run, data_dir=data, workers=0)
+    verified, real_verify = [], RunDir.verify
+    monkeypatch.setattr(RunDir, "verify", lambda self: verified.append(self.path) or real_verify(self))
     onnx_path, _ = submit(SubmitConfig(cache_dir=tmp_path / "c1", backend="onnx", out=tmp_path / "a.csv", **common))
+    assert verified == [run]  # the run (its encoders included) is hashed once, not again for its encoders
     torch_path, _ = submit(SubmitConfig(cache_dir=tmp_path / "c2", backend="torch", out=tmp_path / "b.csv",
                                         **common))
     assert len(list((tmp_path / "c1" / "onnx").glob("*.onnx"))) == 2  # the finetuned encoders' graphs

@@ -297,7 +297,7 @@ def _io_reason(e: BaseException) -> str:
     """HDF5 reports a failed write as RuntimeError with 'errno = 28, error message = ...': keep the reason."""
     text = str(e)
     if isinstance(e, OutputError):
-        return text.split(": ", 1)[-1].split(": ", 1)[-1]
+        return e.why
     m = re.search(r"error message = '([^']+)'", text)
     return m.group(1) if m else f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 

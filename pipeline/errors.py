@@ -37,8 +37,8 @@ class OutputError(MlcError):
 
     def __init__(self, path: str, err: OSError | str) -> None:
         self.path = str(path)
-        why = err if isinstance(err, str) else (err.strerror or str(err))
-        super().__init__(f"cannot write {path}: {why}")
+        self.why = err if isinstance(err, str) else (err.strerror or str(err))
+        super().__init__(f"cannot write {path}: {self.why}")
 
 
 class BusyError(MlcError):

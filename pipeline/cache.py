@@ -378,11 +378,11 @@ class CacheReader:
             raise MlcError(f"{self.path}: the {name!r} dataset is damaged ({str(e).splitlines()[0]}); extract "
                            "it again with --overwrite") from e
 
-    def finite(self, name: str, values: np.ndarray, ids: Sequence[str] | None = None) -> np.ndarray:
-        """``values`` (rows of dataset ``name``), or an MlcError naming the rows that hold NaN or infinity."""
+    def finite(self, name: str, values: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+        """``values`` (rows of dataset ``name``, image ids ``ids``), or an MlcError naming the rows that hold
+        NaN or infinity."""
         bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(1))
         if bad.size:
-            ids = ids if ids is not None else self.image_ids
             raise MlcError(f"{self.path}: {bad.size} row(s) of {name!r} hold NaN or infinite values (e.g. "
                            f"{', '.join(ids[i] for i in bad[:5])}); the cache is damaged: extract it again "
                            "with --overwrite")

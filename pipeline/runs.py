@@ -289,13 +289,10 @@ class RunDir:
                        key=lambda n: int(n[5:-12]))
         if not names:
             raise MlcError(f"{self.path}: no head-*.safetensors weights in manifest.json")
-        heads = [self._load_head(n, head_cfg) for n in names]
+        heads = [load_head(self / n, head_cfg) for n in names]
         labels = LabelSpace(tuple(th["label_ids"]), tuple(th["label_names"]))
         return Run(self, manifest["kind"], config, features, head_cfg, heads,
                    np.asarray(th["per_class"], np.float32), labels)
-
-    def _load_head(self, name: str, head_cfg: dict[str, Any]) -> torch.nn.Module:
-        return load_head(self / name, head_cfg)
 
 
 def read_json(path: Path, folder: str) -> Any:

@@ -30,6 +30,11 @@ class Part:
     def to_dict(self) -> dict[str, bool]:
         return {"image": self.image, "text": self.text}
 
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> Part:
+        """The part of a features.json entry (feature_entry): both features unless it says otherwise."""
+        return cls(entry.get("image", True), entry.get("text", True))
+
 
 def _identity(meta: CacheMeta, kind: str) -> str:
     d = meta.to_dict()

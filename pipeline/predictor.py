@@ -110,7 +110,7 @@ def load(path: str | Path, *, backend: str = "auto", device: torch.device | None
     run = RunDir(path).load()
     branches = []
     for entry in run.features:
-        part = Part(entry.get("image", True), entry.get("text", True))
+        part = Part.of(entry)
         image, text = Recipe.from_dict(entry["recipe"], str(run.dir.features)).encoders(run.path)
         branches.append(_branch(image if part.image else None, text if part.text else None, backend, device,
                                 onnx_dir))

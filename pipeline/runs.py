@@ -48,6 +48,7 @@ from .atomic import (
 )
 from .cache import CacheMeta
 from .errors import MismatchError, MlcError, OutputError
+from .fused import Part
 from .heads import HEADS, create_head, ensemble_proba
 from .labels import LabelSpace
 from .thresholds import apply_thresholds
@@ -359,8 +360,9 @@ def _check_consistent(run: RunDir, th: dict[str, Any], head_cfg: dict[str, Any],
                        f"made for ({list(contracts[0].label_ids)}, features.json)")
     if head_cfg["num_classes"] != len(th["label_ids"]):
         raise MlcError(f"{run.head}: num_classes {head_cfg['num_classes']} but {len(th['label_ids'])} labels")
-    dims = (sum(c.image_dim for c, e in zip(contracts, features, strict=True) if e.get("image", True)),
-            sum(c.text_dim for c, e in zip(contracts, features, strict=True) if e.get("text", True)))
+    parts = [Part.of(e) for e in features]
+    dims = (sum(c.image_dim for c, p in zip(contracts, parts, strict=True) if p.image),
+            sum(c.text_dim for c, p in zip(contracts, parts, strict=True) if p.text))
     if (head_cfg["image_dim"], head_cfg["text_dim"]) != dims:
         raise MlcError(f"{run.head}: image_dim/text_dim {head_cfg['image_dim']}/{head_cfg['text_dim']} do not "
                        f"match the features' {dims[0]}/{dims[1]} (features.json)")

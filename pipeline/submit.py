@@ -93,7 +93,7 @@ def submit(cfg: SubmitConfig) -> tuple[Path, str]:
         run.check_caches([r.meta for r in readers], caches)
         for r in readers:
             check_ids(expected, r.image_ids, str(r.path))
-        parts = [Part(e.get("image", True), e.get("text", True)) for e in run.features]
+        parts = [Part.of(e) for e in run.features]
         ids, image, text = load_joined(readers, parts)
     finally:
         for r in readers:

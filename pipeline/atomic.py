@@ -145,6 +145,18 @@ def staging_dir(target: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def staged(target: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A staging folder beside ``target`` to write a whole new version of it into; swapped in (``swap_in``,
+    with ``keep``) when the block ends without an error, removed in every case."""
+    stage = staging_dir(target)
+    try:
+        yield stage
+        swap_in(stage, target, keep)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # after a swap: gone already, or the old version's remains
+
+
 _RENAME_EXCHANGE = 2
 
 

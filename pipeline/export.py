@@ -17,7 +17,6 @@ loading): a finetuned lite0 + MiniLM run goes from ~110 MB to ~55 MB, under the 
 from __future__ import annotations
 
 import copy
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import check_writable, staging_dir, swap_in, write_json, write_safetensors
+from .atomic import check_writable, staged, write_json, write_safetensors
 from .backends import (
     ATOL,
     PROBE_CAPTIONS,
@@ -39,7 +38,7 @@ from .backends import (
     to_onnx,
 )
 from .config import Config, as_paths, opt, require
-from .errors import MlcError, OutputError
+from .errors import MlcError
 from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, load
 from .runs import listing
 
@@ -73,16 +72,12 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
     """Write the export folder (staged, then swapped in); returns it and its size in bytes."""
     pred = load(cfg.run, backend="torch")
     check_writable(cfg.out.parent)
-    stage = staging_dir(cfg.out)
-    try:
+    with staged(cfg.out) as stage:
         meta = _write(pred, stage, cfg)
         if cfg.format == "onnx":
             _write_graph(pred, stage)
         meta["files"] = listing(stage, (EXPORT_FILE,))
         write_json(stage / EXPORT_FILE, meta)
-        swap_in(stage, cfg.out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return cfg.out, sum(f.stat().st_size for f in cfg.out.rglob("*") if f.is_file())
 
 
@@ -95,10 +90,7 @@ def _write(pred: Predictor, stage: Path, cfg: ExportConfig) -> dict[str, Any]:
                 entry[kind] = None
                 continue
             folder = f"encoders/{i}-{kind}"
-            try:
-                _cast(enc, cfg.dtype).save(stage / folder)
-            except OSError as e:
-                raise OutputError(str(stage / folder), e) from e
+            _cast(enc, cfg.dtype).save(stage / folder)
             entry[kind] = folder
         branches.append(entry)
     heads = []

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -40,14 +39,13 @@ from .atomic import (
     check_writable,
     clean_stale,
     lock,
-    staging_dir,
-    swap_in,
+    staged,
     write_json,
     write_safetensors,
     write_text,
 )
 from .cache import CacheMeta
-from .errors import MismatchError, MlcError, OutputError
+from .errors import MismatchError, MlcError
 from .fused import Part
 from .heads import HEADS, create_head, ensemble_proba
 from .labels import LabelSpace
@@ -216,24 +214,17 @@ class RunDir:
         """Write the whole run into a staging folder beside this one, manifest last, then swap it in: the
         previous run (with its submission and report, which belong to it) stays intact until the new one
         is complete. A finetune's checkpoints move over to the new folder. Call inside ``writing()``."""
-        stage = RunDir(staging_dir(self.path))
-        try:
+        with staged(self.path, keep=("checkpoints",)) as folder:
+            stage = RunDir(folder)
             stage._write_files(files)
             stage._write_manifest(files.kind)
-            swap_in(stage.path, self.path, keep=("checkpoints",))
-        finally:
-            if stage.path.exists():
-                shutil.rmtree(stage.path, ignore_errors=True)
 
     def _write_files(self, files: RunFiles) -> None:
         for k, head in enumerate(files.heads):
             write_safetensors(self.head_weights(k), head)
         if files.encoders is not None:
             for kind, enc in zip(("image", "text"), files.encoders, strict=True):
-                try:
-                    enc.save(self.encoder_dir(kind))
-                except OSError as e:  # the tokenizer's own writer
-                    raise OutputError(str(self.encoder_dir(kind)), e) from e
+                enc.save(self.encoder_dir(kind))
         write_json(self.config, {"kind": files.kind, **files.config})
         write_json(self.features, files.features)
         write_json(self.head, files.heads[0].config())

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import write_json, write_safetensors
-from ..errors import MlcError
+from ..errors import MlcError, OutputError
 from .transforms import ImagePreprocess, TextPreprocess
 from .weights import WEIGHTS_FILE, state_dict_hash
 
@@ -69,11 +69,14 @@ class Encoder(nn.Module):
     def save(self, folder: str | os.PathLike[str]) -> None:
         """``encoder.json`` + ``model.safetensors`` (and whatever else the encoder needs) into ``folder``."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_safetensors(folder / WEIGHTS_FILE, self.weights_module())
-        self.save_extra(folder)
-        write_json(folder / ENCODER_FILE, {"kind": self.kind, "name": self.name, "options": self.options(),
-                                           "weights_hash": state_dict_hash(self.weights_module())})
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_safetensors(folder / WEIGHTS_FILE, self.weights_module())
+            self.save_extra(folder)
+            write_json(folder / ENCODER_FILE, {"kind": self.kind, "name": self.name, "options": self.options(),
+                                               "weights_hash": state_dict_hash(self.weights_module())})
+        except OSError as e:  # mkdir, and the tokenizer's / model config's own writers (ours raise OutputError)
+            raise OutputError(str(folder), e) from e
 
     def save_extra(self, folder: Path) -> None:
         """Files besides the weights (tokenizer, model config)."""

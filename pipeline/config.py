@@ -56,6 +56,10 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
+    def group(self, options: type[Config]) -> dict[str, Any]:
+        """The values of the option group ``options`` (a Config this stage's config inherits), by field name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(options)}
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """JSON-ready dict of a config: Paths as strings, tuples as lists."""

@@ -53,7 +53,7 @@ class DataOptions(Config):
 
     def data_options(self) -> DataOptions:
         """This option group alone (out of a stage config that inherits it)."""
-        return DataOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataOptions)})
+        return DataOptions(**self.group(DataOptions))
 
     def recorded(self) -> dict[str, Any]:
         """These options as a cache's recipe or a run's features.json records them: the labels file as an

@@ -68,19 +68,6 @@ def _say(msg: str) -> None:
     print(f"[mlc run] {msg}", file=sys.stderr, flush=True)
 
 
-def _encoders(cfg: RunConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ("preset", "image_encoder", "text_encoder", "image_weights", "text_weights",
-                                         "random_init", "text_pooling")}
-
-
-def _loader(cfg: RunConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ("batch_size", "workers", "device", "backend")}
-
-
-def _data(cfg: RunConfig) -> dict[str, Any]:
-    return {f: getattr(cfg, f) for f in ("id_col", "labels_col", "caption_col", "label_sep", "labels", "images")}
-
-
 def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool:
     """The run folder holds a complete run of this very config over these caches."""
     from .cache import read_meta
@@ -115,8 +102,8 @@ def finetune_route(cfg: RunConfig, train: list[Path]) -> Path:
         raise MlcError(f"--finetune knows no trunk cut for {cfg.image_encoder} + {cfg.text_encoder}; use "
                        "`mlc extract --image-cut ... --text-cut ...` and `mlc finetune --from-cache ...` directly")
     (trunk,) = extract(ExtractConfig(data_dir=cfg.data_dir, splits=("train",), out_dir=cfg.cache_dir,
-                                     image_cut=route["image_cut"], text_cut=text_cut, **_encoders(cfg),
-                                     **_loader(cfg), **_data(cfg)))
+                                     image_cut=route["image_cut"], text_cut=text_cut, **cfg.group(EncoderOptions),
+                                     **cfg.group(LoaderOptions), **cfg.group(DataOptions)))
     out = cfg.out.with_name(cfg.out.name + "-finetuned")
     if RunDir(out).manifest.is_file():
         _say(f"{out}: already finetuned; delete it to finetune again")
@@ -126,7 +113,7 @@ def finetune_route(cfg: RunConfig, train: list[Path]) -> Path:
     fit(cfg, train, start, folds=0)
     finetune(FinetuneConfig(from_cache=trunk, out=out, init_head=start, epochs=route["epochs"], sampler="uniform",
                             pos_weight=False, lr=route["lr"], encoder_lr=route["encoder_lr"], batch_size=32,
-                            workers=cfg.workers, device=cfg.device, head=cfg.head, **_encoders(cfg)))
+                            workers=cfg.workers, device=cfg.device, head=cfg.head, **cfg.group(EncoderOptions)))
     return out
 
 
@@ -139,15 +126,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         raise MlcError(f"{cfg.data_dir}: {len(report.problems)} problem(s) in the data (listed above); fix them, "
                        "or run the stages one by one (mlc extract --skip-bad-images ...)")
     _say("extracting features (reused when already there)")
-    caches = extract(ExtractConfig(data_dir=cfg.data_dir, out_dir=cfg.cache_dir, **_encoders(cfg), **_loader(cfg),
-                                   **_data(cfg)))
+    caches = extract(ExtractConfig(data_dir=cfg.data_dir, out_dir=cfg.cache_dir, **cfg.group(EncoderOptions),
+                                   **cfg.group(LoaderOptions), **cfg.group(DataOptions)))
     train = [c for c in caches if c.name.startswith("train__")]
     _say(f"fitting the head ({cfg.folds or 1} fold(s))")
     fit(cfg, train, cfg.out, cfg.folds)
     final = finetune_route(cfg, train) if cfg.finetune else cfg.out
     rd = RunDir(final)
     if not rd.submission.is_file():  # a refit removes the old submission: one here is this run's
-        submit(SubmitConfig(run=final, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, **_loader(cfg)))
+        submit(SubmitConfig(run=final, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, **cfg.group(LoaderOptions)))
     if not (rd.report / "report.html").is_file():
         make_report(final)
     metrics = rd.read_json("metrics.json")

@@ -118,7 +118,7 @@ class DataDir:
         if split == "train":
             return list(self._train_records)
         path = self.csv_path(split)
-        records = self._read(split)
+        records = list(self._test_records)
         if any(r.labels for r in records):
             raise_problems(path, unknown_labels(path, records, self.label_space()))
         return records
@@ -127,6 +127,10 @@ class DataDir:
     def _train_records(self) -> tuple[Record, ...]:
         """train.csv parsed once: a command reads its rows and, without a labels file, its label space."""
         return tuple(self._read("train"))
+
+    @functools.cached_property
+    def _test_records(self) -> tuple[Record, ...]:
+        return tuple(self._read("test"))
 
     def _read(self, split: Split) -> list[Record]:
         path = self.csv_path(split)

@@ -62,6 +62,8 @@ def extract(cfg: ExtractConfig) -> list[Path]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     data = DataDir.open(cfg.data_dir, cfg)
     recipe = fit_to_data(cfg.recipe(), data)
+    for split in cfg.splits:
+        data.records(split)  # a faulty CSV stops here, not after minutes of loading and exporting encoders
     with distributed(cfg.device) as device:
         image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.out_dir / "onnx")
         return [build_cache(Job(recipe, data, split, cache_path(cfg.out_dir, cfg.data_dir, split, recipe), cfg,

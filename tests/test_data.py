@@ -586,7 +586,7 @@ def test_label_tokens_are_integers_only_when_every_one_is() -> None:
     assert len(fingerprint([rec], None)) == 64
 
 
-def test_train_csv_is_parsed_once_per_data_folder(tmp_path, monkeypatch):
+def test_each_csv_is_parsed_once_per_data_folder(tmp_path, monkeypatch):
     from conftest import make_data_dir
 
     from pipeline import data as data_module
@@ -599,5 +599,6 @@ def test_train_csv_is_parsed_once_per_data_folder(tmp_path, monkeypatch):
     assert dd.label_space().ids == (1, 3, 18)
     again = dd.records("train")
     assert calls == ["train.csv"] and again == first
+    assert dd.records("test") == dd.records("test") and calls == ["train.csv", "test.csv"]
     first.clear()  # each caller gets its own list
     assert len(dd.records("train")) == 6

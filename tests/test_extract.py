@@ -185,3 +185,12 @@ def test_sharded_extract_under_torchrun_matches_one_process(data_dir, tmp_path):
         for name in ("image", "text", "labels"):
             np.testing.assert_allclose(a.array(name).astype(np.float32), b.array(name).astype(np.float32),
                                        rtol=1e-2, atol=1e-3)
+
+
+def test_a_faulty_csv_stops_extract_before_any_encoder_work(tmp_path):
+    data = make_data_dir(tmp_path / "d", n_train=6, n_test=2)
+    lines = (data / "test.csv").read_text().splitlines()
+    (data / "test.csv").write_text("\n".join([*lines, "not a row at all"]) + "\n")
+    with pytest.raises(MlcError, match=r"test\.csv:4: "):
+        extract(ExtractConfig(data_dir=data, out_dir=tmp_path / "c", **{**TINY, "backend": "onnx"}))
+    assert not (tmp_path / "c").exists()  # no graph exported, no train cache written first

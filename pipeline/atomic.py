@@ -216,9 +216,10 @@ def _holder_pid(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def lock(target: str | os.PathLike[str], what: str = "") -> Iterator[None]:
+def lock(target: str | os.PathLike[str], what: str = "", *, wait: bool = False) -> Iterator[None]:
     """Hold ``.<name>.lock`` beside ``target`` (flock) while writing it; BusyError at once when another
-    process holds it. The lock dies with its process, so a killed writer never blocks the next run."""
+    process holds it, or with ``wait`` block until it is free (short writes any process may share, such
+    as an ONNX graph). The lock dies with its process, so a killed writer never blocks the next run."""
     target = Path(target)
     ensure_dir(target.parent)
     path = target.parent / f".{target.name}.lock"
@@ -228,7 +229,7 @@ def lock(target: str | os.PathLike[str], what: str = "") -> Iterator[None]:
         raise OutputError(str(path), e) from e
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder_pid(fd)
             raise BusyError(f"another mlc process is writing {what or target} (pid {holder}); wait for it "

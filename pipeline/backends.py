@@ -9,11 +9,13 @@ runs on one core and callers keep one whole batch per core in flight (``Engine.l
 
 ONNX graphs are exported once per encoder with ``torch.onnx.export`` (the dynamo exporter; dynamic
 batch axis, and token axis for text), to ``<onnx_dir>/<kind>-<name>-<weights hash>-<cut>...onnx``,
-written atomically. The file records the weights hash it was exported from; a file whose hash
-differs, that does not load, or whose outputs differ from torch on a fixed probe batch by more than
-``ATOL + RTOL * |torch|`` is rebuilt, never used. A graph that still disagrees, or an encoder that
-cannot be exported, stops ``--backend onnx`` with the reason; ``--backend auto`` says so once and
-runs that encoder in torch.
+written atomically, one process at a time (a lock beside the file; others wait, then reuse it). The
+folder is one per user (``graph_dir``), shared by every command, data folder and output folder: a graph
+depends only on the weights and mlc's export code, never on where the features go. The file records
+the weights hash it was exported from; a file whose hash differs, that does not load, or whose outputs
+differ from torch on a fixed probe batch by more than ``ATOL + RTOL * |torch|`` is rebuilt, never used.
+A graph that still disagrees, or an encoder that cannot be exported, stops ``--backend onnx`` with the
+reason; ``--backend auto`` says so once and runs that encoder in torch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path
+from .atomic import atomic_path, lock
 from .device import autocast
 from .encoders import ImageEncoder, TextEncoder
 from .errors import MlcError
@@ -124,6 +127,19 @@ def probe_inputs(encoder: nn.Module) -> tuple[torch.Tensor, ...]:
         return (torch.randint(0, 256, (2, 3, c, c), generator=g, dtype=torch.uint8),)
     tok = encoder.tokenize(list(PROBE_CAPTIONS))
     return tok["input_ids"], tok["attention_mask"]
+
+
+def graph_dir(onnx_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where exported graphs are kept: ``onnx_dir`` when given, else ``$MLC_ONNX_DIR``, else
+    ``$MLC_HOME/onnx``, else ``$XDG_CACHE_HOME/mlc/onnx`` (``~/.cache/mlc/onnx``). One folder per user,
+    so a new cache or run folder never exports the same weights again."""
+    if onnx_dir is not None:
+        return Path(onnx_dir)
+    if os.environ.get("MLC_ONNX_DIR"):
+        return Path(os.environ["MLC_ONNX_DIR"])
+    if os.environ.get("MLC_HOME"):
+        return Path(os.environ["MLC_HOME"]) / "onnx"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlc" / "onnx"
 
 
 def onnx_file(onnx_dir: Path, encoder: Any, cut: str | None) -> Path:
@@ -241,26 +257,40 @@ def mismatch(names: list[str], got: list[np.ndarray], want: list[np.ndarray]) ->
     return None
 
 
+def _reuse(path: Path, encoder: Any, cut: str | None) -> tuple[Any, str | None]:
+    """(a verified session, None) for the graph at ``path``; (None, why not) when it is stale or damaged;
+    (None, None) when there is none."""
+    if not path.is_file():
+        return None, None
+    try:
+        session = ort_session(path)
+        why = _check(session, encoder, cut)
+    except Exception as e:  # a truncated or corrupt file
+        return None, f"unreadable ({type(e).__name__})"
+    return (session, None) if why is None else (None, why)
+
+
 def onnx_session(encoder: Any, cut: str | None, onnx_dir: Path, log: Callable[[str], None]) -> Any:
     """A verified ONNX Runtime session for ``encoder``: reuse its exported file, or (re)build it."""
     path = onnx_file(onnx_dir, encoder, cut)
-    if path.is_file():
-        try:
-            session = ort_session(path)
-            why = _check(session, encoder, cut)
-        except Exception as e:  # a truncated or corrupt file
-            why = f"unreadable ({type(e).__name__})"
-        if why is None:
+    session, _ = _reuse(path, encoder, cut)
+    if session is not None:
+        return session
+    # One exporter per graph; a process that waited here finds the graph the other one wrote.
+    with lock(path, f"the ONNX graph {path}", wait=True):
+        session, why = _reuse(path, encoder, cut)
+        if session is not None:
             return session
-        log(f"{path}: {why}; exporting it again")
-    log(f"exporting {encoder.name}{f' (cut {cut})' if cut else ''} to ONNX: {path}")
-    export(encoder, cut, path)
-    session = ort_session(path)
-    why = _check(session, encoder, cut)
-    if why is not None:
-        path.unlink(missing_ok=True)
-        raise BackendError(f"{encoder.name}: its ONNX graph does not reproduce torch ({why}; tolerance "
-                           f"{ATOL} + {RTOL} x |value|); use --backend torch")
+        if why is not None:
+            log(f"{path}: {why}; exporting it again")
+        log(f"exporting {encoder.name}{f' (cut {cut})' if cut else ''} to ONNX: {path}")
+        export(encoder, cut, path)
+        session = ort_session(path)
+        why = _check(session, encoder, cut)
+        if why is not None:
+            path.unlink(missing_ok=True)
+            raise BackendError(f"{encoder.name}: its ONNX graph does not reproduce torch ({why}; tolerance "
+                               f"{ATOL} + {RTOL} x |value|); use --backend torch")
     return session
 
 
@@ -314,11 +344,12 @@ def _version(package: str) -> str:
 
 
 def engine(image: ImageEncoder | None, text: TextEncoder | None, *, backend: str, device: torch.device,
-           image_cut: str | None, text_cut: str | None, onnx_dir: Path, log: Callable[[str], None] | None = None,
-           channels_last: bool = True) -> Engine:
+           image_cut: str | None, text_cut: str | None, onnx_dir: Path | None = None,
+           log: Callable[[str], None] | None = None, channels_last: bool = True) -> Engine:
     """The forward functions for ``backend``: ``auto`` is ONNX Runtime on the CPU and torch on CUDA. A
-    modality without an encoder (None) gets no forward function."""
+    modality without an encoder (None) gets no forward function. Graphs live in ``graph_dir(onnx_dir)``."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    onnx_dir = graph_dir(onnx_dir)
     if backend not in BACKENDS:
         raise MlcError(f"--backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "onnx" and device.type != "cpu":

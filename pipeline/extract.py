@@ -32,8 +32,7 @@ class ExtractConfig(EncoderOptions, LoaderOptions, DataOptions):
     image_cut: str | None = opt(None, "Also cache the image encoder's activations at this trunk cut (e.g. "
                                 "block11, layer3) for `mlc finetune --from-cache`.")
     text_cut: str | None = opt(None, "Also cache the text encoder's token states at this cut (e.g. layer4).")
-    out_dir: Path = opt(Path("cache"), "Where caches are written (OUT_DIR/DATA_NAME/SPLIT__IMAGE__TEXT.h5; exported "
-                        "ONNX graphs in OUT_DIR/onnx).")
+    out_dir: Path = opt(Path("cache"), "Where caches are written (OUT_DIR/DATA_NAME/SPLIT__IMAGE__TEXT.h5).")
     chunk_rows: int = opt(512, "Rows per committed chunk: an interrupted run loses at most this many rows of work "
                           "(captions are length-sorted within a chunk, so bigger chunks pad less).")
     skip_bad_images: bool = opt(False, "Leave out missing or corrupt images (reported by id) instead of stopping "
@@ -65,7 +64,7 @@ def extract(cfg: ExtractConfig) -> list[Path]:
     for split in cfg.splits:
         data.records(split)  # a faulty CSV stops here, not after minutes of loading and exporting encoders
     with distributed(cfg.device) as device:
-        image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.out_dir / "onnx")
+        image, text, eng = encoders_and_engine(recipe, cfg, device)
         return [build_cache(Job(recipe, data, split, cache_path(cfg.out_dir, cfg.data_dir, split, recipe), cfg,
                                 cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite), image, text, eng, device)
                 for split in cfg.splits]

@@ -32,7 +32,7 @@ from . import __version__
 from .atomic import check_writable, lock
 from .backends import BACKENDS, Engine, engine
 from .cache import CacheMeta, CacheWriter, read_meta
-from .config import Config, opt, require
+from .config import Config, as_paths, opt, require
 from .data import DataDir, DataOptions, check_images, fingerprint
 from .datasets import ImageViews, collate_views
 from .device import is_main, rank, world_size
@@ -53,9 +53,12 @@ class LoaderOptions(Config):
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
     backend: str = opt("auto", "How the frozen encoders run: onnx (ONNX Runtime, CPU; exported once per encoder, "
                        "checked against torch), torch, or auto (onnx on CPU, torch on CUDA).")
+    onnx_dir: Path | None = opt(None, "Where exported ONNX graphs are kept and reused, by every command and data "
+                                "folder (default $MLC_ONNX_DIR, else $MLC_HOME/onnx, else ~/.cache/mlc/onnx).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        as_paths(self, "onnx_dir")
         require([(self.batch_size >= 1, "--batch-size must be at least 1"),
                  (self.workers >= 0, "--workers must be 0 or more"),
                  (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}")])
@@ -479,12 +482,12 @@ def _encode_chunks(job: Job, writer: CacheWriter, chunks: list[int], records: li
         bar.close()  # end the bar's line, so an error prints on a line of its own
 
 
-def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.device, onnx_dir: Path,
+def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.device,
                         verified: Path | None = None) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
     """The recipe's encoders (``verified`` as in Recipe.encoders) and the forward functions of the backend
-    ``loader`` asks for (ONNX graphs exported to / reused from ``onnx_dir``); progress notes on rank 0 only."""
+    ``loader`` asks for (ONNX graphs exported to / reused from ``loader.onnx_dir``); progress notes on rank 0 only."""
     image, text = recipe.encoders(verified)
     eng = engine(image, text, backend=loader.backend, device=device, image_cut=recipe.image_cut,
-                 text_cut=recipe.text_cut, onnx_dir=onnx_dir,
+                 text_cut=recipe.text_cut, onnx_dir=loader.onnx_dir,
                  log=lambda msg: print(msg, file=sys.stderr) if is_main() else None)
     return image, text, eng

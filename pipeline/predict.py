@@ -47,11 +47,10 @@ class PredictConfig(LoaderOptions):
     format: str = opt("table", "table (for people), csv (file,labels) or json (a JSON object a line).")
     top_k: int = opt(0, "Also show the K most probable labels with their probabilities (0: only the predicted).")
     out: Path | None = opt(None, "Write the predictions to this file instead of printing them.")
-    onnx_dir: Path = opt(Path("cache/onnx"), "Where exported ONNX graphs of the encoders are kept and reused.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_paths(self, "model", "captions", "out", "onnx_dir")
+        as_paths(self, "model", "captions", "out")
         require([(self.model is not None, "give a run or exported model folder"),
                  (self.format in FORMATS, f"--format must be one of {FORMATS}"),
                  (self.top_k >= 0, "--top-k must be 0 or more"),

@@ -101,7 +101,7 @@ def _log(msg: str) -> None:
 
 
 def load(path: str | Path, *, backend: str = "auto", device: torch.device | None = None,
-         onnx_dir: Path = Path("cache/onnx")) -> Predictor:
+         onnx_dir: Path | None = None) -> Predictor:
     """A run folder (fit-head or finetune) or a folder `mlc export` wrote."""
     path = Path(path)
     device = device or torch.device("cpu")
@@ -118,13 +118,13 @@ def load(path: str | Path, *, backend: str = "auto", device: torch.device | None
 
 
 def _branch(image: ImageEncoder | None, text: TextEncoder | None, backend: str, device: torch.device,
-            onnx_dir: Path) -> Branch:
+            onnx_dir: Path | None) -> Branch:
     eng = engine(image, text, backend=backend, device=device, image_cut=None, text_cut=None, onnx_dir=onnx_dir,
                  log=_log)
     return Branch(image, text, eng)
 
 
-def _from_export(path: Path, backend: str, device: torch.device, onnx_dir: Path) -> Predictor:
+def _from_export(path: Path, backend: str, device: torch.device, onnx_dir: Path | None) -> Predictor:
     meta = read_json(path / EXPORT_FILE, "the export folder")
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt != EXPORT_FORMAT:

@@ -31,8 +31,7 @@ class SubmitConfig(LoaderOptions):
     run: Path = opt(None, "A run folder from `mlc fit-head` or `mlc finetune`.", argument=True, required=True)
     data_dir: Path = opt(None, "Data folder whose test.csv is predicted.", flag="--data", required=True)
     out: Path | None = opt(None, "Submission file (default RUN/submission.csv).")
-    cache_dir: Path = opt(Path("cache"), "Where the test cache is found or written (and exported ONNX graphs, "
-                          "in CACHE_DIR/onnx).")
+    cache_dir: Path = opt(Path("cache"), "Where the test cache is found or written.")
     overwrite: bool = opt(False, "Replace a test cache that holds other features (e.g. one extracted with "
                           "--skip-bad-images) instead of stopping.")
 
@@ -73,7 +72,7 @@ def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> list[Path]
     with distributed(cfg.device) as device:
         for entry in run.features:
             recipe = Recipe.from_dict(entry["recipe"], str(run.dir.features))
-            image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.cache_dir / "onnx", run.path)
+            image, text, eng = encoders_and_engine(recipe, cfg, device, run.path)
             job = Job(recipe, data, "test", cache_path(cfg.cache_dir, cfg.data_dir, "test", recipe), cfg,
                       chunk_rows=max(cfg.batch_size, 512), overwrite=cfg.overwrite, command="submit")
             paths.append(build_cache(job, image, text, eng, device))

@@ -48,7 +48,7 @@ class RunConfig(EncoderOptions, LoaderOptions, DataOptions):
     data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
                          argument=True, required=True)
     out: Path | None = opt(None, "Run folder (default runs/DATA_NAME-IMAGE-TEXT, after the data folder and encoders).")
-    cache_dir: Path = opt(Path("cache"), "Where caches (and exported ONNX graphs) are written.")
+    cache_dir: Path = opt(Path("cache"), "Where caches are written.")
     folds: int = redefault(FitHeadConfig, "folds", 5)
     head: str = redefault(HeadOptions, "head", "concat")
     finetune: bool = opt(False, "Then finetune the encoders' top blocks over a trunk cache (the CPU route: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,20 @@ def refresh_manifest(run: Path) -> None:
     for name in m["files"]:
         m["files"][name] = {"bytes": (run / name).stat().st_size, "sha256": sha256_file(run / name)}
     (run / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One ONNX graph folder for the whole session (subprocesses inherit it): each tiny encoder is exported
+    once, not once per test's output folder, and the user's own graph cache is never touched."""
+    old = os.environ.get("MLC_ONNX_DIR")
+    path = tmp_path_factory.mktemp("onnx-graphs")
+    os.environ["MLC_ONNX_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MLC_ONNX_DIR", None)
+    else:
+        os.environ["MLC_ONNX_DIR"] = old
 
 
 @pytest.fixture

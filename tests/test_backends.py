@@ -47,7 +47,10 @@ def test_onnx_and_torch_caches_agree_with_trunk_cuts(shared, tmp_path):
     cuts = dict(image_cut="layer3", text_cut="layer1", views=2)
     (onnx_cache,) = extract(_cfg(shared, backend="onnx", **cuts))
     (torch_cache,) = extract(_cfg(shared, backend="torch", out_dir=tmp_path / "torch", **cuts))
-    assert sorted(p.name.split("-")[0] for p in (shared["cache"] / "onnx").glob("*.onnx")) == ["image", "text"]
+    for enc, cut in ((create_image_encoder("tiny-resnet", random_init=True, seed=0), "layer3"),
+                     (create_text_encoder("tiny-bert", random_init=True, seed=0), "layer1")):
+        assert backends.onnx_file(backends.graph_dir(), enc, cut).is_file()  # in the one graph cache
+    assert not list(shared["cache"].rglob("*.onnx"))  # never beside the caches
     with CacheReader(onnx_cache) as a, CacheReader(torch_cache) as b:
         assert a.meta.identity() == b.meta.identity()  # both backends write the same cache
         assert a.meta.extra["backend"] == {"image": f"onnxruntime {backends._version('onnxruntime')}",
@@ -63,7 +66,7 @@ def test_a_corrupt_or_stale_export_is_rebuilt_never_used(shared, capsys):
     cfg = _cfg(shared, backend="onnx", overwrite=True)
     extract(cfg)
     image = create_image_encoder("tiny-resnet", random_init=True, seed=0)
-    path = backends.onnx_file(shared["cache"] / "onnx", image, None)
+    path = backends.onnx_file(backends.graph_dir(), image, None)
     assert path.is_file()
     path.write_bytes(path.read_bytes()[:1000])  # truncated
     capsys.readouterr()
@@ -74,7 +77,7 @@ def test_a_corrupt_or_stale_export_is_rebuilt_never_used(shared, capsys):
     backends.export(other, None, path)
     extract(dataclasses.replace(cfg, views=4))
     assert "exported from other weights" in capsys.readouterr().err
-    session = backends.onnx_session(image, None, shared["cache"] / "onnx", print)
+    session = backends.onnx_session(image, None, backends.graph_dir(), print)
     assert session.get_modelmeta().custom_metadata_map["mlc_weights_hash"] == image.weights_hash
 
 
@@ -117,11 +120,12 @@ def test_submit_runs_a_finetuned_runs_encoders_through_onnx(tmp_path, monkeypatc
     common = dict(run=run, data_dir=data, workers=0)
     verified, real_verify = [], RunDir.verify
     monkeypatch.setattr(RunDir, "verify", lambda self: verified.append(self.path) or real_verify(self))
-    onnx_path, _ = submit(SubmitConfig(cache_dir=tmp_path / "c1", backend="onnx", out=tmp_path / "a.csv", **common))
+    onnx_path, _ = submit(SubmitConfig(cache_dir=tmp_path / "c1", backend="onnx", out=tmp_path / "a.csv",
+                                       onnx_dir=tmp_path / "graphs", **common))
     assert verified == [run]  # the run (its encoders included) is hashed once, not again for its encoders
     torch_path, _ = submit(SubmitConfig(cache_dir=tmp_path / "c2", backend="torch", out=tmp_path / "b.csv",
                                         **common))
-    assert len(list((tmp_path / "c1" / "onnx").glob("*.onnx"))) == 2  # the finetuned encoders' graphs
+    assert len(list((tmp_path / "graphs").glob("*.onnx"))) == 2  # the finetuned encoders' graphs (--onnx-dir)
     (c1,) = (tmp_path / "c1").rglob("test__*.h5")
     assert all(v.startswith("onnxruntime") for v in CacheReader(c1).meta.extra["backend"].values())
     (c2,) = (tmp_path / "c2").rglob("test__*.h5")
@@ -176,8 +180,7 @@ def test_lanes_run_whole_batches_at_once_and_write_the_same_cache(shared, tmp_pa
         torch.set_num_threads(2)
         image = create_image_encoder("tiny-resnet", random_init=True, seed=0)
         text = create_text_encoder("tiny-bert", random_init=True, seed=0)
-        kw = dict(device=torch.device("cpu"), image_cut=None, text_cut=None, onnx_dir=shared["cache"] / "onnx",
-                  log=lambda m: None)
+        kw = dict(device=torch.device("cpu"), image_cut=None, text_cut=None, log=lambda m: None)
         assert backends.engine(image, text, backend="onnx", **kw).lanes == 2
         assert backends.engine(image, text, backend="torch", **kw).lanes == 1  # torch threads itself
         (two,) = extract(dataclasses.replace(cfg, out_dir=tmp_path / "two"))
@@ -237,10 +240,53 @@ def test_onnx_beside_a_torch_forward_gets_one_lane_and_every_thread(shared, monk
         torch.set_num_threads(2)
         eng = backends.engine(create_image_encoder("tiny-resnet", random_init=True, seed=0),
                               create_text_encoder("lstm", random_init=True, seed=0), backend="auto",
-                              device=torch.device("cpu"), image_cut=None, text_cut=None,
-                              onnx_dir=shared["cache"] / "onnx", log=lambda m: None)
+                              device=torch.device("cpu"), image_cut=None, text_cut=None, log=lambda m: None)
     finally:
         torch.set_num_threads(threads)
     assert eng.backends["image"].startswith("onnxruntime") and eng.backends["text"].startswith("torch")
     assert eng.lanes == 1  # two torch calls at once would each want every core
     assert asked[-1] == 2  # so the image session runs on both cores itself
+
+
+def test_the_graph_folder_is_one_per_user_with_overrides(monkeypatch, tmp_path):
+    for var in ("MLC_ONNX_DIR", "MLC_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert backends.graph_dir() == tmp_path / "home" / ".cache" / "mlc" / "onnx"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert backends.graph_dir() == tmp_path / "xdg" / "mlc" / "onnx"
+    monkeypatch.setenv("MLC_HOME", str(tmp_path / "mlc"))
+    assert backends.graph_dir() == tmp_path / "mlc" / "onnx"
+    monkeypatch.setenv("MLC_ONNX_DIR", str(tmp_path / "graphs"))
+    assert backends.graph_dir() == tmp_path / "graphs"
+    assert backends.graph_dir(tmp_path / "option") == tmp_path / "option"  # --onnx-dir beats them all
+
+
+def test_a_new_output_folder_reuses_the_graphs(shared, tmp_path, capsys):
+    extract(_cfg(shared, backend="onnx", out_dir=tmp_path / "first"))
+    capsys.readouterr()
+    extract(_cfg(shared, backend="onnx", out_dir=tmp_path / "second"))
+    assert "exporting" not in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_a_graph_being_exported_elsewhere_is_waited_for_then_reused(tmp_path, monkeypatch):
+    """Two processes that want the same graph: the second waits on the lock and reuses what the first
+    wrote, rather than stop (BusyError) or export it again."""
+    import threading
+
+    from pipeline.atomic import lock
+
+    text = create_text_encoder("tiny-bert", random_init=True, seed=0)
+    path = backends.onnx_file(tmp_path, text, None)
+    arrived, exported, real_lock, real_export = threading.Event(), [], backends.lock, backends.export
+    monkeypatch.setattr(backends, "export", lambda *a: exported.append(a))  # the waiter must not export
+    monkeypatch.setattr(backends, "lock", lambda *a, **k: arrived.set() or real_lock(*a, **k))
+    got: dict[str, object] = {}
+    with lock(path, wait=True):  # the "other process", mid-export
+        waiter = threading.Thread(target=lambda: got.update(s=backends.onnx_session(text, None, tmp_path, print)))
+        waiter.start()
+        assert arrived.wait(60)  # it found no graph and went for the lock
+        real_export(text, None, path)
+    waiter.join(120)
+    assert not exported and got["s"].get_modelmeta().custom_metadata_map["mlc_weights_hash"] == text.weights_hash

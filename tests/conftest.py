@@ -83,3 +83,17 @@ def graph_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return make_data_dir(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An end-to-end finetuned tiny run (1 epoch) whose data folder is its sibling ``tiny``: built once per
+    session for every test that reads such a run (tests copy it before damaging it)."""
+    from pipeline.finetune import FinetuneConfig, finetune
+
+    tmp = tmp_path_factory.mktemp("ft")
+    data = make_data_dir(tmp / "tiny", n_train=24, n_test=4)
+    run = tmp / "run"
+    finetune(FinetuneConfig(data_dir=data, out=run, epochs=1, batch_size=8, workers=0, end_to_end=True, lr=1e-2,
+                            encoder_lr=1e-2, image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True))
+    return run

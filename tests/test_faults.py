@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,16 +42,24 @@ def mlc(*args: str) -> tuple[int, str]:
     return res.exit_code, res.output
 
 
-@pytest.fixture
-def fitted(tmp_path):
-    """A tiny data folder, its train cache and a 3-fold run fitted on it."""
-    data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
-    (cache,) = extract(ExtractConfig(data_dir=data, out_dir=tmp_path / "cache", splits=("train",),
+@pytest.fixture(scope="module")
+def fitted_once(tmp_path_factory) -> Path:
+    """A tiny data folder, its train cache and a 3-fold run fitted on it: built once for the module."""
+    root = tmp_path_factory.mktemp("fitted")
+    data = make_data_dir(root / "tiny", n_train=30, n_test=4)
+    (cache,) = extract(ExtractConfig(data_dir=data, out_dir=root / "cache", splits=("train",),
                                      image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
                                      workers=0, backend="torch"))
-    run = tmp_path / "run"
-    fit_head(FitHeadConfig(caches=cache, out=run, epochs=3, folds=3), quiet=True)
-    return {"data": data, "cache": cache, "run": run, "tmp": tmp_path}
+    fit_head(FitHeadConfig(caches=cache, out=root / "run", epochs=3, folds=3), quiet=True)
+    return root
+
+
+@pytest.fixture
+def fitted(fitted_once, tmp_path):
+    """A copy of the module's data folder, cache and run for one test to damage as it likes."""
+    shutil.copytree(fitted_once, tmp_path, dirs_exist_ok=True)
+    (cache,) = (tmp_path / "cache").rglob("train__*.h5")
+    return {"data": tmp_path / "tiny", "cache": cache, "run": tmp_path / "run", "tmp": tmp_path}
 
 
 # --------------------------------------------------------------------------------- run folders
@@ -365,6 +374,7 @@ def mounts(tmp_path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_full_disk_during_extract_is_a_clear_error_and_resumes(tmp_path, mounts):
     small = mounts("small", "400k")
     data = make_data_dir(tmp_path / "tiny", n_train=60, n_test=2)

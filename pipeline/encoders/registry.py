@@ -3,12 +3,17 @@
 A spec says what a name builds: its kind, output dim, preprocessing, trunk cuts, default weights
 (in words) and the ``build`` function. ``image.py`` and ``text.py`` register the built-in entries
 when imported; families of open names (``timm:<model>``) register a prefix whose factory makes a
-spec for any name under it.
+spec for any name under it. Modules named in ``$MLC_PLUGINS`` (files or importable module names,
+separated by ``os.pathsep``) are imported at the first lookup and may register entries of their own:
+that is how the tests add their tiny random encoders without shipping them.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +42,30 @@ _SPECS: dict[str, dict[str, EncoderSpec]] = {k: {} for k in KINDS}
 _FAMILIES: dict[str, dict[str, Callable[[str], EncoderSpec]]] = {k: {} for k in KINDS}
 
 
+_PLUGINS_DONE: set[str] = set()
+
+
+def load_plugins() -> None:
+    """Import each module ``$MLC_PLUGINS`` names that is not imported yet (a ``.py`` path or a module name)."""
+    for entry in filter(None, os.environ.get("MLC_PLUGINS", "").split(os.pathsep)):
+        if entry in _PLUGINS_DONE:
+            continue
+        _PLUGINS_DONE.add(entry)  # first: a plugin's own lookups must not import it again
+        try:
+            if entry.endswith(".py"):
+                name = f"mlc_plugin_{os.path.basename(entry)[:-3]}"
+                spec = importlib.util.spec_from_file_location(name, entry)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"{entry} is no Python file")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(entry)
+        except (ImportError, OSError) as e:
+            raise MlcError(f"MLC_PLUGINS: cannot import {entry} ({type(e).__name__}: {e})") from e
+
+
 def register(spec: EncoderSpec) -> EncoderSpec:
     if spec.kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {spec.kind!r}")
@@ -51,6 +80,7 @@ def register_family(kind: str, prefix: str, factory: Callable[[str], EncoderSpec
 
 def names(kind: str) -> list[str]:
     """Registered names of one kind, in registration order."""
+    load_plugins()
     return list(_SPECS[kind])
 
 
@@ -61,6 +91,7 @@ def families(kind: str) -> list[str]:
 
 def get_spec(kind: str, name: str) -> EncoderSpec:
     """The spec of ``name``; MlcError naming what is known for an unknown name."""
+    load_plugins()
     if name in _SPECS[kind]:
         return _SPECS[kind][name]
     prefix, sep, rest = name.partition(":")

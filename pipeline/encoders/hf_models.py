@@ -25,22 +25,18 @@ from .base import WholeImageEncoder
 from .registry import EncoderSpec, register_family
 from .text import BertTextEncoder
 from .transforms import ImagePreprocess, TextPreprocess
-from .weights import download_blocked, hf_cache_dir, one_line, quiet_transformers, seeded
+from .weights import download_blocked, hf_cache_dir, one_line, quiet_transformers, resolve_weights, seeded
 
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes the processors store
 
 
 def _source(spec_name: str, ref: str, weights: str | os.PathLike[str] | None) -> tuple[str, bool, str]:
     """(where from_pretrained reads, local_files_only, source in words) for ``hf:ref`` or ``weights``."""
-    if weights is not None:
-        folder = Path(weights).expanduser().resolve()
-        if not folder.is_dir():
-            raise WeightsError(f"{spec_name}: weights must be a model folder, and {folder} is not one")
-        return str(folder), True, f"file:{folder}"
-    if Path(ref).expanduser().is_dir():
-        folder = Path(ref).expanduser().resolve()
-        return str(folder), True, f"file:{folder}"
-    return ref, download_blocked("https://huggingface.co") is not None, f"hf:{ref}"
+    if weights is None and Path(ref).expanduser().is_dir():
+        weights = ref  # hf:FOLDER is a local folder like --text-weights FOLDER
+    where, source = resolve_weights(spec_name, weights=weights, random_init=False, folder=True,
+                                    pretrained=lambda: (ref, f"hf:{ref}"))
+    return where, weights is not None or download_blocked("https://huggingface.co") is not None, source
 
 
 def _missing(spec_name: str, ref: str, e: Exception) -> WeightsError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from torch import Tensor, nn
 from torchvision.models import ResNet, ResNet18_Weights, ResNet50_Weights
@@ -15,7 +14,7 @@ from ..errors import WeightsError
 from .base import ImageEncoder
 from .registry import EncoderSpec, register
 from .transforms import TF_LITE_MEAN, TF_LITE_STD, ImagePreprocess
-from .weights import HINT_OFFLINE, load_strict, pypi_file, read_state_dict, seeded, torchvision_state_dict
+from .weights import load_weights, pypi_file, resolve_weights, seeded, torchvision_state_dict
 
 
 class ResNetEncoder(ImageEncoder):
@@ -95,24 +94,10 @@ def create_stepped(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None,
                    seed: int | None, architecture: Callable[[], ImageEncoder],
                    load: Callable[[], tuple[dict, str]] | None, ignore: tuple[str, ...]) -> ImageEncoder:
     """Build ``architecture`` and load its weights: the default ``load``, a local file/folder, or none."""
-    if not random_init and weights is None and load is None:
-        raise WeightsError(
-            f"{spec.name} exists for tests and has no pretrained weights: create it with random_init=True "
-            f"(or give weights= a file a finetuned {spec.name} saved). {HINT_OFFLINE}"
-        )
+    resolved = resolve_weights(spec.name, weights=weights, random_init=random_init, pretrained=load)
     with seeded(seed):
         enc = architecture()
-    if random_init:
-        source = "random-init"
-    else:
-        if weights is not None:
-            path = Path(weights).expanduser().resolve()
-            sd, source, origin = read_state_dict(path), f"file:{path}", str(path)
-        else:
-            assert load is not None
-            sd, source = load()
-            origin = source
-        load_strict(enc, sd, ignore, f"{spec.name}: {origin}")
+    source = load_weights(enc, spec.name, resolved, ignore)
     enc.preprocess = spec.preprocess
     enc.finish(spec.name, source, random_init, spec.cuts)
     return enc

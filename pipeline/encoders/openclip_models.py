@@ -27,8 +27,10 @@ from .weights import (
     hf_cache_dir,
     hub_cache_file,
     load_strict,
+    load_weights,
     one_line,
     read_state_dict,
+    resolve_weights,
     seeded,
 )
 
@@ -61,19 +63,17 @@ def _model(name: str, arch: str, tag: str | None, weights: Any, random_init: boo
             model = oc.create_model(arch, pretrained=None)
     finally:
         root.setLevel(level)
-    if random_init:
-        return model.eval(), "random-init"
-    if weights is not None:
-        path = Path(weights).expanduser().resolve()
-        load_strict(model, read_state_dict(path), (), f"{name}: {path}")
-        return model.eval(), f"file:{path}"
+    resolved = resolve_weights(name, weights=weights, random_init=random_init,
+                               pretrained=lambda: _pretrained(name, arch, tag))
+    return model.eval(), load_weights(model, name, resolved)
+
+
+def _pretrained(name: str, arch: str, tag: str | None) -> tuple[Any, str]:
+    """The weights ``tag`` names: the file in the Hugging Face cache, else a state dict downloaded when the
+    network allows; a WeightsError saying what to fetch and where otherwise."""
     if tag is None:
         raise WeightsError(f"{name}: name the pretrained weights, open_clip:{arch}:<tag> (see "
                            f"open_clip.list_pretrained_tags_by_model({arch!r})), or pass --random-init")
-    return _pretrained(name, arch, tag, model), f"open_clip:{arch}:{tag}"
-
-
-def _pretrained(name: str, arch: str, tag: str, model: nn.Module) -> nn.Module:
     oc = _open_clip()
     cfg = oc.get_pretrained_cfg(arch, tag)
     if not cfg:
@@ -82,12 +82,11 @@ def _pretrained(name: str, arch: str, tag: str, model: nn.Module) -> nn.Module:
     hub = (cfg.get("hf_hub") or "").strip("/")
     cached = hub_cache_file(hub, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
     if cached is not None:
-        load_strict(model, read_state_dict(cached), (), f"{name}: {cached}")
-        return model.eval()
+        return cached, f"open_clip:{arch}:{tag}"
     why = download_blocked("https://huggingface.co")
     if why is None:
         try:
-            return oc.create_model(arch, pretrained=tag).eval()
+            return oc.create_model(arch, pretrained=tag).state_dict(), f"open_clip:{arch}:{tag}"
         except Exception as e:  # noqa: BLE001
             why = one_line(e)
     raise WeightsError(

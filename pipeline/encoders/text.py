@@ -18,7 +18,6 @@ from .base import TextEncoder
 from .registry import EncoderSpec, register
 from .transforms import TextPreprocess
 from .weights import (
-    HINT_OFFLINE,
     WEIGHTS_FILE,
     bert_base_tokenizer,
     folder_tokenizer,
@@ -27,6 +26,7 @@ from .weights import (
     minilm_folder,
     quiet_transformers,
     read_state_dict,
+    resolve_weights,
     seeded,
 )
 
@@ -156,18 +156,8 @@ def create_bert(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, ra
         tok, tok_source = tokenizer()
         source = "random-init"
     else:
-        if weights is not None:
-            folder = Path(weights).expanduser().resolve()
-            if not folder.is_dir():
-                raise WeightsError(f"{spec.name}: --text-weights must be a folder (config.json, weights, "
-                                   f"tokenizer files), and {folder} is not one")
-            location, source = str(folder), f"file:{folder}"
-        elif locate is None:
-            raise WeightsError(
-                f"{spec.name} exists for tests and has no pretrained weights: create it with random_init=True "
-                f"(or give weights= a folder a finetuned {spec.name} saved). {HINT_OFFLINE}")
-        else:
-            location, source = locate()
+        location, source = resolve_weights(spec.name, weights=weights, random_init=False, pretrained=locate,
+                                           folder=True)
         model = _load_bert(location, pooler=pre.pooling == "pooler", origin=f"{spec.name}: {source}")
         tok, tok_source = folder_tokenizer(location, source)
     if spec.dim is not None and int(model.config.hidden_size) != spec.dim:

@@ -13,7 +13,6 @@ network allows and MLC_OFFLINE/HF_HUB_OFFLINE are unset), or a local file with `
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from ..errors import MlcError, WeightsError
 from .base import ImageEncoder
 from .registry import EncoderSpec, register_family
 from .transforms import ImagePreprocess
-from .weights import download_blocked, hf_cache_dir, hub_cache_file, load_strict, one_line, read_state_dict, seeded
+from .weights import download_blocked, hf_cache_dir, hub_cache_file, load_weights, one_line, resolve_weights, seeded
 
 _HEAD_CHILDREN = ("global_pool", "fc", "classifier", "head", "head_drop", "fc_norm", "pre_logits")
 
@@ -113,14 +112,9 @@ def _create(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, random
             model = timm.create_model(model_name, pretrained=False, num_classes=0)
     except RuntimeError as e:  # "Unknown model"
         raise MlcError(f"{spec.name}: timm has no model {model_name!r} (see timm.list_models()): {e}") from e
-    if random_init:
-        source = "random-init"
-    elif weights is not None:
-        path = Path(weights).expanduser().resolve()
-        load_strict(model, read_state_dict(path), _classifier_keys(model), f"{spec.name}: {path}")
-        source = f"file:{path}"
-    else:
-        source = _pretrained(spec.name, model_name, model)
+    resolved = resolve_weights(spec.name, weights=weights, random_init=random_init,
+                               pretrained=lambda: _pretrained(spec.name, model_name, model))
+    source = load_weights(model, spec.name, resolved, _classifier_keys(model))
     pre = _preprocess(model)
     enc = TimmEncoder(model, pre.crop)
     enc.preprocess = pre
@@ -142,20 +136,17 @@ def _cuts(model: nn.Module) -> tuple[str, ...]:
     return tuple(m for m in mods if m)
 
 
-def _pretrained(name: str, model_name: str, model: nn.Module) -> str:
-    """Load timm's pretrained weights into ``model``: from the Hugging Face cache, else downloaded when the
-    network allows; a WeightsError saying what to fetch and where otherwise. Returns the source."""
+def _pretrained(name: str, model_name: str, model: nn.Module) -> tuple[Any, str]:
+    """timm's pretrained weights for ``model``: the file in the Hugging Face cache, else a state dict
+    downloaded when the network allows; a WeightsError saying what to fetch and where otherwise."""
     hub = model.pretrained_cfg.get("hf_hub_id") or f"timm/{model_name}"
     cached = hub_cache_file(hub, ("model.safetensors", "pytorch_model.bin"))
     if cached is not None:
-        load_strict(model, read_state_dict(cached), _classifier_keys(model), f"{name}: {cached}")
-        return f"timm:{hub}"
+        return cached, f"timm:{hub}"
     why = download_blocked("https://huggingface.co")
     if why is None:
         try:
-            loaded = _timm().create_model(model_name, pretrained=True, num_classes=0)
-            model.load_state_dict(loaded.state_dict())
-            return f"timm:{hub}"
+            return _timm().create_model(model_name, pretrained=True, num_classes=0).state_dict(), f"timm:{hub}"
         except Exception as e:  # noqa: BLE001 - a failed download, a broken file
             why = one_line(e)
     raise WeightsError(

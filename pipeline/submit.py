@@ -19,9 +19,14 @@ from .config import as_paths, opt, require
 from .data import DataDir
 from .device import distributed
 from .errors import MlcError
-from .features import Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine
+from .features import Hints, Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine
 from .fused import Part, load_joined
 from .runs import Run, RunDir
+
+HINTS = Hints(bad_image="every test image needs a prediction: repair or replace the file",
+              skipped=". A submission needs every test image: repair or replace those files, then run `mlc submit` "
+                      "again with --overwrite to encode the test split anew.",
+              different="Pass --overwrite to replace it, or --cache-dir to write elsewhere.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +79,7 @@ def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> list[Path]
             recipe = Recipe.from_dict(entry["recipe"], str(run.dir.features))
             image, text, eng = encoders_and_engine(recipe, cfg, device, run.path)
             job = Job(recipe, data, "test", cache_path(cfg.cache_dir, cfg.data_dir, "test", recipe), cfg,
-                      chunk_rows=max(cfg.batch_size, 512), overwrite=cfg.overwrite, command="submit")
+                      chunk_rows=max(cfg.batch_size, 512), overwrite=cfg.overwrite, hints=HINTS)
             paths.append(build_cache(job, image, text, eng, device))
     return paths
 

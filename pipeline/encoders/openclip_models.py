@@ -23,12 +23,10 @@ from .registry import EncoderSpec, register_family
 from .transforms import ImagePreprocess, TextPreprocess
 from .weights import (
     WEIGHTS_FILE,
-    download_blocked,
     hf_cache_dir,
-    hub_cache_file,
+    hub_weights,
     load_strict,
     load_weights,
-    one_line,
     read_state_dict,
     resolve_weights,
     seeded,
@@ -80,20 +78,12 @@ def _pretrained(name: str, arch: str, tag: str | None) -> tuple[Any, str]:
         raise WeightsError(f"{name}: open_clip knows no weights {tag!r} for {arch}; see "
                            f"open_clip.list_pretrained_tags_by_model({arch!r})")
     hub = (cfg.get("hf_hub") or "").strip("/")
-    cached = hub_cache_file(hub, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
-    if cached is not None:
-        return cached, f"open_clip:{arch}:{tag}"
-    why = download_blocked("https://huggingface.co")
-    if why is None:
-        try:
-            return oc.create_model(arch, pretrained=tag).state_dict(), f"open_clip:{arch}:{tag}"
-        except Exception as e:  # noqa: BLE001
-            why = one_line(e)
-    raise WeightsError(
-        f"{name}: no pretrained weights: not in the Hugging Face cache {hf_cache_dir()} and not downloaded ({why}). "
-        f"Fetch them on a machine with network with `hf download {hub or arch} --local-dir DIR`, then pass the "
-        f"checkpoint file (DIR/open_clip_model.safetensors) with --image-weights / --text-weights."
-    )
+    return hub_weights(
+        hub, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+        lambda: oc.create_model(arch, pretrained=tag).state_dict(), f"open_clip:{arch}:{tag}",
+        lambda why: f"{name}: no pretrained weights: not in the Hugging Face cache {hf_cache_dir()} and not "
+        f"downloaded ({why}). Fetch them on a machine with network with `hf download {hub or arch} --local-dir DIR`, "
+        f"then pass the checkpoint file (DIR/open_clip_model.safetensors) with --image-weights / --text-weights.")
 
 
 class OpenClipImageEncoder(WholeImageEncoder):

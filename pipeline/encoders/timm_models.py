@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import MlcError, WeightsError
+from ..errors import MlcError
 from .base import ImageEncoder
 from .registry import EncoderSpec, register_family
 from .transforms import ImagePreprocess
-from .weights import download_blocked, hf_cache_dir, hub_cache_file, load_weights, one_line, resolve_weights, seeded
+from .weights import hf_cache_dir, hub_weights, load_weights, resolve_weights, seeded
 
 _HEAD_CHILDREN = ("global_pool", "fc", "classifier", "head", "head_drop", "fc_norm", "pre_logits")
 
@@ -140,21 +140,13 @@ def _pretrained(name: str, model_name: str, model: nn.Module) -> tuple[Any, str]
     """timm's pretrained weights for ``model``: the file in the Hugging Face cache, else a state dict
     downloaded when the network allows; a WeightsError saying what to fetch and where otherwise."""
     hub = model.pretrained_cfg.get("hf_hub_id") or f"timm/{model_name}"
-    cached = hub_cache_file(hub, ("model.safetensors", "pytorch_model.bin"))
-    if cached is not None:
-        return cached, f"timm:{hub}"
-    why = download_blocked("https://huggingface.co")
-    if why is None:
-        try:
-            return _timm().create_model(model_name, pretrained=True, num_classes=0).state_dict(), f"timm:{hub}"
-        except Exception as e:  # noqa: BLE001 - a failed download, a broken file
-            why = one_line(e)
-    raise WeightsError(
-        f"{name}: no pretrained weights: not in the Hugging Face cache {hf_cache_dir()} (models--"
+    return hub_weights(
+        hub, ("model.safetensors", "pytorch_model.bin"),
+        lambda: _timm().create_model(model_name, pretrained=True, num_classes=0).state_dict(), f"timm:{hub}",
+        lambda why: f"{name}: no pretrained weights: not in the Hugging Face cache {hf_cache_dir()} (models--"
         f"{hub.replace('/', '--')}) and not downloaded ({why}). Fetch them on a machine with network with "
         f"`hf download {hub} --local-dir DIR`, then pass --image-weights DIR/model.safetensors (or copy that "
-        f"machine's cache folder models--{hub.replace('/', '--')} into {hf_cache_dir()})."
-    )
+        f"machine's cache folder models--{hub.replace('/', '--')} into {hf_cache_dir()}).")
 
 
 def _family(model_name: str) -> EncoderSpec:

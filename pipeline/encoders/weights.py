@@ -176,6 +176,22 @@ def hub_cache_file(hub: str, names: tuple[str, ...]) -> str | None:
     return None
 
 
+def hub_weights(hub: str, files: tuple[str, ...], download: Callable[[], Any], source: str,
+                missing: Callable[[str], str]) -> tuple[Any, str]:
+    """An open family's pretrained weights: the first of ``files`` the Hugging Face cache holds for ``hub``,
+    else ``download()`` (a state dict) when the network allows; ``WeightsError(missing(why not))`` otherwise."""
+    cached = hub_cache_file(hub, files)
+    if cached is not None:
+        return cached, source
+    why = download_blocked("https://huggingface.co")
+    if why is None:
+        try:
+            return download(), source
+        except Exception as e:  # noqa: BLE001 - a failed download, a broken file
+            why = one_line(e)
+    raise WeightsError(missing(why))
+
+
 def one_line(e: BaseException) -> str:
     """``Type: first line of the message`` (at most 200 characters of it), for a message of our own."""
     lines = str(e).strip().splitlines()

@@ -134,12 +134,12 @@ def graph_dir(onnx_dir: str | os.PathLike[str] | None = None) -> Path:
     ``$MLC_HOME/onnx``, else ``$XDG_CACHE_HOME/mlc/onnx`` (``~/.cache/mlc/onnx``). One folder per user,
     so a new cache or run folder never exports the same weights again."""
     if onnx_dir is not None:
-        return Path(onnx_dir)
+        return Path(onnx_dir).expanduser()
     if os.environ.get("MLC_ONNX_DIR"):
-        return Path(os.environ["MLC_ONNX_DIR"])
+        return Path(os.environ["MLC_ONNX_DIR"]).expanduser()
     if os.environ.get("MLC_HOME"):
-        return Path(os.environ["MLC_HOME"]) / "onnx"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlc" / "onnx"
+        return Path(os.environ["MLC_HOME"]).expanduser() / "onnx"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mlc" / "onnx"
 
 
 def onnx_file(onnx_dir: Path, encoder: Any, cut: str | None) -> Path:

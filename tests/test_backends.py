@@ -38,6 +38,22 @@ def shared(tmp_path_factory) -> dict[str, Path]:
     return {"data": make_data_dir(root / "tiny", n_train=16, n_test=4), "cache": root / "cache"}
 
 
+def session_graph(encoder) -> Path:
+    """The session graph cache's graph of ``encoder`` (exported once for the whole session)."""
+    backends.onnx_session(encoder, None, backends.graph_dir(), lambda m: None)
+    return backends.onnx_file(backends.graph_dir(), encoder, None)
+
+
+def copying_export(monkeypatch, exported: list[Path]) -> None:
+    """``backends.export`` replaced by a copy of the session's graph (made beforehand with ``session_graph``):
+    the file a real export writes, without exporting again (for tests of what happens around an export;
+    real exports are tested elsewhere)."""
+    def export(encoder, cut, path):
+        exported.append(path)
+        shutil.copy(backends.onnx_file(backends.graph_dir(), encoder, cut), path)
+    monkeypatch.setattr(backends, "export", export)
+
+
 def _cfg(shared: dict[str, Path], **kw) -> ExtractConfig:
     return ExtractConfig(**{"data_dir": shared["data"], "out_dir": shared["cache"], "splits": ("train",), **TINY, **kw})
 
@@ -61,31 +77,33 @@ def test_onnx_and_torch_caches_agree_with_trunk_cuts(shared, tmp_path):
         np.testing.assert_array_equal(a.array("text_mask"), b.array("text_mask"))
 
 
-def test_a_corrupt_or_stale_export_is_rebuilt_never_used(tmp_path):
+def test_a_corrupt_or_stale_export_is_rebuilt_never_used(tmp_path, monkeypatch):
     import onnx
 
-    image, said = create_image_encoder("tiny-resnet", random_init=True, seed=0), []
-    backends.onnx_session(image, None, backends.graph_dir(), said.append)  # the session's graph, made or reused
+    image, said, exported = create_image_encoder("tiny-resnet", random_init=True, seed=0), [], []
     path = backends.onnx_file(tmp_path, image, None)
-    shutil.copy(backends.onnx_file(backends.graph_dir(), image, None), path)
+    shutil.copy(session_graph(image), path)
+    copying_export(monkeypatch, exported)
     good = path.stat().st_size
     path.write_bytes(path.read_bytes()[:1000])  # truncated
     backends.onnx_session(image, None, tmp_path, said.append)
-    assert "unreadable" in said[-2] and path.stat().st_size == good
+    assert "unreadable" in said[-2] and exported == [path] and path.stat().st_size == good
     model = onnx.load(str(path))  # a graph from other weights, put where these weights' graph belongs
     next(p for p in model.metadata_props if p.key == "mlc_weights_hash").value = "0" * 64
     onnx.save(model, str(path))
     session = backends.onnx_session(image, None, tmp_path, said.append)
-    assert "exported from other weights" in said[-2]
+    assert "exported from other weights" in said[-2] and exported == [path, path]
     assert session.get_modelmeta().custom_metadata_map["mlc_weights_hash"] == image.weights_hash
 
 
-def test_a_graph_that_disagrees_with_torch_is_refused(shared, monkeypatch):
-    text = create_text_encoder("tiny-bert", random_init=True, seed=0)
+def test_a_graph_that_disagrees_with_torch_is_refused(tmp_path, monkeypatch):
+    text, exported = create_text_encoder("tiny-bert", random_init=True, seed=0), []
+    session_graph(text)
+    copying_export(monkeypatch, exported)
     monkeypatch.setattr(backends, "ATOL", -1.0)  # nothing can pass: the check must refuse, not shrug
     with pytest.raises(backends.BackendError, match="does not reproduce torch"):
-        backends.onnx_session(text, None, shared["cache"] / "strict", lambda m: None)
-    assert not list((shared["cache"] / "strict").glob("*.onnx"))  # the refused graph is not kept
+        backends.onnx_session(text, None, tmp_path / "strict", lambda m: None)
+    assert len(exported) == 1 and not list((tmp_path / "strict").glob("*.onnx"))  # the refused graph is not kept
 
 
 def test_an_encoder_that_cannot_be_exported(shared, tmp_path):
@@ -274,8 +292,8 @@ def test_a_graph_being_exported_elsewhere_is_waited_for_then_reused(tmp_path, mo
     from pipeline.atomic import lock
 
     text = create_text_encoder("tiny-bert", random_init=True, seed=0)
-    path = backends.onnx_file(tmp_path, text, None)
-    arrived, exported, real_lock, real_export = threading.Event(), [], backends.lock, backends.export
+    path, graph = backends.onnx_file(tmp_path, text, None), session_graph(text)
+    arrived, exported, real_lock = threading.Event(), [], backends.lock
     monkeypatch.setattr(backends, "export", lambda *a: exported.append(a))  # the waiter must not export
     monkeypatch.setattr(backends, "lock", lambda *a, **k: arrived.set() or real_lock(*a, **k))
     got: dict[str, object] = {}
@@ -283,6 +301,6 @@ def test_a_graph_being_exported_elsewhere_is_waited_for_then_reused(tmp_path, mo
         waiter = threading.Thread(target=lambda: got.update(s=backends.onnx_session(text, None, tmp_path, print)))
         waiter.start()
         assert arrived.wait(60)  # it found no graph and went for the lock
-        real_export(text, None, path)
+        shutil.copy(graph, path)  # what the other process's export writes
     waiter.join(120)
     assert not exported and got["s"].get_modelmeta().custom_metadata_map["mlc_weights_hash"] == text.weights_hash

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,35 +30,16 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import check_writable, lock
-from .backends import BACKENDS, Engine, engine
+from .backends import Engine, engine
 from .cache import CacheMeta, CacheWriter, read_meta
-from .config import Config, opt, require
 from .data import DataDir, DataOptions, check_images, fingerprint
 from .datasets import ImageViews, collate_views
 from .device import is_main, rank, world_size
 from .encoders import NONE, ImageEncoder, TextEncoder, create_image_encoder, create_text_encoder, load_encoder
 from .errors import ImageError, MismatchError, MlcError
+from .options import LoaderOptions  # noqa: F401 (the stages import it from here)
 from .records import Record
 from .runs import RunDir
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoaderOptions(Config):
-    """How encoders run over images: shared by every stage that encodes without training."""
-
-    PANEL: ClassVar[str] = "Encoding"
-
-    batch_size: int = opt(32, "Images per forward pass.")
-    workers: int = opt(2, "DataLoader worker processes decoding JPEGs.")
-    device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
-    backend: str = opt("auto", "How the frozen encoders run: onnx (ONNX Runtime, CPU; exported once per encoder, "
-                       "checked against torch), torch, or auto (onnx on CPU, torch on CUDA).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require([(self.batch_size >= 1, "--batch-size must be at least 1"),
-                 (self.workers >= 0, "--workers must be 0 or more"),
-                 (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}")])
 
 
 @dataclass(frozen=True)

@@ -1,141 +1,158 @@
-"""A trained model as one object that labels new photos and captions: the run's (or an export's) encoders,
-heads, thresholds and labels. Shared by ``mlc predict`` and ``mlc export``; no cache, no fingerprint.
+"""One inference core: a run folder or an exported model as an object that labels photos and captions.
 
-A run's features come from one or more caches (``features.json``): each entry is a *branch* with its own
-encoders, and the head reads the branches' image features side by side, then their text features, as
-``fused.load_joined`` did when the head was trained.
+``mlc submit`` (cached features), ``mlc predict``, ``mlc evaluate``, ``mlc export`` and ``mlc run`` all score
+through :class:`Predictor`: labels, tuned thresholds, the decision rule, and a scorer that turns photos and
+captions (or cached features) into probabilities. The scorer of a run folder (or a safetensors export) is
+torch's (``scoring.TorchScorer``, built from the run's features.json entries); the scorer of an ONNX export
+is ONNX Runtime's (``portable.OnnxScorer``). This module imports no torch, so an ONNX export loads and
+predicts without it::
+
+    from pipeline import load
+    model = load("model/")                        # a run folder or an exported one
+    model.predict(["cat.jpg"], ["a cat on a bench"])   # [[label ids], ...]
+    model.predict_proba(["cat.jpg"], ["a cat on a bench"])   # (N, C) probabilities, columns = model.labels.ids
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from . import schemas
-from .backends import Engine, engine
-from .encoders import ImageEncoder, TextEncoder, load_encoder
-from .errors import MlcError
-from .features import Recipe, encode_texts
-from .fused import Part
-from .heads import HEADS, ensemble_proba
+from .data import load_image
+from .errors import ImageError, MlcError
+from .folders import check_listing, read_json
 from .labels import LabelSpace
-from .runs import RunDir, check_listing, load_head, read_json
 from .thresholds import apply_thresholds
 
 EXPORT_FILE = "export.json"
-EXPORT_FORMAT = 1
-
-
-@dataclass
-class Branch:
-    """One features entry: its encoders (None where the head does not read that modality) and engine."""
-
-    image: ImageEncoder | None
-    text: TextEncoder | None
-    eng: Engine
+EXPORT_FORMAT = 2  # 1: encoders + heads only (mlc 0.2.0); 2: + export.json describing preprocessing and the rule
+Photo = str | os.PathLike[str] | Image.Image
 
 
 @dataclass
 class Predictor:
-    """Encoders + heads + thresholds + labels."""
+    """Labels + thresholds + the decision rule, over a scorer (photos and captions -> probabilities)."""
 
     source: Path
-    branches: list[Branch]
-    heads: list[torch.nn.Module]
-    head_config: dict[str, Any]
-    thresholds: np.ndarray
     labels: LabelSpace
+    thresholds: np.ndarray  # (C,) per label
+    scorer: Any  # scoring.TorchScorer | portable.OnnxScorer
 
     @property
     def needs_images(self) -> bool:
-        return any(b.image is not None for b in self.branches)
+        return bool(self.scorer.needs_images)
 
     @property
     def needs_captions(self) -> bool:
-        return any(b.text is not None for b in self.branches)
+        return bool(self.scorer.needs_captions)
 
     @property
     def draft(self) -> int | None:
-        """The JPEG draft size the first image encoder allows (see data.load_image)."""
-        return next((b.image.preprocess.draft_size() for b in self.branches if b.image is not None), None)
+        """The shorter side a JPEG may be decoded down to (data.load_image), or None."""
+        return self.scorer.draft
 
-    def features(self, images: Sequence[Image.Image] | None, captions: Sequence[str],
-                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """image (N, 1, sum Di) and text (N, sum Dt) float32, in the order the head was trained on; the
-        encoders run ``batch_size`` rows at a time."""
-        n = len(captions) if images is None else len(images)
-        img_parts = [np.zeros((n, 1, 0), np.float32)]
-        txt_parts = [np.zeros((n, 0), np.float32)]
-        for b in self.branches:
-            with b.eng.pool() as pool:  # batches spread over the engine's lanes
-                if b.image is not None:
-                    if images is None:
-                        raise MlcError(f"{self.source}: this model reads images; give photos")
-                    pixels = torch.stack([b.image.preprocess.pixels(0)(im) for im in images])  # (N, 3, H, W) uint8
-                    out = pool.map(b.eng.image, [pixels[s:s + batch_size] for s in range(0, n, batch_size)])
-                    img_parts.append(np.concatenate([o["image"] for o in out]).astype(np.float32)[:, None, :])
-                if b.text is not None:
-                    txt = encode_texts(b.text, b.eng.text, list(captions), batch_size, pool=pool)["text"]
-                    txt_parts.append(txt.astype(np.float32))
-        return np.concatenate(img_parts, axis=-1), np.concatenate(txt_parts, axis=-1)
-
-    def probabilities(self, images: Sequence[Image.Image] | None, captions: Sequence[str],
+    def predict_proba(self, photos: Sequence[Photo] | None = None, captions: Sequence[str] | None = None, *,
                       batch_size: int = 32) -> np.ndarray:
-        """(N, C): the fold heads' mean probability of each label."""
-        return ensemble_proba(self.heads, *self.features(images, captions, batch_size))
+        """(N, C) probabilities, columns in the order of ``labels.ids``. ``photos``: paths or PIL images (None for
+        a text-only model); ``captions``: one per photo (None for a model without a text branch)."""
+        images = self._images(photos)
+        n = len(images) if images is not None else len(captions or [])
+        if self.needs_captions and (captions is None or len(captions) != n):
+            raise MlcError(f"{self.source} reads captions too: give one caption per photo "
+                           f"({n} photos, {0 if captions is None else len(captions)} captions)")
+        return self.scorer.proba(images, list(captions) if captions is not None else [""] * n, batch_size)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
-        """(N, C) 0/1 with the tuned thresholds; at least one label per row, as submissions have."""
+        """(N, C) 0/1: label j where p_j >= threshold_j; a row with none gets the label of largest p_j - threshold_j
+        (every photo gets at least one label, as submissions have)."""
         return apply_thresholds(probs, self.thresholds, at_least_one=True)
 
+    def predict(self, photos: Sequence[Photo] | None = None, captions: Sequence[str] | None = None, *,
+                batch_size: int = 32) -> list[list[int | str]]:
+        """Each photo's predicted label ids (``labels.names`` has their names)."""
+        decided = self.decide(self.predict_proba(photos, captions, batch_size=batch_size))
+        return [[self.labels.ids[j] for j in np.flatnonzero(row)] for row in decided]
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    def from_features(self, image: np.ndarray, text: np.ndarray) -> np.ndarray:
+        """Cached features image (N, V, Di), text (N, Dt) -> (N, C) probabilities (a run's scorer only)."""
+        return self.scorer.from_features(image, text)
+
+    def _images(self, photos: Sequence[Photo] | None) -> list[Image.Image] | None:
+        if not self.needs_images:
+            return None
+        if photos is None:
+            raise MlcError(f"{self.source}: this model reads images; give photos")
+        return [p if isinstance(p, Image.Image) else load_image(p, self.draft) for p in photos]
+
+    @classmethod
+    def of_run(cls, run: Any, **engine: Any) -> Predictor:
+        """A loaded run (runs.Run): its heads only (scores cached features), or with ``encoders=True`` (and the
+        backend, device and onnx_dir of scoring.run_scorer) its encoders too."""
+        from .scoring import run_scorer
+
+        return cls(run.path, run.labels, run.thresholds, run_scorer(run, encoders=engine.pop("encoders", False),
+                                                                     **engine))
 
 
-def load(path: str | Path, *, backend: str = "auto", device: torch.device | None = None,
+def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = None,
          onnx_dir: Path = Path("cache/onnx")) -> Predictor:
-    """A run folder (fit-head or finetune) or a folder `mlc export` wrote."""
+    """A run folder (fit-head or finetune) or a folder `mlc export` wrote. An ONNX export loads without torch;
+    ``backend``, ``device`` and ``onnx_dir`` are for the torch path (run folders, safetensors exports)."""
     path = Path(path)
-    device = device or torch.device("cpu")
     if (path / EXPORT_FILE).is_file():
-        return _from_export(path, backend, device, onnx_dir)
+        meta = read_export(path)
+        labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))
+        th = np.asarray(meta["thresholds"], np.float32)
+        if meta.get("graph"):
+            from .portable import OnnxScorer
+
+            return Predictor(path, labels, th, OnnxScorer(path, meta))
+        from .scoring import export_scorer
+
+        return Predictor(path, labels, th, export_scorer(path, meta, backend=backend, device=device,
+                                                         onnx_dir=onnx_dir))
+    from .runs import RunDir
+    from .scoring import run_scorer
+
     run = RunDir(path).load()
-    branches = []
-    for entry in run.features:
-        part = Part.of(entry)
-        image, text = Recipe.from_dict(entry["recipe"], str(run.dir.features)).encoders(run.path)
-        branches.append(_branch(image if part.image else None, text if part.text else None, backend, device,
-                                onnx_dir))
-    return Predictor(path, branches, run.heads, run.head_config, run.thresholds, run.labels)
+    return Predictor(path, run.labels, run.thresholds, run_scorer(run, encoders=True, backend=backend,
+                                                                  device=device, onnx_dir=onnx_dir))
 
 
-def _branch(image: ImageEncoder | None, text: TextEncoder | None, backend: str, device: torch.device,
-            onnx_dir: Path) -> Branch:
-    eng = engine(image, text, backend=backend, device=device, image_cut=None, text_cut=None, onnx_dir=onnx_dir,
-                 log=_log)
-    return Branch(image, text, eng)
-
-
-def _from_export(path: Path, backend: str, device: torch.device, onnx_dir: Path) -> Predictor:
+def read_export(path: Path) -> dict[str, Any]:
+    """export.json, schema-checked, after checking the folder against its file list (sizes and sha256)."""
     meta = read_json(path / EXPORT_FILE, "the export folder")
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt != EXPORT_FORMAT:
-        raise MlcError(f"{path}: export format {fmt!r}; this mlc reads format {EXPORT_FORMAT}")
-    meta = schemas.export(meta, path / EXPORT_FILE, tuple(HEADS))
+        raise MlcError(f"{path}: export format {fmt!r}; this mlc reads format {EXPORT_FORMAT} (export the run "
+                       "again with this mlc)")
+    meta = schemas.export(meta, path / EXPORT_FILE)
     check_listing(path, meta["files"], (EXPORT_FILE,), "export the run again")
-    branches = []
-    for b in meta["branches"]:
-        image = load_encoder(path / b["image"]).float() if b.get("image") else None
-        text = load_encoder(path / b["text"]).float() if b.get("text") else None
-        branches.append(_branch(image, text, backend, device, onnx_dir))  # type: ignore[arg-type]
-    heads = [load_head(path / name, meta["head"]) for name in meta["heads"]]
-    labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))
-    return Predictor(path, branches, heads, meta["head"], np.asarray(meta["thresholds"], np.float32), labels)
+    return meta
+
+
+def decode_all(paths: Sequence[Path], draft: int | None, threads: int,
+               on_bad: Callable[[ImageError], None]) -> list[Image.Image | None]:
+    """Photos decoded to RGB (data.load_image) on ``threads`` threads (Pillow decodes without the GIL), in order;
+    a photo that cannot be decoded is None after ``on_bad`` saw its error (which may raise it)."""
+    def one(p: Path) -> Image.Image | ImageError:
+        try:
+            return load_image(p, draft)
+        except ImageError as e:
+            return e
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        out = list(pool.map(one, paths))
+    for i, im in enumerate(out):
+        if isinstance(im, ImageError):
+            on_bad(im)
+            out[i] = None
+    return out  # type: ignore[return-value]

@@ -42,7 +42,9 @@ class ImageRule:
         return self.resize if self.jpeg_draft else None
 
     def pixels(self, im: Image.Image) -> np.ndarray:
-        """An RGB PIL image -> (3, crop, crop) uint8."""
+        """A PIL image -> (3, crop, crop) uint8 (another mode converted to RGB as torchvision's path does)."""
+        if im.mode != "RGB":
+            im = im.convert("RGB")
         w, h = im.size
         short, long = (w, h) if w <= h else (h, w)
         new_long = int(self.resize * long / short)

@@ -27,9 +27,9 @@ import numpy as np
 from .atomic import write_text
 from .config import as_paths, opt, require
 from .data import DataOptions
-from .errors import ImageError, MlcError
+from .errors import MlcError
 from .options import LoaderOptions
-from .predictor import Predictor, decode_all, load
+from .predictor import Predictor, load, photo_faults
 from .records import IMAGE_EXTENSIONS, CsvLayout, read_csv
 
 FORMATS = ("table", "csv", "json")
@@ -120,29 +120,10 @@ def predict(cfg: PredictConfig, pred: Predictor | None = None) -> list[dict[str,
     if not keys:
         raise MlcError("nothing to predict: give photos (or, for a text-only model, --captions)")
     captions = _captions_for(cfg, keys, pred, table)
-    skipped: list[ImageError] = []
-
-    def bad(e: ImageError) -> None:
-        if not cfg.skip_bad_images:
-            raise e
-        skipped.append(e)
-        _say(f"skipped {e.path}: {e.fault}")
-
-    results: list[dict[str, Any]] = []
-    shown = time.monotonic()
-    for s in range(0, len(keys), cfg.batch_size):
-        batch, caps = keys[s:s + cfg.batch_size], captions[s:s + cfg.batch_size]
-        if pred.needs_images:
-            images = decode_all([Path(k) for k in batch], pred.draft, cfg.workers, bad)
-            ok = [i for i, im in enumerate(images) if im is not None]
-            batch, caps, images = [batch[i] for i in ok], [caps[i] for i in ok], [images[i] for i in ok]
-            if not batch:
-                continue
-        probs = pred.predict_proba(images if pred.needs_images else None, caps, batch_size=cfg.batch_size)
-        results += rows(pred, batch, probs)
-        if time.monotonic() - shown > 5:
-            _say(f"{s + len(batch)}/{len(keys)} photos")
-            shown = time.monotonic()
+    skipped, bad = photo_faults(cfg.skip_bad_images, _say)
+    rows_kept, probs = pred.proba_files(keys, captions, batch_size=cfg.batch_size, workers=cfg.workers,
+                                        on_bad=bad, say=_say)
+    results = rows(pred, [keys[i] for i in rows_kept], probs)
     if skipped:
         _say(f"{len(skipped)} of {len(keys)} photos skipped (listed above): they could not be decoded")
     if not results:

@@ -16,6 +16,7 @@ predicts without it::
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,24 @@ from .thresholds import apply_thresholds
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = 2  # 1: encoders + heads only (mlc 0.2.0); 2: + export.json describing preprocessing and the rule
 Photo = str | os.PathLike[str] | Image.Image
+
+
+def _raise(e: ImageError) -> None:
+    raise e
+
+
+def photo_faults(skip: bool, say: Callable[[str], None]) -> tuple[list[ImageError], Callable[[ImageError], None]]:
+    """``on_bad`` for Predictor.proba_files: raise (one line naming the photo), or with ``skip`` list the photo,
+    say so and go on; and the list it fills."""
+    skipped: list[ImageError] = []
+
+    def on_bad(e: ImageError) -> None:
+        if not skip:
+            raise e
+        skipped.append(e)
+        say(f"skipped {e.path}: {e.fault}")
+
+    return skipped, on_bad
 
 
 @dataclass
@@ -61,8 +80,9 @@ class Predictor:
 
     def predict_proba(self, photos: Sequence[Photo] | None = None, captions: Sequence[str] | None = None, *,
                       batch_size: int = 32) -> np.ndarray:
-        """(N, C) probabilities, columns in the order of ``labels.ids``. ``photos``: paths or PIL images (None for
-        a text-only model); ``captions``: one per photo (None for a model without a text branch)."""
+        """(N, C) probabilities, columns in the order of ``labels.ids``. ``photos``: paths (decoded as mlc decodes:
+        data.load_image) or PIL images (taken as they are; convert('RGB') if needed), None for a text-only model;
+        ``captions``: one per photo (None for a model without a text branch)."""
         images = self._images(photos)
         n = len(images) if images is not None else len(captions or [])
         if self.needs_captions and (captions is None or len(captions) != n):
@@ -80,6 +100,31 @@ class Predictor:
         """Each photo's predicted label ids (``labels.names`` has their names)."""
         decided = self.decide(self.predict_proba(photos, captions, batch_size=batch_size))
         return [[self.labels.ids[j] for j in np.flatnonzero(row)] for row in decided]
+
+    def proba_files(self, paths: Sequence[str], captions: Sequence[str], *, batch_size: int = 32, workers: int = 2,
+                    on_bad: Callable[[ImageError], None] = _raise,
+                    say: Callable[[str], None] | None = None) -> tuple[list[int], np.ndarray]:
+        """Photo files (decoded on ``workers`` threads, ``batch_size`` at a time) and their captions -> the rows
+        scored and their (len(rows), C) probabilities. A photo that cannot be decoded goes to ``on_bad`` (which
+        raises by default) and is left out; ``say`` hears a progress line every 5 s."""
+        kept: list[int] = []
+        out = [np.zeros((0, len(self.labels)), np.float32)]
+        shown = time.monotonic()
+        for s in range(0, len(paths), batch_size):
+            rows = list(range(s, min(s + batch_size, len(paths))))
+            images = None
+            if self.needs_images:
+                decoded = decode_all([Path(paths[i]) for i in rows], self.draft, workers, on_bad)
+                rows = [i for i, im in zip(rows, decoded, strict=True) if im is not None]
+                images = [im for im in decoded if im is not None]
+                if not rows:
+                    continue
+            out.append(self.scorer.proba(images, [captions[i] for i in rows], batch_size))
+            kept += rows
+            if say is not None and time.monotonic() - shown > 5:
+                say(f"{rows[-1] + 1}/{len(paths)} photos")
+                shown = time.monotonic()
+        return kept, np.concatenate(out)
 
     def from_features(self, image: np.ndarray, text: np.ndarray) -> np.ndarray:
         """Cached features image (N, V, Di), text (N, Dt) -> (N, C) probabilities (a run's scorer only)."""

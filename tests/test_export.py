@@ -56,11 +56,13 @@ def photos(finetuned, tmp_path_factory) -> tuple[list[Path], list[str]]:
     for r in DataDir.open(MINI).records("test")[:4]:
         paths.append(MINI / "data" / r.image_id)
         caps.append(r.caption)
-    Image.open(paths[-1]).resize((101, 37)).save(folder / "odd.jpg")
+    Image.open(paths[-1]).resize((101, 37)).save(folder / "odd.jpg")  # resized: 72 x 196, cropped
+    Image.open(paths[-1]).resize((95, 72)).save(folder / "half.jpg")  # not resized; crop left = round(15.5)
     rgba = np.zeros((50, 80, 4), np.uint8)
     rgba[:, :40] = (200, 30, 30, 255)
     Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
-    return [*paths, folder / "odd.jpg", folder / "alpha.png"], [*caps, "a dog", "two people riding horses"]
+    return [*paths, folder / "odd.jpg", folder / "half.jpg", folder / "alpha.png"], \
+        [*caps, "a dog", "a bus", "two people riding horses"]
 
 
 def test_export_json_describes_the_graph_the_preprocessing_and_the_rule(onnx_export, finetuned):
@@ -112,6 +114,8 @@ def test_the_readme_client_alone_gets_mlcs_pixels_and_labels(onnx_export, finetu
     want = [hashlib.sha256(pre.pixels(0)(load_image(p, pre.draft_size())).numpy().tobytes()).hexdigest()
             for p in paths]
     assert got["pixels"] == want  # the resize/crop rule written out in export.json = torchvision's
+    rule = load(onnx_export).scorer.image  # and mlc's own torch-free reading of it
+    assert [hashlib.sha256(rule.pixels(load_image(p, rule.draft)).tobytes()).hexdigest() for p in paths] == want
     assert got["labels"] == load(finetuned, backend="torch").predict(paths, caps)
 
 

@@ -284,7 +284,7 @@ def pixels(path):
     return np.asarray(im.crop((left, top, left + crop, top + crop))).transpose(2, 0, 1)
 
 def predict(paths, captions):
-    feed = {"pixels": np.stack([pixels(p) for p in paths])}
+    feed = {"pixels": np.stack([pixels(p) for p in paths])} if im_rule else {}
     if tok:
         enc = tok.encode_batch([c.lower() if tx_rule["lowercase"] else c for c in captions])
         feed["input_ids"] = np.array([e.ids for e in enc], dtype=np.int64)

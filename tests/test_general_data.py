@@ -16,9 +16,11 @@ from pipeline.cache import CacheReader
 from pipeline.cli import app
 from pipeline.data import DataDir, DataOptions
 from pipeline.errors import DataError
+from pipeline.export import ExportConfig, export
 from pipeline.extract import ExtractConfig, extract
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.predict import PredictConfig, predict
+from pipeline.predictor import load
 from pipeline.submit import SubmitConfig, submit
 
 TAGS = REPO / "examples" / "tags-mini"
@@ -90,6 +92,10 @@ def test_image_only_and_text_only_datasets(tmp_path):
     path, _ = submit(SubmitConfig(run=tmp_path / "img", data_dir=no_caps, cache_dir=tmp_path / "c", workers=0,
                                   backend="torch"))
     assert len(path.read_text().splitlines()) == 5
+    # exported as one ONNX graph, it labels photos alone, as the run does
+    exported, _ = export(ExportConfig(run=tmp_path / "img", out=tmp_path / "img-export"))
+    photos = [no_caps / "data" / r.image_id for r in DataDir.open(no_caps).records("test")]
+    assert load(exported).predict(photos) == load(tmp_path / "img", backend="torch").predict(photos)
     # text only: --no-images, ids need not be files
     res = runner.invoke(app, ["extract", str(data), "--no-images", "--image-encoder", "tiny-resnet", "--text-encoder",
                               "tiny-bert", "--random-init", "--workers", "0", "--backend", "torch", "--out-dir",
@@ -98,6 +104,9 @@ def test_image_only_and_text_only_datasets(tmp_path):
     (train,) = (tmp_path / "t").rglob("train__*.h5")
     res = runner.invoke(app, ["fit-head", str(train), "--out", str(tmp_path / "txt"), "--epochs", "2", "--folds", "2"])
     assert res.exit_code == 0 and "a text-only head" in res.output
+    exported, _ = export(ExportConfig(run=tmp_path / "txt", out=tmp_path / "txt-export"))
+    caps = [r.caption for r in DataDir.open(data).records("test")]
+    assert load(exported).predict(None, caps) == load(tmp_path / "txt", backend="torch").predict(None, caps)
 
 
 def test_predict_on_real_photos_matches_submit(tmp_path):

@@ -276,3 +276,17 @@ def test_evaluate_scores_a_labelled_csv_from_the_cli_and_python(onnx_export, fin
     assert f"samples-F1 {scores['samples_f1']:.4f} on {len(records)} photos" in res.output
     bad = runner.invoke(app, ["evaluate", str(onnx_export), str(data)])  # test.csv has no labels
     assert bad.exit_code == 2 and "test.csv" in bad.output and "Traceback" not in bad.output
+
+
+def test_captions_from_the_competitions_own_test_csv(onnx_export):
+    records = DataDir.open(MINI).records("test")[:5]  # the dirty file: unescaped quotes inside captions
+    paths = [MINI / "data" / r.image_id for r in records]
+    res = runner.invoke(app, ["predict", str(onnx_export), *map(str, paths), "--captions", str(MINI / "test.csv"),
+                              "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert [r["labels"] for r in rows] == load(onnx_export).predict(paths, [r.caption for r in records])
+    other = runner.invoke(app, ["predict", str(onnx_export), str(paths[0]), "--captions", str(MINI / "test.csv"),
+                                "--caption-col", "Title"])
+    assert other.exit_code == 2 and "error: " + str(MINI / "test.csv") in other.output  # read with those options
+    assert "Traceback" not in other.output

@@ -3,10 +3,10 @@
 DATA is a data folder (its ``--split`` CSV, test by default, must carry labels) or a CSV file (its photos in
 the folder's ``data/``, ``images/`` or beside it), read with the data layout options like every other
 command. Prints samples-F1 (the competition's metric, with the model's thresholds and decision rule) and each
-label's precision, recall, F1 and support; ``--out`` writes them as JSON. From Python::
+label's precision, recall, F1 and support; ``--out`` writes them as JSON. From Python (Predictor.evaluate)::
 
-    from pipeline import evaluate
-    scores = evaluate("model/", "path/to/data")      # {"samples_f1": ..., "per_class": {...}, ...}
+    from pipeline import load
+    scores = load("model/").evaluate("path/to/data")      # {"samples_f1": ..., "per_class": {...}, ...}
 """
 
 from __future__ import annotations
@@ -16,16 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .atomic import write_json
 from .config import as_paths, opt, require
-from .data import DataDir, DataOptions
-from .errors import DataError, MlcError
-from .metrics import per_class, samples_f1
+from .data import DataOptions
 from .options import LoaderOptions
-from .predictor import Predictor, load, photo_faults
-from .records import read_csv
+from .predictor import load
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,47 +46,14 @@ def _say(msg: str) -> None:
     print(f"[mlc evaluate] {msg}", file=sys.stderr, flush=True)
 
 
-def evaluate(cfg: EvaluateConfig, pred: Predictor | None = None) -> dict[str, Any]:
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """samples-F1 and per-label precision/recall/F1/support of the model on the labelled rows."""
-    pred = pred or load(cfg.model, backend=cfg.backend, device=cfg.device, onnx_dir=cfg.onnx_dir)
-    folder = cfg.data if cfg.data.is_dir() else cfg.data.parent
-    data = DataDir.open(folder, cfg)
-    path = data.csv_path(cfg.split) if cfg.data.is_dir() else cfg.data
-    records = read_csv(path, labelled=True, layout=data.layout())
-    y = np.zeros((len(records), len(pred.labels)), np.uint8)
-    for i, r in enumerate(records):
-        for token in r.labels or ():
-            try:
-                y[i, pred.labels.column(token)] = 1
-            except KeyError:
-                raise DataError(str(path), r.line, f"label {token!r} is not one the model knows "
-                                f"({', '.join(map(str, pred.labels.ids))})") from None
-    if not records:
-        raise DataError(str(path), None, "no labelled rows")
-    _say(f"{len(records)} rows of {path}")
-    skipped, bad = photo_faults(cfg.skip_bad_images, _say)
-    rows, probs = pred.proba_files([str(data.image_dir / r.image_id) for r in records], [r.caption for r in records],
-                                   batch_size=cfg.batch_size, workers=cfg.workers, on_bad=bad, say=_say)
-    if not rows:
-        raise MlcError(f"no photo could be read ({len(skipped)} skipped)")
-    y_true, y_pred = y[rows], pred.decide(probs)
-    pc = per_class(y_true, y_pred)
-    scores = {"samples_f1": samples_f1(y_true, y_pred), "rows": len(rows), "skipped": [e.path for e in skipped],
-              "source": str(path), "model": str(cfg.model),
-              "per_class": {str(lid): {"name": name, **{k: float(pc[k][j]) for k in ("precision", "recall", "f1")},
-                                       "support": int(pc["support"][j])}
-                            for j, (lid, name) in enumerate(zip(pred.labels.ids, pred.labels.names, strict=True))}}
+    pred = load(cfg.model, backend=cfg.backend, device=cfg.device, onnx_dir=cfg.onnx_dir)
+    scores = pred.evaluate(cfg.data, split=cfg.split, options=cfg, batch_size=cfg.batch_size, workers=cfg.workers,
+                           skip_bad_images=cfg.skip_bad_images, say=_say)
     if cfg.out is not None:
         write_json(cfg.out, scores)
     return scores
-
-
-def evaluate_model(model: str | Path | Predictor, data: str | Path, **options: Any) -> dict[str, Any]:
-    """The Python form: a model folder (or a loaded Predictor) and a data folder or CSV; ``options`` as the command's
-    (split, id_col, caption_col, batch_size, ...)."""
-    pred = model if isinstance(model, Predictor) else None
-    cfg = EvaluateConfig(model=Path(pred.source) if pred else Path(model), data=Path(data), **options)
-    return evaluate(cfg, pred)
 
 
 def render(scores: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ predicts without it::
     model = load("model/")                        # a run folder or an exported one
     model.predict(["cat.jpg"], ["a cat on a bench"])   # [[label ids], ...]
     model.predict_proba(["cat.jpg"], ["a cat on a bench"])   # (N, C) probabilities, columns = model.labels.ids
+    model.evaluate("path/to/data", split="train")     # samples-F1 and per-label F1 on labelled rows
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import numpy as np
 from PIL import Image
 
 from . import schemas
-from .data import load_image
-from .errors import ImageError, MlcError
+from .data import DataDir, load_image
+from .errors import DataError, ImageError, MlcError
 from .folders import check_listing, read_json
 from .labels import LabelSpace
+from .metrics import per_class, samples_f1
+from .records import read_csv
 from .thresholds import apply_thresholds
 
 EXPORT_FILE = "export.json"
@@ -125,6 +128,42 @@ class Predictor:
                 say(f"{rows[-1] + 1}/{len(paths)} photos")
                 shown = time.monotonic()
         return kept, np.concatenate(out)
+
+    def evaluate(self, data: str | os.PathLike[str], *, split: str = "test", options: Any = None,
+                 batch_size: int = 32, workers: int = 2, skip_bad_images: bool = False,
+                 say: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """samples-F1 (thresholds and decision rule applied) and each label's precision, recall, F1 and support on
+        labelled rows: ``data`` a data folder (its ``split`` CSV) or a CSV file (photos in its folder's data/,
+        images/ or beside it), read with ``options`` (data.DataOptions; default columns otherwise)."""
+        data = Path(data)
+        folder = DataDir.open(data if data.is_dir() else data.parent, options)
+        path = folder.csv_path(split) if data.is_dir() else data  # type: ignore[arg-type]
+        records = read_csv(path, labelled=True, layout=folder.layout())
+        if not records:
+            raise DataError(str(path), None, "no labelled rows")
+        y = np.zeros((len(records), len(self.labels)), np.uint8)
+        for i, r in enumerate(records):
+            for token in r.labels or ():
+                try:
+                    y[i, self.labels.column(token)] = 1
+                except KeyError:
+                    raise DataError(str(path), r.line, f"label {token!r} is not one the model knows "
+                                    f"({', '.join(map(str, self.labels.ids))})") from None
+        if say is not None:
+            say(f"{len(records)} rows of {path}")
+        skipped, bad = photo_faults(skip_bad_images, say or (lambda _: None))
+        rows, probs = self.proba_files([str(folder.image_dir / r.image_id) for r in records],
+                                       [r.caption for r in records], batch_size=batch_size, workers=workers,
+                                       on_bad=bad, say=say)
+        if not rows:
+            raise MlcError(f"no photo could be read ({len(skipped)} skipped)")
+        y_true, y_pred = y[rows], self.decide(probs)
+        pc = per_class(y_true, y_pred)
+        return {"samples_f1": samples_f1(y_true, y_pred), "rows": len(rows), "skipped": [e.path for e in skipped],
+                "source": str(path), "model": str(self.source),
+                "per_class": {str(lid): {"name": name, **{k: float(pc[k][j]) for k in ("precision", "recall", "f1")},
+                                         "support": int(pc["support"][j])}
+                              for j, (lid, name) in enumerate(zip(self.labels.ids, self.labels.names, strict=True))}}
 
     def from_features(self, image: np.ndarray, text: np.ndarray) -> np.ndarray:
         """Cached features image (N, V, Di), text (N, Dt) -> (N, C) probabilities (a run's scorer only)."""

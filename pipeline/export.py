@@ -20,11 +20,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -66,14 +70,34 @@ class ExportConfig(Config):
                   "graph: use it with --format onnx")])
 
 
-def _say(msg: str) -> None:
-    print(f"[mlc export] {msg}", file=sys.stderr, flush=True)
+def _say(msg: str, stream: TextIO | None = None) -> None:
+    print(f"[mlc export] {msg}", file=stream or sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _ticking(what: str) -> Iterator[None]:
+    """``what`` said now and every 5 s until done: the ONNX exporter is silent for half a minute (and swallows
+    stderr meanwhile, hence the stream taken before)."""
+    stream, done, t0 = sys.stderr, threading.Event(), time.monotonic()
+    _say(what, stream)
+
+    def tick() -> None:
+        while not done.wait(5):
+            _say(f"{what}: {time.monotonic() - t0:.0f} s", stream)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def export(cfg: ExportConfig) -> tuple[Path, int]:
     """Write the export folder (staged, then swapped in); returns it and its size in bytes."""
-    _say(f"loading {cfg.run}")
-    pred = load(cfg.run, backend="torch")
+    with _ticking(f"loading {cfg.run}"):
+        pred = load(cfg.run, backend="torch")
     check_writable(cfg.out.parent)
     with staged(cfg.out) as stage:
         meta = {"format": EXPORT_FORMAT, "mlc_version": __version__, "source_run": str(Path(cfg.run).resolve()),
@@ -171,12 +195,12 @@ def _write_onnx(pred: Predictor, stage: Path, dtype: str) -> dict[str, Any]:
         meta["text"] = _write_tokenizer(b.text, stage)
     if b.image is not None:
         meta["image"] = image_rule(b.image.preprocess)
-    _say("writing the model as one ONNX graph (about half a minute)")
     whole = _Whole(scorer).eval()
     args = probe_batch(scorer)
     names, path = ["pixels", "input_ids", "attention_mask"], stage / GRAPH
     try:
-        to_onnx(whole, args, names, ["probabilities"], path)
+        with _ticking("writing the model as one ONNX graph"):
+            to_onnx(whole, args, names, ["probabilities"], path)
     except BackendError as e:
         raise MlcError(f"the model cannot be exported as one ONNX graph ({e}); use --format safetensors") from e
     _say("checking the graph against torch")
@@ -190,8 +214,8 @@ def _write_onnx(pred: Predictor, stage: Path, dtype: str) -> dict[str, Any]:
         raise MlcError(f"the exported graph does not reproduce torch ({why}; tolerance {ATOL} + {RTOL} x |value|); "
                        "use --format safetensors")
     if dtype != "float32":
-        _say(f"storing the graph in {dtype}")
-        convert(path, dtype)
+        with _ticking(f"storing the graph in {dtype}"):
+            convert(path, dtype)
         sess = session(path)
         got = sess.run(None, {k: v for k, v in feed.items() if k in {i.name for i in sess.get_inputs()}})
     meta["graph"] = {"file": GRAPH, "dtype": dtype, "inputs": _io(sess.get_inputs(), len(pred.labels)),

@@ -88,10 +88,20 @@ class Predictor:
         ``captions``: one per photo (None for a model without a text branch)."""
         images = self._images(photos)
         n = len(images) if images is not None else len(captions or [])
-        if self.needs_captions and (captions is None or len(captions) != n):
+        return self.scorer.proba(images, self._captions(captions, n), batch_size)
+
+    def _captions(self, captions: Sequence[str] | None, n: int) -> list[str]:
+        """One caption per row for a model that reads them (refused when missing or all empty: the heads were
+        trained on image and caption together, and an empty caption is not a measured fallback)."""
+        if not self.needs_captions:
+            return [""] * n
+        if captions is None or len(captions) != n:
             raise MlcError(f"{self.source} reads captions too: give one caption per photo "
                            f"({n} photos, {0 if captions is None else len(captions)} captions)")
-        return self.scorer.proba(images, list(captions) if captions is not None else [""] * n, batch_size)
+        if n and not any(str(c).strip() for c in captions):
+            raise MlcError(f"{self.source} reads captions too, and every caption given is empty (a CSV without "
+                           "its caption column? see --caption-col)")
+        return list(captions)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """(N, C) 0/1: label j where p_j >= threshold_j; a row with none gets the label of largest p_j - threshold_j
@@ -110,6 +120,7 @@ class Predictor:
         """Photo files (decoded on ``workers`` threads, ``batch_size`` at a time) and their captions -> the rows
         scored and their (len(rows), C) probabilities. A photo that cannot be decoded goes to ``on_bad`` (which
         raises by default) and is left out; ``say`` hears a progress line every 5 s."""
+        captions = self._captions(captions, len(paths))
         kept: list[int] = []
         out = [np.zeros((0, len(self.labels)), np.float32)]
         shown = time.monotonic()

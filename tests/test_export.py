@@ -277,6 +277,11 @@ def test_evaluate_scores_a_labelled_csv_from_the_cli_and_python(onnx_export, fin
     assert res.exit_code == 0, res.output
     assert f"samples-F1 {scores['samples_f1']:.4f} on {len(records)} photos" in res.output
     assert json.loads((tmp_path / "s.json").read_text())["per_class"] == scores["per_class"]
+    no_caps = tmp_path / "no-caps.csv"  # a model that reads captions, a CSV without them: refused, not guessed
+    no_caps.write_text("ImageID,Labels\n" + "".join(f"{r.image_id},{' '.join(r.labels)}\n" for r in records))
+    shutil.copytree(data / "data", tmp_path / "data")
+    res = runner.invoke(app, ["evaluate", str(onnx_export), str(no_caps)])
+    assert res.exit_code == 2 and "reads captions too, and every caption given is empty" in res.output
     bad = runner.invoke(app, ["evaluate", str(onnx_export), str(data)])  # test.csv has no labels
     assert bad.exit_code == 2 and "test.csv" in bad.output and "Traceback" not in bad.output
 

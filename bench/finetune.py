@@ -149,6 +149,7 @@ def part3(trunk: Path, base: FinetuneConfig, epochs: int, tmp: Path) -> None:
     from pipeline.fit_head import Features
     from pipeline.metrics import samples_f1
     from pipeline.model import load_model
+    from pipeline.predictor import Predictor
     from pipeline.runs import RunDir
     from pipeline.thresholds import apply_thresholds
 
@@ -163,9 +164,9 @@ def part3(trunk: Path, base: FinetuneConfig, epochs: int, tmp: Path) -> None:
     m = fit_head(FitHeadConfig(caches=trunk, head="sum", out=frozen, folds=0),
                  loaded=([reader], feats.subset(train_rows)), quiet=True)
     secs = time.perf_counter() - t
-    run = RunDir(frozen).load()
-    s = run.scores(feats.image[report_rows].numpy(), feats.text[report_rows].numpy())
-    f1 = samples_f1(y_report, run.predict(s))
+    model = Predictor.of_run(RunDir(frozen).load())
+    s = model.from_features(feats.image[report_rows].numpy(), feats.text[report_rows].numpy())
+    f1 = samples_f1(y_report, model.decide(s))
     rate = len(train_rows) * 0.8 * (m["best_epochs"][0] + 4) / secs
     print(f"  frozen + fit-head sum                         samples-F1 {f1:.4f}  {rate:9.0f} img/s", flush=True)
     ft = dataclasses.replace(base, data_dir=None, from_cache=trunk, image_cut="block11", max_rows=10000,

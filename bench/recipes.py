@@ -32,6 +32,7 @@ from pipeline.finetune import FinetuneConfig, finetune  # noqa: E402
 from pipeline.fit_head import Features, FitHeadConfig, fit_head  # noqa: E402
 from pipeline.metrics import samples_f1  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
+from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.runs import RunDir  # noqa: E402
 from pipeline.thresholds import apply_thresholds  # noqa: E402
 
@@ -62,8 +63,9 @@ def frozen(caches: list[Path], folds: int, out: Path, head: str = "concat") -> t
     fit_head(FitHeadConfig(caches=tuple(caches), out=out, folds=folds, head=head), loaded=(readers, train),
              quiet=True)
     secs = time.perf_counter() - t
-    run = RunDir(out).load()
-    return samples_f1(report.labels, run.predict(run.scores(report.image.numpy(), report.text.numpy()))), secs
+    model = Predictor.of_run(RunDir(out).load())
+    return samples_f1(report.labels, model.decide(model.from_features(report.image.numpy(), report.text.numpy()))), \
+        secs
 
 
 def trunk(trunk_cache: Path, frozen_run: Path, out: Path, epochs: int, lr: float,

@@ -40,8 +40,8 @@ from .atomic import atomic_path, lock
 from .device import autocast
 from .encoders import ImageEncoder, TextEncoder
 from .errors import MlcError
+from .options import BACKENDS
 
-BACKENDS = ("auto", "torch", "onnx")
 EXPORT_VERSION = 1  # bump when what an exported graph computes changes
 ATOL, RTOL = 1e-4, 1e-3  # below the float16 the caches store (relative step 1e-3)
 PROBE_CAPTIONS = ("a dog", "two people riding horses across a green field near a fence", "a red bus on a street")

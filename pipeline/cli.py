@@ -142,9 +142,19 @@ def predict(cfg: Any) -> None:
     go(cfg)
 
 
+def evaluate(cfg: Any) -> None:
+    """Score a run or an exported model on a labelled CSV (a data folder's test or train split, or a CSV file):
+    samples-F1 and each label's precision, recall and F1."""
+    from .evaluate import evaluate as go
+    from .evaluate import render
+
+    typer.echo(render(go(cfg)))
+
+
 def export(cfg: Any) -> None:
-    """Write one self-contained folder that predicts without the training data or the caches (encoders, heads,
-    thresholds, preprocessing, tokenizer, label names); --dtype float16 halves its size."""
+    """Write one self-contained folder that predicts without the training data, the caches or torch: model.onnx,
+    tokenizer, export.json (preprocessing, labels, thresholds, decision rule) and a README with a client;
+    --dtype float16 halves its size, int8 quantises it."""
     from .export import export as go
 
     path, size = go(cfg)
@@ -172,6 +182,7 @@ COMMANDS: dict[str, tuple[Callable[[Any], int | None], str]] = {
     "submit": (submit, "pipeline.submit:SubmitConfig"),
     "report": (report, "pipeline.report:ReportConfig"),
     "predict": (predict, "pipeline.predict:PredictConfig"),
+    "evaluate": (evaluate, "pipeline.evaluate:EvaluateConfig"),
     "export": (export, "pipeline.export:ExportConfig"),
     "encoders": (encoders, "pipeline.config:Config"),
 }

@@ -1,5 +1,5 @@
-"""Running encoders over a split, chunk by chunk: the options (``LoaderOptions``), the job (``Job``: one
-split to encode, and the ``Hints`` its stage's errors give) and the pipeline itself.
+"""Running encoders over a split, chunk by chunk: the job (``Job``: one split to encode with the stage's
+``LoaderOptions``, and the ``Hints`` its errors give) and the pipeline itself.
 
 Images are decoded in DataLoader workers while the main thread hands whole batches to the engine's
 lanes (``Engine.pool``); captions are length-sorted and batched so each batch pads only to its own
@@ -16,44 +16,22 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backends import BACKENDS, Engine
+from .backends import Engine
 from .cache import CacheWriter
-from .config import Config, as_paths, opt, require
 from .data import DataDir
 from .datasets import ImageViews, collate_views
 from .device import is_main
 from .encoders import ImageEncoder, TextEncoder
 from .errors import ImageError
+from .options import LoaderOptions
 from .recipe import Recipe
 from .records import Record
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoaderOptions(Config):
-    """How encoders run over images: shared by every stage that encodes without training."""
-
-    PANEL: ClassVar[str] = "Encoding"
-
-    batch_size: int = opt(32, "Images per forward pass.")
-    workers: int = opt(2, "DataLoader worker processes decoding JPEGs.")
-    device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
-    backend: str = opt("auto", "How the frozen encoders run: onnx (ONNX Runtime, CPU; exported once per encoder, "
-                       "checked against torch), torch, or auto (onnx on CPU, torch on CUDA).")
-    onnx_dir: Path | None = opt(None, "Where exported ONNX graphs are kept and reused, by every command and data "
-                                "folder (default $MLC_ONNX_DIR, else $MLC_HOME/onnx, else ~/.cache/mlc/onnx).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        as_paths(self, "onnx_dir")
-        require([(self.batch_size >= 1, "--batch-size must be at least 1"),
-                 (self.workers >= 0, "--workers must be 0 or more"),
-                 (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}")])
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,10 @@ from .backends import Engine, engine
 from .cache import CacheMeta, CacheWriter, read_meta
 from .data import check_images, fingerprint
 from .device import is_main, rank, world_size
-from .encode import Hints, Job, LoaderOptions, encode_chunks, encode_images, encode_texts, submit_texts
+from .encode import Hints, Job, encode_chunks, encode_images, encode_texts, submit_texts
 from .encoders import NONE, ImageEncoder, TextEncoder
 from .errors import MismatchError, MlcError
+from .options import LoaderOptions
 from .recipe import Recipe, cache_path, fit_to_data, safe_name
 from .records import Record
 

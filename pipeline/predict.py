@@ -1,9 +1,12 @@
 """``mlc predict``: labels and probabilities for new photos (and captions), from a run or an exported model.
 
-Photos are files, folders (every image in them) or globs; captions come from ``--caption`` (one for
-all) or ``--captions`` (a CSV: a file name and its caption a row). The run's own encoders, thresholds
-and labels; ONNX Runtime on the CPU where the encoders export. No cache and no fingerprint: it starts
-as fast as the encoders load.
+Photos are files, folders (every image in them) or globs; captions come from ``--caption`` (one for all) or
+``--captions`` (a CSV read with the data layout options, like train.csv and test.csv: ``--id-col``,
+``--caption-col``, the competition's forgiving parser; rows are matched to photos by file name). An ONNX
+export runs without torch (this module imports none: ``predictor.load`` picks the scorer); a run folder or a
+safetensors export runs its encoders through torch or ONNX Runtime. A photo without a caption for a model
+that reads captions is refused, naming the photo: the heads were trained on both, and an empty caption is
+not a measured fallback.
 """
 
 from __future__ import annotations
@@ -12,40 +15,42 @@ import csv
 import glob
 import io
 import json
+import os
 import sys
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 
 from .atomic import write_text
 from .config import as_paths, opt, require
-from .data import load_image
-from .device import select_device
-from .errors import DataError, ImageError, MlcError
-from .features import LoaderOptions
-from .predictor import Predictor, load
-from .records import IMAGE_EXTENSIONS
+from .data import DataOptions
+from .errors import MlcError
+from .options import LoaderOptions
+from .predictor import Predictor, load, photo_faults
+from .records import IMAGE_EXTENSIONS, CsvLayout, read_csv
 
 FORMATS = ("table", "csv", "json")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PredictConfig(LoaderOptions):
+class PredictConfig(LoaderOptions, DataOptions):
     """Options of ``mlc predict``."""
 
     model: Path = opt(None, "A run folder (fit-head or finetune) or a folder `mlc export` wrote.", argument=True,
                       required=True)
     paths: tuple[str, ...] = opt((), "Photos: files, folders (every image in them) or globs.", argument=True)
     caption: str | None = opt(None, "One caption for every photo.")
-    captions: Path | None = opt(None, "A CSV of captions: a header, then a file name (or path) and its caption "
-                                "a row.")
-    format: str = opt("table", "table (for people), csv (file,labels) or json (a JSON object a line).")
-    top_k: int = opt(0, "Also show the K most probable labels with their probabilities (0: only the predicted).")
+    captions: Path | None = opt(None, "A CSV of captions, read like test.csv (--id-col, --caption-col): a photo's "
+                                "file name and its caption a row.")
+    format: str = opt("table", "table (for people), csv (path, labels, then every label's probability) or json "
+                      "(a JSON object a line, every label's probability).")
+    top_k: int = opt(0, "Table: also show the K most probable labels with their probabilities (0: only the "
+                     "predicted).")
+    skip_bad_images: bool = opt(False, "List photos that cannot be decoded and predict the rest (default: stop at "
+                                "the first, naming it).")
     out: Path | None = opt(None, "Write the predictions to this file instead of printing them.")
 
     def __post_init__(self) -> None:
@@ -58,17 +63,19 @@ class PredictConfig(LoaderOptions):
                   "not both")])
 
 
-def image_paths(specs: tuple[str, ...]) -> list[Path]:
-    """Files, folders and globs -> image files, in the order given (folders and globs sorted)."""
-    found: list[Path] = []
+def image_paths(specs: tuple[str, ...]) -> list[str]:
+    """Files, folders and globs -> image files, as given (a folder's files joined onto it), in the order given
+    (folders and globs sorted)."""
+    found: list[str] = []
     for spec in specs:
         p = Path(spec).expanduser()
         if p.is_dir():
-            found += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found += sorted(os.path.join(spec, f.name) for f in p.iterdir()
+                            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         elif p.is_file():
-            found.append(p)
+            found.append(spec)
         elif any(ch in spec for ch in "*?["):
-            found += sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
+            found += sorted(m for m in glob.glob(spec, recursive=True) if Path(m).is_file())
         else:
             raise MlcError(f"{spec}: no such file or folder")
     if specs and not found:
@@ -76,20 +83,10 @@ def image_paths(specs: tuple[str, ...]) -> list[Path]:
     return found
 
 
-def read_captions(path: Path) -> dict[str, str]:
-    """A captions CSV: file name (or path) -> caption; DataError naming the row of a fault."""
-    try:
-        rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))))
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(str(path), None, f"cannot read ({e})") from e
-    out: dict[str, str] = {}
-    for n, row in enumerate(rows[1:], start=2):
-        if not row or not "".join(row).strip():
-            continue
-        if len(row) < 2:
-            raise DataError(str(path), n, "expected a file name and a caption")
-        out[row[0].strip()] = row[1].strip()
-    return out
+def read_captions(path: Path, options: DataOptions) -> dict[str, str]:
+    """A captions CSV read with the data layout options: file name -> caption (DataError naming a faulty row)."""
+    layout = CsvLayout(options.id_col, options.labels_col, options.caption_col, options.label_sep, options.images)
+    return {r.image_id: r.caption for r in read_csv(path, labelled=False, layout=layout)}
 
 
 def _captions_for(cfg: PredictConfig, keys: list[str], pred: Predictor, table: dict[str, str] | None) -> list[str]:
@@ -99,94 +96,78 @@ def _captions_for(cfg: PredictConfig, keys: list[str], pred: Predictor, table: d
         return [cfg.caption] * len(keys)
     if table is None:
         raise MlcError(f"{cfg.model} reads captions too: give --caption TEXT or --captions CSV")
-    missing = [k for k in keys if k not in table and Path(k).name not in table]
+    missing = [k for k in keys if Path(k).name not in table]
     if missing:
         raise MlcError(f"{cfg.captions}: no caption for {', '.join(missing[:5])}" +
-                       (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
-    return [table.get(k, table.get(Path(k).name, "")) for k in keys]
+                       (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "") +
+                       "; this model reads captions too")
+    return [table[Path(k).name] for k in keys]
 
 
-class _Photos(torch.utils.data.Dataset):
-    """Photo i decoded to RGB in a DataLoader worker: (image or None, fault or None)."""
-
-    def __init__(self, files: list[Path], draft: int | None) -> None:
-        self.files, self.draft = files, draft
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[Image.Image | None, tuple[str, str] | None]:
-        try:
-            return load_image(self.files[i], self.draft), None
-        except ImageError as e:  # raised again in the main process (ImageError itself does not pickle)
-            return None, (e.path, e.fault)
+def _say(msg: str) -> None:
+    print(f"[mlc predict] {msg}", file=sys.stderr, flush=True)
 
 
-def _image_batches(files: list[Path], pred: Predictor, cfg: PredictConfig) -> Iterator[list[Image.Image]]:
-    loader = torch.utils.data.DataLoader(_Photos(files, pred.draft), batch_size=cfg.batch_size,
-                                         num_workers=cfg.workers, collate_fn=list)
-    for batch in loader:
-        for _, fault in batch:
-            if fault is not None:
-                raise ImageError(*fault)
-        yield [im for im, _ in batch]
-
-
-def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
-    """One dict per photo (or caption): its labels, their names and probabilities."""
-    pred = load(cfg.model, backend=cfg.backend, device=select_device(cfg.device), onnx_dir=cfg.onnx_dir)
-    table = read_captions(cfg.captions) if cfg.captions is not None else None
-    if pred.needs_images:
-        files = image_paths(cfg.paths)
-        keys = [str(f) for f in files]
-    else:  # a text-only model: the rows are the captions CSV's
-        files = []
-        keys = list(table) if table is not None else [str(p) for p in cfg.paths]
+def predict(cfg: PredictConfig, pred: Predictor | None = None) -> list[dict[str, Any]]:
+    """One dict per photo (or caption): its path as given, labels and their names, every label's probability."""
+    t0 = time.monotonic()
+    if pred is None:
+        pred = load(cfg.model, backend=cfg.backend, device=cfg.device, onnx_dir=cfg.onnx_dir)
+    table = read_captions(cfg.captions, cfg) if cfg.captions is not None else None
+    keys = image_paths(cfg.paths) if pred.needs_images else \
+        (list(table) if table is not None else list(cfg.paths))  # a text-only model: the captions CSV's rows
     if not keys:
         raise MlcError("nothing to predict: give photos (or, for a text-only model, --captions)")
     captions = _captions_for(cfg, keys, pred, table)
-    n = cfg.batch_size
-    images = _image_batches(files, pred, cfg) if files else None
-    results: list[dict[str, Any]] = []
-    for s in range(0, len(keys), n):
-        probs = pred.probabilities(next(images) if images is not None else None, captions[s:s + n], n)
-        for key, p, row in zip(keys[s:s + n], probs, pred.decide(probs), strict=True):
-            cols = np.flatnonzero(row)
-            top = np.argsort(-p)[:cfg.top_k] if cfg.top_k else []
-            shown = sorted(set(cols) | set(top), key=lambda j: -p[j])
-            results.append({"path": key, "labels": [pred.labels.ids[j] for j in cols],
-                            "names": [pred.labels.names[j] for j in cols],
-                            # every label shown (predicted or top-k), most probable first: id -> probability
-                            "probabilities": {str(pred.labels.ids[j]): round(float(p[j]), 4) for j in shown},
-                            "label_names": {str(pred.labels.ids[j]): pred.labels.names[j] for j in shown}})
+    skipped, bad = photo_faults(cfg.skip_bad_images, _say)
+    rows_kept, probs = pred.proba_files(keys, captions, batch_size=cfg.batch_size, workers=cfg.workers,
+                                        on_bad=bad, say=_say)
+    results = rows(pred, [keys[i] for i in rows_kept], probs)
+    if skipped:
+        _say(f"{len(skipped)} of {len(keys)} photos skipped (listed above): they could not be decoded")
+    if not results:
+        raise MlcError(f"no photo could be read ({len(skipped)} skipped)")
+    _say(f"{len(results)} photos labelled in {time.monotonic() - t0:.1f} s")
     return results
 
 
-def render(results: list[dict[str, Any]], fmt: str) -> str:
+def rows(pred: Predictor, keys: list[str], probs: np.ndarray) -> list[dict[str, Any]]:
+    """Each row's labels and names (the decision rule) and every label's probability (id -> probability)."""
+    ids, names = pred.labels.ids, pred.labels.names
+    return [{"path": key, "labels": [ids[j] for j in np.flatnonzero(row)],
+             "names": [names[j] for j in np.flatnonzero(row)],
+             "probabilities": {str(i): round(float(v), 6) for i, v in zip(ids, p, strict=True)}}
+            for key, p, row in zip(keys, probs, pred.decide(probs), strict=True)]
+
+
+def render(results: list[dict[str, Any]], fmt: str, label_names: dict[str, str], top_k: int = 0) -> str:
     if fmt == "json":
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["ImageID", "Labels"])
+        w.writerow(["path", "labels", *label_names])
         for r in results:
-            w.writerow([Path(r["path"]).name, " ".join(map(str, r["labels"]))])
+            w.writerow([r["path"], " ".join(map(str, r["labels"])), *(r["probabilities"][k] for k in label_names)])
         return buf.getvalue()
     width = max((len(r["path"]) for r in results), default=4)
     lines = [f"{'photo':<{width}}  labels (probability)"]
     for r in results:
-        shown = [f"{name} ({r['probabilities'][str(lid)]:.2f})" for lid, name in zip(r["labels"], r["names"],
-                                                                                     strict=True)]
-        extra = [f"{r['label_names'][k]} {v:.2f}" for k, v in r["probabilities"].items()
-                 if k not in map(str, r["labels"])]
-        lines.append(f"{r['path']:<{width}}  {', '.join(shown)}" + (f"   [also: {', '.join(extra)}]" if extra else ""))
+        p = r["probabilities"]
+        chosen = [f"{name} ({p[str(lid)]:.2f})" for lid, name in zip(r["labels"], r["names"], strict=True)]
+        top = sorted(p, key=lambda k: -p[k])[:top_k]
+        extra = [f"{label_names[k]} {p[k]:.2f}" for k in top if k not in map(str, r["labels"])]
+        lines.append(f"{r['path']:<{width}}  {', '.join(chosen)}" + (f"   [also: {', '.join(extra)}]" if extra else ""))
     return "\n".join(lines) + "\n"
 
 
 def run(cfg: PredictConfig) -> None:
-    text = render(predict(cfg), cfg.format)
+    _say(f"loading {cfg.model}")
+    pred = load(cfg.model, backend=cfg.backend, device=cfg.device, onnx_dir=cfg.onnx_dir)
+    names = {str(i): n for i, n in zip(pred.labels.ids, pred.labels.names, strict=True)}
+    text = render(predict(cfg, pred), cfg.format, names, cfg.top_k)
     if cfg.out is not None:
         write_text(cfg.out, text)
-        print(f"wrote {cfg.out}", file=sys.stderr)
+        _say(f"wrote {cfg.out}")
     else:
         sys.stdout.write(text)

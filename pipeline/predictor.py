@@ -1,141 +1,253 @@
-"""A trained model as one object that labels new photos and captions: the run's (or an export's) encoders,
-heads, thresholds and labels. Shared by ``mlc predict`` and ``mlc export``; no cache, no fingerprint.
+"""One inference core: a run folder or an exported model as an object that labels photos and captions.
 
-A run's features come from one or more caches (``features.json``): each entry is a *branch* with its own
-encoders, and the head reads the branches' image features side by side, then their text features, as
-``fused.load_joined`` did when the head was trained.
+``mlc submit`` (cached features), ``mlc predict``, ``mlc evaluate``, ``mlc export`` and ``mlc run`` all score
+through :class:`Predictor`: labels, tuned thresholds, the decision rule, and a scorer that turns photos and
+captions (or cached features) into probabilities. The scorer of a run folder (or a safetensors export) is
+torch's (``scoring.TorchScorer``, built from the run's features.json entries); the scorer of an ONNX export
+is ONNX Runtime's (``portable.OnnxScorer``). This module imports no torch, so an ONNX export loads and
+predicts without it::
+
+    from pipeline import load
+    model = load("model/")                        # a run folder or an exported one
+    model.predict(["cat.jpg"], ["a cat on a bench"])   # [[label ids], ...]
+    model.predict_proba(["cat.jpg"], ["a cat on a bench"])   # (N, C) probabilities, columns = model.labels.ids
+    model.evaluate("path/to/data", split="train")     # samples-F1 and per-label F1 on labelled rows
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from . import schemas
-from .backends import Engine, engine
-from .encoders import ImageEncoder, TextEncoder, load_encoder
-from .errors import MlcError
-from .features import Recipe, encode_texts
-from .fused import Part
-from .heads import HEADS, ensemble_proba
+from .data import DataDir, load_image
+from .errors import DataError, ImageError, MlcError
+from .folders import check_listing, read_json
 from .labels import LabelSpace
-from .runs import RunDir, check_listing, load_head, read_json
+from .metrics import per_class, samples_f1
+from .records import read_csv
 from .thresholds import apply_thresholds
 
 EXPORT_FILE = "export.json"
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 1: encoders + heads only (mlc 0.2.0); 2: + export.json describing preprocessing and the rule
+Photo = str | os.PathLike[str] | Image.Image
 
 
-@dataclass
-class Branch:
-    """One features entry: its encoders (None where the head does not read that modality) and engine."""
+def _raise(e: ImageError) -> None:
+    raise e
 
-    image: ImageEncoder | None
-    text: TextEncoder | None
-    eng: Engine
+
+def photo_faults(skip: bool, say: Callable[[str], None]) -> tuple[list[ImageError], Callable[[ImageError], None]]:
+    """``on_bad`` for Predictor.proba_files: raise (one line naming the photo), or with ``skip`` list the photo,
+    say so and go on; and the list it fills."""
+    skipped: list[ImageError] = []
+
+    def on_bad(e: ImageError) -> None:
+        if not skip:
+            raise e
+        skipped.append(e)
+        say(f"skipped {e.path}: {e.fault}")
+
+    return skipped, on_bad
 
 
 @dataclass
 class Predictor:
-    """Encoders + heads + thresholds + labels."""
+    """Labels + thresholds + the decision rule, over a scorer (photos and captions -> probabilities)."""
 
     source: Path
-    branches: list[Branch]
-    heads: list[torch.nn.Module]
-    head_config: dict[str, Any]
-    thresholds: np.ndarray
     labels: LabelSpace
+    thresholds: np.ndarray  # (C,) per label
+    scorer: Any  # scoring.TorchScorer | portable.OnnxScorer
 
     @property
     def needs_images(self) -> bool:
-        return any(b.image is not None for b in self.branches)
+        return bool(self.scorer.needs_images)
 
     @property
     def needs_captions(self) -> bool:
-        return any(b.text is not None for b in self.branches)
+        return bool(self.scorer.needs_captions)
 
     @property
     def draft(self) -> int | None:
-        """The JPEG draft size the first image encoder allows (see data.load_image)."""
-        return next((b.image.preprocess.draft_size() for b in self.branches if b.image is not None), None)
+        """The shorter side a JPEG may be decoded down to (data.load_image), or None."""
+        return self.scorer.draft
 
-    def features(self, images: Sequence[Image.Image] | None, captions: Sequence[str],
-                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """image (N, 1, sum Di) and text (N, sum Dt) float32, in the order the head was trained on; the
-        encoders run ``batch_size`` rows at a time."""
-        n = len(captions) if images is None else len(images)
-        img_parts = [np.zeros((n, 1, 0), np.float32)]
-        txt_parts = [np.zeros((n, 0), np.float32)]
-        for b in self.branches:
-            with b.eng.pool() as pool:  # batches spread over the engine's lanes
-                if b.image is not None:
-                    if images is None:
-                        raise MlcError(f"{self.source}: this model reads images; give photos")
-                    pixels = torch.stack([b.image.preprocess.pixels(0)(im) for im in images])  # (N, 3, H, W) uint8
-                    out = pool.map(b.eng.image, [pixels[s:s + batch_size] for s in range(0, n, batch_size)])
-                    img_parts.append(np.concatenate([o["image"] for o in out]).astype(np.float32)[:, None, :])
-                if b.text is not None:
-                    txt = encode_texts(b.text, b.eng.text, list(captions), batch_size, pool=pool)["text"]
-                    txt_parts.append(txt.astype(np.float32))
-        return np.concatenate(img_parts, axis=-1), np.concatenate(txt_parts, axis=-1)
-
-    def probabilities(self, images: Sequence[Image.Image] | None, captions: Sequence[str],
+    def predict_proba(self, photos: Sequence[Photo] | None = None, captions: Sequence[str] | None = None, *,
                       batch_size: int = 32) -> np.ndarray:
-        """(N, C): the fold heads' mean probability of each label."""
-        return ensemble_proba(self.heads, *self.features(images, captions, batch_size))
+        """(N, C) probabilities, columns in the order of ``labels.ids``. ``photos``: paths (decoded as mlc decodes:
+        data.load_image) or PIL images (taken as they are; convert('RGB') if needed), None for a text-only model;
+        ``captions``: one per photo (None for a model without a text branch)."""
+        images = self._images(photos)
+        n = len(images) if images is not None else len(captions or [])
+        return self.scorer.proba(images, self._captions(captions, n), batch_size)
+
+    def _captions(self, captions: Sequence[str] | None, n: int) -> list[str]:
+        """One caption per row for a model that reads them (refused when missing or all empty: the heads were
+        trained on image and caption together, and an empty caption is not a measured fallback)."""
+        if not self.needs_captions:
+            return [""] * n
+        if captions is None or len(captions) != n:
+            raise MlcError(f"{self.source} reads captions too: give one caption per photo "
+                           f"({n} photos, {0 if captions is None else len(captions)} captions)")
+        if n and not any(str(c).strip() for c in captions):
+            raise MlcError(f"{self.source} reads captions too, and every caption given is empty (a CSV without "
+                           "its caption column? see --caption-col)")
+        return list(captions)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
-        """(N, C) 0/1 with the tuned thresholds; at least one label per row, as submissions have."""
+        """(N, C) 0/1: label j where p_j >= threshold_j; a row with none gets the label of largest p_j - threshold_j
+        (every photo gets at least one label, as submissions have)."""
         return apply_thresholds(probs, self.thresholds, at_least_one=True)
 
+    def predict(self, photos: Sequence[Photo] | None = None, captions: Sequence[str] | None = None, *,
+                batch_size: int = 32) -> list[list[int | str]]:
+        """Each photo's predicted label ids (``labels.names`` has their names)."""
+        decided = self.decide(self.predict_proba(photos, captions, batch_size=batch_size))
+        return [[self.labels.ids[j] for j in np.flatnonzero(row)] for row in decided]
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    def proba_files(self, paths: Sequence[str], captions: Sequence[str], *, batch_size: int = 32, workers: int = 2,
+                    on_bad: Callable[[ImageError], None] = _raise,
+                    say: Callable[[str], None] | None = None) -> tuple[list[int], np.ndarray]:
+        """Photo files (decoded on ``workers`` threads, ``batch_size`` at a time) and their captions -> the rows
+        scored and their (len(rows), C) probabilities. A photo that cannot be decoded goes to ``on_bad`` (which
+        raises by default) and is left out; ``say`` hears a progress line every 5 s."""
+        captions = self._captions(captions, len(paths))
+        kept: list[int] = []
+        out = [np.zeros((0, len(self.labels)), np.float32)]
+        shown = time.monotonic()
+        for s in range(0, len(paths), batch_size):
+            rows = list(range(s, min(s + batch_size, len(paths))))
+            images = None
+            if self.needs_images:
+                decoded = decode_all([Path(paths[i]) for i in rows], self.draft, workers, on_bad)
+                rows = [i for i, im in zip(rows, decoded, strict=True) if im is not None]
+                images = [im for im in decoded if im is not None]
+                if not rows:
+                    continue
+            out.append(self.scorer.proba(images, [captions[i] for i in rows], batch_size))
+            kept += rows
+            if say is not None and time.monotonic() - shown > 5:
+                say(f"{rows[-1] + 1}/{len(paths)} photos")
+                shown = time.monotonic()
+        return kept, np.concatenate(out)
+
+    def evaluate(self, data: str | os.PathLike[str], *, split: str = "test", options: Any = None,
+                 batch_size: int = 32, workers: int = 2, skip_bad_images: bool = False,
+                 say: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """samples-F1 (thresholds and decision rule applied) and each label's precision, recall, F1 and support on
+        labelled rows: ``data`` a data folder (its ``split`` CSV) or a CSV file (photos in its folder's data/,
+        images/ or beside it), read with ``options`` (data.DataOptions; default columns otherwise)."""
+        data = Path(data)
+        folder = DataDir.open(data if data.is_dir() else data.parent, options)
+        path = folder.csv_path(split) if data.is_dir() else data  # type: ignore[arg-type]
+        records = read_csv(path, labelled=True, layout=folder.layout())
+        if not records:
+            raise DataError(str(path), None, "no labelled rows")
+        y = np.zeros((len(records), len(self.labels)), np.uint8)
+        for i, r in enumerate(records):
+            for token in r.labels or ():
+                try:
+                    y[i, self.labels.column(token)] = 1
+                except KeyError:
+                    raise DataError(str(path), r.line, f"label {token!r} is not one the model knows "
+                                    f"({', '.join(map(str, self.labels.ids))})") from None
+        if say is not None:
+            say(f"{len(records)} rows of {path}")
+        skipped, bad = photo_faults(skip_bad_images, say or (lambda _: None))
+        rows, probs = self.proba_files([str(folder.image_dir / r.image_id) for r in records],
+                                       [r.caption for r in records], batch_size=batch_size, workers=workers,
+                                       on_bad=bad, say=say)
+        if not rows:
+            raise MlcError(f"no photo could be read ({len(skipped)} skipped)")
+        y_true, y_pred = y[rows], self.decide(probs)
+        pc = per_class(y_true, y_pred)
+        return {"samples_f1": samples_f1(y_true, y_pred), "rows": len(rows), "skipped": [e.path for e in skipped],
+                "source": str(path), "model": str(self.source),
+                "per_class": {str(lid): {"name": name, **{k: float(pc[k][j]) for k in ("precision", "recall", "f1")},
+                                         "support": int(pc["support"][j])}
+                              for j, (lid, name) in enumerate(zip(self.labels.ids, self.labels.names, strict=True))}}
+
+    def from_features(self, image: np.ndarray, text: np.ndarray) -> np.ndarray:
+        """Cached features image (N, V, Di), text (N, Dt) -> (N, C) probabilities (a run's scorer only)."""
+        return self.scorer.from_features(image, text)
+
+    def _images(self, photos: Sequence[Photo] | None) -> list[Image.Image] | None:
+        if not self.needs_images:
+            return None
+        if photos is None:
+            raise MlcError(f"{self.source}: this model reads images; give photos")
+        return [p if isinstance(p, Image.Image) else load_image(p, self.draft) for p in photos]
+
+    @classmethod
+    def of_run(cls, run: Any, **engine: Any) -> Predictor:
+        """A loaded run (runs.Run): its heads only (scores cached features), or with ``encoders=True`` (and the
+        backend, device and onnx_dir of scoring.run_scorer) its encoders too."""
+        from .scoring import run_scorer
+
+        return cls(run.path, run.labels, run.thresholds, run_scorer(run, encoders=engine.pop("encoders", False),
+                                                                     **engine))
 
 
-def load(path: str | Path, *, backend: str = "auto", device: torch.device | None = None,
+def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = None,
          onnx_dir: Path | None = None) -> Predictor:
-    """A run folder (fit-head or finetune) or a folder `mlc export` wrote."""
+    """A run folder (fit-head or finetune) or a folder `mlc export` wrote. An ONNX export loads without torch;
+    ``backend``, ``device`` and ``onnx_dir`` are for the torch path (run folders, safetensors exports)."""
     path = Path(path)
-    device = device or torch.device("cpu")
     if (path / EXPORT_FILE).is_file():
-        return _from_export(path, backend, device, onnx_dir)
+        meta = read_export(path)
+        labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))
+        th = np.asarray(meta["thresholds"], np.float32)
+        if meta.get("graph"):
+            from .portable import OnnxScorer
+
+            return Predictor(path, labels, th, OnnxScorer(path, meta))
+        from .scoring import export_scorer
+
+        return Predictor(path, labels, th, export_scorer(path, meta, backend=backend, device=device,
+                                                         onnx_dir=onnx_dir))
+    from .runs import RunDir
+    from .scoring import run_scorer
+
     run = RunDir(path).load()
-    branches = []
-    for entry in run.features:
-        part = Part.of(entry)
-        image, text = Recipe.from_dict(entry["recipe"], str(run.dir.features)).encoders(run.path)
-        branches.append(_branch(image if part.image else None, text if part.text else None, backend, device,
-                                onnx_dir))
-    return Predictor(path, branches, run.heads, run.head_config, run.thresholds, run.labels)
+    return Predictor(path, run.labels, run.thresholds, run_scorer(run, encoders=True, backend=backend,
+                                                                  device=device, onnx_dir=onnx_dir))
 
 
-def _branch(image: ImageEncoder | None, text: TextEncoder | None, backend: str, device: torch.device,
-            onnx_dir: Path | None) -> Branch:
-    eng = engine(image, text, backend=backend, device=device, image_cut=None, text_cut=None, onnx_dir=onnx_dir,
-                 log=_log)
-    return Branch(image, text, eng)
-
-
-def _from_export(path: Path, backend: str, device: torch.device, onnx_dir: Path | None) -> Predictor:
+def read_export(path: Path) -> dict[str, Any]:
+    """export.json, schema-checked, after checking the folder against its file list (sizes and sha256)."""
     meta = read_json(path / EXPORT_FILE, "the export folder")
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt != EXPORT_FORMAT:
-        raise MlcError(f"{path}: export format {fmt!r}; this mlc reads format {EXPORT_FORMAT}")
-    meta = schemas.export(meta, path / EXPORT_FILE, tuple(HEADS))
+        raise MlcError(f"{path}: export format {fmt!r}; this mlc reads format {EXPORT_FORMAT} (export the run "
+                       "again with this mlc)")
+    meta = schemas.export(meta, path / EXPORT_FILE)
     check_listing(path, meta["files"], (EXPORT_FILE,), "export the run again")
-    branches = []
-    for b in meta["branches"]:
-        image = load_encoder(path / b["image"]).float() if b.get("image") else None
-        text = load_encoder(path / b["text"]).float() if b.get("text") else None
-        branches.append(_branch(image, text, backend, device, onnx_dir))  # type: ignore[arg-type]
-    heads = [load_head(path / name, meta["head"]) for name in meta["heads"]]
-    labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))
-    return Predictor(path, branches, heads, meta["head"], np.asarray(meta["thresholds"], np.float32), labels)
+    return meta
+
+
+def decode_all(paths: Sequence[Path], draft: int | None, threads: int,
+               on_bad: Callable[[ImageError], None]) -> list[Image.Image | None]:
+    """Photos decoded to RGB (data.load_image) on ``threads`` threads (Pillow decodes without the GIL), in order;
+    a photo that cannot be decoded is None after ``on_bad`` saw its error (which may raise it)."""
+    def one(p: Path) -> Image.Image | ImageError:
+        try:
+            return load_image(p, draft)
+        except ImageError as e:
+            return e
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        out = list(pool.map(one, paths))
+    for i, im in enumerate(out):
+        if isinstance(im, ImageError):
+            on_bad(im)
+            out[i] = None
+    return out  # type: ignore[return-value]

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -46,10 +45,10 @@ from .atomic import (
 )
 from .cache import CacheMeta
 from .errors import MismatchError, MlcError
+from .folders import check_listing, listing, read_json
 from .fused import Part
-from .heads import HEADS, create_head, ensemble_proba
+from .heads import HEADS, create_head
 from .labels import LabelSpace
-from .thresholds import apply_thresholds
 
 RUN_FORMAT = 2  # 1: mlc 0.1 (cache.json, image_encoder.safetensors, text_encoder/); no manifest
 
@@ -142,13 +141,14 @@ class Run:
         for entry, meta, path in zip(self.features, metas, paths, strict=True):
             Contract.from_dict(entry["contract"]).check(meta, what=f"the {meta.split} cache {path}")
 
-    def scores(self, image: np.ndarray, text: np.ndarray) -> np.ndarray:
-        """image (N, V, Di), text (N, Dt) -> probabilities (N, C), averaged over views and fold heads."""
-        return ensemble_proba(self.heads, image, text)
 
-    def predict(self, scores: np.ndarray) -> np.ndarray:
-        """Scores -> (N, C) 0/1 with the tuned thresholds; every image gets at least one label."""
-        return apply_thresholds(scores, self.thresholds, at_least_one=True)
+@dataclass(frozen=True)
+class HeldOut:
+    """val_scores.npz: the held-out rows' ids, scores (N, C) and 0/1 labels (N, C) bool."""
+
+    ids: list[str]
+    scores: np.ndarray
+    labels: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -190,11 +190,41 @@ class RunDir:
 
     def held_out_ids(self) -> set[str]:
         """The image ids the run's heads were scored on and never trained on (val_scores.npz)."""
+        return set(self.held_out().ids)
+
+    def held_out(self) -> HeldOut:
+        """val_scores.npz, checked: ids (N,), scores (N, C) finite, labels (N, C); MlcError naming the fault."""
+        path = self.val_scores
+        if not path.is_file():
+            raise MlcError(f"{path}: missing from the folder; the run's held-out scores (val_scores.npz)")
         try:
-            with np.load(self.val_scores, allow_pickle=False) as z:
-                return {str(i) for i in z["image_ids"]}
-        except (OSError, KeyError, ValueError) as e:
-            raise MlcError(f"{self.val_scores}: cannot read the held-out ids ({e})") from e
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in ("image_ids", "scores", "labels") if k not in z.files]
+                if missing:
+                    raise MlcError(f"{path}: no array {', '.join(missing)}")
+                ids, scores, labels = z["image_ids"], z["scores"], z["labels"]
+        except (OSError, ValueError) as e:
+            raise MlcError(f"{path}: cannot read ({e})") from e
+        if scores.ndim != 2 or labels.shape != scores.shape or ids.shape != (scores.shape[0],):
+            raise MlcError(f"{path}: inconsistent shapes: image_ids {ids.shape}, scores {scores.shape}, "
+                           f"labels {labels.shape}")
+        if scores.shape[0] == 0:
+            raise MlcError(f"{path}: no held-out rows")
+        if not np.isfinite(scores).all():
+            raise MlcError(f"{path}: scores contain NaN or infinite values")
+        return HeldOut([str(i) for i in ids], scores.astype(np.float64), labels > 0)
+
+    def read_thresholds(self) -> dict[str, Any]:
+        """thresholds.json, schema-checked."""
+        return schemas.thresholds(self.read_json("thresholds.json"), self.thresholds)
+
+    def read_metrics(self) -> dict[str, Any]:
+        """metrics.json, schema-checked."""
+        return schemas.metrics(self.read_json("metrics.json"), self.metrics)
+
+    def read_config(self) -> dict[str, Any]:
+        """config.json: an object (the stage's config)."""
+        return schemas.config(self.read_json("config.json"), self.config)
 
     def has_encoders(self) -> bool:
         return all((self.encoder_dir(k) / "encoder.json").is_file() for k in ("image", "text"))
@@ -272,9 +302,9 @@ class RunDir:
         """The run's head(s), thresholds and contract, verified and ready to predict."""
         manifest = self.verify()
         features = schemas.features(self.read_json("features.json"), self.features)
-        th = schemas.thresholds(self.read_json("thresholds.json"), self.thresholds)
+        th = self.read_thresholds()
         head_cfg = schemas.head(self.read_json("head.json"), self.head, tuple(HEADS))
-        config = self.read_json("config.json")
+        config = self.read_config()
         contracts = [Contract.from_dict(e["contract"]) for e in features]
         _check_consistent(self, th, head_cfg, contracts, features)
         names = sorted((n for n in manifest["files"] if re.fullmatch(r"head-\d+\.safetensors", n)),
@@ -287,14 +317,6 @@ class RunDir:
                    np.asarray(th["per_class"], np.float32), labels)
 
 
-def read_json(path: Path, folder: str) -> Any:
-    """A JSON file mlc wrote into ``folder`` (named in the message); NaN/Infinity refused, faults named."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants(path))
-    except FileNotFoundError:
-        raise MlcError(f"{path}: missing from {folder}") from None
-    except (OSError, ValueError) as e:
-        raise MlcError(f"{path}: cannot read JSON ({e})") from e
 
 
 def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
@@ -310,37 +332,12 @@ def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
 _LATER = ("checkpoints", "report", "submission.csv")  # written after the run, not part of it
 
 
-def _listed(folder: Path, ignore: tuple[str, ...]) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).parts[0] not in ignore
-                  and not p.name.startswith("."))
 
 
-def listing(folder: Path, ignore: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """{relative path: {bytes, sha256}} of every file under ``folder`` (hidden ones and ``ignore`` aside)."""
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in _listed(folder, ignore)}
 
 
-def check_listing(folder: Path, files: dict[str, Any], ignore: tuple[str, ...], fix: str) -> None:
-    """``folder`` holds exactly ``files`` (a ``listing``), byte for byte; MlcError naming the first that is not."""
-    for name, entry in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise MlcError(f"{path}: missing from the folder (listed in its manifest); {fix}")
-        size = path.stat().st_size
-        if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            what = f"{size} bytes instead of {entry['bytes']}" if size != entry["bytes"] else "its content changed"
-            raise MlcError(f"{path}: not as it was written ({what}); {fix}")
-    extra = [str(p.relative_to(folder)) for p in _listed(folder, ignore) if str(p.relative_to(folder)) not in files]
-    if extra:
-        raise MlcError(f"{folder / extra[0]}: not part of {folder} (not in its manifest); remove it "
-                       f"({len(extra)} such file(s))")
 
 
-def _no_constants(path: Path) -> Any:
-    def refuse(token: str) -> None:
-        raise MlcError(f"{path}: holds {token}, which is not a number JSON allows")
-    return refuse
 
 
 def _check_consistent(run: RunDir, th: dict[str, Any], head_cfg: dict[str, Any], contracts: list[Contract],
@@ -359,9 +356,6 @@ def _check_consistent(run: RunDir, th: dict[str, Any], head_cfg: dict[str, Any],
                        f"match the features' {dims[0]}/{dims[1]} (features.json)")
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()  # streams the file (Python 3.11)
 
 
 def feature_entry(contract: Contract, recipe: dict[str, Any], use: dict[str, bool] | None = None) -> dict[str, Any]:

@@ -142,8 +142,10 @@ def manifest(d: Any, path: Path) -> dict:
     return d
 
 
-def export(d: Any, path: Path, heads: tuple[str, ...]) -> dict:
-    """``export.json`` (see export.py): labels, thresholds, the head and its weights, the encoder folders."""
+def export(d: Any, path: Path) -> dict:
+    """``export.json`` (see export.py): labels, thresholds, the decision rule, the preprocessing, and either the
+    ONNX graph (``graph``) or the encoder folders and heads (``branches``, ``heads``; their ``head`` constructor
+    is checked by the torch side, which knows the head names)."""
     d = _dict(d, path, "(file)")
     _int(_key(d, "format", path), path, "format", 1)
     files = _files(d, path)
@@ -156,16 +158,61 @@ def export(d: Any, path: Path, heads: tuple[str, ...]) -> dict:
         _fail(path, "thresholds", f"expected {len(ids)} thresholds (one per label), found {len(per_class)}")
     for i, t in enumerate(per_class):
         _unit(t, path, f"thresholds[{i}] (label {ids[i]})")
-    head(_key(d, "head", path), path, heads)
-    for i, name in enumerate(_list(_key(d, "heads", path), path, "heads", 1)):
-        if name not in files:
-            _fail(path, f"heads[{i}]", f"{name!r} is not one of the exported files")
-    for i, b in enumerate(_list(_key(d, "branches", path), path, "branches", 1)):
-        b = _dict(b, path, f"branches[{i}]")
-        for kind in ("image", "text"):
-            if b.get(kind) is not None and not isinstance(b[kind], str):
-                _fail(path, f"branches[{i}].{kind}", f"expected a folder name or null, found {b[kind]!r}")
+    if _key(d, "graph", path) is not None:
+        _graph(d, path, files)
+    else:
+        for i, name in enumerate(_list(_key(d, "heads", path), path, "heads", 1)):
+            if name not in files:
+                _fail(path, f"heads[{i}]", f"{name!r} is not one of the exported files")
+        _dict(_key(d, "head", path), path, "head")
+        for i, b in enumerate(_list(_key(d, "branches", path), path, "branches", 1)):
+            b = _dict(b, path, f"branches[{i}]")
+            for kind in ("image", "text"):
+                if b.get(kind) is not None and not isinstance(b[kind], str):
+                    _fail(path, f"branches[{i}].{kind}", f"expected a folder name or null, found {b[kind]!r}")
     return d
+
+
+def _graph(d: dict, path: Path, files: dict) -> None:
+    """An ONNX export's graph file, image rule and tokenizer: what ``portable`` reads."""
+    graph = _dict(d["graph"], path, "graph")
+    if _key(graph, "file", path) not in files:
+        _fail(path, "graph.file", f"{graph['file']!r} is not one of the exported files")
+    image, text = _key(d, "image", path), _key(d, "text", path)
+    if image is None and text is None:
+        _fail(path, "image", "an export reads images, captions or both; both are null")
+    if image is not None:
+        image = _dict(image, path, "image")
+        resize = _dict(_key(image, "resize", path), path, "image.resize")
+        crop = _dict(_key(image, "crop", path), path, "image.crop")
+        size = _int(_key(resize, "shorter_side", path), path, "image.resize.shorter_side", 1)
+        _int(_key(crop, "size", path), path, "image.crop.size", 1)
+        if crop["size"] > size:
+            _fail(path, "image.crop.size", f"larger than the resized shorter side ({crop['size']} > {size})")
+        if _key(resize, "interpolation", path) not in ("nearest", "bilinear", "bicubic"):
+            _fail(path, "image.resize.interpolation", f"expected nearest, bilinear or bicubic, found "
+                  f"{resize['interpolation']!r}")
+        if not isinstance(_key(image, "jpeg_draft", path), bool):
+            _fail(path, "image.jpeg_draft", f"expected true or false, found {image['jpeg_draft']!r}")
+    if text is not None:
+        text = _dict(text, path, "text")
+        if _key(text, "tokenizer", path) not in files:
+            _fail(path, "text.tokenizer", f"{text['tokenizer']!r} is not one of the exported files")
+        if not isinstance(_key(text, "lowercase", path), bool):
+            _fail(path, "text.lowercase", f"expected true or false, found {text['lowercase']!r}")
+
+
+def metrics(d: Any, path: Path) -> dict:
+    """metrics.json: an object; its samples-F1 figures (the ones mlc prints) finite numbers in [0, 1]."""
+    d = _dict(d, path, "(file)")
+    for key, v in d.items():
+        if key.startswith("samples_f1"):
+            _unit(v, path, key)
+    return d
+
+
+def config(d: Any, path: Path) -> dict:
+    return _dict(d, path, "(file)")
 
 
 def history(d: Any, path: Path) -> list:

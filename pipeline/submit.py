@@ -21,6 +21,7 @@ from .device import distributed
 from .errors import MlcError
 from .features import Hints, Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine
 from .fused import Part, load_joined
+from .predictor import Predictor
 from .runs import Run, RunDir
 
 HINTS = Hints(bad_image="every test image needs a prediction: repair or replace the file",
@@ -102,7 +103,8 @@ def submit(cfg: SubmitConfig) -> tuple[Path, str]:
     finally:
         for r in readers:
             r.close()
-    preds = run.predict(run.scores(image, text))
+    model = Predictor.of_run(run)
+    preds = model.decide(model.from_features(image, text))
     lines = format_rows(ids, preds, run.labels.ids)
     check_ids(expected, [ln.split(",", 1)[0] for ln in lines[1:]], "submission")
     inside = cfg.target.resolve().parent == run.path.resolve()
@@ -113,8 +115,7 @@ def submit(cfg: SubmitConfig) -> tuple[Path, str]:
 
 def summary(run: Run, preds: np.ndarray) -> str:
     """Rows, labels per row, and the predicted label distribution against the held-out labels'."""
-    path = run.dir.val_scores
-    held = np.load(path)["labels"] if path.is_file() else None
+    held = run.dir.held_out().labels if run.dir.val_scores.is_file() else None
     pred_freq = preds.mean(0)
     parts = [f"{len(preds)} rows, {preds.sum(1).mean():.2f} labels/row"]
     if held is not None:

@@ -63,7 +63,7 @@ def make_data_dir(root: Path, n_train: int = 24, n_test: int = 6, seed: int = 0)
 def refresh_manifest(run: Path) -> None:
     """Make a run's manifest.json agree with its files again: the run as a buggy or foreign writer would
     have left it, so the checks behind the manifest (schemas, contracts) are what a test exercises."""
-    from pipeline.runs import sha256_file
+    from pipeline.folders import sha256_file
 
     m = json.loads((run / "manifest.json").read_text())
     for name in m["files"]:

@@ -16,6 +16,7 @@ from pipeline.errors import MismatchError, MlcError
 from pipeline.fit_head import FitHeadConfig, fit_grid, fit_head
 from pipeline.labels import COCO18
 from pipeline.metrics import samples_f1
+from pipeline.predictor import Predictor
 from pipeline.runs import RunDir
 
 
@@ -62,9 +63,10 @@ def test_fit_head_learns_and_writes_a_complete_run(cache, tmp_path):
     assert manifest["format"] == 2 and "head-0.safetensors" in manifest["files"]
     run = RunDir(out).load()
     assert len(run.thresholds) == len(COCO18) and run.labels == COCO18
+    model = Predictor.of_run(run)
     with CacheReader(cache) as r:
-        scores = run.scores(r.array("image"), r.array("text"))
-    assert scores.shape == (600, len(COCO18)) and run.predict(scores).sum(1).min() >= 1
+        scores = model.from_features(r.array("image"), r.array("text"))
+    assert scores.shape == (600, len(COCO18)) and model.decide(scores).sum(1).min() >= 1
     # The stored held-out scores are what the saved head computes (no train/eval drift).
     val = np.load(out / "val_scores.npz")
     rows = [int(i.split(".")[0]) for i in val["image_ids"]]

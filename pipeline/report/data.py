@@ -39,27 +39,6 @@ class ReportData:
         return self.run.path
 
 
-def _load_val_scores(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise MlcError(f"{path}: missing; the report needs the run's held-out scores (val_scores.npz)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("image_ids", "scores", "labels") if k not in z.files]
-            if missing:
-                raise MlcError(f"{path}: no array {', '.join(missing)}")
-            ids, scores, labels = z["image_ids"], z["scores"], z["labels"]
-    except (OSError, ValueError) as e:
-        raise MlcError(f"{path}: cannot read ({e})") from e
-    if scores.ndim != 2 or labels.shape != scores.shape or ids.shape != (scores.shape[0],):
-        raise MlcError(f"{path}: inconsistent shapes: image_ids {ids.shape}, scores {scores.shape}, "
-                       f"labels {labels.shape}")
-    if scores.shape[0] == 0:
-        raise MlcError(f"{path}: no held-out rows")
-    if not np.isfinite(scores).all():
-        raise MlcError(f"{path}: scores contain NaN or infinite values")
-    return ids.astype(str), scores.astype(np.float64), labels > 0
-
-
 def _normalise_history(raw: Any, where: Path) -> list[list[dict[str, Any]]]:
     """history.json -> one list of epoch dicts per fold (a single run is one fold)."""
     if isinstance(raw, dict):  # column form {"train_loss": [...], ...}
@@ -116,9 +95,10 @@ def load_report_data(run_dir: Path, *, test_predictions: Path | None = None) -> 
     if not run.path.is_dir():
         raise MlcError(f"{run.path}: no such run folder")
     run.verify()
-    ids, scores, y_true = _load_val_scores(run.val_scores)
+    held = run.held_out()
+    ids, scores, y_true = np.asarray(held.ids), held.scores, held.labels
     c = scores.shape[1]
-    th = run.read_json("thresholds.json")
+    th = run.read_thresholds()
     labels = LabelSpace(tuple(th["label_ids"]), tuple(th["label_names"]))
     thresholds = np.asarray(th["per_class"], dtype=np.float64)
     if len(labels) != c or thresholds.shape != (c,):
@@ -134,7 +114,7 @@ def load_report_data(run_dir: Path, *, test_predictions: Path | None = None) -> 
         test_source = run.submission if run.submission.is_file() else None
     test_pred = read_predictions(test_source, labels) if test_source is not None else None
     return ReportData(run, labels, ids, scores, y_true, thresholds, str(th.get("mode", "?")), history,
-                      run.read_json("metrics.json"), run.read_json("config.json"), test_pred, test_source, notes)
+                      run.read_metrics(), run.read_config(), test_pred, test_source, notes)
 
 
 # ------------------------------------------------------------------------------------------ numbers

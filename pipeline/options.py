@@ -1,0 +1,34 @@
+"""Option groups that need no torch: ``mlc predict`` on an exported model builds its config from them
+without importing torch (features.py and backends.py, which do, re-use them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from .config import Config, as_paths, opt, require
+
+BACKENDS = ("auto", "torch", "onnx")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderOptions(Config):
+    """How encoders run over images: shared by every stage that encodes without training."""
+
+    PANEL: ClassVar[str] = "Encoding"
+
+    batch_size: int = opt(32, "Images per forward pass.")
+    workers: int = opt(2, "DataLoader worker processes decoding JPEGs.")
+    device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
+    backend: str = opt("auto", "How the frozen encoders run: onnx (ONNX Runtime, CPU; exported once per encoder, "
+                       "checked against torch), torch, or auto (onnx on CPU, torch on CUDA).")
+    onnx_dir: Path | None = opt(None, "Where exported ONNX graphs are kept and reused, by every command and data "
+                                "folder (default $MLC_ONNX_DIR, else $MLC_HOME/onnx, else ~/.cache/mlc/onnx).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        as_paths(self, "onnx_dir")
+        require([(self.batch_size >= 1, "--batch-size must be at least 1"),
+                 (self.workers >= 0, "--workers must be 0 or more"),
+                 (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}")])

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import check_writable, staged, write_json, write_safetensors
+from .atomic import OutputOptions, claim_output, staged, write_json, write_safetensors
 from .backends import (
     ATOL,
     PROBE_CAPTIONS,
@@ -37,21 +37,22 @@ from .backends import (
     probe_inputs,
     to_onnx,
 )
-from .config import Config, as_paths, opt, require
+from .config import as_paths, opt, require
 from .errors import MlcError
 from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, load
-from .runs import listing
+from .runs import listing, owned
 
 DTYPES = ("float32", "float16")
 FORMATS = ("safetensors", "onnx")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExportConfig(Config):
+class ExportConfig(OutputOptions):
     """Options of ``mlc export``."""
 
     run: Path = opt(None, "A run folder from `mlc fit-head` or `mlc finetune`.", argument=True, required=True)
-    out: Path = opt(None, "The folder to write (replaced whole if it exists).", required=True)
+    out: Path = opt(None, "The folder to write: a new or empty folder, or an earlier export it replaces whole.",
+                    required=True)
     dtype: str = opt("float32", "float32, or float16: half the size, predictions within float16's precision.")
     format: str = opt("safetensors", "safetensors (encoders + heads), or onnx: also the whole model as one ONNX "
                       "graph (a single-cache run).")
@@ -70,15 +71,17 @@ def _cast(module: nn.Module, dtype: str) -> nn.Module:
 
 def export(cfg: ExportConfig) -> tuple[Path, int]:
     """Write the export folder (staged, then swapped in); returns it and its size in bytes."""
+    # never the run it reads (nor inside it), nor a folder that is no export of mlc's
+    out = claim_output(cfg.out, what="an mlc export folder", folder=True, sealed=[cfg.run], force=cfg.force,
+                       ours=lambda p: owned(p, EXPORT_FILE, None))
     pred = load(cfg.run, backend="torch")
-    check_writable(cfg.out.parent)
-    with staged(cfg.out) as stage:
+    with staged(out) as stage:
         meta = _write(pred, stage, cfg)
         if cfg.format == "onnx":
             _write_graph(pred, stage)
         meta["files"] = listing(stage, (EXPORT_FILE,))
         write_json(stage / EXPORT_FILE, meta)
-    return cfg.out, sum(f.stat().st_size for f in cfg.out.rglob("*") if f.is_file())
+    return cfg.out, sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
 def _write(pred: Predictor, stage: Path, cfg: ExportConfig) -> dict[str, Any]:

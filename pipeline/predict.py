@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import write_text
+from .atomic import OutputOptions, claim_output, first_line, write_text
 from .config import as_paths, opt, require
 from .data import load_image
 from .device import select_device
@@ -35,7 +35,7 @@ FORMATS = ("table", "csv", "json")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PredictConfig(LoaderOptions):
+class PredictConfig(LoaderOptions, OutputOptions):
     """Options of ``mlc predict``."""
 
     model: Path = opt(None, "A run folder (fit-head or finetune) or a folder `mlc export` wrote.", argument=True,
@@ -46,7 +46,8 @@ class PredictConfig(LoaderOptions):
                                 "a row.")
     format: str = opt("table", "table (for people), csv (file,labels) or json (a JSON object a line).")
     top_k: int = opt(0, "Also show the K most probable labels with their probabilities (0: only the predicted).")
-    out: Path | None = opt(None, "Write the predictions to this file instead of printing them.")
+    out: Path | None = opt(None, "Write the predictions to this file instead of printing them: a new file, or "
+                           "earlier predictions it replaces.")
     onnx_dir: Path = opt(Path("cache/onnx"), "Where exported ONNX graphs of the encoders are kept and reused.")
 
     def __post_init__(self) -> None:
@@ -184,10 +185,33 @@ def render(results: list[dict[str, Any]], fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def is_predictions(path: Path) -> bool:
+    """A file ``render`` wrote, in any format (its first line), which new predictions may replace."""
+    line = first_line(path)
+    if line == "ImageID,Labels" or line.startswith("photo "):
+        return True
+    try:
+        return {"path", "labels"} <= set(json.loads(line))
+    except (ValueError, TypeError):
+        return False
+
+
+def _inputs(cfg: PredictConfig) -> list[Path]:
+    """The photos (as found) and the captions file."""
+    try:
+        photos = image_paths(cfg.paths)
+    except MlcError:  # predict() says what is wrong with them, in its turn
+        photos = []
+    return photos + ([cfg.captions] if cfg.captions is not None else [])
+
+
 def run(cfg: PredictConfig) -> None:
+    if cfg.out is not None:  # before any photo is read: never the model, a photo or the captions, nor a foreign file
+        out = claim_output(cfg.out, what="a predictions file", folder=False, ours=is_predictions, force=cfg.force,
+                           inputs=_inputs(cfg), sealed=[cfg.model])
     text = render(predict(cfg), cfg.format)
     if cfg.out is not None:
-        write_text(cfg.out, text)
+        write_text(out, text)
         print(f"wrote {cfg.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -172,13 +172,14 @@ def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[Path], bool], folder: bool,
+def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[Path], bool | list[str]], folder: bool,
                  inputs: Iterable[str | os.PathLike[str]] = (), sealed: Iterable[str | os.PathLike[str]] = (),
                  allow: Iterable[str | os.PathLike[str]] = (), force: bool = False) -> Path:
     """The real path of ``target`` once it is proved safe to write (or replace whole), else OutputError naming it.
 
-    Safe: missing, empty, or an existing output that ``ours`` recognises as ``what`` this command writes
-    (``force`` waives that one condition). Never safe, even with ``force``: one of ``inputs`` or ``sealed``
+    Safe: missing, empty, or an existing output that ``ours`` recognises as ``what`` this command writes: True,
+    or for a folder the list of its entries mlc did not write, which must be empty (``force`` waives this one
+    condition). Never safe, even with ``force``: one of ``inputs`` or ``sealed``
     itself, or a folder holding one (replacing it would delete it), or a path inside a ``sealed`` folder (a
     run or export whose manifest an extra file would break) other than the paths in ``allow``. Paths are
     compared resolved, so symlinks, ``..`` and other spellings of one path are the same path. Finally the
@@ -199,14 +200,20 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
         if path.is_dir() != folder:
             raise OutputError(str(target), f"it is a {'file' if folder else 'folder'}; {what} goes there")
         names = entries(path) if folder else ([] if path.stat().st_size == 0 else [path.name])
-        if names and not force and not ours(path):
-            held = f"it holds {len(names)} entries ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" \
-                if folder else "it holds something else"
-            raise OutputError(str(target), f"it exists and is not {what} ({held}); mlc replaces only what it "
-                              "wrote: choose another output path, or pass --force to replace it (deleting what "
-                              "it holds)")
+        mine = ours(path) if names and not force else True
+        if mine is not True:
+            if mine:
+                why = f"it is {what}, but also holds what mlc did not write ({_some(mine)})"
+            else:
+                why = f"it exists and is not {what} ({f'it holds {_some(names)}' if folder else 'another file'})"
+            raise OutputError(str(target), f"{why}; mlc replaces only what it wrote: choose another output path, or "
+                              "pass --force to replace it (deleting what it holds)")
     check_writable(path.parent)
     return path
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def first_line(path: Path, limit: int = 4096) -> str:

@@ -216,9 +216,9 @@ class RunDir:
         return RunDir(claim_output(self.path, what=f"an mlc {kind} run folder", folder=True, inputs=inputs,
                                    sealed=sealed, force=force, ours=lambda p: RunDir(p).replaceable(kind)))
 
-    def replaceable(self, kind: str) -> bool:
-        """An mlc run of ``kind`` holding nothing mlc did not write (or, for a finetune, the checkpoints an
-        interrupted one left for --resume): what a new run may replace."""
+    def replaceable(self, kind: str) -> bool | list[str]:
+        """True for an mlc run of ``kind`` holding nothing mlc did not write (or, for a finetune, only the checkpoints
+        an interrupted one left for --resume): what a new run may replace. Else what ``owned`` says."""
         if kind == "finetune" and self.path.is_dir() and set(entries(self.path)) <= {"checkpoints"}:
             return True
         return owned(self.path, "manifest.json", kind, _LATER)
@@ -309,17 +309,18 @@ class RunDir:
                    np.asarray(th["per_class"], np.float32), labels)
 
 
-def owned(folder: Path, manifest: str, kind: str | None, later: tuple[str, ...] = ()) -> bool:
-    """``folder`` is an mlc folder (of ``kind``, when given) and mlc wrote all it holds: each entry is listed in its
-    ``manifest`` file (a ``listing`` under "files"), is the manifest, or one of ``later`` (written after it)."""
+def owned(folder: Path, manifest: str, kind: str | None, later: tuple[str, ...] = ()) -> bool | list[str]:
+    """True when ``folder`` is an mlc folder (of ``kind``, when given) and mlc wrote all it holds: each entry is
+    listed in its ``manifest`` file (a ``listing`` under "files"), is the manifest, or one of ``later`` (written
+    after it). Else the entries mlc did not write, or [] when it is no such mlc folder at all."""
     try:
         m = json.loads((folder / manifest).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return []
     if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or (kind is not None and m.get("kind") != kind):
-        return False
+        return []
     known = {Path(name).parts[0] for name in m["files"] if Path(name).parts} | {manifest, *later}
-    return set(entries(folder)) <= known
+    return [name for name in entries(folder) if name not in known] or True
 
 
 def data_inputs(data: DataDir) -> list[Path]:

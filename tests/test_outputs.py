@@ -251,14 +251,16 @@ def test_a_changed_train_csv_refits_the_run(tmp_path):
 
 
 def test_a_submission_made_from_another_test_csv_is_made_again(tmp_path):
-    """The test cache rebuilt elsewhere (another --cache-dir) for a changed test.csv, the run unchanged: the
-    submission must follow test.csv, not stay the old one."""
+    """The test cache re-extracted by hand for a changed test.csv, the run itself up to date: `mlc run` must make
+    the submission again, not hand back the one made from the old test.csv."""
     data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
     assert _run(data, tmp_path)[0] == 0
     lines = (data / "test.csv").read_text().splitlines()
     (data / "test.csv").write_text("\n".join(lines[:-1]) + "\n")
-    code, text = mlc("run", data, *RUN_ARGS, "--out", tmp_path / "runs" / "demo", "--cache-dir", tmp_path / "c2")
+    code, text = mlc("extract", data, *TINY, "--split", "test", "--overwrite", "--out-dir", tmp_path / "cache")
     assert code == 0, text
+    code, text = _run(data, tmp_path)
+    assert code == 0 and "not refitted" in text, text
     assert _ids(tmp_path / "runs" / "demo" / "submission.csv") == [ln.split(",", 1)[0] for ln in lines[1:-1]]
 
 
@@ -342,8 +344,9 @@ def test_report_and_predict_on_a_full_disk_keep_the_run(fitted, small_disk):
     code, text = mlc("report", run)
     assert one_line_error(code, text, "cannot write", small_disk, "No space left on device"), text
     _fill(small_disk, leave=0)
-    code, text = mlc("predict", run, fitted["data"] / "data" / "1000.jpg", "--caption", "a dog", "--backend", "torch",
-                     "--workers", 0, "--out", small_disk / "preds.csv")
-    assert one_line_error(code, text, "cannot write", small_disk), text
+    photos = [fitted["data"] / "data" / "1000.jpg", fitted["tmp"] / "missing.jpg"]
+    code, text = mlc("predict", run, *photos, "--caption", "a dog", "--backend", "torch", "--workers", 0,
+                     "--out", small_disk / "preds.csv")
+    assert one_line_error(code, text, "cannot write", small_disk), text  # before reading a photo
     assert {k: v for k, v in snapshot(run).items() if not k.startswith("report/")} == before
     RunDir(run).verify()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from pipeline import atomic
 from pipeline.atomic import atomic_path, claim_output, write_safetensors
 from pipeline.cli import app
 from pipeline.errors import OutputError
-from pipeline.extract import ExtractConfig, extract
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.runs import RunDir, sha256_file
 
@@ -50,18 +50,6 @@ def one_line_error(code: int, out: str, *names: object) -> bool:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def fitted(tmp_path):
-    """A tiny data folder, its train cache and a 2-fold run fitted on it."""
-    data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
-    (cache,) = extract(ExtractConfig(data_dir=data, out_dir=tmp_path / "cache", splits=("train",),
-                                     image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
-                                     workers=0, backend="torch"))
-    run = tmp_path / "runs" / "a"
-    fit_head(FitHeadConfig(caches=cache, out=run, epochs=2, folds=2), quiet=True)
-    return {"data": data, "cache": cache, "run": run, "tmp": tmp_path}
 
 
 def foreign_folder(path: Path) -> dict[str, bytes]:
@@ -92,7 +80,8 @@ def test_a_folder_mlc_did_not_write_is_never_replaced(fitted, command):
 
 
 def test_out_naming_a_folder_of_runs_replaces_none_of_them(fitted):
-    runs = fitted["run"].parent
+    runs = fitted["tmp"] / "runs"
+    shutil.copytree(fitted["run"], runs / "a")
     fit_head(FitHeadConfig(caches=fitted["cache"], out=runs / "b", epochs=1, folds=0), quiet=True)
     before = snapshot(runs)
     for args in (FOLDER_COMMANDS["fit-head"](fitted, runs), FOLDER_COMMANDS["run"](fitted, runs),
@@ -117,7 +106,7 @@ def test_an_mlc_output_of_the_same_kind_is_replaced_of_another_kind_refused(fitt
     assert mlc(*FOLDER_COMMANDS["export"](fitted, export))[0] == 0  # an export over an export
     code, text = mlc(*FOLDER_COMMANDS["fit-head"](fitted, export))  # a run over an export: refused
     assert one_line_error(code, text, export, "not an mlc head run folder"), text
-    code, text = mlc(*FOLDER_COMMANDS["export"](fitted, fitted["tmp"] / "runs"))  # holds the run it reads
+    code, text = mlc(*FOLDER_COMMANDS["export"](fitted, fitted["run"].parent))  # holds the run it reads
     assert one_line_error(code, text), text
     assert (export / "export.json").is_file()
 
@@ -335,8 +324,6 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_old_outputs(fitted, small_di
 
 
 def test_report_and_predict_on_a_full_disk_keep_the_run(fitted, small_disk):
-    import shutil
-
     run = small_disk / "run"
     shutil.copytree(fitted["run"], run)
     _fill(small_disk)

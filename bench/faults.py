@@ -350,7 +350,8 @@ def case_out_foreign_file(e: Env) -> str:
                        "predict": ("predict", e.run, e.data / "data" / "1000.jpg", "--caption", "a dog", *e.extra,
                                    "--workers", 0)}.items():
         mine.write_text("id,value\n1,2\n")
-        results[name] = _kept(*e.mlc(*args, "--out", mine), mine, _files(mine), names="mine.csv")
+        before = _files(mine)
+        results[name] = _kept(*e.mlc(*args, "--out", mine), mine, before, names="mine.csv")
     return _joined(results)
 
 
@@ -380,7 +381,8 @@ def case_rerun_test_csv_changed(e: Env) -> str:
              e.mlc("run", "--help")[1]]
     stop += f" (names {', '.join(lacks)}, which run lacks)" if lacks else ""
     code, out = _mlc_run(e, "--overwrite")
-    redo = ("correct" if _submitted(e) == ids else "SILENT (old submission)") if code == 0 else classify(code, out)
+    redo = ("correct" if _submitted(e) == ids else "SILENT (old submission)") if code == 0 else \
+        "no such option" if "No such option" in out else classify(code, out)
     return f"rerun: {stop}; --overwrite: {redo}"
 
 

@@ -112,8 +112,9 @@ def finetune_route(cfg: RunConfig, train: list[Path]) -> Path:
         raise MlcError(f"--finetune knows no trunk cut for {cfg.image_encoder} + {cfg.text_encoder}; use "
                        "`mlc extract --image-cut ... --text-cut ...` and `mlc finetune --from-cache ...` directly")
     (trunk,) = extract(ExtractConfig(data_dir=cfg.data_dir, splits=("train",), out_dir=cfg.cache_dir,
-                                     image_cut=route["image_cut"], text_cut=text_cut, **cfg.group(EncoderOptions),
-                                     **cfg.group(LoaderOptions), **cfg.group(DataOptions)))
+                                     image_cut=route["image_cut"], text_cut=text_cut, overwrite=cfg.overwrite,
+                                     **cfg.group(EncoderOptions), **cfg.group(LoaderOptions),
+                                     **cfg.group(DataOptions)), command="run")
     out = cfg.out.with_name(cfg.out.name + "-finetuned")
     if RunDir(out).manifest.is_file():
         if _finetuned_on(RunDir(out)) == read_meta(trunk).data_fingerprint:

@@ -253,6 +253,39 @@ def test_a_submission_made_from_another_test_csv_is_made_again(tmp_path):
     assert _ids(tmp_path / "runs" / "demo" / "submission.csv") == [ln.split(",", 1)[0] for ln in lines[1:-1]]
 
 
+def test_a_finetuned_run_made_from_other_data_is_finetuned_again_with_overwrite(tmp_path, monkeypatch):
+    from pipeline import workflow
+    from pipeline.cache import read_meta
+
+    monkeypatch.setitem(workflow.TRUNK_ROUTE, "tiny-resnet", {"image_cut": "layer3", "epochs": 1, "lr": 1e-3,
+                                                                 "encoder_lr": 3e-4})
+    monkeypatch.setitem(workflow.TEXT_CUTS, "tiny-bert", "layer1")
+    data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
+    assert _run(data, tmp_path, "--finetune")[0] == 0
+    tuned = RunDir(tmp_path / "runs" / "demo-finetuned")
+    old = sha256_file(tuned.manifest)
+    lines = (data / "train.csv").read_text().splitlines()
+    (data / "train.csv").write_text("\n".join(lines[:-2]) + "\n")
+    code, text = _run(data, tmp_path, "--finetune", "--overwrite")
+    assert code == 0, text
+    (trunk,) = (tmp_path / "cache").rglob("train__*_img-*.h5")
+    assert sha256_file(tuned.manifest) != old
+    assert tuned.load().features[0]["data_fingerprint"] == read_meta(trunk).data_fingerprint
+    assert f"submission: {tuned.submission}" in text
+
+
+def test_out_through_a_symlink_is_judged_by_what_it_points_to(fitted):
+    f, tmp = fitted, fitted["tmp"]
+    (tmp / "to-run").symlink_to(f["run"], target_is_directory=True)
+    code, text = mlc(*FOLDER_COMMANDS["fit-head"](f, tmp / "to-run"))
+    assert code == 0, text
+    assert (tmp / "to-run").is_symlink() and RunDir(f["run"]).verify()  # the run replaced where it lives
+    foreign_folder(tmp / "mine")
+    (tmp / "to-mine").symlink_to(tmp / "mine", target_is_directory=True)
+    code, text = mlc(*FOLDER_COMMANDS["fit-head"](f, tmp / "to-mine"))
+    assert one_line_error(code, text, "to-mine", "notes.txt"), text
+
+
 # ------------------------------------------------------------------------ 6. resource faults
 
 

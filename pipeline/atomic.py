@@ -168,6 +168,20 @@ def entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not is_mlc_temp(p.name))
 
 
+def owned(folder: Path, manifest: str, kind: str | None, later: tuple[str, ...] = ()) -> bool | list[str]:
+    """True when ``folder`` is an mlc folder (of ``kind``, when given) and mlc wrote all it holds: each entry is
+    listed in its ``manifest`` file (a ``runs.listing`` under "files"), is the manifest, or one of ``later`` (written
+    after it). Else the entries mlc did not write, or [] when it is no such mlc folder at all."""
+    try:
+        m = json.loads((folder / manifest).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or (kind is not None and m.get("kind") != kind):
+        return []
+    known = {Path(name).parts[0] for name in m["files"] if Path(name).parts} | {manifest, *later}
+    return [name for name in entries(folder) if name not in known] or True
+
+
 def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 

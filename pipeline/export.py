@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import OutputOptions, claim_output, staged, write_json, write_safetensors
+from .atomic import OutputOptions, claim_output, owned, staged, write_json, write_safetensors
 from .backends import (
     ATOL,
     PROBE_CAPTIONS,
@@ -40,7 +40,7 @@ from .backends import (
 from .config import as_paths, opt, require
 from .errors import MlcError
 from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, load
-from .runs import listing, owned
+from .runs import listing
 
 DTYPES = ("float32", "float16")
 FORMATS = ("safetensors", "onnx")

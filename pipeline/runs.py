@@ -43,6 +43,7 @@ from .atomic import (
     clean_stale,
     entries,
     lock,
+    owned,
     staged,
     write_json,
     write_safetensors,
@@ -307,20 +308,6 @@ class RunDir:
         labels = LabelSpace(tuple(th["label_ids"]), tuple(th["label_names"]))
         return Run(self, manifest["kind"], config, features, head_cfg, heads,
                    np.asarray(th["per_class"], np.float32), labels)
-
-
-def owned(folder: Path, manifest: str, kind: str | None, later: tuple[str, ...] = ()) -> bool | list[str]:
-    """True when ``folder`` is an mlc folder (of ``kind``, when given) and mlc wrote all it holds: each entry is
-    listed in its ``manifest`` file (a ``listing`` under "files"), is the manifest, or one of ``later`` (written
-    after it). Else the entries mlc did not write, or [] when it is no such mlc folder at all."""
-    try:
-        m = json.loads((folder / manifest).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or (kind is not None and m.get("kind") != kind):
-        return []
-    known = {Path(name).parts[0] for name in m["files"] if Path(name).parts} | {manifest, *later}
-    return [name for name in entries(folder) if name not in known] or True
 
 
 def data_inputs(data: DataDir) -> list[Path]:

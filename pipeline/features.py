@@ -174,7 +174,7 @@ class Job:
 
     @property
     def elsewhere(self) -> str:
-        return "--cache-dir" if self.command == "submit" else "--out-dir"
+        return "--out-dir" if self.command == "extract" else "--cache-dir"
 
 
 def _identity(enc: ImageEncoder | TextEncoder | None) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def features(d: Any, path: Path) -> list:
 
 
 def _files(d: dict, path: Path) -> dict:
-    """``files``: {relative path: {bytes, sha256}}, as ``runs.listing`` writes it."""
+    """``files``: {relative path: {bytes, sha256}}, as ``folders.listing`` writes it."""
     files = _dict(_key(d, "files", path), path, "files")
     for name, entry in files.items():
         entry = _dict(entry, path, f"files[{name!r}]")

@@ -68,3 +68,18 @@ def refresh_manifest(run: Path) -> None:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return make_data_dir(tmp_path / "tiny")
+
+
+@pytest.fixture
+def fitted(tmp_path: Path) -> dict[str, Path]:
+    """A tiny data folder, its train cache and a 3-fold run fitted on it."""
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.fit_head import FitHeadConfig, fit_head
+
+    data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
+    (cache,) = extract(ExtractConfig(data_dir=data, out_dir=tmp_path / "cache", splits=("train",),
+                                     image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
+                                     workers=0, backend="torch"))
+    run = tmp_path / "run"
+    fit_head(FitHeadConfig(caches=cache, out=run, epochs=3, folds=3), quiet=True)
+    return {"data": data, "cache": cache, "run": run, "tmp": tmp_path}

@@ -41,18 +41,6 @@ def mlc(*args: str) -> tuple[int, str]:
     return res.exit_code, res.output
 
 
-@pytest.fixture
-def fitted(tmp_path):
-    """A tiny data folder, its train cache and a 3-fold run fitted on it."""
-    data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
-    (cache,) = extract(ExtractConfig(data_dir=data, out_dir=tmp_path / "cache", splits=("train",),
-                                     image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
-                                     workers=0, backend="torch"))
-    run = tmp_path / "run"
-    fit_head(FitHeadConfig(caches=cache, out=run, epochs=3, folds=3), quiet=True)
-    return {"data": data, "cache": cache, "run": run, "tmp": tmp_path}
-
-
 # --------------------------------------------------------------------------------- run folders
 
 

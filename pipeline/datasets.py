@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .cache import CacheReader
-from .data import DataDir, load_image
+from .data import DataDir
 from .errors import ImageError
 from .records import Record
 
@@ -34,7 +34,7 @@ class ImageViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, Fault | None]:
         try:
-            img = load_image(self.data.image_path(self.records[i].image_id), self.draft)
+            img = self.data.image(self.records[i].image_id, self.draft)
         except ImageError as exc:
             return i, torch.zeros(0), (exc.path, exc.fault)
         return i, torch.stack([t(img) for t in self.transforms]), None
@@ -59,7 +59,7 @@ class ImageCaptionRows(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple:
         r = self.records[i]
         try:
-            img = load_image(self.data.image_path(r.image_id))
+            img = self.data.image(r.image_id)
         except ImageError as exc:
             return None, (exc.path, exc.fault), None, i
         return self.transform(img), r.caption, torch.from_numpy(self.labels[i]), i

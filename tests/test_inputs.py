@@ -1,0 +1,219 @@
+"""Issue 18 part B: every input is checked before use. Data faults found by validate and refused alike by
+every command (label tokens, numbers spelled twice, unusable ids, rare labels, images that are not regular
+files in the folder), photos turned upright by their EXIF orientation in every decode, model folders that
+cannot run code, and the files a run, an export or a cache holds checked before they are used."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_data_dir
+from PIL import Image
+
+from pipeline.data import DataDir, DataOptions, check_images, fingerprint, load_image
+from pipeline.datasets import ImageViews
+from pipeline.errors import DataError, ImageError
+from pipeline.labels import LabelSpace
+from pipeline.records import CsvLayout, parse_csv
+from pipeline.validate import format_report, validate_data_dir
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 20) -> Iterator[None]:
+    """Fail (instead of hanging the suite) when the body blocks, as reading a FIFO did."""
+    def fail(*_: object) -> None:
+        raise AssertionError(f"blocked for {seconds} s")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def faults(path: Path, labelled: bool = True, layout: CsvLayout | None = None) -> list[str]:
+    return [f"{p.line}: {p.fault}" for p in parse_csv(path, labelled=labelled, layout=layout)[1]]
+
+
+# ----------------------------------------------------------------------------------- labels and ids
+
+
+def test_label_tokens_that_the_submission_cannot_carry_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "train.csv"
+    path.write_text('file,title,tags\n1.jpg,a,traffic light|car\n2.jpg,b,"car|a,b"\n3.jpg,c,"say""hi|car"\n'
+                    '4.jpg,d,car\n')  # a proper CSV (columns not in the competition's order)
+    got = faults(path, layout=CsvLayout("file", "tags", "title", "|"))
+    assert len(got) == 3, got
+    assert got[0].startswith("2: label 'traffic light' holds a space, comma or quote")
+    assert got[1].startswith("3: label 'a,b' holds") and got[2].startswith("4: label 'say\"hi' holds")
+    (tmp_path / "labels.csv").write_text('id,name\ncar,Car\n"a,b",AB\n')
+    with pytest.raises(DataError, match=r"labels.csv:3: label 'a,b' holds a space, comma or quote"):
+        LabelSpace.from_file(tmp_path / "labels.csv")
+
+
+def test_one_number_written_two_ways_is_refused_with_its_rows(tmp_path: Path) -> None:
+    root = make_data_dir(tmp_path / "d", n_train=12, n_test=2)
+    lines = (root / "train.csv").read_text().splitlines()
+    lines[4] = lines[4].replace(",3,", ",03,", 1) if ",3," in lines[4] else lines[4].replace(",", ",03 ", 1)
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    report = validate_data_dir(root, csv_only=True)
+    assert [str(p) for p in report.problems] == [
+        f"{root / 'train.csv'}:5: label '03' is the number 3 written another way than '3' (two spellings would "
+        "be two classes); write it one way"]
+    with pytest.raises(DataError, match=r"train.csv:5: label '03' is the number 3"):
+        DataDir.open(root).label_space()  # every command: the same fault, not a KeyError deep in multi_hot
+    (tmp_path / "labels.csv").write_text("id,name\n1,a\n01,b\n")
+    with pytest.raises(DataError, match="labels.csv:3: label 01 is listed twice"):
+        LabelSpace.from_file(tmp_path / "labels.csv")
+
+
+def test_zero_padded_labels_read_back_as_written(tmp_path: Path) -> None:
+    space = LabelSpace.from_tokens(["001", "002", "010"])
+    assert space.ids == ("001", "002", "010")  # text: as integers they would not find their own rows
+    assert space.multi_hot([["002"], ["010", "001"]]).tolist() == [[0, 1, 0], [1, 0, 1]]
+
+
+@pytest.mark.parametrize(("row_id", "fault"), [
+    ("a,b.jpg", "holds a comma or quote"),
+    ("a\nb.jpg", "holds a line break"),
+    ("x" * 252 + ".jpg", "is 256 bytes long; a file name may have at most 255"),
+])
+def test_ids_a_file_system_or_the_submission_cannot_hold_are_refused(tmp_path: Path, row_id: str,
+                                                                      fault: str) -> None:
+    path = tmp_path / "train.csv"
+    quoted = '"' + row_id.replace('"', '""') + '"'
+    path.write_text(f"file,title,tags\n1.jpg,a,car\n{quoted},b,car\n")
+    got = faults(path, layout=CsvLayout("file", "tags", "title"))
+    assert len(got) == 1 and got[0].startswith("3: ") and fault in got[0], got
+    no_images = CsvLayout("file", "tags", "title", images=False)
+    if "file name" not in fault:
+        assert fault in faults(path, layout=no_images)[0]  # text-only ids are written to the submission too
+
+
+def test_a_stray_label_is_a_warning_naming_its_rows_and_the_way_out(tmp_path: Path, capsys) -> None:
+    root = make_data_dir(tmp_path / "d", n_train=24, n_test=2)
+    lines = (root / "train.csv").read_text().splitlines()
+    lines[7] = lines[7].replace(",", ",12 ", 1)
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    report = validate_data_dir(root, csv_only=True)
+    assert report.ok and len(report.warnings) == 1
+    warning = report.warnings[0]
+    assert "label 12 is on only 1 row(s) (line 8)" in warning and "--labels" in warning
+    assert f"warning: {warning}" in format_report(report)
+    space = DataDir.open(root).label_space()
+    assert f"warning: {warning}" in capsys.readouterr().err  # every command says it, not only validate
+    assert dict(zip(space.ids, space.names, strict=True))[1] == "person"  # the COCO names are kept
+    (root / "labels.csv").write_text("id,name\n1,person\n3,car\n18,dog\n")  # the way out named
+    with pytest.raises(DataError, match=r"train.csv:8: label '12' is not in the labels file"):
+        DataDir.open(root).records("train")
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def _images(root: Path) -> tuple[DataDir, list]:
+    data = DataDir.open(root)
+    return data, data.records("train")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "link-out", "folder"])
+def test_images_must_be_regular_files_inside_the_folder(tmp_path: Path, kind: str) -> None:
+    root = make_data_dir(tmp_path / "d", n_train=6, n_test=2)
+    bad = root / "data" / "3.jpg"
+    bad.unlink()
+    if kind == "fifo":
+        os.mkfifo(bad)
+        want = "not a regular file (a FIFO (named pipe))"
+    elif kind == "device":
+        bad.symlink_to("/dev/zero")
+        want = "not a regular file (a character device)"
+    elif kind == "folder":
+        bad.mkdir()
+        want = "not a regular file (a folder)"
+    else:
+        outside = tmp_path / "secret.jpg"
+        Image.new("RGB", (8, 8)).save(outside)
+        bad.symlink_to(outside)
+        want = f"a symbolic link to {outside}, outside the image folder {root / 'data'}"
+    data, records = _images(root)
+    with no_hang():
+        with pytest.raises(ImageError, match="3.jpg: " + want.replace("(", r"\(").replace(")", r"\)")):
+            fingerprint(records, data.image_dir)  # what extract and submit read first
+        with pytest.raises(ImageError, match="3.jpg"):
+            data.image("3.jpg")  # every decode: extract's and finetune's datasets
+        assert ImageViews(data, records[3:4], [lambda im: np.zeros(1)])[0][2] == (str(bad), want)
+        _, skipped = check_images(data, records, skip_bad=True, progress=False)
+        assert skipped == [("3.jpg", want)]
+        report = validate_data_dir(root, csv_only=False, progress=False)
+    assert [str(p) for p in report.problems] == [f"{bad}: {want}"]
+
+
+def test_a_link_within_the_image_folder_is_fine(tmp_path: Path) -> None:
+    root = make_data_dir(tmp_path / "d", n_train=6, n_test=2)
+    (root / "data" / "3.jpg").rename(root / "data" / "real.jpg")
+    (root / "data" / "3.jpg").symlink_to("real.jpg")
+    data, records = _images(root)
+    assert data.image("3.jpg").size == (64, 48)
+    assert check_images(data, records, skip_bad=False, progress=False)[1] == []
+
+
+# ----------------------------------------------------------------------------- EXIF orientation
+
+
+def _upright() -> Image.Image:
+    """20 wide, 40 high: red top half, blue bottom half."""
+    arr = np.zeros((40, 20, 3), np.uint8)
+    arr[:20] = (230, 20, 20)
+    arr[20:] = (20, 20, 230)
+    return Image.fromarray(arr)
+
+
+def _sideways(path: Path) -> None:
+    """The upright photo as a phone stores a portrait: turned, with EXIF Orientation 6 (turn 90 clockwise)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _upright().rotate(90, expand=True).save(path, quality=95, exif=exif)
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path: Path) -> None:
+    _sideways(tmp_path / "phone.jpg")
+    with Image.open(tmp_path / "phone.jpg") as raw:
+        assert raw.size == (40, 20)  # as stored
+    im = load_image(tmp_path / "phone.jpg")
+    assert im.size == (20, 40)
+    top, bottom = im.getpixel((10, 5)), im.getpixel((10, 35))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+    assert load_image(tmp_path / "phone.jpg", draft=4).size[1] > load_image(tmp_path / "phone.jpg", draft=4).size[0]
+
+
+def test_extract_and_finetune_decode_the_photo_upright(tmp_path: Path) -> None:
+    from pipeline.datasets import ImageCaptionRows
+    from pipeline.encoders.transforms import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess
+
+    root = make_data_dir(tmp_path / "d", n_train=6, n_test=2)
+    _sideways(root / "data" / "0.jpg")
+    _upright().save(root / "data" / "1.jpg", quality=95)
+    data, records = _images(root)
+    pre = ImagePreprocess(40, 40, IMAGENET_MEAN, IMAGENET_STD)
+    views = ImageViews(data, records[:2], [pre.pixels(0)])
+    a, b = views[0][1].float(), views[1][1].float()
+    assert (a - b).abs().mean() < 3  # the same photo, however stored
+    rows = ImageCaptionRows(data, records[:2], pre.transform(0), np.zeros((2, 3), np.float32))
+    assert (rows[0][0] - rows[1][0]).abs().mean() < 0.05
+    assert pre.to_dict()["orientation"] == "exif"  # in every cache's and run's preprocess record
+
+
+def test_data_options_do_not_change_the_image_checks(tmp_path: Path) -> None:
+    root = make_data_dir(tmp_path / "d", n_train=6, n_test=2)
+    (root / "data" / "2.jpg").unlink()
+    os.mkfifo(root / "data" / "2.jpg")
+    with no_hang():
+        report = validate_data_dir(root, csv_only=False, progress=False, options=DataOptions())
+    assert len(report.problems) == 1 and "FIFO" in str(report.problems[0])

@@ -126,7 +126,7 @@ def read_meta(path: str | os.PathLike[str]) -> CacheMeta:
     if not isinstance(d, dict):
         raise MlcError(f"{path}: its metadata is not an object; extract again with --overwrite to replace it")
     if d.get("format", 1) != CACHE_FORMAT:
-        why = " (photos decoded before EXIF orientation was applied)" if d.get("format", 1) == 2 else ""
+        why = ": photos decoded before EXIF orientation was applied" if d.get("format", 1) == 2 else ""
         raise MlcError(f"{path}: written by another mlc (cache format {d.get('format', 1)}{why}); this mlc reads "
                        f"format {CACHE_FORMAT}. Extract again with --overwrite to rebuild it.")
     if digest != _digest(text):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, schemas
 from .atomic import check_writable, staged, write_json, write_safetensors
 from .backends import (
     ATOL,
@@ -77,7 +77,7 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
         if cfg.format == "onnx":
             _write_graph(pred, stage)
         meta["files"] = listing(stage, (EXPORT_FILE,))
-        write_json(stage / EXPORT_FILE, meta)
+        write_json(stage / EXPORT_FILE, {**meta, schemas.CHECKSUM: schemas.checksum(meta)})
     return cfg.out, sum(f.stat().st_size for f in cfg.out.rglob("*") if f.is_file())
 
 

@@ -239,8 +239,9 @@ class RunDir:
         write_text(self.log, "\n".join(files.log) + "\n")
 
     def _write_manifest(self, kind: str) -> None:
-        write_json(self.manifest, {"format": RUN_FORMAT, "kind": kind, "mlc_version": __version__,
-                                   "files": listing(self.path, _LATER + ("manifest.json",))})
+        m = {"format": RUN_FORMAT, "kind": kind, "mlc_version": __version__,
+             "files": listing(self.path, _LATER + ("manifest.json",))}
+        write_json(self.manifest, {**m, schemas.CHECKSUM: schemas.checksum(m)})
 
     # ------------------------------------------------------------------------------------ reading
 

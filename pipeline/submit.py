@@ -110,7 +110,7 @@ def submit(cfg: SubmitConfig) -> tuple[Path, str]:
 def summary(run: Run, preds: np.ndarray) -> str:
     """Rows, labels per row, and the predicted label distribution against the held-out labels'."""
     path = run.dir.val_scores
-    held = np.load(path)["labels"] if path.is_file() else None
+    held = np.load(path, allow_pickle=False)["labels"] if path.is_file() else None
     pred_freq = preds.mean(0)
     parts = [f"{len(preds)} rows, {preds.sum(1).mean():.2f} labels/row"]
     if held is not None:

@@ -217,3 +217,181 @@ def test_data_options_do_not_change_the_image_checks(tmp_path: Path) -> None:
     with no_hang():
         report = validate_data_dir(root, csv_only=False, progress=False, options=DataOptions())
     assert len(report.problems) == 1 and "FIFO" in str(report.problems[0])
+
+
+# ------------------------------------------------------------------ model folders never run code
+
+EVIL = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('foreign code ran')\n"
+
+
+def _bert_folder(folder: Path, model_type: str = "bert") -> Path:
+    """A tiny Hugging Face BERT folder whose config asks for custom code (auto_map -> modeling_evil.py)."""
+    import json
+
+    from pipeline.encoders import create_text_encoder
+
+    enc = create_text_encoder("tiny-bert", random_init=True, seed=0)
+    enc.model.save_pretrained(str(folder))
+    enc.tokenizer.save_pretrained(str(folder))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type=model_type, auto_map={"AutoConfig": "modeling_evil.EvilConfig",
+                                                "AutoModel": "modeling_evil.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "modeling_evil.py").write_text(EVIL)
+    return folder
+
+
+def test_an_hf_folder_that_asks_for_its_own_code_is_refused(tmp_path: Path) -> None:
+    from pipeline.encoders import create_text_encoder
+    from pipeline.errors import WeightsError
+
+    folder = _bert_folder(tmp_path / "evil")
+    for weights in (None, folder):  # hf:FOLDER, and --text-weights FOLDER
+        with pytest.raises(WeightsError, match=r"evil/config.json: auto_map: .* never runs code"):
+            create_text_encoder(f"hf:{folder}" if weights is None else "tiny-bert", weights=weights)
+    assert not (folder / "RAN").exists()
+
+
+def test_transformers_is_told_never_to_run_or_ask_for_custom_code(tmp_path: Path, monkeypatch) -> None:
+    """Behind the folder check, every load passes trust_remote_code=False: transformers refuses (it would
+    prompt on stdin with None), and the refusal is one line."""
+    from pipeline.encoders import create_text_encoder, hf_models
+    from pipeline.errors import WeightsError
+
+    folder = _bert_folder(tmp_path / "evil", model_type="evil-bert")  # no class transformers knows
+    monkeypatch.setattr(hf_models, "refuse_custom_code", lambda *a: None)
+    with pytest.raises(WeightsError, match=r"asks to run code of its own \(trust_remote_code\)"):
+        create_text_encoder(f"hf:{folder}")
+    assert not (folder / "RAN").exists()
+
+
+def test_a_saved_encoder_folder_that_asks_for_custom_code_is_refused(tmp_path: Path) -> None:
+    import json
+
+    from pipeline.encoders import create_text_encoder, load_encoder
+    from pipeline.errors import WeightsError
+
+    create_text_encoder("tiny-bert", random_init=True, seed=0).save(tmp_path / "text")
+    cfg = json.loads((tmp_path / "text" / "config.json").read_text())
+    (tmp_path / "text" / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "x.Y"}}))
+    with pytest.raises(WeightsError, match="text/config.json: auto_map"):
+        load_encoder(tmp_path / "text")
+
+
+@pytest.mark.parametrize(("edit", "fault"), [
+    ({"options": {"evil": 1}}, r"encoder.json: options.evil: not an option of tiny-bert \(it takes: pooling\)"),
+    ({"options": {"pooling": "max"}}, r"encoder.json: options: pooling must be mean, cls or pooler"),
+    ({"name": "tiny-gpt"}, r"encoder.json: name: unknown text encoder 'tiny-gpt'"),
+])
+def test_encoder_json_options_are_checked_against_the_encoder(tmp_path: Path, edit: dict, fault: str) -> None:
+    import json
+
+    from pipeline.encoders import create_text_encoder, load_encoder
+    from pipeline.errors import MlcError
+
+    create_text_encoder("tiny-bert", random_init=True, seed=0).save(tmp_path / "text")
+    d = json.loads((tmp_path / "text" / "encoder.json").read_text())
+    (tmp_path / "text" / "encoder.json").write_text(json.dumps({**d, **edit}))
+    with pytest.raises(MlcError, match=fault):
+        load_encoder(tmp_path / "text")
+
+
+# ------------------------------------------------------------- runs, exports and caches checked
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    from pipeline.export import ExportConfig, export
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.fit_head import FitHeadConfig, fit_head
+
+    tmp = tmp_path_factory.mktemp("exp")
+    data = make_data_dir(tmp / "tiny", n_train=24, n_test=2)
+    (cache,) = extract(ExtractConfig(data_dir=data, out_dir=tmp / "cache", splits=("train",), workers=0,
+                                     image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
+                                     backend="torch"))
+    fit_head(FitHeadConfig(caches=cache, out=tmp / "run", epochs=2, folds=2), quiet=True)
+    out, _ = export(ExportConfig(run=tmp / "run", out=tmp / "model"))
+    return {"cache": cache, "run": tmp / "run", "model": out}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_json(path: Path, edit, rehash: bool = False) -> None:
+    import json
+
+    from pipeline.schemas import checksum
+
+    d = json.loads(path.read_text())
+    edit(d)
+    if rehash:  # as a foreign writer that knows the format would leave it
+        d["sha256"] = checksum(d)
+    path.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize(("edit", "fault"), [
+    (lambda d: d["thresholds"].__setitem__(0, 0.123), r"export.json: sha256: does not match the file's content"),
+    (lambda d: d.pop("sha256"), r"export.json: sha256: missing"),
+    (lambda d: d["head"].update(num_classes=len(d["label_ids"]) + 1), r"export.json: head.num_classes: 4 outputs but "
+                                                                      "3 labels"),
+    (lambda d: d.update(heads=["../run/head-0.safetensors"]), r"export.json: heads\[0\]: '../run/head-0.safetensors' "
+                                                              "leads out of the folder"),
+    (lambda d: d["branches"][0].update(text="/etc"), r"export.json: branches\[0\].text: '/etc' leads out"),
+    (lambda d: d["files"].update({"../../x": d["files"]["head-0.safetensors"]}), r"export.json: files\['../../x'\]: "
+                                                                                 "'../../x' leads out"),
+    (lambda d: d["head"].update(hidden=10 ** 9), r"export.json: hidden: 1000000000 is beyond any real head"),
+])
+def test_export_json_is_covered_by_its_checksum_and_its_paths_stay_inside(exported, tmp_path, edit, fault) -> None:
+    from pipeline.errors import MlcError
+    from pipeline.predictor import load
+
+    model = _copy(exported["model"], tmp_path / "model")
+    _edit_json(model / "export.json", edit, rehash="sha256" not in fault)
+    with pytest.raises(MlcError, match=fault):
+        load(model, backend="torch")
+
+
+def test_manifest_json_is_covered_by_its_checksum_and_head_sizes_are_bounded(exported, tmp_path) -> None:
+    from conftest import refresh_manifest
+
+    from pipeline.errors import MlcError
+    from pipeline.runs import RunDir
+
+    run = _copy(exported["run"], tmp_path / "run")
+    _edit_json(run / "manifest.json", lambda d: d.update(mlc_version="0.0"))
+    with pytest.raises(MlcError, match=r"manifest.json: sha256: does not match the file's content"):
+        RunDir(run).load()
+    run = _copy(exported["run"], tmp_path / "run2")
+    _edit_json(run / "head.json", lambda d: d.update(hidden=10 ** 9))
+    refresh_manifest(run)
+    with pytest.raises(MlcError, match=r"head.json: hidden: 1000000000 is beyond any real head \(at most 65536\)"):
+        RunDir(run).load()
+
+
+def test_cache_meta_is_checksummed_and_old_caches_are_rebuilt_not_mixed(exported, tmp_path) -> None:
+    import json
+    import shutil
+
+    import h5py
+
+    from pipeline.cache import read_meta
+    from pipeline.errors import MlcError
+
+    cache = tmp_path / exported["cache"].name
+    shutil.copy(exported["cache"], cache)
+    with h5py.File(cache, "r+") as f:
+        meta = json.loads(f.attrs["meta"])
+        f.attrs["meta"] = json.dumps({**meta, "label_names": ["a", "b", "c"]}, sort_keys=True)
+    with pytest.raises(MlcError, match=r"meta: does not match its checksum \(meta_sha256\)"):
+        read_meta(cache)
+    with h5py.File(cache, "r+") as f:  # a cache of the mlc before: format 2, no checksum
+        f.attrs["meta"] = json.dumps({**meta, "format": 2}, sort_keys=True)
+        del f.attrs["meta_sha256"]
+    with pytest.raises(MlcError, match=r"cache format 2: photos decoded before EXIF orientation was applied\); "
+                                       r"this mlc reads format 3. Extract again with --overwrite to rebuild it"):
+        read_meta(cache)

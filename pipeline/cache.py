@@ -332,7 +332,18 @@ class CacheReader:
         if self._file is None or self._pid != os.getpid():
             self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
+            self._check_shapes(self._file)
         return self._file
+
+    def _check_shapes(self, f: h5py.File) -> None:
+        """Every dataset as large as the meta says (rows, views, dims, labels): never read past or short of it."""
+        m = self.meta
+        want = {"image_ids": (m.num_records,), "labels": (m.num_records, len(m.label_ids)),
+                "image": (m.num_records, m.views, m.image_dim), "text": (m.num_records, m.text_dim)}
+        for name, shape in want.items():
+            if name in f and tuple(f[name].shape) != shape:
+                raise MlcError(f"{self.path}: {name}: shape {tuple(f[name].shape)}, but its meta says {shape} "
+                               "(rows, views, dims, labels); extract again with --overwrite")
 
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():
@@ -405,32 +416,11 @@ class CacheReader:
         return values
 
     def dataset(self, names: Sequence[str], rows: np.ndarray | None = None,
-                with_labels: bool = True) -> CacheDataset:
+                with_labels: bool = True) -> torch.utils.data.Dataset:
         """A torch Dataset over some rows; each item is a dict of float32 tensors (+ ``labels``)."""
+        from .datasets import CacheDataset  # datasets builds on this module, so imported when used
+
         return CacheDataset(self, tuple(names), rows, with_labels)
-
-
-class CacheDataset(torch.utils.data.Dataset):
-    """Streams rows from the cache (for activation caches too big to hold in memory)."""
-
-    def __init__(self, reader: CacheReader, names: tuple[str, ...], rows: np.ndarray | None,
-                 with_labels: bool) -> None:
-        self.reader = reader
-        self.names = names
-        self.rows = np.arange(len(reader)) if rows is None else np.asarray(rows)
-        self.with_labels = with_labels and reader.has("labels")
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = int(self.rows[i])
-        item = {name: torch.from_numpy(np.asarray(self.reader.array(name, slice(row, row + 1))[0]))
-                for name in self.names}
-        if self.with_labels:
-            item["labels"] = torch.from_numpy(self.reader.array("labels", slice(row, row + 1))[0].astype(np.float32))
-        item["row"] = torch.tensor(row)
-        return item
 
 
 def check_compatible(meta: CacheMeta, expected: dict[str, Any], *, what: str) -> None:

@@ -20,6 +20,29 @@ from .records import Record
 Fault = tuple[str, str]  # (path, what is wrong)
 
 
+class CacheDataset(torch.utils.data.Dataset):
+    """Streams rows from the cache (for activation caches too big to hold in memory)."""
+
+    def __init__(self, reader: CacheReader, names: tuple[str, ...], rows: np.ndarray | None,
+                 with_labels: bool) -> None:
+        self.reader = reader
+        self.names = names
+        self.rows = np.arange(len(reader)) if rows is None else np.asarray(rows)
+        self.with_labels = with_labels and reader.has("labels")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = int(self.rows[i])
+        item = {name: torch.from_numpy(np.asarray(self.reader.array(name, slice(row, row + 1))[0]))
+                for name in self.names}
+        if self.with_labels:
+            item["labels"] = torch.from_numpy(self.reader.array("labels", slice(row, row + 1))[0].astype(np.float32))
+        item["row"] = torch.tensor(row)
+        return item
+
+
 class ImageViews(torch.utils.data.Dataset):
     """Row i's image decoded into its V views: (i, (V, 3, H, W) tensor, fault or None), with whatever
     ``transforms`` give (uint8 ``ImagePreprocess.pixels`` in extraction). ``draft``: the shorter side big

@@ -395,3 +395,21 @@ def test_cache_meta_is_checksummed_and_old_caches_are_rebuilt_not_mixed(exported
     with pytest.raises(MlcError, match=r"cache format 2: photos decoded before EXIF orientation was applied\); "
                                        r"this mlc reads format 3. Extract again with --overwrite to rebuild it"):
         read_meta(cache)
+
+
+def test_cache_datasets_must_have_the_shapes_their_meta_says(exported, tmp_path) -> None:
+    import shutil
+
+    import h5py
+
+    from pipeline.cache import CacheReader
+    from pipeline.errors import MlcError
+
+    cache = tmp_path / exported["cache"].name
+    shutil.copy(exported["cache"], cache)
+    with h5py.File(cache, "r+") as f:  # one label column more than the meta's label ids
+        n, c = f["labels"].shape
+        del f["labels"]
+        f.create_dataset("labels", data=np.zeros((n, c + 1), np.uint8), fletcher32=True)
+    with pytest.raises(MlcError, match=rf"labels: shape \({n}, {c + 1}\), but its meta says \({n}, {c}\)"):
+        CacheReader(cache).labels()

@@ -208,6 +208,9 @@ def export(d: Any, path: Path, heads: tuple[str, ...]) -> dict:
             folder = relative(b[kind], path, f"branches[{i}].{kind}").rstrip("/")
             if f"{folder}/encoder.json" not in files:
                 _fail(path, f"branches[{i}].{kind}", f"{folder!r} is not an exported encoder folder")
+    graph = d.get("graph")  # model.onnx with --format onnx: what an ONNX-only client reads
+    if graph is not None and relative(graph, path, "graph") not in files:
+        _fail(path, "graph", f"{graph!r} is not one of the exported files")
     _checked(d, path, "export the run again")
     return d
 

@@ -345,6 +345,7 @@ def _edit_json(path: Path, edit, rehash: bool = False) -> None:
     (lambda d: d["files"].update({"../../x": d["files"]["head-0.safetensors"]}), r"export.json: files\['../../x'\]: "
                                                                                  "'../../x' leads out"),
     (lambda d: d["head"].update(hidden=10 ** 9), r"export.json: hidden: 1000000000 is beyond any real head"),
+    (lambda d: d.update(graph="/tmp/model.onnx"), r"export.json: graph: '/tmp/model.onnx' leads out of the folder"),
 ])
 def test_export_json_is_covered_by_its_checksum_and_its_paths_stay_inside(exported, tmp_path, edit, fault) -> None:
     from pipeline.errors import MlcError

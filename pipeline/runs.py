@@ -304,7 +304,8 @@ def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
     try:
         head.load_state_dict(load_file(str(path)))  # copies into the float32 parameters, casting
     except Exception as e:  # SafetensorError, a shape mismatch, ...
-        raise MlcError(f"{path}: cannot load the head's weights ({type(e).__name__}: {e})") from e
+        why = " ".join(str(e).split())[:300]  # one line: torch lists each mismatched key on a line of its own
+        raise MlcError(f"{path}: cannot load the head's weights ({type(e).__name__}: {why})") from e
     return head.eval()
 
 

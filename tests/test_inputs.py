@@ -414,3 +414,15 @@ def test_cache_datasets_must_have_the_shapes_their_meta_says(exported, tmp_path)
         f.create_dataset("labels", data=np.zeros((n, c + 1), np.uint8), fletcher32=True)
     with pytest.raises(MlcError, match=rf"labels: shape \({n}, {c + 1}\), but its meta says \({n}, {c}\)"):
         CacheReader(cache).labels()
+
+
+def test_head_weights_that_do_not_fit_their_json_are_one_line(exported, tmp_path) -> None:
+    from pipeline.errors import MlcError
+    from pipeline.predictor import load
+
+    model = _copy(exported["model"], tmp_path / "model")
+    _edit_json(model / "export.json", lambda d: d["head"].update(image_dim=7), rehash=True)
+    with pytest.raises(MlcError, match=r"head-0.safetensors: cannot load the head's weights \(RuntimeError: .*size "
+                                       r"mismatch") as info:
+        load(model, backend="torch")
+    assert "\n" not in str(info.value)

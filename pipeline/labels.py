@@ -29,6 +29,7 @@ COCO_NAMES: dict[int, str] = {
 }
 COCO_UNUSED = 12  # COCO's "street sign" slot: never a COMP5329 label, so a stray 12 keeps the others' names
 _INT = re.compile(r"-?[0-9]+")
+_NUMBER = re.compile(r"[+-]?\d+")  # anything int() reads as a number: "+3", "03", "٣" (an Arabic-Indic 3)
 # What a label id may not hold: the submission writes a row's labels space-separated after "ImageID,"
 # (no quoting), so a space, comma or quote inside one would not read back as the same label.
 _UNWRITABLE = re.compile(r'[\s,"]')
@@ -62,7 +63,7 @@ def same_numbers(tokens: Iterable[str]) -> dict[str, list[str]]:
     """Integer tokens that name one number in more than one spelling ("1" and "01"): {canonical: spellings}."""
     spellings: dict[str, set[str]] = {}
     for t in set(tokens):
-        if _INT.fullmatch(t):
+        if _NUMBER.fullmatch(t):
             spellings.setdefault(str(int(t)), set()).add(t)
     return {n: sorted(s) for n, s in spellings.items() if len(s) > 1}
 
@@ -116,7 +117,7 @@ class LabelSpace:
             label = row[0].strip()
             if (why := token_fault(label)) is not None:
                 raise DataError(str(path), n, why)
-            if label in ids or (_INT.fullmatch(label) and same_numbers([*ids, label])):
+            if label in ids or (_NUMBER.fullmatch(label) and same_numbers([*ids, label])):
                 raise DataError(str(path), n, f"label {label} is listed twice (a number is one label however "
                                               "it is written)")
             ids.append(label)

@@ -74,6 +74,13 @@ def test_one_number_written_two_ways_is_refused_with_its_rows(tmp_path: Path) ->
         LabelSpace.from_file(tmp_path / "labels.csv")
 
 
+@pytest.mark.parametrize("spelling", ["+3", "\u0663"])  # an Arabic-Indic 3: int() reads it as 3 too
+def test_every_spelling_of_a_number_counts(spelling: str) -> None:
+    from pipeline.labels import same_numbers
+
+    assert same_numbers(["1", "3", spelling, "18"]) == {"3": sorted(["3", spelling])}
+
+
 def test_zero_padded_labels_read_back_as_written(tmp_path: Path) -> None:
     space = LabelSpace.from_tokens(["001", "002", "010"])
     assert space.ids == ("001", "002", "010")  # text: as integers they would not find their own rows

@@ -272,6 +272,19 @@ def test_transformers_is_told_never_to_run_or_ask_for_custom_code(tmp_path: Path
     assert not (folder / "RAN").exists()
 
 
+def test_a_known_model_type_that_asks_for_custom_code_is_refused_too(tmp_path: Path, monkeypatch) -> None:
+    """A hub repository (no folder to look into first) whose model type transformers knows, with an auto_map:
+    transformers would load its own class quietly; mlc refuses it like the folder."""
+    from pipeline.encoders import create_text_encoder, hf_models
+    from pipeline.errors import WeightsError
+
+    folder = _bert_folder(tmp_path / "evil")
+    monkeypatch.setattr(hf_models, "refuse_custom_code", lambda *a: None)
+    with pytest.raises(WeightsError, match=r"config.json: auto_map: asks to run code of its own"):
+        create_text_encoder(f"hf:{folder}")
+    assert not (folder / "RAN").exists()
+
+
 def test_a_saved_encoder_folder_that_asks_for_custom_code_is_refused(tmp_path: Path) -> None:
     import json
 

@@ -90,6 +90,9 @@ def _load(spec_name: str, ref: str, weights: Any, random_init: bool,
         raise
     except Exception as e:  # noqa: BLE001 - OSError (not cached), ValueError (unknown architecture), ...
         raise _missing(spec_name, ref, e) from e
+    if getattr(model.config, "auto_map", None):  # a hub repository asking for its code: refused like a folder
+        raise WeightsError(f"{spec_name}: {ref}: config.json: auto_map: asks to run code of its own, and mlc never "
+                           "runs code from a model folder or hub repository")
     return model.float().eval(), source, where, local_only
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, schemas
 from .atomic import OutputOptions, claim_output, owned, staged, write_json, write_safetensors, write_text
 from .backends import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, mismatch, probe_inputs, to_onnx
 from .config import as_paths, opt, require
@@ -112,7 +112,7 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
         else:
             meta |= _write_safetensors(pred.scorer, stage, cfg.dtype)
         meta["files"] = listing(stage, (EXPORT_FILE,))
-        write_json(stage / EXPORT_FILE, meta)
+        write_json(stage / EXPORT_FILE, {**meta, schemas.CHECKSUM: schemas.checksum(meta)})
     return cfg.out, sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 

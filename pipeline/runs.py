@@ -292,8 +292,9 @@ class RunDir:
         write_text(self.log, "\n".join(files.log) + "\n")
 
     def _write_manifest(self, kind: str) -> None:
-        write_json(self.manifest, {"format": RUN_FORMAT, "kind": kind, "mlc_version": __version__,
-                                   "files": listing(self.path, _LATER + ("manifest.json",))})
+        m = {"format": RUN_FORMAT, "kind": kind, "mlc_version": __version__,
+             "files": listing(self.path, _LATER + ("manifest.json",))}
+        write_json(self.manifest, {**m, schemas.CHECKSUM: schemas.checksum(m)})
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -352,7 +353,8 @@ def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
     try:
         head.load_state_dict(load_file(str(path)))  # copies into the float32 parameters, casting
     except Exception as e:  # SafetensorError, a shape mismatch, ...
-        raise MlcError(f"{path}: cannot load the head's weights ({type(e).__name__}: {e})") from e
+        why = " ".join(str(e).split())[:300]  # one line: torch lists each mismatched key on a line of its own
+        raise MlcError(f"{path}: cannot load the head's weights ({type(e).__name__}: {why})") from e
     return head.eval()
 
 

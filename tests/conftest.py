@@ -58,10 +58,12 @@ def refresh_manifest(run: Path) -> None:
     """Make a run's manifest.json agree with its files again: the run as a buggy or foreign writer would
     have left it, so the checks behind the manifest (schemas, contracts) are what a test exercises."""
     from pipeline.folders import sha256_file
+    from pipeline.schemas import checksum
 
     m = json.loads((run / "manifest.json").read_text())
     for name in m["files"]:
         m["files"][name] = {"bytes": (run / name).stat().st_size, "sha256": sha256_file(run / name)}
+    m["sha256"] = checksum(m)
     (run / "manifest.json").write_text(json.dumps(m))
 
 

@@ -10,6 +10,7 @@ is the rest (``encode_text``), with OpenCLIP's own tokenizer. Weights come from 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,13 @@ def _open_clip() -> Any:
     return open_clip
 
 
+def _no_pickle(oc: Any) -> dict[str, bool]:
+    """create_model's switch for torch.load(weights_only=True): ``weights_only`` (open_clip 3),
+    ``load_weights_only`` (2.29-2.32); older ones have none, and torch >= 2.6 (mlc pins 2.14) defaults to it."""
+    params = inspect.signature(oc.create_model).parameters
+    return {k: True for k in ("weights_only", "load_weights_only") if k in params}
+
+
 def _parse(rest: str) -> tuple[str, str | None]:
     arch, _, tag = rest.partition(":")
     return arch, (tag or None)
@@ -58,7 +66,7 @@ def _model(name: str, arch: str, tag: str | None, weights: Any, random_init: boo
     root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly" before any weights are loaded
     try:
         with seeded(seed):
-            model = oc.create_model(arch, pretrained=None)
+            model = oc.create_model(arch, pretrained=None, **_no_pickle(oc))
     finally:
         root.setLevel(level)
     if random_init:
@@ -87,7 +95,7 @@ def _pretrained(name: str, arch: str, tag: str, model: nn.Module) -> nn.Module:
     why = download_blocked("https://huggingface.co")
     if why is None:
         try:
-            return oc.create_model(arch, pretrained=tag).eval()
+            return oc.create_model(arch, pretrained=tag, **_no_pickle(oc)).eval()
         except Exception as e:  # noqa: BLE001
             why = one_line(e)
     raise WeightsError(

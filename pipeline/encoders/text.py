@@ -21,6 +21,7 @@ from .registry import EncoderSpec, register
 from .transforms import TextPreprocess
 from .weights import (
     HINT_OFFLINE,
+    NO_REMOTE_CODE,
     WEIGHTS_FILE,
     bert_base_tokenizer,
     folder_tokenizer,
@@ -29,6 +30,7 @@ from .weights import (
     minilm_folder,
     quiet_transformers,
     read_state_dict,
+    refuse_custom_code,
     seeded,
 )
 
@@ -129,10 +131,11 @@ def _load_bert(folder: str, *, pooler: bool, origin: str) -> nn.Module:
     """BertModel.from_pretrained(folder) offline and strictly: every weight present, fp32, eval."""
     from transformers import BertModel
 
+    refuse_custom_code(folder, origin)
     try:
         with quiet_transformers():
             model, info = BertModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=pooler,
-                                                    output_loading_info=True)
+                                                    output_loading_info=True, **NO_REMOTE_CODE)
     except Exception as e:
         raise WeightsError(f"cannot load a BERT model from {origin}: {type(e).__name__}: {e}") from e
     missing = sorted(info.get("missing_keys", ()))
@@ -253,7 +256,7 @@ def _tiny_tokenizer() -> tuple[Any, str]:
     with tempfile.TemporaryDirectory(prefix="mlc-tiny-vocab-") as d:
         (Path(d) / "vocab.txt").write_text("\n".join(_tiny_vocab()) + "\n", encoding="utf-8")
         with quiet_transformers():
-            tok = BertTokenizerFast.from_pretrained(d, local_files_only=True, model_max_length=128)
+            tok = BertTokenizerFast.from_pretrained(d, local_files_only=True, model_max_length=128, **NO_REMOTE_CODE)
     return tok, "generated:tiny-vocab"
 
 
@@ -267,7 +270,7 @@ def _tiny_config() -> Any:
 def _minilm_config() -> Any:
     from transformers import BertConfig
 
-    return BertConfig.from_pretrained(minilm_folder()[0], local_files_only=True)
+    return BertConfig.from_pretrained(minilm_folder()[0], local_files_only=True, **NO_REMOTE_CODE)
 
 
 def _bert_base_config() -> Any:

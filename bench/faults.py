@@ -10,7 +10,9 @@ fault and classifies what happens next:
   TRACE    it stopped with a Python traceback
   CRASH    the process died (segmentation fault)
 
-    .venv/bin/python bench/faults.py [--repo PATH] [--only CASE,...]
+    .venv/bin/python bench/faults.py [--repo PATH] [--only CASE,...] [--group all|core|inputs]
+
+The inputs group (issue 18 part B: data faults, photos, model folders, edited files) is bench/faults_inputs.py.
 
 Disk-full and read-only cases mount small tmpfs file systems and need root; they are skipped otherwise.
 """
@@ -18,13 +20,15 @@ Disk-full and read-only cases mount small tmpfs file systems and need root; they
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,22 +265,231 @@ def case_read_only(e: Env) -> str:
         _umount(ro)
 
 
+# ------------------------------------------------------------------ issue 18, part A: outputs, reruns, resources
+# Outputs that never destroy, reruns that never lie, resource faults. One more verdict here:
+#   DESTROYED  the command deleted or overwrote what mlc did not write, or one of its own inputs
+
+
+def _own_files(folder: Path) -> dict[str, bytes]:
+    """A folder of the user's (made when missing): what no command may delete."""
+    if not folder.exists():
+        (folder / "sub").mkdir(parents=True)
+        (folder / "notes.txt").write_text("my notes\n")
+        (folder / "sub" / "photo.jpg").write_bytes(b"\xff\xd8 mine")
+    return _files(folder)
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _kept(code: int, out: str, path: Path, before: dict[str, bytes], names: str = "") -> str:
+    """DESTROYED when ``path`` lost or changed what it held, else how the command ended."""
+    if not path.exists() or _files(path) != before:
+        return f"DESTROYED (exit {code})"
+    return classify(code, out, names=names, right=True)
+
+
+def _folder_commands(e: Env, out: Path) -> dict[str, tuple]:
+    return {"fit-head": ("fit-head", e.cache, "--out", out, "--epochs", 1),
+            "finetune": ("finetune", e.data, *TINY, "--out", out, "--epochs", 1, "--batch-size", 8),
+            "export": ("export", e.run, "--out", out),
+            "run": ("run", e.data, *TINY, *e.extra, "--folds", 2, "--cache-dir", e.root / "cache", "--out", out)}
+
+
+def _joined(results: dict[str, str]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in results.items())
+
+
+def case_out_foreign_folder(e: Env) -> str:
+    results = {}
+    for name, args in _folder_commands(e, e.root / "mine").items():
+        before = _own_files(e.root / "mine")
+        results[name] = _kept(*e.mlc(*args), e.root / "mine", before, names="mine")
+    return _joined(results)
+
+
+def case_out_folder_of_runs(e: Env) -> str:
+    runs = e.root / "runs"
+    for name in ("a", "b"):
+        e.mlc("fit-head", e.cache, "--out", runs / name, "--epochs", 1, "--folds", 0)
+    before = _files(runs)
+    return _kept(*e.mlc("fit-head", e.cache, "--out", runs, "--epochs", 1), runs, before, names="runs")
+
+
+def case_out_run_with_a_user_file(e: Env) -> str:
+    (e.run / "my-notes.txt").write_text("keep me\n")
+    before = _files(e.run)
+    return _kept(*e.mlc("fit-head", e.cache, "--out", e.run, "--epochs", 1), e.run, before, names="my-notes.txt")
+
+
+def case_out_is_an_input(e: Env) -> str:
+    photo = e.data / "data" / "1000.jpg"
+    cases = {
+        "fit-head --out CACHE_DIR": (e.cache.parent, ("fit-head", e.cache, "--out", e.cache.parent, "--epochs", 1)),
+        "submit --out DATA/test.csv": (e.data / "test.csv", ("submit", e.run, "--data", e.data, "--cache-dir",
+                                                             e.root / "cache", "--workers", 0, *e.extra, "--out",
+                                                             e.data / "x" / ".." / "test.csv")),
+        "predict --out PHOTO": (photo, ("predict", e.run, photo, "--caption", "a dog", *e.extra, "--workers", 0,
+                                        "--out", photo)),
+        "export --out RUN/..": (e.run, ("export", e.run, "--out", e.run.parent)),
+    }
+    (e.data / "x").mkdir()
+    results = {}
+    for name, (victim, args) in cases.items():
+        before = _files(victim)
+        results[name] = _kept(*e.mlc(*args), victim, before)
+    return _joined(results)
+
+
+def case_out_foreign_file(e: Env) -> str:
+    mine = e.root / "mine.csv"
+    results = {}
+    for name, args in {"submit": ("submit", e.run, "--data", e.data, "--cache-dir", e.root / "cache", "--workers", 0,
+                                  *e.extra),
+                       "predict": ("predict", e.run, e.data / "data" / "1000.jpg", "--caption", "a dog", *e.extra,
+                                   "--workers", 0)}.items():
+        mine.write_text("id,value\n1,2\n")
+        before = _files(mine)
+        results[name] = _kept(*e.mlc(*args, "--out", mine), mine, before, names="mine.csv")
+    return _joined(results)
+
+
+def _mlc_run(e: Env, *extra: object) -> tuple[int, str]:
+    return e.mlc("run", e.data, *TINY, *e.extra, "--folds", 2, "--cache-dir", e.root / "cache", "--out",
+                 e.root / "runs" / "demo", *extra)
+
+
+def _drop_last_rows(csv: Path, n: int) -> list[str]:
+    lines = csv.read_text().splitlines()[:-n]
+    csv.write_text("\n".join(lines) + "\n")
+    return [ln.split(",", 1)[0] for ln in lines[1:]]
+
+
+def _submitted(e: Env) -> list[str]:
+    return [ln.split(",", 1)[0] for ln in (e.root / "runs" / "demo" / "submission.csv").read_text().splitlines()[1:]]
+
+
+def case_rerun_test_csv_changed(e: Env) -> str:
+    _mlc_run(e)
+    ids = _drop_last_rows(e.data / "test.csv", 1)
+    code, out = _mlc_run(e)
+    stop = classify(code, out, names="--overwrite")
+    if code == 0:
+        return f"{stop} (old submission)" if _submitted(e) != ids else "correct"
+    lacks = [opt for opt in ("--overwrite", "--out-dir") if opt in out.splitlines()[-1] and opt not in
+             e.mlc("run", "--help")[1]]
+    stop += f" (names {', '.join(lacks)}, which run lacks)" if lacks else ""
+    code, out = _mlc_run(e, "--overwrite")
+    redo = ("correct" if _submitted(e) == ids else "SILENT (old submission)") if code == 0 else \
+        "no such option" if "No such option" in out else classify(code, out)
+    return f"rerun: {stop}; --overwrite: {redo}"
+
+
+def case_rerun_test_reextracted(e: Env) -> str:
+    _mlc_run(e)
+    ids = _drop_last_rows(e.data / "test.csv", 1)
+    e.extract("--split", "test", "--overwrite")
+    code, out = _mlc_run(e)
+    if code != 0:
+        return classify(code, out)
+    return "correct" if _submitted(e) == ids else "SILENT (the old submission reported)"
+
+
+def case_rerun_train_reextracted(e: Env) -> str:
+    _mlc_run(e)
+    _drop_last_rows(e.data / "train.csv", 2)
+    e.extract("--split", "train", "--overwrite")
+    code, out = _mlc_run(e)
+    if code != 0:
+        return classify(code, out)
+    return "SILENT (the old run reported, not refitted)" if "not refitted" in out else "correct (refitted)"
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` up, then free ``leave`` bytes."""
+    filler = disk / f"filler-{len(list(disk.glob('filler-*')))}"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    os.close(fd)
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+
+
+@contextlib.contextmanager
+def _disk_with_run(e: Env, name: str, read_only: bool = False) -> Iterator[Path | None]:
+    """A 4 MB tmpfs holding a copy of the run (None where mounting needs root), read-only if asked."""
+    disk = e.root / name
+    if not _mount(disk, "4m"):
+        yield None
+        return
+    try:
+        shutil.copytree(e.run, disk / "run")
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        yield disk
+    finally:
+        _umount(disk)
+
+
+def _predict_to(e: Env, run: Path, out: Path) -> tuple[int, str]:
+    return e.mlc("predict", run, e.data / "data" / "1000.jpg", "--caption", "a dog", *e.extra, "--workers", 0,
+                 "--out", out)
+
+
+def case_full_disk_writes(e: Env) -> str:
+    with _disk_with_run(e, "small") as small:
+        if small is None:
+            return "skipped (no mount)"
+        _fill(small, 12 << 10)
+        old = _files(small / "run")
+        results = {"fit-head": _kept(*e.mlc("fit-head", e.cache, "--out", small / "run", "--epochs", 1),
+                                     small / "run", old, names=str(small))}
+        for name, args in _folder_commands(e, small / "new").items():
+            if name in ("export", "finetune"):
+                results[name] = classify(*e.mlc(*args), names=str(small))
+        results["report"] = _kept(*e.mlc("report", small / "run"), small / "run", old, names=str(small))
+        _fill(small, 0)
+        results["predict"] = classify(*_predict_to(e, small / "run", small / "p.csv"), names=str(small))
+        return _joined(results)
+
+
+def case_read_only_writes(e: Env) -> str:
+    with _disk_with_run(e, "ro", read_only=True) as ro:
+        if ro is None:
+            return "skipped (no mount)"
+        results = {name: classify(*e.mlc(*args), names=str(ro))
+                   for name, args in _folder_commands(e, ro / "new").items() if name in ("export", "finetune")}
+        results["report"] = classify(*e.mlc("report", ro / "run"), names=str(ro))
+        results["predict"] = classify(*_predict_to(e, e.run, ro / "p.csv"), names=str(ro))
+        return _joined(results)
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
 def main() -> None:
+    from faults_inputs import CASES as INPUTS  # the group of issue 18 part B (inputs), in its own module
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, default=REPO)
     ap.add_argument("--only", default="")
+    ap.add_argument("--group", choices=("all", "core", "inputs"), default="all")
     args = ap.parse_args()
-    names = [n for n in CASES if not args.only or n in args.only.split(",")]
+    cases = {**(CASES if args.group != "inputs" else {}), **(INPUTS if args.group != "core" else {})}
+    names = [n for n in cases if not args.only or n in args.only.split(",")]
     print(f"mlc checkout: {args.repo}")
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             e = Env(args.repo.resolve(), Path(tmp))
             try:
-                e.setup()
-                verdict = CASES[name](e)
+                getattr(cases[name], "setup", Env.setup)(e)  # a case may need less than a fitted run
+                verdict = cases[name](e)
             except Exception as exc:  # noqa: BLE001 - a case that cannot even be set up is reported
                 verdict = f"(setup failed: {type(exc).__name__}: {exc})"[:100]
         print(f"{name:28s} {verdict}", flush=True)

@@ -7,7 +7,10 @@
 * ``lock``: one writer per cache file or run folder (``flock`` on a hidden lock file beside it).
 * ``clean_stale``: temp files and staging folders left by processes that died are removed.
 * Every ``OSError`` while writing becomes an ``OutputError`` naming the path: "cannot write PATH: No
-  space left on device".
+  space left on device"; so does a writer's own error type (safetensors, torch) hiding one.
+* ``claim_output``: the one output policy of every command that writes (``--out``): a missing or empty
+  path, or an mlc output of the same kind, is written; anything else, or one of the command's own
+  inputs, is refused naming the path (``--force`` replaces a foreign one, never an input).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from .config import Config, opt
 from .errors import BusyError, OutputError
 
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(tmp|staging|old)$")
@@ -62,6 +67,11 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp_path, target)
     except OSError as e:
         raise OutputError(str(target), e) from e
+    except Exception as e:
+        why = _hidden_os_error(e, target.parent)
+        if why is None:
+            raise
+        raise OutputError(str(target), why) from e
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
@@ -71,6 +81,27 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _hidden_os_error(exc: BaseException, folder: Path) -> OSError | None:
+    """The OSError behind a writer's own exception type (safetensors' SafetensorError, torch's RuntimeError
+    wrap it, some only in their message), or the state of ``folder`` when it is full or read-only."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES):
+        if os.strerror(code) in text or f"os error {code})" in text:
+            return OSError(code, os.strerror(code))
+    with contextlib.suppress(OSError):
+        st = os.statvfs(folder)
+        if st.f_flag & os.ST_RDONLY:
+            return OSError(errno.EROFS, os.strerror(errno.EROFS))
+        if st.f_bavail == 0:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
 
 
 def write_text(target: str | os.PathLike[str], text: str) -> None:
@@ -88,12 +119,15 @@ def write_safetensors(target: str | os.PathLike[str], weights: Any) -> None:
 
     Tensors are copied to contiguous CPU memory first: channels_last weights are not contiguous.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = weights.state_dict() if hasattr(weights, "state_dict") else weights
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    # Serialised in memory, written by Python: a full disk is then an OSError (OutputError), where
+    # safetensors' own file writer raises a SafetensorError that names no path.
+    blob = save(tensors, metadata={"format": "pt"})  # "pt": what transformers expects
     with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})  # "pt": what transformers expects
+        tmp.write_bytes(blob)
 
 
 def check_writable(folder: str | os.PathLike[str]) -> Path:
@@ -108,6 +142,101 @@ def check_writable(folder: str | os.PathLike[str]) -> Path:
         with contextlib.suppress(OSError):
             probe.unlink()
     return folder
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputOptions(Config):
+    """How a command treats an output path that already exists (see ``claim_output``)."""
+
+    PANEL: ClassVar[str] = "Output"
+
+    force: bool = opt(False, "Replace --out even when it is not what this command writes (a foreign file, or a "
+                      "folder that is no mlc output of this kind): what it holds is deleted. Never replaces one of "
+                      "the command's inputs.")
+
+
+def is_mlc_temp(name: str) -> bool:
+    """A temp file, staging folder or lock file mlc leaves beside what it writes."""
+    return bool(_STALE.match(name)) or (name.startswith(".") and name.endswith(".lock"))
+
+
+def entries(folder: Path) -> list[str]:
+    """The names in ``folder``, mlc's own temp and lock files aside."""
+    return sorted(p.name for p in folder.iterdir() if not is_mlc_temp(p.name))
+
+
+def owned(folder: Path, manifest: str, kind: str | None, later: tuple[str, ...] = ()) -> bool | list[str]:
+    """True when ``folder`` is an mlc folder (of ``kind``, when given) and mlc wrote all it holds: each entry is
+    listed in its ``manifest`` file (a ``folders.listing`` under "files"), is the manifest, or one of ``later`` (written
+    after it). Else the entries mlc did not write, or [] when it is no such mlc folder at all."""
+    try:
+        m = json.loads((folder / manifest).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or (kind is not None and m.get("kind") != kind):
+        return []
+    known = {Path(name).parts[0] for name in m["files"] if Path(name).parts} | {manifest, *later}
+    return [name for name in entries(folder) if name not in known] or True
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[Path], bool | list[str]], folder: bool,
+                 inputs: Iterable[str | os.PathLike[str]] = (), sealed: Iterable[str | os.PathLike[str]] = (),
+                 allow: Iterable[str | os.PathLike[str]] = (), force: bool = False) -> Path:
+    """The real path of ``target`` once it is proved safe to write (or replace whole), else OutputError naming it.
+
+    Safe: missing, empty, or an existing output that ``ours`` recognises as ``what`` this command writes: True,
+    or for a folder the list of its entries mlc did not write, which must be empty (``force`` waives this one
+    condition). Never safe, even with ``force``: one of ``inputs`` or ``sealed``
+    itself, or a folder holding one (replacing it would delete it), or a path inside a ``sealed`` folder (a
+    run or export whose manifest an extra file would break) other than the paths in ``allow``. Paths are
+    compared resolved, so symlinks, ``..`` and other spellings of one path are the same path. Finally the
+    parent folder must be writable, so a read-only destination fails before the work.
+    """
+    path = Path(target).expanduser().resolve()
+    sealed = [Path(s).expanduser().resolve() for s in sealed]
+    allowed = {Path(a).expanduser().resolve() for a in allow}
+    for src in [Path(i).expanduser().resolve() for i in inputs] + sealed:
+        if _within(src, path):
+            how = "is" if src == path else "holds"
+            raise OutputError(str(target), f"it {how} {src}, which this command reads; choose another output path")
+    for src in sealed:
+        if _within(path, src) and path not in allowed:
+            raise OutputError(str(target), f"it is inside {src}, which this command reads (an extra file would no "
+                              "longer match its manifest); choose another output path")
+    if path.exists():
+        if path.is_dir() != folder:
+            raise OutputError(str(target), f"it is a {'file' if folder else 'folder'}; {what} goes there")
+        names = entries(path) if folder else ([] if path.stat().st_size == 0 else [path.name])
+        mine = ours(path) if names and not force else True
+        if mine is not True:
+            if mine:
+                why = f"it is {what}, but also holds what mlc did not write ({_some(mine)})"
+            else:
+                why = f"it exists and is not {what} ({f'it holds {_some(names)}' if folder else 'another file'})"
+            raise OutputError(str(target), f"{why}; mlc replaces only what it wrote: choose another output path, or "
+                              "pass --force to replace it (deleting what it holds)")
+    check_writable(path.parent)
+    return path
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def first_line(path: Path, limit: int = 4096) -> str:
+    """The first line of a file (at most ``limit`` bytes), decoded leniently; "" when unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(limit).split(b"\n", 1)[0].decode("utf-8", errors="replace").strip().lstrip("\ufeff")
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:

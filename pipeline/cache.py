@@ -43,7 +43,9 @@ from .atomic import atomic_path, clean_stale, ensure_dir, write_json
 from .errors import MismatchError, MlcError, OutputError
 from .labels import LabelSpace
 
-CACHE_FORMAT = 2  # 1: mlc 0.1 (no "format" field; its "extra" held the extract config)
+# 1: mlc 0.1 (no "format" field; its "extra" held the extract config); 2: photos decoded as stored (EXIF
+# orientation ignored), meta without a checksum
+CACHE_FORMAT = 3
 # Fields that may differ between two caches that hold the same features.
 _NOT_IDENTITY = frozenset({"created", "mlc_version", "num_records", "extra"})
 
@@ -115,16 +117,28 @@ def read_meta(path: str | os.PathLike[str]) -> CacheMeta:
         raise MlcError(f"{path}: no such cache file{hint}")
     try:
         with h5py.File(path, "r") as f:
-            d = json.loads(f.attrs["meta"])
+            text = f.attrs["meta"]
+            digest = f.attrs.get("meta_sha256")
+            d = json.loads(text)
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         raise MlcError(f"{path}: not an mlc feature cache, or a damaged one ({str(exc).splitlines()[0]}); "
                        "extract again with --overwrite to replace it") from exc
     if not isinstance(d, dict):
         raise MlcError(f"{path}: its metadata is not an object; extract again with --overwrite to replace it")
     if d.get("format", 1) != CACHE_FORMAT:
-        raise MlcError(f"{path}: written by another mlc (cache format {d.get('format', 1)}); this mlc reads "
-                       f"format {CACHE_FORMAT}. Extract again with --overwrite to replace it.")
+        why = ": photos decoded before EXIF orientation was applied" if d.get("format", 1) == 2 else ""
+        raise MlcError(f"{path}: written by another mlc (cache format {d.get('format', 1)}{why}); this mlc reads "
+                       f"format {CACHE_FORMAT}. Extract again with --overwrite to rebuild it.")
+    if digest != _digest(text):
+        raise MlcError(f"{path}: meta: does not match its checksum (meta_sha256): edited or damaged; extract "
+                       "again with --overwrite to rebuild it")
     return CacheMeta.from_dict(d)
+
+
+def _digest(text: Any) -> str:
+    """sha256 hex of the meta attribute's JSON text (h5py gives str; bytes from other writers)."""
+    data = text if isinstance(text, bytes) else str(text).encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
 
 
 class CacheWriter:
@@ -237,7 +251,9 @@ class CacheWriter:
     def _assemble(self) -> None:
         n = len(self.image_ids)
         with atomic_path(self.target) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs["meta"] = json.dumps(self.meta.to_dict(), sort_keys=True)
+            meta = json.dumps(self.meta.to_dict(), sort_keys=True)
+            f.attrs["meta"] = meta
+            f.attrs["meta_sha256"] = _digest(meta)  # HDF5's Fletcher-32 covers datasets, not attributes
             # Human-readable copies of the key facts (`h5ls -v` / h5dump show them).
             for key in ("split", "image_encoder", "text_encoder", "data_fingerprint", "mlc_version"):
                 f.attrs[key] = str(getattr(self.meta, key))
@@ -316,7 +332,18 @@ class CacheReader:
         if self._file is None or self._pid != os.getpid():
             self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
+            self._check_shapes(self._file)
         return self._file
+
+    def _check_shapes(self, f: h5py.File) -> None:
+        """Every dataset as large as the meta says (rows, views, dims, labels): never read past or short of it."""
+        m = self.meta
+        want = {"image_ids": (m.num_records,), "labels": (m.num_records, len(m.label_ids)),
+                "image": (m.num_records, m.views, m.image_dim), "text": (m.num_records, m.text_dim)}
+        for name, shape in want.items():
+            if name in f and tuple(f[name].shape) != shape:
+                raise MlcError(f"{self.path}: {name}: shape {tuple(f[name].shape)}, but its meta says {shape} "
+                               "(rows, views, dims, labels); extract again with --overwrite")
 
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():
@@ -389,32 +416,11 @@ class CacheReader:
         return values
 
     def dataset(self, names: Sequence[str], rows: np.ndarray | None = None,
-                with_labels: bool = True) -> CacheDataset:
+                with_labels: bool = True) -> torch.utils.data.Dataset:
         """A torch Dataset over some rows; each item is a dict of float32 tensors (+ ``labels``)."""
+        from .datasets import CacheDataset  # datasets builds on this module, so imported when used
+
         return CacheDataset(self, tuple(names), rows, with_labels)
-
-
-class CacheDataset(torch.utils.data.Dataset):
-    """Streams rows from the cache (for activation caches too big to hold in memory)."""
-
-    def __init__(self, reader: CacheReader, names: tuple[str, ...], rows: np.ndarray | None,
-                 with_labels: bool) -> None:
-        self.reader = reader
-        self.names = names
-        self.rows = np.arange(len(reader)) if rows is None else np.asarray(rows)
-        self.with_labels = with_labels and reader.has("labels")
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = int(self.rows[i])
-        item = {name: torch.from_numpy(np.asarray(self.reader.array(name, slice(row, row + 1))[0]))
-                for name in self.names}
-        if self.with_labels:
-            item["labels"] = torch.from_numpy(self.reader.array("labels", slice(row, row + 1))[0].astype(np.float32))
-        item["row"] = torch.tensor(row)
-        return item
 
 
 def check_compatible(meta: CacheMeta, expected: dict[str, Any], *, what: str) -> None:

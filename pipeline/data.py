@@ -5,24 +5,28 @@ The CSV records themselves are read by :mod:`pipeline.records`.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+import stat
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import IO, Any, ClassVar, Literal
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from .config import Config, as_paths, opt, require
 from .errors import DataError, ImageError
-from .labels import LabelSpace, odd_tokens, typed_ids
+from .labels import RARE_ROWS, LabelSpace, odd_tokens, same_numbers, typed_ids
 from .records import IMAGE_EXTENSIONS, CsvLayout, Record, header_cells, image_id_fault, raise_problems, read_csv
 
 # ----------------------------------------------------------------------------------- data folder
@@ -149,6 +153,8 @@ class DataDir:
         path = self.csv_path("train")
         space, bad = train_label_space(path, self._train_records)
         raise_problems(path, bad)
+        for warning in rare_labels(path, self._train_records, space):
+            print(f"warning: {warning}", file=sys.stderr)
         return space
 
     def has_captions(self, split: Split = "train") -> bool:
@@ -165,18 +171,48 @@ class DataDir:
             raise DataError(str(self.root), None, why)
         return self.image_dir / image_id
 
+    def image(self, image_id: str, draft: int | None = None) -> Image.Image:
+        """The row's photo as RGB (``load_image``), refused unless a regular file inside the image folder."""
+        return load_image(self.image_path(image_id), draft, inside=self.image_dir)
+
 
 def train_label_space(path: Path, records: Sequence[Record]) -> tuple[LabelSpace, list[DataError]]:
     """The labels ``records`` (train.csv at ``path``) hold, and what is wrong with them: no labels at all,
-    or a few text labels among integer ones (typos such as "x3" or "1.5", named with their rows)."""
+    one number written two ways ("1" and "01": they would be two classes), or a few text labels among
+    integer ones (typos such as "x3" or "1.5"); each named with its rows."""
     tokens = [t for r in records for t in (r.labels or ())]
     if not tokens:
         return LabelSpace((), ()), [DataError(str(path), None, "no labels at all")]
     space = LabelSpace.from_tokens(tokens)
-    odd = odd_tokens(space)
-    return space, [DataError(str(path), r.line, f"label {t!r} is not an integer like the other labels; give a "
-                                                f"labels file (--labels) if text labels are meant")
-                   for r in records for t in (r.labels or ()) if t in odd]
+    counts = collections.Counter(tokens)
+    # of each number written several ways, every spelling but the most common one is the fault
+    clash = {t: ways for ways in same_numbers(tokens).values()
+             for t in sorted(ways, key=lambda w: (-counts[w], w))[1:]}
+    odd = odd_tokens(space) - set(clash)
+    return space, [DataError(str(path), r.line, f"label {t!r} is the number {int(t)} written another way than "
+                                                f"{' / '.join(repr(w) for w in clash[t] if w != t)} (two spellings "
+                                                "would be two classes); write it one way")
+                   if t in clash else
+                   DataError(str(path), r.line, f"label {t!r} is not an integer like the other labels; "
+                                                "give a labels file (--labels) if text labels are meant")
+                   for r in records for t in (r.labels or ()) if t in odd or t in clash]
+
+
+def rare_labels(path: Path, records: Sequence[Record], space: LabelSpace, rows: int = RARE_ROWS) -> list[str]:
+    """A warning for each label of ``space`` that fewer than ``rows`` rows of train.csv (at ``path``) hold
+    (a stray "12" in the competition's file would otherwise be a 19th class), naming its lines and the
+    way out: a labels file."""
+    lines: dict[str, list[int]] = {str(i): [] for i in space.ids}
+    for r in records:
+        for t in r.labels or ():
+            lines.setdefault(t, []).append(r.line)
+    rare = {t: at for t, at in lines.items() if 0 < len(at) < rows}
+    if not rare or len(rare) == len(lines):  # a tiny dataset, all of whose labels are rare, is not a typo
+        return []
+    return [f"{path}: label {t} is on only {len(at)} row(s) (line {', '.join(map(str, at[:5]))}), fewer than "
+            f"the {rows} folds fit-head makes: if it is a typo, fix those rows, or give a labels file "
+            f"(--labels FILE, header id,name) listing the labels to learn, so that any other is an error"
+            for t, at in rare.items()]
 
 
 def unknown_labels(path: Path, records: Sequence[Record], space: LabelSpace) -> list[DataError]:
@@ -211,42 +247,92 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
-def load_image(path: str | os.PathLike[str], draft: int | None = None) -> Image.Image:
-    """Open, fully decode and convert an image to RGB; ImageError if missing, corrupt or truncated.
+ORIENTATION = "exif"  # every decode turns the photo as its EXIF Orientation tag says (recorded in preprocess)
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def file_fault(path: Path, inside: Path | None = None) -> str | None:
+    """Why ``path`` may not be read as an image, without opening it: missing, not a regular file (a FIFO
+    would block the reader forever, a device never ends), or a symbolic link out of the folder ``inside``."""
+    try:
+        st = os.stat(path)  # follows links: what a reader would get
+    except FileNotFoundError:
+        return "file not found" if not os.path.islink(path) else "a symbolic link to a missing file"
+    except OSError as err:
+        return f"cannot read: {err.strerror or err}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"not a regular file ({_kind(st.st_mode)})"
+    if inside is not None and os.path.islink(path):
+        target, folder = Path(os.path.realpath(path)), Path(os.path.realpath(inside))
+        if not target.is_relative_to(folder):
+            return f"a symbolic link to {target}, outside the image folder {inside}"
+    return None
+
+
+@contextlib.contextmanager
+def open_image_file(path: Path, inside: Path | None = None) -> Iterator[IO[bytes]]:
+    """``path`` opened for reading, after ``file_fault`` found nothing; ImageError otherwise. Opened without
+    blocking and checked again on the descriptor, so a file swapped for a FIFO in between cannot hang."""
+    if (why := file_fault(path, inside)) is not None:
+        raise ImageError(str(path), why)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise ImageError(str(path), f"cannot read: {err.strerror or err}") from err
+    fh = os.fdopen(fd, "rb")
+    with fh:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(str(path), f"not a regular file ({_kind(mode)})")
+        yield fh
+
+
+def load_image(path: str | os.PathLike[str], draft: int | None = None, inside: Path | None = None) -> Image.Image:
+    """Open, fully decode, turn upright and convert an image to RGB; ImageError if missing, corrupt,
+    truncated, not a regular file, or (``inside``) a link out of that folder.
 
     ``draft``: the shorter side the caller will resize to. A JPEG at least twice that size is decoded
-    at a reduced scale by libjpeg (``Image.draft``), never below ``draft``.
+    at a reduced scale by libjpeg (``Image.draft``), never below ``draft``. Upright: as the EXIF
+    Orientation tag says (``ImageOps.exif_transpose``; phones store portraits sideways with a tag).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageError(str(path), "file not found" if not path.exists() else "not a file")
     try:
-        with Image.open(path) as im:
+        with open_image_file(path, inside) as fh, Image.open(fh) as im:
             if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:
                 scale = draft / min(im.size)
                 im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
             im.load()  # decode now, so a truncated file fails here and not inside a DataLoader
+            if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(str(path), f"cannot decode image: {err}") from err
 
 
-def _quick_check(path: Path) -> str | None:
+def _quick_check(path: Path, inside: Path | None = None) -> str | None:
     """Why an image is unusable, or None. Decodes the whole compressed stream, cheaply.
 
     ``Image.verify()`` does not read JPEG scan data, so it misses truncated JPEGs. A JPEG decoded in
     draft mode at 1/8 scale still reads every byte (truncation is caught) at about half the cost
     of a full decode; other formats are decoded fully.
     """
-    if not path.is_file():
-        return "file not found" if not path.exists() else "not a file"
     try:
-        with Image.open(path) as im:
+        with open_image_file(path, inside) as fh, Image.open(fh) as im:
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
             if im.width < 1 or im.height < 1:
                 return "image has no pixels"
+    except ImageError as err:
+        return err.fault
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return f"cannot decode image: {err}"
     return None
@@ -269,7 +355,7 @@ def check_images(
     skipped: list[tuple[str, str]] = []
     pool = ThreadPoolExecutor(workers)
     try:
-        faults = pool.map(_quick_check, paths)
+        faults = pool.map(functools.partial(_quick_check, inside=data_dir.image_dir), paths)
         bar = tqdm(zip(records, paths, faults, strict=True), total=len(records), desc="images",
                    unit="img", disable=None if progress else True, leave=False)
         for record, path, why in bar:
@@ -306,12 +392,10 @@ def fingerprint(records: Iterable[Record], image_dir: Path | None) -> str:
                 raise ImageError(str(Path(image_dir) / r.image_id), why)
             path = Path(image_dir) / r.image_id
             try:
-                with open(path, "rb") as fh:
+                with open_image_file(path, inside=Path(image_dir)) as fh:
                     h.update(f"{r.image_id}\0{os.fstat(fh.fileno()).st_size}\0".encode())
                     while chunk := fh.read(1 << 20):  # stream: never hold a whole file set in memory
                         h.update(chunk)
-            except FileNotFoundError as err:
-                raise ImageError(str(path), "file not found") from err
             except OSError as err:
                 raise ImageError(str(path), f"cannot read: {err.strerror or err}") from err
     return h.hexdigest()

@@ -13,11 +13,34 @@ import numpy as np
 import torch
 
 from .cache import CacheReader
-from .data import DataDir, load_image
+from .data import DataDir
 from .errors import ImageError
 from .records import Record
 
 Fault = tuple[str, str]  # (path, what is wrong)
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Streams rows from the cache (for activation caches too big to hold in memory)."""
+
+    def __init__(self, reader: CacheReader, names: tuple[str, ...], rows: np.ndarray | None,
+                 with_labels: bool) -> None:
+        self.reader = reader
+        self.names = names
+        self.rows = np.arange(len(reader)) if rows is None else np.asarray(rows)
+        self.with_labels = with_labels and reader.has("labels")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = int(self.rows[i])
+        item = {name: torch.from_numpy(np.asarray(self.reader.array(name, slice(row, row + 1))[0]))
+                for name in self.names}
+        if self.with_labels:
+            item["labels"] = torch.from_numpy(self.reader.array("labels", slice(row, row + 1))[0].astype(np.float32))
+        item["row"] = torch.tensor(row)
+        return item
 
 
 class ImageViews(torch.utils.data.Dataset):
@@ -34,7 +57,7 @@ class ImageViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, Fault | None]:
         try:
-            img = load_image(self.data.image_path(self.records[i].image_id), self.draft)
+            img = self.data.image(self.records[i].image_id, self.draft)
         except ImageError as exc:
             return i, torch.zeros(0), (exc.path, exc.fault)
         return i, torch.stack([t(img) for t in self.transforms]), None
@@ -59,7 +82,7 @@ class ImageCaptionRows(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple:
         r = self.records[i]
         try:
-            img = load_image(self.data.image_path(r.image_id))
+            img = self.data.image(r.image_id)
         except ImageError as exc:
             return None, (exc.path, exc.fault), None, i
         return self.transform(img), r.caption, torch.from_numpy(self.labels[i]), i

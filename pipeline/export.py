@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .atomic import check_writable, staged, write_json, write_safetensors, write_text
+from . import __version__, schemas
+from .atomic import OutputOptions, claim_output, owned, staged, write_json, write_safetensors, write_text
 from .backends import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, mismatch, probe_inputs, to_onnx
-from .config import Config, as_paths, opt, require
+from .config import as_paths, opt, require
 from .errors import MlcError
 from .folders import listing
 from .onnx_dtypes import DTYPES, convert
@@ -50,11 +50,12 @@ GRAPH, TOKENIZER = "model.onnx", "tokenizer.json"
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExportConfig(Config):
+class ExportConfig(OutputOptions):
     """Options of ``mlc export``."""
 
     run: Path = opt(None, "A run folder from `mlc fit-head` or `mlc finetune`.", argument=True, required=True)
-    out: Path = opt(None, "The folder to write (replaced whole if it exists).", required=True)
+    out: Path = opt(None, "The folder to write: a new or empty folder, or an earlier export it replaces whole.",
+                    required=True)
     dtype: str = opt("float32", "float32; float16 (weights stored in half precision: half the size); int8 (the "
                      "graph's matrix products quantised; onnx format only).")
     format: str = opt("onnx", "onnx: one ONNX graph + tokenizer + export.json, runs without torch (a run over one "
@@ -96,10 +97,12 @@ def _ticking(what: str) -> Iterator[None]:
 
 def export(cfg: ExportConfig) -> tuple[Path, int]:
     """Write the export folder (staged, then swapped in); returns it and its size in bytes."""
+    # never the run it reads (nor inside it), nor a folder that is no export of mlc's
+    out = claim_output(cfg.out, what="an mlc export folder", folder=True, sealed=[cfg.run], force=cfg.force,
+                       ours=lambda p: owned(p, EXPORT_FILE, None))
     with _ticking(f"loading {cfg.run}"):
         pred = load(cfg.run, backend="torch")
-    check_writable(cfg.out.parent)
-    with staged(cfg.out) as stage:
+    with staged(out) as stage:
         meta = {"format": EXPORT_FORMAT, "mlc_version": __version__, "source_run": str(Path(cfg.run).resolve()),
                 "kind": cfg.format, "dtype": cfg.dtype, "label_ids": list(pred.labels.ids),
                 "label_names": list(pred.labels.names), "thresholds": [float(t) for t in pred.thresholds],
@@ -109,8 +112,8 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
         else:
             meta |= _write_safetensors(pred.scorer, stage, cfg.dtype)
         meta["files"] = listing(stage, (EXPORT_FILE,))
-        write_json(stage / EXPORT_FILE, meta)
-    return cfg.out, sum(f.stat().st_size for f in cfg.out.rglob("*") if f.is_file())
+        write_json(stage / EXPORT_FILE, {**meta, schemas.CHECKSUM: schemas.checksum(meta)})
+    return cfg.out, sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
 DECISION = {

@@ -6,6 +6,7 @@ finished and it does nothing. The work itself is :mod:`pipeline.features`'.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,11 @@ class ExtractConfig(EncoderOptions, LoaderOptions, DataOptions):
                       image_cut=self.image_cut, text_cut=self.text_cut, text_pooling=self.text_pooling)
 
 
-def extract(cfg: ExtractConfig) -> list[Path]:
-    """Run stage 1 for every requested split; returns the cache paths (existing ones reused)."""
+def extract(cfg: ExtractConfig, command: str = "extract") -> list[Path]:
+    """Run stage 1 for every requested split; returns the cache paths (existing ones reused). ``command``: whose
+    options the error messages may suggest (``mlc run`` calls this too)."""
+    hints = HINTS if command == "extract" else dataclasses.replace(
+        HINTS, different="Pass --overwrite to replace it, or --cache-dir to write elsewhere.")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     data = DataDir.open(cfg.data_dir, cfg)
     recipe = fit_to_data(cfg.recipe(), data)
@@ -69,5 +73,5 @@ def extract(cfg: ExtractConfig) -> list[Path]:
     with distributed(cfg.device) as device:
         image, text, eng = encoders_and_engine(recipe, cfg, device)
         return [build_cache(Job(recipe, data, split, cache_path(cfg.out_dir, cfg.data_dir, split, recipe), cfg,
-                                cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite, HINTS), image, text, eng, device)
+                                cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite, hints), image, text, eng, device)
                 for split in cfg.splits]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import OutputOptions
 from .cache import CacheReader, check_compatible
 from .config import as_paths, opt, redefault, require
 from .data import DataDir, DataOptions
@@ -37,17 +38,18 @@ from .features import Recipe
 from .heads import HeadOptions
 from .labels import LabelSpace
 from .model import MultiModal
-from .runs import Contract, RunDir, RunFiles, feature_entry
+from .runs import Contract, RunDir, RunFiles, data_inputs, feature_entry
 from .splits import train_val_split
 from .training import Task, TrainOptions, TrainResult, make_sampler, train
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneConfig(EncoderOptions, HeadOptions, TrainOptions, DataOptions):
+class FinetuneConfig(EncoderOptions, HeadOptions, TrainOptions, DataOptions, OutputOptions):
     """Options of ``mlc finetune``; written to the run folder as config.json. Defaults: the seed report's."""
 
     data_dir: Path | None = opt(None, "Data folder (not needed with --from-cache).", argument=True)
-    out: Path = opt(Path("runs/finetune"), "Run folder to write.")
+    out: Path = opt(Path("runs/finetune"), "Run folder to write: a new or empty folder, or a finetune run it "
+                    "replaces (or continues, with --resume).")
     end_to_end: bool = opt(False, "Train every encoder weight (the seed report's recipe); without it only the "
                            "top --unfreeze blocks train.")
     unfreeze: int = opt(2, "Top blocks of each encoder that train when not --end-to-end (0 = head only).")
@@ -253,7 +255,7 @@ def build_task(cfg: FinetuneConfig, device: torch.device) -> tuple[Task, _Source
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train, validate each epoch, checkpoint, and write the run folder. Returns metrics.json's content."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run = RunDir(cfg.out)
+    run = _claim(cfg) if is_main() else RunDir(cfg.out)
     with distributed(cfg.device) as device, run.writing() if is_main() else contextlib.nullcontext():
         if is_main() and not cfg.resume and (run.checkpoints / "last.pt").exists():
             raise MlcError(f"{cfg.out} already holds a finetune run; pass --resume to continue it or choose "
@@ -280,6 +282,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         return metrics
 
 
+def _claim(cfg: FinetuneConfig) -> RunDir:
+    """The run folder --out names, proved safe to write before training: never the data, the trunk cache or the
+    --init-head run it reads, nor a folder mlc did not write."""
+    inputs = data_inputs(DataDir.open(cfg.data_dir, cfg)) if cfg.data_dir is not None else []
+    return RunDir(cfg.out).claim("finetune", inputs=inputs + ([cfg.from_cache] if cfg.from_cache else []),
+                                 sealed=[cfg.init_head] if cfg.init_head else [], force=cfg.force)
+
+
 def _write_run(cfg: FinetuneConfig, model: MultiModal, src: _Source, result: TrainResult,
                log: Any, lines: list[str]) -> dict[str, Any]:
     """Best epoch -> a run folder that `mlc submit`, `report` and `extract --from-run` take."""
@@ -297,9 +307,10 @@ def _write_run(cfg: FinetuneConfig, model: MultiModal, src: _Source, result: Tra
                     data=data)
     log(f"best epoch {result.best_epoch}: held-out samples-F1 {metrics['samples_f1']:.4f} (tuned, cross-fitted); "
         f"run folder {cfg.out}")
-    RunDir(cfg.out).write(RunFiles(  # the lock is held by finetune()
+    RunDir(cfg.out.resolve()).write(RunFiles(  # claimed, and its lock held, by finetune()
         kind="finetune", config=cfg.to_dict(),
-        features=[feature_entry(Contract.of_encoders(model.image, model.text, src.labels), recipe.to_dict())],
+        features=[feature_entry(Contract.of_encoders(model.image, model.text, src.labels), recipe.to_dict(),
+                                data_fingerprint=src.reader.meta.data_fingerprint if src.reader is not None else None)],
         heads=[model.head], thresholds=th, metrics=metrics, history=[result.history],
         val_ids=[src.ids[r] for r in result.val_rows], val_scores=result.val_scores, val_labels=y, log=lines,
         encoders=(model.image, model.text)))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import check_writable
+from .atomic import OutputOptions
 from .cache import CacheReader
 from .config import as_paths, opt, require
 from .errors import MlcError
@@ -38,7 +38,7 @@ DEFAULT_GRID: dict[str, tuple] = {"head": ("concat", "sum", "gated"), "loss": ("
 
 
 @dataclass(frozen=True, kw_only=True)
-class FitHeadConfig(HeadOptions, TrainOptions):
+class FitHeadConfig(HeadOptions, TrainOptions, OutputOptions):
     """Options of ``mlc fit-head``; written to the run folder as config.json.
 
     Defaults were measured (bench/fit_head.py, 10,000 train rows): batch 256 at lr 3e-3 with
@@ -48,7 +48,7 @@ class FitHeadConfig(HeadOptions, TrainOptions):
     caches: tuple[Path, ...] = opt((), "Train cache(s) written by `mlc extract` (.../train__*.h5). Several are "
                                    "fused: one head over all their image and text features.", argument=True,
                                    required=True)
-    out: Path = opt(Path("runs/head"), "Run folder to write.")
+    out: Path = opt(Path("runs/head"), "Run folder to write: a new or empty folder, or a fit-head run it replaces.")
     folds: int = opt(5, "K-fold: train K heads, tune thresholds on out-of-fold predictions, average the heads "
                      "at prediction (0 = one split; 5 measured +0.008 samples-F1 over one split).")
     thresholds: str = opt("per-class", "per-class, global, or fixed (0.5).")
@@ -151,8 +151,8 @@ def _fit_and_score(cfg: FitHeadConfig, feats: Features,
 def fit_head(cfg: FitHeadConfig, loaded: tuple[list[CacheReader], Features] | None = None, quiet: bool = False,
              extra_json: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run stage 2 and write the run folder (whole, or not at all); returns metrics.json's content."""
+    run = _claim(cfg)
     readers, feats = loaded or _load(cfg.caches)
-    run = RunDir(cfg.out)
     with run.writing():  # before training: a folder that cannot be written fails now, not after the fit
         return _fit_head(cfg, run, readers, feats, quiet, extra_json)
 
@@ -182,12 +182,17 @@ def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats
     th.update(label_ids=list(meta.label_ids), label_names=list(meta.label_names))
     run.write(RunFiles(
         kind="head", config=cfg.to_dict(),
-        features=[feature_entry(Contract.of_cache(r.meta), r.meta.extra.get("recipe", {}), part.to_dict())
-                  for r, part in zip(readers, parts, strict=True)],
+        features=[feature_entry(Contract.of_cache(r.meta), r.meta.extra.get("recipe", {}), part.to_dict(),
+                                r.meta.data_fingerprint) for r, part in zip(readers, parts, strict=True)],
         heads=heads_of(cfg, feats, results), thresholds=th, metrics=metrics,
         history=[r.history for r in results], val_ids=[feats.ids[i] for i in held], val_scores=scores,
         val_labels=feats.labels[held], log=lines, extra_json=extra_json))
     return metrics
+
+
+def _claim(cfg: FitHeadConfig) -> RunDir:
+    """The run folder --out names, proved safe to replace: never a cache it reads, nor a folder mlc did not write."""
+    return RunDir(cfg.out).claim("head", inputs=cfg.caches, force=cfg.force)
 
 
 def _head_for(cfg: FitHeadConfig, feats: Features, log: Callable[[str], None]) -> FitHeadConfig:
@@ -213,8 +218,8 @@ def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
     Returns the leaderboard (best first) and the chosen run's metrics; the board is saved as grid.json.
     """
     grid = grid or DEFAULT_GRID
+    _claim(cfg)  # before the grid's minutes of fitting
     loaded = _load(cfg.caches)
-    check_writable(cfg.out.parent)  # before the grid's minutes of fitting
     keys = list(grid)
     board = []
     for combo in itertools.product(*(grid[k] for k in keys)):

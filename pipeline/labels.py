@@ -27,14 +27,45 @@ COCO_NAMES: dict[int, str] = {
     8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
     14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse",
 }
+COCO_UNUSED = 12  # COCO's "street sign" slot: never a COMP5329 label, so a stray 12 keeps the others' names
 _INT = re.compile(r"-?[0-9]+")
+_NUMBER = re.compile(r"[+-]?\d+")  # anything int() reads as a number: "+3", "03", "٣" (an Arabic-Indic 3)
+# What a label id may not hold: the submission writes a row's labels space-separated after "ImageID,"
+# (no quoting), so a space, comma or quote inside one would not read back as the same label.
+_UNWRITABLE = re.compile(r'[\s,"]')
+RARE_ROWS = 5  # a label in fewer training rows than fit-head's default 5 folds is most likely a typo
+
+
+def is_int(token: str) -> bool:
+    """Whether ``token`` is an integer written the one canonical way ("3", "-1"; not "03", "+3" or "-0")."""
+    return bool(_INT.fullmatch(token)) and str(int(token)) == token
 
 
 def typed_ids(tokens: Iterable[str]) -> list[Label]:
     """Label tokens as ids, in the order given: integers when every token is one ("3", "-1"), else the
-    text itself (so a space of integer ids sorts numerically, and a text one alphabetically)."""
+    text itself (so a space of integer ids sorts numerically, and a text one alphabetically). A token such
+    as "03" is text: as the integer 3 it would no longer match its own rows."""
     tokens = list(tokens)
-    return [int(t) for t in tokens] if all(_INT.fullmatch(t) for t in tokens) else list(tokens)
+    return [int(t) for t in tokens] if all(is_int(t) for t in tokens) else list(tokens)
+
+
+def token_fault(token: str) -> str | None:
+    """Why ``token`` cannot be a label id (it would not survive the submission file), or None."""
+    if not token:
+        return "empty label"
+    if _UNWRITABLE.search(token):
+        return (f"label {token!r} holds a space, comma or quote, which the submission's space-separated labels "
+                "cannot carry; use ids without them (a labels file gives each id a display name)")
+    return None
+
+
+def same_numbers(tokens: Iterable[str]) -> dict[str, list[str]]:
+    """Integer tokens that name one number in more than one spelling ("1" and "01"): {canonical: spellings}."""
+    spellings: dict[str, set[str]] = {}
+    for t in set(tokens):
+        if _NUMBER.fullmatch(t):
+            spellings.setdefault(str(int(t)), set()).add(t)
+    return {n: sorted(s) for n, s in spellings.items() if len(s) > 1}
 
 
 @dataclass(frozen=True)
@@ -64,8 +95,8 @@ class LabelSpace:
         when every token is one, else text sorted."""
         ids = sorted(typed_ids(set(tokens)))  # type: ignore[type-var]  # all int or all str
         if ids and isinstance(ids[0], int):
-            coco = all(i in COCO_NAMES for i in ids)
-            return cls(tuple(ids), tuple(COCO_NAMES[i] if coco else str(i) for i in ids))
+            coco = all(i in COCO_NAMES or i == COCO_UNUSED for i in ids)
+            return cls(tuple(ids), tuple(COCO_NAMES.get(i, str(i)) if coco else str(i) for i in ids))
         return cls(tuple(ids), tuple(ids))
 
     @classmethod
@@ -84,10 +115,11 @@ class LabelSpace:
             if not row or not "".join(row).strip():
                 continue
             label = row[0].strip()
-            if not label or any(ch.isspace() for ch in label):
-                raise DataError(str(path), n, f"label id {label!r} is empty or holds spaces")
-            if label in ids:
-                raise DataError(str(path), n, f"label {label} is listed twice")
+            if (why := token_fault(label)) is not None:
+                raise DataError(str(path), n, why)
+            if label in ids or (_NUMBER.fullmatch(label) and same_numbers([*ids, label])):
+                raise DataError(str(path), n, f"label {label} is listed twice (a number is one label however "
+                                              "it is written)")
             ids.append(label)
             names.append(row[1].strip() if len(row) > 1 and row[1].strip() else label)
         if not ids:
@@ -131,7 +163,7 @@ class LabelSpace:
 
 def odd_tokens(space: LabelSpace) -> set[str]:
     """The text labels of a space that is mostly integers (at least 3 in 4): most likely typos."""
-    text = {str(i) for i in space.ids if not _INT.fullmatch(str(i))}
+    text = {str(i) for i in space.ids if not is_int(str(i))}
     return text if text and len(text) * 4 <= len(space) else set()
 
 

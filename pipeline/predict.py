@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_text
+from .atomic import OutputOptions, claim_output, first_line, write_text
 from .config import as_paths, opt, require
 from .data import DataOptions
 from .errors import MlcError
@@ -36,7 +36,7 @@ FORMATS = ("table", "csv", "json")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PredictConfig(LoaderOptions, DataOptions):
+class PredictConfig(LoaderOptions, DataOptions, OutputOptions):
     """Options of ``mlc predict``."""
 
     model: Path = opt(None, "A run folder (fit-head or finetune) or a folder `mlc export` wrote.", argument=True,
@@ -51,7 +51,8 @@ class PredictConfig(LoaderOptions, DataOptions):
                      "predicted).")
     skip_bad_images: bool = opt(False, "List photos that cannot be decoded and predict the rest (default: stop at "
                                 "the first, naming it).")
-    out: Path | None = opt(None, "Write the predictions to this file instead of printing them.")
+    out: Path | None = opt(None, "Write the predictions to this file instead of printing them: a new file, or "
+                           "earlier predictions it replaces.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,13 +162,36 @@ def render(results: list[dict[str, Any]], fmt: str, label_names: dict[str, str],
     return "\n".join(lines) + "\n"
 
 
+def is_predictions(path: Path) -> bool:
+    """A file ``render`` wrote, in any format (its first line), which new predictions may replace."""
+    line = first_line(path)
+    if line.startswith(("ImageID,Labels", "path,labels", "photo ")):
+        return True
+    try:
+        return {"path", "labels"} <= set(json.loads(line))
+    except (ValueError, TypeError):
+        return False
+
+
+def _inputs(cfg: PredictConfig) -> list[Path]:
+    """The photos (as found) and the captions file."""
+    try:
+        photos = image_paths(cfg.paths)
+    except MlcError:  # predict() says what is wrong with them, in its turn
+        photos = []
+    return photos + ([cfg.captions] if cfg.captions is not None else [])
+
+
 def run(cfg: PredictConfig) -> None:
+    if cfg.out is not None:  # before any photo is read: never the model, a photo or the captions, nor a foreign file
+        out = claim_output(cfg.out, what="a predictions file", folder=False, ours=is_predictions, force=cfg.force,
+                           inputs=_inputs(cfg), sealed=[cfg.model])
     _say(f"loading {cfg.model}")
     pred = load(cfg.model, backend=cfg.backend, device=cfg.device, onnx_dir=cfg.onnx_dir)
     names = {str(i): n for i, n in zip(pred.labels.ids, pred.labels.names, strict=True)}
     text = render(predict(cfg, pred), cfg.format, names, cfg.top_k)
     if cfg.out is not None:
-        write_text(cfg.out, text)
+        write_text(out, text)
         _say(f"wrote {cfg.out}")
     else:
         sys.stdout.write(text)

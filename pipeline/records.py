@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
+from .labels import token_fault
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -45,6 +46,7 @@ _RECORD_START = re.compile(r'^"?[^,"\n]*[^,"\s]\.(?:jpe?g|png|bmp|gif|webp|tiff?
 _LOOSE_START = re.compile(r'^"?[^,"\s]+"?[ \t]*,')
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MAX_LISTED = 5  # problems named in the one-line summary that read_csv raises
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems alike
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,9 @@ def label_faults(tokens: list[str], layout: CsvLayout, labelled: bool) -> tuple[
     found: list[str] = []
     faults: list[str] = []
     for token in tokens:
-        if layout.allowed is not None and token not in layout.allowed:
+        if (why := token_fault(token)) is not None:
+            faults.append(why)
+        elif layout.allowed is not None and token not in layout.allowed:
             known = ", ".join(sorted(layout.allowed, key=lambda t: (not t.isdigit(), t.zfill(20))))[:80]
             faults.append(f"label {token!r} is not in the labels file (labels: {known})")
         elif token in found:
@@ -99,7 +103,18 @@ def id_fault(row_id: str, layout: CsvLayout) -> str | None:
     """Why ``row_id`` cannot be a row id: an unsafe or non-image file name, or an empty id."""
     if layout.images:
         return image_id_fault(row_id)
-    return None if row_id.strip() == row_id and row_id else f"id {row_id!r} is empty or has spaces around it"
+    if not row_id or row_id.strip() != row_id:
+        return f"id {row_id!r} is empty or has spaces around it"
+    return _unwritable_id(row_id, "id")
+
+
+def _unwritable_id(row_id: str, what: str) -> str | None:
+    """Why ``row_id`` cannot be the first field of a submission line ``ID,labels`` (written unquoted)."""
+    if any(ord(ch) < 32 or ch == "\x7f" for ch in row_id):
+        return f"{what} {row_id!r} holds a line break or control character"
+    if "," in row_id or '"' in row_id:
+        return f"{what} {row_id!r} holds a comma or quote, which the submission's {what},Labels lines cannot carry"
+    return None
 
 
 class CsvProblems(DataError):
@@ -132,8 +147,13 @@ def image_id_fault(image_id: str) -> str | None:
         return f"ImageID {shown} contains '..'; it must be a plain file name"
     if "/" in image_id or "\\" in image_id:
         return f"ImageID {shown} contains a path separator; it must be a plain file name"
-    if any(ord(ch) < 32 or ch in ':*?"<>|' for ch in image_id):
+    if (why := _unwritable_id(image_id, "ImageID")) is not None:
+        return why
+    if any(ch in ':*?<>|' for ch in image_id):
         return f"ImageID {shown} contains a character not allowed in a file name"
+    if len(image_id.encode("utf-8")) > NAME_MAX:
+        return (f"ImageID {image_id[:40]!r}... is {len(image_id.encode('utf-8'))} bytes long; a file name may have "
+                f"at most {NAME_MAX}")
     if not image_id.lower().endswith(IMAGE_EXTENSIONS):
         return f"ImageID {shown} is not an image file name (expected e.g. 123.jpg)"
     return None

@@ -4,8 +4,9 @@
       manifest.json        written last: format version, kind, every file with its size and sha256
       config.json          the stage's frozen config
       features.json        what the head reads: one entry per cache, its contract (encoders, weights
-                           hashes, preprocessing, dims, labels: what a test cache must match) and its
+                           hashes, preprocessing, dims, labels: what a test cache must match), its
                            recipe (how its features are made, so `mlc submit` makes test features alike)
+                           and the fingerprint of the data they were made from
       head.json            head constructor arguments (heads.create_head(**head.json))
       head-K.safetensors   head weights; one file per fold with --folds K
       thresholds.json      label ids and names, mode, global threshold, per-class thresholds
@@ -16,6 +17,7 @@
       encoders/image/, encoders/text/    finetuned encoders (Encoder.save folders)
       checkpoints/         finetune's best.pt / last.pt (training state, not part of the manifest)
       submission.csv, report/            written later by `mlc submit` / `mlc report`
+      submission.json      what submission.csv was made from (the run's manifest, the test caches' data)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,8 +38,11 @@ from . import __version__, schemas
 from .atomic import (
     atomic_path,
     check_writable,
+    claim_output,
     clean_stale,
+    entries,
     lock,
+    owned,
     staged,
     write_json,
     write_safetensors,
@@ -49,6 +54,9 @@ from .folders import check_listing, listing, read_json
 from .fused import Part
 from .heads import HEADS, create_head
 from .labels import LabelSpace
+
+if TYPE_CHECKING:
+    from .data import DataDir
 
 RUN_FORMAT = 2  # 1: mlc 0.1 (cache.json, image_encoder.safetensors, text_encoder/); no manifest
 
@@ -175,6 +183,7 @@ class RunDir:
     grid = property(lambda self: self / "grid.json")
     checkpoints = property(lambda self: self / "checkpoints")
     submission = property(lambda self: self / "submission.csv")
+    submission_info = property(lambda self: self / "submission.json")  # what submission.csv was made from
     report = property(lambda self: self / "report")
 
     def head_weights(self, k: int) -> Path:
@@ -231,6 +240,20 @@ class RunDir:
 
     # ------------------------------------------------------------------------------------ writing
 
+    def claim(self, kind: str, *, inputs: tuple[Any, ...] | list[Any] = (), sealed: tuple[Any, ...] | list[Any] = (),
+              force: bool = False) -> RunDir:
+        """This folder as the ``--out`` of a stage that writes a ``kind`` run, at its real path: a missing or empty
+        folder, or an mlc run of that kind (``atomic.claim_output``); never one of ``inputs``/``sealed``."""
+        return RunDir(claim_output(self.path, what=f"an mlc {kind} run folder", folder=True, inputs=inputs,
+                                   sealed=sealed, force=force, ours=lambda p: RunDir(p).replaceable(kind)))
+
+    def replaceable(self, kind: str) -> bool | list[str]:
+        """True for an mlc run of ``kind`` holding nothing mlc did not write (or, for a finetune, only the checkpoints
+        an interrupted one left for --resume): what a new run may replace. Else what ``owned`` says."""
+        if kind == "finetune" and self.path.is_dir() and set(entries(self.path)) <= {"checkpoints"}:
+            return True
+        return owned(self.path, "manifest.json", kind, _LATER)
+
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Hold this run folder's lock (another writer stops at once), after proving its parent is writable
@@ -269,8 +292,9 @@ class RunDir:
         write_text(self.log, "\n".join(files.log) + "\n")
 
     def _write_manifest(self, kind: str) -> None:
-        write_json(self.manifest, {"format": RUN_FORMAT, "kind": kind, "mlc_version": __version__,
-                                   "files": listing(self.path, _LATER + ("manifest.json",))})
+        m = {"format": RUN_FORMAT, "kind": kind, "mlc_version": __version__,
+             "files": listing(self.path, _LATER + ("manifest.json",))}
+        write_json(self.manifest, {**m, schemas.CHECKSUM: schemas.checksum(m)})
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -317,6 +341,10 @@ class RunDir:
                    np.asarray(th["per_class"], np.float32), labels)
 
 
+def data_inputs(data: DataDir) -> list[Path]:
+    """What a command reads from a data folder: its CSVs, labels file and image folder, which no output may be."""
+    return [p for p in (data.csv_path("train"), data.csv_path("test"), data.labels_file, data.image_dir)
+            if p is not None]
 
 
 def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
@@ -325,19 +353,12 @@ def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
     try:
         head.load_state_dict(load_file(str(path)))  # copies into the float32 parameters, casting
     except Exception as e:  # SafetensorError, a shape mismatch, ...
-        raise MlcError(f"{path}: cannot load the head's weights ({type(e).__name__}: {e})") from e
+        why = " ".join(str(e).split())[:300]  # one line: torch lists each mismatched key on a line of its own
+        raise MlcError(f"{path}: cannot load the head's weights ({type(e).__name__}: {why})") from e
     return head.eval()
 
 
-_LATER = ("checkpoints", "report", "submission.csv")  # written after the run, not part of it
-
-
-
-
-
-
-
-
+_LATER = ("checkpoints", "report", "submission.csv", "submission.json")  # written after the run, not part of it
 
 
 def _check_consistent(run: RunDir, th: dict[str, Any], head_cfg: dict[str, Any], contracts: list[Contract],
@@ -356,9 +377,10 @@ def _check_consistent(run: RunDir, th: dict[str, Any], head_cfg: dict[str, Any],
                        f"match the features' {dims[0]}/{dims[1]} (features.json)")
 
 
-
-
-def feature_entry(contract: Contract, recipe: dict[str, Any], use: dict[str, bool] | None = None) -> dict[str, Any]:
-    """One entry of features.json: a cache's contract, its recipe, and which of its features the head reads."""
-    return {"contract": contract.to_dict(), "recipe": recipe, **(use or {"image": True, "text": True})}
+def feature_entry(contract: Contract, recipe: dict[str, Any], use: dict[str, bool] | None = None,
+                  data_fingerprint: str | None = None) -> dict[str, Any]:
+    """One entry of features.json: a cache's contract, its recipe, which of its features the head reads, and the
+    fingerprint of the data it was made from (so a rerun sees that train.csv or its images changed)."""
+    return {"contract": contract.to_dict(), "recipe": recipe, **(use or {"image": True, "text": True}),
+            "data_fingerprint": data_fingerprint}
 

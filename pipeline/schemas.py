@@ -7,9 +7,11 @@ worse, a silently wrong submission.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
 from .errors import MlcError
@@ -20,6 +22,35 @@ CONTRACT_FIELDS = {"image_encoder": str, "text_encoder": str, "image_weights_has
                    "image_preprocess": dict, "text_preprocess": dict, "image_dim": int, "text_dim": int,
                    "label_ids": list}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Sane sizes of a head: far above any real one (COMP5329: 18 classes, 1664-d features, hidden 512), far
+# below what would exhaust memory before its weights file is even read.
+MAX_CLASSES = 10_000
+MAX_DIM = 1 << 16
+CHECKSUM = "sha256"  # the field of manifest.json / export.json that holds the hash of the rest of the file
+
+
+def checksum(d: dict) -> str:
+    """sha256 hex of a JSON object without its own ``sha256`` field (keys sorted): a file's self-check."""
+    rest = {k: v for k, v in d.items() if k != CHECKSUM}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _checked(d: dict, path: Path, fix: str) -> None:
+    """The file's ``sha256`` field matches its content: it was neither edited nor damaged since written."""
+    if CHECKSUM not in d:
+        _fail(path, CHECKSUM, f"missing (written by an older mlc, or edited); {fix}")
+    if d[CHECKSUM] != checksum(d):
+        _fail(path, CHECKSUM, f"does not match the file's content (edited or damaged since written); {fix}")
+
+
+def relative(name: Any, path: Path, field: str) -> str:
+    """A path inside the folder a file describes: relative, forward slashes, no '..' (never outside it)."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        _fail(path, field, f"expected a path inside the folder, found {name!r:.80}")
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute() or ".." in parts or re.match(r"^[A-Za-z]:", name) or name.startswith("~"):
+        _fail(path, field, f"{name!r:.80} leads out of the folder; only paths inside it are read")
+    return name
 
 
 def _fail(path: Path, field: str, msg: str) -> NoReturn:
@@ -94,6 +125,11 @@ def head(d: Any, path: Path, heads: tuple[str, ...]) -> dict:
         _int(_key(d, key, path), path, key, 1)
     for key in ("image_dim", "text_dim"):  # 0: a dataset without that modality (a single-modality head)
         _int(_key(d, key, path), path, key, 0)
+    for key, top in (("num_classes", MAX_CLASSES), ("hidden", MAX_DIM), ("image_dim", MAX_DIM), ("text_dim", MAX_DIM)):
+        if d[key] > top:
+            _fail(path, key, f"{d[key]} is beyond any real head (at most {top})")
+    if d["image_dim"] + d["text_dim"] == 0:
+        _fail(path, "image_dim", "a head needs image or text features (image_dim and text_dim are both 0)")
     drop = _key(d, "dropout", path)
     if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop < 1:
         _fail(path, "dropout", f"expected a number in [0, 1), found {drop!r}")
@@ -123,9 +159,10 @@ def features(d: Any, path: Path) -> list:
 
 
 def _files(d: dict, path: Path) -> dict:
-    """``files``: {relative path: {bytes, sha256}}, as ``runs.listing`` writes it."""
+    """``files``: {relative path: {bytes, sha256}}, as ``folders.listing`` writes it."""
     files = _dict(_key(d, "files", path), path, "files")
     for name, entry in files.items():
+        relative(name, path, f"files[{name!r:.80}]")
         entry = _dict(entry, path, f"files[{name!r}]")
         _int(entry.get("bytes"), path, f"files[{name!r}].bytes")
         if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
@@ -139,6 +176,7 @@ def manifest(d: Any, path: Path) -> dict:
     if _key(d, "kind", path) not in RUN_KINDS:
         _fail(path, "kind", f"expected one of {RUN_KINDS}, found {d['kind']!r}")
     _files(d, path)
+    _checked(d, path, "refit the run")
     return d
 
 
@@ -162,21 +200,27 @@ def export(d: Any, path: Path) -> dict:
         _graph(d, path, files)
     else:
         for i, name in enumerate(_list(_key(d, "heads", path), path, "heads", 1)):
-            if name not in files:
+            if relative(name, path, f"heads[{i}]") not in files:
                 _fail(path, f"heads[{i}]", f"{name!r} is not one of the exported files")
-        _dict(_key(d, "head", path), path, "head")
+        h = _dict(_key(d, "head", path), path, "head")  # its constructor is checked by the torch side
+        if h.get("num_classes") != len(ids):
+            _fail(path, "head.num_classes", f"{h.get('num_classes')!r} outputs but {len(ids)} labels (label_ids)")
         for i, b in enumerate(_list(_key(d, "branches", path), path, "branches", 1)):
             b = _dict(b, path, f"branches[{i}]")
             for kind in ("image", "text"):
-                if b.get(kind) is not None and not isinstance(b[kind], str):
-                    _fail(path, f"branches[{i}].{kind}", f"expected a folder name or null, found {b[kind]!r}")
+                if b.get(kind) is None:
+                    continue
+                folder = relative(b[kind], path, f"branches[{i}].{kind}").rstrip("/")
+                if f"{folder}/encoder.json" not in files:
+                    _fail(path, f"branches[{i}].{kind}", f"{folder!r} is not an exported encoder folder")
+    _checked(d, path, "export the run again")
     return d
 
 
 def _graph(d: dict, path: Path, files: dict) -> None:
     """An ONNX export's graph file, image rule and tokenizer: what ``portable`` reads."""
     graph = _dict(d["graph"], path, "graph")
-    if _key(graph, "file", path) not in files:
+    if relative(_key(graph, "file", path), path, "graph.file") not in files:
         _fail(path, "graph.file", f"{graph['file']!r} is not one of the exported files")
     image, text = _key(d, "image", path), _key(d, "text", path)
     if image is None and text is None:
@@ -196,7 +240,7 @@ def _graph(d: dict, path: Path, files: dict) -> None:
             _fail(path, "image.jpeg_draft", f"expected true or false, found {image['jpeg_draft']!r}")
     if text is not None:
         text = _dict(text, path, "text")
-        if _key(text, "tokenizer", path) not in files:
+        if relative(_key(text, "tokenizer", path), path, "text.tokenizer") not in files:
             _fail(path, "text.tokenizer", f"{text['tokenizer']!r} is not one of the exported files")
         if not isinstance(_key(text, "lowercase", path), bool):
             _fail(path, "text.lowercase", f"expected true or false, found {text['lowercase']!r}")

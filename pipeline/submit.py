@@ -13,16 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import check_writable, write_text
+from .atomic import OutputOptions, claim_output, first_line, write_json, write_text
 from .cache import CacheReader
 from .config import as_paths, opt, require
 from .data import DataDir
 from .device import distributed
 from .errors import MlcError
 from .features import Hints, Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine
+from .folders import sha256_file
 from .fused import Part, load_joined
 from .predictor import Predictor
-from .runs import Run, RunDir
+from .runs import Run, RunDir, data_inputs
 
 HINTS = Hints(bad_image="every test image needs a prediction: repair or replace the file",
               skipped=". A submission needs every test image: repair or replace those files, then run `mlc submit` "
@@ -31,12 +32,13 @@ HINTS = Hints(bad_image="every test image needs a prediction: repair or replace 
 
 
 @dataclass(frozen=True, kw_only=True)
-class SubmitConfig(LoaderOptions):
+class SubmitConfig(LoaderOptions, OutputOptions):
     """Options of ``mlc submit``."""
 
     run: Path = opt(None, "A run folder from `mlc fit-head` or `mlc finetune`.", argument=True, required=True)
     data_dir: Path = opt(None, "Data folder whose test.csv is predicted.", flag="--data", required=True)
-    out: Path | None = opt(None, "Submission file (default RUN/submission.csv).")
+    out: Path | None = opt(None, "Submission file (default RUN/submission.csv): a new file, or a submission it "
+                           "replaces.")
     cache_dir: Path = opt(Path("cache"), "Where the test cache is found or written.")
     overwrite: bool = opt(False, "Replace a test cache that holds other features (e.g. one extracted with "
                           "--skip-bad-images) instead of stopping.")
@@ -72,25 +74,39 @@ def check_ids(expected: list[str], got: list[str], where: str) -> None:
                        f"duplicated {dupes[:5]}{', order differs' if not (missing or extra or dupes) else ''})")
 
 
+def _recipes(run: Run) -> list[Recipe]:
+    return [Recipe.from_dict(entry["recipe"], str(run.dir.features)) for entry in run.features]
+
+
+def _test_caches(run: Run, cfg: SubmitConfig) -> list[Path]:
+    return [cache_path(cfg.cache_dir, cfg.data_dir, "test", recipe) for recipe in _recipes(run)]
+
+
 def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> list[Path]:
     """The test split's cache for each of the run's feature recipes (made, or found already made)."""
     paths = []
     with distributed(cfg.device) as device:
-        for entry in run.features:
-            recipe = Recipe.from_dict(entry["recipe"], str(run.dir.features))
+        for recipe, target in zip(_recipes(run), _test_caches(run, cfg), strict=True):
             image, text, eng = encoders_and_engine(recipe, cfg, device, run.path)
-            job = Job(recipe, data, "test", cache_path(cfg.cache_dir, cfg.data_dir, "test", recipe), cfg,
-                      chunk_rows=max(cfg.batch_size, 512), overwrite=cfg.overwrite, hints=HINTS)
+            job = Job(recipe, data, "test", target, cfg, chunk_rows=max(cfg.batch_size, 512), overwrite=cfg.overwrite,
+                      hints=HINTS)
             paths.append(build_cache(job, image, text, eng, device))
     return paths
+
+
+def is_submission(path: Path) -> bool:
+    """A file mlc's submit wrote (its header), which another submission may replace."""
+    return first_line(path) == "ImageID,Labels"
 
 
 def submit(cfg: SubmitConfig) -> tuple[Path, str]:
     """Write the submission file atomically; return its path and a one-line summary."""
     run = RunDir(cfg.run).load()
-    check_writable(cfg.target.parent)  # before encoding the test split
-    data = DataDir.open(cfg.data_dir, Recipe.from_dict(run.features[0]["recipe"], str(run.dir.features))
-                        .data_options())  # test.csv is read as train.csv was
+    data = DataDir.open(cfg.data_dir, _recipes(run)[0].data_options())  # test.csv is read as train.csv was
+    # before encoding the test split: never the data, a cache or a file of the run (but its own submission.csv)
+    target = claim_output(cfg.target, what="a submission file (ImageID,Labels)", folder=False, ours=is_submission,
+                          inputs=data_inputs(data) + _test_caches(run, cfg), sealed=[run.path],
+                          allow=[run.dir.submission], force=cfg.force)
     expected = [r.image_id for r in data.records("test")]
     caches = make_test_features(run, cfg, data)
     readers = [CacheReader(p) for p in caches]
@@ -100,6 +116,7 @@ def submit(cfg: SubmitConfig) -> tuple[Path, str]:
             check_ids(expected, r.image_ids, str(r.path))
         parts = [Part.of(e) for e in run.features]
         ids, image, text = load_joined(readers, parts)
+        made_from = [{"cache": str(r.path), "data_fingerprint": r.meta.data_fingerprint} for r in readers]
     finally:
         for r in readers:
             r.close()
@@ -107,9 +124,11 @@ def submit(cfg: SubmitConfig) -> tuple[Path, str]:
     preds = model.decide(model.from_features(image, text))
     lines = format_rows(ids, preds, run.labels.ids)
     check_ids(expected, [ln.split(",", 1)[0] for ln in lines[1:]], "submission")
-    inside = cfg.target.resolve().parent == run.path.resolve()
-    with run.dir.writing() if inside else contextlib.nullcontext():  # the run may not be swapped meanwhile
-        write_text(cfg.target, "\n".join(lines) + "\n")
+    own = target == run.dir.submission.resolve()
+    with run.dir.writing() if own else contextlib.nullcontext():  # the run may not be swapped meanwhile
+        write_text(target, "\n".join(lines) + "\n")
+        if own:  # what it was made from, so `mlc run` knows when test.csv (or the run) changed since
+            write_json(run.dir.submission_info, {"run_manifest": sha256_file(run.dir.manifest), "test": made_from})
     return cfg.target, summary(run, preds)
 
 

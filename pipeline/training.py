@@ -193,8 +193,10 @@ class _Checkpoints:
         # best.pt before last.pt: last.pt is the commit point a resume trusts, so a kill between
         # the two writes must not leave a last.pt whose best.pt is missing.
         for path in ([self.best] if is_best else []) + [self.last]:
-            with atomic_path(path) as tmp:
-                torch.save(state, tmp)
+            # through a Python file: a full disk is then an OSError (OutputError); torch.save given a path
+            # reports it as a RuntimeError about "unexpected pos"
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                torch.save(state, fh)
 
     def load(self, which: Path) -> dict[str, Any]:
         if not which.is_file():

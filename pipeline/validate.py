@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import as_paths, opt
-from .data import DataDir, DataOptions, check_images, train_label_space, unknown_labels
+from .data import DataDir, DataOptions, check_images, rare_labels, train_label_space, unknown_labels
 from .errors import DataError, ImageError
 from .labels import LabelSpace
 from .records import Record, parse_csv
@@ -57,6 +57,7 @@ class ValidationReport:
     caption_words: dict[str, CaptionStats] = field(default_factory=dict)  # split -> stats
     images_checked: int = 0  # 0 when csv_only
     problems: list[DataError | ImageError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # not faults, but likely ones (a label on 1 row)
     seconds: float = 0.0
 
     @property
@@ -95,14 +96,17 @@ def validate_data_dir(root: str | os.PathLike[str], *, csv_only: bool, progress:
         if stat := CaptionStats.of(records):
             stats[split] = stat
     train, test = found.get("train", []), found.get("test", [])
+    warnings: list[str] = []
     if labels_file_ok and data_dir.labels_file is not None:
         space = data_dir.label_space()
     elif train:
         space, faults = train_label_space(data_dir.csv_path("train"), train)
         problems.extend(faults)
+        warnings = rare_labels(data_dir.csv_path("train"), train, space)
     else:
         space = LabelSpace((), ())
-    report = ValidationReport(data_dir.root, data_dir.image_dir, space, problems=problems, caption_words=stats)
+    report = ValidationReport(data_dir.root, data_dir.image_dir, space, problems=problems, caption_words=stats,
+                              warnings=warnings)
     report.n_train, report.n_test = len(train), len(test)
     counts = Counter(str(t) for r in train for t in r.labels or ())
     report.label_counts = {lid: counts.get(str(lid), 0) for lid in space.ids}
@@ -144,6 +148,7 @@ def format_report(report: ValidationReport) -> str:
             flag = "  <- never occurs" if n == 0 else ""
             lines.append(f"{lid:>3}  {name:<14} {n:>7,} {100 * n / report.n_train:>5.1f}%{flag}")
     lines.append("")
+    lines.extend(f"warning: {w}" for w in report.warnings)
     if report.problems:
         lines.append(f"{len(report.problems)} problem(s):")
         lines.extend(f"  {p}" for p in report.problems)  # each reads "file:line: fault" / "path: fault"

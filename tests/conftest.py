@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,10 +65,12 @@ def refresh_manifest(run: Path) -> None:
     """Make a run's manifest.json agree with its files again: the run as a buggy or foreign writer would
     have left it, so the checks behind the manifest (schemas, contracts) are what a test exercises."""
     from pipeline.folders import sha256_file
+    from pipeline.schemas import checksum
 
     m = json.loads((run / "manifest.json").read_text())
     for name in m["files"]:
         m["files"][name] = {"bytes": (run / name).stat().st_size, "sha256": sha256_file(run / name)}
+    m["sha256"] = checksum(m)
     (run / "manifest.json").write_text(json.dumps(m))
 
 
@@ -102,3 +105,26 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finetune(FinetuneConfig(data_dir=data, out=run, epochs=1, batch_size=8, workers=0, end_to_end=True, lr=1e-2,
                             encoder_lr=1e-2, image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True))
     return run
+
+
+@pytest.fixture(scope="session")
+def fitted_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny data folder, its train cache and a 3-fold run fitted on it: built once per session."""
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.fit_head import FitHeadConfig, fit_head
+
+    root = tmp_path_factory.mktemp("fitted")
+    data = make_data_dir(root / "tiny", n_train=30, n_test=4)
+    (cache,) = extract(ExtractConfig(data_dir=data, out_dir=root / "cache", splits=("train",),
+                                     image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
+                                     workers=0, backend="torch"))
+    fit_head(FitHeadConfig(caches=cache, out=root / "run", epochs=3, folds=3), quiet=True)
+    return root
+
+
+@pytest.fixture
+def fitted(fitted_once: Path, tmp_path: Path) -> dict[str, Path]:
+    """A copy of the session's data folder, cache and 3-fold run, for one test to damage as it likes."""
+    shutil.copytree(fitted_once, tmp_path, dirs_exist_ok=True)
+    (cache,) = (tmp_path / "cache").rglob("train__*.h5")
+    return {"data": tmp_path / "tiny", "cache": cache, "run": tmp_path / "run", "tmp": tmp_path}

@@ -346,6 +346,7 @@ def test_image_transform_views():
         "std": [0.25] * 3,
         "interpolation": "bilinear",
         "jpeg_draft": True,
+        "orientation": "exif",
     }
     with pytest.raises(ValueError):
         pre.transform(-1)

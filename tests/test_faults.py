@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,26 +39,6 @@ runner = CliRunner()
 def mlc(*args: str) -> tuple[int, str]:
     res = runner.invoke(app, [str(a) for a in args])
     return res.exit_code, res.output
-
-
-@pytest.fixture(scope="module")
-def fitted_once(tmp_path_factory) -> Path:
-    """A tiny data folder, its train cache and a 3-fold run fitted on it: built once for the module."""
-    root = tmp_path_factory.mktemp("fitted")
-    data = make_data_dir(root / "tiny", n_train=30, n_test=4)
-    (cache,) = extract(ExtractConfig(data_dir=data, out_dir=root / "cache", splits=("train",),
-                                     image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
-                                     workers=0, backend="torch"))
-    fit_head(FitHeadConfig(caches=cache, out=root / "run", epochs=3, folds=3), quiet=True)
-    return root
-
-
-@pytest.fixture
-def fitted(fitted_once, tmp_path):
-    """A copy of the module's data folder, cache and run for one test to damage as it likes."""
-    shutil.copytree(fitted_once, tmp_path, dirs_exist_ok=True)
-    (cache,) = (tmp_path / "cache").rglob("train__*.h5")
-    return {"data": tmp_path / "tiny", "cache": cache, "run": tmp_path / "run", "tmp": tmp_path}
 
 
 # --------------------------------------------------------------------------------- run folders

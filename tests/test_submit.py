@@ -49,7 +49,7 @@ def test_submission_has_every_test_id_once_with_valid_labels(run, data_dir, tmp_
 
 def test_interrupted_write_keeps_the_previous_file(run, data_dir, tmp_path, monkeypatch):
     target = tmp_path / "sub.csv"
-    target.write_text("previous\n")
+    target.write_text("ImageID,Labels\nprevious,1\n")  # an earlier submission: the one a submit may replace
     real = pathlib.Path.write_text
 
     def crash(self, text, *a, **kw):
@@ -61,7 +61,7 @@ def test_interrupted_write_keeps_the_previous_file(run, data_dir, tmp_path, monk
         submit(SubmitConfig(run=run, data_dir=data_dir, out=target, cache_dir=tmp_path / "cache", workers=0,
                         backend="torch"))
     monkeypatch.undo()
-    assert target.read_text() == "previous\n"
+    assert target.read_text() == "ImageID,Labels\nprevious,1\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".sub.csv")] == []
 
 

@@ -22,7 +22,7 @@ from pipeline.encoders.image import ResNetEncoder, create_stepped
 from pipeline.encoders.registry import register
 from pipeline.encoders.text import create_bert
 from pipeline.encoders.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.encoders.weights import quiet_transformers
+from pipeline.encoders.weights import NO_REMOTE_CODE, quiet_transformers
 
 
 class _TinyResNet(ResNet):
@@ -68,7 +68,7 @@ def _tiny_tokenizer() -> tuple[Any, str]:
     with tempfile.TemporaryDirectory(prefix="mlc-tiny-vocab-") as d:
         (Path(d) / "vocab.txt").write_text("\n".join(_tiny_vocab()) + "\n", encoding="utf-8")
         with quiet_transformers():
-            tok = BertTokenizerFast.from_pretrained(d, local_files_only=True, model_max_length=128)
+            tok = BertTokenizerFast.from_pretrained(d, local_files_only=True, model_max_length=128, **NO_REMOTE_CODE)
     return tok, "generated:tiny-vocab"
 
 

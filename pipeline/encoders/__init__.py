@@ -27,8 +27,8 @@ from . import image as _image  # noqa: F401  (registers the built-in image encod
 from . import openclip_models as _openclip  # noqa: F401  (registers open_clip:<arch>:<tag>)
 from . import text as _text  # noqa: F401  (registers the built-in text encoders)
 from . import timm_models as _timm  # noqa: F401  (registers timm:<model>)
-from .base import Encoder, ImageEncoder, TextEncoder, read_encoder_json
-from .registry import EncoderSpec, create_encoder, families, get_spec, names
+from .base import ENCODER_FILE, Encoder, ImageEncoder, TextEncoder, read_encoder_json
+from .registry import EncoderSpec, build_options, create_encoder, families, get_spec, names
 from .transforms import ImagePreprocess, TextPreprocess
 from .weights import state_dict_hash
 
@@ -61,9 +61,24 @@ def create_text_encoder(name: str, *, weights: str | os.PathLike[str] | None = N
 
 
 def load_encoder(folder: str | os.PathLike[str]) -> Encoder:
-    """The encoder saved in ``folder`` (``encoder.json`` + weights), with its saved options."""
+    """The encoder saved in ``folder`` (``encoder.json`` + weights), with its saved options: each one checked
+    against what the encoder takes, so an edited file is one line naming it, never a traceback."""
+    path = Path(folder) / ENCODER_FILE
     d = read_encoder_json(Path(folder))
-    return create_encoder(d["kind"], d["name"], weights=folder, **d.get("options", {}))
+    try:
+        spec = get_spec(d["kind"], d["name"])
+    except MlcError as e:
+        raise MlcError(f"{path}: name: {e}") from e
+    options = d.get("options", {})
+    allowed = build_options(spec)
+    for key in options:
+        if key not in allowed:
+            raise MlcError(f"{path}: options.{key}: not an option of {d['name']} (it takes: "
+                           f"{', '.join(sorted(allowed)) or 'none'})")
+    try:
+        return create_encoder(d["kind"], d["name"], weights=folder, **options)
+    except (TypeError, ValueError) as e:  # an option of the wrong type or value (pooling "max")
+        raise MlcError(f"{path}: options: {e}") from e
 
 
 def list_encoders() -> dict[str, list[str]]:

@@ -25,7 +25,17 @@ from .base import WholeImageEncoder
 from .registry import EncoderSpec, register_family
 from .text import BertTextEncoder
 from .transforms import ImagePreprocess, TextPreprocess
-from .weights import download_blocked, hf_cache_dir, one_line, quiet_transformers, resolve_weights, seeded
+from .weights import (
+    NO_REMOTE_CODE,
+    custom_code_error,
+    download_blocked,
+    hf_cache_dir,
+    one_line,
+    quiet_transformers,
+    refuse_custom_code,
+    resolve_weights,
+    seeded,
+)
 
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes the processors store
 
@@ -36,10 +46,15 @@ def _source(spec_name: str, ref: str, weights: str | os.PathLike[str] | None) ->
         weights = ref  # hf:FOLDER is a local folder like --text-weights FOLDER
     where, source = resolve_weights(spec_name, weights=weights, random_init=False, folder=True,
                                     pretrained=lambda: (ref, f"hf:{ref}"))
+    if weights is not None:
+        refuse_custom_code(Path(where), spec_name)
     return where, weights is not None or download_blocked("https://huggingface.co") is not None, source
 
 
 def _missing(spec_name: str, ref: str, e: Exception) -> WeightsError:
+    refused = custom_code_error(f"{spec_name}: {ref}", e)
+    if refused is not None:
+        return refused
     return WeightsError(
         f"{spec_name}: cannot load {ref!r} ({one_line(e)}). A hub id "
         f"is read from the Hugging Face cache {hf_cache_dir()} (downloaded there when a network allows): fetch it "
@@ -58,13 +73,13 @@ def _load(spec_name: str, ref: str, weights: Any, random_init: bool,
     try:
         with quiet_transformers():
             if random_init:
-                config = AutoConfig.from_pretrained(where, local_files_only=local_only)
+                config = AutoConfig.from_pretrained(where, local_files_only=local_only, **NO_REMOTE_CODE)
                 with seeded(seed):
-                    model = AutoModel.from_config(config)
+                    model = AutoModel.from_config(config, **NO_REMOTE_CODE)
                 source = "random-init"
             else:
                 model, info = AutoModel.from_pretrained(where, local_files_only=local_only,
-                                                        output_loading_info=True)
+                                                        output_loading_info=True, **NO_REMOTE_CODE)
                 missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
                 if missing:  # transformers would initialise these randomly: refuse
                     raise WeightsError(f"{spec_name}: {where} lacks weights the model needs: {sorted(missing)[:4]}")
@@ -72,6 +87,9 @@ def _load(spec_name: str, ref: str, weights: Any, random_init: bool,
         raise
     except Exception as e:  # noqa: BLE001 - OSError (not cached), ValueError (unknown architecture), ...
         raise _missing(spec_name, ref, e) from e
+    if getattr(model.config, "auto_map", None):  # a hub repository asking for its code: refused like a folder
+        raise WeightsError(f"{spec_name}: {ref}: config.json: auto_map: asks to run code of its own, and mlc never "
+                           "runs code from a model folder or hub repository")
     return model.float().eval(), source, where, local_only
 
 
@@ -98,7 +116,7 @@ def _create_text(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: in
     model, source, where, local_only = _load(spec.name, ref, weights, random_init, seed)
     try:
         with quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only, **NO_REMOTE_CODE)
     except Exception as e:  # noqa: BLE001
         raise _missing(spec.name, ref, e) from e
     pre = TextPreprocess(max_length=min(512, int(getattr(tok, "model_max_length", 512) or 512)),
@@ -159,7 +177,7 @@ def _create_image(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: i
 
     model, source, where, local_only = _load(spec.name, ref, weights, random_init, seed)
     try:
-        processor = AutoImageProcessor.from_pretrained(where, local_files_only=local_only)
+        processor = AutoImageProcessor.from_pretrained(where, local_files_only=local_only, **NO_REMOTE_CODE)
     except Exception as e:  # noqa: BLE001
         raise _missing(spec.name, ref, e) from e
     pre = _image_preprocess(processor)

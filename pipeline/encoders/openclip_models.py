@@ -10,6 +10,7 @@ is the rest (``encode_text``), with OpenCLIP's own tokenizer. Weights come from 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,13 @@ def _open_clip() -> Any:
     return open_clip
 
 
+def _no_pickle(oc: Any) -> dict[str, bool]:
+    """create_model's switch for torch.load(weights_only=True): ``weights_only`` (open_clip 3),
+    ``load_weights_only`` (2.29-2.32); older ones have none, and torch >= 2.6 (mlc pins 2.14) defaults to it."""
+    params = inspect.signature(oc.create_model).parameters
+    return {k: True for k in ("weights_only", "load_weights_only") if k in params}
+
+
 def _parse(rest: str) -> tuple[str, str | None]:
     arch, _, tag = rest.partition(":")
     return arch, (tag or None)
@@ -58,7 +66,7 @@ def _model(name: str, arch: str, tag: str | None, weights: Any, random_init: boo
     root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly" before any weights are loaded
     try:
         with seeded(seed):
-            model = oc.create_model(arch, pretrained=None)
+            model = oc.create_model(arch, pretrained=None, **_no_pickle(oc))
     finally:
         root.setLevel(level)
     resolved = resolve_weights(name, weights=weights, random_init=random_init,
@@ -80,7 +88,7 @@ def _pretrained(name: str, arch: str, tag: str | None) -> tuple[Any, str]:
     hub = (cfg.get("hf_hub") or "").strip("/")
     return hub_weights(
         hub, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
-        lambda: oc.create_model(arch, pretrained=tag).state_dict(), f"open_clip:{arch}:{tag}",
+        lambda: oc.create_model(arch, pretrained=tag, **_no_pickle(oc)).state_dict(), f"open_clip:{arch}:{tag}",
         lambda why: f"{name}: no pretrained weights: not in the Hugging Face cache {hf_cache_dir()} and not "
         f"downloaded ({why}). Fetch them on a machine with network with `hf download {hub or arch} --local-dir DIR`, "
         f"then pass the checkpoint file (DIR/open_clip_model.safetensors) with --image-weights / --text-weights.")

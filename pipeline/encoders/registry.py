@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -101,6 +102,14 @@ def get_spec(kind: str, name: str) -> EncoderSpec:
         return _FAMILIES[kind][prefix](rest)
     known = ", ".join(_SPECS[kind]) + "".join(f", {p}:<name>" for p in _FAMILIES[kind])
     raise MlcError(f"unknown {kind} encoder {name!r}; known: {known}")
+
+
+def build_options(spec: EncoderSpec) -> set[str]:
+    """The options an entry's ``build`` takes beyond weights, random_init and seed (and beyond the arguments
+    its registration fixed): what an ``encoder.json`` may hold."""
+    fixed = set(getattr(spec.build, "keywords", None) or {}) | {"weights", "random_init", "seed"}
+    params = inspect.signature(spec.build).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in fixed}
 
 
 def create_encoder(kind: str, name: str, *, weights: str | os.PathLike[str] | None = None,

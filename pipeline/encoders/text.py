@@ -18,6 +18,7 @@ from .base import TextEncoder
 from .registry import EncoderSpec, register
 from .transforms import TextPreprocess
 from .weights import (
+    NO_REMOTE_CODE,
     WEIGHTS_FILE,
     bert_base_tokenizer,
     folder_tokenizer,
@@ -26,6 +27,7 @@ from .weights import (
     minilm_folder,
     quiet_transformers,
     read_state_dict,
+    refuse_custom_code,
     resolve_weights,
     seeded,
 )
@@ -127,10 +129,11 @@ def _load_bert(folder: str, *, pooler: bool, origin: str) -> nn.Module:
     """BertModel.from_pretrained(folder) offline and strictly: every weight present, fp32, eval."""
     from transformers import BertModel
 
+    refuse_custom_code(folder, origin)
     try:
         with quiet_transformers():
             model, info = BertModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=pooler,
-                                                    output_loading_info=True)
+                                                    output_loading_info=True, **NO_REMOTE_CODE)
     except Exception as e:
         raise WeightsError(f"cannot load a BERT model from {origin}: {type(e).__name__}: {e}") from e
     missing = sorted(info.get("missing_keys", ()))
@@ -230,7 +233,7 @@ def create_lstm(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, ra
 def _minilm_config() -> Any:
     from transformers import BertConfig
 
-    return BertConfig.from_pretrained(minilm_folder()[0], local_files_only=True)
+    return BertConfig.from_pretrained(minilm_folder()[0], local_files_only=True, **NO_REMOTE_CODE)
 
 
 def _bert_base_config() -> Any:

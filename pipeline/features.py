@@ -35,9 +35,10 @@ from .cache import CacheMeta, CacheWriter, read_meta
 from .config import Config, opt, require
 from .data import DataDir, DataOptions, check_images, fingerprint
 from .datasets import ImageViews, collate_views
-from .device import is_main, rank, world_size
+from .device import is_main, rank, resolve_precision, world_size
 from .encoders import NONE, ImageEncoder, TextEncoder, create_image_encoder, create_text_encoder, load_encoder
 from .errors import ImageError, MismatchError, MlcError
+from .quantize import calibration_pixels
 from .records import Record
 from .runs import RunDir
 
@@ -61,6 +62,35 @@ class LoaderOptions(Config):
                  (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}")])
 
 
+FEATURE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionOptions(Config):
+    """What stage one computes in (recorded in the cache: int8 or bf16 features never pass for fp32 ones)."""
+
+    PANEL: ClassVar[str] = "Encoding"
+
+    precision: str = opt("auto", "fp32, int8 (ONNX Runtime: the image graph statically quantized on the data's own "
+                         "images, the text graph dynamically), bf16 (torch autocast; CPUs with AMX or AVX512-BF16, "
+                         "and CUDA), or auto (fp32 on CPU, mixed precision on CUDA).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require([(self.precision in FEATURE_PRECISIONS, f"--precision must be one of {FEATURE_PRECISIONS}")])
+
+
+def feature_precision(precision: str, device: torch.device) -> str:
+    """The precision features are made in: auto is fp32 through ONNX Runtime on a CPU (int8 measured -0.004
+    samples-F1 on unseen rows, docs/recipes.md; bf16 needs torch, 4x slower than ONNX here) and mixed
+    precision on CUDA, as mlc always did there."""
+    if precision == "int8":
+        if device.type != "cpu":
+            raise MlcError("--precision int8 runs through ONNX Runtime on the CPU; use --device cpu")
+        return "int8"
+    return "fp32" if precision == "auto" and device.type == "cpu" else resolve_precision(precision, device)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a cache's features are made. Stored in the cache and in every run that reads it, so the
@@ -77,6 +107,8 @@ class Recipe:
     text_cut: str | None = None
     text_pooling: str | None = None
     data: dict[str, Any] | None = None  # the data folder's layout (DataOptions), so test.csv reads alike
+    precision: str = "fp32"  # resolved: fp32, bf16, fp16 (CUDA) or int8
+    crossfit: str | None = None  # made by `mlc crossfit` (K fold models, not kept): its id
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -105,6 +137,8 @@ class Recipe:
             parts.append("random")
         elif self.image_weights or self.text_weights:
             parts.append("custom")
+        if self.crossfit:
+            parts.append(f"crossfit-{self.crossfit}")
         if self.image_cut:
             parts.append(f"img-{self.image_cut}")
         if self.text_cut:
@@ -113,6 +147,8 @@ class Recipe:
             parts.append(f"v{self.views}")
         if self.text_pooling:
             parts.append(f"pool-{self.text_pooling}")
+        if self.precision != "fp32":
+            parts.append(self.precision)
         return "_".join(parts) or None
 
     def data_options(self) -> DataOptions:
@@ -122,6 +158,10 @@ class Recipe:
         """Pretrained (or explicit local) weights, a finetuned run's encoders, or seeded random init; None
         for a modality the recipe has no encoder for ('none'). ``verified``: a run folder the caller has
         just verified (RunDir.load), not hashed again when it is the one the encoders come from."""
+        if self.crossfit is not None:
+            raise MlcError(f"features cross-fitted by `mlc crossfit` ({self.crossfit}) come from {self.text_encoder} "
+                           "fold models that are not kept: only the train and test caches crossfit wrote hold "
+                           "them; predict and export need a run over encoders that exist")
         if self.from_run is not None:
             run = RunDir(Path(self.from_run))
             if verified is None or Path(verified).resolve() != run.path.resolve():
@@ -217,7 +257,7 @@ def _meta(job: Job, image: ImageEncoder | None, text: TextEncoder | None, record
         text_preprocess=t["preprocess"], views=r.views, image_dim=i["dim"], text_dim=t["dim"],
         label_ids=labels.ids, label_names=labels.names,
         data_fingerprint=fingerprint(records, job.data.image_dir if image is not None else None),
-        num_records=len(records), image_cut=r.image_cut, text_cut=r.text_cut,
+        num_records=len(records), image_cut=r.image_cut, text_cut=r.text_cut, precision=r.precision,
         source_run=str(Path(r.from_run).resolve()) if r.from_run else None,
         mlc_version=__version__, created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"recipe": r.to_dict(), "backend": eng.backends, "skipped": [list(x) for x in skipped]},
@@ -480,11 +520,14 @@ def _encode_chunks(job: Job, writer: CacheWriter, chunks: list[int], records: li
 
 
 def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.device, onnx_dir: Path,
-                        verified: Path | None = None) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
+                        verified: Path | None = None,
+                        data: DataDir | None = None) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
     """The recipe's encoders (``verified`` as in Recipe.encoders) and the forward functions of the backend
-    ``loader`` asks for (ONNX graphs exported to / reused from ``onnx_dir``); progress notes on rank 0 only."""
+    ``loader`` asks for (ONNX graphs exported to / reused from ``onnx_dir``) in the recipe's precision (int8
+    calibrated on ``data``'s images); progress notes on rank 0 only."""
     image, text = recipe.encoders(verified)
     eng = engine(image, text, backend=loader.backend, device=device, image_cut=recipe.image_cut,
-                 text_cut=recipe.text_cut, onnx_dir=onnx_dir,
+                 text_cut=recipe.text_cut, onnx_dir=onnx_dir, precision=recipe.precision,
+                 calibration=None if data is None or image is None else lambda: calibration_pixels(data, image),
                  log=lambda msg: print(msg, file=sys.stderr) if is_main() else None)
     return image, text, eng

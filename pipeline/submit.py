@@ -73,7 +73,14 @@ def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> list[Path]
     with distributed(cfg.device) as device:
         for entry in run.features:
             recipe = Recipe.from_dict(entry["recipe"], str(run.dir.features))
-            image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.cache_dir / "onnx", run.path)
+            if recipe.crossfit is not None:  # made with the train features by `mlc crossfit`: no encoders to run
+                path = cache_path(cfg.cache_dir, cfg.data_dir, "test", recipe)
+                if not path.is_file():
+                    raise MlcError(f"{path}: missing; the test features of a cross-fitted cache are written with its "
+                                   "train features by `mlc crossfit` (rerun it with the same options)")
+                paths.append(path)
+                continue
+            image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.cache_dir / "onnx", run.path, data)
             job = Job(recipe, data, "test", cache_path(cfg.cache_dir, cfg.data_dir, "test", recipe), cfg,
                       chunk_rows=max(cfg.batch_size, 512), overwrite=cfg.overwrite, command="submit")
             paths.append(build_cache(job, image, text, eng, device))

@@ -21,7 +21,7 @@ from .data import DataOptions
 from .encoders import EncoderOptions
 from .errors import MlcError
 from .extract import ExtractConfig, extract
-from .features import LoaderOptions
+from .features import LoaderOptions, PrecisionOptions
 from .finetune import FinetuneConfig, finetune
 from .fit_head import FitHeadConfig, fit_head
 from .heads import HeadOptions
@@ -42,7 +42,7 @@ TEXT_CUTS = {"minilm-l6": "layer4", "bert-base-uncased": "layer10"}
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunConfig(EncoderOptions, LoaderOptions, DataOptions):
+class RunConfig(EncoderOptions, PrecisionOptions, LoaderOptions, DataOptions):
     """Options of ``mlc run``."""
 
     data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
@@ -127,7 +127,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                        "or run the stages one by one (mlc extract --skip-bad-images ...)")
     _say("extracting features (reused when already there)")
     caches = extract(ExtractConfig(data_dir=cfg.data_dir, out_dir=cfg.cache_dir, **cfg.group(EncoderOptions),
-                                   **cfg.group(LoaderOptions), **cfg.group(DataOptions)))
+                                   **cfg.group(PrecisionOptions), **cfg.group(LoaderOptions), **cfg.group(DataOptions)))
     train = [c for c in caches if c.name.startswith("train__")]
     _say(f"fitting the head ({cfg.folds or 1} fold(s))")
     fit(cfg, train, cfg.out, cfg.folds)

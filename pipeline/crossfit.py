@@ -158,7 +158,8 @@ def _encoder(text: TextEncoder, device: torch.device, precision: str) -> Callabl
 
 def crossfit_features(cfg: CrossfitConfig, make_encoder: Callable[[], TextEncoder], captions: list[str],
                       y: np.ndarray, others: list[list[str]], device: torch.device,
-                      log: Callable[[str], None]) -> tuple[np.ndarray, list[np.ndarray], list[Fold], list[str]]:
+                      log: Callable[[str], None],
+                      progress: bool = False) -> tuple[np.ndarray, list[np.ndarray], list[Fold], list[str]]:
     """Out-of-fold features (N, D) of ``captions`` (labels ``y``), the fold models' mean features of each list
     in ``others``, what each fold trained on and encoded, and the fold models' weights hashes."""
     precision = resolve_precision(cfg.precision, device)
@@ -175,7 +176,7 @@ def crossfit_features(cfg: CrossfitConfig, make_encoder: Callable[[], TextEncode
         log(f"-- fold {i + 1}/{k}: finetuning {cfg.text_encoder} on {len(tr)} rows ({precision}), then encoding "
             f"its {len(va)} held-out rows" + (f" and {sum(map(len, others))} more" if others else ""))
         result = train(_fold_task(cfg, tower, tokens, y, tr, device, precision, seen), cfg, device=device, log=log,
-                       precision=precision)
+                       precision=precision, progress=progress)
         tower.load_state_dict(result.best_state)
         tower.eval()
         if seen & set(va.tolist()):  # the point of cross-fitting; cheap to check, fatal to get wrong
@@ -250,7 +251,7 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
 
         oof, (rest, test), _, hashes = crossfit_features(
             cfg, make, caps[:n], y[:n], [caps[n:], [r.caption for r in test_recs]], device,
-            lambda msg: print(msg, file=sys.stderr))
+            lambda msg: print(msg, file=sys.stderr), progress=True)
         text = make()
         digest = hashlib.sha256(" ".join(hashes).encode()).hexdigest()
         arrays = {"train": np.concatenate([oof, rest]), "test": test}

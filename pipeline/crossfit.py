@@ -58,10 +58,14 @@ class CrossfitConfig(TrainOptions, DataOptions):
     train_rows: int | None = opt(None, "Train the fold models on the first N labelled rows only; the others are "
                                  "encoded like the test split (the folds' mean), so they stay unseen (benchmarks).")
     encoder_lr: float = opt(5e-5, "Learning rate of the text encoder (--lr is the linear layer's).")
+    output: str = opt("logits", "What a caption's features are: logits (the fold model's label scores: one space "
+                      "for every fold, so the test split's fold mean matches its out-of-fold rows) or embedding "
+                      "(the pooled vector: each fold's finetuned space differs, and their mean shrinks to 0.6 of "
+                      "the out-of-fold norm on the shared subset).")
     out_dir: Path = opt(Path("cache"), "Where the two caches are written (OUT_DIR/DATA_NAME/...).")
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
     precision: str = opt("auto", "auto, fp32 or bf16 for the forward passes (weights stay fp32); auto: mixed "
-                         "precision on CUDA, bf16 on CPUs with AMX, else fp32.")
+                         "precision on CUDA, bf16 on CPUs with AMX or AVX512-BF16, else fp32.")
     overwrite: bool = opt(False, "Replace caches of another cross-fit (other options or data).")
     lr: float = redefault(TrainOptions, "lr", 1e-3)
     weight_decay: float = redefault(TrainOptions, "weight_decay", 0.01)
@@ -81,6 +85,7 @@ class CrossfitConfig(TrainOptions, DataOptions):
                  (self.train_rows is None or self.train_rows >= 2 * self.folds,
                   "--train-rows must leave at least 2 rows per fold"),
                  (self.encoder_lr > 0, "--encoder-lr must be > 0"),
+                 (self.output in ("logits", "embedding"), "--output must be logits or embedding"),
                  (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}")])
 
     def recipe(self, data: DataDir) -> Recipe:
@@ -148,11 +153,12 @@ def _fold_task(cfg: CrossfitConfig, tower: CaptionTower, tokens: dict[str, torch
                 forward=lambda m, b: m(b["input_ids"], b["attention_mask"]), predict=predict)
 
 
-def _encoder(text: TextEncoder, device: torch.device, precision: str) -> Callable[..., dict[str, np.ndarray]]:
+def _encoder(model: nn.Module, device: torch.device, precision: str) -> Callable[..., dict[str, np.ndarray]]:
+    """Token ids and mask (B, T) -> {"text": (B, D)}: the tower's logits or its encoder's embedding."""
     @torch.inference_mode()
     def run(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
         with autocast(device, precision):
-            return {"text": text(ids.to(device), mask.to(device)).float().cpu().numpy()}
+            return {"text": model(ids.to(device), mask.to(device)).float().cpu().numpy()}
     return run
 
 
@@ -181,7 +187,7 @@ def crossfit_features(cfg: CrossfitConfig, make_encoder: Callable[[], TextEncode
         tower.eval()
         if seen & set(va.tolist()):  # the point of cross-fitting; cheap to check, fatal to get wrong
             raise MlcError(f"internal: fold {i + 1} trained on {len(seen & set(va.tolist()))} of the rows it encodes")
-        run = _encoder(tower.text, device, precision)
+        run = _encoder(tower if cfg.output == "logits" else tower.text, device, precision)
         got = encode_texts(tower.text, run, [captions[j] for j in va], cfg.batch_size * 2)["text"]
         if oof is None:
             oof = np.zeros((n, got.shape[1]), np.float32)
@@ -199,11 +205,12 @@ def crossfit_features(cfg: CrossfitConfig, make_encoder: Callable[[], TextEncode
 def _meta(split: str, cfg: CrossfitConfig, recipe: Recipe, text: TextEncoder, data: DataDir, records: list,
           weights_hash: str, labelled: bool) -> CacheMeta:
     labels = data.label_space()
+    dim = len(labels.ids) if cfg.output == "logits" else text.dim
     return CacheMeta(
         split=split, image_encoder=NONE, text_encoder=text.name, image_weights="", image_weights_hash="",
         text_weights=f"{text.weights_source}, finetuned on {cfg.folds} folds", text_weights_hash=weights_hash,
         random_init=cfg.random_init, image_preprocess={}, text_preprocess=text.preprocess.to_dict(), views=1,
-        image_dim=0, text_dim=text.dim, label_ids=labels.ids, label_names=labels.names,
+        image_dim=0, text_dim=dim, label_ids=labels.ids, label_names=labels.names,
         # image bytes too when the folder has images: so it fuses with the image caches of the same data
         data_fingerprint=fingerprint(records, data.image_dir if data.options.images else None),
         num_records=len(records), mlc_version=__version__,

@@ -62,7 +62,8 @@ class FinetuneConfig(EncoderOptions, HeadOptions, TrainOptions, DataOptions):
     workers: int = opt(2, "DataLoader workers.")
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
     precision: str = opt("auto", "auto, fp32 or bf16: what forward passes compute in (weights stay fp32). auto: mixed "
-                         "precision on CUDA, bf16 on CPUs with AMX, fp32 elsewhere; the one used is in metrics.json.")
+                         "precision on CUDA, bf16 on CPUs with AMX or AVX512-BF16, fp32 elsewhere; the one used is in "
+                         "metrics.json.")
     channels_last: bool = opt(True, "Image convolutions in channels_last memory layout (about 1.4x faster on CPU "
                               "and on GPUs, same numbers); --no-channels-last to use the plain layout.")
     resume: bool = opt(False, "Continue from OUT/checkpoints/last.pt.")

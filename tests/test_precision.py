@@ -38,6 +38,7 @@ def test_precision_follows_the_cpu(flags):
         dev.resolve_precision("bf16", CPU)
     flags("avx512f", "avx512_bf16")
     assert dev.cpu_bf16() == "avx512" and dev.resolve_precision("bf16", CPU) == "bf16"
+    assert dev.resolve_precision("auto", CPU) == "bf16" and dev.resolve_precision("fp32", CPU) == "fp32"
     flags("avx512_bf16", "amx_bf16", "amx_tile")
     assert dev.cpu_bf16() == "amx" and dev.resolve_precision("auto", CPU) == "bf16"
     with pytest.raises(MlcError, match="--precision must be one of"):

@@ -50,8 +50,9 @@ def cpu_bf16() -> str | None:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision a run computes in: "fp32", "bf16" or (CUDA without bf16) "fp16"; fp32 master weights in
     every case. ``auto``: mixed precision on CUDA (as mlc always did), bf16 on CPUs with bf16 arithmetic (AMX,
-    or AVX512-BF16: there bf16 trained MiniLM 3.8x and EfficientNet-Lite0 2.0x faster than fp32 with the same
-    held-out F1, bench/precision.py), fp32 elsewhere (bf16 would be emulated)."""
+    or AVX512-BF16: there bf16 trained MiniLM 2.0x and EfficientNet-Lite0 1.4x as many rows/s as fp32, medians
+    of runs alternated side by side, with the same held-out F1; bench/precision.py, docs/recipes.md), fp32
+    elsewhere (bf16 would be emulated)."""
     if precision not in PRECISIONS:
         raise MlcError(f"--precision must be one of {PRECISIONS}, not {precision!r}")
     if device.type == "cuda":

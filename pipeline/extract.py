@@ -18,14 +18,13 @@ from .encoders import EncoderOptions
 from .features import (
     Job,
     LoaderOptions,
-    PrecisionOptions,
     Recipe,
     build_cache,
     cache_path,
     encoders_and_engine,
-    feature_precision,
     fit_to_data,
 )
+from .quantize import PrecisionOptions, feature_precision
 
 SPLITS = ("train", "test")
 

@@ -35,7 +35,7 @@ from .cache import CacheMeta, CacheWriter, read_meta
 from .config import Config, opt, require
 from .data import DataDir, DataOptions, check_images, fingerprint
 from .datasets import ImageViews, collate_views
-from .device import is_main, rank, resolve_precision, world_size
+from .device import is_main, rank, world_size
 from .encoders import NONE, ImageEncoder, TextEncoder, create_image_encoder, create_text_encoder, load_encoder
 from .errors import ImageError, MismatchError, MlcError
 from .quantize import calibration_pixels
@@ -60,35 +60,6 @@ class LoaderOptions(Config):
         require([(self.batch_size >= 1, "--batch-size must be at least 1"),
                  (self.workers >= 0, "--workers must be 0 or more"),
                  (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}")])
-
-
-FEATURE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
-
-
-@dataclass(frozen=True, kw_only=True)
-class PrecisionOptions(Config):
-    """What stage one computes in (recorded in the cache: int8 or bf16 features never pass for fp32 ones)."""
-
-    PANEL: ClassVar[str] = "Encoding"
-
-    precision: str = opt("auto", "fp32, int8 (ONNX Runtime: the image graph statically quantized on the data's own "
-                         "images, the text graph dynamically), bf16 (torch autocast; CPUs with AMX or AVX512-BF16, "
-                         "and CUDA), or auto (fp32 on CPU, mixed precision on CUDA).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require([(self.precision in FEATURE_PRECISIONS, f"--precision must be one of {FEATURE_PRECISIONS}")])
-
-
-def feature_precision(precision: str, device: torch.device) -> str:
-    """The precision features are made in: auto is fp32 through ONNX Runtime on a CPU (int8 measured -0.004
-    samples-F1 on unseen rows, docs/recipes.md; bf16 needs torch, 4x slower than ONNX here) and mixed
-    precision on CUDA, as mlc always did there."""
-    if precision == "int8":
-        if device.type != "cpu":
-            raise MlcError("--precision int8 runs through ONNX Runtime on the CPU; use --device cpu")
-        return "int8"
-    return "fp32" if precision == "auto" and device.type == "cpu" else resolve_precision(precision, device)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""int8 stage one: the exported fp32 ONNX graphs quantized with ONNX Runtime (``--precision int8``).
+"""Stage one's precision (``PrecisionOptions``: ``--precision auto|fp32|bf16|int8`` of extract and run), and
+int8 stage one: the exported fp32 ONNX graphs quantized with ONNX Runtime.
 
 The image graph is quantized statically (QDQ: int8 weights per channel, uint8 activations whose ranges
 are calibrated on the data's own images: the first ``CALIBRATION_IMAGES`` labelled images of the data
@@ -17,21 +18,55 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from .atomic import atomic_path
 from .backends import BackendError, _names, _quiet, ort_session, probe_inputs
+from .config import Config, opt, require
 from .data import DataDir, fingerprint, load_image
+from .device import resolve_precision
 from .encoders import ImageEncoder
+from .errors import MlcError
 
 CALIBRATION_IMAGES = 64  # measured on lite0: feature cosine 0.992 against fp32 on unseen images
 MIN_COSINE = 0.9
 QUANT_VERSION = 1  # bump when how graphs are quantized changes
 
 Calibration = tuple[np.ndarray, str]  # uint8 pixels (N, 3, H, W) and a digest of what they are
+
+
+FEATURE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionOptions(Config):
+    """What stage one computes in (recorded in the cache: int8 or bf16 features never pass for fp32 ones)."""
+
+    PANEL: ClassVar[str] = "Encoding"
+
+    precision: str = opt("auto", "fp32, int8 (ONNX Runtime: the image graph statically quantized on the data's own "
+                         "images, the text graph dynamically), bf16 (torch autocast; CPUs with AMX or AVX512-BF16, "
+                         "and CUDA), or auto (fp32 on CPU, mixed precision on CUDA).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require([(self.precision in FEATURE_PRECISIONS, f"--precision must be one of {FEATURE_PRECISIONS}")])
+
+
+def feature_precision(precision: str, device: torch.device) -> str:
+    """The precision features are made in: auto is fp32 through ONNX Runtime on a CPU (int8 measured -0.004
+    samples-F1 on unseen rows, docs/recipes.md; bf16 needs torch, 4x slower than ONNX here) and mixed
+    precision on CUDA, as mlc always did there."""
+    if precision == "int8":
+        if device.type != "cpu":
+            raise MlcError("--precision int8 runs through ONNX Runtime on the CPU; use --device cpu")
+        return "int8"
+    return "fp32" if precision == "auto" and device.type == "cpu" else resolve_precision(precision, device)
 
 
 def calibration_pixels(data: DataDir, encoder: ImageEncoder, n: int = CALIBRATION_IMAGES) -> Calibration:

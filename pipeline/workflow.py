@@ -22,10 +22,11 @@ from .data import DataOptions
 from .encoders import EncoderOptions
 from .errors import MlcError
 from .extract import ExtractConfig, extract
-from .features import LoaderOptions, PrecisionOptions
+from .features import LoaderOptions
 from .finetune import FinetuneConfig, finetune
 from .fit_head import FitHeadConfig, fit_head
 from .heads import HeadOptions
+from .quantize import PrecisionOptions
 from .report import make_report
 from .runs import RunDir
 from .submit import SubmitConfig, submit

@@ -14,8 +14,9 @@ from pipeline.data import DataDir
 from pipeline.encoders import create_image_encoder, create_text_encoder
 from pipeline.errors import MismatchError, MlcError
 from pipeline.extract import ExtractConfig, extract
-from pipeline.features import Recipe, encoders_and_engine, feature_precision
+from pipeline.features import Recipe, encoders_and_engine
 from pipeline.fit_head import FitHeadConfig, fit_head
+from pipeline.quantize import feature_precision
 from pipeline.runs import Contract, RunDir
 from pipeline.training import Task, TrainOptions, make_sampler, train
 

@@ -36,8 +36,8 @@ def test_no_row_is_encoded_by_a_model_that_trained_on_it(tmp_path):
         assert f.trained and not f.trained & set(f.encoded.tolist())
         assert f.trained == everyone - set(f.encoded.tolist())  # trained on all the others (one uniform epoch)
     assert len(set(hashes)) == 3  # three models, each moved away from the shared start
-    # logits by default: C = 3 label scores a row, in one space for every fold
-    assert oof.shape == (30, 3) and extra.shape == (2, 3) and np.isfinite(oof).all() and np.abs(oof).sum(1).min() > 0
+    # the pooled embedding by default (tiny-bert: 32 dimensions)
+    assert oof.shape == (30, 32) and extra.shape == (2, 32) and np.isfinite(oof).all() and np.abs(oof).sum(1).min() > 0
 
 
 def test_crossfit_caches_fuse_with_frozen_ones_and_submit(tmp_path):
@@ -46,7 +46,7 @@ def test_crossfit_caches_fuse_with_frozen_ones_and_submit(tmp_path):
     cf_train, cf_test = crossfit(CrossfitConfig(data_dir=data, folds=2, out_dir=cache, **TINY))
     assert "crossfit-k2" in cf_train.name and cf_test.name.startswith("test__")
     with CacheReader(cf_train) as r:
-        assert r.meta.image_dim == 0 and r.meta.text_dim == 3 and r.labels().shape == (24, 3)
+        assert r.meta.image_dim == 0 and r.meta.text_dim == 32 and r.labels().shape == (24, 3)
     (frozen,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), image_encoder="tiny-resnet",
                                       text_encoder="tiny-bert", random_init=True, workers=0, backend="torch"))
     out = tmp_path / "run"
@@ -79,8 +79,8 @@ def test_another_crossfit_over_the_same_caches_is_refused(tmp_path):
         cf._done([train], other, other.recipe(DataDir.open(data)))
 
 
-def test_embedding_output_holds_the_pooled_vectors(tmp_path):
+def test_logits_output_holds_the_label_scores(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
-    train, test = crossfit(CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", output="embedding", **TINY))
+    train, test = crossfit(CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", output="logits", **TINY))
     with CacheReader(train) as a, CacheReader(test) as b:
-        assert a.array("text").shape == (12, 32) and b.array("text").shape == (2, 32)
+        assert a.meta.text_dim == 3 and a.array("text").shape == (12, 3) and b.array("text").shape == (2, 3)

@@ -9,7 +9,8 @@ ids 0-9999 only; ids 10000-11999 get the folds' mean features, as the test split
 frozen lite0 + MiniLM cache.
 
     .venv/bin/python bench/recipes.py [--only frozen,default,fused,trunk,int8,crossfit]
-                                      [--trunk CUT:EPOCHS:LR:ENC_LR,...] [--crossfit FOLDS:EPOCHS:PRECISION,...]
+                                      [--trunk CUT:EPOCHS:LR:ENC_LR,...]
+                                      [--crossfit FOLDS:EPOCHS:PRECISION[:OUTPUT],...]
 
 Wall times: extraction of the train split (ONNX Runtime, 2 cores) + training + threshold tuning.
 """
@@ -102,7 +103,8 @@ def main() -> None:
     ap.add_argument("--trunk", default="block13:2:3e-4:1e-4,block15:2:3e-4:1e-4,block13:3:3e-4:1e-4,"
                                        "block13:2:1e-3:3e-4",
                     help="trunk configs: CUT:EPOCHS:HEAD_LR:ENCODER_LR, comma-separated")
-    ap.add_argument("--crossfit", default="5:1:bf16", help="cross-fits: FOLDS:EPOCHS:PRECISION, comma-separated")
+    ap.add_argument("--crossfit", default="5:1:bf16",
+                    help="cross-fits: FOLDS:EPOCHS:PRECISION[:OUTPUT], comma-separated (OUTPUT: embedding or logits)")
     ap.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "mlc-recipes.json")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -127,6 +129,7 @@ def main() -> None:
                 record(name, *frozen(caches, folds, tmp / name.replace(" ", "_")))
         if "default" in parts:  # the frozen default alone, beside the new recipes
             record("lite0 + MiniLM, 5 folds", *frozen([lite0], 5, tmp / "default"))
+            record("frozen MiniLM alone (--head text), 5 folds", *frozen([lite0], 5, tmp / "text", head="text"))
         if "fused" in parts:
             record("lite0 + lite2 + MiniLM fused, 5 folds", *frozen([lite0, lite2], 5, tmp / "fused"))
         if "trunk" in parts:
@@ -148,17 +151,16 @@ def main() -> None:
             record("lite0 + MiniLM int8, 5 folds", *frozen([int8], 5, tmp / "int8"))
         if "crossfit" in parts:
             for spec in args.crossfit.split(","):
-                k, ep, precision = spec.split(":")
+                k, ep, precision, output = (spec.split(":") + ["embedding"])[:4]
                 t = time.perf_counter()
                 cf, _ = crossfit(CrossfitConfig(data_dir=SHARED, train_rows=10000, folds=int(k), epochs=int(ep),
-                                                precision=precision, out_dir=args.cache_dir))
+                                                precision=precision, output=output, out_dir=args.cache_dir))
                 cf_secs = time.perf_counter() - t
                 print(f"  (cross-fit {spec}: {cf_secs:.0f} s, 0 = reused)", flush=True)
-                f1, secs = frozen([lite0, cf], 5, tmp / f"crossfit-{k}-{ep}-{precision}")
-                record(f"lite0 + MiniLM + cross-fitted MiniLM ({k} folds, {ep} ep, {precision}), 5 folds", f1,
-                       secs + cf_secs)
-                record(f"cross-fitted MiniLM alone ({k} folds, {ep} ep, {precision}), 5 folds",
-                       *frozen([cf], 5, tmp / f"crossfit-alone-{k}-{ep}-{precision}"))
+                f1, secs = frozen([lite0, cf], 5, tmp / f"crossfit-{spec}")
+                what = f"cross-fitted MiniLM {output} ({k} folds, {ep} ep, {precision})"
+                record(f"lite0 + MiniLM + {what}, 5 folds", f1, secs + cf_secs)
+                record(f"{what} alone, 5 folds", *frozen([cf], 5, tmp / f"crossfit-alone-{spec}"))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ finished and it does nothing. The work itself is :mod:`pipeline.features`'.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +15,22 @@ from .config import as_paths, opt, require
 from .data import DataDir, DataOptions
 from .device import distributed
 from .encoders import EncoderOptions
-from .features import Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine, fit_to_data
+from .features import (
+    Job,
+    LoaderOptions,
+    Recipe,
+    build_cache,
+    cache_path,
+    encoders_and_engine,
+    fit_to_data,
+)
+from .quantize import PrecisionOptions, feature_precision
 
 SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExtractConfig(EncoderOptions, LoaderOptions, DataOptions):
+class ExtractConfig(EncoderOptions, PrecisionOptions, LoaderOptions, DataOptions):
     """What ``mlc extract`` does."""
 
     data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
@@ -66,7 +76,8 @@ def extract(cfg: ExtractConfig, command: str = "extract") -> list[Path]:
     for split in cfg.splits:
         data.records(split)  # a faulty CSV stops here, not after minutes of loading and exporting encoders
     with distributed(cfg.device) as device:
-        image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.out_dir / "onnx")
+        recipe = dataclasses.replace(recipe, precision=feature_precision(cfg.precision, device))
+        image, text, eng = encoders_and_engine(recipe, cfg, device, cfg.out_dir / "onnx", data=data)
         return [build_cache(Job(recipe, data, split, cache_path(cfg.out_dir, cfg.data_dir, split, recipe), cfg,
                                 cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite, command), image, text, eng,
                             device)

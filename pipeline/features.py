@@ -38,6 +38,7 @@ from .device import is_main, rank, world_size
 from .encoders import NONE, ImageEncoder, TextEncoder, create_image_encoder, create_text_encoder, load_encoder
 from .errors import ImageError, MismatchError, MlcError
 from .options import LoaderOptions  # noqa: F401 (the stages import it from here)
+from .quantize import calibration_pixels
 from .records import Record
 from .runs import RunDir
 
@@ -58,6 +59,8 @@ class Recipe:
     text_cut: str | None = None
     text_pooling: str | None = None
     data: dict[str, Any] | None = None  # the data folder's layout (DataOptions), so test.csv reads alike
+    precision: str = "fp32"  # resolved: fp32, bf16, fp16 (CUDA) or int8
+    crossfit: str | None = None  # made by `mlc crossfit` (K fold models, not kept): its id
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -86,6 +89,8 @@ class Recipe:
             parts.append("random")
         elif self.image_weights or self.text_weights:
             parts.append("custom")
+        if self.crossfit:
+            parts.append(f"crossfit-{self.crossfit}")
         if self.image_cut:
             parts.append(f"img-{self.image_cut}")
         if self.text_cut:
@@ -94,6 +99,8 @@ class Recipe:
             parts.append(f"v{self.views}")
         if self.text_pooling:
             parts.append(f"pool-{self.text_pooling}")
+        if self.precision != "fp32":
+            parts.append(self.precision)
         return "_".join(parts) or None
 
     def data_options(self) -> DataOptions:
@@ -103,6 +110,10 @@ class Recipe:
         """Pretrained (or explicit local) weights, a finetuned run's encoders, or seeded random init; None
         for a modality the recipe has no encoder for ('none'). ``verified``: a run folder the caller has
         just verified (RunDir.load), not hashed again when it is the one the encoders come from."""
+        if self.crossfit is not None:
+            raise MlcError(f"features cross-fitted by `mlc crossfit` ({self.crossfit}) come from {self.text_encoder} "
+                           "fold models that are not kept: only the train and test caches crossfit wrote hold "
+                           "them; predict and export need a run over encoders that exist")
         if self.from_run is not None:
             run = RunDir(Path(self.from_run))
             if verified is None or Path(verified).resolve() != run.path.resolve():
@@ -198,7 +209,7 @@ def _meta(job: Job, image: ImageEncoder | None, text: TextEncoder | None, record
         text_preprocess=t["preprocess"], views=r.views, image_dim=i["dim"], text_dim=t["dim"],
         label_ids=labels.ids, label_names=labels.names,
         data_fingerprint=fingerprint(records, job.data.image_dir if image is not None else None),
-        num_records=len(records), image_cut=r.image_cut, text_cut=r.text_cut,
+        num_records=len(records), image_cut=r.image_cut, text_cut=r.text_cut, precision=r.precision,
         source_run=str(Path(r.from_run).resolve()) if r.from_run else None,
         mlc_version=__version__, created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"recipe": r.to_dict(), "backend": eng.backends, "skipped": [list(x) for x in skipped]},
@@ -461,11 +472,14 @@ def _encode_chunks(job: Job, writer: CacheWriter, chunks: list[int], records: li
 
 
 def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.device, onnx_dir: Path,
-                        verified: Path | None = None) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
+                        verified: Path | None = None,
+                        data: DataDir | None = None) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
     """The recipe's encoders (``verified`` as in Recipe.encoders) and the forward functions of the backend
-    ``loader`` asks for (ONNX graphs exported to / reused from ``onnx_dir``); progress notes on rank 0 only."""
+    ``loader`` asks for (ONNX graphs exported to / reused from ``onnx_dir``) in the recipe's precision (int8
+    calibrated on ``data``'s images); progress notes on rank 0 only."""
     image, text = recipe.encoders(verified)
     eng = engine(image, text, backend=loader.backend, device=device, image_cut=recipe.image_cut,
-                 text_cut=recipe.text_cut, onnx_dir=onnx_dir,
+                 text_cut=recipe.text_cut, onnx_dir=onnx_dir, precision=recipe.precision,
+                 calibration=None if data is None or image is None else lambda: calibration_pixels(data, image),
                  log=lambda msg: print(msg, file=sys.stderr) if is_main() else None)
     return image, text, eng

@@ -8,15 +8,18 @@ runs), median of --repeats:
   torch eager (plain memory layout), torch (channels_last: the torch backend as shipped), onnx.
 Also the bare ONNX forward over tensors already in memory (the ceiling the extract path approaches),
 the largest difference between ONNX and torch features per encoder, and (--tune) how the two cores
-are best split between ONNX Runtime's threads and the decode workers.
+are best split between ONNX Runtime's threads and the decode workers. ``--engines onnx,onnx int8`` compares
+the fp32 graphs with their int8 versions (``--precision int8``; quantized once beforehand) and adds the
+feature cosine between the two.
 
-    .venv/bin/python bench/extract.py [--images 2000] [--repeats 3] [--tune]
+    .venv/bin/python bench/extract.py [--images 2000] [--repeats 3] [--tune] [--engines torch eager,torch,onnx]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import shutil
 import statistics
@@ -41,24 +44,29 @@ from pipeline.backends import engine  # noqa: E402
 from pipeline.data import DataDir, load_image  # noqa: E402
 from pipeline.encoders import create_image_encoder, create_text_encoder  # noqa: E402
 from pipeline.features import Job, LoaderOptions, Recipe, build_cache, cache_path  # noqa: E402
+from pipeline.quantize import calibration_pixels  # noqa: E402
 
 ENGINES = ("torch eager", "torch", "onnx")
+ALL_ENGINES = (*ENGINES, "onnx int8")
 
 
-def make_engine(name: str, image, text, onnx_dir: Path):
+def make_engine(name: str, image, text, onnx_dir: Path, data: Path | None = None):
     """One of the three ways to run the same encoders (ONNX graphs exported to / reused from onnx_dir).
     The channels_last engine gets its own copy of the image encoder: it converts the weights' layout in
     place."""
     kw = dict(device=torch.device("cpu"), image_cut=None, text_cut=None, onnx_dir=onnx_dir, log=lambda m: None)
     if name == "onnx":
         return engine(image, text, backend="onnx", **kw)
+    if name == "onnx int8":  # calibrated on the data's first images, as extract does
+        return engine(image, text, backend="onnx", precision="int8",
+                      calibration=lambda: calibration_pixels(DataDir.open(data), image), **kw)
     if name == "torch eager":
         return engine(image, text, backend="torch", channels_last=False, **kw)
     return engine(copy.deepcopy(image), text, backend="torch", **kw)
 
 
-def engines(image, text, onnx_dir: Path) -> dict:
-    return {name: make_engine(name, image, text, onnx_dir) for name in ENGINES}
+def engines(image, text, onnx_dir: Path, names: tuple[str, ...] = ENGINES, data: Path | None = None) -> dict:
+    return {name: make_engine(name, image, text, onnx_dir, data) for name in names}
 
 
 def extract_rate(data: Path, recipe: Recipe, image, text, eng, workers: int, tmp: Path) -> float:
@@ -92,6 +100,8 @@ def bare_rate(eng, x: torch.Tensor, captions: list[str], text) -> float:
 
 def max_diffs(engs: dict, x: torch.Tensor, captions: list[str], text) -> tuple[float, float]:
     tok = text.tokenize(captions[:64])
+    if "torch" not in engs:
+        return float("nan"), float("nan")
     img = np.abs(engs["onnx"].image(x[:32])["image"] - engs["torch"].image(x[:32])["image"]).max()
     txt = np.abs(engs["onnx"].text(tok["input_ids"], tok["attention_mask"])["text"]
                  - engs["torch"].text(tok["input_ids"], tok["attention_mask"])["text"]).max()
@@ -116,24 +126,37 @@ def _sample(image, data: Path, n: int = 256) -> tuple[torch.Tensor, list[str]]:
 def measure(what: str, pair: str, data: Path, workers: int, tmp: Path) -> float:
     """One figure, in this (fresh) process: ``what`` is an engine's extract rate or "bare onnx"."""
     image, text, recipe = _encoders(*pair.split("+"))
-    eng = make_engine("onnx" if what == "bare onnx" else what, image, text, tmp / "onnx")
+    eng = make_engine("onnx" if what == "bare onnx" else what, image, text, tmp / "onnx", data)
+    if what == "onnx int8":
+        recipe = dataclasses.replace(recipe, precision="int8")
     if what == "bare onnx":
         x, captions = _sample(image, data)
         return bare_rate(eng, x, captions, text)
     return extract_rate(data, recipe, image, text, eng, workers, tmp)
 
 
-def bench_pair(pair: str, data: Path, repeats: int, workers: int, tmp: Path) -> dict:
+def cosines(engs: dict, x: torch.Tensor, captions: list[str], text) -> tuple[float, float]:
+    """Mean feature cosine of the int8 engine to the fp32 ONNX one: images, captions."""
+    def cos(a: np.ndarray, b: np.ndarray) -> float:
+        return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
+    tok = text.tokenize(captions)
+    a, b = engs["onnx"], engs["onnx int8"]
+    return (cos(a.image(x)["image"], b.image(x)["image"]),
+            cos(a.text(tok["input_ids"], tok["attention_mask"])["text"],
+                b.text(tok["input_ids"], tok["attention_mask"])["text"]))
+
+
+def bench_pair(pair: str, data: Path, repeats: int, workers: int, tmp: Path, names: tuple[str, ...] = ENGINES) -> dict:
     """Every figure of one pair. Each measurement runs in a process of its own, as `mlc extract` does: in
     one long process, an ONNX extract right after a torch one ran 5% slower (113 vs 119 img/s) than
     the same extract in a fresh process."""
     image, text, _ = _encoders(*pair.split("+"))
     t = time.perf_counter()
-    engs = engines(image, text, tmp / "onnx")  # the ONNX graphs, exported once for every process
+    engs = engines(image, text, tmp / "onnx", names, data)  # the ONNX graphs, exported once for every process
     export_s = time.perf_counter() - t
-    rates: dict[str, list[float]] = {k: [] for k in (*ENGINES, "bare onnx")}
+    rates: dict[str, list[float]] = {k: [] for k in (*names, "bare onnx")}
     for _ in range(repeats):
-        for name in (*ENGINES, "bare onnx"):
+        for name in (*names, "bare onnx"):
             out = subprocess.run([sys.executable, __file__, "--measure", name, "--pairs", pair, "--data", str(data),
                                   "--workers", str(workers), "--tmp", str(tmp)],
                                  capture_output=True, text=True)
@@ -141,7 +164,8 @@ def bench_pair(pair: str, data: Path, repeats: int, workers: int, tmp: Path) -> 
                 raise SystemExit(f"measuring {name} failed:\n{out.stderr[-3000:]}")
             rates[name].append(float(out.stdout.strip().splitlines()[-1]))
     x, captions = _sample(image, data)
-    return {"rates": rates, "diffs": max_diffs(engs, x, captions, text), "export_s": export_s,
+    cos = cosines(engs, x, captions, text) if {"onnx", "onnx int8"} <= set(engs) else None
+    return {"rates": rates, "diffs": max_diffs(engs, x, captions, text), "cosines": cos, "export_s": export_s,
             "n": len(DataDir.open(data).records("train"))}
 
 
@@ -169,7 +193,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--pairs", default="efficientnet-lite0+minilm-l6,resnet50+tiny-bert")
-    ap.add_argument("--measure", choices=(*ENGINES, "bare onnx"), help=argparse.SUPPRESS)  # one figure, internal
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, among {ALL_ENGINES}")
+    ap.add_argument("--measure", choices=(*ALL_ENGINES, "bare onnx"), help=argparse.SUPPRESS)  # one figure, internal
     ap.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
@@ -187,18 +212,24 @@ def main() -> None:
             image_name, text_name = pair.split("+")
             n = args.resnet_images if image_name == "resnet50" else args.images
             data = first_rows(args.data, n, tmp / pair)
-            r = bench_pair(pair, data, args.repeats, args.workers, tmp)
+            names = tuple(args.engines.split(","))
+            r = bench_pair(pair, data, args.repeats, args.workers, tmp, names)
             runs, rates = r["rates"], {k: statistics.median(v) for k, v in r["rates"].items()}
+            base = names[0]  # ratios against the first engine listed
             print(f"\n{pair} ({'random init, ' if image_name == 'resnet50' else ''}{r['n']} images; ONNX export "
                   f"{r['export_s']:.1f} s once):")
-            for name in (*ENGINES, "bare onnx"):
-                print(f"  {name:12s} {rates[name]:7.1f} img/s   {rates[name] / rates['torch eager']:5.2f}x torch eager"
-                      f"   {rates[name] / rates['torch']:5.2f}x torch   (runs: "
+            for name in (*names, "bare onnx"):
+                print(f"  {name:12s} {rates[name]:7.1f} img/s   {rates[name] / rates[base]:5.2f}x {base}   (runs: "
                       f"{' / '.join(f'{v:.1f}' for v in runs[name])})")
-            ratios = [o / e for o, e in zip(runs["onnx"], runs["torch eager"], strict=True)]
-            print(f"  onnx / torch eager, run by run: {' / '.join(f'{v:.2f}x' for v in ratios)}")
+            last = names[-1]
+            ratios = [o / e for o, e in zip(runs[last], runs[base], strict=True)]
+            print(f"  {last} / {base}, run by run: {' / '.join(f'{v:.2f}x' for v in ratios)}")
+            if r["cosines"]:
+                print(f"  int8 vs fp32 feature cosine (mean over 256 images): image {r['cosines'][0]:.4f}, "
+                      f"text {r['cosines'][1]:.4f}")
             print(f"  extract / bare onnx forward: {rates['onnx'] / rates['bare onnx']:.2f}")
-            print(f"  max |onnx - torch|: image {r['diffs'][0]:.2e}, text {r['diffs'][1]:.2e}", flush=True)
+            if "torch" in names:
+                print(f"  max |onnx - torch|: image {r['diffs'][0]:.2e}, text {r['diffs'][1]:.2e}", flush=True)
 
 
 if __name__ == "__main__":

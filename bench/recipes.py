@@ -2,10 +2,15 @@
 
 On the shared competition subset: every recipe trains (and tunes its thresholds) on ids 0-9999 and is
 scored on ids 10000-11999. Recipes: the frozen offline encoders with one split or 5 folds, each offline
-encoder pair, two caches fused, and the CPU finetune route (a trunk cache, then the encoders' top
-blocks finetuned from the frozen head) at several cuts, epochs and learning rates.
+encoder pair, two caches fused, the CPU finetune route (a trunk cache, then the encoders' top
+blocks finetuned from the frozen head) at several cuts, epochs and learning rates, int8 stage one, and
+the cross-fitted caption tower (``mlc crossfit`` with ``--train-rows 10000``: its fold models train on
+ids 0-9999 only; ids 10000-11999 get the folds' mean features, as the test split does) fused with the
+frozen lite0 + MiniLM cache.
 
-    .venv/bin/python bench/recipes.py [--only frozen,fused,trunk] [--trunk CUT:EPOCHS:LR:ENC_LR,...]
+    .venv/bin/python bench/recipes.py [--only frozen,default,fused,trunk,int8,crossfit]
+                                      [--trunk CUT:EPOCHS:LR:ENC_LR,...]
+                                      [--crossfit FOLDS:EPOCHS:PRECISION[:OUTPUT],...]
 
 Wall times: extraction of the train split (ONNX Runtime, 2 cores) + training + threshold tuning.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -26,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.cache import CacheReader  # noqa: E402
+from pipeline.crossfit import CrossfitConfig, crossfit  # noqa: E402
 from pipeline.datasets import TrunkRows, to_device  # noqa: E402
 from pipeline.extract import ExtractConfig, extract  # noqa: E402
 from pipeline.finetune import FinetuneConfig, finetune  # noqa: E402
@@ -40,7 +47,7 @@ SHARED = REPO.parent / "shared" / "data" / "comp5329"
 TEXT = "minilm-l6"
 
 
-def cache(image: str, cache_dir: Path, **cuts: str) -> tuple[Path, float]:
+def cache(image: str, cache_dir: Path, **cuts: str) -> tuple[Path, float]:  # cuts: or precision
     """The train cache of ``image`` + MiniLM (made once), and how long making it took (0 when reused)."""
     t = time.perf_counter()
     (path,) = extract(ExtractConfig(data_dir=SHARED, image_encoder=image, text_encoder=TEXT, splits=("train",),
@@ -98,6 +105,8 @@ def main() -> None:
     ap.add_argument("--trunk", default="block13:2:3e-4:1e-4,block15:2:3e-4:1e-4,block13:3:3e-4:1e-4,"
                                        "block13:2:1e-3:3e-4",
                     help="trunk configs: CUT:EPOCHS:HEAD_LR:ENCODER_LR, comma-separated")
+    ap.add_argument("--crossfit", default="5:1:bf16",
+                    help="cross-fits: FOLDS:EPOCHS:PRECISION[:OUTPUT], comma-separated (OUTPUT: embedding or logits)")
     ap.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "mlc-recipes.json")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -108,11 +117,11 @@ def main() -> None:
         args.results.write_text(json.dumps(results, indent=1))
         print(f"{name:62s} samples-F1 {f1:.4f}   {secs:7.1f} s", flush=True)
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         lite0, t0 = cache("efficientnet-lite0", args.cache_dir)
-        lite2, t2 = cache("efficientnet-lite2", args.cache_dir)
+        lite2, t2 = cache("efficientnet-lite2", args.cache_dir) if parts & {"frozen", "fused"} else (lite0, 0.0)
         print(f"train caches: lite0 + MiniLM {t0:.0f} s, lite2 + MiniLM {t2:.0f} s (0 = reused)", flush=True)
         if "frozen" in parts:
             for name, caches, folds in (("lite0 + MiniLM, one split", [lite0], 0),
@@ -120,6 +129,9 @@ def main() -> None:
                                         ("lite2 + MiniLM, one split", [lite2], 0),
                                         ("lite2 + MiniLM, 5 folds", [lite2], 5)):
                 record(name, *frozen(caches, folds, tmp / name.replace(" ", "_")))
+        if "default" in parts:  # the frozen default alone, beside the new recipes
+            record("lite0 + MiniLM, 5 folds", *frozen([lite0], 5, tmp / "default"))
+            record("frozen MiniLM alone (--head text), 5 folds", *frozen([lite0], 5, tmp / "text", head="text"))
         if "fused" in parts:
             record("lite0 + lite2 + MiniLM fused, 5 folds", *frozen([lite0, lite2], 5, tmp / "fused"))
         if "trunk" in parts:
@@ -135,6 +147,22 @@ def main() -> None:
                 f1_t, tsecs = trunk(tc, base, tmp / f"trunk-{cut}-{epochs}-{lr}", epochs, lr, enc_lr)
                 print(f"  (trunk cache {secs:.0f} s, its one-split start head {f1:.4f} in {fsecs:.0f} s)", flush=True)
                 record(name, f1_t, tsecs)
+        if "int8" in parts:
+            int8, ti = cache("efficientnet-lite0", args.cache_dir, precision="int8")
+            print(f"int8 train cache: {ti:.0f} s (0 = reused)", flush=True)
+            record("lite0 + MiniLM int8, 5 folds", *frozen([int8], 5, tmp / "int8"))
+        if "crossfit" in parts:
+            for spec in args.crossfit.split(","):
+                k, ep, precision, output = (spec.split(":") + ["embedding"])[:4]
+                t = time.perf_counter()
+                cf, _ = crossfit(CrossfitConfig(data_dir=SHARED, train_rows=10000, folds=int(k), epochs=int(ep),
+                                                precision=precision, output=output, out_dir=args.cache_dir))
+                cf_secs = time.perf_counter() - t
+                print(f"  (cross-fit {spec}: {cf_secs:.0f} s, 0 = reused)", flush=True)
+                f1, secs = frozen([lite0, cf], 5, tmp / f"crossfit-{spec}")
+                what = f"cross-fitted MiniLM {output} ({k} folds, {ep} ep, {precision})"
+                record(f"lite0 + MiniLM + {what}, 5 folds", f1, secs + cf_secs)
+                record(f"{what} alone, 5 folds", *frozen([cf], 5, tmp / f"crossfit-alone-{spec}"))
 
 
 if __name__ == "__main__":

@@ -298,13 +298,13 @@ def onnx_session(encoder: Any, cut: str | None, onnx_dir: Path, log: Callable[[s
 
 
 def _torch_image(encoder: ImageEncoder, cut: str | None, device: torch.device,
-                 channels_last: bool) -> Callable[[torch.Tensor], Outputs]:
+                 channels_last: bool, precision: str) -> Callable[[torch.Tensor], Outputs]:
     @torch.inference_mode()
     def run(pixels: torch.Tensor) -> Outputs:
         x = encoder.preprocess.normalize(pixels.to(device, non_blocking=True))
         if channels_last:  # 1.4x on this CPU for the same numbers; the encoder was converted too
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        with autocast(device, precision):
             if cut is None:
                 return {"image": encoder(x).float().cpu().numpy()}
             h = encoder.forward_trunk(x, cut)
@@ -313,11 +313,11 @@ def _torch_image(encoder: ImageEncoder, cut: str | None, device: torch.device,
     return run
 
 
-def _torch_text(encoder: TextEncoder, cut: str | None, device: torch.device) -> Callable[..., Outputs]:
+def _torch_text(encoder: TextEncoder, cut: str | None, device: torch.device, precision: str) -> Callable[..., Outputs]:
     @torch.inference_mode()
     def run(ids: torch.Tensor, mask: torch.Tensor) -> Outputs:
         ids, mask = ids.to(device), mask.to(device)
-        with autocast(device):
+        with autocast(device, precision):
             if cut is None:
                 return {"text": encoder(ids, mask).float().cpu().numpy()}
             h = encoder.forward_trunk(ids, mask, cut)
@@ -345,13 +345,20 @@ def _version(package: str) -> str:
 
 def engine(image: ImageEncoder | None, text: TextEncoder | None, *, backend: str, device: torch.device,
            image_cut: str | None, text_cut: str | None, onnx_dir: Path | None = None,
-           log: Callable[[str], None] | None = None, channels_last: bool = True) -> Engine:
+           log: Callable[[str], None] | None = None, channels_last: bool = True, precision: str = "fp32",
+           calibration: Callable[[], Any] | None = None) -> Engine:
     """The forward functions for ``backend``: ``auto`` is ONNX Runtime on the CPU and torch on CUDA. A
-    modality without an encoder (None) gets no forward function. Graphs live in ``graph_dir(onnx_dir)``."""
+    modality without an encoder (None) gets no forward function. Graphs live in ``graph_dir(onnx_dir)``.
+    ``precision``: fp32, bf16/fp16 (torch autocast) or int8 (ONNX graphs quantized by ``quantize``;
+    ``calibration`` gives the image graph's images)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     onnx_dir = graph_dir(onnx_dir)
     if backend not in BACKENDS:
         raise MlcError(f"--backend must be one of {BACKENDS}, not {backend!r}")
+    if (precision == "int8" and backend == "torch") or (precision in ("bf16", "fp16") and backend == "onnx"):
+        raise MlcError(f"--precision {precision} runs with --backend {'onnx' if precision == 'int8' else 'torch'}")
+    if precision in ("bf16", "fp16"):
+        backend = "torch"  # autocast is torch's; the ONNX graphs are fp32 (or int8)
     if backend == "onnx" and device.type != "cpu":
         raise MlcError("--backend onnx runs on the CPU (onnxruntime's CPU provider); use --device cpu, or "
                        "--backend torch on CUDA")
@@ -362,31 +369,37 @@ def engine(image: ImageEncoder | None, text: TextEncoder | None, *, backend: str
     names: dict[str, str] = {}
     if text is None:
         runs["text"] = None
-    sessions: dict[str, tuple[Any, Any, str | None]] = {}
-    if backend == "onnx" or (backend == "auto" and device.type == "cpu"):
+    sessions: dict[str, tuple[Any, Any, str | None, Path]] = {}
+    if backend == "onnx" or precision == "int8" or (backend == "auto" and device.type == "cpu"):
         for kind, enc, cut in (("image", image, image_cut), ("text", text, text_cut)):
             if enc is None:
                 continue
             try:
-                sessions[kind] = (onnx_session(enc, cut, onnx_dir, log), enc, cut)
+                sessions[kind] = (onnx_session(enc, cut, onnx_dir, log), enc, cut, onnx_file(onnx_dir, enc, cut))
+                if precision == "int8":
+                    from .quantize import int8_session
+
+                    session, path, cos = int8_session(sessions[kind][3], sessions[kind][0], enc, cut, log, calibration)
+                    sessions[kind] = (session, enc, cut, path)
+                    names[kind] = f"onnxruntime {_version('onnxruntime')} int8 (cosine {cos:.4f} to fp32)"
             except BackendError as e:
-                if backend == "onnx":
+                if backend == "onnx" or precision == "int8":
                     raise
                 log(f"note: {e}; running {enc.name} with torch instead")
     threads = torch.get_num_threads()
     # Lanes only when every forward is ONNX: a torch forward already uses every core.
     lanes = threads if sessions and all(runs.get(k, 0) is None or k in sessions for k in ("image", "text")) else 1
-    for kind, (session, enc, cut) in sessions.items():
+    for kind, (session, enc, cut, path) in sessions.items():
         if lanes == 1 and threads > 1:  # beside a torch forward: one call at a time, on every core
-            session = ort_session(onnx_file(onnx_dir, enc, cut), threads)
+            session = ort_session(path, threads)
         runs[kind] = _onnx_runner(session, enc, cut)
-        names[kind] = f"onnxruntime {_version('onnxruntime')}"
+        names.setdefault(kind, f"onnxruntime {_version('onnxruntime')}")
     if "image" not in runs:
         if channels_last:  # after any export: the exported graph is traced from the plain layout
             image.to(memory_format=torch.channels_last)
-        runs["image"] = _torch_image(image, image_cut, device, channels_last)
+        runs["image"] = _torch_image(image, image_cut, device, channels_last, precision)
     if "text" not in runs:
-        runs["text"] = _torch_text(text, text_cut, device)
+        runs["text"] = _torch_text(text, text_cut, device, precision)
     for kind in ("image", "text"):
         names.setdefault(kind, "none" if runs[kind] is None else f"torch {torch.__version__}")
     return Engine(runs["image"], runs["text"], names, lanes)

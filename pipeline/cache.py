@@ -74,6 +74,7 @@ class CacheMeta:
     image_cut: str | None = None
     text_cut: str | None = None
     source_run: str | None = None
+    precision: str = "fp32"  # what the encoders computed in: fp32, bf16, fp16 or int8 (older caches: fp32)
     mlc_version: str = ""
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # {"recipe": how the features were made}

@@ -96,6 +96,15 @@ def finetune(cfg: Any) -> int | None:
     return None
 
 
+def crossfit(cfg: Any) -> None:
+    """Stage one with a finetuned caption tower, cross-fitted: K fold models, each encoding the rows it did not
+    train on (and the test split, averaged); writes a train and a test cache to fuse with frozen ones."""
+    from .crossfit import crossfit as run
+
+    for path in run(cfg):
+        typer.echo(str(path))
+
+
 def _without_nproc(argv: list[str]) -> list[str]:
     """argv minus ``--nproc N`` / ``--nproc=N`` (torchrun would take --nproc for its own option)."""
     out, skip = [], False
@@ -179,6 +188,7 @@ COMMANDS: dict[str, tuple[Callable[[Any], int | None], str]] = {
     "extract": (extract, "pipeline.extract:ExtractConfig"),
     "fit-head": (fit_head, "pipeline.fit_head:FitHeadConfig"),
     "finetune": (finetune, "pipeline.finetune:FinetuneConfig"),
+    "crossfit": (crossfit, "pipeline.crossfit:CrossfitConfig"),
     "submit": (submit, "pipeline.submit:SubmitConfig"),
     "report": (report, "pipeline.report:ReportConfig"),
     "predict": (predict, "pipeline.predict:PredictConfig"),

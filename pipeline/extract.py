@@ -16,6 +16,7 @@ from .data import DataDir, DataOptions
 from .device import distributed
 from .encoders import EncoderOptions
 from .features import Hints, Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine, fit_to_data
+from .quantize import PrecisionOptions, feature_precision
 
 SPLITS = ("train", "test")
 HINTS = Hints(bad_image="pass --skip-bad-images to leave such images out",
@@ -24,7 +25,7 @@ HINTS = Hints(bad_image="pass --skip-bad-images to leave such images out",
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExtractConfig(EncoderOptions, LoaderOptions, DataOptions):
+class ExtractConfig(EncoderOptions, PrecisionOptions, LoaderOptions, DataOptions):
     """What ``mlc extract`` does."""
 
     data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
@@ -71,7 +72,8 @@ def extract(cfg: ExtractConfig, command: str = "extract") -> list[Path]:
     for split in cfg.splits:
         data.records(split)  # a faulty CSV stops here, not after minutes of loading and exporting encoders
     with distributed(cfg.device) as device:
-        image, text, eng = encoders_and_engine(recipe, cfg, device)
+        recipe = dataclasses.replace(recipe, precision=feature_precision(cfg.precision, device))
+        image, text, eng = encoders_and_engine(recipe, cfg, device, data=data)
         return [build_cache(Job(recipe, data, split, cache_path(cfg.out_dir, cfg.data_dir, split, recipe), cfg,
                                 cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite, hints), image, text, eng, device)
                 for split in cfg.splits]

@@ -27,12 +27,13 @@ from . import __version__
 from .atomic import check_writable, lock
 from .backends import Engine, engine
 from .cache import CacheMeta, CacheWriter, read_meta
-from .data import check_images, fingerprint
+from .data import DataDir, check_images, fingerprint
 from .device import is_main, rank, world_size
 from .encode import Hints, Job, encode_chunks, encode_images, encode_texts, submit_texts
 from .encoders import NONE, ImageEncoder, TextEncoder
 from .errors import MismatchError, MlcError
 from .options import LoaderOptions
+from .quantize import calibration_pixels
 from .recipe import Recipe, cache_path, fit_to_data, safe_name
 from .records import Record
 
@@ -63,7 +64,7 @@ def cache_meta(job: Job, image: ImageEncoder | None, text: TextEncoder | None, r
         text_preprocess=t["preprocess"], views=r.views, image_dim=i["dim"], text_dim=t["dim"],
         label_ids=labels.ids, label_names=labels.names,
         data_fingerprint=fingerprint(records, job.data.image_dir if image is not None else None),
-        num_records=len(records), image_cut=r.image_cut, text_cut=r.text_cut,
+        num_records=len(records), image_cut=r.image_cut, text_cut=r.text_cut, precision=r.precision,
         source_run=str(Path(r.from_run).resolve()) if r.from_run else None,
         mlc_version=__version__, created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"recipe": r.to_dict(), "backend": eng.backends, "skipped": [list(x) for x in skipped]},
@@ -146,12 +147,14 @@ def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, 
     return job.target
 
 
-def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.device,
-                        verified: Path | None = None) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
+def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.device, verified: Path | None = None,
+                        data: DataDir | None = None) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
     """The recipe's encoders (``verified`` as in Recipe.encoders) and the forward functions of the backend
-    ``loader`` asks for (ONNX graphs exported to / reused from ``loader.onnx_dir``); progress notes on rank 0 only."""
+    ``loader`` asks for (ONNX graphs exported to / reused from ``loader.onnx_dir``) in the recipe's precision
+    (int8 calibrated on ``data``'s images); progress notes on rank 0 only."""
     image, text = recipe.encoders(verified)
     eng = engine(image, text, backend=loader.backend, device=device, image_cut=recipe.image_cut,
-                 text_cut=recipe.text_cut, onnx_dir=loader.onnx_dir,
+                 text_cut=recipe.text_cut, onnx_dir=loader.onnx_dir, precision=recipe.precision,
+                 calibration=None if data is None or image is None else lambda: calibration_pixels(data, image),
                  log=lambda msg: print(msg, file=sys.stderr) if is_main() else None)
     return image, text, eng

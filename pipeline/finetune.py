@@ -30,7 +30,7 @@ from .cache import CacheReader, check_compatible
 from .config import as_paths, opt, redefault, require
 from .data import DataDir, DataOptions
 from .datasets import CaptionCollate, ImageCaptionRows, TrunkRows, to_device
-from .device import autocast, distributed, is_main, rank, world_size
+from .device import autocast, distributed, is_main, rank, resolve_precision, world_size
 from .encoders import NONE, EncoderOptions, ImageEncoder, TextEncoder
 from .errors import MismatchError, MlcError
 from .evaluation import evaluate
@@ -63,7 +63,9 @@ class FinetuneConfig(EncoderOptions, HeadOptions, TrainOptions, DataOptions, Out
     augment: bool = opt(True, "The seed's image augmentations.")
     workers: int = opt(2, "DataLoader workers.")
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
-    amp: bool = opt(True, "Mixed precision on CUDA.")
+    precision: str = opt("auto", "auto, fp32 or bf16: what forward passes compute in (weights stay fp32). auto: mixed "
+                         "precision on CUDA, bf16 on CPUs with AMX or AVX512-BF16, fp32 elsewhere; the one used is in "
+                         "metrics.json.")
     channels_last: bool = opt(True, "Image convolutions in channels_last memory layout (about 1.4x faster on CPU "
                               "and on GPUs, same numbers); --no-channels-last to use the plain layout.")
     resume: bool = opt(False, "Continue from OUT/checkpoints/last.pt.")
@@ -204,13 +206,13 @@ def _loaders(cfg: FinetuneConfig, src: _Source, train_idx: np.ndarray, val_idx: 
 
 @torch.no_grad()
 def _predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-             n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+             n_classes: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
     """Held-out probabilities (rows, scores), gathered from every rank."""
     model.eval()
     rows, scores = [], []
     for batch in loader:
         b = to_device(batch, device)
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(b["pixels"], b["input_ids"], b["attention_mask"])
         scores.append(torch.sigmoid(logits.float()).cpu().numpy())
         rows.append(b["rows"].cpu().numpy())
@@ -233,6 +235,7 @@ def build_task(cfg: FinetuneConfig, device: torch.device) -> tuple[Task, _Source
     model = _model(cfg, src, device, {str(src.ids[i]) for i in val_idx})
     sampler = make_sampler(cfg, src.y[train_idx])
     train_loader, val_loader = _loaders(cfg, src, train_idx, val_idx, sampler, device)
+    precision = resolve_precision(cfg.precision, device)
 
     def batches(epoch: int) -> Any:
         if isinstance(train_loader.dataset, TrunkRows):
@@ -245,7 +248,7 @@ def build_task(cfg: FinetuneConfig, device: torch.device) -> tuple[Task, _Source
     task = Task(model=model, param_groups=groups, y=src.y, train_rows=train_idx, sampler=sampler,
                 steps_per_epoch=len(train_loader), batches=batches,
                 forward=lambda m, b: m(b["pixels"], b["input_ids"], b["attention_mask"]),
-                predict=lambda m: _predict(m, val_loader, device, src.y.shape[1]),
+                predict=lambda m: _predict(m, val_loader, device, src.y.shape[1], precision),
                 train_mode=(lambda m: m.train()) if cfg.end_to_end else (lambda m: m.train_partially()),
                 rng_state=lambda: train_loader.generator.get_state(),
                 set_rng_state=lambda s: train_loader.generator.set_state(s))
@@ -269,14 +272,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 print(msg, file=sys.stderr)
 
         groups = task.param_groups
+        precision = resolve_precision(cfg.precision, device)
         log(f"finetune ({cfg.mode}): {len(task.sampler) * world_size()} train draws/epoch, "
             f"{len(task.y) - len(task.train_rows)} validation rows, "
             f"{sum(q.numel() for q in groups[1]['params']) / 1e6:.2f} M encoder + "
             f"{sum(q.numel() for q in groups[0]['params']) / 1e6:.2f} M head parameters training, device {device}, "
-            f"{world_size()} process(es)")
+            f"{world_size()} process(es), precision {precision}")
         result = train(task, cfg, device=device, log=log, checkpoints=run.checkpoints, config=cfg.to_dict(),
-                       resume=cfg.resume, amp=cfg.amp, progress=True)
-        metrics = _write_run(cfg, task.model, src, result, log, lines) if is_main() else {}
+                       resume=cfg.resume, precision=precision, progress=True)
+        metrics = _write_run(cfg, task.model, src, result, log, lines, precision) if is_main() else {}
         if world_size() > 1:
             torch.distributed.barrier()
         return metrics
@@ -291,7 +295,7 @@ def _claim(cfg: FinetuneConfig) -> RunDir:
 
 
 def _write_run(cfg: FinetuneConfig, model: MultiModal, src: _Source, result: TrainResult,
-               log: Any, lines: list[str]) -> dict[str, Any]:
+               log: Any, lines: list[str], precision: str) -> dict[str, Any]:
     """Best epoch -> a run folder that `mlc submit`, `report` and `extract --from-run` take."""
     model = model.cpu()
     model.load_state_dict(result.best_state)
@@ -299,7 +303,7 @@ def _write_run(cfg: FinetuneConfig, model: MultiModal, src: _Source, result: Tra
     model.text.rehash()
     y = src.y[result.val_rows]
     metrics, th = evaluate(y, result.val_scores, "per-class", cfg.seed)
-    metrics.update(best_epoch=result.best_epoch, best_epochs=[result.best_epoch], mode=cfg.mode)
+    metrics.update(best_epoch=result.best_epoch, best_epochs=[result.best_epoch], mode=cfg.mode, precision=precision)
     th.update(label_ids=list(src.labels.ids), label_names=list(src.labels.names))
     data = cfg.data_options().recorded() if src.data is not None else (
         src.reader.meta.extra.get("recipe", {}).get("data") if src.reader is not None else None)

@@ -38,6 +38,8 @@ class Recipe:
     text_cut: str | None = None
     text_pooling: str | None = None
     data: dict[str, Any] | None = None  # the data folder's layout (DataOptions), so test.csv reads alike
+    precision: str = "fp32"  # resolved: fp32, bf16, fp16 (CUDA) or int8
+    crossfit: str | None = None  # made by `mlc crossfit` (K fold models, not kept): its id
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -66,6 +68,8 @@ class Recipe:
             parts.append("random")
         elif self.image_weights or self.text_weights:
             parts.append("custom")
+        if self.crossfit:
+            parts.append(f"crossfit-{self.crossfit}")
         if self.image_cut:
             parts.append(f"img-{self.image_cut}")
         if self.text_cut:
@@ -74,6 +78,8 @@ class Recipe:
             parts.append(f"v{self.views}")
         if self.text_pooling:
             parts.append(f"pool-{self.text_pooling}")
+        if self.precision != "fp32":
+            parts.append(self.precision)
         return "_".join(parts) or None
 
     def data_options(self) -> DataOptions:
@@ -83,6 +89,10 @@ class Recipe:
         """Pretrained (or explicit local) weights, a finetuned run's encoders, or seeded random init; None
         for a modality the recipe has no encoder for ('none'). ``verified``: a run folder the caller has
         just verified (RunDir.load), not hashed again when it is the one the encoders come from."""
+        if self.crossfit is not None:
+            raise MlcError(f"features cross-fitted by `mlc crossfit` ({self.crossfit}) come from {self.text_encoder} "
+                           "fold models that are not kept: only the train and test caches crossfit wrote hold "
+                           "them; predict and export need a run over encoders that exist")
         if self.from_run is not None:
             run = RunDir(Path(self.from_run))
             if verified is None or Path(verified).resolve() != run.path.resolve():

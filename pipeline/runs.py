@@ -74,6 +74,7 @@ class Contract:
     image_dim: int
     text_dim: int
     label_ids: tuple[int | str, ...]
+    precision: str = "fp32"  # of the features (int8 or bf16 ones differ from fp32 ones)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_ids", tuple(self.label_ids))  # JSON gives a list
@@ -90,7 +91,8 @@ class Contract:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Contract:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        # a run written before precision was recorded holds fp32 features (the default)
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d or f.name != "precision"})
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps({f.name: getattr(self, f.name) for f in fields(self)}))

@@ -87,7 +87,13 @@ def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> list[Path]
     paths = []
     with distributed(cfg.device) as device:
         for recipe, target in zip(_recipes(run), _test_caches(run, cfg), strict=True):
-            image, text, eng = encoders_and_engine(recipe, cfg, device, run.path)
+            if recipe.crossfit is not None:  # made with the train features by `mlc crossfit`: no encoders to run
+                if not target.is_file():
+                    raise MlcError(f"{target}: missing; the test features of a cross-fitted cache are written with "
+                                   "its train features by `mlc crossfit` (rerun it with the same options)")
+                paths.append(target)
+                continue
+            image, text, eng = encoders_and_engine(recipe, cfg, device, run.path, data)
             job = Job(recipe, data, "test", target, cfg, chunk_rows=max(cfg.batch_size, 512), overwrite=cfg.overwrite,
                       hints=HINTS)
             paths.append(build_cache(job, image, text, eng, device))

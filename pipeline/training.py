@@ -216,8 +216,10 @@ def _score(opts: TrainOptions, y: np.ndarray, scores: np.ndarray) -> dict[str, f
 
 def train(task: Task, opts: TrainOptions, *, device: torch.device, log: Callable[[str], None],
           checkpoints: Path | None = None, config: dict[str, Any] | None = None, resume: bool = False,
-          amp: bool = False, progress: bool = False) -> TrainResult:
-    """Train ``task.model`` for ``opts.epochs`` (early-stopped by ``opts.patience``); return the best epoch."""
+          precision: str = "fp32", progress: bool = False) -> TrainResult:
+    """Train ``task.model`` for ``opts.epochs`` (early-stopped by ``opts.patience``); return the best epoch.
+    ``precision``: a resolved ``device.resolve_precision`` (forward passes autocast to it; weights,
+    gradients and optimiser state stay fp32)."""
     model = task.model
     opt_cls = torch.optim.AdamW if opts.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(task.param_groups, lr=opts.lr, weight_decay=opts.weight_decay)
@@ -225,7 +227,8 @@ def train(task: Task, opts: TrainOptions, *, device: torch.device, log: Callable
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts, updates * opts.epochs))
     pos_weight = pos_weight_from_labels(task.y[task.train_rows]).to(device) if opts.pos_weight else None
     loss_fn = create_loss(opts.loss, pos_weight=pos_weight)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp)
+    # fp16 gradients underflow without scaling; bf16 has fp32's exponent range and needs none.
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
     ddp: nn.Module = model
     if world_size() > 1:
         ddp = nn.parallel.DistributedDataParallel(
@@ -238,7 +241,7 @@ def train(task: Task, opts: TrainOptions, *, device: torch.device, log: Callable
         t0 = time.perf_counter()
         task.sampler.epoch = epoch
         task.train_mode(model)
-        loss, seen, step_secs = _epoch(task, ddp, loss_fn, step, device, amp, epoch, opts.epochs, progress)
+        loss, seen, step_secs = _epoch(task, ddp, loss_fn, step, device, precision, epoch, opts.epochs, progress)
         train_secs = time.perf_counter() - t0
         rows, scores = task.predict(model)
         order = np.argsort(rows)
@@ -314,7 +317,7 @@ class _Stepper:
             self.sched.step()
 
 
-def _epoch(task: Task, model: nn.Module, loss_fn: nn.Module, step: _Stepper, device: torch.device, amp: bool,
+def _epoch(task: Task, model: nn.Module, loss_fn: nn.Module, step: _Stepper, device: torch.device, precision: str,
            epoch: int, epochs: int, progress: bool) -> tuple[float, int, list[float]]:
     """One pass over the epoch's batches: (mean train loss, rows seen, seconds per step)."""
     total, seen, step_secs = 0.0, 0, []
@@ -324,7 +327,7 @@ def _epoch(task: Task, model: nn.Module, loss_fn: nn.Module, step: _Stepper, dev
     t = time.perf_counter()
     for i, batch in enumerate(bar):
         labels = batch["labels"].to(device, non_blocking=True)
-        with autocast(device, amp):
+        with autocast(device, precision):
             loss = loss_fn(task.forward(model, batch).float(), labels)
         step(i, loss)
         total += loss.item() * len(labels)

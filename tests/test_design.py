@@ -9,7 +9,8 @@ from pathlib import Path
 from conftest import REPO
 
 PACKAGE = REPO / "pipeline"
-STAGES = {"validate", "extract", "fit_head", "finetune", "submit", "report", "predict", "export", "evaluate"}
+STAGES = {"validate", "extract", "fit_head", "finetune", "crossfit", "submit", "report", "predict", "export",
+          "evaluate"}
 
 
 def _module(path: Path) -> str:

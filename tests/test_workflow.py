@@ -61,3 +61,15 @@ def test_mlc_run_finetune_route_starts_from_a_one_split_head_and_submits_with_th
     assert not RunDir(out).submission.exists()  # the frozen run is not what was submitted
     trunk = list((tmp_path / "cache").rglob("train__*img-layer3_txt-layer1*.h5"))
     assert len(trunk) == 1
+
+
+def test_mlc_run_with_a_cross_fitted_caption_tower(tmp_path):
+    data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
+    out = tmp_path / "runs" / "cf"
+    res = CliRunner().invoke(app, ["run", str(data), *ARGS, "--crossfit-text", "--out", str(out), "--cache-dir",
+                                   str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    run = RunDir(out).load()
+    assert [e["recipe"]["crossfit"] is not None for e in run.features] == [False, True]
+    assert len(run.features[1]["contract"]) and run.features[1]["contract"]["image_dim"] == 0
+    assert len(run.dir.submission.read_text().splitlines()) == 5

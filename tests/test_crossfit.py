@@ -1,0 +1,86 @@
+"""``mlc crossfit`` with a tiny random text encoder: no row is encoded by a model that trained on it, and its
+caches fuse with frozen ones in fit-head and submit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_data_dir
+
+from pipeline.cache import CacheReader
+from pipeline.crossfit import CrossfitConfig, crossfit, crossfit_features
+from pipeline.data import DataDir
+from pipeline.encoders import create_text_encoder
+from pipeline.errors import MismatchError, MlcError
+from pipeline.extract import ExtractConfig, extract
+from pipeline.features import Recipe
+from pipeline.fit_head import FitHeadConfig, fit_head
+from pipeline.submit import SubmitConfig, submit
+
+TINY = dict(text_encoder="tiny-bert", random_init=True, epochs=1, batch_size=4, lr=1e-2, encoder_lr=1e-3)
+
+
+def test_no_row_is_encoded_by_a_model_that_trained_on_it(tmp_path):
+    data = DataDir.open(make_data_dir(tmp_path / "tiny", n_train=30, n_test=2))
+    recs = data.records("train")
+    y = data.label_space().multi_hot([r.labels for r in recs])
+    cfg = CrossfitConfig(data_dir=data.root, folds=3, **TINY)
+    oof, (extra,), folds, hashes = crossfit_features(
+        cfg, lambda: create_text_encoder("tiny-bert", random_init=True, seed=0), [r.caption for r in recs], y,
+        [["a dog", "a car"]], torch.device("cpu"), lambda msg: None)
+    everyone = set(range(len(recs)))
+    encoded = np.concatenate([f.encoded for f in folds])
+    assert sorted(encoded.tolist()) == sorted(everyone)  # each row encoded exactly once
+    for f in folds:
+        assert f.trained and not f.trained & set(f.encoded.tolist())
+        assert f.trained == everyone - set(f.encoded.tolist())  # trained on all the others (one uniform epoch)
+    assert len(set(hashes)) == 3  # three models, each moved away from the shared start
+    # the pooled embedding by default (tiny-bert: 32 dimensions)
+    assert oof.shape == (30, 32) and extra.shape == (2, 32) and np.isfinite(oof).all() and np.abs(oof).sum(1).min() > 0
+
+
+def test_crossfit_caches_fuse_with_frozen_ones_and_submit(tmp_path):
+    data = make_data_dir(tmp_path / "tiny", n_train=24, n_test=4)
+    cache = tmp_path / "cache"
+    cf_train, cf_test = crossfit(CrossfitConfig(data_dir=data, folds=2, out_dir=cache, **TINY))
+    assert "crossfit-k2" in cf_train.name and cf_test.name.startswith("test__")
+    with CacheReader(cf_train) as r:
+        assert r.meta.image_dim == 0 and r.meta.text_dim == 32 and r.labels().shape == (24, 3)
+    (frozen,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), image_encoder="tiny-resnet",
+                                      text_encoder="tiny-bert", random_init=True, workers=0, backend="torch"))
+    out = tmp_path / "run"
+    fit_head(FitHeadConfig(caches=(frozen, cf_train), out=out, epochs=2, folds=2), quiet=True)
+    path, _ = submit(SubmitConfig(run=out, data_dir=data, cache_dir=cache, workers=0, backend="torch"))
+    assert len(path.read_text().splitlines()) == 5
+    # the same cross-fit again: nothing to do; other options over the same caches: refused
+    stamp = cf_train.stat().st_mtime_ns
+    assert crossfit(CrossfitConfig(data_dir=data, folds=2, out_dir=cache, **TINY))[0].stat().st_mtime_ns == stamp
+    cf_test.unlink()
+    with pytest.raises(MlcError, match="crossfit"):
+        submit(SubmitConfig(run=out, data_dir=data, cache_dir=cache, workers=0, backend="torch"))
+
+
+def test_crossfit_features_have_no_encoders_to_predict_with():
+    with pytest.raises(MlcError, match="not kept"):
+        Recipe(image_encoder="none", text_encoder="tiny-bert", crossfit="k5-abc").encoders()
+
+
+def test_another_crossfit_over_the_same_caches_is_refused(tmp_path):
+    data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
+    cfg = CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", **TINY)
+    train, _ = crossfit(cfg)
+    recipe = cfg.recipe(DataDir.open(data))
+    other = CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", **{**TINY, "lr": 5e-3})
+    assert other.recipe(DataDir.open(data)).crossfit != recipe.crossfit  # another cache name, not a clash
+    import pipeline.crossfit as cf
+
+    with pytest.raises(MismatchError, match="another cross-fit"):
+        cf._done([train], other, other.recipe(DataDir.open(data)))
+
+
+def test_logits_output_holds_the_label_scores(tmp_path):
+    data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
+    train, test = crossfit(CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", output="logits", **TINY))
+    with CacheReader(train) as a, CacheReader(test) as b:
+        assert a.meta.text_dim == 3 and a.array("text").shape == (12, 3) and b.array("text").shape == (2, 3)

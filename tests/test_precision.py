@@ -82,9 +82,11 @@ def test_training_autocasts_and_keeps_fp32_master_weights(precision):
 
 def test_int8_features_are_close_to_fp32_and_cached_apart(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=16, n_test=4)
-    cache = tmp_path / "cache"
-    (fp32,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), backend="onnx", **TINY))
-    (int8,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), precision="int8", **TINY))
+    cache, graphs_dir = tmp_path / "cache", tmp_path / "graphs"  # a graph folder of its own: fresh int8 graphs
+    (fp32,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), backend="onnx",
+                                    onnx_dir=graphs_dir, **TINY))
+    (int8,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), precision="int8",
+                                    onnx_dir=graphs_dir, **TINY))
     assert int8 != fp32 and int8.name.endswith("int8.h5")
     with CacheReader(fp32) as a, CacheReader(int8) as b:
         assert (a.meta.precision, b.meta.precision) == ("fp32", "int8")
@@ -95,10 +97,11 @@ def test_int8_features_are_close_to_fp32_and_cached_apart(tmp_path):
             cos = (x * q).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(q, axis=1)
             assert cos.min() > 0.95, (name, cos)
             assert not np.allclose(x, q, rtol=1e-3, atol=1e-4), name  # really another computation
-    graphs = sorted(p.name for p in (cache / "onnx").glob("*int8*.onnx"))
+    graphs = sorted(p.name for p in graphs_dir.glob("*int8*.onnx"))
     assert len(graphs) == 2
-    stamps = {p: p.stat().st_mtime_ns for p in (cache / "onnx").glob("*int8*.onnx")}
-    extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("test",), precision="int8", **TINY))
+    stamps = {p: p.stat().st_mtime_ns for p in graphs_dir.glob("*int8*.onnx")}
+    extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("test",), precision="int8", onnx_dir=graphs_dir,
+                          **TINY))
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the int8 graphs are reused, not rebuilt
 
 
@@ -109,7 +112,7 @@ def test_int8_needs_onnx_and_a_pooled_cache(tmp_path):
     recipe = Recipe(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, image_cut="layer3",
                     precision="int8")
     with pytest.raises(MlcError, match="trunk caches"):
-        encoders_and_engine(recipe, ExtractConfig(data_dir=data, **TINY), CPU, tmp_path / "onnx",
+        encoders_and_engine(recipe, ExtractConfig(data_dir=data, onnx_dir=tmp_path / "onnx", **TINY), CPU,
                             data=DataDir.open(data))
 
 

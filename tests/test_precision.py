@@ -9,6 +9,7 @@ import torch
 from conftest import make_data_dir
 
 from pipeline import device as dev
+from pipeline.backends import graph_dir
 from pipeline.cache import CacheReader
 from pipeline.data import DataDir
 from pipeline.encoders import create_image_encoder, create_text_encoder
@@ -82,11 +83,9 @@ def test_training_autocasts_and_keeps_fp32_master_weights(precision):
 
 def test_int8_features_are_close_to_fp32_and_cached_apart(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=16, n_test=4)
-    cache, graphs_dir = tmp_path / "cache", tmp_path / "graphs"  # a graph folder of its own: fresh int8 graphs
-    (fp32,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), backend="onnx",
-                                    onnx_dir=graphs_dir, **TINY))
-    (int8,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), precision="int8",
-                                    onnx_dir=graphs_dir, **TINY))
+    cache, graphs_dir = tmp_path / "cache", graph_dir()  # the session's graphs: fp32 reused, int8 made here
+    (fp32,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), backend="onnx", **TINY))
+    (int8,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), precision="int8", **TINY))
     assert int8 != fp32 and int8.name.endswith("int8.h5")
     with CacheReader(fp32) as a, CacheReader(int8) as b:
         assert (a.meta.precision, b.meta.precision) == ("fp32", "int8")
@@ -100,8 +99,7 @@ def test_int8_features_are_close_to_fp32_and_cached_apart(tmp_path):
     graphs = sorted(p.name for p in graphs_dir.glob("*int8*.onnx"))
     assert len(graphs) == 2
     stamps = {p: p.stat().st_mtime_ns for p in graphs_dir.glob("*int8*.onnx")}
-    extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("test",), precision="int8", onnx_dir=graphs_dir,
-                          **TINY))
+    extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("test",), precision="int8", **TINY))
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the int8 graphs are reused, not rebuilt
 
 

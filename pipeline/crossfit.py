@@ -204,7 +204,7 @@ def crossfit_features(cfg: CrossfitConfig, make_encoder: Callable[[], TextEncode
 
 
 def _meta(split: str, cfg: CrossfitConfig, recipe: Recipe, text: TextEncoder, data: DataDir, records: list,
-          weights_hash: str, labelled: bool) -> CacheMeta:
+          data_fingerprint: str, weights_hash: str, labelled: bool) -> CacheMeta:
     labels = data.label_space()
     dim = len(labels.ids) if cfg.output == "logits" else text.dim
     return CacheMeta(
@@ -212,22 +212,25 @@ def _meta(split: str, cfg: CrossfitConfig, recipe: Recipe, text: TextEncoder, da
         text_weights=f"{text.weights_source}, finetuned on {cfg.folds} folds", text_weights_hash=weights_hash,
         random_init=cfg.random_init, image_preprocess={}, text_preprocess=text.preprocess.to_dict(), views=1,
         image_dim=0, text_dim=dim, label_ids=labels.ids, label_names=labels.names,
-        # image bytes too when the folder has images: so it fuses with the image caches of the same data
-        data_fingerprint=fingerprint(records, data.image_dir if data.options.images else None),
-        num_records=len(records), mlc_version=__version__,
+        data_fingerprint=data_fingerprint, num_records=len(records), mlc_version=__version__,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"recipe": recipe.to_dict(), "crossfit": {"config": cfg.to_dict(), "labelled": labelled}})
 
 
-def _done(targets: list[Path], cfg: CrossfitConfig, recipe: Recipe) -> bool:
-    """True when both caches hold this very cross-fit; MismatchError when they hold another (without --overwrite)."""
+def _done(targets: list[Path], cfg: CrossfitConfig, recipe: Recipe, prints: list[str]) -> bool:
+    """True when both caches hold this very cross-fit of this very data (``prints``: each split's data
+    fingerprint); MismatchError when they hold another (without --overwrite)."""
     if not all(t.is_file() for t in targets):
         return False
     metas = [read_meta(t) for t in targets]
     if all(m.extra.get("recipe") == recipe.to_dict() for m in metas):
-        return True
+        if [m.data_fingerprint for m in metas] == prints:
+            return True
+        what = "of other data (train.csv, test.csv or their images changed since)"
+    else:
+        what = "another cross-fit (other options)"
     if not cfg.overwrite:
-        raise MismatchError(f"{targets[0]} holds another cross-fit (other options); pass --overwrite to replace it")
+        raise MismatchError(f"{targets[0]} holds {what}; pass --overwrite to replace it")
     return False
 
 
@@ -242,9 +245,12 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
     recipe = cfg.recipe(data)
     splits = ["train"] + (["test"] if test_recs else [])
     targets = [cache_path(cfg.out_dir, cfg.data_dir, s, recipe) for s in splits]
+    # image bytes too when the folder has images: so it fuses with the image caches of the same data
+    prints = [fingerprint(recs, data.image_dir if data.options.images else None)
+              for recs in [train_recs, test_recs][:len(splits)]]
     check_writable(targets[0].parent)
     with lock(targets[0], f"the cache {targets[0]}"):
-        if _done(targets, cfg, recipe):
+        if _done(targets, cfg, recipe, prints):
             print(f"{targets[0]}: up to date (same cross-fit, same data); nothing to do", file=sys.stderr)
             return targets
         device = select_device(cfg.device)
@@ -263,9 +269,9 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
         text = make()
         digest = hashlib.sha256(" ".join(hashes).encode()).hexdigest()
         arrays = {"train": np.concatenate([oof, rest]), "test": test}
-        for split, target in zip(splits, targets, strict=True):
+        for split, target, data_print in zip(splits, targets, prints, strict=True):
             recs = train_recs if split == "train" else test_recs
-            meta = _meta(split, cfg, recipe, text, data, recs, digest, split == "train")
+            meta = _meta(split, cfg, recipe, text, data, recs, data_print, digest, split == "train")
             writer = CacheWriter(target, meta, [r.image_id for r in recs], y if split == "train" else None,
                                  chunk_rows=max(1, len(recs)))
             writer.commit(0, {"text": arrays[split].astype(np.float16)})

@@ -194,7 +194,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         _say("cross-fitting the caption tower (reused when already there)")
         train.append(crossfit(CrossfitConfig(data_dir=cfg.data_dir, text_encoder=cfg.text_encoder,
                                              text_weights=cfg.text_weights, random_init=cfg.random_init,
-                                             out_dir=cfg.cache_dir, device=cfg.device,
+                                             out_dir=cfg.cache_dir, device=cfg.device, overwrite=cfg.overwrite,
                                              precision="bf16" if cfg.precision == "bf16" else "auto",
                                              **cfg.group(DataOptions)))[0])
     _say(f"fitting the head ({cfg.folds or 1} fold(s))")

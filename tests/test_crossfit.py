@@ -76,7 +76,21 @@ def test_another_crossfit_over_the_same_caches_is_refused(tmp_path):
     import pipeline.crossfit as cf
 
     with pytest.raises(MismatchError, match="another cross-fit"):
-        cf._done([train], other, other.recipe(DataDir.open(data)))
+        cf._done([train], other, other.recipe(DataDir.open(data)), [CacheReader(train).meta.data_fingerprint])
+
+
+def test_a_crossfit_of_data_that_changed_is_refused_then_rebuilt_with_overwrite(tmp_path):
+    data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
+    cfg = CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", **TINY)
+    train, _ = crossfit(cfg)
+    before = CacheReader(train).meta.data_fingerprint
+    csv = data / "train.csv"
+    csv.write_text(csv.read_text().replace("in the street", "on the road", 1))
+    with pytest.raises(MismatchError, match="other data"):
+        crossfit(cfg)
+    train, _ = crossfit(CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", overwrite=True, **TINY))
+    assert CacheReader(train).meta.data_fingerprint != before
+    assert crossfit(cfg)[0] == train  # now up to date: reused
 
 
 def test_logits_output_holds_the_label_scores(tmp_path):

@@ -207,6 +207,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                             **cfg.group(LoaderOptions)))
     if fresh or not (rd.report / "report.html").is_file():  # the report shows the submission's labels too
         make_report(final)
-    metrics = rd.read_json("metrics.json")
+    metrics = rd.read_metrics()
     return {"samples_f1": metrics["samples_f1"], "run": final, "submission": rd.submission,
             "report": rd.report / "report.html"}

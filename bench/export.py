@@ -45,7 +45,7 @@ def main() -> None:
     for dtype in ("float32", "float16", "int8"):
         folder = args.out / dtype
         if not (args.reuse and (folder / "export.json").is_file()):
-            export(ExportConfig(run=args.run, out=folder, dtype=dtype))
+            export(ExportConfig.build(run=args.run, out=folder, dtype=dtype))
         sizes[dtype] = (sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
                         (folder / "model.onnx").stat().st_size)
         model = load(folder)

@@ -59,7 +59,7 @@ class Env:
         return proc.returncode, proc.stdout + proc.stderr
 
     def extract(self, *args: object, data: Path | None = None, out: Path | None = None) -> tuple[int, str]:
-        return self.mlc("extract", data or self.data, *TINY, *self.extra, "--out-dir", out or self.root / "cache",
+        return self.mlc("extract", data or self.data, *TINY, *self.extra, "--cache-dir", out or self.root / "cache",
                         *args)
 
     def setup(self, folds: int = 3) -> None:
@@ -72,7 +72,7 @@ class Env:
         assert code == 0, out
 
     def submit(self, *args: object) -> tuple[int, str]:
-        return self.mlc("submit", self.run, "--data", self.data, "--cache-dir", self.root / "cache", "--workers", 0,
+        return self.mlc("submit", self.run, self.data, "--cache-dir", self.root / "cache", "--workers", 0,
                         *self.extra, *args)
 
 
@@ -184,7 +184,7 @@ def case_overwrite_corrupt_cache(e: Env) -> str:
 def case_all_images_bad(e: Env) -> str:
     for p in (e.data / "data").glob("*.jpg"):
         p.write_bytes(b"garbage")
-    code, out = e.extract("--split", "train", "--skip-bad-images", "--out-dir", e.root / "c2")
+    code, out = e.extract("--split", "train", "--skip-bad-images", "--cache-dir", e.root / "c2")
     return classify(code, out, names="train.csv")
 
 
@@ -201,7 +201,8 @@ def case_skipped_test_image(e: Env) -> str:
 
 
 def case_concurrent_extracts(e: Env) -> str:
-    args = ["--split", "train", "--batch-size", "4", "--chunk-rows", "8", "--views", "100", "--out-dir", e.root / "c3"]
+    args = ["--split", "train", "--batch-size", "4", "--chunk-rows", "8", "--views", "100", "--cache-dir",
+            e.root / "c3"]
     cmd = [sys.executable, "-m", "pipeline.cli", "extract", str(e.data), *TINY, *e.extra, *map(str, args)]
     procs = [subprocess.Popen(cmd, cwd=e.root, env=e.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
@@ -329,7 +330,7 @@ def case_out_is_an_input(e: Env) -> str:
     photo = e.data / "data" / "1000.jpg"
     cases = {
         "fit-head --out CACHE_DIR": (e.cache.parent, ("fit-head", e.cache, "--out", e.cache.parent, "--epochs", 1)),
-        "submit --out DATA/test.csv": (e.data / "test.csv", ("submit", e.run, "--data", e.data, "--cache-dir",
+        "submit --out DATA/test.csv": (e.data / "test.csv", ("submit", e.run, e.data, "--cache-dir",
                                                              e.root / "cache", "--workers", 0, *e.extra, "--out",
                                                              e.data / "x" / ".." / "test.csv")),
         "predict --out PHOTO": (photo, ("predict", e.run, photo, "--caption", "a dog", *e.extra, "--workers", 0,
@@ -347,7 +348,7 @@ def case_out_is_an_input(e: Env) -> str:
 def case_out_foreign_file(e: Env) -> str:
     mine = e.root / "mine.csv"
     results = {}
-    for name, args in {"submit": ("submit", e.run, "--data", e.data, "--cache-dir", e.root / "cache", "--workers", 0,
+    for name, args in {"submit": ("submit", e.run, e.data, "--cache-dir", e.root / "cache", "--workers", 0,
                                   *e.extra),
                        "predict": ("predict", e.run, e.data / "data" / "1000.jpg", "--caption", "a dog", *e.extra,
                                    "--workers", 0)}.items():

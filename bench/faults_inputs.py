@@ -55,7 +55,7 @@ def _verdict(code: int, out: str, names: str = "", right: bool | None = None) ->
 
 
 def _extract(e: Env, *args: object) -> str:
-    return _verdict(*_mlc(e, "extract", e.data, *TINY, *e.extra, "--out-dir", e.root / "cache", *args), names="")
+    return _verdict(*_mlc(e, "extract", e.data, *TINY, *e.extra, "--cache-dir", e.root / "cache", *args), names="")
 
 
 def _validate(e: Env, fault: str, *args: object) -> str:
@@ -173,7 +173,7 @@ def case_input_hf_folder_with_code(e: Env) -> str:
     (folder / "config.json").write_text(json.dumps(cfg))
     (folder / "modeling_evil.py").write_text("import pathlib\npathlib.Path(__file__).with_name('RAN').touch()\n")
     code, out = _mlc(e, "extract", e.data, "--image-encoder", "tiny-resnet", "--text-encoder", f"hf:{folder}",
-                     "--random-init", "--workers", 0, *e.extra, "--split", "train", "--out-dir", e.root / "cache")
+                     "--random-init", "--workers", 0, *e.extra, "--split", "train", "--cache-dir", e.root / "cache")
     if (folder / "RAN").exists():
         return "EXECUTED"
     if "Do you wish to run the custom code" in out:
@@ -235,7 +235,7 @@ def case_input_huge_head(e: Env) -> str:
     head = e.run / "head.json"
     head.write_text(json.dumps({**json.loads(head.read_text()), "hidden": 10 ** 9}))
     refresh_manifest(e.run)
-    return _verdict(*_mlc(e, "submit", e.run, "--data", e.data, "--cache-dir", e.root / "cache", "--workers", 0,
+    return _verdict(*_mlc(e, "submit", e.run, e.data, "--cache-dir", e.root / "cache", "--workers", 0,
                           *e.extra), names="head.json")
 
 

@@ -20,7 +20,6 @@ Needs the trunk cache: `mlc extract ../shared/data/comp5329 --preset offline --i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -78,7 +77,8 @@ def run_finetune(cfg: FinetuneConfig, per_step: bool = False) -> tuple[float, fl
     metrics = finetune(cfg)
     history = json.loads((cfg.out / "history.json").read_text())
     if per_step:
-        return metrics["samples_f1"], cfg.batch_size / statistics.median(h["median_step_seconds"] for h in history)
+        steps = statistics.median(h["median_step_seconds"] for h in history)
+        return metrics["samples_f1"], cfg.train.batch_size / steps
     return metrics["samples_f1"], statistics.median(h["train_rows_per_second"] for h in history)
 
 
@@ -95,15 +95,15 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads, batch {args.batch_size}")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        base = FinetuneConfig(data_dir=SHARED, image_encoder="efficientnet-lite0", text_encoder="minilm-l6",
-                              batch_size=args.batch_size, workers=2, epochs=1, seed=0)
+        base = FinetuneConfig.build(data_dir=SHARED, image_encoder="efficientnet-lite0", text_encoder="minilm-l6",
+                                    batch_size=args.batch_size, workers=2, epochs=1, seed=0)
         if "1" in parts:
             rows = 12 * args.batch_size * 5 // 4  # 80% of it trains: 12 steps
             # Alternate ours and bare, twice, so both see the same machine load; median step times.
             ours, bare = [], []
             for k in range(2):
-                ours.append(run_finetune(dataclasses.replace(base, end_to_end=True, max_rows=rows,
-                                                             out=tmp / f"o{k}"), per_step=True)[1])
+                ours.append(run_finetune(base.replace(end_to_end=True, max_rows=rows, out=tmp / f"o{k}"),
+                                         per_step=True)[1])
                 bare.append(bare_loop(args.batch_size, 8))
             o, b = statistics.median(ours), statistics.median(bare)
             print(f"end-to-end training step, batch {args.batch_size} (median step): mlc finetune {o:.2f} img/s "
@@ -119,12 +119,12 @@ def main() -> None:
             print(f"quality on the first {args.rows} labelled rows (80% train / 20% held out, the same split "
                   "for every row below; samples-F1 with per-class thresholds, cross-fitted):")
             # A block13 trunk cache of exactly those rows (a few minutes); it also holds their embeddings.
-            (block13,) = extract(ExtractConfig(data_dir=first_rows(SHARED, args.rows, tmp), splits=("train",),
-                                               image_encoder="efficientnet-lite0", text_encoder="minilm-l6",
-                                               image_cut="block13", text_cut="layer4", out_dir=tmp / "cache"))
+            (block13,) = extract(ExtractConfig.build(data_dir=first_rows(SHARED, args.rows, tmp), splits=("train",),
+                                                     image_encoder="efficientnet-lite0", text_encoder="minilm-l6",
+                                                     image_cut="block13", text_cut="layer4", cache_dir=tmp / "cache"))
             frozen = tmp / "frozen"
             t = time.perf_counter()
-            m = fit_head(FitHeadConfig(caches=block13, out=frozen, head="sum", folds=0), quiet=True)
+            m = fit_head(FitHeadConfig.build(caches=block13, out=frozen, head="sum", folds=0), quiet=True)
             epochs = json.loads((frozen / "metrics.json").read_text())["best_epochs"][0] + 4  # + patience
             rate = args.rows * 0.8 * epochs / (time.perf_counter() - t)
             print(f"  frozen embeddings + fit-head sum           samples-F1 {m['samples_f1']:.4f}   "
@@ -133,12 +133,11 @@ def main() -> None:
             tuned = dict(init_head=frozen, sampler="uniform", pos_weight=False, lr=3e-4, encoder_lr=1e-4,
                          max_rows=args.rows)
             for cut, cache in (("block11", trunk), ("block13", block13)):
-                f1, rate = run_finetune(dataclasses.replace(
-                    base, data_dir=None, from_cache=cache, image_cut=cut, epochs=args.trunk_epochs,
-                    out=tmp / f"trunk-{cut}", **tuned))
+                f1, rate = run_finetune(base.replace(data_dir=None, from_cache=cache, image_cut=cut,
+                                                     epochs=args.trunk_epochs, out=tmp / f"trunk-{cut}", **tuned))
                 print(f"  trunk cache, train above {cut} ({args.trunk_epochs} epochs) samples-F1 {f1:.4f}   "
                       f"{rate:9.1f} img/s", flush=True)
-            f1, rate = run_finetune(dataclasses.replace(base, end_to_end=True, epochs=1, out=tmp / "e2e", **tuned))
+            f1, rate = run_finetune(base.replace(end_to_end=True, epochs=1, out=tmp / "e2e", **tuned))
             print(f"  end-to-end finetune (1 epoch)               samples-F1 {f1:.4f}   {rate:9.1f} img/s",
                   flush=True)
 
@@ -161,7 +160,7 @@ def part3(trunk: Path, base: FinetuneConfig, epochs: int, tmp: Path) -> None:
     # Frozen: a sum head on rows 0-9999 (its own 80/20 split), a run folder that --init-head takes.
     frozen = tmp / "frozen-full"
     t = time.perf_counter()
-    m = fit_head(FitHeadConfig(caches=trunk, head="sum", out=frozen, folds=0),
+    m = fit_head(FitHeadConfig.build(caches=trunk, head="sum", out=frozen, folds=0),
                  loaded=([reader], feats.subset(train_rows)), quiet=True)
     secs = time.perf_counter() - t
     model = Predictor.of_run(RunDir(frozen).load())
@@ -169,9 +168,9 @@ def part3(trunk: Path, base: FinetuneConfig, epochs: int, tmp: Path) -> None:
     f1 = samples_f1(y_report, model.decide(s))
     rate = len(train_rows) * 0.8 * (m["best_epochs"][0] + 4) / secs
     print(f"  frozen + fit-head sum                         samples-F1 {f1:.4f}  {rate:9.0f} img/s", flush=True)
-    ft = dataclasses.replace(base, data_dir=None, from_cache=trunk, image_cut="block11", max_rows=10000,
-                             epochs=epochs, init_head=frozen, sampler="uniform", pos_weight=False, lr=3e-4,
-                             encoder_lr=1e-4, out=tmp / "trunk-full")
+    ft = base.replace(data_dir=None, from_cache=trunk, image_cut="block11", max_rows=10000, epochs=epochs,
+                      init_head=frozen, sampler="uniform", pos_weight=False, lr=3e-4, encoder_lr=1e-4,
+                      out=tmp / "trunk-full")
     _, rate = run_finetune(ft)
     tuned = RunDir(ft.out).load()
     model = load_model(tuned, reader.meta.image_cut, reader.meta.text_cut)

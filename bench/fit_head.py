@@ -44,7 +44,7 @@ def run(cfg: FitHeadConfig, train: Features, report: Features) -> dict:
     t = time.perf_counter()
     results, held = fit(cfg, train, lambda s: None)
     scores_held = np.concatenate([r.val_scores for r in results])
-    _, th = evaluate(train.labels[held], scores_held, cfg.thresholds, cfg.seed)
+    _, th = evaluate(train.labels[held], scores_held, cfg.thresholds, cfg.train.seed)
     secs = time.perf_counter() - t
     scores = np.mean([predict_proba(h, report.image, report.text).numpy() for h in heads_of(cfg, train, results)],
                      axis=0)
@@ -75,10 +75,10 @@ def main() -> None:
     rows = [("image", "bce"), ("text", "bce"), ("sum", "bce"), ("concat", "bce"), ("gated", "bce"),
             ("concat", "asl")]
     for head, loss in rows:
-        r = run(FitHeadConfig(caches=cache, head=head, loss=loss, folds=0), train, report)
+        r = run(FitHeadConfig.build(caches=cache, head=head, loss=loss, folds=0), train, report)
         print(f"{head:8s} {loss:5s} {r['at_0.5']:7.4f} {r['global']:7.4f} {r['per_class']:9.4f} "
               f"{r['seconds']:10.1f}", flush=True)
-    times = [run(FitHeadConfig(caches=cache, folds=0), train, report)["seconds"] for _ in range(args.repeats)]
+    times = [run(FitHeadConfig.build(caches=cache, folds=0), train, report)["seconds"] for _ in range(args.repeats)]
     print(f"default head (concat, bce) fit + threshold tuning: median {statistics.median(times):.1f} s "
           f"over {args.repeats} runs ({', '.join(f'{t:.1f}' for t in times)})")
 

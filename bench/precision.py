@@ -41,11 +41,11 @@ SHARED = REPO.parent / "shared" / "data" / "comp5329"
 def caption_run(precision: str, caps: list[str], y: np.ndarray, rows: int) -> tuple[float, float, float]:
     """(train rows/s, samples-F1 at 0.5, tuned cross-fitted samples-F1 on ids 10000-10999)."""
     torch.manual_seed(0)
-    cfg = CrossfitConfig(data_dir=SHARED, folds=2, epochs=1)
+    cfg = CrossfitConfig.build(data_dir=SHARED, folds=2, epochs=1)
     tower = CaptionTower(create_text_encoder("minilm-l6"), y.shape[1])
     tokens = tower.text.tokenize(caps)
     cpu = torch.device("cpu")
-    res = train(_fold_task(cfg, tower, tokens, y, np.arange(rows), cpu, precision, set()), cfg, device=cpu,
+    res = train(_fold_task(cfg, tower, tokens, y, np.arange(rows), cpu, precision, set()), cfg.train, device=cpu,
                 log=lambda m: None, precision=precision)
     tower.load_state_dict(res.best_state)
     tower.eval()
@@ -68,21 +68,22 @@ def image_run(precision: str, pixels: torch.Tensor, y: np.ndarray) -> float:
     torch.manual_seed(0)
     enc = create_image_encoder("efficientnet-lite0").to(memory_format=torch.channels_last)
     model = nn.Sequential(enc, nn.Linear(enc.dim, y.shape[1]))
-    cfg = CrossfitConfig(data_dir=SHARED, folds=2, epochs=1, batch_size=16, sampler="uniform")
+    cfg = CrossfitConfig.build(data_dir=SHARED, folds=2, epochs=1, batch_size=16, sampler="uniform")
     rows = np.arange(len(pixels))
-    sampler = make_sampler(cfg, y[rows])
+    sampler = make_sampler(cfg.train, y[rows])
     x = enc.preprocess.normalize(pixels).contiguous(memory_format=torch.channels_last)
 
     def batches(epoch: int):
         order = sampler.order()
-        for s in range(0, len(order), cfg.batch_size):
-            i = order[s:s + cfg.batch_size]
+        for s in range(0, len(order), cfg.train.batch_size):
+            i = order[s:s + cfg.train.batch_size]
             yield {"x": x[i], "labels": torch.from_numpy(y[i.numpy()]).float()}
 
     task = Task(model=model, param_groups=[{"params": list(model.parameters()), "lr": 1e-4}], y=y[rows],
-                train_rows=rows, sampler=sampler, steps_per_epoch=-(-len(rows) // cfg.batch_size), batches=batches,
-                forward=lambda m, b: m(b["x"]), predict=lambda m: (rows[:2], np.full((2, y.shape[1]), 0.5)))
-    res = train(task, cfg, device=torch.device("cpu"), log=lambda m: None, precision=precision)
+                train_rows=rows, sampler=sampler, steps_per_epoch=-(-len(rows) // cfg.train.batch_size),
+                batches=batches, forward=lambda m, b: m(b["x"]),
+                predict=lambda m: (rows[:2], np.full((2, y.shape[1]), 0.5)))
+    res = train(task, cfg.train, device=torch.device("cpu"), log=lambda m: None, precision=precision)
     return res.history[0]["train_rows_per_second"]
 
 

@@ -50,8 +50,8 @@ TEXT = "minilm-l6"
 def cache(image: str, cache_dir: Path, **cuts: str) -> tuple[Path, float]:  # cuts: or precision
     """The train cache of ``image`` + MiniLM (made once), and how long making it took (0 when reused)."""
     t = time.perf_counter()
-    (path,) = extract(ExtractConfig(data_dir=SHARED, image_encoder=image, text_encoder=TEXT, splits=("train",),
-                                    out_dir=cache_dir, **cuts))
+    (path,) = extract(ExtractConfig.build(data_dir=SHARED, image_encoder=image, text_encoder=TEXT, splits=("train",),
+                                          cache_dir=cache_dir, **cuts))
     return path, time.perf_counter() - t
 
 
@@ -67,7 +67,7 @@ def frozen(caches: list[Path], folds: int, out: Path, head: str = "concat") -> t
     readers = [CacheReader(c) for c in caches]
     train, report, _, _ = split(readers)
     t = time.perf_counter()
-    fit_head(FitHeadConfig(caches=tuple(caches), out=out, folds=folds, head=head), loaded=(readers, train),
+    fit_head(FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=head), loaded=(readers, train),
              quiet=True)
     secs = time.perf_counter() - t
     model = Predictor.of_run(RunDir(out).load())
@@ -80,9 +80,9 @@ def trunk(trunk_cache: Path, frozen_run: Path, out: Path, epochs: int, lr: float
     """(samples-F1 on ids 10000-11999, seconds) of the trunk route: finetune from the frozen head."""
     reader = CacheReader(trunk_cache)
     t = time.perf_counter()
-    finetune(FinetuneConfig(from_cache=trunk_cache, out=out, max_rows=10000, init_head=frozen_run, epochs=epochs,
-                            sampler="uniform", pos_weight=False, lr=lr, encoder_lr=encoder_lr, batch_size=32,
-                            workers=2, image_encoder=reader.meta.image_encoder, text_encoder=TEXT, head="concat"))
+    finetune(FinetuneConfig.build(from_cache=trunk_cache, out=out, max_rows=10000, init_head=frozen_run, epochs=epochs,
+                                  sampler="uniform", pos_weight=False, lr=lr, encoder_lr=encoder_lr, batch_size=32,
+                                  workers=2, image_encoder=reader.meta.image_encoder, text_encoder=TEXT, head="concat"))
     secs = time.perf_counter() - t
     run = RunDir(out).load()
     model = load_model(run, reader.meta.image_cut, reader.meta.text_cut)
@@ -155,8 +155,9 @@ def main() -> None:
             for spec in args.crossfit.split(","):
                 k, ep, precision, output = (spec.split(":") + ["embedding"])[:4]
                 t = time.perf_counter()
-                cf, _ = crossfit(CrossfitConfig(data_dir=SHARED, train_rows=10000, folds=int(k), epochs=int(ep),
-                                                precision=precision, output=output, out_dir=args.cache_dir))
+                cf, _ = crossfit(CrossfitConfig.build(data_dir=SHARED, train_rows=10000, folds=int(k), epochs=int(ep),
+                                                      precision=precision, text_features=output,
+                                                      cache_dir=args.cache_dir))
                 cf_secs = time.perf_counter() - t
                 print(f"  (cross-fit {spec}: {cf_secs:.0f} s, 0 = reused)", flush=True)
                 f1, secs = frozen([lite0, cf], 5, tmp / f"crossfit-{spec}")

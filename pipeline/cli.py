@@ -13,7 +13,6 @@ here, and add both to ``COMMANDS``.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import os
@@ -28,6 +27,7 @@ import typer
 import typer.core
 
 from . import __version__
+from .config import Config, Option
 from .errors import MlcError
 
 
@@ -47,7 +47,7 @@ def validate(cfg: Any) -> int:
     """
     from .validate import format_report, validate_data_dir
 
-    report = validate_data_dir(cfg.data_dir, csv_only=cfg.csv_only, options=cfg)
+    report = validate_data_dir(cfg.data_dir, csv_only=cfg.csv_only, options=cfg.data)
     typer.echo(format_report(report))
     return 0 if report.ok else 1
 
@@ -201,43 +201,96 @@ COMMANDS: dict[str, tuple[Callable[[Any], int | None], str]] = {
 # ------------------------------------------------------------------------------ config -> options
 
 
-def _panel(config_cls: type, name: str) -> str | None:
-    """The help panel of a field: its option group's ``PANEL`` (the most basic class declaring it)."""
-    owners = [c for c in config_cls.__mro__ if name in c.__dict__.get("__annotations__", {})]
-    return owners[-1].__dict__.get("PANEL") if owners else None
-
-
-def _parameter(f: dataclasses.Field, hint: Any, panel: str | None) -> tuple[inspect.Parameter, Any]:
-    """The Typer parameter of one config field, and the annotation Typer should see."""
-    meta = f.metadata
-    default = f.default
+def _parameter(name: str, option: Option) -> tuple[inspect.Parameter, Any]:
+    """The Typer parameter of one option, and the annotation Typer should see."""
+    meta, hint, default = option.field.metadata, option.hint, option.default
     if typing.get_origin(hint) is tuple:  # Typer repeats list options; configs keep tuples
         hint = list[typing.get_args(hint)[0]]
         default = list(default)
     if meta.get("argument"):
         info = typer.Argument(... if meta.get("required") else default, help=meta["help"], show_default=False)
     else:
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        flag = meta.get("flag") or "--" + name.replace("_", "-")
         decls = [f"{flag}/--no-{flag[2:]}"] if hint is bool and default else [flag]
         info = typer.Option(... if meta.get("required") else default, *decls, help=meta["help"],
-                            rich_help_panel=panel)
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint), hint
+                            rich_help_panel=option.panel)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint), hint
 
 
-def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type) -> Callable[..., None]:
-    """A function Typer can register: keyword parameters from ``config_cls``'s fields, calling
-    ``fn(config_cls(**options))`` and turning MlcError into one line and exit code 2."""
-    hints = typing.get_type_hints(config_cls)
-    panels = {f.name: _panel(config_cls, f.name) for f in dataclasses.fields(config_cls)}
+def _renamed(options: dict[str, Option]) -> dict[str, str]:
+    """Old spelling -> new one, for every option's ``aliases``: a flag, or the name (DATA_DIR) of the last positional
+    argument."""
+    last = [name for name, o in options.items() if o.field.metadata.get("argument")][-1:]
+    out = {}
+    for name, o in options.items():
+        meta = o.field.metadata
+        if meta.get("aliases") and meta.get("argument") and [name] != last:
+            raise TypeError(f"{name}: only the last argument can have an option alias")
+        for old in meta.get("aliases", ()):
+            out[old] = name.upper() if meta.get("argument") else meta.get("flag") or "--" + name.replace("_", "-")
+    return out
+
+
+def respell(args: list[str], renamed: dict[str, str], takes_value: set[str], command: str) -> list[str]:
+    """``args`` with each old spelling of ``renamed`` (--old X, --old=X) replaced by the new one (for an argument,
+    the value moved to the end, where it is the last positional), and a one-line notice on stderr for each.
+    ``takes_value``: the options whose next word is their value, never an option."""
+    out: list[str] = []
+    moved: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        old, eq, value = word.partition("=")
+        if word == "--":
+            out += args[i:]
+            break
+        if old in renamed:
+            new = renamed[old]
+            flag = new.startswith("--")
+            typer.echo(f"warning: mlc {command} {old} is deprecated; "
+                       + (f"use {new}" if flag else f"give it as the argument {new}"), err=True)
+            if flag:
+                out.append(new + eq + value)
+            elif eq:
+                moved.append(value)
+            elif i + 1 < len(args):
+                i += 1
+                moved.append(args[i])
+            else:
+                raise click.UsageError(f"Option '{old}' requires an argument.")
+        else:
+            out.append(word)
+            if word in takes_value and i + 1 < len(args):
+                i += 1
+                out.append(args[i])
+        i += 1
+    return out + moved
+
+
+class _Command(typer.core.TyperCommand):
+    """A command that still takes its options' old spellings (``opt(..., aliases=...)``): hidden from --help,
+    rewritten to the new ones before parsing."""
+
+    renamed: typing.ClassVar[dict[str, str]] = {}
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if self.renamed:
+            takes_value = {o for p in self.params if isinstance(p, click.Option) and not p.is_flag for o in p.opts}
+            args = respell(args, self.renamed, takes_value, self.name or "")
+        return super().parse_args(ctx, args)
+
+
+def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[Config]) -> Callable[..., None]:
+    """A function Typer can register: keyword parameters from ``config_cls``'s options (its groups' flattened),
+    calling ``fn(config_cls.build(**options))`` and turning MlcError into one line and exit code 2."""
+    options = config_cls.options()
     # arguments, then the stage's own options, then the option groups'
-    fields = sorted(dataclasses.fields(config_cls),
-                    key=lambda f: (not f.metadata.get("argument"), panels[f.name] is not None))
-    built = [_parameter(f, hints[f.name], panels[f.name]) for f in fields]
+    order = sorted(options, key=lambda n: (not options[n].field.metadata.get("argument"), options[n].group is not None))
+    built = [_parameter(n, options[n]) for n in order]
 
-    def command(**options: Any) -> None:
-        options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    def command(**values: Any) -> None:
         try:
-            code = fn(config_cls(**options))
+            code = fn(config_cls.build(**values))
         except MlcError as err:
             _fail(err)
         if code:
@@ -253,8 +306,10 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type)
 def _load(name: str) -> click.Command:
     fn, where = COMMANDS[name]
     module, _, cls = where.partition(":")
+    config_cls = getattr(importlib.import_module(module), cls)
     sub = typer.Typer(add_completion=False, rich_markup_mode="markdown")
-    sub.command(name)(config_command(name, fn, getattr(importlib.import_module(module), cls)))
+    kind = type("_Command", (_Command,), {"renamed": _renamed(config_cls.options())})
+    sub.command(name, cls=kind)(config_command(name, fn, config_cls))
     return typer.main.get_command(sub)
 
 

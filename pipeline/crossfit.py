@@ -34,7 +34,7 @@ from torch import nn
 from . import __version__
 from .atomic import check_writable, lock
 from .cache import CacheMeta, CacheWriter, read_meta
-from .config import as_paths, opt, redefault, require
+from .config import Config, group, opt, require
 from .data import DataDir, DataOptions, fingerprint
 from .device import PRECISIONS, autocast, resolve_precision, select_device
 from .encoders import NONE, TextEncoder, create_text_encoder
@@ -47,7 +47,7 @@ MONITOR_ROWS = 512  # training rows a fold scores after each epoch (to pick its 
 
 
 @dataclass(frozen=True, kw_only=True)
-class CrossfitConfig(TrainOptions, DataOptions):
+class CrossfitConfig(Config):
     """Options of ``mlc crossfit``."""
 
     data_dir: Path = opt(None, "Data folder: train.csv (and test.csv) with captions.", argument=True, required=True)
@@ -58,40 +58,37 @@ class CrossfitConfig(TrainOptions, DataOptions):
     train_rows: int | None = opt(None, "Train the fold models on the first N labelled rows only; the others are "
                                  "encoded like the test split (the folds' mean), so they stay unseen (benchmarks).")
     encoder_lr: float = opt(5e-5, "Learning rate of the text encoder (--lr is the linear layer's).")
-    output: str = opt("embedding", "What a caption's features are: embedding (the finetuned encoder's pooled "
-                      "vector; each fold's space differs a little, and the test split's fold mean shrinks to 0.7 of "
-                      "the out-of-fold norm) or logits (the fold model's label scores, one space for every fold). "
-                      "Measured on unseen rows (docs/recipes.md): embedding 0.8745 fused, 0.8637 alone; logits "
-                      "0.8708, 0.8491.")
-    out_dir: Path = opt(Path("cache"), "Where the two caches are written (OUT_DIR/DATA_NAME/...).")
+    text_features: str = opt("embedding", "What a caption's features are: embedding (the finetuned encoder's pooled "
+                             "vector; each fold's space differs a little, and the test split's fold mean shrinks to "
+                             "0.7 of the out-of-fold norm) or logits (the fold model's label scores, one space for "
+                             "every fold). Measured on unseen rows (docs/recipes.md): embedding 0.8745 fused, 0.8637 "
+                             "alone; logits 0.8708, 0.8491.", aliases=("--output",))
+    cache_dir: Path = opt(Path("cache"), "Where the two caches are written (CACHE_DIR/DATA_NAME/...).",
+                          aliases=("--out-dir",))
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
     precision: str = opt("auto", "auto, fp32 or bf16 for the forward passes (weights stay fp32); auto: mixed "
                          "precision on CUDA, bf16 on CPUs with AMX or AVX512-BF16, else fp32.")
-    overwrite: bool = opt(False, "Replace caches of another cross-fit (other options or data).")
-    lr: float = redefault(TrainOptions, "lr", 1e-3)
-    weight_decay: float = redefault(TrainOptions, "weight_decay", 0.01)
-    batch_size: int = redefault(TrainOptions, "batch_size", 32)
-    epochs: int = redefault(TrainOptions, "epochs", 1)
-    patience: int = redefault(TrainOptions, "patience", 0)
-    schedule: str = redefault(TrainOptions, "schedule", "cosine")
-    warmup: float = redefault(TrainOptions, "warmup", 0.06)
-    clip: float = redefault(TrainOptions, "clip", 1.0)
+    overwrite: bool = opt(False, "Rebuild the caches of another cross-fit (other options or data) instead of "
+                          "stopping.")
+    data: DataOptions = group(DataOptions)
+    train: TrainOptions = group(TrainOptions, lr=1e-3, weight_decay=0.01, batch_size=32, epochs=1, patience=0,
+                                schedule="cosine", warmup=0.06, clip=1.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_paths(self, "data_dir", "out_dir")
         require([(self.data_dir is not None, "give the data folder"),
                  (self.text_encoder != NONE, "crossfit finetunes a text encoder: --text-encoder cannot be none"),
                  (self.folds >= 2, "--folds must be at least 2"),
                  (self.train_rows is None or self.train_rows >= 2 * self.folds,
                   "--train-rows must leave at least 2 rows per fold"),
                  (self.encoder_lr > 0, "--encoder-lr must be > 0"),
-                 (self.output in ("logits", "embedding"), "--output must be logits or embedding"),
+                 (self.text_features in ("logits", "embedding"), "--text-features must be logits or embedding"),
                  (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}")])
 
     def recipe(self, data: DataDir) -> Recipe:
         """What the caches record: the encoder, and the cross-fit's identity in place of weights."""
-        spec = {k: v for k, v in self.to_dict().items() if k not in ("data_dir", "out_dir", "device", "overwrite")}
+        spec = {k: v for k, v in self.flat_dict().items() if k not in ("data_dir", "cache_dir", "device", "overwrite")}
+        spec["output"] = spec.pop("text_features")  # the name mlc 0.2 hashed: its cross-fits stay current
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
         return Recipe(image_encoder=NONE, text_encoder=self.text_encoder, text_weights=self.text_weights,
                       random_init=self.random_init, crossfit=f"k{self.folds}-{digest}",
@@ -121,7 +118,7 @@ class Fold:
 def _fold_task(cfg: CrossfitConfig, tower: CaptionTower, tokens: dict[str, torch.Tensor], y: np.ndarray,
                rows: np.ndarray, device: torch.device, precision: str, seen: set[int]) -> Task:
     """One fold's training as a Task: batches of ``rows`` (recorded in ``seen``), monitored on its own rows."""
-    sampler = make_sampler(cfg, y[rows])
+    sampler = make_sampler(cfg.train, y[rows])
     monitor = rows[np.linspace(0, len(rows) - 1, min(MONITOR_ROWS, len(rows))).astype(int)]
 
     def batch(idx: np.ndarray) -> dict[str, torch.Tensor]:
@@ -132,8 +129,8 @@ def _fold_task(cfg: CrossfitConfig, tower: CaptionTower, tokens: dict[str, torch
 
     def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         order = rows[sampler.order().numpy()]
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
+        for s in range(0, len(order), cfg.train.batch_size):
+            idx = order[s:s + cfg.train.batch_size]
             seen.update(idx.tolist())
             yield batch(idx)
 
@@ -147,10 +144,10 @@ def _fold_task(cfg: CrossfitConfig, tower: CaptionTower, tokens: dict[str, torch
                 out.append(torch.sigmoid(model(b["input_ids"], b["attention_mask"]).float()).cpu().numpy())
         return monitor, np.concatenate(out)
 
-    groups = [{"params": list(tower.out.parameters()), "lr": cfg.lr},
+    groups = [{"params": list(tower.out.parameters()), "lr": cfg.train.lr},
               {"params": list(tower.text.parameters()), "lr": cfg.encoder_lr}]
     return Task(model=tower, param_groups=groups, y=y, train_rows=rows, sampler=sampler,
-                steps_per_epoch=-(-len(sampler) // cfg.batch_size), batches=batches,
+                steps_per_epoch=-(-len(sampler) // cfg.train.batch_size), batches=batches,
                 forward=lambda m, b: m(b["input_ids"], b["attention_mask"]), predict=predict)
 
 
@@ -176,27 +173,27 @@ def crossfit_features(cfg: CrossfitConfig, make_encoder: Callable[[], TextEncode
     folds, hashes = [], []
     probe = make_encoder()
     tokens = probe.tokenize(captions)
-    for i, (tr, va) in enumerate(kfold(y, k, cfg.seed)):
-        torch.manual_seed(cfg.seed + i)
+    for i, (tr, va) in enumerate(kfold(y, k, cfg.train.seed)):
+        torch.manual_seed(cfg.train.seed + i)
         tower = CaptionTower(make_encoder() if i else probe, y.shape[1]).to(device)
         seen: set[int] = set()
         log(f"-- fold {i + 1}/{k}: finetuning {cfg.text_encoder} on {len(tr)} rows ({precision}), then encoding "
             f"its {len(va)} held-out rows" + (f" and {sum(map(len, others))} more" if others else ""))
-        result = train(_fold_task(cfg, tower, tokens, y, tr, device, precision, seen), cfg, device=device, log=log,
-                       precision=precision, progress=progress)
+        result = train(_fold_task(cfg, tower, tokens, y, tr, device, precision, seen), cfg.train, device=device,
+                       log=log, precision=precision, progress=progress)
         tower.load_state_dict(result.best_state)
         tower.eval()
         if seen & set(va.tolist()):  # the point of cross-fitting; cheap to check, fatal to get wrong
             raise MlcError(f"internal: fold {i + 1} trained on {len(seen & set(va.tolist()))} of the rows it encodes")
-        run = _encoder(tower if cfg.output == "logits" else tower.text, device, precision)
-        got = encode_texts(tower.text, run, [captions[j] for j in va], cfg.batch_size * 2)["text"]
+        run = _encoder(tower if cfg.text_features == "logits" else tower.text, device, precision)
+        got = encode_texts(tower.text, run, [captions[j] for j in va], cfg.train.batch_size * 2)["text"]
         if oof is None:
             oof = np.zeros((n, got.shape[1]), np.float32)
             means = [np.zeros((len(o), got.shape[1]), np.float32) for o in others]
         oof[va] = got
         for m, o in zip(means, others, strict=True):
             if o:
-                m += encode_texts(tower.text, run, o, cfg.batch_size * 2)["text"].astype(np.float32) / k
+                m += encode_texts(tower.text, run, o, cfg.train.batch_size * 2)["text"].astype(np.float32) / k
         folds.append(Fold(i, seen, va))
         hashes.append(tower.text.rehash())
     assert oof is not None
@@ -206,7 +203,7 @@ def crossfit_features(cfg: CrossfitConfig, make_encoder: Callable[[], TextEncode
 def _meta(split: str, cfg: CrossfitConfig, recipe: Recipe, text: TextEncoder, data: DataDir, records: list,
           data_fingerprint: str, weights_hash: str, labelled: bool) -> CacheMeta:
     labels = data.label_space()
-    dim = len(labels.ids) if cfg.output == "logits" else text.dim
+    dim = len(labels.ids) if cfg.text_features == "logits" else text.dim
     return CacheMeta(
         split=split, image_encoder=NONE, text_encoder=text.name, image_weights="", image_weights_hash="",
         text_weights=f"{text.weights_source}, finetuned on {cfg.folds} folds", text_weights_hash=weights_hash,
@@ -214,7 +211,7 @@ def _meta(split: str, cfg: CrossfitConfig, recipe: Recipe, text: TextEncoder, da
         image_dim=0, text_dim=dim, label_ids=labels.ids, label_names=labels.names,
         data_fingerprint=data_fingerprint, num_records=len(records), mlc_version=__version__,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        extra={"recipe": recipe.to_dict(), "crossfit": {"config": cfg.to_dict(), "labelled": labelled}})
+        extra={"recipe": recipe.to_dict(), "crossfit": {"config": cfg.flat_dict(), "labelled": labelled}})
 
 
 def _done(targets: list[Path], cfg: CrossfitConfig, recipe: Recipe, prints: list[str]) -> bool:
@@ -237,14 +234,14 @@ def _done(targets: list[Path], cfg: CrossfitConfig, recipe: Recipe, prints: list
 def crossfit(cfg: CrossfitConfig) -> list[Path]:
     """Cross-fit the text tower and write the train (and test) caches; returns their paths."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    data = DataDir.open(cfg.data_dir, cfg)
+    data = DataDir.open(cfg.data_dir, cfg.data)
     train_recs = data.records("train")
     test_recs = data.records("test") if data.has("test") else []
     if not data.has_captions("train"):
         raise MlcError(f"{data.csv_path('train')}: no captions to finetune a text encoder on")
     recipe = cfg.recipe(data)
     splits = ["train"] + (["test"] if test_recs else [])
-    targets = [cache_path(cfg.out_dir, cfg.data_dir, s, recipe) for s in splits]
+    targets = [cache_path(cfg.cache_dir, cfg.data_dir, s, recipe) for s in splits]
     # image bytes too when the folder has images: so it fuses with the image caches of the same data
     prints = [fingerprint(recs, data.image_dir if data.options.images else None)
               for recs in [train_recs, test_recs][:len(splits)]]

@@ -24,7 +24,7 @@ from typing import IO, Any, ClassVar, Literal
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from .config import Config, as_paths, opt, require
+from .config import Config, opt, require
 from .errors import DataError, ImageError
 from .labels import RARE_ROWS, LabelSpace, odd_tokens, same_numbers, typed_ids
 from .records import IMAGE_EXTENSIONS, CsvLayout, Record, header_cells, image_id_fault, raise_problems, read_csv
@@ -52,17 +52,12 @@ class DataOptions(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_paths(self, "labels")
         require([(bool(self.label_sep), "--label-sep must not be empty")])
-
-    def data_options(self) -> DataOptions:
-        """This option group alone (out of a stage config that inherits it)."""
-        return DataOptions(**self.group(DataOptions))
 
     def recorded(self) -> dict[str, Any]:
         """These options as a cache's recipe or a run's features.json records them: the labels file as an
         absolute path, so a later command run from another folder reads the same file."""
-        d = self.data_options().to_dict()
+        d = self.to_dict()
         if self.labels is not None:
             d["labels"] = str(Path(self.labels).resolve())
         return d
@@ -85,7 +80,7 @@ class DataDir:
         if not root.is_dir():
             raise DataError(str(root), None, "data folder not found" if not root.exists() else "not a folder")
         image_dir = next((d for d in (root / "data", root / "images") if d.is_dir()), root)
-        return cls(root, image_dir, (options or DataOptions()).data_options())
+        return cls(root, image_dir, options or DataOptions())
 
     def csv_path(self, split: Split) -> Path:
         if split not in ("train", "test"):

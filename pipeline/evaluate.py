@@ -17,27 +17,29 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
-from .config import as_paths, opt, require
+from .config import Config, group, opt, require
 from .data import DataOptions
 from .options import LoaderOptions
 from .predictor import load
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateConfig(LoaderOptions, DataOptions):
+class EvaluateConfig(Config):
     """Options of ``mlc evaluate``."""
 
     model: Path = opt(None, "A run folder or a folder `mlc export` wrote.", argument=True, required=True)
-    data: Path = opt(None, "A data folder (its --split CSV) or a labelled CSV file.", argument=True, required=True)
+    data_dir: Path = opt(None, "A data folder (its --split CSV) or a labelled CSV file.", argument=True,
+                         required=True)
     split: str = opt("test", "Which CSV of a data folder: test or train (it must carry labels).")
     skip_bad_images: bool = opt(False, "List photos that cannot be decoded and score the rest (default: stop at "
                                 "the first, naming it).")
     out: Path | None = opt(None, "Also write the scores to this JSON file.")
+    data: DataOptions = group(DataOptions)
+    loader: LoaderOptions = group(LoaderOptions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_paths(self, "model", "data", "out")
-        require([(self.model is not None and self.data is not None, "give a model folder and a data folder or CSV"),
+        require([(self.model is not None and self.data_dir is not None, "give a model folder and a data folder or CSV"),
                  (self.split in ("train", "test"), "--split must be train or test")])
 
 
@@ -47,9 +49,9 @@ def _say(msg: str) -> None:
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """samples-F1 and per-label precision/recall/F1/support of the model on the labelled rows."""
-    pred = load(cfg.model, backend=cfg.backend, device=cfg.device, onnx_dir=cfg.onnx_dir)
-    scores = pred.evaluate(cfg.data, split=cfg.split, options=cfg, batch_size=cfg.batch_size, workers=cfg.workers,
-                           skip_bad_images=cfg.skip_bad_images, say=_say)
+    pred = load(cfg.model, backend=cfg.loader.backend, device=cfg.loader.device, onnx_dir=cfg.loader.onnx_dir)
+    scores = pred.evaluate(cfg.data_dir, split=cfg.split, options=cfg.data, batch_size=cfg.loader.batch_size,
+                           workers=cfg.loader.workers, skip_bad_images=cfg.skip_bad_images, say=_say)
     if cfg.out is not None:
         write_json(cfg.out, scores)
     return scores

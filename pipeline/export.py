@@ -37,7 +37,7 @@ from torch import nn
 from . import __version__, schemas
 from .atomic import OutputOptions, claim_output, owned, staged, write_json, write_safetensors, write_text
 from .backends import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, mismatch, probe_inputs, to_onnx
-from .config import as_paths, opt, require
+from .config import Config, group, opt, require
 from .errors import MlcError
 from .folders import listing
 from .onnx_dtypes import DTYPES, convert
@@ -50,7 +50,7 @@ GRAPH, TOKENIZER = "model.onnx", "tokenizer.json"
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExportConfig(OutputOptions):
+class ExportConfig(Config):
     """Options of ``mlc export``."""
 
     run: Path = opt(None, "A run folder from `mlc fit-head` or `mlc finetune`.", argument=True, required=True)
@@ -60,10 +60,10 @@ class ExportConfig(OutputOptions):
                      "graph's matrix products quantised; onnx format only).")
     format: str = opt("onnx", "onnx: one ONNX graph + tokenizer + export.json, runs without torch (a run over one "
                       "cache); safetensors: the encoders and heads, for torch (any run).")
+    output: OutputOptions = group(OutputOptions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_paths(self, "run", "out")
         require([(self.run is not None and self.out is not None, "give the run folder and --out"),
                  (self.dtype in DTYPES, f"--dtype must be one of {DTYPES}"),
                  (self.format in FORMATS, f"--format must be one of {FORMATS}"),
@@ -98,7 +98,7 @@ def _ticking(what: str) -> Iterator[None]:
 def export(cfg: ExportConfig) -> tuple[Path, int]:
     """Write the export folder (staged, then swapped in); returns it and its size in bytes."""
     # never the run it reads (nor inside it), nor a folder that is no export of mlc's
-    out = claim_output(cfg.out, what="an mlc export folder", folder=True, sealed=[cfg.run], force=cfg.force,
+    out = claim_output(cfg.out, what="an mlc export folder", folder=True, sealed=[cfg.run], force=cfg.output.force,
                        ours=lambda p: owned(p, EXPORT_FILE, None))
     with _ticking(f"loading {cfg.run}"):
         pred = load(cfg.run, backend="torch")

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import as_paths, opt, require
+from .config import Config, group, opt, require
 from .data import DataDir, DataOptions
 from .device import distributed
 from .encoders import EncoderOptions
@@ -21,11 +21,11 @@ from .quantize import PrecisionOptions, feature_precision
 SPLITS = ("train", "test")
 HINTS = Hints(bad_image="pass --skip-bad-images to leave such images out",
               skipped=". Pass --skip-bad-images to reuse it, or --overwrite to encode every image anew.",
-              different="Pass --overwrite to replace it, or --out-dir to write elsewhere.")
+              different="Pass --overwrite to replace it, or --cache-dir to write elsewhere.")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExtractConfig(EncoderOptions, PrecisionOptions, LoaderOptions, DataOptions):
+class ExtractConfig(Config):
     """What ``mlc extract`` does."""
 
     data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
@@ -37,17 +37,21 @@ class ExtractConfig(EncoderOptions, PrecisionOptions, LoaderOptions, DataOptions
     image_cut: str | None = opt(None, "Also cache the image encoder's activations at this trunk cut (e.g. "
                                 "block11, layer3) for `mlc finetune --from-cache`.")
     text_cut: str | None = opt(None, "Also cache the text encoder's token states at this cut (e.g. layer4).")
-    out_dir: Path = opt(Path("cache"), "Where caches are written (OUT_DIR/DATA_NAME/SPLIT__IMAGE__TEXT.h5).")
+    cache_dir: Path = opt(Path("cache"), "Where caches are written (CACHE_DIR/DATA_NAME/SPLIT__IMAGE__TEXT.h5).",
+                          aliases=("--out-dir",))
     chunk_rows: int = opt(512, "Rows per committed chunk: an interrupted run loses at most this many rows of work "
                           "(captions are length-sorted within a chunk, so bigger chunks pad less).")
     skip_bad_images: bool = opt(False, "Leave out missing or corrupt images (reported by id) instead of stopping "
                                 "at the first.")
-    overwrite: bool = opt(False, "Replace an existing cache that holds different features (other weights or "
-                          "changed data) or is no readable cache.")
+    overwrite: bool = opt(False, "Rebuild a cache that holds other features (other weights or changed data) or is "
+                          "no readable cache, instead of stopping.")
+    data: DataOptions = group(DataOptions)
+    loader: LoaderOptions = group(LoaderOptions)
+    numerics: PrecisionOptions = group(PrecisionOptions)
+    encoders: EncoderOptions = group(EncoderOptions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_paths(self, "data_dir", "from_run", "out_dir")
         bad = [s for s in self.splits if s not in SPLITS]
         require([(self.data_dir is not None, "give the data folder"),
                  (bool(self.splits) and not bad, f"--split must be among {SPLITS}, got {list(self.splits)}"),
@@ -55,25 +59,24 @@ class ExtractConfig(EncoderOptions, PrecisionOptions, LoaderOptions, DataOptions
         self.recipe()  # validates the combination
 
     def recipe(self) -> Recipe:
-        return Recipe(image_encoder=self.image_encoder, text_encoder=self.text_encoder,
-                      image_weights=self.image_weights, text_weights=self.text_weights, random_init=self.random_init,
+        e = self.encoders
+        return Recipe(image_encoder=e.image_encoder, text_encoder=e.text_encoder, image_weights=e.image_weights,
+                      text_weights=e.text_weights, random_init=e.random_init,
                       from_run=None if self.from_run is None else str(self.from_run.resolve()), views=self.views,
-                      image_cut=self.image_cut, text_cut=self.text_cut, text_pooling=self.text_pooling)
+                      image_cut=self.image_cut, text_cut=self.text_cut, text_pooling=e.text_pooling)
 
 
-def extract(cfg: ExtractConfig, command: str = "extract") -> list[Path]:
-    """Run stage 1 for every requested split; returns the cache paths (existing ones reused). ``command``: whose
-    options the error messages may suggest (``mlc run`` calls this too)."""
-    hints = HINTS if command == "extract" else dataclasses.replace(
-        HINTS, different="Pass --overwrite to replace it, or --cache-dir to write elsewhere.")
+def extract(cfg: ExtractConfig) -> list[Path]:
+    """Run stage 1 for every requested split; returns the cache paths (existing ones reused)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    data = DataDir.open(cfg.data_dir, cfg)
+    data = DataDir.open(cfg.data_dir, cfg.data)
     recipe = fit_to_data(cfg.recipe(), data)
     for split in cfg.splits:
         data.records(split)  # a faulty CSV stops here, not after minutes of loading and exporting encoders
-    with distributed(cfg.device) as device:
-        recipe = dataclasses.replace(recipe, precision=feature_precision(cfg.precision, device))
-        image, text, eng = encoders_and_engine(recipe, cfg, device, data=data)
-        return [build_cache(Job(recipe, data, split, cache_path(cfg.out_dir, cfg.data_dir, split, recipe), cfg,
-                                cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite, hints), image, text, eng, device)
+    with distributed(cfg.loader.device) as device:
+        recipe = dataclasses.replace(recipe, precision=feature_precision(cfg.numerics.precision, device))
+        image, text, eng = encoders_and_engine(recipe, cfg.loader, device, data=data)
+        return [build_cache(Job(recipe, data, split, cache_path(cfg.cache_dir, cfg.data_dir, split, recipe),
+                                cfg.loader, cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite, HINTS),
+                            image, text, eng, device)
                 for split in cfg.splits]

@@ -27,7 +27,7 @@ import torch
 
 from .atomic import OutputOptions
 from .cache import CacheReader, check_compatible
-from .config import as_paths, opt, redefault, require
+from .config import Config, group, opt, require
 from .data import DataDir, DataOptions
 from .datasets import CaptionCollate, ImageCaptionRows, TrunkRows, to_device
 from .device import autocast, distributed, is_main, rank, resolve_precision, world_size
@@ -44,7 +44,7 @@ from .training import Task, TrainOptions, TrainResult, make_sampler, train
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneConfig(EncoderOptions, HeadOptions, TrainOptions, DataOptions, OutputOptions):
+class FinetuneConfig(Config):
     """Options of ``mlc finetune``; written to the run folder as config.json. Defaults: the seed report's."""
 
     data_dir: Path | None = opt(None, "Data folder (not needed with --from-cache).", argument=True)
@@ -70,24 +70,16 @@ class FinetuneConfig(EncoderOptions, HeadOptions, TrainOptions, DataOptions, Out
                               "and on GPUs, same numbers); --no-channels-last to use the plain layout.")
     resume: bool = opt(False, "Continue from OUT/checkpoints/last.pt.")
     nproc: int = opt(1, "Processes: >1 relaunches under torchrun (DDP; NCCL on CUDA, gloo on CPU).")
-    head: str = redefault(HeadOptions, "head", "sum")
-    dropout: float = redefault(HeadOptions, "dropout", 0.2)
-    pos_weight: bool = redefault(TrainOptions, "pos_weight", True)
-    sampler: str = redefault(TrainOptions, "sampler", "weighted")
-    optimizer: str = redefault(TrainOptions, "optimizer", "adam")
-    lr: float = redefault(TrainOptions, "lr", 1e-4)
-    weight_decay: float = redefault(TrainOptions, "weight_decay", 1e-5)
-    batch_size: int = redefault(TrainOptions, "batch_size", 64)
-    epochs: int = redefault(TrainOptions, "epochs", 4)
-    patience: int = redefault(TrainOptions, "patience", 0)
-    best_by: str = redefault(TrainOptions, "best_by", "f1-tuned")
-    schedule: str = redefault(TrainOptions, "schedule", "cosine")
-    warmup: float = redefault(TrainOptions, "warmup", 0.05)
-    clip: float = redefault(TrainOptions, "clip", 1.0)
+    output: OutputOptions = group(OutputOptions)
+    data: DataOptions = group(DataOptions)
+    train: TrainOptions = group(TrainOptions, pos_weight=True, sampler="weighted", optimizer="adam", lr=1e-4,
+                                weight_decay=1e-5, batch_size=64, epochs=4, patience=0, best_by="f1-tuned",
+                                schedule="cosine", warmup=0.05, clip=1.0)
+    fusion: HeadOptions = group(HeadOptions, head="sum", dropout=0.2)
+    encoders: EncoderOptions = group(EncoderOptions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_paths(self, "data_dir", "out", "from_cache", "init_head")
         require([
             (self.data_dir is not None or self.from_cache is not None, "give DATA_DIR or --from-cache"),
             (not (self.end_to_end and self.from_cache), "--end-to-end retrains the whole encoders from images; "
@@ -105,7 +97,7 @@ class FinetuneConfig(EncoderOptions, HeadOptions, TrainOptions, DataOptions, Out
     @property
     def enc_lr(self) -> float:
         # Pretrained encoders want smaller steps than a freshly initialised head.
-        return self.encoder_lr if self.encoder_lr is not None else self.lr * 0.1
+        return self.encoder_lr if self.encoder_lr is not None else self.train.lr * 0.1
 
 
 @dataclass
@@ -124,11 +116,11 @@ class _Source:
 
 def _source(cfg: FinetuneConfig) -> _Source:
     if not cfg.from_cache:
-        if NONE in (cfg.image_encoder, cfg.text_encoder):
+        if NONE in (cfg.encoders.image_encoder, cfg.encoders.text_encoder):
             raise MlcError("finetune trains an image and a text encoder together; use fit-head for a dataset "
                            "without images or captions")
-        image, text = cfg.create(seed=cfg.seed)
-        data = DataDir.open(cfg.data_dir, cfg)
+        image, text = cfg.encoders.create(seed=cfg.train.seed)
+        data = DataDir.open(cfg.data_dir, cfg.data)
         records = data.records("train")
         space = data.label_space()
         return _Source(image, text, [r.image_id for r in records], space.multi_hot([r.labels for r in records]),
@@ -138,7 +130,7 @@ def _source(cfg: FinetuneConfig) -> _Source:
     if meta.split != "train" or not meta.image_cut or not meta.text_cut:
         raise MismatchError(f"{cfg.from_cache}: --from-cache needs a train cache extracted with --image-cut and "
                             "--text-cut")
-    expect = {"image_encoder": cfg.image_encoder, "text_encoder": cfg.text_encoder}
+    expect = {"image_encoder": cfg.encoders.image_encoder, "text_encoder": cfg.encoders.text_encoder}
     expect.update({k: getattr(cfg, k) for k in ("image_cut", "text_cut") if getattr(cfg, k) is not None})
     check_compatible(meta, expect, what=f"the trunk cache {cfg.from_cache}")
     image, text = Recipe.from_dict(meta.extra["recipe"], str(cfg.from_cache)).encoders()
@@ -153,8 +145,8 @@ def _init_head(cfg: FinetuneConfig, src: _Source, held_out: set[str]) -> torch.n
     would be optimistic and the thresholds tuned on it biased (measured: worse on unseen images)."""
     start = RunDir(cfg.init_head).load()
     start.contract.check(Contract.of_encoders(src.image, src.text, src.labels), what=f"--init-head {cfg.init_head}")
-    fix = (f"fit the starting head on this finetune's split: mlc fit-head CACHE --folds 0 --seed {cfg.seed} "
-           f"--val-fraction {cfg.val_fraction}")
+    fix = (f"fit the starting head on this finetune's split: mlc fit-head CACHE --folds 0 --seed {cfg.train.seed} "
+           f"--val-fraction {cfg.train.val_fraction}")
     if len(start.heads) > 1:
         raise MlcError(f"--init-head {cfg.init_head}: a {len(start.heads)}-fold run, whose heads each trained on most "
                        f"of the rows this finetune holds out; {fix}")
@@ -166,7 +158,7 @@ def _init_head(cfg: FinetuneConfig, src: _Source, held_out: set[str]) -> torch.n
 
 
 def _model(cfg: FinetuneConfig, src: _Source, device: torch.device, held_out: set[str]) -> MultiModal:
-    head = cfg.create_head(src.image.dim, src.text.dim, src.y.shape[1])
+    head = cfg.fusion.create_head(src.image.dim, src.text.dim, src.y.shape[1])
     if cfg.init_head:
         head = _init_head(cfg, src, held_out)
     cuts = (src.reader.meta.image_cut, src.reader.meta.text_cut) if src.reader else (None, None)
@@ -179,13 +171,13 @@ def _model(cfg: FinetuneConfig, src: _Source, device: torch.device, held_out: se
 def _loaders(cfg: FinetuneConfig, src: _Source, train_idx: np.ndarray, val_idx: np.ndarray, sampler: Any,
              device: torch.device) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     kw: dict[str, Any] = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
-                              generator=torch.Generator().manual_seed(cfg.seed))
+                              generator=torch.Generator().manual_seed(cfg.train.seed))
     if cfg.workers:
         kw["prefetch_factor"] = 2
     collate = None
     if src.reader is not None:
-        train_ds: torch.utils.data.Dataset = TrunkRows(src.reader, train_idx, True, cfg.seed)
-        val_ds: torch.utils.data.Dataset = TrunkRows(src.reader, val_idx, False, cfg.seed)
+        train_ds: torch.utils.data.Dataset = TrunkRows(src.reader, train_idx, True, cfg.train.seed)
+        val_ds: torch.utils.data.Dataset = TrunkRows(src.reader, val_idx, False, cfg.train.seed)
     else:
         pre, n = src.image.preprocess, len(src.y)
         train_tf = pre.train_transform() if cfg.augment else pre.transform(0)
@@ -195,11 +187,11 @@ def _loaders(cfg: FinetuneConfig, src: _Source, train_idx: np.ndarray, val_idx: 
         val_ds = torch.utils.data.Subset(ImageCaptionRows(src.data, src.records[:n], pre.transform(0), src.y),
                                          val_idx)
         collate = CaptionCollate(src.text.tokenize)
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler,
                                                collate_fn=collate, **kw)
     # Each rank scores its own slice of the validation rows; the slices are gathered on every rank.
     val_part = torch.utils.data.Subset(val_ds, list(range(rank(), len(val_ds), world_size())))
-    val_loader = torch.utils.data.DataLoader(val_part, batch_size=cfg.batch_size, shuffle=False,
+    val_loader = torch.utils.data.DataLoader(val_part, batch_size=cfg.train.batch_size, shuffle=False,
                                              collate_fn=collate, **kw)
     return train_loader, val_loader
 
@@ -227,13 +219,13 @@ def _predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device
 
 def build_task(cfg: FinetuneConfig, device: torch.device) -> tuple[Task, _Source]:
     """The model, its data and loaders as a training task."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     src = _source(cfg)
     n = len(src.ids) if cfg.max_rows is None else min(cfg.max_rows, len(src.ids))
     src.ids, src.y = src.ids[:n], src.y[:n]
-    train_idx, val_idx = train_val_split(src.y, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = train_val_split(src.y, cfg.train.val_fraction, cfg.train.seed)
     model = _model(cfg, src, device, {str(src.ids[i]) for i in val_idx})
-    sampler = make_sampler(cfg, src.y[train_idx])
+    sampler = make_sampler(cfg.train, src.y[train_idx])
     train_loader, val_loader = _loaders(cfg, src, train_idx, val_idx, sampler, device)
     precision = resolve_precision(cfg.precision, device)
 
@@ -242,7 +234,7 @@ def build_task(cfg: FinetuneConfig, device: torch.device) -> tuple[Task, _Source
             train_loader.dataset.epoch = epoch
         return (to_device(b, device) for b in train_loader)
 
-    groups = [{"params": [q for q in model.head.parameters() if q.requires_grad], "lr": cfg.lr},
+    groups = [{"params": [q for q in model.head.parameters() if q.requires_grad], "lr": cfg.train.lr},
               {"params": [q for m in (model.image, model.text) for q in m.parameters() if q.requires_grad],
                "lr": cfg.enc_lr}]
     task = Task(model=model, param_groups=groups, y=src.y, train_rows=train_idx, sampler=sampler,
@@ -278,7 +270,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             f"{sum(q.numel() for q in groups[1]['params']) / 1e6:.2f} M encoder + "
             f"{sum(q.numel() for q in groups[0]['params']) / 1e6:.2f} M head parameters training, device {device}, "
             f"{world_size()} process(es), precision {precision}")
-        result = train(task, cfg, device=device, log=log, checkpoints=run.checkpoints, config=cfg.to_dict(),
+        result = train(task, cfg.train, device=device, log=log, checkpoints=run.checkpoints, config=cfg.to_dict(),
                        resume=cfg.resume, precision=precision, progress=True)
         metrics = _write_run(cfg, task.model, src, result, log, lines, precision) if is_main() else {}
         if world_size() > 1:
@@ -289,9 +281,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 def _claim(cfg: FinetuneConfig) -> RunDir:
     """The run folder --out names, proved safe to write before training: never the data, the trunk cache or the
     --init-head run it reads, nor a folder mlc did not write."""
-    inputs = data_inputs(DataDir.open(cfg.data_dir, cfg)) if cfg.data_dir is not None else []
+    inputs = data_inputs(DataDir.open(cfg.data_dir, cfg.data)) if cfg.data_dir is not None else []
     return RunDir(cfg.out).claim("finetune", inputs=inputs + ([cfg.from_cache] if cfg.from_cache else []),
-                                 sealed=[cfg.init_head] if cfg.init_head else [], force=cfg.force)
+                                 sealed=[cfg.init_head] if cfg.init_head else [], force=cfg.output.force)
 
 
 def _write_run(cfg: FinetuneConfig, model: MultiModal, src: _Source, result: TrainResult,
@@ -302,10 +294,10 @@ def _write_run(cfg: FinetuneConfig, model: MultiModal, src: _Source, result: Tra
     model.image.rehash()
     model.text.rehash()
     y = src.y[result.val_rows]
-    metrics, th = evaluate(y, result.val_scores, "per-class", cfg.seed)
+    metrics, th = evaluate(y, result.val_scores, "per-class", cfg.train.seed)
     metrics.update(best_epoch=result.best_epoch, best_epochs=[result.best_epoch], mode=cfg.mode, precision=precision)
     th.update(label_ids=list(src.labels.ids), label_names=list(src.labels.names))
-    data = cfg.data_options().recorded() if src.data is not None else (
+    data = cfg.data.recorded() if src.data is not None else (
         src.reader.meta.extra.get("recipe", {}).get("data") if src.reader is not None else None)
     recipe = Recipe(image_encoder=model.image.name, text_encoder=model.text.name, from_run=str(cfg.out.resolve()),
                     data=data)

@@ -10,7 +10,6 @@ averaged at prediction time. ``--grid`` fits heads x losses x learning rates and
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import sys
 import time
@@ -24,7 +23,7 @@ import torch
 
 from .atomic import OutputOptions
 from .cache import CacheReader
-from .config import as_paths, opt, require
+from .config import Config, group, opt, require
 from .errors import MlcError
 from .evaluation import THRESHOLD_MODES, evaluate
 from .fused import load_joined, plan_parts
@@ -38,7 +37,7 @@ DEFAULT_GRID: dict[str, tuple] = {"head": ("concat", "sum", "gated"), "loss": ("
 
 
 @dataclass(frozen=True, kw_only=True)
-class FitHeadConfig(HeadOptions, TrainOptions, OutputOptions):
+class FitHeadConfig(Config):
     """Options of ``mlc fit-head``; written to the run folder as config.json.
 
     Defaults were measured (bench/fit_head.py, 10,000 train rows): batch 256 at lr 3e-3 with
@@ -54,13 +53,12 @@ class FitHeadConfig(HeadOptions, TrainOptions, OutputOptions):
     thresholds: str = opt("per-class", "per-class, global, or fixed (0.5).")
     grid: bool = opt(False, "Train a grid of heads x losses x learning rates, pick the best on held-out "
                      "samples-F1, print a leaderboard.")
+    output: OutputOptions = group(OutputOptions)
+    train: TrainOptions = group(TrainOptions)
+    fusion: HeadOptions = group(HeadOptions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.caches, str | Path):
-            object.__setattr__(self, "caches", (self.caches,))
-        object.__setattr__(self, "caches", tuple(Path(c) for c in self.caches))
-        as_paths(self, "out")
         require([(bool(self.caches), "give a train cache"),
                  (self.thresholds in THRESHOLD_MODES, f"--thresholds must be one of {THRESHOLD_MODES}"),
                  (self.folds == 0 or self.folds >= 2, "--folds must be 0 (a single split) or at least 2")])
@@ -89,40 +87,40 @@ class Features:
 
 def head_task(cfg: FitHeadConfig, feats: Features, train_idx: np.ndarray, val_idx: np.ndarray) -> Task:
     """A head over in-memory features as a training task: batches are index gathers, no DataLoader."""
-    torch.manual_seed(cfg.seed)
-    head = cfg.create_head(feats.image.shape[-1], feats.text.shape[-1], feats.labels.shape[1])
+    torch.manual_seed(cfg.train.seed)
+    head = cfg.fusion.create_head(feats.image.shape[-1], feats.text.shape[-1], feats.labels.shape[1])
     y_t = torch.from_numpy(feats.labels).float()
     tr = torch.from_numpy(train_idx)
-    sampler = make_sampler(cfg, feats.labels[train_idx])
+    sampler = make_sampler(cfg.train, feats.labels[train_idx])
     views = feats.image.shape[1]
 
     def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         order = tr[sampler.order()]
-        g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        for s in range(0, len(order), cfg.batch_size):
-            rows = order[s:s + cfg.batch_size]
+        g = torch.Generator().manual_seed(cfg.train.seed * 100003 + epoch)
+        for s in range(0, len(order), cfg.train.batch_size):
+            rows = order[s:s + cfg.train.batch_size]
             v = torch.randint(views, (len(rows),), generator=g)  # one cached view per sample and epoch
             yield {"image": feats.image[rows, v], "text": feats.text[rows], "labels": y_t[rows]}
 
     def predict(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
         return val_idx, predict_proba(model, feats.image[val_idx], feats.text[val_idx]).numpy()
 
-    return Task(model=head, param_groups=[{"params": list(head.parameters()), "lr": cfg.lr}], y=feats.labels,
-                train_rows=train_idx, sampler=sampler, steps_per_epoch=-(-len(sampler) // cfg.batch_size),
+    return Task(model=head, param_groups=[{"params": list(head.parameters()), "lr": cfg.train.lr}], y=feats.labels,
+                train_rows=train_idx, sampler=sampler, steps_per_epoch=-(-len(sampler) // cfg.train.batch_size),
                 batches=batches, forward=lambda m, b: m(b["image"], b["text"]), predict=predict)
 
 
 def fit(cfg: FitHeadConfig, feats: Features, log: Callable[[str], None]) -> tuple[list[TrainResult], np.ndarray]:
     """Train one head (or K fold heads); returns their results and the held-out rows they were scored on."""
     if cfg.folds:
-        parts = kfold(feats.labels, cfg.folds, cfg.seed)
+        parts = kfold(feats.labels, cfg.folds, cfg.train.seed)
     else:
-        parts = [train_val_split(feats.labels, cfg.val_fraction, cfg.seed)]
+        parts = [train_val_split(feats.labels, cfg.train.val_fraction, cfg.train.seed)]
     results = []
     for k, (tr, va) in enumerate(parts):
         log(f"-- fold {k + 1}/{cfg.folds}: {len(tr)} train, {len(va)} held out" if cfg.folds
             else f"{len(tr)} train rows, {len(va)} validation rows")
-        results.append(train(head_task(cfg, feats, tr, va), cfg, device=torch.device("cpu"), log=log))
+        results.append(train(head_task(cfg, feats, tr, va), cfg.train, device=torch.device("cpu"), log=log))
     return results, np.concatenate([r.val_rows for r in results])
 
 
@@ -130,7 +128,7 @@ def heads_of(cfg: FitHeadConfig, feats: Features, results: list[TrainResult]) ->
     """The best-epoch head of each result, in eval mode."""
     heads = []
     for r in results:
-        head = cfg.create_head(feats.image.shape[-1], feats.text.shape[-1], feats.labels.shape[1])
+        head = cfg.fusion.create_head(feats.image.shape[-1], feats.text.shape[-1], feats.labels.shape[1])
         head.load_state_dict(r.best_state)
         heads.append(head.eval())
     return heads
@@ -142,7 +140,7 @@ def _fit_and_score(cfg: FitHeadConfig, feats: Features,
     start = time.perf_counter()
     results, held = fit(cfg, feats, log)
     scores = np.concatenate([r.val_scores for r in results])
-    metrics, th = evaluate(feats.labels[held], scores, cfg.thresholds, cfg.seed)
+    metrics, th = evaluate(feats.labels[held], scores, cfg.thresholds, cfg.train.seed)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     metrics["best_epochs"] = [r.best_epoch for r in results]
     return results, held, scores, metrics, th
@@ -192,17 +190,17 @@ def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats
 
 def _claim(cfg: FitHeadConfig) -> RunDir:
     """The run folder --out names, proved safe to replace: never a cache it reads, nor a folder mlc did not write."""
-    return RunDir(cfg.out).claim("head", inputs=cfg.caches, force=cfg.force)
+    return RunDir(cfg.out).claim("head", inputs=cfg.caches, force=cfg.output.force)
 
 
 def _head_for(cfg: FitHeadConfig, feats: Features, log: Callable[[str], None]) -> FitHeadConfig:
     """A dataset without images gets a text-only head, one without captions an image-only head (said)."""
     for missing, only in (("image", "text"), ("text", "image")):
         width = feats.image.shape[-1] if missing == "image" else feats.text.shape[-1]
-        if width == 0 and missing in HEADS[cfg.head].modalities:
+        if width == 0 and missing in HEADS[cfg.fusion.head].modalities:
             article = "an" if only == "image" else "a"
-            log(f"note: no {missing} features in this data: {article} {only}-only head instead of {cfg.head!r}")
-            return dataclasses.replace(cfg, head=only)
+            log(f"note: no {missing} features in this data: {article} {only}-only head instead of {cfg.fusion.head!r}")
+            return cfg.replace(head=only)
     return cfg
 
 
@@ -224,7 +222,7 @@ def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
     board = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         params = dict(zip(keys, combo, strict=True))
-        _, _, _, m, _ = _fit_and_score(dataclasses.replace(cfg, **params), loaded[1], lambda s: None)
+        _, _, _, m, _ = _fit_and_score(cfg.replace(**params), loaded[1], lambda s: None)
         board.append({**params, "samples_f1": m["samples_f1"], "at_0.5": m["samples_f1_at_0.5"],
                       "seconds": m["seconds"]})
         if not quiet:
@@ -232,5 +230,5 @@ def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
                   f"samples-F1 {m['samples_f1']:.4f}  ({m['seconds']:.1f} s)", file=sys.stderr)
     board.sort(key=lambda r: -r["samples_f1"])
     best = {k: board[0][k] for k in keys}
-    metrics = fit_head(dataclasses.replace(cfg, **best), loaded, quiet=quiet, extra_json={"grid.json": board})
+    metrics = fit_head(cfg.replace(**best), loaded, quiet=quiet, extra_json={"grid.json": board})
     return board, metrics

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from .config import Config, as_paths, opt, require
+from .config import Config, opt, require
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -28,7 +28,6 @@ class LoaderOptions(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_paths(self, "onnx_dir")
         require([(self.batch_size >= 1, "--batch-size must be at least 1"),
                  (self.workers >= 0, "--workers must be 0 or more"),
                  (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}")])

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import OutputOptions, claim_output, first_line, write_text
-from .config import as_paths, opt, require
+from .config import Config, group, opt, require
 from .data import DataOptions
 from .errors import MlcError
 from .options import LoaderOptions
@@ -36,7 +36,7 @@ FORMATS = ("table", "csv", "json")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PredictConfig(LoaderOptions, DataOptions, OutputOptions):
+class PredictConfig(Config):
     """Options of ``mlc predict``."""
 
     model: Path = opt(None, "A run folder (fit-head or finetune) or a folder `mlc export` wrote.", argument=True,
@@ -53,10 +53,12 @@ class PredictConfig(LoaderOptions, DataOptions, OutputOptions):
                                 "the first, naming it).")
     out: Path | None = opt(None, "Write the predictions to this file instead of printing them: a new file, or "
                            "earlier predictions it replaces.")
+    output: OutputOptions = group(OutputOptions)
+    data: DataOptions = group(DataOptions)
+    loader: LoaderOptions = group(LoaderOptions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_paths(self, "model", "captions", "out")
         require([(self.model is not None, "give a run or exported model folder"),
                  (self.format in FORMATS, f"--format must be one of {FORMATS}"),
                  (self.top_k >= 0, "--top-k must be 0 or more"),
@@ -113,15 +115,15 @@ def predict(cfg: PredictConfig, pred: Predictor | None = None) -> list[dict[str,
     """One dict per photo (or caption): its path as given, labels and their names, every label's probability."""
     t0 = time.monotonic()
     if pred is None:
-        pred = load(cfg.model, backend=cfg.backend, device=cfg.device, onnx_dir=cfg.onnx_dir)
-    table = read_captions(cfg.captions, cfg) if cfg.captions is not None else None
+        pred = load(cfg.model, backend=cfg.loader.backend, device=cfg.loader.device, onnx_dir=cfg.loader.onnx_dir)
+    table = read_captions(cfg.captions, cfg.data) if cfg.captions is not None else None
     keys = image_paths(cfg.paths) if pred.needs_images else \
         (list(table) if table is not None else list(cfg.paths))  # a text-only model: the captions CSV's rows
     if not keys:
         raise MlcError("nothing to predict: give photos (or, for a text-only model, --captions)")
     captions = _captions_for(cfg, keys, pred, table)
     skipped, bad = photo_faults(cfg.skip_bad_images, _say)
-    rows_kept, probs = pred.proba_files(keys, captions, batch_size=cfg.batch_size, workers=cfg.workers,
+    rows_kept, probs = pred.proba_files(keys, captions, batch_size=cfg.loader.batch_size, workers=cfg.loader.workers,
                                         on_bad=bad, say=_say)
     results = rows(pred, [keys[i] for i in rows_kept], probs)
     if skipped:
@@ -184,10 +186,10 @@ def _inputs(cfg: PredictConfig) -> list[Path]:
 
 def run(cfg: PredictConfig) -> None:
     if cfg.out is not None:  # before any photo is read: never the model, a photo or the captions, nor a foreign file
-        out = claim_output(cfg.out, what="a predictions file", folder=False, ours=is_predictions, force=cfg.force,
-                           inputs=_inputs(cfg), sealed=[cfg.model])
+        out = claim_output(cfg.out, what="a predictions file", folder=False, ours=is_predictions,
+                           force=cfg.output.force, inputs=_inputs(cfg), sealed=[cfg.model])
     _say(f"loading {cfg.model}")
-    pred = load(cfg.model, backend=cfg.backend, device=cfg.device, onnx_dir=cfg.onnx_dir)
+    pred = load(cfg.model, backend=cfg.loader.backend, device=cfg.loader.device, onnx_dir=cfg.loader.onnx_dir)
     names = {str(i): n for i, n in zip(pred.labels.ids, pred.labels.names, strict=True)}
     text = render(predict(cfg, pred), cfg.format, names, cfg.top_k)
     if cfg.out is not None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .atomic import OutputOptions, claim_output, first_line, write_json, write_text
 from .cache import CacheReader
-from .config import as_paths, opt, require
+from .config import Config, group, opt, require
 from .data import DataDir
 from .device import distributed
 from .errors import MlcError
@@ -32,21 +32,23 @@ HINTS = Hints(bad_image="every test image needs a prediction: repair or replace 
 
 
 @dataclass(frozen=True, kw_only=True)
-class SubmitConfig(LoaderOptions, OutputOptions):
+class SubmitConfig(Config):
     """Options of ``mlc submit``."""
 
     run: Path = opt(None, "A run folder from `mlc fit-head` or `mlc finetune`.", argument=True, required=True)
-    data_dir: Path = opt(None, "Data folder whose test.csv is predicted.", flag="--data", required=True)
+    data_dir: Path = opt(None, "Data folder whose test.csv is predicted.", argument=True, required=True,
+                         aliases=("--data",))
     out: Path | None = opt(None, "Submission file (default RUN/submission.csv): a new file, or a submission it "
                            "replaces.")
     cache_dir: Path = opt(Path("cache"), "Where the test cache is found or written.")
-    overwrite: bool = opt(False, "Replace a test cache that holds other features (e.g. one extracted with "
+    overwrite: bool = opt(False, "Rebuild a test cache that holds other features (e.g. one extracted with "
                           "--skip-bad-images) instead of stopping.")
+    output: OutputOptions = group(OutputOptions)
+    loader: LoaderOptions = group(LoaderOptions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_paths(self, "run", "data_dir", "out", "cache_dir")
-        require([(self.run is not None, "give a run folder"), (self.data_dir is not None, "give --data")])
+        require([(self.run is not None, "give a run folder"), (self.data_dir is not None, "give the data folder")])
 
     @property
     def target(self) -> Path:
@@ -85,7 +87,7 @@ def _test_caches(run: Run, cfg: SubmitConfig) -> list[Path]:
 def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> list[Path]:
     """The test split's cache for each of the run's feature recipes (made, or found already made)."""
     paths = []
-    with distributed(cfg.device) as device:
+    with distributed(cfg.loader.device) as device:
         for recipe, target in zip(_recipes(run), _test_caches(run, cfg), strict=True):
             if recipe.crossfit is not None:  # made with the train features by `mlc crossfit`: no encoders to run
                 if not target.is_file():
@@ -93,9 +95,9 @@ def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> list[Path]
                                    "its train features by `mlc crossfit` (rerun it with the same options)")
                 paths.append(target)
                 continue
-            image, text, eng = encoders_and_engine(recipe, cfg, device, run.path, data)
-            job = Job(recipe, data, "test", target, cfg, chunk_rows=max(cfg.batch_size, 512), overwrite=cfg.overwrite,
-                      hints=HINTS)
+            image, text, eng = encoders_and_engine(recipe, cfg.loader, device, run.path, data)
+            job = Job(recipe, data, "test", target, cfg.loader, chunk_rows=max(cfg.loader.batch_size, 512),
+                      overwrite=cfg.overwrite, hints=HINTS)
             paths.append(build_cache(job, image, text, eng, device))
     return paths
 
@@ -112,7 +114,7 @@ def submit(cfg: SubmitConfig) -> tuple[Path, str]:
     # before encoding the test split: never the data, a cache or a file of the run (but its own submission.csv)
     target = claim_output(cfg.target, what="a submission file (ImageID,Labels)", folder=False, ours=is_submission,
                           inputs=data_inputs(data) + _test_caches(run, cfg), sealed=[run.path],
-                          allow=[run.dir.submission], force=cfg.force)
+                          allow=[run.dir.submission], force=cfg.output.force)
     expected = [r.image_id for r in data.records("test")]
     caches = make_test_features(run, cfg, data)
     readers = [CacheReader(p) for p in caches]

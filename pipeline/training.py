@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .atomic import atomic_path
-from .config import Config, opt, require
+from .config import Config, flatten, opt, require
 from .device import autocast, is_main, rank, world_size
 from .errors import MismatchError, MlcError
 from .evaluation import cross_fitted_f1
@@ -40,7 +40,7 @@ BEST_BY = ("f1@0.5", "f1-tuned")
 
 @dataclass(frozen=True, kw_only=True)
 class TrainOptions(Config):
-    """How a model trains; stages set their own defaults with ``config.redefault``."""
+    """How a model trains; a stage sets its own defaults with ``group(TrainOptions, lr=...)``."""
 
     PANEL: ClassVar[str] = "Training"
 
@@ -175,8 +175,9 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A config without the options that may change between a run and its resumption."""
-    return {k: v for k, v in config.items() if k not in ("resume", "nproc")}
+    """A config without the options that may change between a run and its resumption; flat, so a checkpoint of
+    mlc 0.2 (a flat config) resumes too."""
+    return {k: v for k, v in flatten(config).items() if k not in ("resume", "nproc")}
 
 
 class _Checkpoints:

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import as_paths, opt
+from .config import Config, group, opt
 from .data import DataDir, DataOptions, check_images, rare_labels, train_label_space, unknown_labels
 from .errors import DataError, ImageError
 from .labels import LabelSpace
@@ -17,16 +17,13 @@ from .records import Record, parse_csv
 
 
 @dataclass(frozen=True, kw_only=True)
-class ValidateConfig(DataOptions):
+class ValidateConfig(Config):
     """Options of ``mlc validate``."""
 
     data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
                          argument=True, required=True)
     csv_only: bool = opt(False, "Check only the CSV files; skip opening every image (much faster).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        as_paths(self, "data_dir")
+    data: DataOptions = group(DataOptions)
 
 
 @dataclass(frozen=True)

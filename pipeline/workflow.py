@@ -19,7 +19,7 @@ from typing import Any
 
 from .atomic import OutputOptions
 from .cache import read_meta
-from .config import as_paths, opt, redefault, require
+from .config import Config, borrow, flatten, group, opt, require
 from .crossfit import CrossfitConfig, crossfit
 from .data import DataDir, DataOptions
 from .encoders import EncoderOptions
@@ -48,7 +48,7 @@ TEXT_CUTS = {"minilm-l6": "layer4", "bert-base-uncased": "layer10"}
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunConfig(EncoderOptions, PrecisionOptions, LoaderOptions, DataOptions, OutputOptions):
+class RunConfig(Config):
     """Options of ``mlc run``."""
 
     data_dir: Path = opt(None, "Data folder: train.csv, test.csv and the images (in data/, images/ or beside).",
@@ -56,8 +56,8 @@ class RunConfig(EncoderOptions, PrecisionOptions, LoaderOptions, DataOptions, Ou
     out: Path | None = opt(None, "Run folder (default runs/DATA_NAME-IMAGE-TEXT, after the data folder and encoders): "
                            "a new or empty folder, or a run it replaces.")
     cache_dir: Path = opt(Path("cache"), "Where caches are written.")
-    folds: int = redefault(FitHeadConfig, "folds", 5)
-    head: str = redefault(HeadOptions, "head", "concat")
+    folds: int = borrow(FitHeadConfig, "folds", 5)
+    head: str = borrow(HeadOptions, "head", "concat")
     crossfit_text: bool = opt(False, "Also finetune the caption tower on 5 folds (`mlc crossfit`: each row encoded by "
                               "the fold model that did not train on it, the test split by their mean) and fuse its "
                               "features with the frozen ones. Off by default (docs/recipes.md).")
@@ -65,17 +65,28 @@ class RunConfig(EncoderOptions, PrecisionOptions, LoaderOptions, DataOptions, Ou
                          "minutes per epoch) from a one-split head, and submit with the finetuned encoders. "
                          "Off by default: on 10,000 images it scored 0.872, the frozen 5-fold head 0.875.")
     overwrite: bool = opt(False, "Rebuild the caches whose data changed (train.csv, test.csv or their images), then "
-                          "refit and resubmit what depends on them; without it such a rerun stops, naming the cache.")
+                          "refit and resubmit what depends on them, instead of stopping (naming the cache).")
+    output: OutputOptions = group(OutputOptions)
+    data: DataOptions = group(DataOptions)
+    loader: LoaderOptions = group(LoaderOptions)
+    numerics: PrecisionOptions = group(PrecisionOptions)
+    encoders: EncoderOptions = group(EncoderOptions)
+
+    @classmethod
+    def coerce(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """--out defaults to runs/DATA_NAME-IMAGE-TEXT."""
+        values = super().coerce(values)
+        if values.get("out") is None and values.get("data_dir") is not None:
+            enc = values.get("encoders") or EncoderOptions()
+            name = f"{values['data_dir'].resolve().name}-{enc.image_encoder}-{enc.text_encoder}"
+            values["out"] = Path("runs") / name.replace(":", "-").replace("/", "-")
+        return values
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_paths(self, "data_dir", "out", "cache_dir")
         require([(self.data_dir is not None, "give the data folder"),
                  (not (self.crossfit_text and self.finetune), "--crossfit-text and --finetune are two routes past the "
                   "frozen features: choose one")])
-        if self.out is None:
-            name = f"{self.data_dir.resolve().name}-{self.image_encoder}-{self.text_encoder}"
-            object.__setattr__(self, "out", Path("runs") / name.replace(":", "-").replace("/", "-"))
 
 
 def _say(msg: str) -> None:
@@ -92,8 +103,8 @@ def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool
         loaded = run.load()
     except MlcError:
         return False
-    stored = {k: v for k, v in loaded.config.items() if k not in _UNSTORED}
-    wanted = {k: v for k, v in json.loads(json.dumps(config)).items() if k not in _UNSTORED}
+    stored = {k: v for k, v in flatten(loaded.config).items() if k not in _UNSTORED}  # mlc 0.2's runs are flat
+    wanted = {k: v for k, v in flatten(json.loads(json.dumps(config))).items() if k not in _UNSTORED}
     if wanted != stored or len(loaded.features) != len(caches):
         return False
     metas = [read_meta(c) for c in caches]
@@ -102,7 +113,7 @@ def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool
 
 
 def fit(cfg: RunConfig, caches: list[Path], out: Path, folds: int) -> None:
-    head_cfg = FitHeadConfig(caches=tuple(caches), out=out, folds=folds, head=cfg.head, force=cfg.force)
+    head_cfg = FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=cfg.head, output=cfg.output)
     if _up_to_date(RunDir(out), head_cfg.to_dict(), caches):
         _say(f"{out}: up to date (same options, same features); not refitted")
         return
@@ -114,15 +125,14 @@ def finetune_route(cfg: RunConfig, train: list[Path]) -> Path:
 
     The 5-fold run cannot be the start: its heads trained on the rows the finetune holds out, which would
     bias the finetune's held-out F1 and its thresholds."""
-    route = TRUNK_ROUTE.get(cfg.image_encoder)
-    text_cut = TEXT_CUTS.get(cfg.text_encoder)
+    enc = cfg.encoders
+    route, text_cut = TRUNK_ROUTE.get(enc.image_encoder), TEXT_CUTS.get(enc.text_encoder)
     if route is None or text_cut is None:
-        raise MlcError(f"--finetune knows no trunk cut for {cfg.image_encoder} + {cfg.text_encoder}; use "
+        raise MlcError(f"--finetune knows no trunk cut for {enc.image_encoder} + {enc.text_encoder}; use "
                        "`mlc extract --image-cut ... --text-cut ...` and `mlc finetune --from-cache ...` directly")
-    (trunk,) = extract(ExtractConfig(data_dir=cfg.data_dir, splits=("train",), out_dir=cfg.cache_dir,
+    (trunk,) = extract(ExtractConfig(data_dir=cfg.data_dir, splits=("train",), cache_dir=cfg.cache_dir,
                                      image_cut=route["image_cut"], text_cut=text_cut, overwrite=cfg.overwrite,
-                                     **cfg.group(EncoderOptions), **cfg.group(LoaderOptions),
-                                     **cfg.group(DataOptions)), command="run")
+                                     encoders=enc, loader=cfg.loader, data=cfg.data))
     out = cfg.out.with_name(cfg.out.name + "-finetuned")
     if RunDir(out).manifest.is_file():
         if _finetuned_on(RunDir(out)) == read_meta(trunk).data_fingerprint:
@@ -136,10 +146,10 @@ def finetune_route(cfg: RunConfig, train: list[Path]) -> Path:
     start = cfg.out.with_name(cfg.out.name + "-split")
     _say(f"fitting the starting head on the finetune's split ({start})")
     fit(cfg, train, start, folds=0)
-    finetune(FinetuneConfig(from_cache=trunk, out=out, init_head=start, epochs=route["epochs"], sampler="uniform",
-                            force=cfg.force,
-                            pos_weight=False, lr=route["lr"], encoder_lr=route["encoder_lr"], batch_size=32,
-                            workers=cfg.workers, device=cfg.device, head=cfg.head, **cfg.group(EncoderOptions)))
+    finetune(FinetuneConfig.build(from_cache=trunk, out=out, init_head=start, epochs=route["epochs"],
+                                  sampler="uniform", pos_weight=False, lr=route["lr"], encoder_lr=route["encoder_lr"],
+                                  batch_size=32, workers=cfg.loader.workers, device=cfg.loader.device, head=cfg.head,
+                                  output=cfg.output, encoders=enc))
     return out
 
 
@@ -153,11 +163,11 @@ def _finetuned_on(run: RunDir) -> str | None:
 def _claim_outputs(cfg: RunConfig) -> None:
     """Every run folder this job writes, proved safe before any work: never the data or the caches, nor a folder
     that is no mlc run of its kind (``--out runs`` must not replace every run in it)."""
-    inputs = [*data_inputs(DataDir.open(cfg.data_dir, cfg)), cfg.cache_dir]
-    RunDir(cfg.out).claim("head", inputs=inputs, force=cfg.force)
+    inputs, force = [*data_inputs(DataDir.open(cfg.data_dir, cfg.data)), cfg.cache_dir], cfg.output.force
+    RunDir(cfg.out).claim("head", inputs=inputs, force=force)
     if cfg.finetune:
-        RunDir(cfg.out.with_name(cfg.out.name + "-split")).claim("head", inputs=inputs, force=cfg.force)
-        RunDir(cfg.out.with_name(cfg.out.name + "-finetuned")).claim("finetune", inputs=inputs, force=cfg.force)
+        RunDir(cfg.out.with_name(cfg.out.name + "-split")).claim("head", inputs=inputs, force=force)
+        RunDir(cfg.out.with_name(cfg.out.name + "-finetuned")).claim("finetune", inputs=inputs, force=force)
 
 
 def _submission_current(run: RunDir, test_cache: Path) -> bool:
@@ -178,25 +188,24 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """The whole job; returns {"samples_f1", "run", "submission", "report"}."""
     _claim_outputs(cfg)
     _say(f"validating {cfg.data_dir}")
-    report = validate_data_dir(cfg.data_dir, csv_only=False, options=cfg)
+    report = validate_data_dir(cfg.data_dir, csv_only=False, options=cfg.data)
     if not report.ok:
         print(format_report(report))
         raise MlcError(f"{cfg.data_dir}: {len(report.problems)} problem(s) in the data (listed above); fix them, "
                        "or run the stages one by one (mlc extract --skip-bad-images ...)")
     _say("extracting features (reused when already there)")
-    caches = extract(ExtractConfig(data_dir=cfg.data_dir, out_dir=cfg.cache_dir, overwrite=cfg.overwrite,
-                                   **cfg.group(EncoderOptions), **cfg.group(PrecisionOptions),
-                                   **cfg.group(LoaderOptions), **cfg.group(DataOptions)),
-                     command="run")
+    caches = extract(ExtractConfig(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite,
+                                   encoders=cfg.encoders, numerics=cfg.numerics, loader=cfg.loader, data=cfg.data))
     train = [c for c in caches if c.name.startswith("train__")]
     test = next(c for c in caches if c.name.startswith("test__"))
     if cfg.crossfit_text:
         _say("cross-fitting the caption tower (reused when already there)")
-        train.append(crossfit(CrossfitConfig(data_dir=cfg.data_dir, text_encoder=cfg.text_encoder,
-                                             text_weights=cfg.text_weights, random_init=cfg.random_init,
-                                             out_dir=cfg.cache_dir, device=cfg.device, overwrite=cfg.overwrite,
-                                             precision="bf16" if cfg.precision == "bf16" else "auto",
-                                             **cfg.group(DataOptions)))[0])
+        enc = cfg.encoders
+        train.append(crossfit(CrossfitConfig(data_dir=cfg.data_dir, text_encoder=enc.text_encoder,
+                                             text_weights=enc.text_weights, random_init=enc.random_init,
+                                             cache_dir=cfg.cache_dir, device=cfg.loader.device,
+                                             overwrite=cfg.overwrite, data=cfg.data,
+                                             precision="bf16" if cfg.numerics.precision == "bf16" else "auto"))[0])
     _say(f"fitting the head ({cfg.folds or 1} fold(s))")
     fit(cfg, train, cfg.out, cfg.folds)
     final = finetune_route(cfg, train) if cfg.finetune else cfg.out
@@ -204,7 +213,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     fresh = not _submission_current(rd, test)
     if fresh:  # none yet, or made by an earlier run or from an earlier test.csv: never hand that one back
         submit(SubmitConfig(run=final, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite,
-                            **cfg.group(LoaderOptions)))
+                            loader=cfg.loader))
     if fresh or not (rd.report / "report.html").is_file():  # the report shows the submission's labels too
         make_report(final)
     metrics = rd.read_metrics()

@@ -102,8 +102,9 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("ft")
     data = make_data_dir(tmp / "tiny", n_train=24, n_test=4)
     run = tmp / "run"
-    finetune(FinetuneConfig(data_dir=data, out=run, epochs=1, batch_size=8, workers=0, end_to_end=True, lr=1e-2,
-                            encoder_lr=1e-2, image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True))
+    finetune(FinetuneConfig.build(data_dir=data, out=run, epochs=1, batch_size=8, workers=0, end_to_end=True, lr=1e-2,
+                                  encoder_lr=1e-2, image_encoder="tiny-resnet", text_encoder="tiny-bert",
+                                  random_init=True))
     return run
 
 
@@ -115,10 +116,10 @@ def fitted_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("fitted")
     data = make_data_dir(root / "tiny", n_train=30, n_test=4)
-    (cache,) = extract(ExtractConfig(data_dir=data, out_dir=root / "cache", splits=("train",),
-                                     image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
-                                     workers=0, backend="torch"))
-    fit_head(FitHeadConfig(caches=cache, out=root / "run", epochs=3, folds=3), quiet=True)
+    (cache,) = extract(ExtractConfig.build(data_dir=data, cache_dir=root / "cache", splits=("train",),
+                                           image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
+                                           workers=0, backend="torch"))
+    fit_head(FitHeadConfig.build(caches=cache, out=root / "run", epochs=3, folds=3), quiet=True)
     return root
 
 

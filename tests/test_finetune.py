@@ -3,7 +3,6 @@ and its encoders feed ``mlc extract --from-run`` and trunk caches."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from conftest import REPO, make_data_dir
 from safetensors.torch import load_file
 
 from pipeline.cache import CacheReader
+from pipeline.config import flatten
 from pipeline.data import DataDir, load_image
 from pipeline.encoders import create_image_encoder, load_encoder
 from pipeline.errors import MismatchError, MlcError
@@ -32,7 +32,7 @@ ARGS = ["--image-encoder", "tiny-resnet", "--text-encoder", "tiny-bert", "--rand
 
 def train_loss(cfg: FinetuneConfig, state: dict | None) -> float:
     """BCE over the training rows with the model in eval mode and no augmentation."""
-    task, _ = build_task(dataclasses.replace(cfg, augment=False, sampler="uniform"), torch.device("cpu"))
+    task, _ = build_task(cfg.replace(augment=False, sampler="uniform"), torch.device("cpu"))
     if state is not None:
         task.model.load_state_dict(state)
     task.model.eval()
@@ -45,9 +45,9 @@ def train_loss(cfg: FinetuneConfig, state: dict | None) -> float:
 
 
 def test_one_epoch_lowers_the_loss(data_dir, tmp_path):
-    cfg = FinetuneConfig(data_dir=data_dir, out=tmp_path / "run", random_init=True, end_to_end=True, epochs=1,
-                         batch_size=4, lr=3e-3, encoder_lr=1e-3, workers=0, warmup=0.0, pos_weight=False,
-                         sampler="uniform", augment=False, **TINY)
+    cfg = FinetuneConfig.build(data_dir=data_dir, out=tmp_path / "run", random_init=True, end_to_end=True, epochs=1,
+                               batch_size=4, lr=3e-3, encoder_lr=1e-3, workers=0, warmup=0.0, pos_weight=False,
+                               sampler="uniform", augment=False, **TINY)
     before = train_loss(cfg, None)
     finetune(cfg)
     ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
@@ -62,12 +62,12 @@ def test_partial_unfreeze_trains_only_the_top(data_dir, tmp_path, monkeypatch):
     # A relative --labels file: the run records it absolute, so `submit` from another folder finds it.
     (tmp_path / "labels-here.csv").write_text("id,name\n1,person\n3,car\n18,dog\n")
     monkeypatch.chdir(tmp_path)
-    cfg = FinetuneConfig(data_dir=data_dir, out=tmp_path / "run", random_init=True, unfreeze=1, epochs=1,
-                         batch_size=8, workers=0, lr=1e-2, labels=Path("labels-here.csv"), **TINY)
+    cfg = FinetuneConfig.build(data_dir=data_dir, out=tmp_path / "run", random_init=True, unfreeze=1, epochs=1,
+                               batch_size=8, workers=0, lr=1e-2, labels=Path("labels-here.csv"), **TINY)
     finetune(cfg)
     (entry,) = RunDir(tmp_path / "run").read_json("features.json")
     assert entry["recipe"]["data"]["labels"] == str(tmp_path.resolve() / "labels-here.csv")
-    first = create_image_encoder("tiny-resnet", random_init=True, seed=cfg.seed).state_dict()
+    first = create_image_encoder("tiny-resnet", random_init=True, seed=cfg.train.seed).state_dict()
     tuned = load_file(str(tmp_path / "run" / "encoders" / "image" / "model.safetensors"))
     assert torch.equal(first["conv1.weight"], tuned["conv1.weight"])  # frozen bottom unchanged
     assert not torch.equal(first["layer4.0.conv1.weight"], tuned["layer4.0.conv1.weight"])  # top trained
@@ -102,13 +102,20 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_does(tmp_path):
 
 
 def test_existing_run_needs_resume(data_dir, tmp_path):
-    cfg = FinetuneConfig(data_dir=data_dir, out=tmp_path / "run", random_init=True, epochs=1, batch_size=8,
-                         workers=0, **TINY)
+    cfg = FinetuneConfig.build(data_dir=data_dir, out=tmp_path / "run", random_init=True, epochs=1, batch_size=8,
+                               workers=0, **TINY)
     finetune(cfg)
     with pytest.raises(MlcError, match="--resume"):
         finetune(cfg)
     with pytest.raises(MismatchError, match="other options"):
-        finetune(dataclasses.replace(cfg, resume=True, lr=0.5))
+        finetune(cfg.replace(resume=True, lr=0.5))
+    last = tmp_path / "run" / "checkpoints" / "last.pt"  # as mlc 0.2 wrote it: its config flat
+    ck = torch.load(last, weights_only=True)
+    assert ck["config"]["train"]["lr"] == cfg.train.lr
+    torch.save({**ck, "config": flatten(ck["config"])}, last)
+    with pytest.raises(MismatchError, match="other options"):
+        finetune(cfg.replace(resume=True, lr=0.5))
+    finetune(cfg.replace(resume=True))  # resumes (at its last epoch: nothing left to train)
 
 
 @pytest.mark.slow
@@ -128,11 +135,11 @@ def test_two_process_gloo_run_under_torchrun(data_dir, tmp_path):
 
 def test_extract_from_run_uses_the_finetuned_encoders(data_dir, tmp_path):
     run = tmp_path / "run"
-    finetune(FinetuneConfig(data_dir=data_dir, out=run, random_init=True, end_to_end=True, epochs=1, batch_size=4,
-                            lr=1e-2, encoder_lr=1e-2, workers=0, **TINY))
+    finetune(FinetuneConfig.build(data_dir=data_dir, out=run, random_init=True, end_to_end=True, epochs=1, batch_size=4,
+                                  lr=1e-2, encoder_lr=1e-2, workers=0, **TINY))
     base = dict(data_dir=data_dir, splits=("train",), workers=0, backend="torch", **TINY)
-    (pre,) = extract(ExtractConfig(out_dir=tmp_path / "c", random_init=True, **base))
-    (post,) = extract(ExtractConfig(out_dir=tmp_path / "c", from_run=run, **base))
+    (pre,) = extract(ExtractConfig.build(cache_dir=tmp_path / "c", random_init=True, **base))
+    (post,) = extract(ExtractConfig.build(cache_dir=tmp_path / "c", from_run=run, **base))
     image, text = load_encoder(RunDir(run).encoder_dir("image")), load_encoder(RunDir(run).encoder_dir("text"))
     rec = DataDir.open(data_dir).records("train")[2]
     with torch.inference_mode():
@@ -147,21 +154,21 @@ def test_extract_from_run_uses_the_finetuned_encoders(data_dir, tmp_path):
 
 
 def test_finetune_over_a_trunk_cache(data_dir, tmp_path):
-    (cache,) = extract(ExtractConfig(data_dir=data_dir, out_dir=tmp_path / "c", splits=("train",), workers=0,
-                                     backend="torch", random_init=True, image_cut="layer3", text_cut="layer1",
-                                     views=2, **TINY))
-    cfg = FinetuneConfig(from_cache=cache, out=tmp_path / "run", epochs=2, batch_size=4, lr=3e-3, encoder_lr=1e-3,
-                         workers=0, warmup=0.0, pos_weight=False, sampler="uniform", **TINY)
+    (cache,) = extract(ExtractConfig.build(data_dir=data_dir, cache_dir=tmp_path / "c", splits=("train",), workers=0,
+                                           backend="torch", random_init=True, image_cut="layer3", text_cut="layer1",
+                                           views=2, **TINY))
+    cfg = FinetuneConfig.build(from_cache=cache, out=tmp_path / "run", epochs=2, batch_size=4, lr=3e-3, encoder_lr=1e-3,
+                               workers=0, warmup=0.0, pos_weight=False, sampler="uniform", **TINY)
     before = train_loss(cfg, None)
     finetune(cfg)
     after = train_loss(cfg, torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"])
     assert after < before - 0.01, (before, after)
     # A run that expects another cut refuses this cache.
     with pytest.raises(MismatchError, match="image_cut"):
-        finetune(dataclasses.replace(cfg, out=tmp_path / "other", image_cut="layer2"))
+        finetune(cfg.replace(out=tmp_path / "other", image_cut="layer2"))
     # Its encoders are whole (frozen bottom + trained top): extract --from-run works on the run.
-    (post,) = extract(ExtractConfig(data_dir=data_dir, out_dir=tmp_path / "c", splits=("train",), workers=0,
-                                    backend="torch", from_run=tmp_path / "run", **TINY))
+    (post,) = extract(ExtractConfig.build(data_dir=data_dir, cache_dir=tmp_path / "c", splits=("train",), workers=0,
+                                          backend="torch", from_run=tmp_path / "run", **TINY))
     assert CacheReader(post).meta.source_run == str((tmp_path / "run").resolve())
 
 
@@ -170,17 +177,17 @@ def test_init_head_must_not_have_trained_on_the_rows_the_finetune_holds_out(data
     thresholds would be optimistic, so it is refused; a head fitted on the same split is taken."""
     from pipeline.fit_head import FitHeadConfig, fit_head
 
-    (cache,) = extract(ExtractConfig(data_dir=data_dir, out_dir=tmp_path / "c", splits=("train",), workers=0,
-                                     backend="torch", random_init=True, **TINY))
-    cfg = FinetuneConfig(data_dir=data_dir, out=tmp_path / "ft", random_init=True, epochs=1, batch_size=4,
-                         workers=0, augment=False, **TINY)
+    (cache,) = extract(ExtractConfig.build(data_dir=data_dir, cache_dir=tmp_path / "c", splits=("train",), workers=0,
+                                           backend="torch", random_init=True, **TINY))
+    cfg = FinetuneConfig.build(data_dir=data_dir, out=tmp_path / "ft", random_init=True, epochs=1, batch_size=4,
+                               workers=0, augment=False, **TINY)
     for name, folds, seed, fault in (("folds", 2, 0, "a 2-fold run"), ("other", 0, 3, "trained on")):
-        fit_head(FitHeadConfig(caches=cache, out=tmp_path / name, epochs=1, folds=folds, seed=seed), quiet=True)
+        fit_head(FitHeadConfig.build(caches=cache, out=tmp_path / name, epochs=1, folds=folds, seed=seed), quiet=True)
         with pytest.raises(MlcError, match=fault) as info:
-            finetune(dataclasses.replace(cfg, init_head=tmp_path / name))
+            finetune(cfg.replace(init_head=tmp_path / name))
         assert "--folds 0 --seed 0 --val-fraction 0.2" in str(info.value)
-    fit_head(FitHeadConfig(caches=cache, out=tmp_path / "same", epochs=1, folds=0), quiet=True)
+    fit_head(FitHeadConfig.build(caches=cache, out=tmp_path / "same", epochs=1, folds=0), quiet=True)
     start = RunDir(tmp_path / "same").load().heads[0].state_dict()
-    task, _ = build_task(dataclasses.replace(cfg, init_head=tmp_path / "same"), torch.device("cpu"))
+    task, _ = build_task(cfg.replace(init_head=tmp_path / "same"), torch.device("cpu"))
     got = task.model.head.state_dict()
     assert all(torch.equal(got[k], v) for k, v in start.items())

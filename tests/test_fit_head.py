@@ -50,7 +50,7 @@ def cache(tmp_path):
 
 def test_fit_head_learns_and_writes_a_complete_run(cache, tmp_path):
     out = tmp_path / "run"
-    m = fit_head(FitHeadConfig(caches=cache, out=out, epochs=15, folds=0), quiet=True)
+    m = fit_head(FitHeadConfig.build(caches=cache, out=out, epochs=15, folds=0), quiet=True)
     y = CacheReader(cache).labels()
     chance = samples_f1(y, np.tile(y.mean(0) > 0.25, (len(y), 1)).astype(np.uint8))
     assert m["samples_f1"] > chance + 0.15
@@ -58,7 +58,7 @@ def test_fit_head_learns_and_writes_a_complete_run(cache, tmp_path):
                  "thresholds.json", "metrics.json", "history.json", "val_scores.npz", "train.log"):
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["kind"] == "head" and cfg["head"] == "concat"
+    assert cfg["kind"] == "head" and cfg["fusion"]["head"] == "concat" and cfg["train"]["epochs"] == 15  # nested
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == 2 and "head-0.safetensors" in manifest["files"]
     run = RunDir(out).load()
@@ -102,24 +102,24 @@ def test_each_head_and_loss_beats_chance(cache, tmp_path):
     y = CacheReader(cache).labels()
     chance = samples_f1(y, np.tile(y.mean(0) > 0.25, (len(y), 1)).astype(np.uint8))
     for head, loss in (("sum", "bce"), ("gated", "asl"), ("image", "soft-margin"), ("text", "bce")):
-        m = fit_head(FitHeadConfig(caches=cache, out=tmp_path / head, head=head, loss=loss, epochs=10, folds=0,
-                                   sampler="weighted", pos_weight=loss == "bce"), quiet=True)
+        m = fit_head(FitHeadConfig.build(caches=cache, out=tmp_path / head, head=head, loss=loss, epochs=10, folds=0,
+                                         sampler="weighted", pos_weight=loss == "bce"), quiet=True)
         assert m["samples_f1"] > chance + 0.05, (head, loss, m["samples_f1"])
 
 
 def test_folds_and_grid(cache, tmp_path):
-    m = fit_head(FitHeadConfig(caches=cache, out=tmp_path / "k", folds=3, epochs=5), quiet=True)
+    m = fit_head(FitHeadConfig.build(caches=cache, out=tmp_path / "k", folds=3, epochs=5), quiet=True)
     assert len(list((tmp_path / "k").glob("head-*.safetensors"))) == 3
     assert m["held_out_rows"] == 600  # out-of-fold predictions for every row
-    board, best = fit_grid(FitHeadConfig(caches=cache, out=tmp_path / "g", epochs=4, folds=0),
+    board, best = fit_grid(FitHeadConfig.build(caches=cache, out=tmp_path / "g", epochs=4, folds=0),
                            grid={"head": ("concat", "sum"), "lr": (1e-3, 1e-4)}, quiet=True)
     assert len(board) == 4 and board == sorted(board, key=lambda r: -r["samples_f1"])
-    assert json.loads((tmp_path / "g" / "config.json").read_text())["head"] == board[0]["head"]
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["fusion"]["head"] == board[0]["head"]
     assert best["samples_f1"] == pytest.approx(board[0]["samples_f1"], abs=1e-9)
 
 
 def test_run_refuses_a_cache_from_other_encoders_or_labels(cache, tmp_path):
-    fit_head(FitHeadConfig(caches=cache, out=tmp_path / "run", epochs=2, folds=2), quiet=True)
+    fit_head(FitHeadConfig.build(caches=cache, out=tmp_path / "run", epochs=2, folds=2), quiet=True)
     run = RunDir(tmp_path / "run").load()
     other = CacheReader(synthetic_cache(tmp_path / "o.h5", text_weights_hash="c" * 64)).meta
     with pytest.raises(MismatchError, match="text_weights_hash"):
@@ -132,12 +132,12 @@ def test_run_refuses_a_cache_from_other_encoders_or_labels(cache, tmp_path):
 
 def test_bad_options_and_inputs(cache, tmp_path):
     with pytest.raises(MlcError, match="--head"):
-        FitHeadConfig(caches=cache, head="nope")
+        FitHeadConfig.build(caches=cache, head="nope")
     with pytest.raises(MlcError, match="--folds"):
-        FitHeadConfig(caches=cache, folds=1)
+        FitHeadConfig.build(caches=cache, folds=1)
     test_cache = synthetic_cache(tmp_path / "test.h5", split="test")
     with pytest.raises(MlcError, match="labelled"):
-        fit_head(FitHeadConfig(caches=test_cache, out=tmp_path / "x"))
+        fit_head(FitHeadConfig.build(caches=test_cache, out=tmp_path / "x"))
     res = CliRunner().invoke(app, ["fit-head", str(tmp_path / "missing.h5")])
     assert res.exit_code == 2 and "missing.h5" in res.output
     assert not (tmp_path / "x").exists()

@@ -31,13 +31,14 @@ runner = CliRunner()
 
 
 def test_string_labels_and_custom_columns_round_trip(tmp_path):
-    (train,) = extract(ExtractConfig(data_dir=TAGS, out_dir=tmp_path / "c", splits=("train",), **TINY, **COLUMNS))
+    (train,) = extract(ExtractConfig.build(data_dir=TAGS, cache_dir=tmp_path / "c", splits=("train",), **TINY,
+                                           **COLUMNS))
     meta = CacheReader(train).meta
     assert meta.label_ids[:3] == ("person", "bicycle", "car")  # labels.csv's order
     assert meta.label_names[0] == "Person" and len(meta.label_ids) == 17
-    fit_head(FitHeadConfig(caches=train, out=tmp_path / "run", epochs=3, folds=2), quiet=True)
-    path, _ = submit(SubmitConfig(run=tmp_path / "run", data_dir=TAGS, cache_dir=tmp_path / "c", workers=0,
-                                  backend="torch"))  # the run remembers the columns
+    fit_head(FitHeadConfig.build(caches=train, out=tmp_path / "run", epochs=3, folds=2), quiet=True)
+    path, _ = submit(SubmitConfig.build(run=tmp_path / "run", data_dir=TAGS, cache_dir=tmp_path / "c", workers=0,
+                                        backend="torch"))  # the run remembers the columns
     rows = list(csv.reader(path.read_text().splitlines()))
     test_ids = [r.image_id for r in DataDir.open(TAGS, DataOptions(**COLUMNS)).records("test")]
     assert [r[0] for r in rows[1:]] == test_ids and len(test_ids) == 21
@@ -45,9 +46,9 @@ def test_string_labels_and_custom_columns_round_trip(tmp_path):
     # predict on those photos with their titles gives the submission's labels
     (tmp_path / "titles.csv").write_text("file,title\n" + "".join(  # read with the data's own layout options
         f'{r.image_id},"{r.caption}"\n' for r in DataDir.open(TAGS, DataOptions(**COLUMNS)).records("test")))
-    got = predict(PredictConfig(model=tmp_path / "run", paths=tuple(str(TAGS / "images" / i) for i in test_ids),
-                                captions=tmp_path / "titles.csv", workers=0, backend="torch", id_col="file",
-                                caption_col="title"))
+    got = predict(PredictConfig.build(model=tmp_path / "run", paths=tuple(str(TAGS / "images" / i) for i in test_ids),
+                                      captions=tmp_path / "titles.csv", workers=0, backend="torch", id_col="file",
+                                      caption_col="title"))
     assert [" ".join(map(str, sorted(g["labels"], key=meta.label_ids.index))) for g in got] == \
         [" ".join(sorted(r[1].split(), key=meta.label_ids.index)) for r in rows[1:]]
 
@@ -80,7 +81,7 @@ def test_image_only_and_text_only_datasets(tmp_path):
         (no_caps / f"{split}.csv").write_text(head + "".join(
             f"{r.image_id},{' '.join(r.labels)}\n" if split == "train" else f"{r.image_id}\n" for r in rows))
     res = runner.invoke(app, ["extract", str(no_caps), "--image-encoder", "tiny-resnet", "--text-encoder", "tiny-bert",
-                              "--random-init", "--workers", "0", "--backend", "torch", "--out-dir",
+                              "--random-init", "--workers", "0", "--backend", "torch", "--cache-dir",
                               str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
     assert "an image-only dataset; no caption features" in res.output
@@ -89,31 +90,31 @@ def test_image_only_and_text_only_datasets(tmp_path):
     res = runner.invoke(app, ["fit-head", str(train), "--out", str(tmp_path / "img"), "--epochs", "2", "--folds", "2"])
     assert res.exit_code == 0 and "an image-only head instead of 'concat'" in res.output
     assert json.loads((tmp_path / "img" / "head.json").read_text())["name"] == "image"
-    path, _ = submit(SubmitConfig(run=tmp_path / "img", data_dir=no_caps, cache_dir=tmp_path / "c", workers=0,
-                                  backend="torch"))
+    path, _ = submit(SubmitConfig.build(run=tmp_path / "img", data_dir=no_caps, cache_dir=tmp_path / "c", workers=0,
+                                        backend="torch"))
     assert len(path.read_text().splitlines()) == 5
     # exported as one ONNX graph, it labels photos alone, as the run does
-    exported, _ = export(ExportConfig(run=tmp_path / "img", out=tmp_path / "img-export"))
+    exported, _ = export(ExportConfig.build(run=tmp_path / "img", out=tmp_path / "img-export"))
     photos = [no_caps / "data" / r.image_id for r in DataDir.open(no_caps).records("test")]
     assert load(exported).predict(photos) == load(tmp_path / "img", backend="torch").predict(photos)
     # text only: --no-images, ids need not be files
     res = runner.invoke(app, ["extract", str(data), "--no-images", "--image-encoder", "tiny-resnet", "--text-encoder",
-                              "tiny-bert", "--random-init", "--workers", "0", "--backend", "torch", "--out-dir",
+                              "tiny-bert", "--random-init", "--workers", "0", "--backend", "torch", "--cache-dir",
                               str(tmp_path / "t")])
     assert res.exit_code == 0 and "a text-only dataset" in res.output
     (train,) = (tmp_path / "t").rglob("train__*.h5")
     res = runner.invoke(app, ["fit-head", str(train), "--out", str(tmp_path / "txt"), "--epochs", "2", "--folds", "2"])
     assert res.exit_code == 0 and "a text-only head" in res.output
-    exported, _ = export(ExportConfig(run=tmp_path / "txt", out=tmp_path / "txt-export"))
+    exported, _ = export(ExportConfig.build(run=tmp_path / "txt", out=tmp_path / "txt-export"))
     caps = [r.caption for r in DataDir.open(data).records("test")]
     assert load(exported).predict(None, caps) == load(tmp_path / "txt", backend="torch").predict(None, caps)
 
 
 def test_predict_on_real_photos_matches_submit(tmp_path):
-    (train,) = extract(ExtractConfig(data_dir=MINI, out_dir=tmp_path / "c", splits=("train",), **TINY))
-    fit_head(FitHeadConfig(caches=train, out=tmp_path / "run", epochs=2, folds=2), quiet=True)
-    path, _ = submit(SubmitConfig(run=tmp_path / "run", data_dir=MINI, cache_dir=tmp_path / "c", workers=0,
-                                  backend="torch"))
+    (train,) = extract(ExtractConfig.build(data_dir=MINI, cache_dir=tmp_path / "c", splits=("train",), **TINY))
+    fit_head(FitHeadConfig.build(caches=train, out=tmp_path / "run", epochs=2, folds=2), quiet=True)
+    path, _ = submit(SubmitConfig.build(run=tmp_path / "run", data_dir=MINI, cache_dir=tmp_path / "c", workers=0,
+                                        backend="torch"))
     wanted = dict(line.split(",") for line in path.read_text().splitlines()[1:])
     records = DataDir.open(MINI).records("test")[:40]
     (tmp_path / "caps.csv").write_text("ImageID,Caption\n" + "".join(

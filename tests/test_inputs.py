@@ -327,11 +327,11 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 
     tmp = tmp_path_factory.mktemp("exp")
     data = make_data_dir(tmp / "tiny", n_train=24, n_test=2)
-    (cache,) = extract(ExtractConfig(data_dir=data, out_dir=tmp / "cache", splits=("train",), workers=0,
-                                     image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
-                                     backend="torch"))
-    fit_head(FitHeadConfig(caches=cache, out=tmp / "run", epochs=2, folds=2), quiet=True)
-    out, _ = export(ExportConfig(run=tmp / "run", out=tmp / "model", format="safetensors"))
+    (cache,) = extract(ExtractConfig.build(data_dir=data, cache_dir=tmp / "cache", splits=("train",), workers=0,
+                                           image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True,
+                                           backend="torch"))
+    fit_head(FitHeadConfig.build(caches=cache, out=tmp / "run", epochs=2, folds=2), quiet=True)
+    out, _ = export(ExportConfig.build(run=tmp / "run", out=tmp / "model", format="safetensors"))
     return {"cache": cache, "run": tmp / "run", "model": out}
 
 

@@ -31,10 +31,11 @@ def data(tmp_path_factory) -> Path:
 
 def round_trip(data: Path, tmp: Path, image: str, text: str, **kw) -> tuple[Path, Path]:
     """extract train -> fit-head -> submit; returns (train cache, submission)."""
-    (train,) = extract(ExtractConfig(data_dir=data, out_dir=tmp / "c", splits=("train",), image_encoder=image,
-                                     text_encoder=text, **{**BASE, **kw}))
-    fit_head(FitHeadConfig(caches=train, out=tmp / "run", epochs=2, folds=2), quiet=True)
-    path, _ = submit(SubmitConfig(run=tmp / "run", data_dir=data, cache_dir=tmp / "c", workers=0, backend="torch"))
+    (train,) = extract(ExtractConfig.build(data_dir=data, cache_dir=tmp / "c", splits=("train",), image_encoder=image,
+                                           text_encoder=text, **{**BASE, **kw}))
+    fit_head(FitHeadConfig.build(caches=train, out=tmp / "run", epochs=2, folds=2), quiet=True)
+    path, _ = submit(SubmitConfig.build(run=tmp / "run", data_dir=data, cache_dir=tmp / "c", workers=0,
+                                        backend="torch"))
     assert len(path.read_text().splitlines()) == 5
     return train, path
 
@@ -179,24 +180,24 @@ def test_open_clip_towers_round_trip(data, tmp_path, tiny_clip):
 
 
 def test_two_caches_fuse_and_a_mismatched_pair_is_refused(data, tmp_path):
-    common = dict(data_dir=data, out_dir=tmp_path / "c", splits=("train",), text_encoder="tiny-bert", **BASE)
-    (a,) = extract(ExtractConfig(image_encoder="tiny-resnet", **common))
-    (b,) = extract(ExtractConfig(image_encoder="timm:test_resnet", **common))
+    common = dict(data_dir=data, cache_dir=tmp_path / "c", splits=("train",), text_encoder="tiny-bert", **BASE)
+    (a,) = extract(ExtractConfig.build(image_encoder="tiny-resnet", **common))
+    (b,) = extract(ExtractConfig.build(image_encoder="timm:test_resnet", **common))
     out = tmp_path / "fused"
-    fit_head(FitHeadConfig(caches=(a, b), out=out, epochs=2, folds=2), quiet=True)
+    fit_head(FitHeadConfig.build(caches=(a, b), out=out, epochs=2, folds=2), quiet=True)
     head = json.loads((out / "head.json").read_text())
     assert (head["image_dim"], head["text_dim"]) == (128 + 96, 32)  # the shared tiny-bert feeds once
     entries = json.loads((out / "features.json").read_text())
     assert [(e["image"], e["text"]) for e in entries] == [(True, True), (True, False)]
-    path, _ = submit(SubmitConfig(run=out, data_dir=data, cache_dir=tmp_path / "c", workers=0, backend="torch"))
+    path, _ = submit(SubmitConfig.build(run=out, data_dir=data, cache_dir=tmp_path / "c", workers=0, backend="torch"))
     assert len(list((tmp_path / "c").rglob("test__*.h5"))) == 2 and len(path.read_text().splitlines()) == 5
     run = RunDir(out).load()
     assert run.heads[0].image_dim == 224
     # Another data folder's cache: other rows
     other = make_data_dir(tmp_path / "other", n_train=20, n_test=2, seed=1)
-    (c,) = extract(ExtractConfig(**{**common, "data_dir": other}, image_encoder="timm:test_resnet"))
+    (c,) = extract(ExtractConfig.build(**{**common, "data_dir": other}, image_encoder="timm:test_resnet"))
     with pytest.raises(MismatchError, match=r"cannot be fused with .*: other rows \(20 vs 24"):
-        fit_head(FitHeadConfig(caches=(a, c), out=tmp_path / "bad", epochs=1, folds=2), quiet=True)
+        fit_head(FitHeadConfig.build(caches=(a, c), out=tmp_path / "bad", epochs=1, folds=2), quiet=True)
     assert not (tmp_path / "bad").exists()
     np.testing.assert_array_equal(CacheReader(a).labels(), CacheReader(b).labels())
 

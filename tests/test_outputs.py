@@ -83,7 +83,7 @@ def test_a_folder_mlc_did_not_write_is_never_replaced(fitted, command):
 def test_out_naming_a_folder_of_runs_replaces_none_of_them(fitted):
     runs = fitted["tmp"] / "runs"
     shutil.copytree(fitted["run"], runs / "a")
-    fit_head(FitHeadConfig(caches=fitted["cache"], out=runs / "b", epochs=1, folds=0), quiet=True)
+    fit_head(FitHeadConfig.build(caches=fitted["cache"], out=runs / "b", epochs=1, folds=0), quiet=True)
     before = snapshot(runs)
     for args in (FOLDER_COMMANDS["fit-head"](fitted, runs), FOLDER_COMMANDS["run"](fitted, runs),
                  FOLDER_COMMANDS["export"](fitted, fitted["tmp"] / "runs" / "b")):
@@ -148,7 +148,7 @@ def test_an_output_is_never_one_of_the_commands_inputs_however_spelled(fitted):
         assert one_line_error(code, text, "which this command reads"), text
     (tmp / "link").unlink()
     for spelled in _spellings(f["data"] / "test.csv", tmp):  # the test.csv it reads
-        code, text = mlc("submit", f["run"], "--data", f["data"], "--cache-dir", tmp / "cache", "--workers", 0,
+        code, text = mlc("submit", f["run"], f["data"], "--cache-dir", tmp / "cache", "--workers", 0,
                          "--backend", "torch", "--out", spelled, "--force")
         assert one_line_error(code, text, "which this command reads"), text
     for out in (f["run"], f["run"] / "model", f["run"].parent):  # the run it reads, inside it, above it
@@ -169,7 +169,7 @@ def test_submit_and_predict_replace_their_own_files_only(fitted):
     f, tmp = fitted, fitted["tmp"]
     mine, sub, preds = tmp / "mine.csv", tmp / "sub.csv", tmp / "preds.csv"
     mine.write_text("id,value\n1,2\n")
-    submit = ("submit", f["run"], "--data", f["data"], "--cache-dir", tmp / "cache", "--workers", 0, "--backend",
+    submit = ("submit", f["run"], f["data"], "--cache-dir", tmp / "cache", "--workers", 0, "--backend",
               "torch")
     predict = ("predict", f["run"], f["data"] / "data" / "1000.jpg", "--caption", "a dog", "--backend", "torch",
                "--workers", 0, "--format", "csv")
@@ -247,7 +247,7 @@ def test_a_submission_made_from_another_test_csv_is_made_again(tmp_path):
     assert _run(data, tmp_path)[0] == 0
     lines = (data / "test.csv").read_text().splitlines()
     (data / "test.csv").write_text("\n".join(lines[:-1]) + "\n")
-    code, text = mlc("extract", data, *TINY, "--split", "test", "--overwrite", "--out-dir", tmp_path / "cache")
+    code, text = mlc("extract", data, *TINY, "--split", "test", "--overwrite", "--cache-dir", tmp_path / "cache")
     assert code == 0, text
     code, text = _run(data, tmp_path)
     assert code == 0 and "not refitted" in text, text

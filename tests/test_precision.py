@@ -84,8 +84,8 @@ def test_training_autocasts_and_keeps_fp32_master_weights(precision):
 def test_int8_features_are_close_to_fp32_and_cached_apart(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=16, n_test=4)
     cache, graphs_dir = tmp_path / "cache", graph_dir()  # the session's graphs: fp32 reused, int8 made here
-    (fp32,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), backend="onnx", **TINY))
-    (int8,) = extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("train",), precision="int8", **TINY))
+    (fp32,) = extract(ExtractConfig.build(data_dir=data, cache_dir=cache, splits=("train",), backend="onnx", **TINY))
+    (int8,) = extract(ExtractConfig.build(data_dir=data, cache_dir=cache, splits=("train",), precision="int8", **TINY))
     assert int8 != fp32 and int8.name.endswith("int8.h5")
     with CacheReader(fp32) as a, CacheReader(int8) as b:
         assert (a.meta.precision, b.meta.precision) == ("fp32", "int8")
@@ -99,26 +99,26 @@ def test_int8_features_are_close_to_fp32_and_cached_apart(tmp_path):
     graphs = sorted(p.name for p in graphs_dir.glob("*int8*.onnx"))
     assert len(graphs) == 2
     stamps = {p: p.stat().st_mtime_ns for p in graphs_dir.glob("*int8*.onnx")}
-    extract(ExtractConfig(data_dir=data, out_dir=cache, splits=("test",), precision="int8", **TINY))
+    extract(ExtractConfig.build(data_dir=data, cache_dir=cache, splits=("test",), precision="int8", **TINY))
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the int8 graphs are reused, not rebuilt
 
 
 def test_int8_needs_onnx_and_a_pooled_cache(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=8, n_test=2)
     with pytest.raises(MlcError, match="--backend onnx"):
-        extract(ExtractConfig(data_dir=data, out_dir=tmp_path / "c", precision="int8", backend="torch", **TINY))
+        extract(ExtractConfig.build(data_dir=data, cache_dir=tmp_path / "c", precision="int8", backend="torch", **TINY))
     recipe = Recipe(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, image_cut="layer3",
                     precision="int8")
     with pytest.raises(MlcError, match="trunk caches"):
-        encoders_and_engine(recipe, ExtractConfig(data_dir=data, onnx_dir=tmp_path / "onnx", **TINY), CPU,
-                            data=DataDir.open(data))
+        encoders_and_engine(recipe, ExtractConfig.build(data_dir=data, onnx_dir=tmp_path / "onnx", **TINY).loader,
+                            CPU, data=DataDir.open(data))
 
 
 def test_a_run_refuses_features_of_another_precision(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=16, n_test=4)
-    (int8,) = extract(ExtractConfig(data_dir=data, out_dir=tmp_path / "c", splits=("train",), precision="int8",
-                                    **TINY))
-    fit_head(FitHeadConfig(caches=int8, out=tmp_path / "run", epochs=2, folds=0), quiet=True)
+    (int8,) = extract(ExtractConfig.build(data_dir=data, cache_dir=tmp_path / "c", splits=("train",), precision="int8",
+                                          **TINY))
+    fit_head(FitHeadConfig.build(caches=int8, out=tmp_path / "run", epochs=2, folds=0), quiet=True)
     run = RunDir(tmp_path / "run").load()
     assert run.features[0]["contract"]["precision"] == "int8"
     image, text = create_image_encoder("tiny-resnet", random_init=True, seed=0), \

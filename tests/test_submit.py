@@ -23,9 +23,9 @@ TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=T
 
 @pytest.fixture
 def run(data_dir, tmp_path):
-    (train,) = extract(ExtractConfig(data_dir=data_dir, out_dir=tmp_path / "cache", splits=("train",), **TINY))
+    (train,) = extract(ExtractConfig.build(data_dir=data_dir, cache_dir=tmp_path / "cache", splits=("train",), **TINY))
     out = tmp_path / "run"
-    fit_head(FitHeadConfig(caches=train, out=out, epochs=3, folds=0, val_fraction=0.3), quiet=True)
+    fit_head(FitHeadConfig.build(caches=train, out=out, epochs=3, folds=0, val_fraction=0.3), quiet=True)
     return out
 
 
@@ -36,7 +36,7 @@ def read_submission(path: pathlib.Path) -> list[tuple[str, list[int]]]:
 
 
 def test_submission_has_every_test_id_once_with_valid_labels(run, data_dir, tmp_path):
-    path, line = submit(SubmitConfig(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0,
+    path, line = submit(SubmitConfig.build(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0,
                         backend="torch"))
     rows = read_submission(path)
     want = [r.image_id for r in DataDir.open(data_dir).records("test")]
@@ -58,7 +58,7 @@ def test_interrupted_write_keeps_the_previous_file(run, data_dir, tmp_path, monk
 
     monkeypatch.setattr(pathlib.Path, "write_text", crash)
     with pytest.raises(KeyboardInterrupt):
-        submit(SubmitConfig(run=run, data_dir=data_dir, out=target, cache_dir=tmp_path / "cache", workers=0,
+        submit(SubmitConfig.build(run=run, data_dir=data_dir, out=target, cache_dir=tmp_path / "cache", workers=0,
                         backend="torch"))
     monkeypatch.undo()
     assert target.read_text() == "ImageID,Labels\nprevious,1\n"
@@ -73,10 +73,10 @@ def test_mismatched_run_and_cache_are_refused(run, data_dir, tmp_path):
     features_json.write_text(json.dumps(record))
     refresh_manifest(run)
     with pytest.raises(MismatchError, match="text_weights_hash"):
-        submit(SubmitConfig(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0,
+        submit(SubmitConfig.build(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0,
                         backend="torch"))
     assert not (run / "submission.csv").exists()
-    res = CliRunner().invoke(app, ["submit", str(run), "--data", str(data_dir), "--cache-dir",
+    res = CliRunner().invoke(app, ["submit", str(run), str(data_dir), "--cache-dir",
                                    str(tmp_path / "cache"), "--workers", "0", "--backend", "torch"])
     assert res.exit_code == 2 and "does not match" in res.output
 
@@ -89,13 +89,13 @@ def test_check_ids():
 
 
 def test_not_a_run_folder(tmp_path, data_dir):
-    res = CliRunner().invoke(app, ["submit", str(tmp_path), "--data", str(data_dir)])
+    res = CliRunner().invoke(app, ["submit", str(tmp_path), str(data_dir)])
     assert res.exit_code == 2 and "not an mlc run folder" in res.output
 
 
 def test_report_cli_on_a_real_run(run, data_dir, tmp_path):
-    submit(SubmitConfig(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0,
-                        backend="torch"))
+    submit(SubmitConfig.build(run=run, data_dir=data_dir, cache_dir=tmp_path / "cache", workers=0,
+                              backend="torch"))
     res = CliRunner().invoke(app, ["report", str(run)])
     assert res.exit_code == 0, res.output
     html = (run / "report" / "report.html").read_text()

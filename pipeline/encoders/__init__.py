@@ -109,12 +109,18 @@ class EncoderOptions(Config):
     text_pooling: str | None = opt(None, "How caption token states become one vector: mean, cls or pooler "
                                    "(default: the text encoder's own).")
 
+    @classmethod
+    def coerce(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The preset's encoders where none is named, so the config records the encoders it uses."""
+        values = super().coerce(values)
+        preset = values.get("preset", cls.__dataclass_fields__["preset"].default)
+        for kind, name in zip(("image", "text"), PRESETS.get(preset, (None, None)), strict=True):
+            values[f"{kind}_encoder"] = values.get(f"{kind}_encoder") or name
+        return values
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require([(self.preset in PRESETS, f"unknown preset {self.preset!r}; known: {sorted(PRESETS)}")])
-        img, txt = PRESETS[self.preset]
-        object.__setattr__(self, "image_encoder", self.image_encoder or img)
-        object.__setattr__(self, "text_encoder", self.text_encoder or txt)
         for kind in ("image", "text"):  # unknown names fail here, before any work
             name = getattr(self, f"{kind}_encoder")
             if name != NONE:

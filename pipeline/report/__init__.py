@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import ensure_dir, write_text
-from ..config import Config, as_paths, opt
+from ..config import Config, opt
 from ..errors import MlcError
 from ..runs import RunDir
 from .data import Analysis, ReportData, analyse, confusion_matrix, load_report_data, read_predictions
@@ -45,10 +45,6 @@ class ReportConfig(Config):
     """Options of ``mlc report``."""
 
     run: Path = opt(None, "A run folder from `mlc fit-head` or `mlc finetune`.", argument=True, required=True)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        as_paths(self, "run")
 
 
 PLOT_FILES: dict[str, str] = {

@@ -201,6 +201,11 @@ COMMANDS: dict[str, tuple[Callable[[Any], int | None], str]] = {
 # ------------------------------------------------------------------------------ config -> options
 
 
+def _flag(name: str, option: Option) -> str:
+    """The option's name on the command line: its ``flag``, else ``--field-name``."""
+    return option.field.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
 def _parameter(name: str, option: Option) -> tuple[inspect.Parameter, Any]:
     """The Typer parameter of one option, and the annotation Typer should see."""
     meta, hint, default = option.field.metadata, option.hint, option.default
@@ -210,7 +215,7 @@ def _parameter(name: str, option: Option) -> tuple[inspect.Parameter, Any]:
     if meta.get("argument"):
         info = typer.Argument(... if meta.get("required") else default, help=meta["help"], show_default=False)
     else:
-        flag = meta.get("flag") or "--" + name.replace("_", "-")
+        flag = _flag(name, option)
         decls = [f"{flag}/--no-{flag[2:]}"] if hint is bool and default else [flag]
         info = typer.Option(... if meta.get("required") else default, *decls, help=meta["help"],
                             rich_help_panel=option.panel)
@@ -227,7 +232,7 @@ def _renamed(options: dict[str, Option]) -> dict[str, str]:
         if meta.get("aliases") and meta.get("argument") and [name] != last:
             raise TypeError(f"{name}: only the last argument can have an option alias")
         for old in meta.get("aliases", ()):
-            out[old] = name.upper() if meta.get("argument") else meta.get("flag") or "--" + name.replace("_", "-")
+            out[old] = name.upper() if meta.get("argument") else _flag(name, o)
     return out
 
 

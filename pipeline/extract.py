@@ -58,7 +58,8 @@ class ExtractConfig(EncoderOptions, PrecisionOptions, LoaderOptions, DataOptions
         return Recipe(image_encoder=self.image_encoder, text_encoder=self.text_encoder,
                       image_weights=self.image_weights, text_weights=self.text_weights, random_init=self.random_init,
                       from_run=None if self.from_run is None else str(self.from_run.resolve()), views=self.views,
-                      image_cut=self.image_cut, text_cut=self.text_cut, text_pooling=self.text_pooling)
+                      image_cut=self.image_cut, text_cut=self.text_cut, text_pooling=self.text_pooling,
+                      image_pooling=self.image_pooling)
 
 
 def extract(cfg: ExtractConfig, command: str = "extract") -> list[Path]:

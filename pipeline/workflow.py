@@ -45,6 +45,10 @@ TRUNK_ROUTE: dict[str, dict[str, Any]] = {
     "resnet50": {"image_cut": "layer3", "epochs": 2, "lr": 1e-3, "encoder_lr": 3e-4},
 }
 TEXT_CUTS = {"minilm-l6": "layer4", "bert-base-uncased": "layer10"}
+# How `mlc run --head attention` trains it: the pooled heads' defaults (lr 3e-3, dropout 0.5, 40 constant
+# epochs) overfit a transformer layer within 3 epochs; these were measured on ids 0-9999 (docs/recipes.md).
+ATTENTION_TRAINING: dict[str, Any] = {"lr": 3e-4, "schedule": "cosine", "warmup": 0.05, "weight_decay": 1e-2,
+                                      "epochs": 12, "hidden": 256, "dropout": 0.2}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +76,9 @@ class RunConfig(EncoderOptions, PrecisionOptions, LoaderOptions, DataOptions, Ou
         as_paths(self, "data_dir", "out", "cache_dir")
         require([(self.data_dir is not None, "give the data folder"),
                  (not (self.crossfit_text and self.finetune), "--crossfit-text and --finetune are two routes past the "
-                  "frozen features: choose one")])
+                  "frozen features: choose one"),
+                 (not (self.head == "attention" and self.finetune), "--finetune trains its own head over a trunk "
+                  "cache; --head attention is a head over frozen token maps: choose one")])
         if self.out is None:
             name = f"{self.data_dir.resolve().name}-{self.image_encoder}-{self.text_encoder}"
             object.__setattr__(self, "out", Path("runs") / name.replace(":", "-").replace("/", "-"))
@@ -102,7 +108,8 @@ def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool
 
 
 def fit(cfg: RunConfig, caches: list[Path], out: Path, folds: int) -> None:
-    head_cfg = FitHeadConfig(caches=tuple(caches), out=out, folds=folds, head=cfg.head, force=cfg.force)
+    tuned = ATTENTION_TRAINING if cfg.head == "attention" else {}
+    head_cfg = FitHeadConfig(caches=tuple(caches), out=out, folds=folds, head=cfg.head, force=cfg.force, **tuned)
     if _up_to_date(RunDir(out), head_cfg.to_dict(), caches):
         _say(f"{out}: up to date (same options, same features); not refitted")
         return
@@ -184,8 +191,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         raise MlcError(f"{cfg.data_dir}: {len(report.problems)} problem(s) in the data (listed above); fix them, "
                        "or run the stages one by one (mlc extract --skip-bad-images ...)")
     _say("extracting features (reused when already there)")
+    encoders = cfg.group(EncoderOptions)
+    if cfg.head == "attention":  # the attention head reads the image encoder's token map, not its pooled vector
+        encoders["image_pooling"] = "tokens"
     caches = extract(ExtractConfig(data_dir=cfg.data_dir, out_dir=cfg.cache_dir, overwrite=cfg.overwrite,
-                                   **cfg.group(EncoderOptions), **cfg.group(PrecisionOptions),
+                                   **encoders, **cfg.group(PrecisionOptions),
                                    **cfg.group(LoaderOptions), **cfg.group(DataOptions)),
                      command="run")
     train = [c for c in caches if c.name.startswith("train__")]

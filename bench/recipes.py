@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from pipeline.model import load_model  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.runs import RunDir  # noqa: E402
 from pipeline.thresholds import apply_thresholds  # noqa: E402
+from pipeline.workflow import ATTENTION_TRAINING  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "comp5329"
 TEXT = "minilm-l6"
@@ -62,13 +64,13 @@ def split(readers: list[CacheReader]) -> tuple[Features, Features, np.ndarray, n
     return feats.subset(train), feats.subset(report), train, report
 
 
-def frozen(caches: list[Path], folds: int, out: Path, head: str = "concat") -> tuple[float, float]:
-    """(samples-F1 on ids 10000-11999, seconds to fit + tune) of a head over ``caches``."""
+def frozen(caches: list[Path], folds: int, out: Path, head: str = "concat", **opts: Any) -> tuple[float, float]:
+    """(samples-F1 on ids 10000-11999, seconds to fit + tune) of a head over ``caches``; ``opts``: fit-head's."""
     readers = [CacheReader(c) for c in caches]
     train, report, _, _ = split(readers)
     t = time.perf_counter()
-    fit_head(FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=head), loaded=(readers, train),
-             quiet=True)
+    fit_head(FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=head, **opts),
+             loaded=(readers, train), quiet=True)
     secs = time.perf_counter() - t
     model = Predictor.of_run(RunDir(out).load())
     return samples_f1(report.labels, model.decide(model.from_features(report.image.numpy(), report.text.numpy()))), \
@@ -132,6 +134,11 @@ def main() -> None:
         if "default" in parts:  # the frozen default alone, beside the new recipes
             record("lite0 + MiniLM, 5 folds", *frozen([lite0], 5, tmp / "default"))
             record("frozen MiniLM alone (--head text), 5 folds", *frozen([lite0], 5, tmp / "text", head="text"))
+        if "attention" in parts:  # image token maps + the attention head, as `mlc run --head attention` trains it
+            tok, tt = cache("efficientnet-lite0", args.cache_dir, image_pooling="tokens")
+            print(f"token-map train cache: {tt:.0f} s (0 = reused)", flush=True)
+            record("lite0 token maps + MiniLM, attention head, 5 folds",
+                   *frozen([tok], 5, tmp / "attention", head="attention", **ATTENTION_TRAINING))
         if "fused" in parts:
             record("lite0 + lite2 + MiniLM fused, 5 folds", *frozen([lite0, lite2], 5, tmp / "fused"))
         if "trunk" in parts:

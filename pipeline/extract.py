@@ -63,7 +63,8 @@ class ExtractConfig(Config):
         return Recipe(image_encoder=e.image_encoder, text_encoder=e.text_encoder, image_weights=e.image_weights,
                       text_weights=e.text_weights, random_init=e.random_init,
                       from_run=None if self.from_run is None else str(self.from_run.resolve()), views=self.views,
-                      image_cut=self.image_cut, text_cut=self.text_cut, text_pooling=e.text_pooling)
+                      image_cut=self.image_cut, text_cut=self.text_cut, text_pooling=e.text_pooling,
+                      image_pooling=e.image_pooling)
 
 
 def extract(cfg: ExtractConfig) -> list[Path]:

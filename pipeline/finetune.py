@@ -158,7 +158,7 @@ def _init_head(cfg: FinetuneConfig, src: _Source, held_out: set[str]) -> torch.n
 
 
 def _model(cfg: FinetuneConfig, src: _Source, device: torch.device, held_out: set[str]) -> MultiModal:
-    head = cfg.fusion.create_head(src.image.dim, src.text.dim, src.y.shape[1])
+    head = cfg.fusion.create_head(src.image.dim, src.text.dim, src.y.shape[1], src.image.preprocess.token_dim)
     if cfg.init_head:
         head = _init_head(cfg, src, held_out)
     cuts = (src.reader.meta.image_cut, src.reader.meta.text_cut) if src.reader else (None, None)

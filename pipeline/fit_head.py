@@ -26,7 +26,7 @@ from .cache import CacheReader
 from .config import Config, group, opt, require
 from .errors import MlcError
 from .evaluation import THRESHOLD_MODES, evaluate
-from .fused import load_joined, plan_parts
+from .fused import load_joined, plan_parts, token_dim
 from .heads import HEADS, HeadOptions, predict_proba
 from .runs import Contract, RunDir, RunFiles, feature_entry
 from .splits import kfold, train_val_split
@@ -66,29 +66,38 @@ class FitHeadConfig(Config):
 
 @dataclass
 class Features:
-    """Labelled caches in memory: image (N, V, Di), text (N, Dt), labels (N, C); several caches are fused."""
+    """Labelled caches in memory: image (N, V, Di), text (N, Dt), labels (N, C); several caches are fused.
+    ``token_dim``: the image features are a token map of (Di / token_dim) tokens (0: pooled vectors)."""
 
     ids: list[str]
     image: torch.Tensor
     text: torch.Tensor
     labels: np.ndarray
+    token_dim: int = 0
 
     @classmethod
     def load(cls, readers: list[CacheReader]) -> Features:
         for r in readers:
             if r.meta.split != "train":
                 raise MlcError(f"{r.path}: fit-head needs a labelled (train) cache, this one is {r.meta.split!r}")
-        ids, image, text = load_joined(readers, plan_parts([r.meta for r in readers]))
-        return cls(ids, torch.from_numpy(image), torch.from_numpy(text), readers[0].labels())
+        parts = plan_parts([r.meta for r in readers])
+        ids, image, text = load_joined(readers, parts)
+        return cls(ids, torch.from_numpy(image), torch.from_numpy(text), readers[0].labels(),
+                   token_dim([r.meta for r in readers], parts))
 
     def subset(self, rows: np.ndarray) -> Features:
-        return Features([self.ids[i] for i in rows], self.image[rows], self.text[rows], self.labels[rows])
+        return Features([self.ids[i] for i in rows], self.image[rows], self.text[rows], self.labels[rows],
+                        self.token_dim)
+
+    def create_head(self, opts: HeadOptions) -> torch.nn.Module:
+        """``opts``' head sized for these features."""
+        return opts.create_head(self.image.shape[-1], self.text.shape[-1], self.labels.shape[1], self.token_dim)
 
 
 def head_task(cfg: FitHeadConfig, feats: Features, train_idx: np.ndarray, val_idx: np.ndarray) -> Task:
     """A head over in-memory features as a training task: batches are index gathers, no DataLoader."""
     torch.manual_seed(cfg.train.seed)
-    head = cfg.fusion.create_head(feats.image.shape[-1], feats.text.shape[-1], feats.labels.shape[1])
+    head = feats.create_head(cfg.fusion)
     y_t = torch.from_numpy(feats.labels).float()
     tr = torch.from_numpy(train_idx)
     sampler = make_sampler(cfg.train, feats.labels[train_idx])
@@ -128,7 +137,7 @@ def heads_of(cfg: FitHeadConfig, feats: Features, results: list[TrainResult]) ->
     """The best-epoch head of each result, in eval mode."""
     heads = []
     for r in results:
-        head = cfg.fusion.create_head(feats.image.shape[-1], feats.text.shape[-1], feats.labels.shape[1])
+        head = feats.create_head(cfg.fusion)
         head.load_state_dict(r.best_state)
         heads.append(head.eval())
     return heads

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .cache import CacheMeta, CacheReader
-from .errors import MismatchError
+from .errors import MismatchError, MlcError
 
 
 @dataclass(frozen=True)
@@ -78,15 +78,29 @@ def check_joinable(readers: Sequence[CacheReader]) -> list[str]:
     return ids
 
 
+def token_dim(metas: Sequence[CacheMeta], parts: Sequence[Part]) -> int:
+    """The width of each image token when the head's image features are one encoder's token map
+    (``--image-pooling tokens``), else 0. A token map is never fused with other image features: the
+    attention head reads positions of one map."""
+    used = [m for m, p in zip(metas, parts, strict=True) if p.image and m.image_dim]
+    dims = [int(m.image_preprocess.get("token_dim", 0)) for m in used]
+    if any(dims) and len(used) > 1:
+        raise MlcError("a cache of image token maps (--image-pooling tokens) cannot be fused with other image "
+                       "features: give it alone, or with caches that add caption features only")
+    return dims[0] if dims else 0
+
+
 def load_joined(readers: Sequence[CacheReader], parts: Sequence[Part]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(ids, image (N, V, sum Di), text (N, sum Dt)) as float32, NaN-free (MlcError naming rows otherwise)."""
+    """(ids, image (N, V, sum Di), text (N, sum Dt)) as float32, NaN-free (MlcError naming rows otherwise).
+    Image token maps stay float16, as cached (49x the pooled size; heads cast each batch)."""
     ids = check_joinable(readers)
     n, views = len(ids), readers[0].meta.views
-    image: list[Any] = [np.zeros((n, views, 0), np.float32)]  # a dataset without images: no image features
+    tokens = token_dim([r.meta for r in readers], parts)
+    image: list[Any] = [np.zeros((n, views, 0), np.float16 if tokens else np.float32)]  # no images: no features
     text: list[Any] = [np.zeros((n, 0), np.float32)]
     for r, part in zip(readers, parts, strict=True):
         if part.image and r.meta.image_dim:
-            image.append(r.finite("image", r.array("image").astype(np.float32), ids))
+            image.append(r.finite("image", r.array("image").astype(np.float16 if tokens else np.float32), ids))
         if part.text and r.meta.text_dim:
             text.append(r.finite("text", r.array("text").astype(np.float32), ids))
     return ids, np.concatenate(image, axis=-1), np.concatenate(text, axis=-1)

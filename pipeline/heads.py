@@ -26,11 +26,13 @@ class FusionHead(nn.Module):
     name: ClassVar[str]
     modalities: ClassVar[tuple[str, ...]]
 
+    tokens: ClassVar[bool] = False  # reads image token maps (an encoder with --image-pooling tokens)
+
     def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
+                 dropout: float = 0.2, token_dim: int = 0) -> None:
         super().__init__()
         self.image_dim, self.text_dim, self.num_classes = int(image_dim), int(text_dim), int(num_classes)
-        self.hidden, self.dropout_p = int(hidden), float(dropout)
+        self.hidden, self.dropout_p, self.token_dim = int(hidden), float(dropout), int(token_dim)
         self._build(self.image_dim, self.text_dim, self.num_classes, self.hidden, self.dropout_p)
 
     def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
@@ -46,7 +48,7 @@ class FusionHead(nn.Module):
             "num_classes": self.num_classes,
             "hidden": self.hidden,
             "dropout": self.dropout_p,
-        }
+        } | ({"token_dim": self.token_dim} if self.token_dim else {})
 
     def _input(self, x: torch.Tensor | None, modality: str, dim: int) -> torch.Tensor:
         """Check one modality's (B, D) features and cast them (e.g. float16 cache) to the head's dtype."""
@@ -158,12 +160,72 @@ class TextHead(_SingleModalityHead):
     modality = "text"
 
 
+class AttentionHead(FusionHead):
+    """Label queries attending over the image's token map and the caption (Query2Label / ML-Decoder style).
+
+    The image features are an encoder's last map flattened, (B, L * token_dim) with L = h * w positions
+    (``--image-pooling tokens``). Keys and values: the L positions projected to ``hidden`` plus a learned
+    position embedding, the map's mean (the pooled vector the other heads see) and the caption vector,
+    each with a type embedding. One pre-norm decoder layer: the C label queries attend to each other
+    (label co-occurrence), then to the keys, then an MLP; each query's output gives its label's logit
+    through its own linear map (ML-Decoder's group FC). ``dropout`` acts before that map; inside the
+    layer a fixed 0.1, as in Query2Label.
+    """
+
+    name = "attention"
+    modalities = ("image",)  # the caption is optional: text_dim 0 leaves it out
+    tokens = True
+    HEADS_PER_LAYER: ClassVar[int] = 8
+
+    def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
+        c, d = self.token_dim, hidden
+        if c < 1 or image_dim % c:
+            raise ValueError(f"head 'attention' needs image token maps: image_dim {image_dim} is not a whole "
+                             f"number of {c}-d tokens")
+        if d % self.HEADS_PER_LAYER:
+            raise ValueError(f"head 'attention': --hidden must be a multiple of {self.HEADS_PER_LAYER}, got {d}")
+        self.num_tokens = image_dim // c
+        self.image_proj = nn.Linear(c, d)
+        self.text_proj = nn.Linear(text_dim, d) if text_dim else None
+        self.position = nn.Parameter(torch.randn(self.num_tokens, d) * 0.02)  # (L, d)
+        self.kinds = nn.Parameter(torch.randn(3, d) * 0.02)  # image position, image mean, caption
+        self.kv_norm = nn.LayerNorm(d)
+        self.queries = nn.Parameter(torch.randn(num_classes, d) * 0.02)  # (C, d)
+        self.q_norm1, self.q_norm2, self.q_norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, self.HEADS_PER_LAYER, dropout=0.1, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, self.HEADS_PER_LAYER, dropout=0.1, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(0.1), nn.Linear(2 * d, d))
+        self.inner_dropout = nn.Dropout(0.1)
+        self.out_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+        self.group_weight = nn.Parameter(torch.randn(num_classes, d) * 0.02)  # (C, d): one linear map per label
+        self.group_bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
+        x = self._input(image_feat, "image", self.image_dim)
+        tokens = x.unflatten(1, (self.num_tokens, self.token_dim))  # (B, L, c)
+        keys = [self.image_proj(tokens) + self.position + self.kinds[0],  # (B, L, d)
+                self.image_proj(tokens.mean(1, keepdim=True)) + self.kinds[1]]  # (B, 1, d)
+        if self.text_proj is not None:
+            t = self._input(text_feat, "text", self.text_dim)
+            keys.append(self.text_proj(t)[:, None] + self.kinds[2])  # (B, 1, d)
+        kv = self.kv_norm(torch.cat(keys, dim=1))  # (B, L + 2, d)
+        q = self.queries.expand(x.shape[0], -1, -1)  # (B, C, d)
+        h = self.q_norm1(q)
+        q = q + self.inner_dropout(self.self_attn(h, h, h, need_weights=False)[0])
+        h = self.q_norm2(q)
+        q = q + self.inner_dropout(self.cross_attn(h, kv, kv, need_weights=False)[0])
+        q = q + self.inner_dropout(self.mlp(self.q_norm3(q)))
+        return (self.dropout(self.out_norm(q)) * self.group_weight).sum(-1) + self.group_bias  # (B, C)
+
+
 @torch.inference_mode()
 def predict_proba(head: nn.Module, image: torch.Tensor, text: torch.Tensor, batch: int = 8192) -> torch.Tensor:
     """image (N, V, Di), text (N, Dt) -> probabilities (N, C), averaged over the V cached image views
     (test-time augmentation). Inputs may be float16 (a cache); rows go through in batches."""
     head.eval()
     out = []
+    batch = min(batch, 256) if getattr(head, "tokens", False) else batch  # token maps: ~250 KB a row in float32
     for s in range(0, len(text), batch):
         img, txt = image[s:s + batch], text[s:s + batch]
         out.append(sum(torch.sigmoid(head(img[:, v], txt)) for v in range(img.shape[1])) / img.shape[1])
@@ -177,7 +239,7 @@ def ensemble_proba(heads: Sequence[nn.Module], image: np.ndarray, text: np.ndarr
 
 
 HEADS: dict[str, type[FusionHead]] = {
-    cls.name: cls for cls in (SumHead, ConcatHead, GatedHead, ImageHead, TextHead)
+    cls.name: cls for cls in (SumHead, ConcatHead, GatedHead, ImageHead, TextHead, AttentionHead)
 }
 
 
@@ -188,7 +250,8 @@ class HeadOptions(Config):
     PANEL: ClassVar[str] = "Head"
 
     head: str = opt("concat", "Fusion head: sum (the seed report's), concat, gated, image or text "
-                    "(single-modality ablations).")
+                    "(single-modality ablations), or attention (label queries over image token maps: needs a "
+                    "cache extracted with --image-pooling tokens; mlc run --head attention does that).")
     hidden: int = opt(512, "Hidden width of the head.")
     dropout: float = opt(0.5, "Dropout in the head.")
 
@@ -198,9 +261,9 @@ class HeadOptions(Config):
                  (self.hidden >= 1, "--hidden must be at least 1"),
                  (0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")])
 
-    def create_head(self, image_dim: int, text_dim: int, num_classes: int) -> FusionHead:
+    def create_head(self, image_dim: int, text_dim: int, num_classes: int, token_dim: int = 0) -> FusionHead:
         return create_head(self.head, image_dim=image_dim, text_dim=text_dim, num_classes=num_classes,
-                           hidden=self.hidden, dropout=self.dropout)
+                           hidden=self.hidden, dropout=self.dropout, token_dim=token_dim)
 
 
 def create_head(
@@ -211,14 +274,21 @@ def create_head(
     num_classes: int,
     hidden: int = 512,
     dropout: float = 0.2,
+    token_dim: int = 0,
 ) -> FusionHead:
-    """Build the head registered as ``name``; raises MlcError for an unknown name."""
+    """Build the head registered as ``name``; raises MlcError for an unknown name. ``token_dim``: the width of
+    each image token when the image features are a token map (0: pooled vectors)."""
     if name not in HEADS:
         raise MlcError(f"unknown head {name!r}; choose from {', '.join(sorted(HEADS))}")
+    if HEADS[name].tokens != (token_dim > 0):
+        raise MlcError(f"head {name!r} reads {'image token maps' if HEADS[name].tokens else 'pooled image vectors'}"
+                       f", these features are {'token maps' if token_dim else 'pooled vectors'}: "
+                       + ("extract with --image-pooling tokens" if HEADS[name].tokens
+                          else "use --head attention, or extract with --image-pooling avg"))
     dims = {"image": image_dim, "text": text_dim}
     if min(num_classes, hidden, *(dims[m] for m in HEADS[name].modalities)) < 1 or min(dims.values()) < 0 \
             or not 0.0 <= dropout < 1.0:
         raise ValueError(f"head {name!r} needs {' and '.join(HEADS[name].modalities)} features, num_classes and "
                          f"hidden >= 1 and dropout in [0, 1) (got dims {dims})")
     return HEADS[name](image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
-                       dropout=dropout)
+                       dropout=dropout, token_dim=token_dim)

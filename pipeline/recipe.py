@@ -37,6 +37,7 @@ class Recipe:
     image_cut: str | None = None
     text_cut: str | None = None
     text_pooling: str | None = None
+    image_pooling: str = "avg"  # "tokens": the image encoder's last map positions (for --head attention)
     data: dict[str, Any] | None = None  # the data folder's layout (DataOptions), so test.csv reads alike
     precision: str = "fp32"  # resolved: fp32, bf16, fp16 (CUDA) or int8
     crossfit: str | None = None  # made by `mlc crossfit` (K fold models, not kept): its id
@@ -44,6 +45,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.views < 1:
             raise MlcError("--views must be at least 1")
+        if self.from_run is not None and self.image_pooling != "avg":
+            raise MlcError("--from-run takes the encoders as the run saved them; --image-pooling does not apply")
         if self.from_run is not None and (self.image_weights or self.text_weights or self.random_init):
             raise MlcError("--from-run takes the encoders from the run; do not combine it with "
                            "--image-weights, --text-weights or --random-init")
@@ -57,7 +60,10 @@ class Recipe:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["image_pooling"] == "avg":  # recorded only when set: pooled caches and runs keep their records
+            del d["image_pooling"]
+        return d
 
     def tag(self) -> str | None:
         """What tells caches of the same encoder pair apart: finetuned weights, cuts, views."""
@@ -78,6 +84,8 @@ class Recipe:
             parts.append(f"v{self.views}")
         if self.text_pooling:
             parts.append(f"pool-{self.text_pooling}")
+        if self.image_pooling != "avg":
+            parts.append(f"img-{self.image_pooling}")
         if self.precision != "fp32":
             parts.append(self.precision)
         return "_".join(parts) or None
@@ -108,7 +116,8 @@ class Recipe:
             # Random init is seeded so a rerun builds the same weights (same hash): resumable and reusable.
             seed = 0 if self.random_init else None
             image = None if self.image_encoder == NONE else create_image_encoder(
-                self.image_encoder, weights=self.image_weights, random_init=self.random_init, seed=seed)
+                self.image_encoder, weights=self.image_weights, random_init=self.random_init, seed=seed,
+                pooling=self.image_pooling)
             text = None if self.text_encoder == NONE else create_text_encoder(
                 self.text_encoder, weights=self.text_weights, random_init=self.random_init, seed=seed,
                 pooling=self.text_pooling)

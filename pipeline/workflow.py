@@ -45,6 +45,10 @@ TRUNK_ROUTE: dict[str, dict[str, Any]] = {
     "resnet50": {"image_cut": "layer3", "epochs": 2, "lr": 1e-3, "encoder_lr": 3e-4},
 }
 TEXT_CUTS = {"minilm-l6": "layer4", "bert-base-uncased": "layer10"}
+# How `mlc run --head attention` trains it: the pooled heads' defaults (lr 3e-3, dropout 0.5, 40 constant
+# epochs) overfit a transformer layer within 3 epochs; these were measured on ids 0-9999 (docs/recipes.md).
+ATTENTION_TRAINING: dict[str, Any] = {"lr": 3e-4, "schedule": "cosine", "warmup": 0.05, "weight_decay": 1e-2,
+                                      "epochs": 12, "hidden": 256, "dropout": 0.2}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +90,9 @@ class RunConfig(Config):
         super().__post_init__()
         require([(self.data_dir is not None, "give the data folder"),
                  (not (self.crossfit_text and self.finetune), "--crossfit-text and --finetune are two routes past the "
-                  "frozen features: choose one")])
+                  "frozen features: choose one"),
+                 (not (self.head == "attention" and self.finetune), "--finetune trains its own head over a trunk "
+                  "cache; --head attention is a head over frozen token maps: choose one")])
 
 
 def _say(msg: str) -> None:
@@ -113,7 +119,9 @@ def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool
 
 
 def fit(cfg: RunConfig, caches: list[Path], out: Path, folds: int) -> None:
-    head_cfg = FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=cfg.head, output=cfg.output)
+    tuned = ATTENTION_TRAINING if cfg.head == "attention" else {}
+    head_cfg = FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=cfg.head, output=cfg.output,
+                                   **tuned)
     if _up_to_date(RunDir(out), head_cfg.to_dict(), caches):
         _say(f"{out}: up to date (same options, same features); not refitted")
         return
@@ -194,8 +202,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         raise MlcError(f"{cfg.data_dir}: {len(report.problems)} problem(s) in the data (listed above); fix them, "
                        "or run the stages one by one (mlc extract --skip-bad-images ...)")
     _say("extracting features (reused when already there)")
+    encoders = cfg.encoders
+    if cfg.head == "attention":  # the attention head reads the image encoder's token map, not its pooled vector
+        encoders = encoders.replace(image_pooling="tokens")
     caches = extract(ExtractConfig(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite,
-                                   encoders=cfg.encoders, numerics=cfg.numerics, loader=cfg.loader, data=cfg.data))
+                                   encoders=encoders, numerics=cfg.numerics, loader=cfg.loader, data=cfg.data))
     train = [c for c in caches if c.name.startswith("train__")]
     test = next(c for c in caches if c.name.startswith("test__"))
     if cfg.crossfit_text:

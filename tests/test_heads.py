@@ -43,6 +43,11 @@ def _data(seed: int = 0, n: int = 1200) -> tuple[torch.Tensor, torch.Tensor, np.
     return torch.tensor(xi, dtype=torch.float32), torch.tensor(xt, dtype=torch.float32), y
 
 
+def _tokens(name: str) -> dict[str, int]:
+    """The attention head reads token maps: here one token, the whole image vector."""
+    return {"token_dim": DI} if HEADS[name].tokens else {}
+
+
 def _chance_f1(y_train: np.ndarray, y_test: np.ndarray) -> float:
     """Best constant prediction: the k most frequent training labels for every image, best k."""
     order = np.argsort(-y_train.sum(0))
@@ -59,7 +64,8 @@ def _train_eval(head_name: str, loss_name: str, steps: int = 200, **loss_kw: obj
     torch.manual_seed(0)
     xi, xt, y = _data()
     tr, te = slice(0, 800), slice(800, None)
-    head = create_head(head_name, image_dim=DI, text_dim=DT, num_classes=C, hidden=32, dropout=0.1)
+    head = create_head(head_name, image_dim=DI, text_dim=DT, num_classes=C, hidden=32, dropout=0.1,
+                       **_tokens(head_name))
     loss_fn = create_loss(loss_name, **loss_kw)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     target = torch.from_numpy(y[tr])
@@ -111,7 +117,7 @@ def test_image_head_ignores_text() -> None:
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_config_round_trip_and_float16(name: str) -> None:
     torch.manual_seed(0)
-    head = create_head(name, image_dim=DI, text_dim=DT, num_classes=C, hidden=24, dropout=0.3).eval()
+    head = create_head(name, image_dim=DI, text_dim=DT, num_classes=C, hidden=24, dropout=0.3, **_tokens(name)).eval()
     cfg = json.loads(json.dumps(head.config()))  # survives a run folder's JSON
     rebuilt = create_head(**cfg).eval()
     rebuilt.load_state_dict(head.state_dict())

@@ -29,7 +29,7 @@ from . import text as _text  # noqa: F401  (registers the built-in text encoders
 from . import timm_models as _timm  # noqa: F401  (registers timm:<model>)
 from .base import ENCODER_FILE, Encoder, ImageEncoder, TextEncoder, read_encoder_json
 from .registry import EncoderSpec, build_options, create_encoder, families, get_spec, names
-from .transforms import ImagePreprocess, TextPreprocess
+from .transforms import IMAGE_POOLINGS, ImagePreprocess, TextPreprocess
 from .weights import state_dict_hash
 
 __all__ = [
@@ -48,9 +48,17 @@ PRESETS: dict[str, tuple[str, str]] = {
 
 
 def create_image_encoder(name: str, *, weights: str | os.PathLike[str] | None = None, random_init: bool = False,
-                         seed: int | None = None) -> ImageEncoder:
-    """Build image encoder ``name`` in eval mode (see ``registry.create_encoder``)."""
-    return create_encoder("image", name, weights=weights, random_init=random_init, seed=seed)  # type: ignore
+                         seed: int | None = None, pooling: str | None = None) -> ImageEncoder:
+    """Build image encoder ``name`` in eval mode (see ``registry.create_encoder``); ``pooling="tokens"`` makes it
+    output its last map's positions (encoders mlc runs step by step only: ResNets, EfficientNet-Lite)."""
+    kw: dict[str, Any] = {}
+    if pooling not in (None, "avg"):
+        if "pooling" not in build_options(get_spec("image", name)):
+            raise MlcError(f"--image-pooling {pooling}: {name} is run whole, its last map is not reachable; "
+                           "token maps come from the encoders mlc runs step by step (resnet50, resnet18, "
+                           "efficientnet-lite0, efficientnet-lite2)")
+        kw["pooling"] = pooling
+    return create_encoder("image", name, weights=weights, random_init=random_init, seed=seed, **kw)  # type: ignore
 
 
 def create_text_encoder(name: str, *, weights: str | os.PathLike[str] | None = None, random_init: bool = False,
@@ -106,6 +114,8 @@ class EncoderOptions(Config):
                                    "saved in) instead of the registry's source.")
     random_init: bool = opt(False, "Use randomly initialised encoders (tests and speed benchmarks only; "
                             "recorded in caches and runs).")
+    image_pooling: str = opt("avg", "What an image becomes: avg (one average-pooled vector) or tokens (the last "
+                             "feature map's positions, e.g. 7x7, for --head attention; caches 49x larger).")
     text_pooling: str | None = opt(None, "How caption token states become one vector: mean, cls or pooler "
                                    "(default: the text encoder's own).")
 
@@ -127,12 +137,13 @@ class EncoderOptions(Config):
                 get_spec(kind, name)
         if self.random_init and (self.image_weights or self.text_weights):
             raise MlcError("--random-init and --image-weights/--text-weights exclude each other")
-        require([(self.text_pooling in (None, "mean", "cls", "pooler"), "--text-pooling must be mean, cls or pooler")])
+        require([(self.text_pooling in (None, "mean", "cls", "pooler"), "--text-pooling must be mean, cls or pooler"),
+                 (self.image_pooling in IMAGE_POOLINGS, f"--image-pooling must be one of {', '.join(IMAGE_POOLINGS)}")])
 
     def create(self, seed: int | None = None) -> tuple[ImageEncoder, TextEncoder]:
         """Both encoders. Random init is seeded (default 0) so a rerun builds the same weights."""
         s = (0 if seed is None else seed) if self.random_init else None
         return (create_image_encoder(self.image_encoder, weights=self.image_weights, random_init=self.random_init,
-                                     seed=s),
+                                     seed=s, pooling=self.image_pooling),
                 create_text_encoder(self.text_encoder, weights=self.text_weights, random_init=self.random_init,
                                     seed=s, pooling=self.text_pooling))

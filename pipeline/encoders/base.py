@@ -13,6 +13,7 @@ activations plus the top equals the whole forward. ``trunk_parameters``/``top_pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -137,10 +138,25 @@ class ImageEncoder(Encoder):
         return self._run(x, 0, self._cut_index(cut) + 1)
 
     def forward_top(self, h: Tensor, cut: str | None) -> Tensor:
-        """Activations at ``cut`` (None: the input images) -> (B, dim) pooled features."""
+        """Activations at ``cut`` (None: the input images) -> (B, dim) features: the last map average-pooled,
+        or with ``preprocess.pooling == "tokens"`` its h'*w' positions flattened position-major."""
         start = 0 if cut is None else self._cut_index(cut) + 1
-        x = self._run(h, start, len(self.steps))  # (B, dim, h', w')
-        return x.mean(dim=(2, 3))  # global average pool -> (B, dim); fine for channels_last too
+        x = self._run(h, start, len(self.steps))  # (B, C, h', w')
+        if self.preprocess.pooling == "tokens":
+            return x.flatten(2).transpose(1, 2).flatten(1)  # (B, C, h'w') -> (B, h'w', C) -> (B, h'w' * C)
+        return x.mean(dim=(2, 3))  # global average pool -> (B, C); fine for channels_last too
+
+    def options(self) -> dict[str, Any]:
+        return {"pooling": "tokens"} if self.preprocess.pooling == "tokens" else {}
+
+    @torch.no_grad()
+    def use_tokens(self) -> None:
+        """Output the last map's positions (``pooling="tokens"``): ``dim`` becomes h'*w' * C at the crop size."""
+        p = next(self.parameters())
+        x = torch.zeros(1, 3, self.preprocess.crop, self.preprocess.crop, device=p.device, dtype=p.dtype)
+        c, h, w = self._run(x, 0, len(self.steps)).shape[1:]  # (C, h', w'): eval mode (finish() set it)
+        self.preprocess = dataclasses.replace(self.preprocess, pooling="tokens", token_dim=int(c))
+        self.dim = int(c * h * w)
 
     def _step_parameters(self, steps: range) -> Iterator[nn.Parameter]:
         for i in steps:

@@ -13,7 +13,7 @@ from torchvision.models.resnet import resnet18, resnet50
 from ..errors import WeightsError
 from .base import ImageEncoder
 from .registry import EncoderSpec, register
-from .transforms import TF_LITE_MEAN, TF_LITE_STD, ImagePreprocess
+from .transforms import IMAGE_POOLINGS, TF_LITE_MEAN, TF_LITE_STD, ImagePreprocess
 from .weights import load_weights, pypi_file, resolve_weights, seeded, torchvision_state_dict
 
 
@@ -92,14 +92,20 @@ def _lite_resolution(variant: str, fallback: int) -> int:
 
 def create_stepped(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, random_init: bool,
                    seed: int | None, architecture: Callable[[], ImageEncoder],
-                   load: Callable[[], tuple[dict, str]] | None, ignore: tuple[str, ...]) -> ImageEncoder:
-    """Build ``architecture`` and load its weights: the default ``load``, a local file/folder, or none."""
+                   load: Callable[[], tuple[dict, str]] | None, ignore: tuple[str, ...],
+                   pooling: str = "avg") -> ImageEncoder:
+    """Build ``architecture`` and load its weights: the default ``load``, a local file/folder, or none.
+    ``pooling``: "avg" (one vector) or "tokens" (the last map's positions, for ``--head attention``)."""
+    if pooling not in IMAGE_POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(IMAGE_POOLINGS)}, not {pooling!r}")
     resolved = resolve_weights(spec.name, weights=weights, random_init=random_init, pretrained=load)
     with seeded(seed):
         enc = architecture()
     source = load_weights(enc, spec.name, resolved, ignore)
     enc.preprocess = spec.preprocess
     enc.finish(spec.name, source, random_init, spec.cuts)
+    if pooling == "tokens":
+        enc.use_tokens()
     return enc
 
 

@@ -27,6 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Checked on 200 single-label COCO photos: top-1 ImageNet hits 53% with this vs 43% with ImageNet stats.
 TF_LITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
 TF_LITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+IMAGE_POOLINGS = ("avg", "tokens")
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,15 @@ class ImagePreprocess:
     # Decode JPEGs at a reduced scale (libjpeg's DCT-domain downscaling, PIL's Image.draft) when the
     # photo's shorter side is at least twice ``resize``: several times faster, nearly the same pixels.
     jpeg_draft: bool = True
+    # What the encoder outputs: "avg", one globally average-pooled vector (B, C); or "tokens", the last
+    # map's h*w positions of ``token_dim`` channels each, flattened (B, h*w*C) for an attention head.
+    pooling: str = "avg"
+    token_dim: int = 0  # C of a "tokens" encoder (0 for "avg")
 
     def __post_init__(self) -> None:
+        if self.pooling not in IMAGE_POOLINGS or (self.pooling == "tokens") != (self.token_dim > 0):
+            raise ValueError(f"pooling must be one of {IMAGE_POOLINGS} (tokens with their token_dim), got "
+                             f"{self.pooling!r} with token_dim {self.token_dim}")
         if self.interpolation not in {"nearest", "bilinear", "bicubic"}:
             raise ValueError(f"interpolation must be nearest, bilinear or bicubic, not {self.interpolation!r}")
         if not 0 < self.crop <= self.resize:
@@ -95,8 +103,11 @@ class ImagePreprocess:
         """JSON-able record for the cache metadata."""
         # orientation: how data.load_image turns the decoded photo (the same for every encoder); recorded so
         # features of photos decoded before it (sideways portraits) are never mixed with these
-        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "jpeg_draft": self.jpeg_draft, "orientation": ORIENTATION}
+        d = {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
+             "interpolation": self.interpolation, "jpeg_draft": self.jpeg_draft, "orientation": ORIENTATION}
+        if self.pooling != "avg":  # recorded only when set: pooled caches keep the record (and identity) they had
+            d.update(pooling=self.pooling, token_dim=self.token_dim)
+        return d
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,16 @@ def test_mlc_run_head_attention_extracts_token_maps_itself(tmp_path):
     assert res.exit_code == 0, res.output
     assert any("img-tokens" in p.name for p in (tmp_path / "cache").rglob("train__*.h5"))
     assert RunDir(out).load().head_config["name"] == "attention" and (out / "submission.csv").is_file()
+
+
+def test_the_head_help_states_the_settings_mlc_run_trains_attention_with():
+    import re
+
+    from pipeline.heads import HeadOptions
+    from pipeline.workflow import ATTENTION_TRAINING
+
+    text = HeadOptions.__dataclass_fields__["head"].metadata["help"]
+    for name, value in ATTENTION_TRAINING.items():
+        said = re.search(rf"--{name.replace('_', '-')} ([^ ).]+(?:\.\d+)?)", text)
+        assert said, name
+        assert (said.group(1) == value) if isinstance(value, str) else float(said.group(1)) == value, name

@@ -6,11 +6,13 @@ encoder pair, two caches fused, the CPU finetune route (a trunk cache, then the 
 blocks finetuned from the frozen head) at several cuts, epochs and learning rates, int8 stage one, and
 the cross-fitted caption tower (``mlc crossfit`` with ``--train-rows 10000``: its fold models train on
 ids 0-9999 only; ids 10000-11999 get the folds' mean features, as the test split does) fused with the
-frozen lite0 + MiniLM cache.
+frozen lite0 + MiniLM cache, and the attention head over lite0's 7x7 token maps (``--image-pooling tokens``,
+trained with ``workflow.ATTENTION_TRAINING``, as ``mlc run --head attention`` does).
 
-    .venv/bin/python bench/recipes.py [--only frozen,default,fused,trunk,int8,crossfit]
+    .venv/bin/python bench/recipes.py [--only frozen,default,fused,trunk,int8,crossfit,attention]
                                       [--trunk CUT:EPOCHS:LR:ENC_LR,...]
                                       [--crossfit FOLDS:EPOCHS:PRECISION[:OUTPUT],...]
+                                      [--attention FOLDS,...]
 
 Wall times: extraction of the train split (ONNX Runtime, 2 cores) + training + threshold tuning.
 """
@@ -109,6 +111,7 @@ def main() -> None:
                     help="trunk configs: CUT:EPOCHS:HEAD_LR:ENCODER_LR, comma-separated")
     ap.add_argument("--crossfit", default="5:1:bf16",
                     help="cross-fits: FOLDS:EPOCHS:PRECISION[:OUTPUT], comma-separated (OUTPUT: embedding or logits)")
+    ap.add_argument("--attention", default="5", help="fold counts of the attention-head recipe, comma-separated")
     ap.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "mlc-recipes.json")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -137,8 +140,9 @@ def main() -> None:
         if "attention" in parts:  # image token maps + the attention head, as `mlc run --head attention` trains it
             tok, tt = cache("efficientnet-lite0", args.cache_dir, image_pooling="tokens")
             print(f"token-map train cache: {tt:.0f} s (0 = reused)", flush=True)
-            record("lite0 token maps + MiniLM, attention head, 5 folds",
-                   *frozen([tok], 5, tmp / "attention", head="attention", **ATTENTION_TRAINING))
+            for folds in map(int, args.attention.split(",")):
+                record(f"lite0 token maps + MiniLM, attention head, {folds} folds",
+                       *frozen([tok], folds, tmp / f"attention-{folds}", head="attention", **ATTENTION_TRAINING))
         if "fused" in parts:
             record("lite0 + lite2 + MiniLM fused, 5 folds", *frozen([lite0, lite2], 5, tmp / "fused"))
         if "trunk" in parts:

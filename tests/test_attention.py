@@ -57,11 +57,20 @@ def test_each_head_refuses_the_other_kind_of_image_features():
         create_head("attention", image_dim=30, text_dim=6, num_classes=3, hidden=16, token_dim=8)
 
 
-def test_the_attention_head_sees_where_things_are():
+@pytest.fixture
+def one_thread():
+    """A tiny model: one intra-op thread is faster than two fighting for a loaded CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_attention_head_sees_where_things_are(one_thread):
     """Label k is on when the token at position k points along v: the mean of the tokens cannot tell which
     position did, the attention head (position embeddings, label queries) learns it."""
     g = torch.Generator().manual_seed(0)
-    n, positions, dim = 512, 4, 8
+    n, positions, dim = 384, 4, 8
     tokens = torch.randn(n, positions, dim, generator=g)
     v = torch.randn(dim, generator=g)
     y = (tokens @ v > 0).float()  # (n, 4): one label per position
@@ -70,7 +79,7 @@ def test_the_attention_head_sees_where_things_are():
     head = create_head("attention", image_dim=positions * dim, text_dim=0, num_classes=positions, hidden=32,
                        dropout=0.0, token_dim=dim)
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
-    for _ in range(300):
+    for _ in range(250):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head(tokens.flatten(1), text), y)
         opt.zero_grad()
         loss.backward()
@@ -93,17 +102,23 @@ def token_caches(tmp_path_factory):
     return {"data": data, "train": train, "test": test, "root": root}
 
 
-def test_fit_head_attention_over_a_token_cache_then_submit(token_caches, tmp_path):
+@pytest.fixture(scope="module")
+def attention_run(token_caches):
+    run = token_caches["root"] / "run"
+    metrics = fit_head(FitHeadConfig.build(caches=(token_caches["train"],), out=run, head="attention", hidden=32,
+                                           epochs=1, folds=2), quiet=True)
+    assert 0.0 <= metrics["samples_f1"] <= 1.0
+    return run
+
+
+def test_fit_head_attention_over_a_token_cache_then_submit(token_caches, attention_run, tmp_path):
     meta = CacheReader(token_caches["train"]).meta
     assert "img-tokens" in token_caches["train"].name and meta.image_preprocess["token_dim"] == 128
-    run = tmp_path / "run"
-    metrics = fit_head(FitHeadConfig.build(caches=(token_caches["train"],), out=run, head="attention", hidden=32,
-                                     epochs=2, folds=2), quiet=True)
-    assert 0.0 <= metrics["samples_f1"] <= 1.0
-    loaded = RunDir(run).load()
+    loaded = RunDir(attention_run).load()
     assert loaded.head_config["name"] == "attention" and loaded.head_config["token_dim"] == 128
-    out = CliRunner().invoke(app, ["submit", str(run), str(token_caches["data"]), "--cache-dir",
-                                   str(token_caches["root"] / "cache"), "--out", str(tmp_path / "sub.csv")])
+    out = CliRunner().invoke(app, ["submit", str(attention_run), str(token_caches["data"]), "--cache-dir",
+                                   str(token_caches["root"] / "cache"), "--out", str(tmp_path / "sub.csv"),
+                                   "--backend", "torch"])
     assert out.exit_code == 0, out.output
     assert len((tmp_path / "sub.csv").read_text().splitlines()) == 1 + 4
     # the pooled heads refuse a token cache, naming what to do
@@ -122,21 +137,19 @@ def test_a_token_cache_is_not_fused_with_other_image_features(token_caches, tmp_
                                hidden=32, epochs=1, folds=0), quiet=True)
 
 
-def test_an_attention_run_exports_to_onnx_and_predicts_the_same(token_caches, tmp_path):
+@pytest.mark.slow  # two ONNX exports (~10 s): the fast suite keeps to 2 minutes
+def test_an_attention_run_exports_to_onnx_and_predicts_the_same(token_caches, attention_run, tmp_path):
     from pipeline.export import ExportConfig, export
 
-    run = tmp_path / "run"
-    fit_head(FitHeadConfig.build(caches=(token_caches["train"],), out=run, head="attention", hidden=32, epochs=1,
-                           folds=2), quiet=True)
     photos = sorted((token_caches["data"] / "data").glob("*.jpg"))[:3]
     caps = ["a dog on a mat", "two cats", "a red bus"]
-    torch_side = load(run, backend="torch")
-    want = torch_side.predict_proba(photos, caps)
-    path, _ = export(ExportConfig.build(run=run, out=tmp_path / "model"))
+    want = load(attention_run, backend="torch").predict_proba(photos, caps)
+    path, _ = export(ExportConfig.build(run=attention_run, out=tmp_path / "model"))
     got = load(path).predict_proba(photos, caps)
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.slow  # the whole job again; test_workflow covers mlc run, this its --head attention
 def test_mlc_run_head_attention_extracts_token_maps_itself(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
     out = tmp_path / "runs" / "attn"

@@ -181,6 +181,7 @@ def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats
     log(f"{len(feats.ids)} rows, {feats.image.shape[1]} view(s), image {feats.image.shape[-1]}-d, "
         f"text {feats.text.shape[-1]}-d")
     cfg = _head_for(cfg, feats, log)
+    feats.create_head(cfg.fusion)  # the head fits these features (token maps or pooled), or says so before any fold
     results, held, scores, metrics, th = _fit_and_score(cfg, feats, log)
     log(f"held-out samples-F1: {metrics['samples_f1_at_0.5']:.4f} at 0.5, "
         f"{metrics['samples_f1_global']:.4f} global threshold, {metrics['samples_f1_per_class']:.4f} per-class "

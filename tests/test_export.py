@@ -142,6 +142,7 @@ def test_the_python_api_loads_an_export_or_a_run(onnx_export, finetuned, photos)
         model.predict(paths)
 
 
+@pytest.mark.slow  # a second whole export (~6 s), as int8's below: the fast suite keeps to 2 minutes
 def test_float16_halves_the_graph_and_keeps_its_labels(onnx_export, finetuned, photos, tmp_path):
     paths, caps = photos
     out, _ = export(ExportConfig.build(run=finetuned, out=tmp_path / "float16", dtype="float16"))

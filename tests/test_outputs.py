@@ -342,6 +342,7 @@ def _fill(disk: Path, leave: int = 12 << 10) -> None:
     os.truncate(filler, max(0, filler.stat().st_size - leave))
 
 
+@pytest.mark.slow  # three whole jobs on a filled disk (~6 s): the fast suite keeps to 2 minutes
 def test_a_full_disk_ends_in_one_line_and_keeps_the_old_outputs(fitted, small_disk):
     f = fitted
     _fill(small_disk)

@@ -253,7 +253,7 @@ class HeadOptions(Config):
                     "(single-modality ablations), or attention (label queries over image token maps: needs a "
                     "cache extracted with --image-pooling tokens; mlc run --head attention does that, and trains it "
                     "with --lr 3e-4 --schedule cosine --warmup 0.05 --weight-decay 0.01 --epochs 12 --hidden 256 "
-                    "--dropout 0.2).")
+                    "--dropout 0.2, and a batch of rows/32 within 16-256).")
     hidden: int = opt(512, "Hidden width of the head.")
     dropout: float = opt(0.5, "Dropout in the head.")
 

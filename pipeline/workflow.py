@@ -51,6 +51,13 @@ ATTENTION_TRAINING: dict[str, Any] = {"lr": 3e-4, "schedule": "cosine", "warmup"
                                       "epochs": 12, "hidden": 256, "dropout": 0.2}
 
 
+def attention_training(rows: int) -> dict[str, Any]:
+    """ATTENTION_TRAINING plus a batch size giving ~32 steps an epoch (16 to 256 rows): at batch 256 a few
+    hundred rows make 3 steps an epoch, and the head stopped early having learnt only the commonest label
+    (0.62 samples-F1 against 0.81 at batch 20 on the 808-row sample)."""
+    return {**ATTENTION_TRAINING, "batch_size": min(256, max(16, rows // 32))}
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig(Config):
     """Options of ``mlc run``."""
@@ -119,7 +126,7 @@ def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool
 
 
 def fit(cfg: RunConfig, caches: list[Path], out: Path, folds: int) -> None:
-    tuned = ATTENTION_TRAINING if cfg.head == "attention" else {}
+    tuned = attention_training(read_meta(caches[0]).num_records) if cfg.head == "attention" else {}
     head_cfg = FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=cfg.head, output=cfg.output,
                                    **tuned)
     if _up_to_date(RunDir(out), head_cfg.to_dict(), caches):

@@ -160,6 +160,14 @@ def test_mlc_run_head_attention_extracts_token_maps_itself(tmp_path):
     assert res.exit_code == 0, res.output
     assert any("img-tokens" in p.name for p in (tmp_path / "cache").rglob("train__*.h5"))
     assert RunDir(out).load().head_config["name"] == "attention" and (out / "submission.csv").is_file()
+    assert RunDir(out).load().config["train"]["batch_size"] == 16  # 30 rows: small batches, enough steps
+
+
+def test_attention_batches_give_small_datasets_enough_steps():
+    from pipeline.workflow import attention_training
+
+    assert attention_training(808)["batch_size"] == 25  # the 808-row sample: ~32 steps an epoch, not 3
+    assert attention_training(100)["batch_size"] == 16 and attention_training(30000)["batch_size"] == 256
 
 
 def test_the_head_help_states_the_settings_mlc_run_trains_attention_with():

@@ -255,8 +255,11 @@ def _kind(mode: int) -> str:
 
 
 def file_fault(path: Path, inside: Path | None = None) -> str | None:
-    """Why ``path`` may not be read as an image, without opening it: missing, not a regular file (a FIFO
-    would block the reader forever, a device never ends), or a symbolic link out of the folder ``inside``."""
+    """Why ``path`` may not be read as an image, without opening it: missing, or not a regular file (a FIFO
+    would block the reader forever, a device never ends). A symbolic link is followed wherever it points
+    (a data folder of links into a shared image store is common; docs/data.md#symbolic-links): what it
+    reaches must be a regular file. ``inside``, the folder the file was found in, is kept for callers."""
+    del inside  # links out of the folder are allowed: an ImageID can never climb out (image_id_fault)
     try:
         st = os.stat(path)  # follows links: what a reader would get
     except FileNotFoundError:
@@ -265,10 +268,6 @@ def file_fault(path: Path, inside: Path | None = None) -> str | None:
         return f"cannot read: {err.strerror or err}"
     if not stat.S_ISREG(st.st_mode):
         return f"not a regular file ({_kind(st.st_mode)})"
-    if inside is not None and os.path.islink(path):
-        target, folder = Path(os.path.realpath(path)), Path(os.path.realpath(inside))
-        if not target.is_relative_to(folder):
-            return f"a symbolic link to {target}, outside the image folder {inside}"
     return None
 
 

@@ -201,7 +201,8 @@ def main() -> None:
                     "that the script runs (its figures mean nothing)")
     args = ap.parse_args()
     if args.smoke:
-        args.pairs, args.engines, args.repeats, args.images, args.workers = "tiny-resnet+tiny-bert", "torch,onnx", 1, 12, 0
+        args.pairs, args.engines, args.repeats, args.images = "tiny-resnet+tiny-bert", "torch,onnx", 1, 12
+        args.workers = 0
     if args.measure:
         print(measure(args.measure, args.pairs, args.data, args.workers, args.tmp))
         return

@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any, ClassVar
 
 from .config import Config, opt
 from .errors import BusyError, OutputError
+from .reading import kind as _kind
 
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(tmp|staging|old)$")
 
@@ -193,16 +195,25 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
 
     Safe: missing, empty, or an existing output that ``ours`` recognises as ``what`` this command writes: True,
     or for a folder the list of its entries mlc did not write, which must be empty (``force`` waives this one
-    condition). Never safe, even with ``force``: one of ``inputs`` or ``sealed``
+    condition, except inside a folder among ``inputs``: a data or image folder's files are never replaced).
+    Never safe, even with ``force``: one of ``inputs`` or ``sealed``
     itself, or a folder holding one (replacing it would delete it), or a path inside a ``sealed`` folder (a
-    run or export whose manifest an extra file would break) other than the paths in ``allow``. Paths are
-    compared resolved, so symlinks, ``..`` and other spellings of one path are the same path. Finally the
-    parent folder must be writable, so a read-only destination fails before the work.
+    run or export whose manifest an extra file would break) other than the paths in ``allow``, or anything
+    but a regular file or folder (a FIFO, a device: renaming over it would replace it), or a name too long
+    for the file system once mlc's staging prefix is added. Paths are compared resolved, so symlinks, ``..``
+    and other spellings of one path are the same path. Finally the parent folder must be writable, so a
+    read-only destination fails before the work.
     """
+    _check_name(target)
     path = Path(target).expanduser().resolve()
     sealed = [Path(s).expanduser().resolve() for s in sealed]
     allowed = {Path(a).expanduser().resolve() for a in allow}
-    for src in [Path(i).expanduser().resolve() for i in inputs] + sealed:
+    inputs = [Path(i).expanduser().resolve() for i in inputs]
+    inside = next((src for src in inputs if src.is_dir() and _within(path, src) and path != src), None)
+    if inside is not None and force:
+        force = False  # --force never replaces what an input folder holds
+        what = f"{what} (--force never replaces a file inside {inside}, which this command reads)"
+    for src in inputs + sealed:
         if _within(src, path):
             how = "is" if src == path else "holds"
             raise OutputError(str(target), f"it {how} {src}, which this command reads; choose another output path")
@@ -211,6 +222,10 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
             raise OutputError(str(target), f"it is inside {src}, which this command reads (an extra file would no "
                               "longer match its manifest); choose another output path")
     if path.exists():
+        mode = path.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise OutputError(str(target), f"it is {_kind(mode)}, not a file mlc may replace; choose another "
+                              "output path")
         if path.is_dir() != folder:
             raise OutputError(str(target), f"it is a {'file' if folder else 'folder'}; {what} goes there")
         names = entries(path) if folder else ([] if path.stat().st_size == 0 else [path.name])
@@ -224,6 +239,32 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
                               "pass --force to replace it (deleting what it holds)")
     check_writable(path.parent)
     return path
+
+
+# the longest name mlc makes beside an output: ".NAME.PID.RANDOM.staging" (a pid has at most 7 digits)
+_STAGING_EXTRA = len(_temp_name(Path("x"), "staging")) - 1 - len(str(os.getpid())) + 7
+
+
+def _check_name(target: str | os.PathLike[str]) -> None:
+    """OutputError when the output's file name, with the staging prefix mlc writes beside it, or its whole
+    path, is longer than the file system allows (the write would fail late, with a bare errno)."""
+    path = Path(target).expanduser().absolute()
+    name_max, path_max = 255, 4096
+    parent = next((p for p in path.parents if os.path.isdir(p)), None)  # os.path: False on ENAMETOOLONG
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        name_max = os.pathconf(parent or "/", "PC_NAME_MAX")
+        path_max = os.pathconf(parent or "/", "PC_PATH_MAX")
+    for part in path.parts[1:]:
+        if len(os.fsencode(part)) > name_max:
+            raise OutputError(str(target)[:80] + "...", f"the name {part[:40]!r}... is {len(os.fsencode(part))} bytes "
+                              f"long; the file system allows {name_max}: choose a shorter output path")
+    if len(os.fsencode(path.name)) + _STAGING_EXTRA > name_max:
+        raise OutputError(str(target), f"the name {path.name[:40]!r}... is {len(os.fsencode(path.name))} bytes long; "
+                          f"with the {_STAGING_EXTRA} bytes of mlc's temporary name beside it, more than the file "
+                          f"system's {name_max}: choose a shorter output name")
+    if len(os.fsencode(str(path))) + _STAGING_EXTRA > path_max:
+        raise OutputError(str(target)[:80] + "...", f"the path is {len(os.fsencode(str(path)))} bytes long; the file "
+                          f"system allows {path_max}: choose a shorter output path")
 
 
 def _some(names: list[str]) -> str:

@@ -27,6 +27,8 @@ from PIL import ExifTags, Image, ImageOps
 from .config import Config, opt, require
 from .errors import DataError, ImageError
 from .labels import RARE_ROWS, LabelSpace, odd_tokens, same_numbers, typed_ids
+from .reading import CSV_BYTES, read_bytes
+from .reading import kind as _kind
 from .records import IMAGE_EXTENSIONS, CsvLayout, Record, header_cells, image_id_fault, raise_problems, read_csv
 
 # ----------------------------------------------------------------------------------- data folder
@@ -93,11 +95,11 @@ class DataDir:
     @functools.cached_property
     def labels_file(self) -> Path | None:
         if self.options.labels is not None:
-            if not self.options.labels.is_file():
+            if not self.options.labels.exists():  # a FIFO or device is refused by name when read
                 raise DataError(str(self.options.labels), None, "labels file not found")
             return self.options.labels
         default = self.root / LABELS_FILE
-        return default if default.is_file() else None
+        return default if default.exists() else None
 
     @functools.cached_property
     def _fixed_labels(self) -> LabelSpace | None:
@@ -133,7 +135,7 @@ class DataDir:
 
     def _read(self, split: Split) -> list[Record]:
         path = self.csv_path(split)
-        if not path.is_file():
+        if not path.exists():  # anything else there (a FIFO, a device) is refused by name when read
             raise DataError(str(path), None, f"{split}.csv not found in the data folder")
         return read_csv(path, labelled=split == "train", layout=self.layout())
 
@@ -155,8 +157,8 @@ class DataDir:
     def has_captions(self, split: Split = "train") -> bool:
         """Whether the split's CSV has the caption column (an image-only dataset has none)."""
         path = self.csv_path(split)
-        with open(path, encoding="utf-8-sig", errors="replace") as fh:
-            header = header_cells(fh.readline().rstrip("\r\n"))
+        text = read_bytes(path, limit=CSV_BYTES, what="CSV file").split(b"\n", 1)[0]
+        header = header_cells(text.decode("utf-8-sig", errors="replace").rstrip("\r"))
         return self.options.caption_col.lower() in {c.lower() for c in header} or (
             bool(header) and header[0].lower().endswith(IMAGE_EXTENSIONS))  # no header: the competition's layout
 
@@ -243,15 +245,6 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 ORIENTATION = "exif"  # every decode turns the photo as its EXIF Orientation tag says (recorded in preprocess)
-
-
-def _kind(mode: int) -> str:
-    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return what
-    return "not a regular file"
 
 
 def file_fault(path: Path, inside: Path | None = None) -> str | None:

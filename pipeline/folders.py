@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MlcError
+from .reading import JSON_BYTES, read_text
 
 
 def read_json(path: Path, folder: str) -> Any:
     """A JSON file mlc wrote into ``folder`` (named in the message); NaN/Infinity refused, faults named."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants(path))
+        return json.loads(read_text(path, limit=JSON_BYTES, what="JSON file"), parse_constant=_no_constants(path))
     except FileNotFoundError:
         raise MlcError(f"{path}: missing from {folder}") from None
     except (OSError, ValueError) as e:

@@ -167,7 +167,8 @@ def render(results: list[dict[str, Any]], fmt: str, label_names: dict[str, str],
 def is_predictions(path: Path) -> bool:
     """A file ``render`` wrote, in any format (its first line), which new predictions may replace."""
     line = first_line(path)
-    if line.startswith(("ImageID,Labels", "path,labels", "photo ")):
+    # never "ImageID,Labels": that is a submission, which predictions must not replace
+    if line.startswith("path,labels,") or (line.startswith("photo ") and line.endswith(" labels (probability)")):
         return True
     try:
         return {"path", "labels"} <= set(json.loads(line))
@@ -176,12 +177,13 @@ def is_predictions(path: Path) -> bool:
 
 
 def _inputs(cfg: PredictConfig) -> list[Path]:
-    """The photos (as found) and the captions file."""
+    """The photos (as found), the folders holding them (whose files --force never replaces) and the captions file."""
     try:
         photos = image_paths(cfg.paths)
     except MlcError:  # predict() says what is wrong with them, in its turn
         photos = []
-    return photos + ([cfg.captions] if cfg.captions is not None else [])
+    folders = sorted({Path(p).parent for p in photos})
+    return [*photos, *folders] + ([cfg.captions] if cfg.captions is not None else [])
 
 
 def run(cfg: PredictConfig) -> None:

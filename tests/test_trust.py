@@ -1,0 +1,144 @@
+"""Issue 25, trust round three: one output policy for every written file, bounded reads of every read file,
+options checked like data, model folders that agree with themselves, one decode path for photos."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import make_data_dir
+from test_inputs import no_hang
+from test_outputs import mlc, one_line_error, snapshot
+
+from pipeline import reading
+from pipeline.data import DataDir, DataOptions
+from pipeline.errors import DataError
+from pipeline.folders import read_json
+from pipeline.labels import LabelSpace
+from pipeline.records import parse_csv
+
+BACKEND = ("--backend", "torch", "--workers", 0)
+
+
+def _submit(f: dict, *extra: object) -> tuple[int, str]:
+    return mlc("submit", f["run"], f["data"], "--cache-dir", f["tmp"] / "cache", *BACKEND, *extra)
+
+
+def _predict(f: dict, *extra: object) -> tuple[int, str]:
+    return mlc("predict", f["run"], f["data"] / "data" / "1000.jpg", "--caption", "a dog", *BACKEND, *extra)
+
+
+# ------------------------------------------------------------------------------------ 1. one output policy
+
+
+def test_predictions_never_replace_a_submission(fitted):
+    sub = fitted["tmp"] / "sub.csv"
+    assert _submit(fitted, "--out", sub)[0] == 0
+    before = sub.read_bytes()
+    for fmt in ("csv", "json", "table"):
+        code, text = _predict(fitted, "--format", fmt, "--out", sub)
+        assert one_line_error(code, text, sub, "is not a predictions file"), text
+    assert sub.read_bytes() == before
+    assert _predict(fitted, "--format", "csv", "--out", fitted["tmp"] / "p.csv")[0] == 0  # a table replaces a table
+    assert _predict(fitted, "--format", "table", "--out", fitted["tmp"] / "p.csv")[0] == 0
+
+
+def test_evaluate_out_follows_the_output_policy(fitted):
+    f, tmp = fitted, fitted["tmp"]
+    (f["data"] / "test.csv").write_text((f["data"] / "train.csv").read_text())  # a labelled split to score
+    mine = tmp / "mine.json"
+    mine.write_text('{"mine": 1}\n')
+    evaluate = ("evaluate", f["run"], f["data"], *BACKEND)
+    code, text = mlc(*evaluate, "--out", mine)
+    assert one_line_error(code, text, mine, "--force"), text
+    assert mine.read_text() == '{"mine": 1}\n'
+    before = snapshot(f["data"])
+    for out in (f["data"] / "train.csv", f["data"] / "test.csv", f["data"] / "data" / "1000.jpg", f["run"] / "s.json"):
+        code, text = mlc(*evaluate, "--out", out, "--force")
+        assert one_line_error(code, text, "which this command reads"), (out, text)
+    assert snapshot(f["data"]) == before
+    scores = tmp / "scores.json"
+    assert mlc(*evaluate, "--out", scores)[0] == 0 and mlc(*evaluate, "--out", scores)[0] == 0  # its own: replaced
+    assert json.loads(scores.read_text())["rows"] == 30
+
+
+def test_force_never_replaces_a_file_inside_the_data_folder(fitted):
+    f = fitted
+    (f["data"] / "README.txt").write_text("about my data\n")
+    before = snapshot(f["data"])
+    for out in (f["data"] / "data" / "1001.jpg", f["data"] / "README.txt"):
+        code, text = _submit(f, "--out", out, "--force")
+        assert one_line_error(code, text, "--force never replaces a file inside"), text
+    code, text = _predict(f, "--format", "csv", "--out", f["data"] / "data" / "1001.jpg", "--force")  # beside a photo
+    assert one_line_error(code, text, "--force never replaces a file inside"), text
+    assert snapshot(f["data"]) == before
+    assert _submit(f, "--out", f["data"] / "new-submission.csv")[0] == 0  # a new file there is fine
+
+
+def test_an_output_that_is_no_regular_file_is_never_replaced(fitted, tmp_path):
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with no_hang():
+        for out in (fifo, Path("/dev/null")):
+            code, text = _predict(fitted, "--format", "csv", "--out", out, "--force")
+            assert one_line_error(code, text, out, "not a file mlc may replace"), text
+    assert Path("/dev/null").is_char_device() and fifo.is_fifo()
+
+
+def test_an_output_name_too_long_is_refused_in_one_line(fitted):
+    long_name = fitted["tmp"] / ("p" * 240 + ".csv")  # fits alone, not with mlc's staging prefix beside it
+    code, text = _predict(fitted, "--format", "csv", "--out", long_name)
+    assert one_line_error(code, text, "mlc's temporary name"), text
+    code, text = mlc("export", fitted["run"], "--out", fitted["tmp"] / ("e" * 300) / "model")
+    assert one_line_error(code, text, "the file system allows"), text
+    assert not long_name.exists()
+
+
+# ------------------------------------------------------------------------------------ 2. bounded reads
+
+
+@pytest.mark.parametrize("what", ["fifo", "zero", "folder"])
+def test_every_file_read_must_be_a_regular_file(tmp_path, what):
+    bad = tmp_path / "bad"
+    if what == "fifo":
+        os.mkfifo(bad)
+        want = "FIFO"
+    elif what == "zero":
+        bad.symlink_to("/dev/zero")
+        want = "character device"
+    else:
+        bad.mkdir()
+        want = "a folder"
+    with no_hang():
+        assert want in parse_csv(bad, labelled=False)[1][0].fault
+        with pytest.raises(DataError, match=want):
+            LabelSpace.from_file(bad)
+        with pytest.raises(DataError, match=want):
+            read_json(bad, "a run")
+
+
+def test_a_fifo_as_captions_or_labels_is_one_line_not_a_hang(fitted, tmp_path):
+    fifo = tmp_path / "captions.csv"
+    os.mkfifo(fifo)
+    with no_hang():
+        code, text = mlc("predict", fitted["run"], fitted["data"] / "data" / "1000.jpg", "--captions", fifo, *BACKEND)
+        assert one_line_error(code, text, fifo, "not a regular file"), text
+        code, text = mlc("validate", fitted["data"], "--labels", "/dev/zero")  # validate lists it among the problems
+        assert code == 1 and "/dev/zero: not a regular file (a character device)" in text, text
+
+
+def test_a_file_larger_than_any_real_one_is_refused_with_its_size(tmp_path, monkeypatch):
+    root = make_data_dir(tmp_path / "d", n_train=6, n_test=2)
+    size = (root / "train.csv").stat().st_size
+    monkeypatch.setattr(reading, "CSV_BYTES", 100)
+    import pipeline.records as records
+
+    monkeypatch.setattr(records, "CSV_BYTES", 100)
+    with pytest.raises(DataError, match=rf"train.csv: {size:,} bytes, more than any real CSV file holds"):
+        DataDir.open(root, DataOptions()).records("train")
+    big = tmp_path / "x.json"
+    big.write_bytes(b" " * (reading.JSON_BYTES + 1))
+    with pytest.raises(DataError, match=r"x.json: 64 MiB, more than any real JSON file holds"):
+        read_json(big, "a run")

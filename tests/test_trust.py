@@ -142,3 +142,26 @@ def test_a_file_larger_than_any_real_one_is_refused_with_its_size(tmp_path, monk
     big.write_bytes(b" " * (reading.JSON_BYTES + 1))
     with pytest.raises(DataError, match=r"x.json: 64 MiB, more than any real JSON file holds"):
         read_json(big, "a run")
+
+
+# ------------------------------------------------------------------------------------ 4. options checked like data
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (("fit-head", "x.h5", "--lr", "inf"), "--lr inf: not a finite number"),
+    (("fit-head", "x.h5", "--weight-decay", "nan"), "--weight-decay nan: not a finite number"),
+    (("fit-head", "x.h5", "--clip", "-inf"), "--clip -inf: not a finite number"),
+    (("fit-head", "x.h5", "--seed", "-1"), "--seed -1: out of range"),
+    (("fit-head", "x.h5", "--hidden", "1000000000"), "--hidden 1000000000: out of range"),
+    (("predict", "m", "x.jpg", "--batch-size", "100000000"), "--batch-size 100000000: out of range"),
+])
+def test_numeric_options_are_finite_and_in_range_naming_the_option(args, named):
+    code, text = mlc(*args)
+    assert one_line_error(code, text, named), text
+
+
+def test_an_old_spelling_and_its_new_one_must_agree(tmp_path):
+    data = make_data_dir(tmp_path / "d", n_train=6, n_test=2)
+    code, text = mlc("extract", data, "--out-dir", tmp_path / "a", "--cache-dir", tmp_path / "b")
+    assert code == 2 and "--out-dir is the old spelling of --cache-dir, and they disagree" in text, text
+    assert "Traceback" not in text and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

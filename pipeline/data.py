@@ -293,15 +293,27 @@ def load_image(path: str | os.PathLike[str], draft: int | None = None, inside: P
     path = Path(path)
     try:
         with open_image_file(path, inside) as fh, Image.open(fh) as im:
-            if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:
-                scale = draft / min(im.size)
-                im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
-            im.load()  # decode now, so a truncated file fails here and not inside a DataLoader
-            if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-                im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+            return decode_image(im, draft)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(str(path), f"cannot decode image: {err}") from err
+
+
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def decode_image(im: Image.Image, draft: int | None = None) -> Image.Image:
+    """The one decode rule, for a photo opened from a file (``load_image``) or given as a Pillow image (the
+    Python API): fully decoded, turned upright by its EXIF Orientation, converted to RGB (``_to_rgb``: 16-bit
+    and palette greyscale scaled, CMYK converted, alpha composited on white). ``draft``: see ``load_image``;
+    it applies to a JPEG not decoded yet (one fresh from ``Image.open``), as it does to a path. Raises what
+    Pillow raises (``DECODE_ERRORS``) for a corrupt or truncated one."""
+    if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:
+        scale = draft / min(im.size)
+        im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))  # no-op once decoded
+    im.load()  # decode now, so a truncated file fails here and not inside a DataLoader
+    if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        im = ImageOps.exif_transpose(im)
+    return _to_rgb(im)
 
 
 def _quick_check(path: Path, inside: Path | None = None) -> str | None:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from . import schemas
-from .data import DataDir, load_image
+from .data import DECODE_ERRORS, DataDir, decode_image, load_image
 from .errors import DataError, ImageError, MlcError
 from .folders import check_listing, read_json
 from .labels import LabelSpace
@@ -185,7 +185,8 @@ class Predictor:
             return None
         if photos is None:
             raise MlcError(f"{self.source}: this model reads images; give photos")
-        return [p if isinstance(p, Image.Image) else load_image(p, self.draft) for p in photos]
+        return [_as_rgb(p, i, self.draft) if isinstance(p, Image.Image) else load_image(p, self.draft)
+                for i, p in enumerate(photos)]
 
     @classmethod
     def of_run(cls, run: Any, **engine: Any) -> Predictor:
@@ -232,6 +233,15 @@ def read_export(path: Path) -> dict[str, Any]:
     meta = schemas.export(meta, path / EXPORT_FILE)
     check_listing(path, meta["files"], (EXPORT_FILE,), "export the run again")
     return meta
+
+
+def _as_rgb(im: Image.Image, i: int, draft: int | None) -> Image.Image:
+    """A photo given as a Pillow image, decoded by the rule a path is (data.decode_image), on a copy when it is
+    already decoded (the caller's image is left as it was)."""
+    try:
+        return decode_image(im if getattr(im, "fp", None) is not None else im.copy(), draft)
+    except DECODE_ERRORS as err:
+        raise ImageError(f"photo {i} (a {type(im).__name__})", f"cannot decode image: {err}") from err
 
 
 def decode_all(paths: Sequence[Path], draft: int | None, threads: int,

@@ -165,3 +165,45 @@ def test_an_old_spelling_and_its_new_one_must_agree(tmp_path):
     code, text = mlc("extract", data, "--out-dir", tmp_path / "a", "--cache-dir", tmp_path / "b")
     assert code == 2 and "--out-dir is the old spelling of --cache-dir, and they disagree" in text, text
     assert "Traceback" not in text and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------------------ 6. one decode path
+
+
+def _odd_photos(folder: Path) -> list[Path]:
+    """Photos whose decoding is more than Image.convert("RGB"): 16-bit grey, palette grey, CMYK, alpha, EXIF."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (48, 64), dtype=np.uint8)
+    paths = {name: folder / name for name in ("g16.png", "pal.png", "cmyk.jpg", "rgba.png", "exif.jpg")}
+    Image.fromarray(grey.astype(np.uint16) * 200).save(paths["g16.png"])  # a 16-bit greyscale PNG
+    Image.fromarray(grey, "L").convert("P").save(paths["pal.png"])
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).convert("CMYK").save(paths["cmyk.jpg"])
+    rgba = rng.integers(0, 256, (48, 64, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(paths["rgba.png"])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees
+    Image.fromarray(rgba[..., :3]).save(paths["exif.jpg"], exif=exif)
+    return list(paths.values())
+
+
+def test_a_pil_image_is_decoded_as_its_path_is(fitted, tmp_path):
+    from PIL import Image
+
+    from pipeline import load
+
+    pred = load(fitted["run"], backend="torch")
+    paths = _odd_photos(tmp_path)
+    caps = ["a photo"] * len(paths)
+    want = pred.predict_proba(paths, caps)
+    fresh = [Image.open(p) for p in paths]  # not decoded yet
+    loaded = [Image.open(p) for p in paths]
+    for im in loaded:
+        im.load()
+    modes = [im.mode for im in loaded]
+    for photos in (fresh, loaded):
+        got = pred.predict_proba(photos, caps)
+        assert abs(got - want).max() < 1e-5, (photos, abs(got - want).max(axis=1))
+    assert [im.mode for im in loaded] == modes  # the caller's images are left as they were

@@ -207,3 +207,35 @@ def test_a_pil_image_is_decoded_as_its_path_is(fitted, tmp_path):
         got = pred.predict_proba(photos, caps)
         assert abs(got - want).max() < 1e-5, (photos, abs(got - want).max(axis=1))
     assert [im.mode for im in loaded] == modes  # the caller's images are left as they were
+
+
+# ------------------------------------------------------------------------------------ 8. read-only caches
+
+
+def test_up_to_date_caches_on_read_only_storage_serve_extract_and_submit(fitted, tmp_path):
+    import shutil
+    import subprocess
+
+    store = tmp_path / "ro"
+    store.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(store)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        shutil.copytree(fitted["tmp"] / "cache", store / "cache")
+        code, text = mlc("extract", fitted["data"], "--image-encoder", "tiny-resnet", "--text-encoder", "tiny-bert",
+                         "--random-init", *BACKEND, "--cache-dir", store / "cache", "--split", "test")
+        assert code == 0, text
+        assert subprocess.run(["mount", "-o", "remount,ro", str(store)], capture_output=True).returncode == 0
+        before = snapshot(store)
+        code, text = mlc("extract", fitted["data"], "--image-encoder", "tiny-resnet", "--text-encoder", "tiny-bert",
+                         "--random-init", *BACKEND, "--cache-dir", store / "cache")
+        assert code == 0 and text.count("up to date") == 2, text
+        sub = tmp_path / "sub.csv"
+        code, text = mlc("submit", fitted["run"], fitted["data"], "--cache-dir", store / "cache", *BACKEND, "--out", sub)
+        assert code == 0 and len(sub.read_text().splitlines()) == 5, text
+        (fitted["data"] / "test.csv").write_text((fitted["data"] / "test.csv").read_text().replace("a", "b"))
+        code, text = mlc("submit", fitted["run"], fitted["data"], "--cache-dir", store / "cache", *BACKEND, "--out", sub)
+        assert code == 2 and "error:" in text and "Traceback" not in text, text  # stale and unwritable: one line
+        assert snapshot(store) == before
+    finally:
+        subprocess.run(["umount", "-l", str(store)], capture_output=True)

@@ -238,6 +238,7 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
             raise OutputError(str(target), f"{why}; mlc replaces only what it wrote: choose another output path, or "
                               "pass --force to replace it (deleting what it holds)")
     check_writable(path.parent)
+    clean_stale(path.parent)  # temp files and staging folders of writers that died (a killed export's, ...)
     return path
 
 

@@ -239,3 +239,23 @@ def test_up_to_date_caches_on_read_only_storage_serve_extract_and_submit(fitted,
         assert snapshot(store) == before
     finally:
         subprocess.run(["umount", "-l", str(store)], capture_output=True)
+
+
+# ------------------------------------------------------------------------------------ 5. leftovers of killed writers
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_writer(fitted):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended
+    out = fitted["tmp"] / "model"
+    stage = fitted["tmp"] / f".model.{pid}.abcd1234.staging"
+    (stage / "encoders").mkdir(parents=True)
+    (stage / "model.onnx").write_bytes(b"\0" * 1000)
+    tmp_file = fitted["tmp"] / f".preds.csv.{pid}.abcd1234.tmp"
+    tmp_file.write_text("half")
+    code, text = mlc("export", fitted["run"], "--out", out, "--format", "safetensors")
+    assert code == 0, text
+    assert not stage.exists() and not tmp_file.exists() and (out / "export.json").is_file()

@@ -42,7 +42,7 @@ from .errors import MlcError
 from .folders import listing
 from .onnx_dtypes import DTYPES, convert
 from .portable import session
-from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, load
+from .predictor import DECISION, EXPORT_FILE, EXPORT_FORMAT, Predictor, load
 from .scoring import TorchScorer
 
 FORMATS = ("onnx", "safetensors")
@@ -116,13 +116,6 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
     return cfg.out, sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
-DECISION = {
-    "rule": "label j is predicted when probabilities[j] >= thresholds[j]; a photo with no label over its threshold "
-            "gets the one label with the largest probabilities[j] - thresholds[j] (every photo gets at least one "
-            "label)",
-    "at_least_one": True,
-    "columns": "probabilities[:, j] and thresholds[j] belong to label_ids[j] (named label_names[j])",
-}
 
 
 def _cast(module: nn.Module, dtype: str) -> nn.Module:

@@ -39,6 +39,15 @@ from .thresholds import apply_thresholds
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = 2  # 1: encoders + heads only (mlc 0.2.0); 2: + export.json describing preprocessing and the rule
 Photo = str | os.PathLike[str] | Image.Image
+# The decision rule export.json records and Predictor.decide applies: read back field by field, so an export
+# asking for another rule is refused rather than scored by this one.
+DECISION = {
+    "rule": "label j is predicted when probabilities[j] >= thresholds[j]; a photo with no label over its threshold "
+            "gets the one label with the largest probabilities[j] - thresholds[j] (every photo gets at least one "
+            "label)",
+    "at_least_one": True,
+    "columns": "probabilities[:, j] and thresholds[j] belong to label_ids[j] (named label_names[j])",
+}
 
 
 def _raise(e: ImageError) -> None:
@@ -231,8 +240,29 @@ def read_export(path: Path) -> dict[str, Any]:
         raise MlcError(f"{path}: export format {fmt!r}; this mlc reads format {EXPORT_FORMAT} (export the run "
                        "again with this mlc)")
     meta = schemas.export(meta, path / EXPORT_FILE)
+    honoured(meta, path / EXPORT_FILE)
     check_listing(path, meta["files"], (EXPORT_FILE,), "export the run again")
     return meta
+
+
+def honoured(meta: dict[str, Any], path: Path) -> None:
+    """Every field of export.json that decides something is one this mlc applies exactly, else MlcError naming the
+    file and field: the decision rule (each field of ``DECISION``), and the kind and dtype against the graph."""
+    decision = meta.get("decision")
+    if not isinstance(decision, dict):
+        raise MlcError(f"{path}: decision: expected the decision rule (an object), found {decision!r:.60}")
+    for key in sorted(set(decision) | set(DECISION)):
+        if decision.get(key) != DECISION.get(key):
+            want = f"{DECISION[key]!r:.80}" if key in DECISION else "no such field"
+            raise MlcError(f"{path}: decision.{key}: {decision.get(key)!r:.80} is not the rule this mlc applies "
+                           f"({want}); it would be ignored, so the export is refused: export the run again")
+    graph = meta.get("graph")
+    kind = "onnx" if graph else "safetensors"
+    if meta.get("kind", kind) != kind:
+        raise MlcError(f"{path}: kind: {meta.get('kind')!r}, but the folder is a {kind} export"
+                       f" ({'a graph' if graph else 'no graph'} is listed)")
+    if graph and "dtype" in meta and graph.get("dtype", meta["dtype"]) != meta["dtype"]:
+        raise MlcError(f"{path}: dtype: {meta['dtype']!r}, but graph.dtype says {graph.get('dtype')!r}")
 
 
 def _as_rgb(im: Image.Image, i: int, draft: int | None) -> Image.Image:

@@ -231,10 +231,10 @@ def test_up_to_date_caches_on_read_only_storage_serve_extract_and_submit(fitted,
                          "--random-init", *BACKEND, "--cache-dir", store / "cache")
         assert code == 0 and text.count("up to date") == 2, text
         sub = tmp_path / "sub.csv"
-        code, text = mlc("submit", fitted["run"], fitted["data"], "--cache-dir", store / "cache", *BACKEND, "--out", sub)
+        code, text = _submit({**fitted, "tmp": store}, "--out", sub)
         assert code == 0 and len(sub.read_text().splitlines()) == 5, text
         (fitted["data"] / "test.csv").write_text((fitted["data"] / "test.csv").read_text().replace("a", "b"))
-        code, text = mlc("submit", fitted["run"], fitted["data"], "--cache-dir", store / "cache", *BACKEND, "--out", sub)
+        code, text = _submit({**fitted, "tmp": store}, "--out", sub)
         assert code == 2 and "error:" in text and "Traceback" not in text, text  # stale and unwritable: one line
         assert snapshot(store) == before
     finally:
@@ -259,3 +259,82 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_writer(fitted):
     code, text = mlc("export", fitted["run"], "--out", out, "--format", "safetensors")
     assert code == 0, text
     assert not stage.exists() and not tmp_file.exists() and (out / "export.json").is_file()
+
+
+# ------------------------------------------------------------------------------------ 3. model folders agree
+
+
+@pytest.fixture(scope="module")
+def exports(fitted_once, tmp_path_factory) -> dict[str, Path]:
+    from pipeline.export import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("exports")
+    return {fmt: export(ExportConfig.build(run=fitted_once / "run", out=root / fmt, format=fmt))[0]
+            for fmt in ("onnx", "safetensors")}
+
+
+def _resigned(src: Path, dest: Path, edit) -> Path:
+    """A copy of the export ``src`` with export.json edited as a writer that knows the format would (file
+    hashes and its checksum redone): what only the folder's agreement with itself can catch."""
+    import shutil
+
+    from pipeline.folders import sha256_file
+    from pipeline.schemas import CHECKSUM, checksum
+
+    shutil.copytree(src, dest)
+    path = dest / "export.json"
+    d = json.loads(path.read_text())
+    edit(d, dest)
+    d["files"] = {name: {"bytes": (dest / name).stat().st_size, "sha256": sha256_file(dest / name)}
+                  for name in d["files"]}
+    d.pop(CHECKSUM, None)
+    path.write_text(json.dumps({**d, CHECKSUM: checksum(d)}))
+    return dest
+
+
+def _drop_label(d: dict, _: Path) -> None:
+    for key in ("label_ids", "label_names", "thresholds"):
+        d[key] = d[key][:-1]
+    if "head" in d:
+        d["head"]["num_classes"] -= 1
+
+
+def _other_graph(d: dict, folder: Path) -> None:
+    """A graph with one output fewer labels, put where the export's graph belongs."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"))
+    model.graph.output[0].name = "scores"
+    for node in model.graph.node:
+        node.output[:] = ["scores" if o == "probabilities" else o for o in node.output]
+    onnx.save(model, str(folder / "model.onnx"))
+
+
+EDITS = {
+    "onnx": [
+        (_drop_label, "label_ids: 2 labels, but the graph gives 3 probabilities"),
+        (lambda d, _: d["decision"].update(at_least_one=False), "decision.at_least_one: False is not the rule"),
+        (lambda d, _: d["decision"].update(top_k=2), "decision.top_k: 2 is not the rule"),
+        (lambda d, _: d.update(kind="safetensors"), "kind: 'safetensors', but the folder is a onnx export"),
+        (lambda d, _: d["graph"]["inputs"][0].update(dtype="float32"), "graph.inputs: the graph's inputs are"),
+        (_other_graph, "graph.outputs: the graph's outputs are"),
+    ],
+    "safetensors": [
+        (_drop_label, "head-0.safetensors: cannot load the head's weights"),
+        (lambda d, _: d["head"].update(image_dim=d["head"]["image_dim"] + 1), "head.image_dim/text_dim: "),
+        (lambda d, _: d["decision"].pop("at_least_one"), "decision.at_least_one: None is not the rule"),
+    ],
+}
+
+
+@pytest.mark.parametrize(("fmt", "i"), [(f, i) for f, cases in EDITS.items() for i in range(len(cases))])
+def test_an_export_that_disagrees_with_itself_is_refused_naming_file_and_field(exports, tmp_path, fmt, i):
+    edit, want = EDITS[fmt][i]
+    model = _resigned(exports[fmt], tmp_path / "model", edit)
+    photo = tmp_path / "p.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(photo)
+    code, text = mlc("predict", model, photo, "--caption", "a dog", *BACKEND)
+    assert one_line_error(code, text, want), text
+    assert "export.json" in text or ".safetensors" in text

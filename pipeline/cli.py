@@ -330,6 +330,10 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[
             code = fn(config_cls.build(**values))
         except MlcError as err:
             _fail(err)
+        except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (outputs are written atomically: none half-done)
+            typer.echo(f"interrupted: mlc {name} stopped; its outputs are as they were before (an extract resumes "
+                       "from its finished chunks when run again)", err=True)
+            raise typer.Exit(130) from None
         if code:
             raise typer.Exit(code)
 

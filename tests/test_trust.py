@@ -338,3 +338,67 @@ def test_an_export_that_disagrees_with_itself_is_refused_naming_file_and_field(e
     code, text = mlc("predict", model, photo, "--caption", "a dog", *BACKEND)
     assert one_line_error(code, text, want), text
     assert "export.json" in text or ".safetensors" in text
+
+
+# ------------------------------------------------------------------------------------ 5. interrupts and faults
+
+
+def test_ctrl_c_ends_in_one_line(tmp_path, monkeypatch):
+    import pipeline.extract
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.extract, "extract", interrupted)
+    code, text = mlc("extract", make_data_dir(tmp_path / "d", n_train=6, n_test=2), "--cache-dir", tmp_path / "c")
+    assert code == 130 and text.strip().splitlines() == [
+        "interrupted: mlc extract stopped; its outputs are as they were before (an extract resumes from its finished "
+        "chunks when run again)"], text
+
+
+FULL_AT_ASSEMBLY = """
+import collections, os, sys
+from pipeline import cache
+Usage = collections.namedtuple("Usage", "total used free")
+cache.shutil.disk_usage = lambda p: Usage(1 << 40, 0, 1 << 40)  # the estimate passes
+real = cache.CacheWriter.finalize
+def finalize(self):  # the disk fills up (another writer) just before the assembly
+    fd = os.open(self.target.parent / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError:
+        pass
+    os.ftruncate(fd, os.fstat(fd).st_size - 4 * 1024)  # 4 KB left: HDF5 fails closing a dataset
+    os.close(fd)
+    return real(self)
+cache.CacheWriter.finalize = finalize
+from pipeline.cli import app
+sys.argv = ["mlc", "extract", *sys.argv[1:]]
+app()
+"""
+
+
+@pytest.mark.slow  # a whole extract in a subprocess on a filled tmpfs
+def test_a_full_disk_during_the_hdf5_assembly_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        data = make_data_dir(tmp_path / "d", n_train=200, n_test=2)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MLC_PLUGINS": str(REPO / "tests" / "tiny_encoders.py")}
+        proc = subprocess.run([sys.executable, "-c", FULL_AT_ASSEMBLY, str(data), "--image-encoder", "tiny-resnet",
+                               "--text-encoder", "tiny-bert", "--random-init", "--workers", "0", "--backend", "torch",
+                               "--cache-dir", str(disk / "c"), "--split", "train"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.strip() and "extract train" not in ln]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert lines[0].startswith("error: cannot write") and lines[0].endswith("No space left on device"), lines
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

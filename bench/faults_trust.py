@@ -5,7 +5,7 @@ disagree with themselves (a decision rule edited, a graph as wide as another lab
 old and a new spelling that disagree), interrupts and faults (Ctrl-C during extract, a full disk during the
 HDF5 assembly, a killed export's staging folder), a 16-bit photo as a Pillow object, a symlinked subset (what
 bench/ builds), read-only caches. Verdicts as faults.py's, plus HANG / OOM (killed, or memory refused: the
-child runs under a 4 GB address-space limit so the machine survives the "before" column).
+child runs under a 12 GB address-space limit so the machine survives the "before" column).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from conftest import make_data_dir
 from faults import TINY, Env, _mount, _umount, classify
 from faults_inputs import _resign_export, _setup, data_only, with_export
 
-LIMIT_S, LIMIT_BYTES = 60, 4 << 30
+LIMIT_S, LIMIT_BYTES = 60, 12 << 30
 
 
 def _limited() -> None:

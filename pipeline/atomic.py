@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from .config import Config, opt
 from .errors import BusyError, OutputError
+from .output_rules import check_name, mlc_folder
 from .reading import kind as _kind
 
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(tmp|staging|old)$")
@@ -204,7 +205,7 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
     and other spellings of one path are the same path. Finally the parent folder must be writable, so a
     read-only destination fails before the work.
     """
-    _check_name(target)
+    check_name(target)
     path = Path(target).expanduser().resolve()
     sealed = [Path(s).expanduser().resolve() for s in sealed]
     allowed = {Path(a).expanduser().resolve() for a in allow}
@@ -217,10 +218,14 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
         if _within(src, path):
             how = "is" if src == path else "holds"
             raise OutputError(str(target), f"it {how} {src}, which this command reads; choose another output path")
+    home = mlc_folder(path)
+    if home is not None and home not in sealed and path not in allowed:
+        sealed.append(home)  # every run or export is sealed, not only the one this command reads
     for src in sealed:
         if _within(path, src) and path not in allowed:
-            raise OutputError(str(target), f"it is inside {src}, which this command reads (an extra file would no "
-                              "longer match its manifest); choose another output path")
+            what_it_is = "an mlc run or export" if src == home else "which this command reads"
+            raise OutputError(str(target), f"it is inside {src}, {what_it_is} (an extra file would no longer match "
+                              "its manifest); choose another output path")
     if path.exists():
         mode = path.stat().st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
@@ -240,32 +245,6 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
     check_writable(path.parent)
     clean_stale(path.parent)  # temp files and staging folders of writers that died (a killed export's, ...)
     return path
-
-
-# the longest name mlc makes beside an output: ".NAME.PID.RANDOM.staging" (a pid has at most 7 digits)
-_STAGING_EXTRA = len(_temp_name(Path("x"), "staging")) - 1 - len(str(os.getpid())) + 7
-
-
-def _check_name(target: str | os.PathLike[str]) -> None:
-    """OutputError when the output's file name, with the staging prefix mlc writes beside it, or its whole
-    path, is longer than the file system allows (the write would fail late, with a bare errno)."""
-    path = Path(target).expanduser().absolute()
-    name_max, path_max = 255, 4096
-    parent = next((p for p in path.parents if os.path.isdir(p)), None)  # os.path: False on ENAMETOOLONG
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        name_max = os.pathconf(parent or "/", "PC_NAME_MAX")
-        path_max = os.pathconf(parent or "/", "PC_PATH_MAX")
-    for part in path.parts[1:]:
-        if len(os.fsencode(part)) > name_max:
-            raise OutputError(str(target)[:80] + "...", f"the name {part[:40]!r}... is {len(os.fsencode(part))} bytes "
-                              f"long; the file system allows {name_max}: choose a shorter output path")
-    if len(os.fsencode(path.name)) + _STAGING_EXTRA > name_max:
-        raise OutputError(str(target), f"the name {path.name[:40]!r}... is {len(os.fsencode(path.name))} bytes long; "
-                          f"with the {_STAGING_EXTRA} bytes of mlc's temporary name beside it, more than the file "
-                          f"system's {name_max}: choose a shorter output name")
-    if len(os.fsencode(str(path))) + _STAGING_EXTRA > path_max:
-        raise OutputError(str(target)[:80] + "...", f"the path is {len(os.fsencode(str(path)))} bytes long; the file "
-                          f"system allows {path_max}: choose a shorter output path")
 
 
 def _some(names: list[str]) -> str:

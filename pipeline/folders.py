@@ -43,6 +43,8 @@ def check_listing(folder: Path, files: dict[str, Any], ignore: tuple[str, ...], 
     """``folder`` holds exactly ``files`` (a ``listing``), byte for byte; MlcError naming the first that is not."""
     for name, entry in files.items():
         path = folder / name
+        if path.exists() and not path.is_file():
+            raise MlcError(f"{path}: not a regular file (listed in the manifest as one); {fix}")
         if not path.is_file():
             raise MlcError(f"{path}: missing from the folder (listed in its manifest); {fix}")
         size = path.stat().st_size

@@ -73,9 +73,11 @@ def image_paths(specs: tuple[str, ...]) -> list[str]:
     for spec in specs:
         p = Path(spec).expanduser()
         if p.is_dir():
+            # every entry with an image's name but a folder: a FIFO or a device among them is refused by name when
+            # read (or listed with --skip-bad-images), never silently left out
             found += sorted(os.path.join(spec, f.name) for f in p.iterdir()
-                            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
+                            if not f.is_dir() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.exists() or p.is_symlink():  # a FIFO, a device, a dangling link: load_image names what it is
             found.append(spec)
         elif any(ch in spec for ch in "*?["):
             found += sorted(m for m in glob.glob(spec, recursive=True) if Path(m).is_file())

@@ -212,7 +212,7 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
     """A run folder (fit-head or finetune) or a folder `mlc export` wrote. An ONNX export loads without torch;
     ``backend``, ``device`` and ``onnx_dir`` are for the torch path (run folders, safetensors exports)."""
     path = Path(path)
-    if (path / EXPORT_FILE).is_file():
+    if (path / EXPORT_FILE).exists():  # anything there but a regular file is refused by name when read
         meta = read_export(path)
         labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))
         th = np.asarray(meta["thresholds"], np.float32)

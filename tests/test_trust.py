@@ -402,3 +402,47 @@ def test_a_full_disk_during_the_hdf5_assembly_is_one_line(tmp_path):
         assert lines[0].startswith("error: cannot write") and lines[0].endswith("No space left on device"), lines
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# ------------------------------------------------------------------------------------ found by the hostile sample
+
+
+def test_force_never_writes_into_any_run_or_export(fitted, exports):
+    sub = fitted["run"] / "submission.csv"
+    assert _submit(fitted, "--out", sub)[0] == 0  # the run's own submission: its submit may write it
+    before = snapshot(fitted["run"])
+    for out in (sub, fitted["run"] / "notes.csv"):  # predicting with another model into this run
+        code, text = mlc("predict", exports["onnx"], fitted["data"] / "data" / "1000.jpg", "--caption", "a dog",
+                         *BACKEND, "--format", "csv", "--out", out, "--force")
+        assert one_line_error(code, text, "an mlc run or export"), text
+    assert snapshot(fitted["run"]) == before
+
+
+def test_photos_that_are_no_regular_files_are_named_never_skipped(fitted, tmp_path):
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "a.jpg").write_bytes((fitted["data"] / "data" / "1000.jpg").read_bytes())
+    os.mkfifo(pics / "b.jpg")
+    with no_hang():
+        code, text = mlc("predict", fitted["run"], pics, "--caption", "x", *BACKEND)
+        assert one_line_error(code, text, "b.jpg: not a regular file (a FIFO"), text
+        (pics / "b.jpg").unlink()
+        (pics / "c.jpg").symlink_to("/dev/zero")
+        code, text = mlc("predict", fitted["run"], pics / "c.jpg", "--caption", "x", *BACKEND)
+        assert one_line_error(code, text, "c.jpg: not a regular file (a character device)"), text
+
+
+def test_model_files_that_are_no_regular_files_are_named(fitted, exports, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(exports["onnx"], model)
+    (model / "export.json").unlink()
+    os.mkfifo(model / "export.json")
+    with no_hang():
+        code, text = mlc("predict", model, fitted["data"] / "data" / "1000.jpg", "--caption", "x", *BACKEND)
+        assert one_line_error(code, text, "export.json: not a regular file (a FIFO"), text
+        (fitted["run"] / "thresholds.json").unlink()
+        (fitted["run"] / "thresholds.json").symlink_to("/dev/zero")
+        code, text = _submit(fitted)
+        assert one_line_error(code, text, "thresholds.json: not a regular file"), text

@@ -22,3 +22,12 @@ def test_bench_extract_smoke_runs_on_a_symlinked_subset():
     """bench/_subset.py links the images into a scratch folder; the symlink policy must let extract read them."""
     out = _bench("bench/extract.py", "--smoke")
     assert "tiny-resnet+tiny-bert (12 images" in out and "max |onnx - torch|" in out
+
+
+@pytest.mark.slow
+def test_bench_faults_trust_cases_run():
+    """Two cases of bench/faults.py --group trust (data only, so quick): the harness works and they end clear."""
+    out = _bench("bench/faults.py", "--group", "trust", "--only", "trust_old_and_new_spelling,trust_labels_dev_zero")
+    verdicts = [ln.split(None, 1) for ln in out.splitlines()[1:] if ln.strip()]
+    assert [v[0] for v in verdicts] == ["trust_labels_dev_zero", "trust_old_and_new_spelling"], out
+    assert all(v[1] == "clear" for v in verdicts), out

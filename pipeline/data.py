@@ -90,7 +90,9 @@ class DataDir:
         return self.root / f"{split}.csv"
 
     def has(self, split: Split) -> bool:
-        return self.csv_path(split).is_file()
+        """Whether the split's CSV is there: anything by that name (a FIFO, a link to a device) counts, to be
+        refused by name when read rather than reported missing."""
+        return os.path.lexists(self.csv_path(split))
 
     @functools.cached_property
     def labels_file(self) -> Path | None:

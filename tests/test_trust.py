@@ -446,3 +446,17 @@ def test_model_files_that_are_no_regular_files_are_named(fitted, exports, tmp_pa
         (fitted["run"] / "thresholds.json").symlink_to("/dev/zero")
         code, text = _submit(fitted)
         assert one_line_error(code, text, "thresholds.json: not a regular file"), text
+
+
+def test_a_csv_that_is_a_link_to_a_device_is_named_not_missing(tmp_path):
+    from pipeline.validate import validate_data_dir
+
+    root = make_data_dir(tmp_path / "d", n_train=6, n_test=2)
+    (root / "train.csv").unlink()
+    (root / "train.csv").symlink_to("/dev/urandom")
+    with no_hang():
+        report = validate_data_dir(root, csv_only=True, progress=False)
+        with pytest.raises(DataError, match="train.csv: not a regular file \\(a character device\\)"):
+            DataDir.open(root).records("train")
+    assert [str(p) for p in report.problems] == [f"{root / 'train.csv'}: not a regular file (a character device); "
+                                                 "mlc reads a CSV file only from one"]

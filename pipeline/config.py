@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import types
 import typing
@@ -82,8 +83,6 @@ def option_flag(name: str, field: dataclasses.Field) -> str:
 def check_numbers(config: Any) -> None:
     """Every number among ``config``'s own fields finite (inf and NaN are refused: --lr inf trained into NaN
     weights and a traceback) and within its ``RANGES``; MlcError naming the option otherwise."""
-    import math
-
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, bool) or not isinstance(value, int | float):

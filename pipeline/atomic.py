@@ -219,7 +219,9 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
             how = "is" if src == path else "holds"
             raise OutputError(str(target), f"it {how} {src}, which this command reads; choose another output path")
     home = mlc_folder(path)
-    if home is not None and home not in sealed and path not in allowed:
+    if home is not None and (home in sealed or path in allowed):
+        home = None  # sealed as an input already (or the one path the command may write there)
+    if home is not None:
         sealed.append(home)  # every run or export is sealed, not only the one this command reads
     for src in sealed:
         if _within(path, src) and path not in allowed:

@@ -140,7 +140,7 @@ def run(cfg: Any) -> None:
 
     result = go(cfg)
     typer.echo(f"validation samples-F1 {result['samples_f1']:.4f} (cross-fitted)  run: {result['run']}")
-    typer.echo(f"submission: {result['submission']}   report: {result['report']}")
+    typer.echo(f"submission: {result['submission'] or 'none (no test.csv)'}   report: {result['report']}")
 
 
 def predict(cfg: Any) -> None:

@@ -203,7 +203,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """The whole job; returns {"samples_f1", "run", "submission", "report"}."""
     _claim_outputs(cfg)
     _say(f"validating {cfg.data_dir}")
-    report = validate_data_dir(cfg.data_dir, csv_only=False, options=cfg.data)
+    report = validate_data_dir(cfg.data_dir, csv_only=False, options=cfg.data, need_test=False)
     if not report.ok:
         print(format_report(report))
         raise MlcError(f"{cfg.data_dir}: {len(report.problems)} problem(s) in the data (listed above); fix them, "
@@ -212,10 +212,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     encoders = cfg.encoders
     if cfg.head == "attention":  # the attention head reads the image encoder's token map, not its pooled vector
         encoders = encoders.replace(image_pooling="tokens")
+    splits = ("train", "test") if DataDir.open(cfg.data_dir, cfg.data).has("test") else ("train",)
+    if len(splits) == 1:
+        _say("no test.csv: fitting without a submission")
     caches = extract(ExtractConfig(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite,
-                                   encoders=encoders, numerics=cfg.numerics, loader=cfg.loader, data=cfg.data))
+                                   splits=splits, encoders=encoders, numerics=cfg.numerics, loader=cfg.loader,
+                                   data=cfg.data))
     train = [c for c in caches if c.name.startswith("train__")]
-    test = next(c for c in caches if c.name.startswith("test__"))
+    test = next((c for c in caches if c.name.startswith("test__")), None)
     if cfg.crossfit_text:
         _say("cross-fitting the caption tower (reused when already there)")
         enc = cfg.encoders
@@ -228,12 +232,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     fit(cfg, train, cfg.out, cfg.folds)
     final = finetune_route(cfg, train) if cfg.finetune else cfg.out
     rd = RunDir(final)
-    fresh = not _submission_current(rd, test)
+    fresh = test is not None and not _submission_current(rd, test)
     if fresh:  # none yet, or made by an earlier run or from an earlier test.csv: never hand that one back
+        _say("writing the submission")
         submit(SubmitConfig(run=final, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite,
                             loader=cfg.loader))
     if fresh or not (rd.report / "report.html").is_file():  # the report shows the submission's labels too
+        _say("writing the report")
         make_report(final)
     metrics = rd.read_metrics()
-    return {"samples_f1": metrics["samples_f1"], "run": final, "submission": rd.submission,
+    return {"samples_f1": metrics["samples_f1"], "run": final, "submission": rd.submission if test else None,
             "report": rd.report / "report.html"}

@@ -170,6 +170,18 @@ def export(cfg: Any) -> None:
     typer.echo(f"wrote {path}: {size / 1e6:.1f} MB ({cfg.dtype}, {cfg.format})")
 
 
+def runs(cfg: Any) -> None:
+    """A leaderboard of the runs under FOLDER (default runs/): recipe, encoders, head, folds, decision rule,
+    cross-fitted samples-F1 and its baselines, fit time, size and date; --out writes it as an HTML page with each
+    label's F1 side by side. A damaged run is a row saying what is wrong."""
+    from .leaderboard import runs as go
+
+    _, table = go(cfg)
+    typer.echo(table)
+    if cfg.out is not None:
+        typer.echo(f"wrote {cfg.out}")
+
+
 def encoders(cfg: Any) -> None:
     """List the registered image and text encoders and presets."""
     from .encoders import PRESETS, list_encoders
@@ -194,6 +206,7 @@ COMMANDS: dict[str, tuple[Callable[[Any], int | None], str]] = {
     "predict": (predict, "pipeline.predict:PredictConfig"),
     "evaluate": (evaluate, "pipeline.evaluate:EvaluateConfig"),
     "export": (export, "pipeline.export:ExportConfig"),
+    "runs": (runs, "pipeline.leaderboard:RunsConfig"),
     "encoders": (encoders, "pipeline.config:Config"),
 }
 

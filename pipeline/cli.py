@@ -219,14 +219,16 @@ def _flag(name: str, option: Option) -> str:
     return option.field.metadata.get("flag") or "--" + name.replace("_", "-")
 
 
-def _parameter(name: str, option: Option) -> tuple[inspect.Parameter, Any]:
-    """The Typer parameter of one option, and the annotation Typer should see."""
+def _parameter(name: str, option: Option, replayable: bool = False) -> tuple[inspect.Parameter, Any]:
+    """The Typer parameter of one option, and the annotation Typer should see (``replayable``: a command with
+    --config, whose required arguments may come from the recorded config instead)."""
     meta, hint, default = option.field.metadata, option.hint, option.default
     if typing.get_origin(hint) is tuple:  # Typer repeats list options; configs keep tuples
         hint = list[typing.get_args(hint)[0]]
         default = list(default)
     if meta.get("argument"):
-        info = typer.Argument(... if meta.get("required") else default, help=meta["help"], show_default=False)
+        required = meta.get("required") and not replayable  # the config's own checks still require it
+        info = typer.Argument(... if required else default, help=meta["help"], show_default=False)
     else:
         flag = _flag(name, option)
         decls = [f"{flag}/--no-{flag[2:]}"] if hint is bool and default else [flag]
@@ -304,10 +306,17 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[
     options = config_cls.options()
     # arguments, then the stage's own options, then the option groups'
     order = sorted(options, key=lambda n: (not options[n].field.metadata.get("argument"), options[n].group is not None))
-    built = [_parameter(n, options[n]) for n in order]
+    replayable = name in REPLAYABLE
+    built = [_parameter(n, options[n], replayable) for n in order]
+    if replayable:
+        context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        built += [_REPLAY, (context, typer.Context)]
 
     def command(**values: Any) -> None:
+        ctx = values.pop("ctx", None)
         try:
+            if values.pop("config", None) is not None:
+                values = _replayed(name, config_cls, values, ctx)
             code = fn(config_cls.build(**values))
         except MlcError as err:
             _fail(err)
@@ -319,6 +328,23 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[
     command.__name__ = name.replace("-", "_")
     command.__doc__ = fn.__doc__
     return command
+
+
+REPLAYABLE = ("run", "fit-head")  # the commands with --config
+_REPLAY = (inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(
+    None, "--config", help="Replay a recorded recipe: a run folder, its config.json (fit-head) or run.json (mlc run). "
+    "Every option given here overrides the recorded one.", rich_help_panel="Replay")), typing.Optional[str])  # noqa: UP045
+
+
+def _replayed(name: str, config_cls: type[Config], values: dict[str, Any], ctx: click.Context) -> dict[str, Any]:
+    """The recorded config of --config, overridden by the options given on the command line (not defaulted)."""
+    from .replay import merge, recorded
+
+    # by name: Typer may run its own copy of click, whose ParameterSource is another enum. An argument taking any
+    # number of values reads as given even when none were: empty is not given.
+    explicit = {n for n, v in values.items() if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in
+                ("DEFAULT", "DEFAULT_MAP") and v not in ([], ())}
+    return merge(recorded(ctx.params["config"], name, config_cls), values, explicit)
 
 
 def _load(name: str) -> click.Command:

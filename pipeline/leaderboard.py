@@ -25,7 +25,8 @@ from .folders import check_listing, read_json
 
 log = logging.getLogger(__name__)
 
-RUN_LATER = ("checkpoints", "report", "submission.csv", "submission.json")  # runs._LATER: written after the run
+# runs._LATER (runs.py imports torch): what is written into a run after it, outside its manifest
+RUN_LATER = ("checkpoints", "report", "submission.csv", "submission.json", "run.json")
 SORTS = ("f1", "date", "time", "size", "name")
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import OutputOptions
+from .atomic import OutputOptions, write_json
 from .cache import read_meta
 from .config import Config, borrow, flatten, group, opt, require
 from .crossfit import CrossfitConfig, crossfit
@@ -31,6 +31,7 @@ from .fit_head import FitHeadConfig, fit_head
 from .folders import sha256_file
 from .heads import HeadOptions
 from .quantize import PrecisionOptions
+from .replay import RUN_RECIPE
 from .report import make_report
 from .runs import Contract, RunDir, data_inputs
 from .submit import SubmitConfig, submit
@@ -199,6 +200,23 @@ def _submission_current(run: RunDir, test_cache: Path) -> bool:
         return False  # none (an older mlc's), or damaged: make it again
 
 
+def _record(cfg: RunConfig, final: Path) -> None:
+    """run.json in the run folder(s): this job's options, paths resolved, so `mlc run --config RUN` replays it
+    from any folder. Rewritten only when it changed (a rerun that did no work writes nothing)."""
+    d = cfg.to_dict()
+    d.update(data_dir=str(cfg.data_dir.resolve()), cache_dir=str(Path(cfg.cache_dir).resolve()),
+             out=str(Path(cfg.out).resolve()))
+    d.get("output", {}).pop("force", None)  # how this job was allowed to write, not what it made
+    for folder in dict.fromkeys([cfg.out, final]):
+        path = RunDir(folder) / RUN_RECIPE
+        try:
+            same = json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(d))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            write_json(path, d)
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """The whole job; returns {"samples_f1", "run", "submission", "report"}."""
     _claim_outputs(cfg)
@@ -240,6 +258,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if fresh or not (rd.report / "report.html").is_file():  # the report shows the submission's labels too
         _say("writing the report")
         make_report(final)
+    _record(cfg, final)
     metrics = rd.read_metrics()
     return {"samples_f1": metrics["samples_f1"], "run": final, "submission": rd.submission if test else None,
             "report": rd.report / "report.html"}

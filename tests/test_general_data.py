@@ -167,3 +167,12 @@ def test_images_in_any_folder_with_image_dir(tmp_path):
     assert DataOptions(image_dir=pics).recorded()["image_dir"] == str(pics.resolve())
     with pytest.raises(DataError, match="image folder not found"):
         DataDir.open(data, DataOptions(image_dir=tmp_path / "nope"))
+
+
+def test_predict_captions_reads_the_competitions_train_csv_as_validate_does():
+    from pipeline.predict import read_captions
+
+    mini = REPO / "examples" / "comp5329-mini"
+    for split in ("train", "test"):  # train.csv: labels column, unescaped quotes, multi-line captions
+        want = {r.image_id: r.caption for r in DataDir.open(mini).records(split)}
+        assert read_captions(mini / f"{split}.csv", DataOptions()) == want and len(want) > 200

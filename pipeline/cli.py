@@ -357,6 +357,16 @@ def _load(name: str) -> click.Command:
     return typer.main.get_command(sub)
 
 
+def _heartbeat(ctx: click.Context, name: str) -> None:
+    """No silence over 5 s from here to the command's end (importing a stage alone can take 25 s on a busy
+    machine): a line on stderr whenever nothing was printed for 4 s (heartbeat.py)."""
+    from .heartbeat import Heartbeat
+
+    beat = Heartbeat(lambda line: typer.echo(f"[mlc {name}] {line}", err=True), what=f"starting mlc {name}")
+    beat.__enter__()
+    ctx.call_on_close(lambda: beat.__exit__(None, None, None))
+
+
 class _LazyGroup(typer.core.TyperGroup):
     """Lists commands from ``COMMANDS`` without importing them; builds one only when it runs."""
 
@@ -371,7 +381,10 @@ class _LazyGroup(typer.core.TyperGroup):
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
                                                                             list[str]]:
         cmd_name, cmd, rest = super().resolve_command(ctx, args)
-        return cmd_name, (_load(cmd_name) if cmd_name in COMMANDS else cmd), rest
+        if cmd_name in COMMANDS:
+            _heartbeat(ctx, cmd_name)
+            cmd = _load(cmd_name)
+        return cmd_name, cmd, rest
 
 
 app = typer.Typer(

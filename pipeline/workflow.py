@@ -30,6 +30,7 @@ from .finetune import FinetuneConfig, finetune
 from .fit_head import FitHeadConfig, fit_head
 from .folders import sha256_file
 from .heads import HeadOptions
+from .heartbeat import stage
 from .quantize import PrecisionOptions
 from .replay import RUN_RECIPE
 from .report import make_report
@@ -105,6 +106,7 @@ class RunConfig(Config):
 
 def _say(msg: str) -> None:
     print(f"[mlc run] {msg}", file=sys.stderr, flush=True)
+    stage(msg)  # what the CLI's heartbeat says while this step is quiet
 
 
 _UNSTORED = ("kind", "force")  # config.json keys that do not change what a run holds
@@ -219,6 +221,7 @@ def _record(cfg: RunConfig, final: Path) -> None:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """The whole job; returns {"samples_f1", "run", "submission", "report"}."""
+    _say(f"mlc run {cfg.data_dir} -> {cfg.out}")
     _claim_outputs(cfg)
     _say(f"validating {cfg.data_dir}")
     report = validate_data_dir(cfg.data_dir, csv_only=False, options=cfg.data, need_test=False)

@@ -103,3 +103,25 @@ def test_a_notebook_session_from_a_dataframe(tmp_path):
     assert len(SIGNALS) == len(model.labels)
     again = mlc.fit(frame, out=tmp_path / "runs" / "df", cache_dir=tmp_path / "cache", **TINY)
     assert again.path == model.path and len(list((tmp_path / "cache" / "frames").iterdir())) == 1
+
+
+@pytest.mark.slow  # two more whole fits (a folder and a DataFrame): the fast suite keeps to 2 minutes
+def test_the_python_page_runs(tmp_path, monkeypatch):
+    """Every block of docs/python.md, in order, on tiny data with tiny encoders."""
+    import re
+
+    from conftest import REPO
+
+    data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
+    text = (REPO / "docs" / "python.md").read_text()
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
+    code = (code.replace("examples/comp5329-mini/data/30000.jpg", str(data / "data" / "0.jpg"))
+            .replace("examples/comp5329-mini", str(data))
+            .replace('preset="offline"', f"**{TINY!r}, cache_dir={str(tmp_path / 'cache')!r}"))
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        exec(compile(code, "docs/python.md", "exec"), ns)
+    assert isinstance(ns["model"], mlc.Model) and isinstance(ns["framed"], mlc.Model)
+    assert len(ns["top3"].columns) == 6 and 0 <= ns["scores"]["samples_f1"] <= 1

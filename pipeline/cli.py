@@ -359,10 +359,12 @@ def _load(name: str) -> click.Command:
 
 def _heartbeat(ctx: click.Context, name: str) -> None:
     """No silence over 5 s from here to the command's end (importing a stage alone can take 25 s on a busy
-    machine): a line on stderr whenever nothing was printed for 4 s (heartbeat.py)."""
+    machine): a line on stderr whenever nothing was printed for 3 s (heartbeat.py; 3, not 5: the interpreter
+    starts before it)."""
     from .heartbeat import Heartbeat
 
-    beat = Heartbeat(lambda line: typer.echo(f"[mlc {name}] {line}", err=True), what=f"starting mlc {name}")
+    beat = Heartbeat(lambda line: typer.echo(f"[mlc {name}] {line}", err=True), every=3.0,
+                     what=f"starting mlc {name}")
     beat.__enter__()
     ctx.call_on_close(lambda: beat.__exit__(None, None, None))
 

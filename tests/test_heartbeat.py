@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import runpy
 import sys
 import time
+
+import pytest
 
 from pipeline.heartbeat import Heartbeat, stage
 
@@ -30,3 +33,20 @@ def test_a_quiet_stretch_gets_lines_naming_the_last_thing_said(monkeypatch):
     assert said[-1].startswith("still: writing the report") and n == len(said)
     assert "epoch\n" * 8 in out.getvalue() and "fitting the head" in err.getvalue()
     stage("no heartbeat runs: nothing happens")
+
+
+@pytest.mark.slow  # a whole `mlc run` in a subprocess
+def test_mlc_run_is_never_silent_for_5_seconds(tmp_path):
+    """Every line of a whole `mlc run` (tiny data, in a fresh process: imports included) stamped as it comes."""
+    from conftest import REPO, make_data_dir
+
+    stamped = runpy.run_path(str(REPO / "bench" / "silence.py"))["stamped"]
+    data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
+    code, lines = stamped([sys.executable, "-m", "pipeline.cli", "run", str(data), "--image-encoder", "tiny-resnet",
+                           "--text-encoder", "tiny-bert", "--random-init", "--workers", "0", "--backend", "torch",
+                           "--folds", "2", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0, lines
+    # from the start to the last line; the interpreter's exit after it (torch's teardown) is not the command's work
+    gaps = [(b[0] - a[0], a[1], b[1]) for a, b in zip(lines[:-1], lines[1:-1], strict=False)]
+    assert max(g[0] for g in gaps) <= 5.0, max(gaps)
+    assert any("submission:" in text for _, text in lines)

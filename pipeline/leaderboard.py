@@ -91,7 +91,7 @@ def read_row(path: Path) -> Row:
     try:
         _fill(row, path)
     except MlcError as e:
-        row.fault = str(e).replace(str(path) + ": ", "").replace(str(path), ".")
+        row.fault = str(e).replace(str(path) + "/", "").replace(str(path) + ": ", "")  # the row names the run
     except (OSError, ValueError, LookupError, TypeError, AttributeError) as e:  # a schema field of another type
         row.fault = f"unreadable ({type(e).__name__}: {e})"
     return row

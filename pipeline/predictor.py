@@ -249,8 +249,10 @@ def unlabelled(path: Path, data: Path, split: str, model: Path) -> str:
     """What to say of a CSV without labels, and what works instead."""
     offer = "score a labelled CSV"
     if data.is_dir() and split == "test":
-        offer = (f"--split train scores train.csv (rows that trained the model: optimistic), or `mlc runs "
-                 f"{model.parent}` / metrics.json show the run's own cross-fitted scores")
+        own = f"its model card ({model / 'README.md'})" if (model / EXPORT_FILE).is_file() else \
+            f"`mlc runs {model}` (its metrics.json)"
+        offer = (f"--split train scores train.csv (rows that trained the model: optimistic), or {own} shows the "
+                 "model's own cross-fitted scores")
     return f"{path} has no labels column, so there is nothing to score against: {offer}"
 
 

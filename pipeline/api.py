@@ -162,7 +162,7 @@ class _Rows:
                 raise TypeError(f"one photo takes one caption (a str), not {type(captions).__name__}")
             key = "image 0" if isinstance(photos, Image.Image) else str(photos)
             return cls([_photo(photos)], None if captions is None else [captions], [key], True)
-        if _is_series(photos) or isinstance(photos, Sequence):
+        if _is_series(photos) or isinstance(photos, Sequence | np.ndarray):
             items = list(photos)
             keys = list(photos.index) if _is_series(photos) else [
                 f"image {i}" if isinstance(p, Image.Image) else str(p) for i, p in enumerate(items)]
@@ -176,7 +176,7 @@ def _captions(captions: Any, n: int) -> list[str] | None:
         return None
     if isinstance(captions, str):  # one caption for every photo, as `mlc predict --caption` does
         return [captions] * n
-    if _is_series(captions) or isinstance(captions, Sequence):
+    if _is_series(captions) or isinstance(captions, Sequence | np.ndarray):
         return ["" if _missing(c) else str(c) for c in captions]
     raise TypeError(f"captions must be a str or a list or Series of str, not {type(captions).__name__}")
 

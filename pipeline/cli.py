@@ -316,7 +316,9 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[
         ctx = values.pop("ctx", None)
         try:
             if values.pop("config", None) is not None:
-                values = _replayed(name, config_cls, values, ctx)
+                from .replay import replayed
+
+                values = replayed(name, config_cls, values, ctx)
             code = fn(config_cls.build(**values))
         except MlcError as err:
             _fail(err)
@@ -336,17 +338,6 @@ _REPLAY = (inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=t
     "Every option given here overrides the recorded one.", rich_help_panel="Replay")), typing.Optional[str])  # noqa: UP045
 
 
-def _replayed(name: str, config_cls: type[Config], values: dict[str, Any], ctx: click.Context) -> dict[str, Any]:
-    """The recorded config of --config, overridden by the options given on the command line (not defaulted)."""
-    from .replay import merge, recorded
-
-    # by name: Typer may run its own copy of click, whose ParameterSource is another enum. An argument taking any
-    # number of values reads as given even when none were: empty is not given.
-    explicit = {n for n, v in values.items() if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in
-                ("DEFAULT", "DEFAULT_MAP") and v not in ([], ())}
-    return merge(recorded(ctx.params["config"], name, config_cls), values, explicit)
-
-
 def _load(name: str) -> click.Command:
     fn, where = COMMANDS[name]
     module, _, cls = where.partition(":")
@@ -358,15 +349,11 @@ def _load(name: str) -> click.Command:
 
 
 def _heartbeat(ctx: click.Context, name: str) -> None:
-    """No silence over 5 s from here to the command's end (importing a stage alone can take 25 s on a busy
-    machine): a line on stderr whenever nothing was printed for 3 s (heartbeat.py; 3, not 5: the interpreter
-    starts before it)."""
-    from .heartbeat import Heartbeat
+    """No silence over 5 s from here to the command's end (importing a stage alone can take 25 s on a busy machine):
+    a line on stderr whenever nothing was printed for 3 s (3, not 5: the interpreter starts before it)."""
+    from .heartbeat import until_closed
 
-    beat = Heartbeat(lambda line: typer.echo(f"[mlc {name}] {line}", err=True), every=3.0,
-                     what=f"starting mlc {name}")
-    beat.__enter__()
-    ctx.call_on_close(lambda: beat.__exit__(None, None, None))
+    until_closed(ctx, lambda line: typer.echo(f"[mlc {name}] {line}", err=True), 3.0, f"starting mlc {name}")
 
 
 class _LazyGroup(typer.core.TyperGroup):

@@ -97,3 +97,11 @@ class Heartbeat:
         _ACTIVE.remove(self)
         if self._streams is not None and isinstance(sys.stdout, _Tap) and isinstance(sys.stderr, _Tap):
             sys.stdout, sys.stderr = self._streams
+
+
+def until_closed(ctx: Any, say: Callable[[str], None], every: float, what: str) -> Heartbeat:
+    """A heartbeat running until the click context ``ctx`` closes (the command's end, whatever way it ends)."""
+    beat = Heartbeat(say, every=every, what=what)
+    beat.__enter__()
+    ctx.call_on_close(lambda: beat.__exit__(None, None, None))
+    return beat

@@ -55,3 +55,13 @@ def merge(recorded_options: dict[str, Any], given: dict[str, Any], explicit: set
     """The recorded options, overridden by those given explicitly (on the command line); the command's defaults
     fill only what neither holds."""
     return {**given, **recorded_options, **{k: v for k, v in given.items() if k in explicit}}
+
+
+def replayed(command: str, config_cls: type[Config], values: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """The CLI's ``values`` with the recorded config of ``--config`` under them: only the options given on the
+    command line (not defaulted, by the click context ``ctx``) override it."""
+    # by name: Typer may run its own copy of click, whose ParameterSource is another enum. An argument taking any
+    # number of values reads as given even when none were: empty is not given.
+    explicit = {n for n, v in values.items() if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in
+                ("DEFAULT", "DEFAULT_MAP") and v not in ([], ())}
+    return merge(recorded(ctx.params["config"], command, config_cls), values, explicit)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import html
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,8 +206,7 @@ def render_html(rows: list[Row], root: Path) -> str:
     per = "".join(f"<tr><td>{e(n)}</td>" + "".join(_f1_cell(r.per_label.get(n)) for _, r in good) + "</tr>"
                   for n in labels)
     return _PAGE.format(root=e(str(root)), when=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-                        n=len(rows), head=head, body=body, side=side, per=per,
-                        data=e(json.dumps([str(r.path) for r in rows])))
+                        n=len(rows), head=head, body=body, side=side, per=per)
 
 
 def _f1_cell(f: float | None) -> str:
@@ -228,7 +226,7 @@ tr.bad td{{color:#a00;text-align:left}} .note{{color:#666}}
 <h1>mlc runs</h1>
 <p class="note">{n} run(s) under <code>{root}</code>, {when}. samples-F1 is cross-fitted on held-out rows (thresholds
 tuned on one half, scored on the other); "at 0.5" and "global" are its baselines. Click a heading to sort.</p>
-<table id="board" data-runs="{data}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<table id="board"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <h2>F1 per label</h2>
 <p class="note">Each run's per-label F1 with its final thresholds, in sample (columns: the rows above).</p>
 <table><thead><tr><th>label</th>{side}</tr></thead><tbody>{per}</tbody></table>

@@ -47,7 +47,8 @@ def test_a_notebook_session_from_a_folder(folder_model):
     assert list(frame.columns) == model.labels and list(frame.index) == [photo]
     table = model.predict(pd.Series([photo, photo]), pd.Series([caption, caption]), top_k=2, as_pandas=True)
     assert list(table.columns) == ["label_1", "p_1", "label_2", "p_2"] and len(table) == 2
-    scores = model.evaluate(data, split="train")
+    with pytest.warns(UserWarning, match="trained this model"):
+        scores = model.evaluate(data, split="train")
     assert {"samples_f1", "micro_f1", "macro_f1", "mAP", "per_class"} <= set(scores)
     assert 0 <= scores["samples_f1"] <= 1 and set(scores["per_class"]) == {str(i) for i in NAMES}
     own = model.fit_summary()
@@ -84,6 +85,7 @@ def test_wrong_inputs_are_type_errors_naming_what_was_given(folder_model):
         mlc.fit(3.5)
 
 
+@pytest.mark.slow  # a second whole fit (~20 s): the fast suite keeps to 2 minutes
 def test_a_notebook_session_from_a_dataframe(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
     pics = tmp_path / "pics"

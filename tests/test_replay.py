@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import make_data_dir
 from typer.testing import CliRunner
 
@@ -32,6 +33,7 @@ def test_fit_head_config_replays_with_overrides(fitted):
     assert res.exit_code == 2 and "no_such_option" in res.output
 
 
+@pytest.mark.slow  # two whole `mlc run` jobs
 def test_mlc_run_records_its_recipe_and_replays_it(tmp_path, monkeypatch):
     data = make_data_dir(tmp_path / "tiny", n_train=24, n_test=3)
     out = tmp_path / "runs" / "a"

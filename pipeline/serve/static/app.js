@@ -100,6 +100,7 @@ async function predict(event) {
     drawPrediction(pred, Math.round(performance.now() - t0));
     addHistory(chosenFile, caption, pred);
     document.body.dataset.predictions = String(Number(document.body.dataset.predictions || 0) + 1);
+    health();
   } catch (e) {
     showError(e.message);
   } finally {

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -251,3 +254,8 @@ def test_an_onnx_export_is_served_as_load_predicts_it(finetuned, tmp_path_factor
     assert got == pytest.approx(want, abs=1e-5)
     assert [p["labels"] for p in r.json()["predictions"]] == pred.predict([str(p) for p in paths], captions)
     assert card["kind"] == "export" and card["runtime"].startswith("ONNX Runtime") and json.dumps(card)
+    probe = ("import sys; from pipeline.serve import ServeConfig, build; "
+             f"build(ServeConfig.build(model={str(model)!r})); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr  # an export is served without torch

@@ -37,7 +37,8 @@ class ServeConfig(Config):
     max_upload_mb: float = opt(20.0, "Largest request body in MB (413 above it).")
     max_photos: int = opt(64, "Most photos in one request.")
     timeout: float = opt(30.0, "Seconds a predict request may take, queueing included (504 after).")
-    batch_size: int = opt(32, "Most photos scored together: requests that arrive together are batched up to this.")
+    batch_size: int = opt(8, "Most photos scored together: requests that arrive together are batched up to this "
+                          "(8: the best measured on a 2-core CPU, docs/benchmarks.md).")
     batch_wait_ms: float = opt(10.0, "How long the first request of a batch waits for others to join it (ms).")
     max_queue: int = opt(1024, "Most photos waiting to be scored (503 beyond it: the client retries).")
     backend: str = borrow(LoaderOptions, "backend", "auto")

@@ -80,7 +80,7 @@ class _Row:
 class Service:
     """One model behind the endpoints: its labels, card and micro-batcher."""
 
-    def __init__(self, pred: Predictor, path: Path, limits: Limits, *, max_rows: int = 32, wait_s: float = 0.01,
+    def __init__(self, pred: Predictor, path: Path, limits: Limits, *, max_rows: int = 8, wait_s: float = 0.01,
                  max_queue: int = 1024) -> None:
         self.pred, self.path, self.limits = pred, Path(path), limits
         meta = card.export_meta(self.path)

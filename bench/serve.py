@@ -10,6 +10,7 @@ the predict process's peak RSS. Photos and captions: examples/comp5329-mini's te
 at most 2,000 requests, 256 clients, 200 predict processes and --time-limit seconds per phase.
 
     .venv/bin/python bench/serve.py [--model model/] [--run runs/demo] [--requests 100] [--clients 100] [--loop 20]
+                                    [--batch-sizes 8,1,32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -129,24 +130,35 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--loop", type=int, default=20, help="mlc predict processes in the baseline loop")
     ap.add_argument("--batch-sizes", default="8,1,32", help="the server's --batch-size, one phase each")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each server setting, alternated (at most 10)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per phase at most")
     args = ap.parse_args()
     n, clients, loop = min(args.requests, 2000), min(args.clients, 256), min(args.loop, 200)
     if not (args.model / "export.json").is_file():
         subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(args.run), "--out", str(args.model)],
                        cwd=REPO, env=ENV, check=True)
-    rows = {f"serve --batch-size {b}, {clients} clients": load_phase(args.model, n, clients, args.time_limit,
-                                                                     "--batch-size", b)
-            for b in args.batch_sizes.split(",")}
-    rows["mlc predict in a loop"] = predict_loop(args.model, loop, args.time_limit)
-    print(f"model {args.model}; {os.cpu_count()} CPUs; photos of {MINI.name} (one photo + caption a request)")
-    print(f"{'':38} {'requests':>8} {'errors':>6} {'photos/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'peak MB':>8} "
+    sizes = args.batch_sizes.split(",")
+    runs: dict[str, list[dict]] = {f"serve --batch-size {b}": [] for b in sizes}
+    for _ in range(max(1, min(args.repeats, 10))):  # alternated, so a busy minute hits every setting alike
+        for b in sizes:
+            runs[f"serve --batch-size {b}"].append(load_phase(args.model, n, clients, args.time_limit,
+                                                              "--batch-size", b))
+    runs["mlc predict in a loop"] = [predict_loop(args.model, loop, args.time_limit)]
+    print(f"model {args.model}; {os.cpu_count()} CPUs; photos of {MINI.name} (one photo + caption a request); "
+          f"{clients} concurrent clients; each server setting run {len(runs[next(iter(runs))])} times, alternated")
+    print(f"{'':28} {'requests':>8} {'errors':>6} {'photos/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'peak MB':>8} "
           f"{'batches':>7} {'largest':>7}")
-    for name, r in rows.items():
-        print(f"{name:38} {r['requests']:8d} {r['errors']:6d} {r['per_s']:8.1f} {r['p50_ms']:8.0f} {r['p95_ms']:8.0f} "
-              f"{r['peak_mb']:8.0f} {r['batches']:7d} {r['largest_batch']:7d}")
-        if r.get("first_error"):
-            print(f"  first error: {r['first_error']}")
+    for name, got in runs.items():
+        for i, r in enumerate(got):
+            print(f"{name if i == 0 else '':28} {r['requests']:8d} {r['errors']:6d} {r['per_s']:8.1f} "
+                  f"{r['p50_ms']:8.0f} {r['p95_ms']:8.0f} {r['peak_mb']:8.0f} {r['batches']:7d} {r['largest_batch']:7d}")
+            if r.get("first_error"):
+                print(f"  first error: {r['first_error']}")
+    print("medians (photos/s, p50 ms, p95 ms, peak MB):")
+    for name, got in runs.items():
+        med = {k: statistics.median(r[k] for r in got) for k in ("per_s", "p50_ms", "p95_ms", "peak_mb")}
+        print(f"  {name:28} {med['per_s']:6.1f} {med['p50_ms']:8.0f} {med['p95_ms']:8.0f} {med['peak_mb']:8.0f}"
+              f"   errors {sum(r['errors'] for r in got)} of {sum(r['requests'] for r in got)}")
 
 
 if __name__ == "__main__":

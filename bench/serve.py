@@ -151,7 +151,8 @@ def main() -> None:
     for name, got in runs.items():
         for i, r in enumerate(got):
             print(f"{name if i == 0 else '':28} {r['requests']:8d} {r['errors']:6d} {r['per_s']:8.1f} "
-                  f"{r['p50_ms']:8.0f} {r['p95_ms']:8.0f} {r['peak_mb']:8.0f} {r['batches']:7d} {r['largest_batch']:7d}")
+                  f"{r['p50_ms']:8.0f} {r['p95_ms']:8.0f} {r['peak_mb']:8.0f} {r['batches']:7d} "
+                  f"{r['largest_batch']:7d}")
             if r.get("first_error"):
                 print(f"  first error: {r['first_error']}")
     print("medians (photos/s, p50 ms, p95 ms, peak MB):")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ def rule_of(pred: Predictor, meta: dict[str, Any] | None) -> str:
     """The decision rule in words: the export's own description, else the model's ``decide`` docstring."""
     if meta and isinstance(meta.get("decision"), dict) and meta["decision"].get("rule"):
         return str(meta["decision"]["rule"])
-    doc = (type(pred).decide.__doc__ or "").strip()
-    return " ".join(doc.split()) or DEFAULT_RULE
+    doc = " ".join((type(pred).decide.__doc__ or "").split())
+    return re.sub(r"^\(N, C\) 0/1:\s*", "", doc) or DEFAULT_RULE  # the docstring's return shape is not the rule
 
 
 def export_meta(path: Path) -> dict[str, Any] | None:

@@ -37,7 +37,8 @@ function drawCard(card) {
   const table = $("card");
   table.replaceChildren();
   for (const [k, v] of Object.entries(card)) {
-    table.append(el("tr", {}, el("th", { text: k.replaceAll("_", " ") }), el("td", { text: String(v) })));
+    const shown = typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(4)) : v;
+    table.append(el("tr", {}, el("th", { text: k.replaceAll("_", " ") }), el("td", { text: String(shown) })));
   }
 }
 

@@ -175,9 +175,9 @@ def serve(cfg: Any) -> None:
     endpoints, and a web page at / to try photos and captions (needs the serve extra: pip install 'mlc[serve]')."""
     from .serve import bind, build, serve, url_of
 
+    sock = bind(cfg.host, cfg.port)  # first: a port in use is said before a model loads for seconds
     typer.echo(f"loading {cfg.model}", err=True)
     app = build(cfg)
-    sock = bind(cfg.host, cfg.port)
     typer.echo(f"serving {cfg.model} on {url_of(sock)} (Ctrl+C stops)", err=True)
     serve(app, sock)
 

@@ -23,7 +23,7 @@ from pipeline.cli import app as cli_app
 from pipeline.errors import MlcError
 from pipeline.labels import LabelSpace
 from pipeline.predictor import Predictor
-from pipeline.serve import ServeConfig, build
+from pipeline.serve import ServeConfig, bind, build, url_of
 from pipeline.serve.batcher import MicroBatcher
 
 pytest.importorskip("starlette")
@@ -226,6 +226,17 @@ def test_cli_help_and_bad_options():
     assert r.exit_code == 0 and "--allow-dir" in r.output and "--max-upload-mb" in r.output
     r = runner.invoke(cli_app, ["serve", "somewhere", "--port", "70000"])
     assert r.exit_code == 2 and "--port must be 0-65535" in r.output
+
+
+def test_a_port_in_use_is_one_line_and_port_0_gives_a_real_one():
+    sock = bind("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        assert port > 0 and url_of(sock) == f"http://127.0.0.1:{port}/"
+        with pytest.raises(MlcError, match=f"cannot listen on 127.0.0.1:{port}: "):
+            bind("127.0.0.1", port)
+    finally:
+        sock.close()
 
 
 def test_allow_dir_must_exist(tmp_path):

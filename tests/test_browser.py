@@ -1,4 +1,5 @@
-"""mlc's web pages in a real browser: headless Chromium (Debian's ``chromium``, driven by Playwright; never
+"""mlc's web pages in a real browser, and `mlc serve` as its own process (100 concurrent requests). Headless
+Chromium (Debian's ``chromium``, driven by Playwright; never
 ``playwright install``) opens `mlc serve`'s page, uploads a photo and types a caption, and the labels shown must be
 `mlc predict`'s; then a run's report.html and the `mlc runs` leaderboard page (when that command exists). Every
 page must load with no console error and no broken image or failed request. Screenshots are kept in
@@ -228,3 +229,33 @@ def test_the_runs_leaderboard_page(browser, fitted_once, tmp_path, capsys):
     assert not seen.broken_images() and not seen.errors, seen.errors
     shoot(page, "runs.png", capsys)
     page.close()
+
+
+def test_100_concurrent_requests_give_no_error_and_are_batched(model, finetuned):
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    photos = sorted((finetuned.parent / "tiny" / "data").glob("*.jpg"))
+    proc, url = start_server(model)
+
+    def one(i: int) -> tuple[int, list]:
+        photo = photos[i % len(photos)]
+        boundary = f"b{i}"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"caption\"\r\n\r\na dog {i}\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"photo\"; filename=\"{photo.name}\"\r\n"
+                "Content-Type: image/jpeg\r\n\r\n").encode() + photo.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        req = urllib.request.Request(url + "api/predict", body, {"Content-Type": f"multipart/form-data; "
+                                                                               f"boundary={boundary}"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.load(r)["predictions"]
+
+    try:
+        with ThreadPoolExecutor(100) as pool:
+            got = list(pool.map(one, range(100)))
+        health = json.load(urllib.request.urlopen(url + "api/health", timeout=30))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert [s for s, _ in got] == [200] * 100
+    assert [p[0]["caption"] for _, p in got] == [f"a dog {i}" for i in range(100)]  # each its own answer
+    assert health["rows"] == 100 and health["batches"] < 100 and health["largest_batch"] > 1, health

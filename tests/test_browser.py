@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,7 +232,7 @@ def test_the_runs_leaderboard_page(browser, fitted_once, tmp_path, capsys):
     page.close()
 
 
-def test_100_concurrent_requests_give_no_error_and_are_batched(model, finetuned):
+def test_100_concurrent_requests_give_no_error_are_batched_and_the_server_stays_quiet(model, finetuned):
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
@@ -249,13 +250,19 @@ def test_100_concurrent_requests_give_no_error_and_are_batched(model, finetuned)
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.load(r)["predictions"]
 
+    said: list[str] = []  # what the server prints after its "serving ... on URL" line
+    drain = threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    drain.start()
     try:
         with ThreadPoolExecutor(100) as pool:
             got = list(pool.map(one, range(100)))
         health = json.load(urllib.request.urlopen(url + "api/health", timeout=30))
+        time.sleep(7)  # idle: a server is a quiet process (no progress lines: it is waiting, not working)
     finally:
         proc.terminate()
         proc.wait(10)
+    drain.join(10)
+    assert not said, said
     assert [s for s, _ in got] == [200] * 100
     assert [p[0]["caption"] for _, p in got] == [f"a dog {i}" for i in range(100)]  # each its own answer
     assert health["rows"] == 100 and health["batches"] < 100 and health["largest_batch"] > 1, health

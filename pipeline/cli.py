@@ -170,6 +170,21 @@ def export(cfg: Any) -> None:
     typer.echo(f"wrote {path}: {size / 1e6:.1f} MB ({cfg.dtype}, {cfg.format})")
 
 
+def serve(cfg: Any) -> None:
+    """Serve a run folder or an export on a local HTTP endpoint: JSON predict, labels, model card and health
+    endpoints, and a web page at / to try photos and captions (needs the serve extra: pip install 'mlc[serve]')."""
+    from .serve import bind, build, serve, url_of
+
+    sock = bind(cfg.host, cfg.port)  # first: a port in use is said before a model loads for seconds
+    typer.echo(f"loading {cfg.model}", err=True)
+    app = build(cfg)
+    typer.echo(f"serving {cfg.model} on {url_of(sock)} (Ctrl+C stops)", err=True)
+    from .heartbeat import stop
+
+    stop()  # loading had its heartbeat; a server waiting for requests is quiet on purpose
+    serve(app, sock)
+
+
 def runs(cfg: Any) -> None:
     """A leaderboard of the runs under FOLDER (default runs/): recipe, encoders, head, folds, decision rule,
     cross-fitted samples-F1 and its baselines, fit time, size and date; --out writes it as an HTML page with each
@@ -207,6 +222,7 @@ COMMANDS: dict[str, tuple[Callable[[Any], int | None], str]] = {
     "evaluate": (evaluate, "pipeline.evaluate:EvaluateConfig"),
     "export": (export, "pipeline.export:ExportConfig"),
     "runs": (runs, "pipeline.leaderboard:RunsConfig"),
+    "serve": (serve, "pipeline.serve:ServeConfig"),
     "encoders": (encoders, "pipeline.config:Config"),
 }
 

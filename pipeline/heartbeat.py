@@ -92,11 +92,19 @@ class Heartbeat:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self not in _ACTIVE:  # stopped already (stop(), then the command's end)
+            return
         self._done.set()
         self._thread.join()
         _ACTIVE.remove(self)
         if self._streams is not None and isinstance(sys.stdout, _Tap) and isinstance(sys.stderr, _Tap):
             sys.stdout, sys.stderr = self._streams
+
+
+def stop() -> None:
+    """Stop every running heartbeat (a command that goes quiet on purpose: a server waiting for requests)."""
+    for beat in list(_ACTIVE):
+        beat.__exit__(None, None, None)
 
 
 def until_closed(ctx: Any, say: Callable[[str], None], every: float, what: str) -> Heartbeat:

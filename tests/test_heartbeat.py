@@ -35,6 +35,16 @@ def test_a_quiet_stretch_gets_lines_naming_the_last_thing_said(monkeypatch):
     stage("no heartbeat runs: nothing happens")
 
 
+def test_stop_ends_a_heartbeat_before_its_context_does():
+    from pipeline.heartbeat import stop
+
+    said: list[str] = []
+    with Heartbeat(said.append, every=0.2):
+        stop()
+        time.sleep(0.6)
+    assert said == []
+
+
 @pytest.mark.slow  # a whole `mlc run` in a subprocess
 def test_mlc_run_is_never_silent_for_5_seconds(tmp_path):
     """Every line of a whole `mlc run` (tiny data, in a fresh process: imports included) stamped as it comes."""

@@ -220,7 +220,7 @@ _PAGE = """<!doctype html>
 <style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;margin:1em 0}}
 th,td{{border:1px solid #ccc;padding:.25em .6em;text-align:right;white-space:nowrap}}
-th{{background:#f3f3f3;cursor:pointer}} td:nth-child(2),td:nth-child(3),td:nth-child(4){{text-align:left}}
+th{{background:#f3f3f3;cursor:pointer}} #board td:nth-child(n+2):nth-child(-n+5),.per td:first-child{{text-align:left}}
 tr.bad td{{color:#a00;text-align:left}} .note{{color:#666}}
 </style></head><body>
 <h1>mlc runs</h1>
@@ -229,7 +229,7 @@ tuned on one half, scored on the other); "at 0.5" and "global" are its baselines
 <table id="board"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <h2>F1 per label</h2>
 <p class="note">Each run's per-label F1 with its final thresholds, in sample (columns: the rows above).</p>
-<table><thead><tr><th>label</th>{side}</tr></thead><tbody>{per}</tbody></table>
+<table class="per"><thead><tr><th>label</th>{side}</tr></thead><tbody>{per}</tbody></table>
 <script>
 function sortBy(th){{
   const t=th.closest('table'), i=[...th.parentNode.children].indexOf(th), b=t.tBodies[0];

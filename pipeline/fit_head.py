@@ -230,8 +230,12 @@ def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
     loaded = _load(cfg.caches)
     keys = list(grid)
     board = []
-    for combo in itertools.product(*(grid[k] for k in keys)):
+    combos = list(itertools.product(*(grid[k] for k in keys)))
+    for i, combo in enumerate(combos, 1):
         params = dict(zip(keys, combo, strict=True))
+        if not quiet:  # each config fits every fold: say which one, the heartbeat covers its seconds
+            print(f"  config {i}/{len(combos)}: {' '.join(f'{k}={v}' for k, v in params.items())}", file=sys.stderr,
+                  flush=True)
         _, _, _, m, _ = _fit_and_score(cfg.replace(**params), loaded[1], lambda s: None)
         board.append({**params, "samples_f1": m["samples_f1"], "at_0.5": m["samples_f1_at_0.5"],
                       "seconds": m["seconds"]})

@@ -66,8 +66,13 @@ RENAMED = {"extract": {"--out-dir": "--cache-dir"},
            "crossfit": {"--out-dir": "--cache-dir", "--output": "--text-features"},
            "submit": {"--data": "DATA_DIR"},
            "evaluate": {"DATA": "DATA_DIR"}}
-# Options added since (issue 21: image token maps for the attention head)
+# Options added since (issue 21: image token maps for the attention head; issue 29: the images' folder, replay)
 ADDED = {name: ["--image-pooling"] for name in ("run", "extract", "finetune")}
+for _name in ("run", "validate", "extract", "finetune", "crossfit", "predict", "evaluate"):
+    ADDED.setdefault(_name, []).append("--image-dir")
+for _name in ("run", "fit-head"):
+    ADDED.setdefault(_name, []).append("--config")
+BEFORE["runs"] = "FOLDER --sort --out --force"  # issue 29: the leaderboard
 # Commands added since: everything they list (issue 30: mlc serve)
 ADDED["serve"] = ["MODEL", "--host", "--port", "--allow-dir", "--max-upload-mb", "--max-photos", "--timeout",
                   "--batch-size", "--batch-wait-ms", "--max-queue", "--backend", "--device", "--onnx-dir"]

@@ -5,10 +5,14 @@ model) with ``predict(photos, captions)``, ``predict_proba(photos, captions)``, 
 Imported lazily, so ``import pipeline`` stays light (and torch-free).
 """
 
+import logging
 from typing import Any
 
 __version__ = "0.2.0"
 __all__ = ["Predictor", "load"]
+
+# silent unless asked: a caller sees mlc's progress once it configures logging (the CLI does, pipeline/log.py)
+logging.getLogger("mlc").addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:

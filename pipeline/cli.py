@@ -29,6 +29,7 @@ import typer.core
 from . import __version__
 from .config import Config, Option
 from .errors import MlcError
+from .log import configure, rank
 
 
 def _fail(err: MlcError) -> NoReturn:
@@ -61,7 +62,7 @@ def extract(cfg: Any) -> None:
     from .extract import extract as run
 
     paths = run(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the paths; print once
+    if rank() == 0:  # under torchrun every rank returns the paths; print once
         for path in paths:
             typer.echo(str(path))
 
@@ -353,8 +354,15 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Print the mlc version and exit.")) -> None:
+                                      help="Print the mlc version and exit."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr: no progress "
+                                    "lines or bars (`mlc -q run ...`)."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lines too on stderr (`mlc -v run ...`)."),
+         ) -> None:
     """Multi-label image+caption classification."""
+    if quiet and verbose:
+        _fail(MlcError("--quiet and --verbose: choose one"))
+    configure(-1 if quiet else 1 if verbose else 0)  # the one place that decides what reaches the terminal
 
 
 if __name__ == "__main__":  # pragma: no cover

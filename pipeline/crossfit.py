@@ -22,7 +22,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +39,13 @@ from .device import PRECISIONS, autocast, resolve_precision, select_device
 from .encoders import NONE, TextEncoder, create_text_encoder
 from .errors import MismatchError, MlcError
 from .features import Recipe, cache_path, encode_texts
+from .log import get
 from .splits import kfold
 from .training import Task, TrainOptions, make_sampler, train
 
 MONITOR_ROWS = 512  # training rows a fold scores after each epoch (to pick its best epoch)
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,7 +250,7 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
     check_writable(targets[0].parent)
     with lock(targets[0], f"the cache {targets[0]}"):
         if _done(targets, cfg, recipe, prints):
-            print(f"{targets[0]}: up to date (same cross-fit, same data); nothing to do", file=sys.stderr)
+            logger.info(f"{targets[0]}: up to date (same cross-fit, same data); nothing to do")
             return targets
         device = select_device(cfg.device)
         y = data.label_space().multi_hot([r.labels for r in train_recs])
@@ -262,7 +264,7 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
 
         oof, (rest, test), _, hashes = crossfit_features(
             cfg, make, caps[:n], y[:n], [caps[n:], [r.caption for r in test_recs]], device,
-            lambda msg: print(msg, file=sys.stderr), progress=True)
+            logger.info, progress=True)
         text = make()
         digest = hashlib.sha256(" ".join(hashes).encode()).hexdigest()
         arrays = {"train": np.concatenate([oof, rest]), "test": test}
@@ -273,7 +275,7 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
                                  chunk_rows=max(1, len(recs)))
             writer.commit(0, {"text": arrays[split].astype(np.float16)})
             writer.finalize()
-            print(f"wrote {target} ({len(recs)} rows)", file=sys.stderr)
+            logger.info(f"wrote {target} ({len(recs)} rows)")
     return targets
 
 

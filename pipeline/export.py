@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from .backends import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, m
 from .config import Config, group, opt, require
 from .errors import MlcError
 from .folders import listing
+from .log import get
 from .onnx_dtypes import DTYPES, convert
 from .portable import session
 from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, load
@@ -47,6 +48,8 @@ from .scoring import TorchScorer
 
 FORMATS = ("onnx", "safetensors")
 GRAPH, TOKENIZER = "model.onnx", "tokenizer.json"
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,20 +74,22 @@ class ExportConfig(Config):
                   "graph: use it with --format onnx")])
 
 
-def _say(msg: str, stream: TextIO | None = None) -> None:
-    print(f"[mlc export] {msg}", file=stream or sys.stderr, flush=True)
+def _say(msg: str) -> None:
+    logger.info(f"[mlc export] {msg}")
 
 
 @contextlib.contextmanager
 def _ticking(what: str) -> Iterator[None]:
-    """``what`` said now and every 5 s until done: the ONNX exporter is silent for half a minute (and swallows
-    stderr meanwhile, hence the stream taken before)."""
-    stream, done, t0 = sys.stderr, threading.Event(), time.monotonic()
-    _say(what, stream)
+    """``what`` said now and every 5 s until done: the ONNX exporter is silent for half a minute. It silences
+    logging meanwhile (``logging.disable``), so the ticks go straight to the handlers, if progress is on."""
+    done, t0, speak = threading.Event(), time.monotonic(), logger.isEnabledFor(logging.INFO)
+    _say(what)
 
     def tick() -> None:
         while not done.wait(5):
-            _say(f"{what}: {time.monotonic() - t0:.0f} s", stream)
+            if speak:
+                msg = f"[mlc export] {what}: {time.monotonic() - t0:.0f} s"
+                logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, msg, None, None))
 
     thread = threading.Thread(target=tick, daemon=True)
     thread.start()

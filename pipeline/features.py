@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from .device import is_main, rank, world_size
 from .encode import Hints, Job, encode_chunks, encode_images, encode_texts, submit_texts
 from .encoders import NONE, ImageEncoder, TextEncoder
 from .errors import MismatchError, MlcError
+from .log import get
 from .options import LoaderOptions
 from .quantize import calibration_pixels
 from .recipe import Recipe, cache_path, fit_to_data, safe_name
@@ -41,6 +41,8 @@ __all__ = [  # the names stages make features with (some defined in recipe and e
     "Hints", "Job", "LoaderOptions", "Recipe", "build_cache", "cache_meta", "cache_path", "encode_images",
     "encode_texts", "encoders_and_engine", "fit_to_data", "safe_name", "submit_texts",
 ]
+
+logger = get(__name__)
 
 
 def _identity(enc: ImageEncoder | TextEncoder | None) -> dict[str, Any]:
@@ -80,8 +82,7 @@ def _up_to_date(job: Job, meta: CacheMeta) -> bool:
     except MlcError as e:
         if not job.overwrite:
             raise
-        if is_main():
-            print(f"replacing {job.target}: {e}", file=sys.stderr)
+        logger.info(f"replacing {job.target}: {e}")
         return False
     diffs = old.differences(meta)
     if not diffs:
@@ -107,9 +108,9 @@ def _records(job: Job) -> tuple[list[Record], list[tuple[str, str]]]:
     if not kept:
         raise MlcError(f"every image of {job.data.csv_path(job.split)} is missing or unreadable ({len(skipped)}, "
                        f"e.g. {skipped[0][0]}: {skipped[0][1]}); nothing to extract")
-    if skipped and is_main():
-        print(f"skipped {len(skipped)} bad images in {job.split}: "
-              + ", ".join(f"{i} ({why})" for i, why in skipped), file=sys.stderr)
+    if skipped:
+        logger.warning(f"skipped {len(skipped)} bad images in {job.split}: "
+                       + ", ".join(f"{i} ({why})" for i, why in skipped))
     return kept, skipped
 
 
@@ -125,7 +126,8 @@ def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, 
             if is_main():
                 # chunks of some earlier, unfinished run: stale now (the lock says no one else writes them)
                 shutil.rmtree(f"{job.target}.partial", ignore_errors=True)
-                print(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data); nothing to do")
+                logger.info(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data); "
+                            "nothing to do")
             return job.target
         labels = job.data.label_space().multi_hot([r.labels or () for r in records]) if job.split == "train" \
             else None
@@ -133,15 +135,15 @@ def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, 
         chunk_rows = -(-job.chunk_rows // job.loader.batch_size) * job.loader.batch_size
         writer = CacheWriter(job.target, meta, [r.image_id for r in records], labels, chunk_rows)
         mine = [c for c in writer.pending() if c % world_size() == rank()]
-        if writer.resumed and is_main():
-            print(f"{job.target}: resuming, {writer.resumed} of {writer.num_chunks} chunks already done")
+        if writer.resumed:
+            logger.info(f"{job.target}: resuming, {writer.resumed} of {writer.num_chunks} chunks already done")
         if mine:
             encode_chunks(job, writer, mine, records, image, text, eng, device)
         if world_size() > 1:
             torch.distributed.barrier()
         if is_main():
             writer.finalize()
-            print(f"wrote {job.target} ({len(records)} rows, {job.recipe.views} view(s))")
+            logger.info(f"wrote {job.target} ({len(records)} rows, {job.recipe.views} view(s))")
         if world_size() > 1:
             torch.distributed.barrier()
     return job.target
@@ -151,10 +153,10 @@ def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.dev
                         data: DataDir | None = None) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
     """The recipe's encoders (``verified`` as in Recipe.encoders) and the forward functions of the backend
     ``loader`` asks for (ONNX graphs exported to / reused from ``loader.onnx_dir``) in the recipe's precision
-    (int8 calibrated on ``data``'s images); progress notes on rank 0 only."""
+    (int8 calibrated on ``data``'s images)."""
     image, text = recipe.encoders(verified)
     eng = engine(image, text, backend=loader.backend, device=device, image_cut=recipe.image_cut,
                  text_cut=recipe.text_cut, onnx_dir=loader.onnx_dir, precision=recipe.precision,
                  calibration=None if data is None or image is None else lambda: calibration_pixels(data, image),
-                 log=lambda msg: print(msg, file=sys.stderr) if is_main() else None)
+                 log=logger.info)
     return image, text, eng

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,13 @@ from .evaluation import evaluate
 from .features import Recipe
 from .heads import HeadOptions
 from .labels import LabelSpace
+from .log import get
 from .model import MultiModal
 from .runs import Contract, RunDir, RunFiles, data_inputs, feature_entry
 from .splits import train_val_split
 from .training import Task, TrainOptions, TrainResult, make_sampler, train
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,7 +263,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         def log(msg: str) -> None:
             if is_main():
                 lines.append(msg)
-                print(msg, file=sys.stderr)
+            logger.info(msg)
 
         groups = task.param_groups
         precision = resolve_precision(cfg.precision, device)

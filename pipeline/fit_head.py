@@ -11,10 +11,10 @@ averaged at prediction time. ``--grid`` fits heads x losses x learning rates and
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from logging import DEBUG, INFO
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,15 @@ from .errors import MlcError
 from .evaluation import THRESHOLD_MODES, evaluate
 from .fused import load_joined, plan_parts, token_dim
 from .heads import HEADS, HeadOptions, predict_proba
+from .log import get
 from .runs import Contract, RunDir, RunFiles, feature_entry
 from .splits import kfold, train_val_split
 from .training import Task, TrainOptions, TrainResult, make_sampler, train
 
 # The grid dinov2's linear evaluation runs, sized for seconds: heads x losses x learning rates.
 DEFAULT_GRID: dict[str, tuple] = {"head": ("concat", "sum", "gated"), "loss": ("bce", "asl"), "lr": (3e-3, 1e-3)}
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,8 +173,7 @@ def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats
 
     def log(msg: str) -> None:
         lines.append(msg)
-        if not quiet:
-            print(msg, file=sys.stderr)
+        logger.log(DEBUG if quiet else INFO, msg)
 
     parts = plan_parts([r.meta for r in readers])
     for r, part in zip(readers, parts, strict=True):
@@ -235,9 +237,8 @@ def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
         _, _, _, m, _ = _fit_and_score(cfg.replace(**params), loaded[1], lambda s: None)
         board.append({**params, "samples_f1": m["samples_f1"], "at_0.5": m["samples_f1_at_0.5"],
                       "seconds": m["seconds"]})
-        if not quiet:
-            print(f"  {' '.join(f'{k}={v}' for k, v in params.items()):40s} "
-                  f"samples-F1 {m['samples_f1']:.4f}  ({m['seconds']:.1f} s)", file=sys.stderr)
+        logger.log(DEBUG if quiet else INFO, f"  {' '.join(f'{k}={v}' for k, v in params.items()):40s} "
+                   f"samples-F1 {m['samples_f1']:.4f}  ({m['seconds']:.1f} s)")
     board.sort(key=lambda r: -r["samples_f1"])
     best = {k: board[0][k] for k in keys}
     metrics = fit_head(cfg.replace(**best), loaded, quiet=quiet, extra_json={"grid.json": board})

@@ -8,7 +8,6 @@ encoders, and the head reads the branches' image features side by side, then the
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,10 @@ from .errors import MlcError
 from .features import Recipe, encode_texts
 from .fused import Part
 from .heads import HEADS, ensemble_proba
+from .log import get
 from .runs import Run, load_head
+
+logger = get(__name__)
 
 
 @dataclass
@@ -90,7 +92,7 @@ class TorchScorer:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    logger.info(msg)
 
 
 def _branch(image: ImageEncoder | None, text: TextEncoder | None, backend: str, device: Any,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from .finetune import FinetuneConfig, finetune
 from .fit_head import FitHeadConfig, fit_head
 from .folders import sha256_file
 from .heads import HeadOptions
+from .log import get
 from .quantize import PrecisionOptions
 from .report import make_report
 from .runs import Contract, RunDir, data_inputs
@@ -49,6 +49,8 @@ TEXT_CUTS = {"minilm-l6": "layer4", "bert-base-uncased": "layer10"}
 # epochs) overfit a transformer layer within 3 epochs; these were measured on ids 0-9999 (docs/recipes.md).
 ATTENTION_TRAINING: dict[str, Any] = {"lr": 3e-4, "schedule": "cosine", "warmup": 0.05, "weight_decay": 1e-2,
                                       "epochs": 12, "hidden": 256, "dropout": 0.2}
+
+logger = get(__name__)
 
 
 def attention_training(rows: int) -> dict[str, Any]:
@@ -103,7 +105,7 @@ class RunConfig(Config):
 
 
 def _say(msg: str) -> None:
-    print(f"[mlc run] {msg}", file=sys.stderr, flush=True)
+    logger.info(f"[mlc run] {msg}")
 
 
 _UNSTORED = ("kind", "force")  # config.json keys that do not change what a run holds
@@ -205,7 +207,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     _say(f"validating {cfg.data_dir}")
     report = validate_data_dir(cfg.data_dir, csv_only=False, options=cfg.data)
     if not report.ok:
-        print(format_report(report))
+        logger.warning(format_report(report))
         raise MlcError(f"{cfg.data_dir}: {len(report.problems)} problem(s) in the data (listed above); fix them, "
                        "or run the stages one by one (mlc extract --skip-bad-images ...)")
     _say("extracting features (reused when already there)")

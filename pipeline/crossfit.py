@@ -39,6 +39,7 @@ from .device import PRECISIONS, autocast, resolve_precision, select_device
 from .encoders import NONE, TextEncoder, create_text_encoder
 from .errors import MismatchError, MlcError
 from .features import Recipe, cache_path, encode_texts
+from .identity import EncoderId
 from .log import get
 from .splits import kfold
 from .training import Task, TrainOptions, make_sampler, train
@@ -206,11 +207,11 @@ def _meta(split: str, cfg: CrossfitConfig, recipe: Recipe, text: TextEncoder, da
           data_fingerprint: str, weights_hash: str, labelled: bool) -> CacheMeta:
     labels = data.label_space()
     dim = len(labels.ids) if cfg.text_features == "logits" else text.dim
+    tuned = EncoderId(text.name, f"{text.weights_source}, finetuned on {cfg.folds} folds", weights_hash,
+                      cfg.random_init, text.preprocess.to_dict(), dim)
     return CacheMeta(
-        split=split, image_encoder=NONE, text_encoder=text.name, image_weights="", image_weights_hash="",
-        text_weights=f"{text.weights_source}, finetuned on {cfg.folds} folds", text_weights_hash=weights_hash,
-        random_init=cfg.random_init, image_preprocess={}, text_preprocess=text.preprocess.to_dict(), views=1,
-        image_dim=0, text_dim=dim, label_ids=labels.ids, label_names=labels.names,
+        split=split, image=EncoderId(random_init=cfg.random_init), text=tuned, views=1, label_ids=labels.ids,
+        label_names=labels.names,
         data_fingerprint=data_fingerprint, num_records=len(records), mlc_version=__version__,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"recipe": recipe.to_dict(), "crossfit": {"config": cfg.flat_dict(), "labelled": labelled}})

@@ -18,7 +18,6 @@ import contextlib
 import datetime as _dt
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -31,6 +30,7 @@ from .device import is_main, rank, world_size
 from .encode import Hints, Job, encode_chunks, encode_images, encode_texts, submit_texts
 from .encoders import NONE, ImageEncoder, TextEncoder
 from .errors import MismatchError, MlcError
+from .identity import EncoderId
 from .log import get
 from .options import LoaderOptions
 from .quantize import calibration_pixels
@@ -45,28 +45,15 @@ __all__ = [  # the names stages make features with (some defined in recipe and e
 logger = get(__name__)
 
 
-def _identity(enc: ImageEncoder | TextEncoder | None) -> dict[str, Any]:
-    """What the cache records of one encoder (or of none)."""
-    if enc is None:
-        return {"encoder": NONE, "weights": "", "weights_hash": "", "random_init": False, "preprocess": {}, "dim": 0}
-    return {"encoder": enc.name, "weights": enc.weights_source, "weights_hash": enc.weights_hash,
-            "random_init": enc.random_init, "preprocess": enc.preprocess.to_dict(), "dim": enc.dim}
-
-
 def cache_meta(job: Job, image: ImageEncoder | None, text: TextEncoder | None, records: list[Record], eng: Engine,
           skipped: list[tuple[str, str]]) -> CacheMeta:
     r = job.recipe
-    i, t = _identity(image), _identity(text)
     labels = job.data.label_space()
     return CacheMeta(
-        split=job.split, image_encoder=i["encoder"], text_encoder=t["encoder"],
-        image_weights=i["weights"], image_weights_hash=i["weights_hash"],
-        text_weights=t["weights"], text_weights_hash=t["weights_hash"],
-        random_init=i["random_init"] or t["random_init"], image_preprocess=i["preprocess"],
-        text_preprocess=t["preprocess"], views=r.views, image_dim=i["dim"], text_dim=t["dim"],
-        label_ids=labels.ids, label_names=labels.names,
+        split=job.split, image=EncoderId.of(image, r.image_cut, r.precision),
+        text=EncoderId.of(text, r.text_cut, r.precision), views=r.views, label_ids=labels.ids,
+        label_names=labels.names, num_records=len(records),
         data_fingerprint=fingerprint(records, job.data.image_dir if image is not None else None),
-        num_records=len(records), image_cut=r.image_cut, text_cut=r.text_cut, precision=r.precision,
         source_run=str(Path(r.from_run).resolve()) if r.from_run else None,
         mlc_version=__version__, created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"recipe": r.to_dict(), "backend": eng.backends, "skipped": [list(x) for x in skipped]},
@@ -84,7 +71,7 @@ def _up_to_date(job: Job, meta: CacheMeta) -> bool:
             raise
         logger.info(f"replacing {job.target}: {e}")
         return False
-    diffs = old.differences(meta)
+    diffs = old.differences(meta, ("the cache", "these options"))
     if not diffs:
         return True
     skipped = old.extra.get("skipped") or []

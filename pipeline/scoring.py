@@ -23,7 +23,6 @@ from .device import select_device
 from .encoders import ImageEncoder, TextEncoder, load_encoder
 from .errors import MlcError
 from .features import Recipe, encode_texts
-from .fused import Part
 from .heads import HEADS, ensemble_proba
 from .log import get
 from .runs import Run, load_head
@@ -108,10 +107,9 @@ def run_scorer(run: Run, *, encoders: bool, backend: str = "auto", device: Any =
                onnx_dir: Path | None = None) -> TorchScorer:
     """A run's heads, and (``encoders``) the encoders its features.json entries name, each on its engine."""
     branches = []
-    for entry in run.features if encoders else []:
-        part = Part.of(entry)
-        image, text = Recipe.from_dict(entry["recipe"], str(run.dir.features)).encoders(run.path)
-        branches.append(_branch(image if part.image else None, text if part.text else None, backend,
+    for entry in run.entries if encoders else []:
+        image, text = Recipe.from_dict(entry.recipe, str(run.dir.features)).encoders(run.path)
+        branches.append(_branch(image if entry.image else None, text if entry.text else None, backend,
                                 device, onnx_dir))
     return TorchScorer(run.heads, run.head_config, branches)
 

@@ -123,8 +123,8 @@ def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool
     if wanted != stored or len(loaded.features) != len(caches):
         return False
     metas = [read_meta(c) for c in caches]
-    return all(Contract.from_dict(e["contract"]) == Contract.of_cache(m) and e.get("data_fingerprint") ==
-               m.data_fingerprint for e, m in zip(loaded.features, metas, strict=True))
+    return all(Contract.from_dict(e.contract) == Contract.of_cache(m) and e.data_fingerprint == m.data_fingerprint
+               for e, m in zip(loaded.entries, metas, strict=True))
 
 
 def fit(cfg: RunConfig, caches: list[Path], out: Path, folds: int) -> None:

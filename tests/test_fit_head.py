@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -30,14 +29,14 @@ def synthetic_cache(path, n=600, views=2, seed=0, split="train", **meta_kw):
     w_img, w_txt = rng.normal(size=(c, 32)), rng.normal(size=(c, 16))
     img = (y @ w_img)[:, None, :] + rng.normal(scale=1.5, size=(n, views, 32))
     txt = y @ w_txt + rng.normal(scale=1.5, size=(n, 16))
-    meta = CacheMeta(
+    meta = dict(
         split=split, image_encoder="tiny-resnet", text_encoder="tiny-bert", image_weights="random-init",
         image_weights_hash="a" * 64, text_weights="random-init", text_weights_hash="b" * 64, random_init=True,
         image_preprocess={"crop": 64}, text_preprocess={"max_length": 32}, views=views, image_dim=32, text_dim=16,
         label_ids=COCO18.ids, label_names=COCO18.names, data_fingerprint="f" * 64, num_records=n,
         extra={"recipe": {"image_encoder": "tiny-resnet", "text_encoder": "tiny-bert"}},
     )
-    meta = dataclasses.replace(meta, **meta_kw)
+    meta = CacheMeta.from_dict({**meta, **meta_kw})
     w = CacheWriter(path, meta, [f"{i}.jpg" for i in range(n)], y if split == "train" else None, chunk_rows=n)
     w.commit(0, {"image": img.astype(np.float16), "text": txt.astype(np.float16)})
     return w.finalize()

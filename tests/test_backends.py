@@ -20,6 +20,7 @@ from pipeline.cache import CacheReader
 from pipeline.cli import app
 from pipeline.data import load_image
 from pipeline.encoders import create_image_encoder, create_text_encoder
+from pipeline.errors import MlcError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.heads import create_head
 from pipeline.model import MultiModal
@@ -124,7 +125,7 @@ def test_an_encoder_that_cannot_be_exported(shared, tmp_path):
 
 
 def test_onnx_needs_the_cpu():
-    with pytest.raises(Exception, match="runs on the CPU"):
+    with pytest.raises(MlcError, match="runs on the CPU"):
         backends.engine(create_image_encoder("tiny-resnet", random_init=True, seed=0),
                         create_text_encoder("tiny-bert", random_init=True, seed=0), backend="onnx",
                         device=torch.device("cuda"), image_cut=None, text_cut=None, onnx_dir=Path("unused"))

@@ -159,7 +159,6 @@ def test_trunk_cut_cache_and_bad_cut(data_dir, tmp_path):
         extract(c.replace(image_cut="layer9"))
 
 
-@pytest.mark.skipif(os.cpu_count() is None, reason="needs a CPU count")
 def test_cli_extract_prints_paths(data_dir, tmp_path):
     res = CliRunner().invoke(app, ["extract", str(data_dir), "--image-encoder", "tiny-resnet", "--text-encoder",
                                    "tiny-bert", "--random-init", "--workers", "0", "--cache-dir", str(tmp_path / "c"),

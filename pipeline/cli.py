@@ -210,15 +210,16 @@ def _flag(name: str, option: Option) -> str:
 def _parameter(name: str, option: Option) -> tuple[inspect.Parameter, Any]:
     """The Typer parameter of one option, and the annotation Typer should see."""
     meta, hint, default = option.field.metadata, option.hint, option.default
+    text = meta["help"]() if callable(meta["help"]) else meta["help"]  # a registry's help lists what is registered
     if typing.get_origin(hint) is tuple:  # Typer repeats list options; configs keep tuples
         hint = list[typing.get_args(hint)[0]]
         default = list(default)
     if meta.get("argument"):
-        info = typer.Argument(... if meta.get("required") else default, help=meta["help"], show_default=False)
+        info = typer.Argument(... if meta.get("required") else default, help=text, show_default=False)
     else:
         flag = _flag(name, option)
         decls = [f"{flag}/--no-{flag[2:]}"] if hint is bool and default else [flag]
-        info = typer.Option(... if meta.get("required") else default, *decls, help=meta["help"],
+        info = typer.Option(... if meta.get("required") else default, *decls, help=text,
                             rich_help_panel=option.panel)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint), hint
 

@@ -29,12 +29,24 @@ from .evaluation import THRESHOLD_MODES, evaluate
 from .fused import load_joined, plan_parts, token_dim
 from .heads import HEADS, HeadOptions, predict_proba
 from .log import get
+from .losses import LOSSES
 from .runs import Contract, RunDir, RunFiles, feature_entry
 from .splits import kfold, train_val_split
 from .training import Task, TrainOptions, TrainResult, make_sampler, train
 
 # The grid dinov2's linear evaluation runs, sized for seconds: heads x losses x learning rates.
-DEFAULT_GRID: dict[str, tuple] = {"head": ("concat", "sum", "gated"), "loss": ("bce", "asl"), "lr": (3e-3, 1e-3)}
+GRID_LRS = (3e-3, 1e-3)
+
+
+def default_grid() -> dict[str, tuple]:
+    """``--grid``: every registered head and loss that says it belongs in the grid (``grid``), x ``GRID_LRS``."""
+    return {"head": HEADS.in_grid(), "loss": LOSSES.in_grid(), "lr": GRID_LRS}
+
+
+def _grid_help() -> str:
+    grid = default_grid()
+    return (f"Train a grid of heads ({', '.join(grid['head'])}) x losses ({', '.join(grid['loss'])}) x learning "
+            f"rates ({', '.join(map(str, grid['lr']))}), pick the best on held-out samples-F1, print a leaderboard.")
 
 logger = get(__name__)
 
@@ -54,8 +66,7 @@ class FitHeadConfig(Config):
     folds: int = opt(5, "K-fold: train K heads, tune thresholds on out-of-fold predictions, average the heads "
                      "at prediction (0 = one split; 5 measured +0.008 samples-F1 over one split).")
     thresholds: str = opt("per-class", "per-class, global, or fixed (0.5).")
-    grid: bool = opt(False, "Train a grid of heads x losses x learning rates, pick the best on held-out "
-                     "samples-F1, print a leaderboard.")
+    grid: bool = opt(False, _grid_help)
     output: OutputOptions = group(OutputOptions)
     train: TrainOptions = group(TrainOptions)
     fusion: HeadOptions = group(HeadOptions)
@@ -227,7 +238,7 @@ def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
 
     Returns the leaderboard (best first) and the chosen run's metrics; the board is saved as grid.json.
     """
-    grid = grid or DEFAULT_GRID
+    grid = grid or default_grid()
     _claim(cfg)  # before the grid's minutes of fitting
     loaded = _load(cfg.caches)
     keys = list(grid)

@@ -45,7 +45,7 @@ class TrainOptions(Config):
 
     PANEL: ClassVar[str] = "Training"
 
-    loss: str = opt("bce", "bce, soft-margin or asl (asymmetric loss).")
+    loss: str = opt("bce", LOSSES.help("Loss (docs/heads.md):"))
     pos_weight: bool = opt(False, "Weight positives per class by negatives/positives (bce only).")
     sampler: str = opt("uniform", "uniform, or weighted (inverse label frequency, with replacement, as the "
                        "seed report).")

@@ -28,7 +28,7 @@ from .features import LoaderOptions
 from .finetune import FinetuneConfig, finetune
 from .fit_head import FitHeadConfig, fit_head
 from .folders import sha256_file
-from .heads import HeadOptions
+from .heads import HEADS, HeadOptions
 from .log import get
 from .quantize import PrecisionOptions
 from .report import make_report
@@ -45,10 +45,8 @@ TRUNK_ROUTE: dict[str, dict[str, Any]] = {
     "resnet50": {"image_cut": "layer3", "epochs": 2, "lr": 1e-3, "encoder_lr": 3e-4},
 }
 TEXT_CUTS = {"minilm-l6": "layer4", "bert-base-uncased": "layer10"}
-# How `mlc run --head attention` trains it: the pooled heads' defaults (lr 3e-3, dropout 0.5, 40 constant
-# epochs) overfit a transformer layer within 3 epochs; these were measured on ids 0-9999 (docs/recipes.md).
-ATTENTION_TRAINING: dict[str, Any] = {"lr": 3e-4, "schedule": "cosine", "warmup": 0.05, "weight_decay": 1e-2,
-                                      "epochs": 12, "hidden": 256, "dropout": 0.2}
+# How `mlc run --head attention` trains it: the head's own recipe (heads.AttentionHead.recipe, in the registry).
+ATTENTION_TRAINING: dict[str, Any] = HEADS.about["attention"].recipe
 
 logger = get(__name__)
 
@@ -128,7 +126,8 @@ def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool
 
 
 def fit(cfg: RunConfig, caches: list[Path], out: Path, folds: int) -> None:
-    tuned = attention_training(read_meta(caches[0]).num_records) if cfg.head == "attention" else {}
+    tuned = attention_training(read_meta(caches[0]).num_records) if cfg.head == "attention" else \
+        HEADS.about[cfg.head].recipe  # every head trains with its registered recipe (none: the defaults)
     head_cfg = FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=cfg.head, output=cfg.output,
                                    **tuned)
     if _up_to_date(RunDir(out), head_cfg.to_dict(), caches):

@@ -164,11 +164,11 @@ def evaluate(cfg: Any) -> None:
 def export(cfg: Any) -> None:
     """Write one self-contained folder that predicts without the training data, the caches or torch: model.onnx,
     tokenizer, export.json (preprocessing, labels, thresholds, decision rule) and a README with a client;
-    --dtype float16 halves its size, int8 quantises it."""
+    --precision fp16 halves its size, int8 quantises it."""
     from .export import export as go
 
     path, size = go(cfg)
-    typer.echo(f"wrote {path}: {size / 1e6:.1f} MB ({cfg.dtype}, {cfg.format})")
+    typer.echo(f"wrote {path}: {size / 1e6:.1f} MB ({cfg.precision}, {cfg.format})")
 
 
 def encoders(cfg: Any) -> None:

@@ -13,8 +13,8 @@
     model/                  (--format safetensors: for torch, and for runs fused over several caches)
       export.json, encoders/<i>-image/, encoders/<i>-text/, head-K.safetensors
 
-``--dtype float16`` stores the weights in half precision (model.onnx computes in float32 after loading),
-``--dtype int8`` quantises the graph's matrix products (onnx format only). ``mlc predict`` and
+``--precision fp16`` stores the weights in half precision (model.onnx computes in float32 after loading),
+``--precision int8`` quantises the graph's matrix products (onnx format only). ``mlc predict`` and
 ``pipeline.load`` take the folder; an onnx one runs without torch.
 """
 
@@ -47,6 +47,8 @@ from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, load
 from .scoring import TorchScorer
 
 FORMATS = ("onnx", "safetensors")
+PRECISIONS = ("fp32", "fp16", "int8")  # DTYPES in mlc's precision vocabulary (docs/DESIGN.md)
+_OLD_PRECISIONS = {"float32": "fp32", "float16": "fp16"}
 GRAPH, TOKENIZER = "model.onnx", "tokenizer.json"
 
 logger = get(__name__)
@@ -59,19 +61,35 @@ class ExportConfig(Config):
     run: Path = opt(None, "A run folder from `mlc fit-head` or `mlc finetune`.", argument=True, required=True)
     out: Path = opt(None, "The folder to write: a new or empty folder, or an earlier export it replaces whole.",
                     required=True)
-    dtype: str = opt("float32", "float32; float16 (weights stored in half precision: half the size); int8 (the "
-                     "graph's matrix products quantised; onnx format only).")
+    precision: str = opt("fp32", "What the weights are stored in: fp32; fp16 (half precision: half the size); int8 "
+                         "(the graph's matrix products quantised; onnx format only). The old float32/float16 are "
+                         "taken too, with a notice.", aliases=("--dtype",))
     format: str = opt("onnx", "onnx: one ONNX graph + tokenizer + export.json, runs without torch (a run over one "
                       "cache); safetensors: the encoders and heads, for torch (any run).")
     output: OutputOptions = group(OutputOptions)
 
+    @classmethod
+    def coerce(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """mlc's one precision vocabulary (fp32, fp16, int8); numpy's float32/float16 of mlc 0.2 taken with a notice."""
+        values = super().coerce(values)
+        old = values.get("precision")
+        if old in _OLD_PRECISIONS:
+            logger.warning(f"warning: --precision {old} is the old spelling; use {_OLD_PRECISIONS[old]}")
+            values["precision"] = _OLD_PRECISIONS[old]
+        return values
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require([(self.run is not None and self.out is not None, "give the run folder and --out"),
-                 (self.dtype in DTYPES, f"--dtype must be one of {DTYPES}"),
+                 (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
                  (self.format in FORMATS, f"--format must be one of {FORMATS}"),
-                 (not (self.dtype == "int8" and self.format == "safetensors"), "--dtype int8 quantises the ONNX "
-                  "graph: use it with --format onnx")])
+                 (not (self.precision == "int8" and self.format == "safetensors"), "--precision int8 quantises the "
+                  "ONNX graph: use it with --format onnx")])
+
+    @property
+    def dtype(self) -> str:
+        """The storage dtype's numpy name (float32, float16, int8): what export.json and onnx_dtypes speak."""
+        return dict(zip(PRECISIONS, DTYPES, strict=True))[self.precision]
 
 
 def _say(msg: str) -> None:

@@ -57,8 +57,10 @@ class FinetuneConfig(Config):
     unfreeze: int = opt(2, "Top blocks of each encoder that train when not --end-to-end (0 = head only).")
     from_cache: Path | None = opt(None, "Train the encoders' top parts over a trunk cache (`mlc extract "
                                   "--image-cut ... --text-cut ...`) instead of images.")
-    image_cut: str | None = opt(None, "With --from-cache: the image cut the cache must have (checked).")
-    text_cut: str | None = opt(None, "With --from-cache: the text cut the cache must have (checked).")
+    image_cut: str | None = opt(None, "Where the image encoder's frozen trunk ends: with --from-cache, the cut the "
+                                "cache was made at (checked; default: the cache's).")
+    text_cut: str | None = opt(None, "Where the text encoder's frozen trunk ends: with --from-cache, the cut the cache "
+                               "was made at (checked; default: the cache's).")
     init_head: Path | None = opt(None, "Start the head from a fit-head run's head.")
     encoder_lr: float | None = opt(None, "Learning rate of the encoders (default lr/10).")
     max_rows: int | None = opt(None, "Use only the first N labelled rows (quick runs).")

@@ -29,7 +29,7 @@ from pipeline.training import TrainOptions, _comparable
 from pipeline.workflow import RunConfig, _up_to_date
 
 # Retired spellings (docs/DESIGN.md, "One spelling per concept"): still taken with a notice, never listed in --help.
-RETIRED = {"--out-dir", "--data", "--output"}
+RETIRED = {"--out-dir", "--data", "--output", "--dtype"}
 
 
 def _command(name: str) -> click.Command:
@@ -80,6 +80,32 @@ def test_one_spelling_per_option_across_commands():
     assert spellings({name: _command(name).params for name in COMMANDS}) == []
 
 
+def vocabulary() -> dict[str, set[str]]:
+    """docs/DESIGN.md's "One spelling per concept" table: spelling -> the commands that take it."""
+    text = (REPO / "docs" / "DESIGN.md").read_text().split("### One spelling per concept", 1)[1]
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    return {cells[1].strip().strip("`"): set(re.findall(r"`([\w-]+)`", cells[2])) for cells in rows}
+
+
+def test_the_vocabulary_table_is_what_the_cli_takes():
+    table = vocabulary()
+    assert {"DATA_DIR", "RUN", "MODEL", "--precision", "--image-cut", "--cache-dir", "--out"} <= set(table)
+    for spelling, commands in table.items():
+        assert {n for n in COMMANDS if spelling in _listed(n)} == commands, spelling
+
+
+def test_a_cut_and_a_precision_mean_one_thing_everywhere(caplog):
+    for option, lead in (("image_cut", "Where the image encoder's frozen trunk ends"),
+                         ("text_cut", "Where the text encoder's frozen trunk ends")):
+        for name in ("extract", "finetune"):
+            assert _config_class(name).options()[option].field.metadata["help"].startswith(lead), (name, option)
+    from pipeline.export import ExportConfig
+
+    assert ExportConfig.build(run="r", out="o", precision="float16").precision == "fp16"  # mlc 0.2's value
+    assert "--precision float16 is the old spelling; use fp16" in caplog.text
+    assert ExportConfig.build(run="r", out="o", precision="fp16").dtype == "float16"  # export.json's name
+
+
 def test_the_rule_checks_can_fail():
     bare = click.Option(["--x"])
     assert without_help([bare, click.Option(["--y"], help="Why.")]) == ["x"]
@@ -101,6 +127,8 @@ def test_every_deprecated_alias_warns_and_reaches_its_option(name, capsys):
         field = new.lower() if not new.startswith("--") else next(n for n, o in options.items()
                                                                   if _flag(n, o) == new)
         given = [f"{a}-value" for a in arguments if a != field]
+        given += [w for n, o in options.items() if o.field.metadata.get("required") and n != field
+                  and not o.field.metadata.get("argument") for w in (_flag(n, o), f"{n}-value")]
         got = _parsed(name, [*given, old, "1"])
         assert str(got[field]) in ("1", "(1,)", "['1']"), (name, old, got[field])
         assert f"mlc {name} {old} is deprecated" in capsys.readouterr().err

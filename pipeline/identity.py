@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import MismatchError
 
 NONE = "none"  # the name of a modality without an encoder (encoders.NONE)
 
@@ -106,5 +108,58 @@ class FeatureEntry:
         return EncoderId.from_flat(self.contract, kind)
 
 
-def field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
+@dataclass(frozen=True)
+class Contract:
+    """What features a head was trained on: a cache (or encoders) must match every field to feed it. The two
+    encoders' identities reduced to what decides the features (``identity.CONTRACT``: name, weights hash,
+    preprocessing, dim; and precision), and the label ids. Stored flat in features.json, as since mlc 0.2; the
+    flat names read as attributes too (``contract.image_dim``)."""
+
+    image: EncoderId
+    text: EncoderId
+    label_ids: tuple[int | str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label_ids", tuple(self.label_ids))  # JSON gives a list
+        for kind in ("image", "text"):  # only the compared fields, so equal contracts compare equal
+            e = getattr(self, kind)
+            object.__setattr__(self, kind, EncoderId(**e.key(CONTRACT), precision=e.precision))
+
+    def __getattr__(self, name: str) -> Any:
+        """The flat names (``image_encoder``, ``text_dim``, ``precision``, ...)."""
+        flat = self.to_dict() if name.startswith(("image_", "text_", "precision")) else {}
+        if name not in flat:
+            raise AttributeError(f"Contract has no attribute {name!r}")
+        return flat[name]
+
+    @classmethod
+    def of_cache(cls, meta: Any) -> Contract:
+        """A cache's (``CacheMeta``)."""
+        return cls(meta.image, meta.text, meta.label_ids)
+
+    @classmethod
+    def of_encoders(cls, image: Any, text: Any, labels: Any) -> Contract:
+        """Built encoders' and a ``LabelSpace``'s."""
+        return cls(EncoderId.of(image), EncoderId.of(text), labels.ids)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Contract:
+        # a run written before precision was recorded holds fp32 features (the default)
+        return cls(EncoderId.from_flat(d, "image"), EncoderId.from_flat(d, "text"), d["label_ids"])
+
+    def to_dict(self) -> dict[str, Any]:
+        i, t = self.image.flat("image"), self.text.flat("text")
+        d = {k: (i | t)[k] for k in _CONTRACT_ORDER[:-2]}
+        return json.loads(json.dumps({**d, "label_ids": list(self.label_ids), "precision": self.image.precision}))
+
+    def check(self, found: Any, what: str) -> None:
+        """Refuse features (a Contract or a CacheMeta) from other encoders, weights, preprocessing or labels."""
+        theirs = found if isinstance(found, Contract) else Contract.of_cache(found)
+        diffs = differences(self.to_dict(), theirs.to_dict(), ("the run", "it"))
+        if diffs:
+            raise MismatchError(f"{what} does not match the run: " + "; ".join(diffs))
+
+
+# features.json's contract fields, in the order mlc 0.2 wrote them
+_CONTRACT_ORDER = ("image_encoder", "text_encoder", "image_weights_hash", "text_weights_hash", "image_preprocess",
+                   "text_preprocess", "image_dim", "text_dim", "label_ids", "precision")

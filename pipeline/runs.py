@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,72 +48,17 @@ from .atomic import (
     write_text,
 )
 from .cache import CacheMeta
-from .errors import MismatchError, MlcError
+from .errors import MlcError
 from .folders import check_listing, listing, read_json
 from .fused import Part
 from .heads import HEADS, create_head
-from .identity import CONTRACT, EncoderId, FeatureEntry, differences
+from .identity import Contract, FeatureEntry  # Contract lives in identity; re-exported here for callers
 from .labels import LabelSpace
 
 if TYPE_CHECKING:
     from .data import DataDir
 
 RUN_FORMAT = 2  # 1: mlc 0.1 (cache.json, image_encoder.safetensors, text_encoder/); no manifest
-
-
-@dataclass(frozen=True)
-class Contract:
-    """What features a head was trained on: a cache (or encoders) must match every field to feed it. The two
-    encoders' identities reduced to what decides the features (``identity.CONTRACT``: name, weights hash,
-    preprocessing, dim; and precision), and the label ids. Stored flat in features.json, as since mlc 0.2; the
-    flat names read as attributes too (``contract.image_dim``)."""
-
-    image: EncoderId
-    text: EncoderId
-    label_ids: tuple[int | str, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "label_ids", tuple(self.label_ids))  # JSON gives a list
-        for kind in ("image", "text"):  # only the compared fields, so equal contracts compare equal
-            e = getattr(self, kind)
-            object.__setattr__(self, kind, EncoderId(**e.key(CONTRACT), precision=e.precision))
-
-    def __getattr__(self, name: str) -> Any:
-        """The flat names (``image_encoder``, ``text_dim``, ``precision``, ...)."""
-        flat = self.to_dict() if name.startswith(("image_", "text_", "precision")) else {}
-        if name not in flat:
-            raise AttributeError(f"Contract has no attribute {name!r}")
-        return flat[name]
-
-    @classmethod
-    def of_cache(cls, meta: CacheMeta) -> Contract:
-        return cls(meta.image, meta.text, meta.label_ids)
-
-    @classmethod
-    def of_encoders(cls, image: Any, text: Any, labels: LabelSpace) -> Contract:
-        return cls(EncoderId.of(image), EncoderId.of(text), labels.ids)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Contract:
-        # a run written before precision was recorded holds fp32 features (the default)
-        return cls(EncoderId.from_flat(d, "image"), EncoderId.from_flat(d, "text"), d["label_ids"])
-
-    def to_dict(self) -> dict[str, Any]:
-        i, t = self.image.flat("image"), self.text.flat("text")
-        d = {k: (i | t)[k] for k in _CONTRACT_ORDER[:-2]}
-        return json.loads(json.dumps({**d, "label_ids": list(self.label_ids), "precision": self.image.precision}))
-
-    def check(self, found: Contract | CacheMeta, what: str) -> None:
-        """Refuse features from other encoders, weights, preprocessing or label vocabulary."""
-        theirs = found if isinstance(found, Contract) else Contract.of_cache(found)
-        diffs = differences(self.to_dict(), theirs.to_dict(), ("the run", "it"))
-        if diffs:
-            raise MismatchError(f"{what} does not match the run: " + "; ".join(diffs))
-
-
-# features.json's contract fields, in the order mlc 0.2 wrote them
-_CONTRACT_ORDER = ("image_encoder", "text_encoder", "image_weights_hash", "text_weights_hash", "image_preprocess",
-                   "text_preprocess", "image_dim", "text_dim", "label_ids", "precision")
 
 
 @dataclass

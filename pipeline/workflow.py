@@ -213,10 +213,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     encoders = cfg.encoders
     if cfg.head == "attention":  # the attention head reads the image encoder's token map, not its pooled vector
         encoders = encoders.replace(image_pooling="tokens")
-    caches = extract(ExtractConfig(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite,
-                                   encoders=encoders, numerics=cfg.numerics, loader=cfg.loader, data=cfg.data))
-    train = [c for c in caches if c.name.startswith("train__")]
-    test = next(c for c in caches if c.name.startswith("test__"))
+    stage1 = ExtractConfig(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite,
+                           encoders=encoders, numerics=cfg.numerics, loader=cfg.loader, data=cfg.data)
+    caches = dict(zip(stage1.splits, extract(stage1), strict=True))  # extract hands back one path per split
+    train, test = [caches["train"]], caches["test"]
     if cfg.crossfit_text:
         _say("cross-fitting the caption tower (reused when already there)")
         enc = cfg.encoders

@@ -11,6 +11,7 @@ No torch.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -128,4 +129,4 @@ def document() -> str:
 
 
 if __name__ == "__main__":
-    print(document(), end="")
+    sys.stdout.write(document())

@@ -12,11 +12,15 @@ The Python API (docs/python.md)::
 Imported lazily, so ``import pipeline`` stays light (and torch-free until ``fit``).
 """
 
+import logging
 from typing import Any
 
 __version__ = "0.2.0"
 __all__ = ["Model", "Predictor", "fit", "load"]
 _WHERE = {"Model": "api", "fit": "api", "load": "api", "Predictor": "predictor"}
+
+# silent unless asked: a caller sees mlc's progress once it configures logging (the CLI does, pipeline/log.py)
+logging.getLogger("mlc").addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:

@@ -29,6 +29,7 @@ import typer.core
 from . import __version__
 from .config import Config, Option
 from .errors import MlcError
+from .log import configure, rank
 
 
 def _fail(err: MlcError) -> NoReturn:
@@ -61,7 +62,7 @@ def extract(cfg: Any) -> None:
     from .extract import extract as run
 
     paths = run(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the paths; print once
+    if rank() == 0:  # under torchrun every rank returns the paths; print once
         for path in paths:
             typer.echo(str(path))
 
@@ -163,11 +164,11 @@ def evaluate(cfg: Any) -> None:
 def export(cfg: Any) -> None:
     """Write one self-contained folder that predicts without the training data, the caches or torch: model.onnx,
     tokenizer, export.json (preprocessing, labels, thresholds, decision rule) and a README with a client;
-    --dtype float16 halves its size, int8 quantises it."""
+    --precision fp16 halves its size, int8 quantises it."""
     from .export import export as go
 
     path, size = go(cfg)
-    typer.echo(f"wrote {path}: {size / 1e6:.1f} MB ({cfg.dtype}, {cfg.format})")
+    typer.echo(f"wrote {path}: {size / 1e6:.1f} MB ({cfg.precision}, {cfg.format})")
 
 
 def serve(cfg: Any) -> None:
@@ -239,16 +240,17 @@ def _parameter(name: str, option: Option, replayable: bool = False) -> tuple[ins
     """The Typer parameter of one option, and the annotation Typer should see (``replayable``: a command with
     --config, whose required arguments may come from the recorded config instead)."""
     meta, hint, default = option.field.metadata, option.hint, option.default
+    text = meta["help"]() if callable(meta["help"]) else meta["help"]  # a registry's help lists what is registered
     if typing.get_origin(hint) is tuple:  # Typer repeats list options; configs keep tuples
         hint = list[typing.get_args(hint)[0]]
         default = list(default)
     if meta.get("argument"):
         required = meta.get("required") and not replayable  # the config's own checks still require it
-        info = typer.Argument(... if required else default, help=meta["help"], show_default=False)
+        info = typer.Argument(... if required else default, help=text, show_default=False)
     else:
         flag = _flag(name, option)
         decls = [f"{flag}/--no-{flag[2:]}"] if hint is bool and default else [flag]
-        info = typer.Option(... if meta.get("required") else default, *decls, help=meta["help"],
+        info = typer.Option(... if meta.get("required") else default, *decls, help=text,
                             rich_help_panel=option.panel)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint), hint
 
@@ -369,7 +371,13 @@ def _heartbeat(ctx: click.Context, name: str) -> None:
     a line on stderr whenever nothing was printed for 3 s (3, not 5: the interpreter starts before it)."""
     from .heartbeat import until_closed
 
-    until_closed(ctx, lambda line: typer.echo(f"[mlc {name}] {line}", err=True), 3.0, f"starting mlc {name}")
+    quiet = bool(ctx.params.get("quiet"))  # -q silences the heartbeat with the progress lines
+
+    def say(line: str) -> None:
+        if not quiet:
+            typer.echo(f"[mlc {name}] {line}", err=True)
+
+    until_closed(ctx, say, 3.0, f"starting mlc {name}")
 
 
 class _LazyGroup(typer.core.TyperGroup):
@@ -410,8 +418,15 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Print the mlc version and exit.")) -> None:
+                                      help="Print the mlc version and exit."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr: no progress "
+                                    "lines or bars (`mlc -q run ...`)."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lines too on stderr (`mlc -v run ...`)."),
+         ) -> None:
     """Multi-label image+caption classification."""
+    if quiet and verbose:
+        _fail(MlcError("--quiet and --verbose: choose one"))
+    configure(-1 if quiet else 1 if verbose else 0)  # the one place that decides what reaches the terminal
 
 
 if __name__ == "__main__":  # pragma: no cover

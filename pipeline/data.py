@@ -14,7 +14,6 @@ import json
 import math
 import os
 import stat
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,12 +26,15 @@ from PIL import ExifTags, Image, ImageOps
 from .config import Config, opt, require
 from .errors import DataError, ImageError
 from .labels import RARE_ROWS, LabelSpace, odd_tokens, same_numbers, typed_ids
+from .log import get, progress_enabled
 from .records import IMAGE_EXTENSIONS, CsvLayout, Record, header_cells, image_id_fault, raise_problems, read_csv
 
 # ----------------------------------------------------------------------------------- data folder
 
 Split = Literal["train", "test"]
 LABELS_FILE = "labels.csv"
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,7 +164,7 @@ class DataDir:
         space, bad = train_label_space(path, self._train_records)
         raise_problems(path, bad)
         for warning in rare_labels(path, self._train_records, space):
-            print(f"warning: {warning}", file=sys.stderr)
+            logger.warning(f"warning: {warning}")
         return space
 
     def has_captions(self, split: Split = "train") -> bool:
@@ -365,7 +367,7 @@ def check_images(
     try:
         faults = pool.map(functools.partial(_quick_check, inside=data_dir.image_dir), paths)
         bar = tqdm(zip(records, paths, faults, strict=True), total=len(records), desc="images",
-                   unit="img", disable=None if progress else True, leave=False)
+                   unit="img", disable=None if progress and progress_enabled() else True, leave=False)
         for record, path, why in bar:
             if why is None:
                 kept.append(record)

@@ -11,7 +11,6 @@ label's precision, recall, F1 and support; ``--out`` writes them as JSON. From P
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,11 @@ from typing import Any
 from .atomic import write_json
 from .config import Config, group, opt, require
 from .data import DataOptions
+from .log import get
 from .options import LoaderOptions
 from .predictor import load
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +46,7 @@ class EvaluateConfig(Config):
 
 
 def _say(msg: str) -> None:
-    print(f"[mlc evaluate] {msg}", file=sys.stderr, flush=True)
+    logger.info(f"[mlc evaluate] {msg}")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:

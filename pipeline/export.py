@@ -15,8 +15,8 @@
     model/                  (--format safetensors: for torch, and for runs fused over several caches)
       export.json, encoders/<i>-image/, encoders/<i>-text/, head-K.safetensors
 
-``--dtype float16`` stores the weights in half precision (model.onnx computes in float32 after loading),
-``--dtype int8`` quantises the graph's matrix products (onnx format only). ``mlc predict`` and
+``--precision fp16`` stores the weights in half precision (model.onnx computes in float32 after loading),
+``--precision int8`` quantises the graph's matrix products (onnx format only). ``mlc predict`` and
 ``pipeline.load`` take the folder; an onnx one runs without torch.
 """
 
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from .config import Config, group, opt, require
 from .errors import MlcError
 from .export_files import CLIENT, README, SAFETENSORS_README
 from .folders import listing
+from .log import get
 from .onnx_dtypes import DTYPES, convert
 from .portable import session
 from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, load
@@ -51,7 +52,11 @@ from .runs import RunDir
 from .scoring import TorchScorer
 
 FORMATS = ("onnx", "safetensors")
+PRECISIONS = ("fp32", "fp16", "int8")  # DTYPES in mlc's precision vocabulary (docs/DESIGN.md)
+_OLD_PRECISIONS = {"float32": "fp32", "float16": "fp16"}
 GRAPH, TOKENIZER = "model.onnx", "tokenizer.json"
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,35 +66,53 @@ class ExportConfig(Config):
     run: Path = opt(None, "A run folder from `mlc fit-head` or `mlc finetune`.", argument=True, required=True)
     out: Path = opt(None, "The folder to write: a new or empty folder, or an earlier export it replaces whole.",
                     required=True)
-    dtype: str = opt("float32", "float32; float16 (weights stored in half precision: half the size); int8 (the "
-                     "graph's matrix products quantised; onnx format only).")
+    precision: str = opt("fp32", "What the weights are stored in: fp32; fp16 (half precision: half the size); int8 "
+                         "(the graph's matrix products quantised; onnx format only). The old float32/float16 are "
+                         "taken too, with a notice.", aliases=("--dtype",))
     format: str = opt("onnx", "onnx: one ONNX graph + tokenizer + export.json, runs without torch (a run over one "
                       "cache); safetensors: the encoders and heads, for torch (any run).")
     output: OutputOptions = group(OutputOptions)
 
+    @classmethod
+    def coerce(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """mlc's one precision vocabulary (fp32, fp16, int8); numpy's float32/float16 of mlc 0.2 taken with a notice."""
+        values = super().coerce(values)
+        old = values.get("precision")
+        if old in _OLD_PRECISIONS:
+            logger.warning(f"warning: --precision {old} is the old spelling; use {_OLD_PRECISIONS[old]}")
+            values["precision"] = _OLD_PRECISIONS[old]
+        return values
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require([(self.run is not None and self.out is not None, "give the run folder and --out"),
-                 (self.dtype in DTYPES, f"--dtype must be one of {DTYPES}"),
+                 (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
                  (self.format in FORMATS, f"--format must be one of {FORMATS}"),
-                 (not (self.dtype == "int8" and self.format == "safetensors"), "--dtype int8 quantises the ONNX "
-                  "graph: use it with --format onnx")])
+                 (not (self.precision == "int8" and self.format == "safetensors"), "--precision int8 quantises the "
+                  "ONNX graph: use it with --format onnx")])
+
+    @property
+    def dtype(self) -> str:
+        """The storage dtype's numpy name (float32, float16, int8): what export.json and onnx_dtypes speak."""
+        return dict(zip(PRECISIONS, DTYPES, strict=True))[self.precision]
 
 
-def _say(msg: str, stream: TextIO | None = None) -> None:
-    print(f"[mlc export] {msg}", file=stream or sys.stderr, flush=True)
+def _say(msg: str) -> None:
+    logger.info(f"[mlc export] {msg}")
 
 
 @contextlib.contextmanager
 def _ticking(what: str) -> Iterator[None]:
-    """``what`` said now and every 5 s until done: the ONNX exporter is silent for half a minute (and swallows
-    stderr meanwhile, hence the stream taken before)."""
-    stream, done, t0 = sys.stderr, threading.Event(), time.monotonic()
-    _say(what, stream)
+    """``what`` said now and every 5 s until done: the ONNX exporter is silent for half a minute. It silences
+    logging meanwhile (``logging.disable``), so the ticks go straight to the handlers, if progress is on."""
+    done, t0, speak = threading.Event(), time.monotonic(), logger.isEnabledFor(logging.INFO)
+    _say(what)
 
     def tick() -> None:
         while not done.wait(5):
-            _say(f"{what}: {time.monotonic() - t0:.0f} s", stream)
+            if speak:
+                msg = f"[mlc export] {what}: {time.monotonic() - t0:.0f} s"
+                logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, msg, None, None))
 
     thread = threading.Thread(target=tick, daemon=True)
     thread.start()

@@ -28,11 +28,14 @@ from .atomic import OutputOptions, claim_output, first_line, write_text
 from .config import Config, group, opt, require
 from .data import DataOptions
 from .errors import MlcError
+from .log import get
 from .options import LoaderOptions
 from .predictor import Predictor, csv_header, load, photo_faults
 from .records import IMAGE_EXTENSIONS, CsvLayout, read_csv
 
 FORMATS = ("table", "csv", "json")
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +113,7 @@ def _captions_for(cfg: PredictConfig, keys: list[str], pred: Predictor, table: d
 
 
 def _say(msg: str) -> None:
-    print(f"[mlc predict] {msg}", file=sys.stderr, flush=True)
+    logger.info(f"[mlc predict] {msg}")
 
 
 def predict(cfg: PredictConfig, pred: Predictor | None = None) -> list[dict[str, Any]]:

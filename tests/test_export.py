@@ -176,7 +176,7 @@ def test_the_python_api_loads_an_export_or_a_run(onnx_export, finetuned, photos)
 @pytest.mark.slow  # a second whole export (~6 s), as int8's below: the fast suite keeps to 2 minutes
 def test_float16_halves_the_graph_and_keeps_its_labels(onnx_export, finetuned, photos, tmp_path):
     paths, caps = photos
-    out, _ = export(ExportConfig.build(run=finetuned, out=tmp_path / "float16", dtype="float16"))
+    out, _ = export(ExportConfig.build(run=finetuned, out=tmp_path / "float16", precision="fp16"))
     assert json.loads((out / "export.json").read_text())["graph"]["dtype"] == "float16"
     assert (out / "model.onnx").stat().st_size < (onnx_export / "model.onnx").stat().st_size
     assert _weight_bytes(out / "model.onnx") <= 0.51 * _weight_bytes(onnx_export / "model.onnx")  # (nodes stay)
@@ -188,7 +188,7 @@ def test_float16_halves_the_graph_and_keeps_its_labels(onnx_export, finetuned, p
 @pytest.mark.slow  # one more export (15 s)
 def test_int8_shrinks_the_graph_further(onnx_export, finetuned, photos, tmp_path):
     paths, caps = photos
-    out, _ = export(ExportConfig.build(run=finetuned, out=tmp_path / "int8", dtype="int8"))
+    out, _ = export(ExportConfig.build(run=finetuned, out=tmp_path / "int8", precision="int8"))
     assert json.loads((out / "export.json").read_text())["graph"]["dtype"] == "int8"
     assert _weight_bytes(out / "model.onnx") < 0.51 * _weight_bytes(onnx_export / "model.onnx")
     p = load(out).predict_proba(paths, caps)
@@ -207,7 +207,7 @@ def test_safetensors_export_float16_is_smaller_and_predicts_the_same_labels(fine
     paths, caps = photos
     full, full_size = export(ExportConfig.build(run=finetuned, out=tmp_path / "fp32", format="safetensors"))
     half, half_size = export(ExportConfig.build(run=finetuned, out=tmp_path / "fp16", format="safetensors",
-                                                dtype="float16"))
+                                                precision="fp16"))
     assert half_size < 0.6 * full_size
     run = load(finetuned, backend="torch")
     for folder in (full, half):
@@ -217,8 +217,8 @@ def test_safetensors_export_float16_is_smaller_and_predicts_the_same_labels(fine
     (half / "head-0.safetensors").write_bytes(b"broken")
     with pytest.raises(MlcError, match="head-0.safetensors: not as it was written"):
         load(half)
-    with pytest.raises(MlcError, match="--dtype int8 quantises the ONNX graph"):
-        ExportConfig.build(run=finetuned, out=tmp_path / "x", format="safetensors", dtype="int8")
+    with pytest.raises(MlcError, match="--precision int8 quantises the ONNX graph"):
+        ExportConfig.build(run=finetuned, out=tmp_path / "x", format="safetensors", precision="int8")
 
 
 @pytest.mark.parametrize("edit, fault", [

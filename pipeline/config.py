@@ -21,7 +21,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -30,9 +30,10 @@ from .errors import MlcError
 C = TypeVar("C", bound="Config")
 
 
-def opt(default: Any, help: str, *, argument: bool = False, flag: str | None = None, required: bool = False,
-        aliases: tuple[str, ...] = ()) -> Any:
-    """A config field: its default and its help. ``argument``: a positional CLI argument; ``flag``: the
+def opt(default: Any, help: str | Callable[[], str], *, argument: bool = False, flag: str | None = None,
+        required: bool = False, aliases: tuple[str, ...] = ()) -> Any:
+    """A config field: its default and its help (or a function making it when shown: a registry's choices, which
+    grow as entries register). ``argument``: a positional CLI argument; ``flag``: the
     option's name when it is not ``--field-name``; ``required``: the CLI insists (the Python default
     stays, and ``__post_init__`` says what is missing); ``aliases``: old, deprecated spellings the CLI still
     takes (hidden from --help, a one-line notice on stderr)."""

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import stat
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from PIL import ExifTags, Image, ImageOps
 from .config import Config, opt, require
 from .errors import DataError, ImageError
 from .labels import RARE_ROWS, LabelSpace, odd_tokens, same_numbers, typed_ids
+from .log import get, progress_enabled
 from .reading import CSV_BYTES, read_bytes
 from .reading import kind as _kind
 from .records import IMAGE_EXTENSIONS, CsvLayout, Record, header_cells, image_id_fault, raise_problems, read_csv
@@ -35,6 +35,8 @@ from .records import IMAGE_EXTENSIONS, CsvLayout, Record, header_cells, image_id
 
 Split = Literal["train", "test"]
 LABELS_FILE = "labels.csv"
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +53,8 @@ class DataOptions(Config):
                               "any other label is then an error. Default: DATA_DIR/labels.csv when there, else "
                               "the labels train.csv holds (the COMP5329 names built in).")
     images: bool = opt(True, "Rows have images; --no-images for a text-only dataset (ids need not be files).")
+    image_dir: Path | None = opt(None, "The folder of the images, anywhere (e.g. train2014/ or pics/). Default: "
+                                 "DATA_DIR/data, else DATA_DIR/images, else DATA_DIR itself.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +66,10 @@ class DataOptions(Config):
         d = self.to_dict()
         if self.labels is not None:
             d["labels"] = str(Path(self.labels).resolve())
+        if self.image_dir is None:  # recorded only when set: caches made before the option keep their records
+            del d["image_dir"]
+        else:
+            d["image_dir"] = str(Path(self.image_dir).resolve())
         return d
 
 
@@ -69,7 +77,8 @@ class DataOptions(Config):
 class DataDir:
     """A data folder: ``train.csv``, ``test.csv`` and the images.
 
-    The images are in ``root/data`` (the Kaggle layout), else ``root/images``, else ``root`` itself.
+    The images are in ``options.image_dir`` when given, else ``root/data`` (the Kaggle layout), else
+    ``root/images``, else ``root`` itself.
     """
 
     root: Path
@@ -81,8 +90,14 @@ class DataDir:
         root = Path(root)
         if not root.is_dir():
             raise DataError(str(root), None, "data folder not found" if not root.exists() else "not a folder")
+        options = options or DataOptions()
         image_dir = next((d for d in (root / "data", root / "images") if d.is_dir()), root)
-        return cls(root, image_dir, options or DataOptions())
+        if options.image_dir is not None:
+            image_dir = Path(options.image_dir)
+            if not image_dir.is_dir():
+                raise DataError(str(image_dir), None, "--image-dir: image folder not found" if not image_dir.exists()
+                                else "--image-dir: not a folder")
+        return cls(root, image_dir, options)
 
     def csv_path(self, split: Split) -> Path:
         if split not in ("train", "test"):
@@ -153,7 +168,7 @@ class DataDir:
         space, bad = train_label_space(path, self._train_records)
         raise_problems(path, bad)
         for warning in rare_labels(path, self._train_records, space):
-            print(f"warning: {warning}", file=sys.stderr)
+            logger.warning(f"warning: {warning}")
         return space
 
     def has_captions(self, split: Split = "train") -> bool:
@@ -358,7 +373,7 @@ def check_images(
     try:
         faults = pool.map(functools.partial(_quick_check, inside=data_dir.image_dir), paths)
         bar = tqdm(zip(records, paths, faults, strict=True), total=len(records), desc="images",
-                   unit="img", disable=None if progress else True, leave=False)
+                   unit="img", disable=None if progress and progress_enabled() else True, leave=False)
         for record, path, why in bar:
             if why is None:
                 kept.append(record)

@@ -11,7 +11,6 @@ label's precision, recall, F1 and support; ``--out`` writes them as JSON. From P
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,11 @@ from .config import Config, group, opt, require
 from .data import DataDir, DataOptions
 from .errors import MlcError
 from .folders import read_json
+from .log import get
 from .options import LoaderOptions
 from .predictor import load
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,12 +50,15 @@ class EvaluateConfig(Config):
 
 
 def _say(msg: str) -> None:
-    print(f"[mlc evaluate] {msg}", file=sys.stderr, flush=True)
+    logger.info(f"[mlc evaluate] {msg}")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """samples-F1 and per-label precision/recall/F1/support of the model on the labelled rows."""
     out = claim_out(cfg) if cfg.out is not None else None  # before the work: never an input, nor a foreign file
+    if cfg.split == "train" and cfg.data_dir.is_dir():
+        _say("warning: train.csv's rows trained this model, so these scores are optimistic; the run's cross-fitted "
+             "scores are in its metrics.json (`mlc runs`)")
     pred = load(cfg.model, backend=cfg.loader.backend, device=cfg.loader.device, onnx_dir=cfg.loader.onnx_dir)
     scores = pred.evaluate(cfg.data_dir, split=cfg.split, options=cfg.data, batch_size=cfg.loader.batch_size,
                            workers=cfg.loader.workers, skip_bad_images=cfg.skip_bad_images, say=_say)
@@ -85,6 +90,7 @@ def claim_out(cfg: EvaluateConfig) -> Path:
 def render(scores: dict[str, Any]) -> str:
     lines = [f"samples-F1 {scores['samples_f1']:.4f} on {scores['rows']} photos of {scores['source']}"
              + (f" ({len(scores['skipped'])} skipped)" if scores["skipped"] else ""),
+             f"micro-F1 {scores['micro_f1']:.4f}  macro-F1 {scores['macro_f1']:.4f}  mAP {scores['mAP']:.4f}",
              f"{'label':<24} {'support':>7} {'precision':>9} {'recall':>7} {'F1':>7}"]
     for lid, c in scores["per_class"].items():
         lines.append(f"{(lid + ' ' + c['name'])[:24]:<24} {c['support']:7d} {c['precision']:9.3f} {c['recall']:7.3f} "

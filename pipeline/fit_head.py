@@ -11,10 +11,10 @@ averaged at prediction time. ``--grid`` fits heads x losses x learning rates and
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from logging import DEBUG, INFO
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,27 @@ from .errors import MlcError
 from .evaluation import THRESHOLD_MODES, evaluate
 from .fused import load_joined, plan_parts, token_dim
 from .heads import HEADS, HeadOptions, predict_proba
+from .log import get
+from .losses import LOSSES
 from .runs import Contract, RunDir, RunFiles, feature_entry
 from .splits import kfold, train_val_split
 from .training import Task, TrainOptions, TrainResult, make_sampler, train
 
 # The grid dinov2's linear evaluation runs, sized for seconds: heads x losses x learning rates.
-DEFAULT_GRID: dict[str, tuple] = {"head": ("concat", "sum", "gated"), "loss": ("bce", "asl"), "lr": (3e-3, 1e-3)}
+GRID_LRS = (3e-3, 1e-3)
+
+
+def default_grid() -> dict[str, tuple]:
+    """``--grid``: every registered head and loss that says it belongs in the grid (``grid``), x ``GRID_LRS``."""
+    return {"head": HEADS.in_grid(), "loss": LOSSES.in_grid(), "lr": GRID_LRS}
+
+
+def _grid_help() -> str:
+    grid = default_grid()
+    return (f"Train a grid of heads ({', '.join(grid['head'])}) x losses ({', '.join(grid['loss'])}) x learning "
+            f"rates ({', '.join(map(str, grid['lr']))}), pick the best on held-out samples-F1, print a leaderboard.")
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,8 +66,7 @@ class FitHeadConfig(Config):
     folds: int = opt(5, "K-fold: train K heads, tune thresholds on out-of-fold predictions, average the heads "
                      "at prediction (0 = one split; 5 measured +0.008 samples-F1 over one split).")
     thresholds: str = opt("per-class", "per-class, global, or fixed (0.5).")
-    grid: bool = opt(False, "Train a grid of heads x losses x learning rates, pick the best on held-out "
-                     "samples-F1, print a leaderboard.")
+    grid: bool = opt(False, _grid_help)
     output: OutputOptions = group(OutputOptions)
     train: TrainOptions = group(TrainOptions)
     fusion: HeadOptions = group(HeadOptions)
@@ -170,8 +184,7 @@ def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats
 
     def log(msg: str) -> None:
         lines.append(msg)
-        if not quiet:
-            print(msg, file=sys.stderr)
+        logger.log(DEBUG if quiet else INFO, msg)
 
     parts = plan_parts([r.meta for r in readers])
     for r, part in zip(readers, parts, strict=True):
@@ -225,19 +238,21 @@ def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
 
     Returns the leaderboard (best first) and the chosen run's metrics; the board is saved as grid.json.
     """
-    grid = grid or DEFAULT_GRID
+    grid = grid or default_grid()
     _claim(cfg)  # before the grid's minutes of fitting
     loaded = _load(cfg.caches)
     keys = list(grid)
     board = []
-    for combo in itertools.product(*(grid[k] for k in keys)):
+    combos = list(itertools.product(*(grid[k] for k in keys)))
+    for i, combo in enumerate(combos, 1):
         params = dict(zip(keys, combo, strict=True))
+        if not quiet:  # each config fits every fold: say which one, the heartbeat covers its seconds
+            logger.info(f"  config {i}/{len(combos)}: {' '.join(f'{k}={v}' for k, v in params.items())}")
         _, _, _, m, _ = _fit_and_score(cfg.replace(**params), loaded[1], lambda s: None)
         board.append({**params, "samples_f1": m["samples_f1"], "at_0.5": m["samples_f1_at_0.5"],
                       "seconds": m["seconds"]})
-        if not quiet:
-            print(f"  {' '.join(f'{k}={v}' for k, v in params.items()):40s} "
-                  f"samples-F1 {m['samples_f1']:.4f}  ({m['seconds']:.1f} s)", file=sys.stderr)
+        logger.log(DEBUG if quiet else INFO, f"  {' '.join(f'{k}={v}' for k, v in params.items()):40s} "
+                   f"samples-F1 {m['samples_f1']:.4f}  ({m['seconds']:.1f} s)")
     board.sort(key=lambda r: -r["samples_f1"])
     best = {k: board[0][k] for k in keys}
     metrics = fit_head(cfg.replace(**best), loaded, quiet=quiet, extra_json={"grid.json": board})

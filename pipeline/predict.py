@@ -28,11 +28,14 @@ from .atomic import OutputOptions, claim_output, first_line, write_text
 from .config import Config, group, opt, require
 from .data import DataOptions
 from .errors import MlcError
+from .log import get
 from .options import LoaderOptions
-from .predictor import Predictor, load, photo_faults
+from .predictor import Predictor, csv_header, load, photo_faults
 from .records import IMAGE_EXTENSIONS, CsvLayout, read_csv
 
 FORMATS = ("table", "csv", "json")
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,9 +92,11 @@ def image_paths(specs: tuple[str, ...]) -> list[str]:
 
 
 def read_captions(path: Path, options: DataOptions) -> dict[str, str]:
-    """A captions CSV read with the data layout options: file name -> caption (DataError naming a faulty row)."""
+    """A captions CSV read with the data layout options: file name -> caption (DataError naming a faulty row). A
+    CSV with a labels column (the competition's train.csv) is read as validate reads it, labels and all."""
     layout = CsvLayout(options.id_col, options.labels_col, options.caption_col, options.label_sep, options.images)
-    return {r.image_id: r.caption for r in read_csv(path, labelled=False, layout=layout)}
+    labelled = options.labels_col.lower() in {c.lower() for c in csv_header(path)}
+    return {r.image_id: r.caption for r in read_csv(path, labelled=labelled, layout=layout)}
 
 
 def _captions_for(cfg: PredictConfig, keys: list[str], pred: Predictor, table: dict[str, str] | None) -> list[str]:
@@ -110,7 +115,7 @@ def _captions_for(cfg: PredictConfig, keys: list[str], pred: Predictor, table: d
 
 
 def _say(msg: str) -> None:
-    print(f"[mlc predict] {msg}", file=sys.stderr, flush=True)
+    logger.info(f"[mlc predict] {msg}")
 
 
 def predict(cfg: PredictConfig, pred: Predictor | None = None) -> list[dict[str, Any]]:

@@ -176,7 +176,8 @@ def test_the_head_help_states_the_settings_mlc_run_trains_attention_with():
     from pipeline.heads import HeadOptions
     from pipeline.workflow import ATTENTION_TRAINING
 
-    text = HeadOptions.__dataclass_fields__["head"].metadata["help"]
+    made = HeadOptions.__dataclass_fields__["head"].metadata["help"]  # made from the head registry when shown
+    text = made()
     for name, value in ATTENTION_TRAINING.items():
         said = re.search(rf"--{name.replace('_', '-')} ([^ ).]+(?:\.\d+)?)", text)
         assert said, name

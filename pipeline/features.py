@@ -119,7 +119,7 @@ def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, 
         if not _up_to_date(job, meta):  # MismatchError naming the difference, as with a writable folder
             check_writable(job.target.parent)  # the OutputError naming the read-only folder
         if is_main():
-            print(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data; read-only)")
+            logger.info(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data; read-only)")
         return job.target
     with lock(job.target, f"the cache {job.target}") if is_main() else contextlib.nullcontext():
         if _up_to_date(job, meta):

@@ -33,6 +33,7 @@ from .errors import DataError, ImageError, MlcError
 from .folders import check_listing, read_json
 from .labels import LabelSpace
 from .metrics import macro_f1, mean_average_precision, micro_f1, per_class, samples_f1
+from .reading import CSV_BYTES, read_bytes
 from .records import read_csv
 from .thresholds import apply_thresholds
 
@@ -248,11 +249,11 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
 
 def csv_header(path: Path) -> list[str]:
     """The first line's cells (an empty list for a missing or empty file: the reader then says why)."""
-    try:
-        with open(path, encoding="utf-8-sig", errors="replace") as fh:
-            return [c.strip().strip('"') for c in fh.readline().rstrip("\r\n").split(",")]
-    except OSError:
+    try:  # bounded and never blocking (a FIFO, /dev/zero): reading.read_bytes; the reader then names the fault
+        line = read_bytes(path, limit=CSV_BYTES, what="CSV file").split(b"\n", 1)[0].decode("utf-8-sig", "replace")
+    except (OSError, DataError):
         return []
+    return [c.strip().strip('"') for c in line.rstrip("\r").split(",")]
 
 
 def unlabelled(path: Path, data: Path, split: str, model: Path) -> str:

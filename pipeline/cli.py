@@ -26,6 +26,11 @@ import click
 import typer
 import typer.core
 
+try:  # typer 0.2x runs on a click of its own (typer._click): only its UsageError ends in one usage box
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - an older typer, on click itself
+    from click import UsageError
+
 from . import __version__
 from .config import Config, Option
 from .errors import MlcError
@@ -273,6 +278,7 @@ def respell(args: list[str], renamed: dict[str, str], takes_value: set[str], com
     """``args`` with each old spelling of ``renamed`` (--old X, --old=X) replaced by the new one (for an argument,
     the value moved to the end, where it is the last positional), and a one-line notice on stderr for each.
     ``takes_value``: the options whose next word is their value, never an option."""
+    _refuse_both_spellings(args, renamed, takes_value)
     out: list[str] = []
     moved: list[str] = []
     i = 0
@@ -295,7 +301,7 @@ def respell(args: list[str], renamed: dict[str, str], takes_value: set[str], com
                 i += 1
                 moved.append(args[i])
             else:
-                raise click.UsageError(f"Option '{old}' requires an argument.")
+                raise UsageError(f"Option '{old}' requires an argument.")
         else:
             out.append(word)
             if word in takes_value and i + 1 < len(args):
@@ -303,6 +309,30 @@ def respell(args: list[str], renamed: dict[str, str], takes_value: set[str], com
                 out.append(args[i])
         i += 1
     return out + moved
+
+
+def _given(args: list[str], flags: set[str], takes_value: set[str]) -> dict[str, str]:
+    """The value each of ``flags`` has in ``args`` (--flag X, --flag=X; "" for a switch)."""
+    found: dict[str, str] = {}
+    for i, word in enumerate(args):
+        if word == "--":
+            break
+        name, eq, value = word.partition("=")
+        if name in flags:
+            found[name] = value if eq else (args[i + 1] if name in takes_value and i + 1 < len(args) else "")
+    return found
+
+
+def _refuse_both_spellings(args: list[str], renamed: dict[str, str], takes_value: set[str]) -> None:
+    """UsageError when an old spelling and its new one are both given with different values (the last one
+    silently won before); the same value twice is harmless."""
+    new = _given(args, {n for n in renamed.values() if n.startswith("--")}, takes_value | set(renamed))
+    old = _given(args, set(renamed), takes_value | set(renamed))
+    for o, value in old.items():
+        n = renamed[o]
+        if n in new and new[n] != value:
+            raise UsageError(f"{o} is the old spelling of {n}, and they disagree ({value!r} and "
+                                   f"{new[n]!r}): give {n} once")
 
 
 class _Command(typer.core.TyperCommand):
@@ -313,7 +343,9 @@ class _Command(typer.core.TyperCommand):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if self.renamed:
-            takes_value = {o for p in self.params if isinstance(p, click.Option) and not p.is_flag for o in p.opts}
+            # by duck type: typer's options are no click.Option under the click typer 0.2x vendors
+            takes_value = {o for p in self.params if getattr(p, "param_type_name", "") == "option"
+                           and not getattr(p, "is_flag", False) for o in p.opts}
             args = respell(args, self.renamed, takes_value, self.name or "")
         return super().parse_args(ctx, args)
 
@@ -340,6 +372,10 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[
             code = fn(config_cls.build(**values))
         except MlcError as err:
             _fail(err)
+        except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (outputs are written atomically: none half-done)
+            typer.echo(f"interrupted: mlc {name} stopped; its outputs are as they were before (an extract resumes "
+                       "from its finished chunks when run again)", err=True)
+            raise typer.Exit(130) from None
         if code:
             raise typer.Exit(code)
 

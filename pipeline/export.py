@@ -47,7 +47,7 @@ from .folders import listing
 from .log import get
 from .onnx_dtypes import DTYPES, convert
 from .portable import session
-from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, load
+from .predictor import DECISION, EXPORT_FILE, EXPORT_FORMAT, Predictor, load
 from .runs import RunDir
 from .scoring import TorchScorer
 
@@ -153,15 +153,6 @@ def _card(run: Path, pred: Predictor) -> dict[str, Any]:
     encoders = [e for b in pred.scorer.branches for e in (b.image, b.text) if e is not None]
     return model_card(encoders, rd.read_json("features.json"), rd.read_metrics(), pred.labels, DECISION["rule"],
                       len(pred.scorer.heads))
-
-
-DECISION = {
-    "rule": "label j is predicted when probabilities[j] >= thresholds[j]; a photo with no label over its threshold "
-            "gets the one label with the largest probabilities[j] - thresholds[j] (every photo gets at least one "
-            "label)",
-    "at_least_one": True,
-    "columns": "probabilities[:, j] and thresholds[j] belong to label_ids[j] (named label_names[j])",
-}
 
 
 def _cast(module: nn.Module, dtype: str) -> nn.Module:

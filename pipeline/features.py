@@ -29,7 +29,7 @@ from .data import DataDir, check_images, fingerprint
 from .device import is_main, rank, world_size
 from .encode import Hints, Job, encode_chunks, encode_images, encode_texts, submit_texts
 from .encoders import NONE, ImageEncoder, TextEncoder
-from .errors import MismatchError, MlcError
+from .errors import MismatchError, MlcError, OutputError
 from .identity import EncoderId
 from .log import get
 from .options import LoaderOptions
@@ -104,10 +104,23 @@ def _records(job: Job) -> tuple[list[Record], list[tuple[str, str]]]:
 def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, eng: Engine,
                 device: torch.device) -> Path:
     """Encode one split into its cache file (or find it already done), running the encoders through
-    ``eng``. Returns the cache path. One process at a time writes a cache: a second stops at once."""
-    check_writable(job.target.parent)
+    ``eng``. Returns the cache path. One process at a time writes a cache: a second stops at once. An up-to-date
+    cache on read-only storage is used as it is: reading it needs no lock."""
+    try:
+        check_writable(job.target.parent)
+        read_only = False
+    except OutputError:
+        if not job.target.is_file():
+            raise  # nothing to read there: stop before the work
+        read_only = True
     records, skipped = _records(job)
     meta = cache_meta(job, image, text, records, eng, skipped)
+    if read_only:
+        if not _up_to_date(job, meta):  # MismatchError naming the difference, as with a writable folder
+            check_writable(job.target.parent)  # the OutputError naming the read-only folder
+        if is_main():
+            logger.info(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data; read-only)")
+        return job.target
     with lock(job.target, f"the cache {job.target}") if is_main() else contextlib.nullcontext():
         if _up_to_date(job, meta):
             if is_main():

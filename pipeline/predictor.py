@@ -28,17 +28,27 @@ import numpy as np
 from PIL import Image
 
 from . import schemas
-from .data import DataDir, load_image
+from .data import DECODE_ERRORS, DataDir, decode_image, load_image
 from .errors import DataError, ImageError, MlcError
 from .folders import check_listing, read_json
 from .labels import LabelSpace
 from .metrics import macro_f1, mean_average_precision, micro_f1, per_class, samples_f1
+from .reading import CSV_BYTES, read_bytes
 from .records import read_csv
 from .thresholds import apply_thresholds
 
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = 2  # 1: encoders + heads only (mlc 0.2.0); 2: + export.json describing preprocessing and the rule
 Photo = str | os.PathLike[str] | Image.Image
+# The decision rule export.json records and Predictor.decide applies: read back field by field, so an export
+# asking for another rule is refused rather than scored by this one.
+DECISION = {
+    "rule": "label j is predicted when probabilities[j] >= thresholds[j]; a photo with no label over its threshold "
+            "gets the one label with the largest probabilities[j] - thresholds[j] (every photo gets at least one "
+            "label)",
+    "at_least_one": True,
+    "columns": "probabilities[:, j] and thresholds[j] belong to label_ids[j] (named label_names[j])",
+}
 
 
 def _raise(e: ImageError) -> None:
@@ -199,7 +209,8 @@ class Predictor:
             return None
         if photos is None:
             raise MlcError(f"{self.source}: this model reads images; give photos")
-        return [p if isinstance(p, Image.Image) else load_image(p, self.draft) for p in photos]
+        return [_as_rgb(p, i, self.draft) if isinstance(p, Image.Image) else load_image(p, self.draft)
+                for i, p in enumerate(photos)]
 
     @classmethod
     def of_run(cls, run: Any, **engine: Any) -> Predictor:
@@ -216,7 +227,7 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
     """A run folder (fit-head or finetune) or a folder `mlc export` wrote. An ONNX export loads without torch;
     ``backend``, ``device`` and ``onnx_dir`` are for the torch path (run folders, safetensors exports)."""
     path = Path(path)
-    if (path / EXPORT_FILE).is_file():
+    if (path / EXPORT_FILE).exists():  # anything there but a regular file is refused by name when read
         meta = read_export(path)
         labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))
         th = np.asarray(meta["thresholds"], np.float32)
@@ -238,11 +249,11 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
 
 def csv_header(path: Path) -> list[str]:
     """The first line's cells (an empty list for a missing or empty file: the reader then says why)."""
-    try:
-        with open(path, encoding="utf-8-sig", errors="replace") as fh:
-            return [c.strip().strip('"') for c in fh.readline().rstrip("\r\n").split(",")]
-    except OSError:
+    try:  # bounded and never blocking (a FIFO, /dev/zero): reading.read_bytes; the reader then names the fault
+        line = read_bytes(path, limit=CSV_BYTES, what="CSV file").split(b"\n", 1)[0].decode("utf-8-sig", "replace")
+    except (OSError, DataError):
         return []
+    return [c.strip().strip('"') for c in line.rstrip("\r").split(",")]
 
 
 def unlabelled(path: Path, data: Path, split: str, model: Path) -> str:
@@ -264,8 +275,38 @@ def read_export(path: Path) -> dict[str, Any]:
         raise MlcError(f"{path}: export format {fmt!r}; this mlc reads format {EXPORT_FORMAT} (export the run "
                        "again with this mlc)")
     meta = schemas.export(meta, path / EXPORT_FILE)
+    honoured(meta, path / EXPORT_FILE)
     check_listing(path, meta["files"], (EXPORT_FILE,), "export the run again")
     return meta
+
+
+def honoured(meta: dict[str, Any], path: Path) -> None:
+    """Every field of export.json that decides something is one this mlc applies exactly, else MlcError naming the
+    file and field: the decision rule (each field of ``DECISION``), and the kind and dtype against the graph."""
+    decision = meta.get("decision")
+    if not isinstance(decision, dict):
+        raise MlcError(f"{path}: decision: expected the decision rule (an object), found {decision!r:.60}")
+    for key in sorted(set(decision) | set(DECISION)):
+        if decision.get(key) != DECISION.get(key):
+            want = f"{DECISION[key]!r:.80}" if key in DECISION else "no such field"
+            raise MlcError(f"{path}: decision.{key}: {decision.get(key)!r:.80} is not the rule this mlc applies "
+                           f"({want}); it would be ignored, so the export is refused: export the run again")
+    graph = meta.get("graph")
+    kind = "onnx" if graph else "safetensors"
+    if meta.get("kind", kind) != kind:
+        raise MlcError(f"{path}: kind: {meta.get('kind')!r}, but the folder is a {kind} export"
+                       f" ({'a graph' if graph else 'no graph'} is listed)")
+    if graph and "dtype" in meta and graph.get("dtype", meta["dtype"]) != meta["dtype"]:
+        raise MlcError(f"{path}: dtype: {meta['dtype']!r}, but graph.dtype says {graph.get('dtype')!r}")
+
+
+def _as_rgb(im: Image.Image, i: int, draft: int | None) -> Image.Image:
+    """A photo given as a Pillow image, decoded by the rule a path is (data.decode_image), on a copy when it is
+    already decoded (the caller's image is left as it was)."""
+    try:
+        return decode_image(im if getattr(im, "fp", None) is not None else im.copy(), draft)
+    except DECODE_ERRORS as err:
+        raise ImageError(f"photo {i} (a {type(im).__name__})", f"cannot decode image: {err}") from err
 
 
 def decode_all(paths: Sequence[Path], draft: int | None, threads: int,

@@ -305,8 +305,9 @@ class RunDir:
 
 
 def data_inputs(data: DataDir) -> list[Path]:
-    """What a command reads from a data folder: its CSVs, labels file and image folder, which no output may be."""
-    return [p for p in (data.csv_path("train"), data.csv_path("test"), data.labels_file, data.image_dir)
+    """What a command reads from a data folder: its CSVs, labels file, image folder and the folder itself, which no
+    output may be (and whose files --force never replaces)."""
+    return [p for p in (data.csv_path("train"), data.csv_path("test"), data.labels_file, data.image_dir, data.root)
             if p is not None]
 
 

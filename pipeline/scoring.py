@@ -123,5 +123,11 @@ def export_scorer(path: Path, meta: dict[str, Any], *, backend: str = "auto", de
         image = load_encoder(path / b["image"]).float() if b.get("image") else None
         text = load_encoder(path / b["text"]).float() if b.get("text") else None
         branches.append(_branch(image, text, backend, device, onnx_dir))  # type: ignore[arg-type]
+    dims = (sum(b.image.dim for b in branches if b.image is not None),
+            sum(b.text.dim for b in branches if b.text is not None))
+    if (head_cfg["image_dim"], head_cfg["text_dim"]) != dims:
+        have = f"{head_cfg['image_dim']}/{head_cfg['text_dim']}"
+        raise MlcError(f"{path / 'export.json'}: head.image_dim/text_dim: {have}, but the exported encoders give "
+                       f"{dims[0]}/{dims[1]} features")
     heads = [load_head(path / name, head_cfg) for name in meta["heads"]]
     return TorchScorer(heads, head_cfg, branches)

@@ -85,7 +85,7 @@ def validate_data_dir(root: str | os.PathLike[str], *, csv_only: bool, progress:
         layout, labels_file_ok = data_dir.layout(with_labels_file=False), False
     for split in ("train", "test"):
         path = data_dir.csv_path(split)
-        if not path.is_file():
+        if not data_dir.has(split):  # anything else by that name is refused by name when read
             if split == "test" and not need_test:
                 continue
             problems.append(DataError(str(path), None, f"{split}.csv not found in the data folder"))

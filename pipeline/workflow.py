@@ -32,6 +32,7 @@ from .heads import HEADS, HeadOptions
 from .heartbeat import stage
 from .log import get
 from .quantize import PrecisionOptions
+from .reading import JSON_BYTES, read_text
 from .replay import RUN_RECIPE
 from .report import make_report
 from .runs import Contract, RunDir, data_inputs
@@ -195,7 +196,7 @@ def _submission_current(run: RunDir, test_cache: Path) -> bool:
     if not run.submission.is_file():
         return False
     try:
-        info = json.loads(run.submission_info.read_text(encoding="utf-8"))
+        info = json.loads(read_text(run.submission_info, limit=JSON_BYTES))
         now = read_meta(test_cache).data_fingerprint
         return info["run_manifest"] == sha256_file(run.manifest) and bool(info["test"]) and \
             all(t["data_fingerprint"] == now for t in info["test"])

@@ -216,14 +216,14 @@ def test_an_unknown_option_is_refused_naming_it():
 
 
 def test_a_groups_validation_error_names_the_option(tmp_path):
-    with pytest.raises(MlcError, match="--batch-size must be at least 1"):
+    with pytest.raises(MlcError, match="--batch-size 0: out of range \\(it must be from 1 to"):
         ExtractConfig.build(data_dir="d", batch_size=0)
     with pytest.raises(MlcError, match=r"--dropout must be in \[0, 1\)"):
         FinetuneConfig.build(data_dir="d", dropout=1.5)
     with pytest.raises(MlcError, match="--label-sep must not be empty"):
         DataOptions(label_sep="")
     res = CliRunner().invoke(app, ["extract", str(tmp_path), "--workers", "-1"])
-    assert res.exit_code == 2 and "error: --workers must be 0 or more" in res.output
+    assert res.exit_code == 2 and "error: --workers -1: out of range (it must be from 0 to 256)" in res.output
 
 
 def test_configs_are_frozen_and_a_stage_leaves_its_config_as_it_was(fitted):

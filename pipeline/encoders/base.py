@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..atomic import write_json, write_safetensors
 from ..errors import MlcError, OutputError
 from ..identity import EncoderId
+from ..reading import JSON_BYTES, read_text
 from .transforms import ImagePreprocess, TextPreprocess
 from .weights import WEIGHTS_FILE, state_dict_hash
 
@@ -244,7 +245,7 @@ def read_encoder_json(folder: Path) -> dict[str, Any]:
     """``encoder.json`` of a saved encoder, checked; MlcError naming the file otherwise."""
     path = Path(folder) / ENCODER_FILE
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(read_text(path, limit=JSON_BYTES, what="encoder.json"))
     except (OSError, ValueError) as e:
         raise MlcError(f"{path}: not a saved mlc encoder ({e})") from e
     if not isinstance(d, dict) or d.get("kind") not in ("image", "text") or not isinstance(d.get("name"), str) \

@@ -144,7 +144,7 @@ def run(cfg: Any) -> None:
 
     result = go(cfg)
     typer.echo(f"validation samples-F1 {result['samples_f1']:.4f} (cross-fitted)  run: {result['run']}")
-    typer.echo(f"submission: {result['submission']}   report: {result['report']}")
+    typer.echo(f"submission: {result['submission'] or 'none (no test.csv)'}   report: {result['report']}")
 
 
 def predict(cfg: Any) -> None:
@@ -174,6 +174,33 @@ def export(cfg: Any) -> None:
     typer.echo(f"wrote {path}: {size / 1e6:.1f} MB ({cfg.dtype}, {cfg.format})")
 
 
+def serve(cfg: Any) -> None:
+    """Serve a run folder or an export on a local HTTP endpoint: JSON predict, labels, model card and health
+    endpoints, and a web page at / to try photos and captions (needs the serve extra: pip install 'mlc[serve]')."""
+    from .serve import bind, build, serve, url_of
+
+    sock = bind(cfg.host, cfg.port)  # first: a port in use is said before a model loads for seconds
+    typer.echo(f"loading {cfg.model}", err=True)
+    app = build(cfg)
+    typer.echo(f"serving {cfg.model} on {url_of(sock)} (Ctrl+C stops)", err=True)
+    from .heartbeat import stop
+
+    stop()  # loading had its heartbeat; a server waiting for requests is quiet on purpose
+    serve(app, sock)
+
+
+def runs(cfg: Any) -> None:
+    """A leaderboard of the runs under FOLDER (default runs/): recipe, encoders, head, folds, decision rule,
+    cross-fitted samples-F1 and its baselines, fit time, size and date; --out writes it as an HTML page with each
+    label's F1 side by side. A damaged run is a row saying what is wrong."""
+    from .leaderboard import runs as go
+
+    _, table = go(cfg)
+    typer.echo(table)
+    if cfg.out is not None:
+        typer.echo(f"wrote {cfg.out}")
+
+
 def encoders(cfg: Any) -> None:
     """List the registered image and text encoders and presets."""
     from .encoders import PRESETS, list_encoders
@@ -198,6 +225,8 @@ COMMANDS: dict[str, tuple[Callable[[Any], int | None], str]] = {
     "predict": (predict, "pipeline.predict:PredictConfig"),
     "evaluate": (evaluate, "pipeline.evaluate:EvaluateConfig"),
     "export": (export, "pipeline.export:ExportConfig"),
+    "runs": (runs, "pipeline.leaderboard:RunsConfig"),
+    "serve": (serve, "pipeline.serve:ServeConfig"),
     "encoders": (encoders, "pipeline.config:Config"),
 }
 
@@ -210,14 +239,16 @@ def _flag(name: str, option: Option) -> str:
     return option.field.metadata.get("flag") or "--" + name.replace("_", "-")
 
 
-def _parameter(name: str, option: Option) -> tuple[inspect.Parameter, Any]:
-    """The Typer parameter of one option, and the annotation Typer should see."""
+def _parameter(name: str, option: Option, replayable: bool = False) -> tuple[inspect.Parameter, Any]:
+    """The Typer parameter of one option, and the annotation Typer should see (``replayable``: a command with
+    --config, whose required arguments may come from the recorded config instead)."""
     meta, hint, default = option.field.metadata, option.hint, option.default
     if typing.get_origin(hint) is tuple:  # Typer repeats list options; configs keep tuples
         hint = list[typing.get_args(hint)[0]]
         default = list(default)
     if meta.get("argument"):
-        info = typer.Argument(... if meta.get("required") else default, help=meta["help"], show_default=False)
+        required = meta.get("required") and not replayable  # the config's own checks still require it
+        info = typer.Argument(... if required else default, help=meta["help"], show_default=False)
     else:
         flag = _flag(name, option)
         decls = [f"{flag}/--no-{flag[2:]}"] if hint is bool and default else [flag]
@@ -295,10 +326,19 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[
     options = config_cls.options()
     # arguments, then the stage's own options, then the option groups'
     order = sorted(options, key=lambda n: (not options[n].field.metadata.get("argument"), options[n].group is not None))
-    built = [_parameter(n, options[n]) for n in order]
+    replayable = name in REPLAYABLE
+    built = [_parameter(n, options[n], replayable) for n in order]
+    if replayable:
+        context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        built += [_REPLAY, (context, typer.Context)]
 
     def command(**values: Any) -> None:
+        ctx = values.pop("ctx", None)
         try:
+            if values.pop("config", None) is not None:
+                from .replay import replayed
+
+                values = replayed(name, config_cls, values, ctx)
             code = fn(config_cls.build(**values))
         except MlcError as err:
             _fail(err)
@@ -312,6 +352,12 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[
     return command
 
 
+REPLAYABLE = ("run", "fit-head")  # the commands with --config
+_REPLAY = (inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(
+    None, "--config", help="Replay a recorded recipe: a run folder, its config.json (fit-head) or run.json (mlc run). "
+    "Every option given here overrides the recorded one.", rich_help_panel="Replay")), typing.Optional[str])  # noqa: UP045
+
+
 def _load(name: str) -> click.Command:
     fn, where = COMMANDS[name]
     module, _, cls = where.partition(":")
@@ -320,6 +366,14 @@ def _load(name: str) -> click.Command:
     kind = type("_Command", (_Command,), {"renamed": _renamed(config_cls.options())})
     sub.command(name, cls=kind)(config_command(name, fn, config_cls))
     return typer.main.get_command(sub)
+
+
+def _heartbeat(ctx: click.Context, name: str) -> None:
+    """No silence over 5 s from here to the command's end (importing a stage alone can take 25 s on a busy machine):
+    a line on stderr whenever nothing was printed for 3 s (3, not 5: the interpreter starts before it)."""
+    from .heartbeat import until_closed
+
+    until_closed(ctx, lambda line: typer.echo(f"[mlc {name}] {line}", err=True), 3.0, f"starting mlc {name}")
 
 
 class _LazyGroup(typer.core.TyperGroup):
@@ -336,7 +390,10 @@ class _LazyGroup(typer.core.TyperGroup):
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
                                                                             list[str]]:
         cmd_name, cmd, rest = super().resolve_command(ctx, args)
-        return cmd_name, (_load(cmd_name) if cmd_name in COMMANDS else cmd), rest
+        if cmd_name in COMMANDS:
+            _heartbeat(ctx, cmd_name)
+            cmd = _load(cmd_name)
+        return cmd_name, cmd, rest
 
 
 app = typer.Typer(

@@ -87,7 +87,8 @@ class CrossfitConfig(Config):
 
     def recipe(self, data: DataDir) -> Recipe:
         """What the caches record: the encoder, and the cross-fit's identity in place of weights."""
-        spec = {k: v for k, v in self.flat_dict().items() if k not in ("data_dir", "cache_dir", "device", "overwrite")}
+        where = ("data_dir", "image_dir", "cache_dir", "device", "overwrite")  # where and how it runs, not what
+        spec = {k: v for k, v in self.flat_dict().items() if k not in where}
         spec["output"] = spec.pop("text_features")  # the name mlc 0.2 hashed: its cross-fits stay current
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
         return Recipe(image_encoder=NONE, text_encoder=self.text_encoder, text_weights=self.text_weights,

@@ -49,6 +49,8 @@ class DataOptions(Config):
                               "any other label is then an error. Default: DATA_DIR/labels.csv when there, else "
                               "the labels train.csv holds (the COMP5329 names built in).")
     images: bool = opt(True, "Rows have images; --no-images for a text-only dataset (ids need not be files).")
+    image_dir: Path | None = opt(None, "The folder of the images, anywhere (e.g. train2014/ or pics/). Default: "
+                                 "DATA_DIR/data, else DATA_DIR/images, else DATA_DIR itself.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +62,10 @@ class DataOptions(Config):
         d = self.to_dict()
         if self.labels is not None:
             d["labels"] = str(Path(self.labels).resolve())
+        if self.image_dir is None:  # recorded only when set: caches made before the option keep their records
+            del d["image_dir"]
+        else:
+            d["image_dir"] = str(Path(self.image_dir).resolve())
         return d
 
 
@@ -67,7 +73,8 @@ class DataOptions(Config):
 class DataDir:
     """A data folder: ``train.csv``, ``test.csv`` and the images.
 
-    The images are in ``root/data`` (the Kaggle layout), else ``root/images``, else ``root`` itself.
+    The images are in ``options.image_dir`` when given, else ``root/data`` (the Kaggle layout), else
+    ``root/images``, else ``root`` itself.
     """
 
     root: Path
@@ -79,8 +86,14 @@ class DataDir:
         root = Path(root)
         if not root.is_dir():
             raise DataError(str(root), None, "data folder not found" if not root.exists() else "not a folder")
+        options = options or DataOptions()
         image_dir = next((d for d in (root / "data", root / "images") if d.is_dir()), root)
-        return cls(root, image_dir, options or DataOptions())
+        if options.image_dir is not None:
+            image_dir = Path(options.image_dir)
+            if not image_dir.is_dir():
+                raise DataError(str(image_dir), None, "--image-dir: image folder not found" if not image_dir.exists()
+                                else "--image-dir: not a folder")
+        return cls(root, image_dir, options)
 
     def csv_path(self, split: Split) -> Path:
         if split not in ("train", "test"):

@@ -49,6 +49,9 @@ def _say(msg: str) -> None:
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """samples-F1 and per-label precision/recall/F1/support of the model on the labelled rows."""
+    if cfg.split == "train" and cfg.data_dir.is_dir():
+        _say("warning: train.csv's rows trained this model, so these scores are optimistic; the run's cross-fitted "
+             "scores are in its metrics.json (`mlc runs`)")
     pred = load(cfg.model, backend=cfg.loader.backend, device=cfg.loader.device, onnx_dir=cfg.loader.onnx_dir)
     scores = pred.evaluate(cfg.data_dir, split=cfg.split, options=cfg.data, batch_size=cfg.loader.encode_batch,
                            workers=cfg.loader.workers, skip_bad_images=cfg.skip_bad_images, say=_say)
@@ -60,6 +63,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 def render(scores: dict[str, Any]) -> str:
     lines = [f"samples-F1 {scores['samples_f1']:.4f} on {scores['rows']} photos of {scores['source']}"
              + (f" ({len(scores['skipped'])} skipped)" if scores["skipped"] else ""),
+             f"micro-F1 {scores['micro_f1']:.4f}  macro-F1 {scores['macro_f1']:.4f}  mAP {scores['mAP']:.4f}",
              f"{'label':<24} {'support':>7} {'precision':>9} {'recall':>7} {'F1':>7}"]
     for lid, c in scores["per_class"].items():
         lines.append(f"{(lid + ' ' + c['name'])[:24]:<24} {c['support']:7d} {c['precision']:9.3f} {c['recall']:7.3f} "

@@ -8,7 +8,9 @@
       model.onnx            uint8 pixels + token ids + mask -> probabilities (the fold heads averaged inside),
                             checked against torch once, when written
       tokenizer.json        the `tokenizers` tokenizer, truncation and padding set
-      README.md             a 20-line onnxruntime client
+      README.md             the model card (card.py: encoders, weights and licences, training data, labels,
+                            cross-fitted scores, the decision rule, intended use, limits) and the files
+      client.py             a client with onnxruntime, tokenizers, Pillow and numpy alone, from any folder
 
     model/                  (--format safetensors: for torch, and for runs fused over several caches)
       export.json, encoders/<i>-image/, encoders/<i>-text/, head-K.safetensors
@@ -39,13 +41,17 @@ from . import __version__, schemas
 from . import decision as decision_mod
 from .atomic import OutputOptions, claim_output, owned, staged, write_json, write_safetensors, write_text
 from .backends import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, mismatch, probe_inputs, to_onnx
+from .card import card_markdown, model_card
 from .config import Config, group, opt, require
 from .decision import RULES
 from .errors import MlcError
+from .export_files import CLIENT as CLIENT_TEMPLATE
+from .export_files import README, SAFETENSORS_README
 from .folders import listing
 from .onnx_dtypes import DTYPES, convert
 from .portable import session
 from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, load
+from .runs import RunDir
 from .scoring import TorchScorer
 
 FORMATS = ("onnx", "safetensors")
@@ -105,18 +111,31 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
                        ours=lambda p: owned(p, EXPORT_FILE, None))
     with _ticking(f"loading {cfg.run}"):
         pred = load(cfg.run, backend="torch")
+    card = _card(cfg.run, pred)
     with staged(out) as stage:
-        meta = {"format": EXPORT_FORMAT, "mlc_version": __version__, "source_run": str(Path(cfg.run).resolve()),
+        # the run by its folder name only: an export travels, the exporting machine's paths stay behind
+        meta = {"format": EXPORT_FORMAT, "mlc_version": __version__, "source_run": Path(cfg.run).resolve().name,
                 "kind": cfg.format, "dtype": cfg.dtype, "label_ids": list(pred.labels.ids),
                 "label_names": list(pred.labels.names), "thresholds": [float(t) for t in pred.thresholds],
-                "decision": {**pred.decision.to_dict(), "help": RULES[pred.decision.rule].help, **DECISION}}
+                "decision": {**pred.decision.to_dict(), "help": RULES[pred.decision.rule].help, **DECISION},
+                "card": card}
         if cfg.format == "onnx":
             meta |= _write_onnx(pred, stage, cfg.dtype)
         else:
             meta |= _write_safetensors(pred.scorer, stage, cfg.dtype)
+        write_text(stage / "README.md", readme(meta, pred))
         meta["files"] = listing(stage, (EXPORT_FILE,))
         write_json(stage / EXPORT_FILE, {**meta, schemas.CHECKSUM: schemas.checksum(meta)})
     return cfg.out, sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+
+
+def _card(run: Path, pred: Predictor) -> dict[str, Any]:
+    """The model card (card.py) from the run folder's records and the loaded encoders."""
+    rd = RunDir(run)
+    encoders = [e for b in pred.scorer.branches for e in (b.image, b.text) if e is not None]
+    rule = pred.decision.rule
+    return model_card(encoders, rd.read_json("features.json"), rd.read_metrics(), pred.labels, rule,
+                      len(pred.scorer.heads))
 
 
 DECISION = {  # beside the rule's name and parameters (decision.Decision.to_dict()); client.py's decide() applies them
@@ -224,7 +243,7 @@ def _write_onnx(pred: Predictor, stage: Path, dtype: str) -> dict[str, Any]:
     meta["graph"] = {"file": GRAPH, "dtype": dtype, "inputs": _io(sess.get_inputs(), len(pred.labels)),
                      "outputs": _io(sess.get_outputs(), len(pred.labels)),
                      "probe_max_abs_diff_vs_torch": float(np.abs(got[0] - want).max())}
-    write_text(stage / "README.md", client_readme(meta, pred))
+    write_text(stage / CLIENT_FILE, CLIENT)
     return meta
 
 
@@ -275,85 +294,23 @@ def _io(args: Any, classes: int) -> list[dict[str, Any]]:
             for a in args]
 
 
-def client_readme(meta: dict[str, Any], pred: Predictor) -> str:
-    """README.md of an ONNX export: what the folder holds and a client with onnxruntime, tokenizers, Pillow, numpy."""
-    return README.format(classes=len(pred.labels), dtype=meta["graph"]["dtype"],
-                         inputs=", ".join(f"`{i['name']}` {i['dtype']} {i['shape']}" for i in meta["graph"]["inputs"]),
-                         client=CLIENT)
+def readme(meta: dict[str, Any], pred: Predictor) -> str:
+    """README.md of an export: its model card, then what the folder holds (and for ONNX, its client)."""
+    card = card_markdown(meta["card"])
+    if meta.get("graph") is None:
+        return SAFETENSORS_README.format(classes=len(pred.labels), card=card)
+    return README.format(classes=len(pred.labels), dtype=meta["graph"]["dtype"], card=card,
+                         inputs=", ".join(f"`{i['name']}` {i['dtype']} {i['shape']}" for i in meta["graph"]["inputs"]))
+
+
+CLIENT_FILE = "client.py"
 
 
 def decision_source() -> str:
-    """decision.py's numpy decision step, as source for the client: the same code decides in mlc and outside."""
-    return "\n\n".join(inspect.getsource(f) for f in (decision_mod.expected_f1_sets, decision_mod.decide)) + "\n"
+    """decision.py's numpy decision step as source for client.py (``decide`` named ``apply_decision`` there): the
+    same code decides in mlc and outside."""
+    src = "\n\n".join(inspect.getsource(f) for f in (decision_mod.expected_f1_sets, decision_mod.decide))
+    return "_CHUNK = 4096\n\n" + src.replace("def decide(", "def apply_decision(") + "\n"
 
 
-CLIENT = '''\
-import json, math, sys
-import numpy as np, onnxruntime as ort
-from PIL import Image, ImageOps
-from tokenizers import Tokenizer
-
-meta = json.load(open("export.json"))
-im_rule, tx_rule = meta["image"], meta["text"]
-session = ort.InferenceSession(meta["graph"]["file"])
-tok = Tokenizer.from_file(tx_rule["tokenizer"]) if tx_rule else None
-
-def pixels(path):
-    im = Image.open(path)
-    side, crop = im_rule["resize"]["shorter_side"], im_rule["crop"]["size"]
-    if im_rule["jpeg_draft"] and im.format == "JPEG" and min(im.size) >= 2 * side:
-        s = side / min(im.size)
-        im.draft("RGB", (math.ceil(im.width * s), math.ceil(im.height * s)))
-    im = ImageOps.exif_transpose(im)
-    if im.mode != "RGB":  # transparent pixels on white
-        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA")).convert("RGB")
-    w, h = im.size
-    long = int(side * max(w, h) / min(w, h))
-    size = (side, long) if w <= h else (long, side)
-    if size != (w, h):
-        im = im.resize(size, getattr(Image.Resampling, im_rule["resize"]["interpolation"].upper()))
-    top, left = round((im.height - crop) / 2), round((im.width - crop) / 2)
-    return np.asarray(im.crop((left, top, left + crop, top + crop))).transpose(2, 0, 1)
-
-_CHUNK = 4096
-
-{decision}
-def predict(paths, captions):
-    feed = {"pixels": np.stack([pixels(p) for p in paths])} if im_rule else {}
-    if tok:
-        enc = tok.encode_batch([c.lower() if tx_rule["lowercase"] else c for c in captions])
-        feed["input_ids"] = np.array([e.ids for e in enc], dtype=np.int64)
-        feed["attention_mask"] = np.array([e.attention_mask for e in enc], dtype=np.int64)
-    names = {i.name for i in session.get_inputs()}
-    probs = session.run(["probabilities"], {k: v for k, v in feed.items() if k in names})[0]
-    chosen = decide(probs, meta["decision"])
-    return [[meta["label_ids"][j] for j in np.flatnonzero(row)] for row in chosen]
-
-if __name__ == "__main__":  # python client.py photo.jpg "its caption" [photo caption ...]
-    args = sys.argv[1:]
-    for path, labels in zip(args[::2], predict(args[::2], args[1::2])):
-        print(path, " ".join(map(str, labels)))
-'''.replace("{decision}", decision_source())
-
-
-
-README = '''\
-# An exported mlc model
-
-A multi-label classifier of photos and their captions ({classes} labels), exported by `mlc export`.
-`mlc predict THIS_FOLDER photo.jpg --caption "..."` runs it (no torch needed), or any program with
-onnxruntime, tokenizers, Pillow and numpy:
-
-- `model.onnx` ({dtype}): inputs {inputs}; output `probabilities` float32 (batch, {classes}), the
-  fold heads' mean probability of each label.
-- `export.json`: how a photo becomes `pixels` (`image`: EXIF orientation, RGB, resize rule, centre crop,
-  interpolation; the graph normalises), how a caption becomes tokens (`text`), the label ids and names,
-  the per-label `thresholds` and the decision rule (`decision`: every photo gets at least one label),
-  and every file's size and sha256.
-- `tokenizer.json`: the caption tokenizer, truncation and padding set.
-
-A client (`python client.py photo.jpg "a caption"`, run in this folder):
-
-```python
-{client}```
-'''
+CLIENT = CLIENT_TEMPLATE.replace("# {decision}\n", decision_source())

@@ -262,8 +262,12 @@ def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
     feats = loaded[1]
     keys = list(grid)
     board, held_scores = [], []
-    for combo in itertools.product(*(grid[k] for k in keys)):
+    combos = list(itertools.product(*(grid[k] for k in keys)))
+    for i, combo in enumerate(combos, 1):
         params = dict(zip(keys, combo, strict=True))
+        if not quiet:  # each config fits every fold: say which one, the heartbeat covers its seconds
+            print(f"  config {i}/{len(combos)}: {' '.join(f'{k}={v}' for k, v in params.items())}", file=sys.stderr,
+                  flush=True)
         _, held, scores, m, _ = _fit_and_score(_grid_config(cfg, params, len(feats.ids)), feats, lambda s: None)
         order = np.argsort(held)
         held_scores.append(scores[order])

@@ -29,7 +29,7 @@ from .config import Config, group, opt, require
 from .data import DataOptions
 from .errors import MlcError
 from .options import LoaderOptions
-from .predictor import Predictor, load, photo_faults
+from .predictor import Predictor, csv_header, load, photo_faults
 from .records import IMAGE_EXTENSIONS, CsvLayout, read_csv
 
 FORMATS = ("table", "csv", "json")
@@ -87,9 +87,11 @@ def image_paths(specs: tuple[str, ...]) -> list[str]:
 
 
 def read_captions(path: Path, options: DataOptions) -> dict[str, str]:
-    """A captions CSV read with the data layout options: file name -> caption (DataError naming a faulty row)."""
+    """A captions CSV read with the data layout options: file name -> caption (DataError naming a faulty row). A
+    CSV with a labels column (the competition's train.csv) is read as validate reads it, labels and all."""
     layout = CsvLayout(options.id_col, options.labels_col, options.caption_col, options.label_sep, options.images)
-    return {r.image_id: r.caption for r in read_csv(path, labelled=False, layout=layout)}
+    labelled = options.labels_col.lower() in {c.lower() for c in csv_header(path)}
+    return {r.image_id: r.caption for r in read_csv(path, labelled=labelled, layout=layout)}
 
 
 def _captions_for(cfg: PredictConfig, keys: list[str], pred: Predictor, table: dict[str, str] | None) -> list[str]:

@@ -33,7 +33,7 @@ from .decision import Decision
 from .errors import DataError, ImageError, MlcError
 from .folders import check_listing, read_json
 from .labels import LabelSpace
-from .metrics import per_class, samples_f1
+from .metrics import macro_f1, mean_average_precision, micro_f1, per_class, samples_f1
 from .records import read_csv
 
 EXPORT_FILE = "export.json"
@@ -149,23 +149,19 @@ class Predictor:
     def evaluate(self, data: str | os.PathLike[str], *, split: str = "test", options: Any = None,
                  batch_size: int = 32, workers: int = 2, skip_bad_images: bool = False,
                  say: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """samples-F1 (thresholds and decision rule applied) and each label's precision, recall, F1 and support on
-        labelled rows: ``data`` a data folder (its ``split`` CSV) or a CSV file (photos in its folder's data/,
-        images/ or beside it), read with ``options`` (data.DataOptions; default columns otherwise)."""
+        """samples-, micro- and macro-F1 (thresholds and decision rule applied), mAP and each label's precision,
+        recall, F1 and support on labelled rows: ``data`` a data folder (its ``split`` CSV) or a CSV file (photos
+        in its folder's data/, images/ or beside it), read with ``options`` (data.DataOptions; default columns
+        otherwise)."""
         data = Path(data)
         folder = DataDir.open(data if data.is_dir() else data.parent, options)
         path = folder.csv_path(split) if data.is_dir() else data  # type: ignore[arg-type]
-        records = read_csv(path, labelled=True, layout=folder.layout())
+        header, layout = {c.lower() for c in csv_header(path)}, folder.layout()
+        if layout.id_col.lower() in header and layout.labels_col.lower() not in header:
+            raise MlcError(unlabelled(path, data, split, self.source))
+        records = read_csv(path, labelled=True, layout=layout)
         if not records:
             raise DataError(str(path), None, "no labelled rows")
-        y = np.zeros((len(records), len(self.labels)), np.uint8)
-        for i, r in enumerate(records):
-            for token in r.labels or ():
-                try:
-                    y[i, self.labels.column(token)] = 1
-                except KeyError:
-                    raise DataError(str(path), r.line, f"label {token!r} is not one the model knows "
-                                    f"({', '.join(map(str, self.labels.ids))})") from None
         if say is not None:
             say(f"{len(records)} rows of {path}")
         skipped, bad = photo_faults(skip_bad_images, say or (lambda _: None))
@@ -174,10 +170,28 @@ class Predictor:
                                        on_bad=bad, say=say)
         if not rows:
             raise MlcError(f"no photo could be read ({len(skipped)} skipped)")
-        y_true, y_pred = y[rows], self.decide(probs)
-        pc = per_class(y_true, y_pred)
-        return {"samples_f1": samples_f1(y_true, y_pred), "rows": len(rows), "skipped": [e.path for e in skipped],
-                "source": str(path), "model": str(self.source),
+        out = self.scores([records[i].labels or [] for i in rows], probs, str(path),
+                          [(str(path), records[i].line) for i in rows])
+        return {**out, "skipped": [e.path for e in skipped]}
+
+    def scores(self, tokens: Sequence[Sequence[Any]], probs: np.ndarray, source: str,
+               where: Sequence[tuple[str, int | None]] | None = None) -> dict[str, Any]:
+        """Each row's true labels (tokens) against its probabilities, through ``decide``: samples-, micro- and
+        macro-F1, mAP and each label's precision, recall, F1 and support (keyed by label id)."""
+        y = np.zeros((len(tokens), len(self.labels)), np.uint8)
+        for i, row in enumerate(tokens):
+            for token in row:
+                try:
+                    y[i, self.labels.column(token)] = 1
+                except KeyError:
+                    file, line = where[i] if where is not None else (source, None)
+                    raise DataError(file, line if where is not None else i, f"label {token!r} is not one the model "
+                                    f"knows ({', '.join(map(str, self.labels.ids))})") from None
+        y_pred = self.decide(probs)
+        pc = per_class(y, y_pred)
+        return {"samples_f1": samples_f1(y, y_pred), "micro_f1": micro_f1(y, y_pred),
+                "macro_f1": macro_f1(y, y_pred), "mAP": mean_average_precision(y, probs), "rows": len(y),
+                "source": source, "model": str(self.source),
                 "per_class": {str(lid): {"name": name, **{k: float(pc[k][j]) for k in ("precision", "recall", "f1")},
                                          "support": int(pc["support"][j])}
                               for j, (lid, name) in enumerate(zip(self.labels.ids, self.labels.names, strict=True))}}
@@ -227,6 +241,26 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
     run = RunDir(path).load()
     return Predictor(path, run.labels, run.thresholds, run_scorer(run, encoders=True, backend=backend,
                                                                   device=device, onnx_dir=onnx_dir), run.decision)
+
+
+def csv_header(path: Path) -> list[str]:
+    """The first line's cells (an empty list for a missing or empty file: the reader then says why)."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
+            return [c.strip().strip('"') for c in fh.readline().rstrip("\r\n").split(",")]
+    except OSError:
+        return []
+
+
+def unlabelled(path: Path, data: Path, split: str, model: Path) -> str:
+    """What to say of a CSV without labels, and what works instead."""
+    offer = "score a labelled CSV"
+    if data.is_dir() and split == "test":
+        own = f"its model card ({model / 'README.md'})" if (model / EXPORT_FILE).is_file() else \
+            f"`mlc runs {model}` (its metrics.json)"
+        offer = (f"--split train scores train.csv (rows that trained the model: optimistic), or {own} shows the "
+                 "model's own cross-fitted scores")
+    return f"{path} has no labels column, so there is nothing to score against: {offer}"
 
 
 def read_export(path: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@
       checkpoints/         finetune's best.pt / last.pt (training state, not part of the manifest)
       submission.csv, report/            written later by `mlc submit` / `mlc report`
       submission.json      what submission.csv was made from (the run's manifest, the test caches' data)
+      run.json             the `mlc run` options that made it (`mlc run --config RUN` replays them)
 """
 
 from __future__ import annotations
@@ -362,7 +363,8 @@ def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
     return head.eval()
 
 
-_LATER = ("checkpoints", "report", "submission.csv", "submission.json")  # written after the run, not part of it
+# written after the run, not part of it (run.json: the `mlc run` recipe that made it, for --config)
+_LATER = ("checkpoints", "report", "submission.csv", "submission.json", "run.json")
 
 
 def saved_decision(th: dict[str, Any]) -> Decision:

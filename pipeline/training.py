@@ -199,7 +199,9 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A config without the options that may change between a run and its resumption; flat, so a checkpoint of
     mlc 0.2 (a flat config) resumes too."""
-    return {k: v for k, v in flatten(config).items() if k not in ("resume", "nproc")}
+    # image_dir unset is what a checkpoint from before --image-dir existed meant
+    return {k: v for k, v in flatten(config).items() if k not in ("resume", "nproc") and
+            not (k == "image_dir" and v is None)}
 
 
 class _Checkpoints:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import OutputOptions
+from .atomic import OutputOptions, write_json
 from .cache import read_meta
 from .config import Config, borrow, flatten, group, opt, require
 from .crossfit import CrossfitConfig, crossfit
@@ -30,7 +30,9 @@ from .finetune import FinetuneConfig, finetune
 from .fit_head import FitHeadConfig, fit_head, sized
 from .folders import sha256_file
 from .heads import HeadOptions
+from .heartbeat import stage
 from .quantize import PrecisionOptions
+from .replay import RUN_RECIPE
 from .report import make_report
 from .runs import Contract, RunDir, data_inputs
 from .submit import SubmitConfig, submit
@@ -112,6 +114,7 @@ class RunConfig(Config):
 
 def _say(msg: str) -> None:
     print(f"[mlc run] {msg}", file=sys.stderr, flush=True)
+    stage(msg)  # what the CLI's heartbeat says while this step is quiet
 
 
 _UNSTORED = ("kind", "force")  # config.json keys that do not change what a run holds
@@ -211,11 +214,29 @@ def _submission_current(run: RunDir, test_cache: Path) -> bool:
         return False  # none (an older mlc's), or damaged: make it again
 
 
+def _record(cfg: RunConfig, final: Path) -> None:
+    """run.json in the run folder(s): this job's options, paths resolved, so `mlc run --config RUN` replays it
+    from any folder. Rewritten only when it changed (a rerun that did no work writes nothing)."""
+    d = cfg.to_dict()
+    d.update(data_dir=str(cfg.data_dir.resolve()), cache_dir=str(Path(cfg.cache_dir).resolve()),
+             out=str(Path(cfg.out).resolve()))
+    d.get("output", {}).pop("force", None)  # how this job was allowed to write, not what it made
+    for folder in dict.fromkeys([cfg.out, final]):
+        path = RunDir(folder) / RUN_RECIPE
+        try:
+            same = json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(d))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            write_json(path, d)
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """The whole job; returns {"samples_f1", "run", "submission", "report"}."""
+    _say(f"mlc run {cfg.data_dir} -> {cfg.out}")
     _claim_outputs(cfg)
     _say(f"validating {cfg.data_dir}")
-    report = validate_data_dir(cfg.data_dir, csv_only=False, options=cfg.data)
+    report = validate_data_dir(cfg.data_dir, csv_only=False, options=cfg.data, need_test=False)
     if not report.ok:
         print(format_report(report))
         raise MlcError(f"{cfg.data_dir}: {len(report.problems)} problem(s) in the data (listed above); fix them, "
@@ -224,10 +245,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     encoders = cfg.encoders
     if cfg.head == "attention":  # the attention head reads the image encoder's token map, not its pooled vector
         encoders = encoders.replace(image_pooling="tokens")
+    splits = ("train", "test") if DataDir.open(cfg.data_dir, cfg.data).has("test") else ("train",)
+    if len(splits) == 1:
+        _say("no test.csv: fitting without a submission")
     caches = extract(ExtractConfig(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite,
-                                   encoders=encoders, numerics=cfg.numerics, loader=cfg.loader, data=cfg.data))
+                                   splits=splits, encoders=encoders, numerics=cfg.numerics, loader=cfg.loader,
+                                   data=cfg.data))
     train = [c for c in caches if c.name.startswith("train__")]
-    test = next(c for c in caches if c.name.startswith("test__"))
+    test = next((c for c in caches if c.name.startswith("test__")), None)
     if cfg.crossfit_text:
         _say("cross-fitting the caption tower (reused when already there)")
         enc = cfg.encoders
@@ -240,12 +265,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     fit(cfg, train, cfg.out, cfg.folds)
     final = finetune_route(cfg, train) if cfg.finetune else cfg.out
     rd = RunDir(final)
-    fresh = not _submission_current(rd, test)
+    fresh = test is not None and not _submission_current(rd, test)
     if fresh:  # none yet, or made by an earlier run or from an earlier test.csv: never hand that one back
+        _say("writing the submission")
         submit(SubmitConfig(run=final, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite,
                             loader=cfg.loader))
     if fresh or not (rd.report / "report.html").is_file():  # the report shows the submission's labels too
+        _say("writing the report")
         make_report(final)
+    _record(cfg, final)
     metrics = rd.read_metrics()
-    return {"samples_f1": metrics["samples_f1"], "run": final, "submission": rd.submission,
+    return {"samples_f1": metrics["samples_f1"], "run": final, "submission": rd.submission if test else None,
             "report": rd.report / "report.html"}

@@ -70,7 +70,8 @@ def require(checks: list[tuple[bool, str]]) -> None:
 # adding a line): beyond these a value is no typo-proof choice but a crash or a machine out of memory later.
 RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, 2**32 - 1),  # numpy's generators take no negative seed
-    "hidden": (1, 65536), "batch_size": (1, 65536), "workers": (0, 256), "chunk_rows": (1, 1 << 20),
+    "hidden": (1, 65536), "batch_size": (1, 65536), "encode_batch": (1, 65536), "workers": (0, 256),
+    "chunk_rows": (1, 1 << 20),
     "views": (1, 64), "folds": (0, 1000), "epochs": (1, 1_000_000), "patience": (0, 1_000_000),
     "lr": (0, 100), "encoder_lr": (0, 100), "weight_decay": (0, 100), "clip": (0, 1e6),
 }

@@ -60,7 +60,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         _say("warning: train.csv's rows trained this model, so these scores are optimistic; the run's cross-fitted "
              "scores are in its metrics.json (`mlc runs`)")
     pred = load(cfg.model, backend=cfg.loader.backend, device=cfg.loader.device, onnx_dir=cfg.loader.onnx_dir)
-    scores = pred.evaluate(cfg.data_dir, split=cfg.split, options=cfg.data, batch_size=cfg.loader.batch_size,
+    scores = pred.evaluate(cfg.data_dir, split=cfg.split, options=cfg.data, batch_size=cfg.loader.encode_batch,
                            workers=cfg.loader.workers, skip_bad_images=cfg.skip_bad_images, say=_say)
     if out is not None:
         write_json(out, scores)

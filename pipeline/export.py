@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import threading
 import time
@@ -37,12 +38,15 @@ import torch
 from torch import nn
 
 from . import __version__, schemas
+from . import decision as decision_mod
 from .atomic import OutputOptions, claim_output, owned, staged, write_json, write_safetensors, write_text
 from .backends import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, mismatch, probe_inputs, to_onnx
 from .card import card_markdown, model_card
 from .config import Config, group, opt, require
+from .decision import RULES
 from .errors import MlcError
-from .export_files import CLIENT, README, SAFETENSORS_README
+from .export_files import CLIENT as CLIENT_TEMPLATE
+from .export_files import README, SAFETENSORS_README
 from .folders import listing
 from .log import get
 from .onnx_dtypes import DTYPES, convert
@@ -136,7 +140,8 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
         meta = {"format": EXPORT_FORMAT, "mlc_version": __version__, "source_run": Path(cfg.run).resolve().name,
                 "kind": cfg.format, "dtype": cfg.dtype, "label_ids": list(pred.labels.ids),
                 "label_names": list(pred.labels.names), "thresholds": [float(t) for t in pred.thresholds],
-                "decision": DECISION, "card": card}
+                "decision": {**pred.decision.to_dict(), "help": RULES[pred.decision.rule].help, **DECISION},
+                "card": card}
         if cfg.format == "onnx":
             meta |= _write_onnx(pred, stage, cfg.dtype)
         else:
@@ -151,7 +156,8 @@ def _card(run: Path, pred: Predictor) -> dict[str, Any]:
     """The model card (card.py) from the run folder's records and the loaded encoders."""
     rd = RunDir(run)
     encoders = [e for b in pred.scorer.branches for e in (b.image, b.text) if e is not None]
-    return model_card(encoders, rd.read_json("features.json"), rd.read_metrics(), pred.labels, DECISION["rule"],
+    rule = pred.decision.rule
+    return model_card(encoders, rd.read_json("features.json"), rd.read_metrics(), pred.labels, rule,
                       len(pred.scorer.heads))
 
 
@@ -315,3 +321,13 @@ def readme(meta: dict[str, Any], pred: Predictor) -> str:
 
 
 CLIENT_FILE = "client.py"
+
+
+def decision_source() -> str:
+    """decision.py's numpy decision step as source for client.py (``decide`` named ``apply_decision`` there): the
+    same code decides in mlc and outside."""
+    src = "\n\n".join(inspect.getsource(f) for f in (decision_mod.expected_f1_sets, decision_mod.decide))
+    return "_CHUNK = 4096\n\n" + src.replace("def decide(", "def apply_decision(") + "\n"
+
+
+CLIENT = CLIENT_TEMPLATE.replace("# {decision}\n", decision_source())

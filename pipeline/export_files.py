@@ -58,12 +58,10 @@ def probabilities(paths, captions):
     names = {i.name for i in session.get_inputs()}
     return session.run(["probabilities"], {k: v for k, v in feed.items() if k in names})[0]
 
+# {decision}
 def decide(probs):
-    """export.json's decision rule, in one place: (N, C) probabilities -> (N, C) bool."""
-    th = np.array(meta["thresholds"])
-    chosen = probs >= th
-    chosen[np.arange(len(probs)), np.argmax(probs - th, axis=1)] |= ~chosen.any(axis=1)
-    return chosen
+    """export.json's decision rule (mlc's decision.decide, above), in one place: (N, C) probabilities -> (N, C) 0/1."""
+    return apply_decision(probs, meta["decision"])
 
 def predict(paths, captions):
     """Each photo's labels as (name, probability), most probable first."""

@@ -29,23 +29,20 @@ from PIL import Image
 
 from . import schemas
 from .data import DECODE_ERRORS, DataDir, decode_image, load_image
+from .decision import RULES, Decision
 from .errors import DataError, ImageError, MlcError
 from .folders import check_listing, read_json
 from .labels import LabelSpace
 from .metrics import macro_f1, mean_average_precision, micro_f1, per_class, samples_f1
 from .reading import CSV_BYTES, read_bytes
 from .records import read_csv
-from .thresholds import apply_thresholds
 
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = 2  # 1: encoders + heads only (mlc 0.2.0); 2: + export.json describing preprocessing and the rule
 Photo = str | os.PathLike[str] | Image.Image
 # The decision rule export.json records and Predictor.decide applies: read back field by field, so an export
 # asking for another rule is refused rather than scored by this one.
-DECISION = {
-    "rule": "label j is predicted when probabilities[j] >= thresholds[j]; a photo with no label over its threshold "
-            "gets the one label with the largest probabilities[j] - thresholds[j] (every photo gets at least one "
-            "label)",
+DECISION = {  # export.json's decision: these beside the rule's name and parameters (decision.Decision.to_dict())
     "at_least_one": True,
     "columns": "probabilities[:, j] and thresholds[j] belong to label_ids[j] (named label_names[j])",
 }
@@ -77,6 +74,7 @@ class Predictor:
     labels: LabelSpace
     thresholds: np.ndarray  # (C,) per label
     scorer: Any  # scoring.TorchScorer | portable.OnnxScorer
+    rule: Decision | None = None  # the run's chosen decision rule; None: the thresholds (per-class)
 
     @property
     def needs_images(self) -> bool:
@@ -113,10 +111,15 @@ class Predictor:
                            "its caption column? see --caption-col)")
         return list(captions)
 
+    @property
+    def decision(self) -> Decision:
+        """The decision rule this model applies (decision.RULES), with its tuned parameters."""
+        return self.rule or Decision("per-class", tuple(float(t) for t in self.thresholds))
+
     def decide(self, probs: np.ndarray) -> np.ndarray:
-        """(N, C) 0/1: label j where p_j >= threshold_j; a row with none gets the label of largest p_j - threshold_j
-        (every photo gets at least one label, as submissions have)."""
-        return apply_thresholds(probs, self.thresholds, at_least_one=True)
+        """(N, C) 0/1 by the model's decision rule (``decision``): thresholds, or the expected-F1 label set of each
+        photo. Every photo gets at least one label, as submissions have."""
+        return self.decision.apply(probs)
 
     def predict(self, photos: Sequence[Photo] | None = None, captions: Sequence[str] | None = None, *,
                 batch_size: int = 32) -> list[list[int | str]]:
@@ -219,7 +222,7 @@ class Predictor:
         from .scoring import run_scorer
 
         return cls(run.path, run.labels, run.thresholds, run_scorer(run, encoders=engine.pop("encoders", False),
-                                                                     **engine))
+                                                                     **engine), run.decision)
 
 
 def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = None,
@@ -231,20 +234,21 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
         meta = read_export(path)
         labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))
         th = np.asarray(meta["thresholds"], np.float32)
+        rule = Decision.from_dict(meta["decision"]) if "thresholds" in meta.get("decision", {}) else None
         if meta.get("graph"):
             from .portable import OnnxScorer
 
-            return Predictor(path, labels, th, OnnxScorer(path, meta))
+            return Predictor(path, labels, th, OnnxScorer(path, meta), rule)
         from .scoring import export_scorer
 
         return Predictor(path, labels, th, export_scorer(path, meta, backend=backend, device=device,
-                                                         onnx_dir=onnx_dir))
+                                                         onnx_dir=onnx_dir), rule)
     from .runs import RunDir
     from .scoring import run_scorer
 
     run = RunDir(path).load()
     return Predictor(path, run.labels, run.thresholds, run_scorer(run, encoders=True, backend=backend,
-                                                                  device=device, onnx_dir=onnx_dir))
+                                                                  device=device, onnx_dir=onnx_dir), run.decision)
 
 
 def csv_header(path: Path) -> list[str]:
@@ -286,9 +290,18 @@ def honoured(meta: dict[str, Any], path: Path) -> None:
     decision = meta.get("decision")
     if not isinstance(decision, dict):
         raise MlcError(f"{path}: decision: expected the decision rule (an object), found {decision!r:.60}")
-    for key in sorted(set(decision) | set(DECISION)):
-        if decision.get(key) != DECISION.get(key):
-            want = f"{DECISION[key]!r:.80}" if key in DECISION else "no such field"
+    rule = decision.get("rule")
+    if rule not in RULES:
+        raise MlcError(f"{path}: decision.rule: {rule!r:.60} is not a rule this mlc applies ({', '.join(RULES)}); "
+                       "export the run again")
+    try:
+        parsed = Decision.from_dict(decision)
+    except (ValueError, TypeError, KeyError) as e:
+        raise MlcError(f"{path}: decision: {e}; export the run again") from None
+    expected = {**parsed.to_dict(), "help": RULES[rule].help, **DECISION}  # what this mlc writes, and so applies
+    for key in sorted(set(decision) | set(expected)):
+        if decision.get(key) != expected.get(key):
+            want = f"{expected[key]!r:.80}" if key in expected else "no such field"
             raise MlcError(f"{path}: decision.{key}: {decision.get(key)!r:.80} is not the rule this mlc applies "
                            f"({want}); it would be ignored, so the export is refused: export the run again")
     graph = meta.get("graph")

@@ -71,7 +71,7 @@ class FitHeadConfig(Config):
     folds: int = opt(5, "K-fold: train K heads, tune thresholds on out-of-fold predictions, average the heads "
                      "at prediction (0 = one split; 5 measured +0.008 samples-F1 over one split).")
     decision: str = opt("auto", "The decision rule: auto (every rule scored cross-fitted on held-out rows, the best "
-                        "kept) or one of them: " + rules_help() + ".")
+                        "kept) or one of them: " + rules_help() + ".", aliases=("--thresholds",))
     grid: bool = opt(False, _grid_help)
     output: OutputOptions = group(OutputOptions)
     train: TrainOptions = group(TrainOptions, batch_size=None, epochs=None, patience=None)  # sized to the rows

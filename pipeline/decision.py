@@ -222,11 +222,17 @@ def cross_fitted_predictions(y: np.ndarray, probs: np.ndarray, name: str, folds:
     return out
 
 
+def cross_fitted_per_image(y: np.ndarray, probs: np.ndarray, names: Sequence[str] | None = None, folds: int = 5,
+                           seed: int = 0) -> dict[str, np.ndarray]:
+    """{rule: (N,) F1 of each row, decided by the rule tuned without its fold}."""
+    return {name: samples_f1_per_image(y, cross_fitted_predictions(y, probs, name, folds, seed))
+            for name in (names or list(RULES))}
+
+
 def cross_fitted_scores(y: np.ndarray, probs: np.ndarray, names: Sequence[str] | None = None, folds: int = 5,
                         seed: int = 0) -> dict[str, float]:
     """{rule: samples-F1 over all rows, each row decided by the rule tuned without its fold}."""
-    return {name: float(samples_f1_per_image(y, cross_fitted_predictions(y, probs, name, folds, seed)).mean())
-            for name in (names or list(RULES))}
+    return {name: float(f1.mean()) for name, f1 in cross_fitted_per_image(y, probs, names, folds, seed).items()}
 
 
 @dataclass(frozen=True)
@@ -249,9 +255,27 @@ class Choice:
                         "selected_score: the whole choose-then-tune procedure scored on outer folds it never saw"}
 
 
-def _best(scores: dict[str, float]) -> str:
-    """The highest score; ties go to the earlier (simpler) rule in the registry."""
-    return max(scores, key=lambda k: (round(scores[k], 12), -list(RULES).index(k)))
+# Which rule wins when the scores cannot tell rules apart: the one that needs the least tuned from the data.
+# expected-f1 first: it is the decision that maximises each image's expected F1 (the metric) given the
+# probabilities, with nothing tuned; 0.5 is optimal for per-label accuracy, not F1. Then one threshold, a
+# calibration (two numbers), and one threshold per label last, the most prone to fit the tuning rows' noise.
+SIMPLEST_FIRST = ("expected-f1", "fixed", "global", "expected-f1-calibrated", "per-class")
+
+
+def _best(per_image: dict[str, np.ndarray]) -> str:
+    """The simplest rule whose cross-fitted score is within one standard error of the best's (Breiman's one-SE
+    rule): the error of the paired per-image difference, so two rules that differ on a handful of images among
+    thousands count as equal, and the one that tuned less from those rows is kept. Unlisted rules rank last."""
+    means = {k: float(v.mean()) for k, v in per_image.items()}
+    top = max(means, key=lambda k: means[k])
+    n = len(per_image[top])
+
+    def close(k: str) -> bool:
+        diff = per_image[top] - per_image[k]
+        return means[top] - means[k] <= (float(diff.std(ddof=1)) / np.sqrt(n) if n > 1 else 0.0) + 1e-12
+
+    rank = {k: (SIMPLEST_FIRST.index(k) if k in SIMPLEST_FIRST else len(SIMPLEST_FIRST)) for k in per_image}
+    return min((k for k in per_image if close(k)), key=lambda k: (rank[k], -means[k]))
 
 
 def choose(y: np.ndarray, probs: np.ndarray, names: Sequence[str] | None = None, *, force: str | None = None,
@@ -267,8 +291,9 @@ def choose(y: np.ndarray, probs: np.ndarray, names: Sequence[str] | None = None,
         if force not in RULES:
             raise ValueError(f"unknown decision rule {force!r}; known: {', '.join(RULES)}")
         names = [force] if force not in names else names
-    scores = cross_fitted_scores(y, probs, names, folds, seed)
-    rule = force or _best(scores)
+    per_image = cross_fitted_per_image(y, probs, names, folds, seed)
+    scores = {k: float(v.mean()) for k, v in per_image.items()}
+    rule = force or _best(per_image)
     selected = scores[rule] if force else _nested_score(y, probs, names, folds, seed)
     return Choice(fit_rule(rule, y, probs), scores, force is not None, selected)
 
@@ -287,8 +312,9 @@ def select_nested(y: np.ndarray, candidates: Sequence[np.ndarray], seed: int = 0
     for pick in (half, ~half):
         best: tuple[float, int, str] = (-1.0, 0, "fixed")
         for i, probs in enumerate(candidates):
-            scores = cross_fitted_scores(y[pick], np.asarray(probs)[pick], names, 2, seed)
-            rule = _best(scores)
+            inner = cross_fitted_per_image(y[pick], np.asarray(probs)[pick], names, 2, seed)
+            rule = _best(inner)
+            scores = {k: float(v.mean()) for k, v in inner.items()}
             if scores[rule] > best[0]:
                 best = (scores[rule], i, rule)
         _, i, rule = best
@@ -306,7 +332,7 @@ def _nested_score(y: np.ndarray, probs: np.ndarray, names: list[str], folds: int
     per_image = np.zeros(n)
     for f in range(k):
         held = fold == f
-        inner = cross_fitted_scores(y[~held], probs[~held], names, min(folds, 3), seed)  # 3: seconds, not tens
+        inner = cross_fitted_per_image(y[~held], probs[~held], names, min(folds, 3), seed)  # 3: seconds, not tens
         rule = fit_rule(_best(inner), y[~held], probs[~held])
         per_image[held] = samples_f1_per_image(y[held], rule.apply(probs[held]))
     return float(per_image.mean())

@@ -299,7 +299,8 @@ def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
         logger.info(f"grid: best {board[0]['samples_f1']:.4f} on the rows it was picked on; the choice scored on rows "
                     f"it did not see: {honest:.4f}")
     metrics = fit_head(_grid_config(cfg, best, len(feats.ids)), loaded, quiet=quiet,
-                       extra_json={"grid.json": {"board": board, "selected_score": honest}})
+                       extra_json={"grid.json": {"board": board,  # None: too few rows to score the choice
+                                                   "selected_score": honest if np.isfinite(honest) else None}})
     metrics["grid_selected_score"] = honest
     return board, metrics
 

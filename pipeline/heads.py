@@ -199,7 +199,7 @@ class AttentionHead(FusionHead):
 
     name = "attention"
     summary = ("label queries over image token maps: needs a cache extracted with --image-pooling tokens (mlc run "
-               "--head attention does that, with a batch of rows/32 within 16-256)")
+               "--head attention does that, with a batch of rows/16 within 16-256)")
     modalities = ("image",)  # the caption is optional: text_dim 0 leaves it out
     tokens = True
     # the pooled heads' defaults (lr 3e-3, dropout 0.5, 40 constant epochs) overfit a transformer layer within 3

@@ -171,7 +171,7 @@ def test_attention_batches_give_small_datasets_enough_steps():
     def batch(rows: int) -> int:
         return sized(FitHeadConfig.build(caches=("x.h5",), folds=5, **attention_training(rows)), rows).train.batch_size
 
-    assert batch(808) == 20  # the 808-row sample: 646 rows a fold, ~32 steps an epoch, not 3
+    assert batch(808) == 40  # the 808-row sample: 646 rows a fold, ~16 steps an epoch, not 3
     assert batch(100) == 16 and batch(50000) == 256
 
 

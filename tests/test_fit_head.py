@@ -149,7 +149,7 @@ def test_a_100_row_dataset_gets_enough_steps(tmp_path):
     s = sized_training(80, opts)  # 5 folds of 100 rows: 80 train a fold
     steps = -(-80 // s["batch_size"])
     assert s["batch_size"] <= 16 and steps >= 5 and steps * s["epochs"] >= 1000 and s["patience"] >= 10
-    assert sized_training(8000, opts)["batch_size"] == 250  # 10,000 rows: about the measured 256
+    assert sized_training(8000, opts)["batch_size"] == 256  # 10,000 rows: the measured 256
     assert sized_training(80, TrainOptions(batch_size=64, epochs=3, patience=0)) == \
         {"batch_size": 64, "epochs": 3, "patience": 0}  # what is given is kept
     cache = synthetic_cache(tmp_path / "c.h5", n=100)

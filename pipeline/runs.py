@@ -16,6 +16,7 @@
       train.log            what was printed
       encoders/image/, encoders/text/    finetuned encoders (Encoder.save folders)
       checkpoints/         finetune's best.pt / last.pt (training state, not part of the manifest)
+      members/NAME/        `mlc run --quality best`: each member's own run folder (not part of the manifest)
       submission.csv, report/            written later by `mlc submit` / `mlc report`
       submission.json      what submission.csv was made from (the run's manifest, the test caches' data)
 """
@@ -254,6 +255,8 @@ class RunDir:
         an interrupted one left for --resume): what a new run may replace. Else what ``owned`` says."""
         if kind == "finetune" and self.path.is_dir() and set(entries(self.path)) <= {"checkpoints"}:
             return True
+        if kind == "head" and self.path.is_dir() and set(entries(self.path)) <= {"members"}:
+            return True  # an interrupted `mlc run --quality best`: its members, no blend yet
         return owned(self.path, "manifest.json", kind, _LATER)
 
     @contextlib.contextmanager
@@ -269,7 +272,7 @@ class RunDir:
         """Write the whole run into a staging folder beside this one, manifest last, then swap it in: the
         previous run (with its submission and report, which belong to it) stays intact until the new one
         is complete. A finetune's checkpoints move over to the new folder. Call inside ``writing()``."""
-        with staged(self.path, keep=("checkpoints",)) as folder:
+        with staged(self.path, keep=("checkpoints", "members")) as folder:
             stage = RunDir(folder)
             stage._write_files(files)
             stage._write_manifest(files.kind)
@@ -360,7 +363,8 @@ def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
     return head.eval()
 
 
-_LATER = ("checkpoints", "report", "submission.csv", "submission.json")  # written after the run, not part of it
+# written after the run, not part of it (members/: a best run's members, each a run folder of its own)
+_LATER = ("checkpoints", "members", "report", "submission.csv", "submission.json")
 
 
 def _check_consistent(run: RunDir, th: dict[str, Any], head_cfg: dict[str, Any], contracts: list[Contract],

@@ -1,0 +1,113 @@
+"""Decision rules (pipeline/decision.py): the expected-F1 sets are optimal, the chosen rule is the best
+cross-fitted candidate, and a saved decision round-trips."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from pipeline.decision import (
+    RULES,
+    Decision,
+    choose,
+    cross_fitted_scores,
+    decide,
+    expected_f1_sets,
+    fit_calibration,
+    fit_rule,
+    rules_help,
+)
+from pipeline.metrics import samples_f1
+
+
+def _brute_expected_f1(p: np.ndarray, pred: np.ndarray) -> float:
+    """E[F1] of the set ``pred`` over every one of the 2^C label vectors, labels independent."""
+    total = 0.0
+    for bits in itertools.product((0, 1), repeat=len(p)):
+        y = np.array(bits)
+        prob = np.prod(np.where(y == 1, p, 1 - p))
+        denom = y.sum() + pred.sum()
+        total += prob * (2 * (y & pred).sum() / denom if denom else 0.0)
+    return total
+
+
+def test_expected_f1_sets_are_the_best_of_every_nonempty_set():
+    rng = np.random.default_rng(0)
+    probs = np.concatenate([rng.random((6, 5)), rng.random((4, 5)) ** 4, [[0.9, 0.9, 0.1, 0.05, 0.5]]])
+    got = expected_f1_sets(probs)
+    assert (got.sum(1) >= 1).all()
+    for p, pred in zip(probs, got, strict=True):
+        best = max(_brute_expected_f1(p, np.array(s)) for s in itertools.product((0, 1), repeat=5) if any(s))
+        assert _brute_expected_f1(p, pred) == pytest.approx(best, abs=1e-12)
+
+
+def test_expected_f1_picks_more_labels_when_they_are_likely():
+    probs = np.array([[0.95, 0.9, 0.85, 0.02], [0.4, 0.05, 0.04, 0.03]])
+    assert expected_f1_sets(probs).tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_expected_f1_chunks_agree_with_one_block(monkeypatch):
+    probs = np.random.default_rng(1).random((50, 7))
+    whole = expected_f1_sets(probs)
+    monkeypatch.setattr("pipeline.decision._CHUNK", 8)
+    assert (expected_f1_sets(probs) == whole).all()
+
+
+def test_threshold_decisions_give_every_image_a_label():
+    d = {"rule": "fixed", "thresholds": [0.5, 0.5, 0.9]}
+    assert decide(np.array([[0.1, 0.2, 0.85], [0.6, 0.1, 0.95]]), d).tolist() == [[0, 0, 1], [1, 0, 1]]
+
+
+def _data(n=400, c=6, seed=0, noise=0.25):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, c)) < np.linspace(0.6, 0.05, c)).astype(np.uint8)
+    y[np.arange(n), rng.integers(0, c, n)] |= (y.sum(1) == 0).astype(np.uint8)
+    probs = np.clip(0.7 * y + noise * rng.standard_normal((n, c)) + 0.1, 0.001, 0.999) ** 2
+    return y, probs
+
+
+def test_the_chosen_rule_is_the_best_scoring_candidate():
+    y, probs = _data()
+    choice = choose(y, probs, seed=3)
+    assert set(choice.scores) == set(RULES)
+    assert choice.scores[choice.rule] == max(choice.scores.values())
+    assert choice.scores == cross_fitted_scores(y, probs, seed=3)
+    assert not choice.forced and 0 < choice.selected_score <= 1
+    # probabilities squared: 0.5 is far off, so a tuned rule must win over fixed
+    assert choice.rule != "fixed" and choice.scores["fixed"] < max(choice.scores.values())
+
+
+def test_a_forced_rule_is_kept_and_scored():
+    y, probs = _data()
+    choice = choose(y, probs, force="fixed")
+    assert choice.rule == "fixed" and choice.forced and choice.selected_score == choice.scores["fixed"]
+    with pytest.raises(ValueError, match="unknown decision rule"):
+        choose(y, probs, force="nope")
+
+
+def test_cross_fitted_scores_are_on_unseen_rows():
+    y, probs = _data(n=200)
+    in_sample = samples_f1(y, fit_rule("per-class", y, probs).apply(probs))
+    assert cross_fitted_scores(y, probs, ["per-class"])["per-class"] < in_sample
+
+
+def test_calibration_undoes_a_logit_scaling():
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((4000, 3)) * 2
+    y = (rng.random(z.shape) < 1 / (1 + np.exp(-z))).astype(np.uint8)
+    bent = 1 / (1 + np.exp(-(0.5 * z - 1)))
+    a, b = fit_calibration(y, bent)
+    assert a == pytest.approx(2.0, rel=0.15) and b == pytest.approx(2.0, rel=0.15)
+
+
+def test_decisions_round_trip_and_apply_alike():
+    y, probs = _data(n=120)
+    for name in RULES:
+        d = fit_rule(name, y, probs)
+        again = Decision.from_dict(d.to_dict())
+        assert again == d and (again.apply(probs) == decide(probs, d.to_dict())).all()
+    assert all(name in rules_help() for name in RULES)
+    with pytest.raises(ValueError, match="unknown decision rule"):
+        Decision.from_dict({"rule": "x", "thresholds": []})

@@ -102,19 +102,18 @@ class Budget:
 
 def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *, folds: int, time_limit: float = 0.0,
                 rows: np.ndarray | None = None, output: OutputOptions | None = None,
-                fit_options: Callable[[Member, int], dict[str, Any]] | None = None,
-                say: Callable[[str], None] = _say) -> list[Member]:
+                say: Callable[[str], None] = _say, quiet: bool = False) -> list[Member]:
     """Fit (or reuse) each member into OUT/members/NAME; returns the members that are there. ``rows``: fit on these
-    rows of the caches only (benchmarks); ``fit_options``: more fit-head options for a member."""
+    rows of the caches only (benchmarks); ``quiet``: without
+    fit-head's own lines (its folds and epochs: the progress within a member)."""
     from .workflow import _up_to_date  # the one reuse rule of mlc run
 
     budget, done, loaded = Budget(time_limit, time.monotonic(), []), [], {}
     for i, m in enumerate(members):
         paths = [caches[c] for c in m.caches]
         run = RunDir(out / "members" / m.name)
-        extra = fit_options(m, rows if rows is not None else 0) if fit_options else {}
         cfg = FitHeadConfig.build(caches=tuple(paths), out=run.path, folds=folds, head=m.head, seed=m.seed,
-                                  output=output or OutputOptions(), **extra)
+                                  output=output or OutputOptions())
         fresh = not _up_to_date(run, cfg.to_dict(), paths)
         if not budget.allows(fresh, len(done)):
             say(f"time limit: {budget.left():.0f} s left, a member takes about {np.mean(budget.spent):.0f} s; "
@@ -130,7 +129,7 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
                 readers = [CacheReader(p) for p in paths]
                 feats = Features.load(readers)
                 loaded[key] = (readers, feats if rows is None else feats.subset(rows))
-            fit_head(cfg, loaded=loaded[key], quiet=True)
+            fit_head(cfg, loaded=loaded[key], quiet=quiet)
             budget.spent.append(time.monotonic() - t)
             say(f"member {m.name}: held-out samples-F1 {run.read_metrics()['samples_f1']:.4f} "
                 f"({budget.spent[-1]:.0f} s)")

@@ -11,6 +11,7 @@ import torch
 from conftest import make_data_dir
 from typer.testing import CliRunner
 
+from pipeline.best import blend, fit_members, plan
 from pipeline.cli import app
 from pipeline.ensemble import choose, cross_fitted_blend, greedy_weights, log_loss, mix
 from pipeline.heads import BlendHead, create_head
@@ -91,6 +92,7 @@ def test_fit_head_refuses_the_blend_head():
     assert res.exit_code == 2 and "mlc run --quality" in res.output, res.output
 
 
+@pytest.mark.slow  # a whole mlc run of 4 members, then an export: ~30 s alone
 def test_mlc_run_quality_best_blends_reuses_everything_and_exports_what_it_predicts(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
     out, cache = tmp_path / "runs" / "best", tmp_path / "cache"
@@ -121,13 +123,21 @@ def test_mlc_run_quality_best_blends_reuses_everything_and_exports_what_it_predi
                                atol=1e-4)
 
 
-def test_mlc_run_quality_best_honours_the_time_limit(tmp_path):
-    data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
-    out = tmp_path / "runs" / "best"
-    res = CliRunner().invoke(app, ["run", str(data), *ARGS, "--out", str(out), "--cache-dir", str(tmp_path / "c"),
-                                   "--time-limit", "0.001"])
-    assert res.exit_code == 0, res.output
-    assert "time limit" in res.output and "stopping at 1 of 4 members" in res.output
-    assert [p.name for p in (out / "members").iterdir() if not p.name.startswith(".")] == ["concat-a"]
-    info = json.loads((out / "ensemble.json").read_text())
-    assert list(info["weights"]) == ["concat-a"] and info["weights"]["concat-a"] == 1.0
+def test_members_and_blend_are_reused_and_the_time_limit_is_honoured(fitted):
+    cache, out = fitted["cache"], fitted["tmp"] / "best"
+    (out / "members").mkdir(parents=True)
+    said: list[str] = []
+    done = fit_members(plan(1), [cache], out, folds=2, time_limit=0.001, say=said.append)
+    assert [m.name for m in done] == ["concat-a"] and any("time limit" in s and "stopping at 1 of 4" in s for s in said)
+    info = blend(done, [cache], out, say=said.append)
+    assert info["weights"] == {"concat-a": 1.0} and not info["blended"]
+    done = fit_members(plan(1), [cache], out, folds=2, say=said.append)  # no limit: the other three, concat-a reused
+    assert len(done) == 4 and sum("up to date" in s for s in said) == 1
+    info = blend(done, [cache], out, say=said.append)
+    assert len(info["member_samples_f1"]) == 4 and info["samples_f1"] >= max(info["member_samples_f1"].values())
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    said.clear()
+    fit_members(plan(1), [cache], out, folds=2, say=said.append)
+    blend(done, [cache], out, say=said.append)
+    assert sum("not refitted" in s for s in said) == 4 and any("blend up to date" in s for s in said)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten

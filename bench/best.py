@@ -55,28 +55,37 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--no-extra", action="store_true", help="lite0 + MiniLM only")
     ap.add_argument("--time-limit", type=float, default=0.0)
+    ap.add_argument("--only", default="", help="fit only these members (comma-separated names), then stop: to fit "
+                    "members in two processes; a run without it reuses them")
     args = ap.parse_args()
     caches = [args.cache_dir / NAME.format(e) for e in (("lite0",) if args.no_extra else ("lite0", "lite2"))]
     ids = np.array([int(i.split(".")[0]) for i in CacheReader(caches[0]).image_ids])
     train_rows = np.flatnonzero(ids < 10000)
     (args.out / "members").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    members = fit_members(plan(len(caches)), caches, args.out, folds=args.folds, time_limit=args.time_limit,
-                          rows=train_rows, quiet=True)
+    only = set(filter(None, args.only.split(",")))
+    members = fit_members([m for m in plan(len(caches)) if not only or m.name in only], caches, args.out,
+                          folds=args.folds, time_limit=args.time_limit, rows=train_rows, quiet=True)
+    if only:
+        return
     fit_s = time.perf_counter() - t0
     info = blend(members, caches, args.out)
     blend_s = time.perf_counter() - t0 - fit_s
+    mixed = 0.0
     print(f"\n{'member':14s} {'caches':10s} {'held-out':>9s} {'unseen':>7s} {'weight':>7s} {'s':>6s}")
     for m in members:
         y, p = unseen(args.out / "members" / m.name, caches)
         run = RunDir(args.out / "members" / m.name)
         th = run.load().thresholds
         f1 = samples_f1(y, apply_thresholds(p, th, at_least_one=True))
+        mixed = mixed + info["weights"][m.name] * p
         print(f"{m.name:14s} {'+'.join('ab'[c] for c in m.caches):10s} {info['member_samples_f1'][m.name]:9.4f} "
               f"{f1:7.4f} {info['weights'][m.name]:7.3f} {run.read_metrics()['seconds']:6.0f}")
     y, p = unseen(args.out, caches)
     run = RunDir(args.out).load()
     per_class = samples_f1(y, apply_thresholds(p, run.thresholds, at_least_one=True))
+    # the blend head (every member's columns of the fused features) must give the members' weighted mix
+    print(f"blend head vs the members' weighted mix: max |diff| {np.abs(p - mixed).max():.2e}")
     print(f"\nblend ({'blended' if info['blended'] else 'best member alone'}): held-out {info['samples_f1']:.4f} "
           f"(cross-fitted weights), unseen {per_class:.4f} with per-class thresholds")
     try:

@@ -75,7 +75,7 @@ def extract_rate(data: Path, recipe: Recipe, image, text, eng, workers: int, tmp
     dd = DataDir.open(data)
     n = len(dd.records("train"))
     job = Job(recipe, dd, "train", cache_path(out, data, "train", recipe),
-              LoaderOptions(batch_size=32, workers=workers), chunk_rows=512)
+              LoaderOptions(encode_batch=32, workers=workers), chunk_rows=512)
     t = time.perf_counter()
     build_cache(job, image, text, eng, torch.device("cpu"))
     rate = n / (time.perf_counter() - t)

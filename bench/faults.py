@@ -201,7 +201,7 @@ def case_skipped_test_image(e: Env) -> str:
 
 
 def case_concurrent_extracts(e: Env) -> str:
-    args = ["--split", "train", "--batch-size", "4", "--chunk-rows", "8", "--views", "100", "--cache-dir",
+    args = ["--split", "train", "--encode-batch", "4", "--chunk-rows", "8", "--views", "100", "--cache-dir",
             e.root / "c3"]
     cmd = [sys.executable, "-m", "pipeline.cli", "extract", str(e.data), *TINY, *e.extra, *map(str, args)]
     procs = [subprocess.Popen(cmd, cwd=e.root, env=e.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -244,7 +244,7 @@ def case_disk_full_extract(e: Env) -> str:
         return "skipped (no mount)"
     try:
         data = make_data_dir(e.root / "tiny60", n_train=60, n_test=2)
-        code, out = e.extract("--split", "train", "--image-cut", "layer2", "--chunk-rows", "8", "--batch-size", "8",
+        code, out = e.extract("--split", "train", "--image-cut", "layer2", "--chunk-rows", "8", "--encode-batch", "8",
                               data=data, out=small)
         return classify(code, out, names=str(small))
     finally:

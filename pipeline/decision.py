@@ -273,6 +273,30 @@ def choose(y: np.ndarray, probs: np.ndarray, names: Sequence[str] | None = None,
     return Choice(fit_rule(rule, y, probs), scores, force is not None, selected)
 
 
+def select_nested(y: np.ndarray, candidates: Sequence[np.ndarray], seed: int = 0,
+                  names: Sequence[str] | None = None) -> float:
+    """samples-F1 of choosing among ``candidates`` (each (N, C) held-out probabilities of one config, same rows)
+    and their rules, scored on rows the choice did not see: the rows are cut in two; on each half the config and
+    rule with the best cross-fitted score (2 inner folds) are chosen, tuned there, and scored on the other half."""
+    y = np.asarray(y)
+    n = len(y)
+    if n < 8:
+        return float("nan")
+    half = fold_ids(n, 2, seed + 2) == 0
+    per_image = np.zeros(n)
+    for pick in (half, ~half):
+        best: tuple[float, int, str] = (-1.0, 0, "fixed")
+        for i, probs in enumerate(candidates):
+            scores = cross_fitted_scores(y[pick], np.asarray(probs)[pick], names, 2, seed)
+            rule = _best(scores)
+            if scores[rule] > best[0]:
+                best = (scores[rule], i, rule)
+        _, i, rule = best
+        fitted = fit_rule(rule, y[pick], np.asarray(candidates[i])[pick])
+        per_image[~pick] = samples_f1_per_image(y[~pick], fitted.apply(np.asarray(candidates[i])[~pick]))
+    return float(per_image.mean())
+
+
 def _nested_score(y: np.ndarray, probs: np.ndarray, names: list[str], folds: int, seed: int) -> float:
     n = len(y)
     k = min(folds, n // 4)

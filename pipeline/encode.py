@@ -138,7 +138,7 @@ def _image_batches(job: Job, image: ImageEncoder | None, records: list[Record], 
     transforms = [image.preprocess.pixels(v) for v in range(job.recipe.views)]  # uint8 from the workers
     loader = torch.utils.data.DataLoader(
         ImageViews(job.data, [records[i] for i in rows], transforms, image.preprocess.draft_size()),
-        batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers, collate_fn=collate_views,
+        batch_size=opts.encode_batch, shuffle=False, num_workers=opts.workers, collate_fn=collate_views,
         pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if opts.workers else None)
     return _batches(loader, rows, job.hints.bad_image)
 
@@ -194,7 +194,7 @@ def encode_chunks(job: Job, writer: CacheWriter, chunks: list[int], records: lis
     in flight at most) while the DataLoader workers decode ahead."""
     rows = [r for c in chunks for r in range(*writer.bounds(c))]
     batches = _image_batches(job, image, records, rows, device)
-    pad_to, bs = None, job.loader.batch_size
+    pad_to, bs = None, job.loader.encode_batch
     if job.recipe.text_cut is not None and text is not None:
         # One token length for the whole split so text_trunk rows stack into one dataset.
         pad_to = int(text.tokenize([rec.caption for rec in records])["attention_mask"].sum(1).max())

@@ -50,7 +50,7 @@ def _say(msg: str) -> None:
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """samples-F1 and per-label precision/recall/F1/support of the model on the labelled rows."""
     pred = load(cfg.model, backend=cfg.loader.backend, device=cfg.loader.device, onnx_dir=cfg.loader.onnx_dir)
-    scores = pred.evaluate(cfg.data_dir, split=cfg.split, options=cfg.data, batch_size=cfg.loader.batch_size,
+    scores = pred.evaluate(cfg.data_dir, split=cfg.split, options=cfg.data, batch_size=cfg.loader.encode_batch,
                            workers=cfg.loader.workers, skip_bad_images=cfg.skip_bad_images, say=_say)
     if cfg.out is not None:
         write_json(cfg.out, scores)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import sys
 import threading
 import time
@@ -35,9 +36,11 @@ import torch
 from torch import nn
 
 from . import __version__, schemas
+from . import decision as decision_mod
 from .atomic import OutputOptions, claim_output, owned, staged, write_json, write_safetensors, write_text
 from .backends import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, mismatch, probe_inputs, to_onnx
 from .config import Config, group, opt, require
+from .decision import RULES
 from .errors import MlcError
 from .folders import listing
 from .onnx_dtypes import DTYPES, convert
@@ -106,7 +109,7 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
         meta = {"format": EXPORT_FORMAT, "mlc_version": __version__, "source_run": str(Path(cfg.run).resolve()),
                 "kind": cfg.format, "dtype": cfg.dtype, "label_ids": list(pred.labels.ids),
                 "label_names": list(pred.labels.names), "thresholds": [float(t) for t in pred.thresholds],
-                "decision": DECISION}
+                "decision": {**pred.decision.to_dict(), "help": RULES[pred.decision.rule].help, **DECISION}}
         if cfg.format == "onnx":
             meta |= _write_onnx(pred, stage, cfg.dtype)
         else:
@@ -116,10 +119,7 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
     return cfg.out, sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
-DECISION = {
-    "rule": "label j is predicted when probabilities[j] >= thresholds[j]; a photo with no label over its threshold "
-            "gets the one label with the largest probabilities[j] - thresholds[j] (every photo gets at least one "
-            "label)",
+DECISION = {  # beside the rule's name and parameters (decision.Decision.to_dict()); client.py's decide() applies them
     "at_least_one": True,
     "columns": "probabilities[:, j] and thresholds[j] belong to label_ids[j] (named label_names[j])",
 }
@@ -282,6 +282,11 @@ def client_readme(meta: dict[str, Any], pred: Predictor) -> str:
                          client=CLIENT)
 
 
+def decision_source() -> str:
+    """decision.py's numpy decision step, as source for the client: the same code decides in mlc and outside."""
+    return "\n\n".join(inspect.getsource(f) for f in (decision_mod.expected_f1_sets, decision_mod.decide)) + "\n"
+
+
 CLIENT = '''\
 import json, math, sys
 import numpy as np, onnxruntime as ort
@@ -310,6 +315,9 @@ def pixels(path):
     top, left = round((im.height - crop) / 2), round((im.width - crop) / 2)
     return np.asarray(im.crop((left, top, left + crop, top + crop))).transpose(2, 0, 1)
 
+_CHUNK = 4096
+
+{decision}
 def predict(paths, captions):
     feed = {"pixels": np.stack([pixels(p) for p in paths])} if im_rule else {}
     if tok:
@@ -318,16 +326,16 @@ def predict(paths, captions):
         feed["attention_mask"] = np.array([e.attention_mask for e in enc], dtype=np.int64)
     names = {i.name for i in session.get_inputs()}
     probs = session.run(["probabilities"], {k: v for k, v in feed.items() if k in names})[0]
-    th = np.array(meta["thresholds"])
-    chosen = probs >= th
-    chosen[np.arange(len(probs)), np.argmax(probs - th, axis=1)] |= ~chosen.any(axis=1)
+    chosen = decide(probs, meta["decision"])
     return [[meta["label_ids"][j] for j in np.flatnonzero(row)] for row in chosen]
 
 if __name__ == "__main__":  # python client.py photo.jpg "its caption" [photo caption ...]
     args = sys.argv[1:]
     for path, labels in zip(args[::2], predict(args[::2], args[1::2])):
         print(path, " ".join(map(str, labels)))
-'''
+'''.replace("{decision}", decision_source())
+
+
 
 README = '''\
 # An exported mlc model

@@ -130,7 +130,7 @@ def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, 
         labels = job.data.label_space().multi_hot([r.labels or () for r in records]) if job.split == "train" \
             else None
         # Batches never straddle chunks, so a chunk commits as soon as its last batch is done.
-        chunk_rows = -(-job.chunk_rows // job.loader.batch_size) * job.loader.batch_size
+        chunk_rows = -(-job.chunk_rows // job.loader.encode_batch) * job.loader.encode_batch
         writer = CacheWriter(job.target, meta, [r.image_id for r in records], labels, chunk_rows)
         mine = [c for c in writer.pending() if c % world_size() == rank()]
         if writer.resumed and is_main():

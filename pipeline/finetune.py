@@ -294,7 +294,7 @@ def _write_run(cfg: FinetuneConfig, model: MultiModal, src: _Source, result: Tra
     model.image.rehash()
     model.text.rehash()
     y = src.y[result.val_rows]
-    metrics, th = evaluate(y, result.val_scores, "per-class", cfg.train.seed)
+    metrics, th = evaluate(y, result.val_scores, "auto", cfg.train.seed)
     metrics.update(best_epoch=result.best_epoch, best_epochs=[result.best_epoch], mode=cfg.mode, precision=precision)
     th.update(label_ids=list(src.labels.ids), label_names=list(src.labels.names))
     data = cfg.data.recorded() if src.data is not None else (

@@ -24,16 +24,19 @@ import torch
 from .atomic import OutputOptions
 from .cache import CacheReader
 from .config import Config, group, opt, require
+from .decision import rules_help, select_nested
 from .errors import MlcError
-from .evaluation import THRESHOLD_MODES, evaluate
+from .evaluation import DECISIONS, evaluate
 from .fused import load_joined, plan_parts, token_dim
 from .heads import HEADS, HeadOptions, predict_proba
 from .runs import Contract, RunDir, RunFiles, feature_entry
 from .splits import kfold, train_val_split
-from .training import Task, TrainOptions, TrainResult, make_sampler, train
+from .training import Task, TrainOptions, TrainResult, make_sampler, sized_training, train
 
-# The grid dinov2's linear evaluation runs, sized for seconds: heads x losses x learning rates.
-DEFAULT_GRID: dict[str, tuple] = {"head": ("concat", "sum", "gated"), "loss": ("bce", "asl"), "lr": (3e-3, 1e-3)}
+# The grid: heads x losses x head batch x dropout. Batch "auto" is the row-count rule (training.sized_training),
+# "small" a quarter of it (at least 8): the two ends small data is sensitive to.
+DEFAULT_GRID: dict[str, tuple] = {"head": ("concat", "gated"), "loss": ("bce", "asl"), "batch_size": ("auto", "small"),
+                                  "dropout": (0.2, 0.5)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,17 +53,18 @@ class FitHeadConfig(Config):
     out: Path = opt(Path("runs/head"), "Run folder to write: a new or empty folder, or a fit-head run it replaces.")
     folds: int = opt(5, "K-fold: train K heads, tune thresholds on out-of-fold predictions, average the heads "
                      "at prediction (0 = one split; 5 measured +0.008 samples-F1 over one split).")
-    thresholds: str = opt("per-class", "per-class, global, or fixed (0.5).")
+    decision: str = opt("auto", "The decision rule: auto (every rule scored cross-fitted on held-out rows, the best "
+                        "kept) or one of them: " + rules_help() + ".")
     grid: bool = opt(False, "Train a grid of heads x losses x learning rates, pick the best on held-out "
                      "samples-F1, print a leaderboard.")
     output: OutputOptions = group(OutputOptions)
-    train: TrainOptions = group(TrainOptions)
+    train: TrainOptions = group(TrainOptions, batch_size=None, epochs=None, patience=None)  # sized to the rows
     fusion: HeadOptions = group(HeadOptions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require([(bool(self.caches), "give a train cache"),
-                 (self.thresholds in THRESHOLD_MODES, f"--thresholds must be one of {THRESHOLD_MODES}"),
+                 (self.decision in DECISIONS, f"--decision must be one of {', '.join(DECISIONS)}"),
                  (self.folds == 0 or self.folds >= 2, "--folds must be 0 (a single split) or at least 2")])
 
 
@@ -143,13 +147,24 @@ def heads_of(cfg: FitHeadConfig, feats: Features, results: list[TrainResult]) ->
     return heads
 
 
+def train_rows(cfg: FitHeadConfig, rows: int) -> int:
+    """Rows one fold's head trains on (K-1 folds of ``rows``, or all but the validation split)."""
+    return rows * (cfg.folds - 1) // cfg.folds if cfg.folds else round(rows * (1 - cfg.train.val_fraction))
+
+
+def sized(cfg: FitHeadConfig, rows: int) -> FitHeadConfig:
+    """``cfg`` with the batch, epochs and patience it leaves open set from the row count (training.sized_training)."""
+    return cfg.replace(**sized_training(train_rows(cfg, rows), cfg.train))
+
+
 def _fit_and_score(cfg: FitHeadConfig, feats: Features,
                    log: Callable[[str], None]) -> tuple[list[TrainResult], np.ndarray, np.ndarray, dict, dict]:
     """Fit, then evaluate the held-out scores: (results, held-out rows, their scores, metrics, thresholds)."""
+    cfg = sized(cfg, len(feats.ids))
     start = time.perf_counter()
     results, held = fit(cfg, feats, log)
     scores = np.concatenate([r.val_scores for r in results])
-    metrics, th = evaluate(feats.labels[held], scores, cfg.thresholds, cfg.train.seed)
+    metrics, th = evaluate(feats.labels[held], scores, cfg.decision, cfg.train.seed)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     metrics["best_epochs"] = [r.best_epoch for r in results]
     return results, held, scores, metrics, th
@@ -180,12 +195,13 @@ def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats
         log(f"cache {r.path}: " + (", ".join(used) or "nothing new (its encoders feed already)"))
     log(f"{len(feats.ids)} rows, {feats.image.shape[1]} view(s), image {feats.image.shape[-1]}-d, "
         f"text {feats.text.shape[-1]}-d")
-    cfg = _head_for(cfg, feats, log)
+    cfg = sized(_head_for(cfg, feats, log), len(feats.ids))
+    t = cfg.train
+    log(f"training: batch {t.batch_size}, up to {t.epochs} epochs, patience {t.patience}, lr {t.lr}, loss {t.loss} "
+        f"({train_rows(cfg, len(feats.ids))} training rows a fold)")
     feats.create_head(cfg.fusion)  # the head fits these features (token maps or pooled), or says so before any fold
     results, held, scores, metrics, th = _fit_and_score(cfg, feats, log)
-    log(f"held-out samples-F1: {metrics['samples_f1_at_0.5']:.4f} at 0.5, "
-        f"{metrics['samples_f1_global']:.4f} global threshold, {metrics['samples_f1_per_class']:.4f} per-class "
-        f"(cross-fitted); {metrics['seconds']:.1f} s")
+    log_decision(metrics, log)
     meta = readers[0].meta
     th.update(label_ids=list(meta.label_ids), label_names=list(meta.label_names))
     run.write(RunFiles(
@@ -196,6 +212,18 @@ def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats
         history=[r.history for r in results], val_ids=[feats.ids[i] for i in held], val_scores=scores,
         val_labels=feats.labels[held], log=lines, extra_json=extra_json))
     return metrics
+
+
+def log_decision(metrics: dict[str, Any], log: Callable[[str], None]) -> None:
+    """The decision rules' cross-fitted scores, the one chosen, and the baselines' verdict: a few lines."""
+    d, base = metrics["decision"], metrics["baselines"]
+    log("held-out samples-F1 by decision rule (cross-fitted): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in d["candidates"].items()) + f"; {metrics['seconds']:.1f} s")
+    how = "forced by --decision" if d["forced"] else f"{d['selected_score']:.4f} on rows the choice did not see"
+    log(f"decision rule: {d['rule']} ({how}); baselines: constant answer {base['constant']:.4f}, "
+        f"label priors {base['priors']:.4f}")
+    if base["verdict"]:
+        log(f"warning: {base['verdict']}")
 
 
 def _claim(cfg: FitHeadConfig) -> RunDir:
@@ -221,24 +249,48 @@ def _load(caches: tuple[Path, ...]) -> tuple[list[CacheReader], Features]:
 
 def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
              quiet: bool = False) -> tuple[list[dict], dict[str, Any]]:
-    """Fit every combination, pick the best held-out samples-F1, refit it into ``cfg.out``.
+    """Fit every combination, pick the best held-out samples-F1 (each config with its best decision rule,
+    cross-fitted), refit it into ``cfg.out``.
 
-    Returns the leaderboard (best first) and the chosen run's metrics; the board is saved as grid.json.
+    Returns the leaderboard (best first) and the chosen run's metrics, whose ``samples_f1`` is the whole choice
+    (config and rule) scored on rows it did not see (decision.select_nested), not the board's maximum. The board
+    and that score are saved as grid.json.
     """
     grid = grid or DEFAULT_GRID
     _claim(cfg)  # before the grid's minutes of fitting
     loaded = _load(cfg.caches)
+    feats = loaded[1]
     keys = list(grid)
-    board = []
+    board, held_scores = [], []
     for combo in itertools.product(*(grid[k] for k in keys)):
         params = dict(zip(keys, combo, strict=True))
-        _, _, _, m, _ = _fit_and_score(cfg.replace(**params), loaded[1], lambda s: None)
-        board.append({**params, "samples_f1": m["samples_f1"], "at_0.5": m["samples_f1_at_0.5"],
+        _, held, scores, m, _ = _fit_and_score(_grid_config(cfg, params, len(feats.ids)), feats, lambda s: None)
+        order = np.argsort(held)
+        held_scores.append(scores[order])
+        best_rule = max(m["decision"]["candidates"].items(), key=lambda kv: kv[1])
+        board.append({**params, "samples_f1": best_rule[1], "rule": best_rule[0], "at_0.5": m["samples_f1_at_0.5"],
                       "seconds": m["seconds"]})
         if not quiet:
-            print(f"  {' '.join(f'{k}={v}' for k, v in params.items()):40s} "
-                  f"samples-F1 {m['samples_f1']:.4f}  ({m['seconds']:.1f} s)", file=sys.stderr)
-    board.sort(key=lambda r: -r["samples_f1"])
+            print(f"  {' '.join(f'{k}={v}' for k, v in params.items()):50s} samples-F1 {best_rule[1]:.4f} "
+                  f"({best_rule[0]}; {m['seconds']:.1f} s)", file=sys.stderr)
+    y = feats.labels[np.sort(held)]
+    honest = select_nested(y, held_scores, cfg.train.seed)
+    ranked = sorted(range(len(board)), key=lambda i: -board[i]["samples_f1"])
+    board = [board[i] for i in ranked]
     best = {k: board[0][k] for k in keys}
-    metrics = fit_head(cfg.replace(**best), loaded, quiet=quiet, extra_json={"grid.json": board})
+    if not quiet:
+        print(f"grid: best {board[0]['samples_f1']:.4f} on the rows it was picked on; the choice scored on rows it "
+              f"did not see: {honest:.4f}", file=sys.stderr)
+    metrics = fit_head(_grid_config(cfg, best, len(feats.ids)), loaded, quiet=quiet,
+                       extra_json={"grid.json": {"board": board, "selected_score": honest}})
+    metrics["grid_selected_score"] = honest
     return board, metrics
+
+
+def _grid_config(cfg: FitHeadConfig, params: dict[str, Any], rows: int) -> FitHeadConfig:
+    """A grid row's config: batch "auto" / "small" resolved against the row count."""
+    params = dict(params)
+    if params.get("batch_size") in ("auto", "small"):
+        auto = sized(cfg.replace(batch_size=None), rows).train.batch_size
+        params["batch_size"] = None if params["batch_size"] == "auto" else max(8, auto // 4)
+    return cfg.replace(**params)

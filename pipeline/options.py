@@ -18,7 +18,8 @@ class LoaderOptions(Config):
 
     PANEL: ClassVar[str] = "Encoding"
 
-    batch_size: int = opt(32, "Images per forward pass.")
+    encode_batch: int = opt(32, "Images (and captions) per forward pass of the encoders (not the head's "
+                            "training batch).")
     workers: int = opt(2, "DataLoader worker processes decoding JPEGs.")
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
     backend: str = opt("auto", "How the frozen encoders run: onnx (ONNX Runtime, CPU; exported once per encoder, "
@@ -28,6 +29,6 @@ class LoaderOptions(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require([(self.batch_size >= 1, "--batch-size must be at least 1"),
+        require([(self.encode_batch >= 1, "--encode-batch must be at least 1"),
                  (self.workers >= 0, "--workers must be 0 or more"),
                  (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}")])

@@ -123,7 +123,7 @@ def predict(cfg: PredictConfig, pred: Predictor | None = None) -> list[dict[str,
         raise MlcError("nothing to predict: give photos (or, for a text-only model, --captions)")
     captions = _captions_for(cfg, keys, pred, table)
     skipped, bad = photo_faults(cfg.skip_bad_images, _say)
-    rows_kept, probs = pred.proba_files(keys, captions, batch_size=cfg.loader.batch_size, workers=cfg.loader.workers,
+    rows_kept, probs = pred.proba_files(keys, captions, batch_size=cfg.loader.encode_batch, workers=cfg.loader.workers,
                                         on_bad=bad, say=_say)
     results = rows(pred, [keys[i] for i in rows_kept], probs)
     if skipped:

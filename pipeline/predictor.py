@@ -29,12 +29,12 @@ from PIL import Image
 
 from . import schemas
 from .data import DataDir, load_image
+from .decision import Decision
 from .errors import DataError, ImageError, MlcError
 from .folders import check_listing, read_json
 from .labels import LabelSpace
 from .metrics import per_class, samples_f1
 from .records import read_csv
-from .thresholds import apply_thresholds
 
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = 2  # 1: encoders + heads only (mlc 0.2.0); 2: + export.json describing preprocessing and the rule
@@ -67,6 +67,7 @@ class Predictor:
     labels: LabelSpace
     thresholds: np.ndarray  # (C,) per label
     scorer: Any  # scoring.TorchScorer | portable.OnnxScorer
+    rule: Decision | None = None  # the run's chosen decision rule; None: the thresholds (per-class)
 
     @property
     def needs_images(self) -> bool:
@@ -103,10 +104,15 @@ class Predictor:
                            "its caption column? see --caption-col)")
         return list(captions)
 
+    @property
+    def decision(self) -> Decision:
+        """The decision rule this model applies (decision.RULES), with its tuned parameters."""
+        return self.rule or Decision("per-class", tuple(float(t) for t in self.thresholds))
+
     def decide(self, probs: np.ndarray) -> np.ndarray:
-        """(N, C) 0/1: label j where p_j >= threshold_j; a row with none gets the label of largest p_j - threshold_j
-        (every photo gets at least one label, as submissions have)."""
-        return apply_thresholds(probs, self.thresholds, at_least_one=True)
+        """(N, C) 0/1 by the model's decision rule (``decision``): thresholds, or the expected-F1 label set of each
+        photo. Every photo gets at least one label, as submissions have."""
+        return self.decision.apply(probs)
 
     def predict(self, photos: Sequence[Photo] | None = None, captions: Sequence[str] | None = None, *,
                 batch_size: int = 32) -> list[list[int | str]]:
@@ -194,7 +200,7 @@ class Predictor:
         from .scoring import run_scorer
 
         return cls(run.path, run.labels, run.thresholds, run_scorer(run, encoders=engine.pop("encoders", False),
-                                                                     **engine))
+                                                                     **engine), run.decision)
 
 
 def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = None,
@@ -206,20 +212,21 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
         meta = read_export(path)
         labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))
         th = np.asarray(meta["thresholds"], np.float32)
+        rule = Decision.from_dict(meta["decision"]) if "thresholds" in meta.get("decision", {}) else None
         if meta.get("graph"):
             from .portable import OnnxScorer
 
-            return Predictor(path, labels, th, OnnxScorer(path, meta))
+            return Predictor(path, labels, th, OnnxScorer(path, meta), rule)
         from .scoring import export_scorer
 
         return Predictor(path, labels, th, export_scorer(path, meta, backend=backend, device=device,
-                                                         onnx_dir=onnx_dir))
+                                                         onnx_dir=onnx_dir), rule)
     from .runs import RunDir
     from .scoring import run_scorer
 
     run = RunDir(path).load()
     return Predictor(path, run.labels, run.thresholds, run_scorer(run, encoders=True, backend=backend,
-                                                                  device=device, onnx_dir=onnx_dir))
+                                                                  device=device, onnx_dir=onnx_dir), run.decision)
 
 
 def read_export(path: Path) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from .atomic import (
     write_text,
 )
 from .cache import CacheMeta
+from .decision import Decision
 from .errors import MismatchError, MlcError
 from .folders import check_listing, listing, read_json
 from .fused import Part
@@ -138,6 +139,7 @@ class Run:
     heads: list[torch.nn.Module]
     thresholds: np.ndarray
     labels: LabelSpace
+    decision: Decision  # the rule predictions use (thresholds.json's, or its per-class thresholds before issue 26)
 
     @property
     def path(self) -> Path:
@@ -343,7 +345,7 @@ class RunDir:
         heads = [load_head(self / n, head_cfg) for n in names]
         labels = LabelSpace(tuple(th["label_ids"]), tuple(th["label_names"]))
         return Run(self, manifest["kind"], config, features, head_cfg, heads,
-                   np.asarray(th["per_class"], np.float32), labels)
+                   np.asarray(th["per_class"], np.float32), labels, saved_decision(th))
 
 
 def data_inputs(data: DataDir) -> list[Path]:
@@ -365,6 +367,13 @@ def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
 
 # written after the run, not part of it (members/: a best run's members, each a run folder of its own)
 _LATER = ("checkpoints", "members", "report", "submission.csv", "submission.json")
+
+
+def saved_decision(th: dict[str, Any]) -> Decision:
+    """thresholds.json's decision rule; a run written before rules were chosen applies its per-class thresholds."""
+    if "decision" in th:
+        return Decision.from_dict(th["decision"])
+    return Decision("per-class", tuple(float(t) for t in th["per_class"]))
 
 
 def _check_consistent(run: RunDir, th: dict[str, Any], head_cfg: dict[str, Any], contracts: list[Contract],

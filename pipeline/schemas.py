@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from .errors import MlcError
 
-THRESHOLD_MODES = ("per-class", "global", "fixed")
+THRESHOLD_MODES = ("per-class", "global", "fixed", "expected-f1", "expected-f1-calibrated")  # decision.RULES
 RUN_KINDS = ("head", "finetune")
 CONTRACT_FIELDS = {"image_encoder": str, "text_encoder": str, "image_weights_hash": str, "text_weights_hash": str,
                    "image_preprocess": dict, "text_preprocess": dict, "image_dim": int, "text_dim": int,
@@ -114,6 +114,25 @@ def thresholds(d: Any, path: Path) -> dict:
         _fail(path, "per_class", f"expected {len(ids)} thresholds (one per label), found {len(per_class)}")
     for i, t in enumerate(per_class):
         _unit(t, path, f"per_class[{i}] (label {ids[i]})")
+    if "decision" in d:  # runs before decision rules (issue 26) have none: their thresholds are the rule
+        decision(d["decision"], path, "decision", len(ids))
+    return d
+
+
+def decision(d: Any, path: Path, field: str, classes: int) -> dict:
+    """A saved decision rule (decision.Decision.to_dict()): a known rule, one threshold per label, a calibration."""
+    d = _dict(d, path, field)
+    if d.get("rule") not in THRESHOLD_MODES:
+        _fail(path, f"{field}.rule", f"expected one of {THRESHOLD_MODES}, found {d.get('rule')!r}")
+    th = _list(_key(d, "thresholds", path), path, f"{field}.thresholds")
+    if len(th) != classes:
+        _fail(path, f"{field}.thresholds", f"expected {classes} thresholds (one per label), found {len(th)}")
+    for i, t in enumerate(th):
+        _unit(t, path, f"{field}.thresholds[{i}]")
+    cal = d.get("calibration")
+    if cal is not None and not (isinstance(cal, list) and len(cal) == 2
+                                and all(isinstance(x, int | float) and math.isfinite(x) for x in cal)):
+        _fail(path, f"{field}.calibration", f"expected two finite numbers [a, b], found {cal!r:.80}")
     return d
 
 
@@ -196,6 +215,8 @@ def export(d: Any, path: Path) -> dict:
         _fail(path, "thresholds", f"expected {len(ids)} thresholds (one per label), found {len(per_class)}")
     for i, t in enumerate(per_class):
         _unit(t, path, f"thresholds[{i}] (label {ids[i]})")
+    if isinstance(d.get("decision"), dict) and "thresholds" in d["decision"]:  # exports before issue 26: text only
+        decision(d["decision"], path, "decision", len(ids))
     if _key(d, "graph", path) is not None:
         _graph(d, path, files)
     else:

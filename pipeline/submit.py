@@ -96,7 +96,7 @@ def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> list[Path]
                 paths.append(target)
                 continue
             image, text, eng = encoders_and_engine(recipe, cfg.loader, device, run.path, data)
-            job = Job(recipe, data, "test", target, cfg.loader, chunk_rows=max(cfg.loader.batch_size, 512),
+            job = Job(recipe, data, "test", target, cfg.loader, chunk_rows=max(cfg.loader.encode_batch, 512),
                       overwrite=cfg.overwrite, hints=HINTS)
             paths.append(build_cache(job, image, text, eng, device))
     return paths

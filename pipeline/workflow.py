@@ -27,13 +27,14 @@ from .errors import MlcError
 from .extract import ExtractConfig, extract
 from .features import LoaderOptions
 from .finetune import FinetuneConfig, finetune
-from .fit_head import FitHeadConfig, fit_head
+from .fit_head import FitHeadConfig, fit_head, sized
 from .folders import sha256_file
 from .heads import HeadOptions
 from .quantize import PrecisionOptions
 from .report import make_report
 from .runs import Contract, RunDir, data_inputs
 from .submit import SubmitConfig, submit
+from .training import TrainOptions
 from .validate import format_report, validate_data_dir
 
 # The CPU finetune route, by image encoder. lite0's is the best bench/recipes.py found on the shared subset
@@ -52,10 +53,9 @@ ATTENTION_TRAINING: dict[str, Any] = {"lr": 3e-4, "schedule": "cosine", "warmup"
 
 
 def attention_training(rows: int) -> dict[str, Any]:
-    """ATTENTION_TRAINING plus a batch size giving ~32 steps an epoch (16 to 256 rows): at batch 256 a few
-    hundred rows make 3 steps an epoch, and the head stopped early having learnt only the commonest label
-    (0.62 samples-F1 against 0.81 at batch 20 on the 808-row sample)."""
-    return {**ATTENTION_TRAINING, "batch_size": min(256, max(16, rows // 32))}
+    """ATTENTION_TRAINING; its batch comes from the row count like every head's (training.sized_training: ~32
+    steps an epoch; at batch 256 the 808-row sample made 3 steps an epoch and scored 0.62, at batch 20 0.81)."""
+    return dict(ATTENTION_TRAINING)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +69,14 @@ class RunConfig(Config):
     cache_dir: Path = opt(Path("cache"), "Where caches are written.")
     folds: int = borrow(FitHeadConfig, "folds", 5)
     head: str = borrow(HeadOptions, "head", "concat")
+    # the head's training (fit-head's options; None: from the row count, training.sized_training)
+    batch_size: int | None = borrow(TrainOptions, "batch_size", None)
+    epochs: int | None = borrow(TrainOptions, "epochs", None)
+    lr: float | None = opt(None, "The head's learning rate (default: fit-head's).")
+    loss: str | None = opt(None, "The head's loss: bce, soft-margin or asl (default: fit-head's).")
+    dropout: float | None = opt(None, "The head's dropout (default: fit-head's).")
+    seed: int = borrow(TrainOptions, "seed", 0)
+    decision: str = borrow(FitHeadConfig, "decision", "auto")
     crossfit_text: bool = opt(False, "Also finetune the caption tower on 5 folds (`mlc crossfit`: each row encoded by "
                               "the fold model that did not train on it, the test split by their mean) and fuse its "
                               "features with the frozen ones. Off by default (docs/recipes.md).")
@@ -137,9 +145,13 @@ def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool
 
 
 def fit(cfg: RunConfig, caches: list[Path], out: Path, folds: int) -> None:
-    tuned = attention_training(read_meta(caches[0]).num_records) if cfg.head == "attention" else {}
+    rows = read_meta(caches[0]).num_records
+    tuned = attention_training(rows) if cfg.head == "attention" else {}
+    given = {k: getattr(cfg, k) for k in ("batch_size", "epochs", "lr", "loss", "dropout")
+             if getattr(cfg, k) is not None}
     head_cfg = FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=cfg.head, output=cfg.output,
-                                   **tuned)
+                                   seed=cfg.seed, decision=cfg.decision, **{**tuned, **given})
+    head_cfg = sized(head_cfg, rows)  # as config.json will hold it
     if _up_to_date(RunDir(out), head_cfg.to_dict(), caches):
         _say(f"{out}: up to date (same options, same features); not refitted")
         return

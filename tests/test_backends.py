@@ -25,7 +25,7 @@ from pipeline.model import MultiModal
 from pipeline.runs import RunDir
 from pipeline.submit import SubmitConfig, submit
 
-TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, batch_size=4)
+TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, encode_batch=4)
 # float16 caches hold ~3 significant digits; ONNX and torch agree far below that
 CLOSE = dict(rtol=2e-2, atol=2e-3)
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO, refresh_manifest
 from typer.testing import CliRunner
 
+from pipeline.cache import CacheReader
 from pipeline.cli import COMMANDS, _load, app, respell
 from pipeline.config import Config, flatten
 from pipeline.crossfit import CrossfitConfig
@@ -22,7 +23,7 @@ from pipeline.encoders import EncoderOptions
 from pipeline.errors import MlcError
 from pipeline.extract import ExtractConfig
 from pipeline.finetune import FinetuneConfig
-from pipeline.fit_head import FitHeadConfig, fit_head
+from pipeline.fit_head import FitHeadConfig, fit_head, sized
 from pipeline.runs import RunDir
 from pipeline.training import TrainOptions, _comparable
 from pipeline.workflow import RunConfig, _up_to_date
@@ -62,13 +63,19 @@ BEFORE = {
     "encoders": "",
 }
 # The deliberate renames (docs/DESIGN.md, "One spelling per concept"): command -> {old: new}
-RENAMED = {"extract": {"--out-dir": "--cache-dir"},
+# (issue 26: the encoders' images per forward pass are --encode-batch, the head's rows per step --batch-size)
+ENCODE = {"--batch-size": "--encode-batch"}
+RENAMED = {"extract": {"--out-dir": "--cache-dir", **ENCODE},
            "crossfit": {"--out-dir": "--cache-dir", "--output": "--text-features"},
-           "submit": {"--data": "DATA_DIR"},
-           "evaluate": {"DATA": "DATA_DIR"}}
-# Options added since (issue 21: image token maps for the attention head)
+           "submit": {"--data": "DATA_DIR", **ENCODE},
+           "evaluate": {"DATA": "DATA_DIR", **ENCODE},
+           "predict": ENCODE, "run": ENCODE,
+           "fit-head": {"--thresholds": "--decision"}}
+# Options added since (issue 21: image token maps for the attention head; issue 26: mlc run's head training)
 ADDED = {name: ["--image-pooling"] for name in ("run", "extract", "finetune")}
-OLD_SPELLINGS = {(cmd, old) for cmd, names in RENAMED.items() for old in names if old.startswith("--")}
+ADDED["run"] += ["--batch-size", "--epochs", "--lr", "--loss", "--dropout", "--seed", "--decision"]
+OLD_SPELLINGS = {(cmd, old) for cmd, names in RENAMED.items() for old in names
+                 if old.startswith("--") and old not in ADDED.get(cmd, [])}
 
 
 def _command(name: str) -> click.Command:
@@ -177,15 +184,15 @@ def test_a_group_passes_whole_and_flat_options_change_it():
 
 
 def test_an_unknown_option_is_refused_naming_it():
-    with pytest.raises(MlcError, match=r"ExtractConfig takes no option batchsize \(it takes: .*batch_size"):
+    with pytest.raises(MlcError, match=r"ExtractConfig takes no option batchsize \(it takes: .*encode_batch"):
         ExtractConfig.build(data_dir="d", batchsize=3)
     with pytest.raises(MlcError, match="takes no option out_dir"):  # the old name of cache_dir
         ExtractConfig.build(data_dir="d", out_dir="c")
 
 
 def test_a_groups_validation_error_names_the_option(tmp_path):
-    with pytest.raises(MlcError, match="--batch-size must be at least 1"):
-        ExtractConfig.build(data_dir="d", batch_size=0)
+    with pytest.raises(MlcError, match="--encode-batch must be at least 1"):
+        ExtractConfig.build(data_dir="d", encode_batch=0)
     with pytest.raises(MlcError, match=r"--dropout must be in \[0, 1\)"):
         FinetuneConfig.build(data_dir="d", dropout=1.5)
     with pytest.raises(MlcError, match="--label-sep must not be empty"):
@@ -238,6 +245,7 @@ def test_a_run_with_mlc_0_2s_flat_config_json_is_read_everywhere(fitted, tmp_pat
     run, cache = fitted["run"], fitted["cache"]
     nested = json.loads((run / "config.json").read_text())
     same = FitHeadConfig.build(caches=nested["caches"], out=nested["out"], epochs=3, folds=3)  # the fixture's paths
+    same = sized(same, CacheReader(cache).meta.num_records)  # batch and patience from the row count, as fit-head did
     assert nested["train"]["epochs"] == 3 and _up_to_date(RunDir(run), same.to_dict(), [cache])
     (run / "config.json").write_text(json.dumps(flatten(nested)))  # as mlc 0.2 wrote it
     refresh_manifest(run)

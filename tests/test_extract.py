@@ -23,7 +23,7 @@ from pipeline.errors import ImageError, MismatchError, MlcError
 from pipeline.extract import ExtractConfig, extract
 
 # backend torch: these tests are about the cache; tests/test_backends.py covers the ONNX path
-TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, batch_size=4,
+TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, encode_batch=4,
             backend="torch")
 
 
@@ -107,7 +107,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pipeline.cli", "extract", str(data_dir), "--image-encoder", "tiny-resnet",
            "--text-encoder", "tiny-bert", "--random-init", "--split", "train", "--workers", "0",
-           "--batch-size", "2", "--chunk-rows", "2", "--cache-dir", str(out), "--backend", "torch"]
+           "--encode-batch", "2", "--chunk-rows", "2", "--cache-dir", str(out), "--backend", "torch"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     partial = out / "tiny" / "train__tiny-resnet__tiny-bert__random.h5.partial"
     deadline = time.time() + 120
@@ -122,7 +122,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
-    (fresh,) = extract(cfg(data_dir, tmp_path / "fresh", splits=("train",), batch_size=2, chunk_rows=2))
+    (fresh,) = extract(cfg(data_dir, tmp_path / "fresh", splits=("train",), encode_batch=2, chunk_rows=2))
     with CacheReader(partial.with_suffix("")) as a, CacheReader(fresh) as b:
         assert a.image_ids == b.image_ids
         for name in ("image", "text", "labels"):
@@ -171,7 +171,7 @@ def test_cli_extract_prints_paths(data_dir, tmp_path):
 def test_sharded_extract_under_torchrun_matches_one_process(data_dir, tmp_path):
     common = ["-m", "pipeline.cli", "extract", str(data_dir), "--image-encoder", "tiny-resnet", "--text-encoder",
               "tiny-bert", "--random-init", "--split", "train", "--workers", "0", "--chunk-rows", "4",
-              "--batch-size", "4", "--device", "cpu", "--backend", "torch"]
+              "--encode-batch", "4", "--device", "cpu", "--backend", "torch"]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           *common, "--cache-dir", str(tmp_path / "ddp")], cwd=REPO, capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -286,7 +286,7 @@ def test_two_concurrent_extracts(tmp_path):
     """Both started at once: one writes the cache, the other stops at once naming it; nothing is mixed."""
     data = make_data_dir(tmp_path / "tiny", n_train=120, n_test=2)
     # 100 views an image: the writer holds the cache for seconds, while the other arrives
-    cmd = [sys.executable, "-m", "pipeline.cli", "extract", str(data), *TINY, "--split", "train", "--batch-size", "4",
+    cmd = [sys.executable, "-m", "pipeline.cli", "extract", str(data), *TINY, "--split", "train", "--encode-batch", "4",
            "--chunk-rows", "8", "--views", "100", "--cache-dir", str(tmp_path / "c")]
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -358,7 +358,7 @@ def test_full_disk_during_extract_is_a_clear_error_and_resumes(tmp_path, mounts)
     small = mounts("small", "400k")
     data = make_data_dir(tmp_path / "tiny", n_train=60, n_test=2)
     args = ["extract", data, *TINY, "--split", "train", "--image-cut", "layer2", "--chunk-rows", "8",
-            "--batch-size", "8", "--cache-dir", small]
+            "--encode-batch", "8", "--cache-dir", small]
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]  # not 139: HDF5 never meets the full disk

@@ -142,7 +142,7 @@ def test_predict_on_real_photos_matches_submit(tmp_path):
     # decoded in 2 worker processes, 7 photos a batch: the same predictions, in the same order
     args = ["predict", str(tmp_path / "run"), str(photos), "--captions", str(tmp_path / "caps.csv"), "--format",
             "json", "--backend", "torch", "--top-k", "3"]
-    again = runner.invoke(app, [*args, "--workers", "2", "--batch-size", "7"])
+    again = runner.invoke(app, [*args, "--workers", "2", "--encode-batch", "7"])
     assert again.exit_code == 0, again.output
     regot = [json.loads(line) for line in again.output.splitlines() if line.startswith("{")]
     assert [(g["path"], g["labels"]) for g in regot] == [(g["path"], g["labels"]) for g in got]
@@ -150,5 +150,5 @@ def test_predict_on_real_photos_matches_submit(tmp_path):
         common = a["probabilities"].keys() & b["probabilities"].keys()
         assert len(common) >= 3 and all(abs(a["probabilities"][k] - b["probabilities"][k]) <= 1e-4 for k in common)
     (photos / records[5].image_id).write_bytes(b"not a jpeg")
-    broken = runner.invoke(app, [*args, "--workers", "2", "--batch-size", "7"])
+    broken = runner.invoke(app, [*args, "--workers", "2", "--encode-batch", "7"])
     assert broken.exit_code == 2 and f"{photos / records[5].image_id}: cannot decode image" in broken.output

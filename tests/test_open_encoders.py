@@ -21,7 +21,7 @@ from pipeline.runs import RunDir
 from pipeline.submit import SubmitConfig, submit
 
 has_open_clip = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip_torch absent")
-BASE = dict(random_init=True, workers=0, batch_size=8, backend="torch")
+BASE = dict(random_init=True, workers=0, encode_batch=8, backend="torch")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pipeline.quantize import feature_precision
 from pipeline.runs import Contract, RunDir
 from pipeline.training import Task, TrainOptions, make_sampler, train
 
-TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, batch_size=4)
+TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, encode_batch=4)
 CPU = torch.device("cpu")
 
 

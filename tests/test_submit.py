@@ -17,7 +17,7 @@ from pipeline.extract import ExtractConfig, extract
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.submit import SubmitConfig, check_ids, submit
 
-TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, batch_size=8,
+TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, encode_batch=8,
             backend="torch")
 
 

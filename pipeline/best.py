@@ -29,7 +29,7 @@ from .atomic import OutputOptions
 from .cache import CacheMeta, CacheReader, read_meta
 from .ensemble import Blend, choose
 from .errors import MlcError
-from .fit_head import Features, FitHeadConfig, fit_head
+from .fit_head import Features, FitHeadConfig, fit_head, sized
 from .folders import sha256_file
 from .fused import _identity, plan_parts
 from .heads import BlendHead
@@ -102,10 +102,12 @@ class Budget:
 
 def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *, folds: int, time_limit: float = 0.0,
                 rows: np.ndarray | None = None, output: OutputOptions | None = None,
-                say: Callable[[str], None] = _say, quiet: bool = False) -> list[Member]:
+                decision: str = "auto", say: Callable[[str], None] = _say, quiet: bool = False,
+                **fit_options: Any) -> list[Member]:
     """Fit (or reuse) each member into OUT/members/NAME; returns the members that are there. ``rows``: fit on these
-    rows of the caches only (benchmarks); ``quiet``: without
-    fit-head's own lines (its folds and epochs: the progress within a member)."""
+    rows of the caches only (benchmarks); ``decision``: fit-head's --decision; ``fit_options``: more of fit-head's
+    options (e.g. epochs); ``quiet``: without fit-head's own lines (its folds and epochs: the progress within a
+    member)."""
     from .workflow import _up_to_date  # the one reuse rule of mlc run
 
     budget, done, loaded = Budget(time_limit, time.monotonic(), []), [], {}
@@ -113,7 +115,8 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
         paths = [caches[c] for c in m.caches]
         run = RunDir(out / "members" / m.name)
         cfg = FitHeadConfig.build(caches=tuple(paths), out=run.path, folds=folds, head=m.head, seed=m.seed,
-                                  output=output or OutputOptions())
+                                  decision=decision, output=output or OutputOptions(), **fit_options)
+        cfg = sized(cfg, len(rows) if rows is not None else read_meta(paths[0]).num_records)  # as config.json holds it
         fresh = not _up_to_date(run, cfg.to_dict(), paths)
         if not budget.allows(fresh, len(done)):
             say(f"time limit: {budget.left():.0f} s left, a member takes about {np.mean(budget.spent):.0f} s; "
@@ -156,7 +159,7 @@ def _digest(runs: Sequence[RunDir], mode: str) -> str:
     return hashlib.sha256(json.dumps([mode, *[sha256_file(r.manifest) for r in runs]]).encode()).hexdigest()
 
 
-def blend(members: Sequence[Member], caches: Sequence[Path], out: Path, *, mode: str = "per-class", seed: int = 0,
+def blend(members: Sequence[Member], caches: Sequence[Path], out: Path, *, mode: str = "auto", seed: int = 0,
           say: Callable[[str], None] = _say) -> dict[str, Any]:
     """Weigh the members (ensemble.choose) and write OUT as a run folder with one blend head; reused when its
     members and rule are unchanged. Returns ensemble.json's content."""
@@ -238,8 +241,9 @@ def best_route(cfg: Any, train: list[Path], test: Path) -> dict[str, Any]:
     (cfg.out / "members").mkdir(parents=True, exist_ok=True)
     _say(f"fitting up to {len(members)} members ({cfg.folds} folds each)"
          + (f" within {cfg.time_limit:.0f} s" if cfg.time_limit else ""))
-    done = fit_members(members, caches, cfg.out, folds=cfg.folds, time_limit=cfg.time_limit, output=cfg.output)
-    info = blend(done, caches, cfg.out, seed=0)
+    done = fit_members(members, caches, cfg.out, folds=cfg.folds, time_limit=cfg.time_limit, output=cfg.output,
+                       decision=cfg.decision)
+    info = blend(done, caches, cfg.out, mode=cfg.decision, seed=0)
     _say(f"blend of {len(done)} members: cross-fitted samples-F1 {info['blend_samples_f1']:.4f}, best member "
          f"{max(info['member_samples_f1'].values()):.4f}; "
          + ("blended" if info["blended"] else "the best member alone scored at least as well: kept alone"))

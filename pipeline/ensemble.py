@@ -83,11 +83,12 @@ class Blend:
                 "samples_f1": self.metrics["samples_f1"]}
 
 
-def choose(probs: Sequence[np.ndarray], y: np.ndarray, mode: str = "per-class", seed: int = 0,
+def choose(probs: Sequence[np.ndarray], y: np.ndarray, mode: str = "auto", seed: int = 0,
            folds: int = 5) -> Blend:
     """Blend the members' out-of-fold probabilities, or keep the best member: whichever scores higher cross-fitted
-    on these rows (so the result is never worse than its best member here). Weights for prediction are fitted on
-    all the rows."""
+    on these rows (so the result is never worse than its best member here). ``mode``: the decision rule
+    (evaluation.evaluate: "auto" chooses one by cross-fitted score, for each member and for the blend). Weights for
+    prediction are fitted on all the rows."""
     y = np.asarray(y, np.float64)
     member = [evaluate(y, p, mode, seed) for p in probs]
     member_f1 = [float(m["samples_f1"]) for m, _ in member]

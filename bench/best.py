@@ -31,13 +31,13 @@ from pipeline.fit_head import Features  # noqa: E402
 from pipeline.metrics import samples_f1  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.runs import RunDir  # noqa: E402
-from pipeline.thresholds import apply_thresholds  # noqa: E402
 
 NAME = "comp5329/train__efficientnet-{}__minilm-l6.h5"
 
 
-def unseen(run: Path, caches: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) of ids 10000-11999 under the run's heads, its features joined as it was trained."""
+def unseen(run: Path, caches: list[Path]) -> tuple[np.ndarray, np.ndarray, float]:
+    """(labels, probabilities, samples-F1 by the run's own decision rule) of ids 10000-11999 under the run's heads,
+    its features joined as it was trained."""
     loaded = RunDir(run).load()
     wanted = {e["contract"]["image_encoder"] for e in loaded.features}
     readers = [CacheReader(c) for c in caches if CacheReader(c).meta.image_encoder in wanted]
@@ -45,7 +45,8 @@ def unseen(run: Path, caches: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     ids = np.array([int(i.split(".")[0]) for i in feats.ids])
     rows = np.flatnonzero(ids >= 10000)
     model = Predictor.of_run(loaded)
-    return feats.labels[rows], model.from_features(feats.image[rows].numpy(), feats.text[rows].numpy())
+    p = model.from_features(feats.image[rows].numpy(), feats.text[rows].numpy())
+    return feats.labels[rows], p, samples_f1(feats.labels[rows], model.decide(p))
 
 
 def main() -> None:
@@ -74,20 +75,16 @@ def main() -> None:
     mixed = 0.0
     print(f"\n{'member':14s} {'caches':10s} {'held-out':>9s} {'unseen':>7s} {'weight':>7s} {'s':>6s}")
     for m in members:
-        y, p = unseen(args.out / "members" / m.name, caches)
+        y, p, f1 = unseen(args.out / "members" / m.name, caches)
         run = RunDir(args.out / "members" / m.name)
-        th = run.load().thresholds
-        f1 = samples_f1(y, apply_thresholds(p, th, at_least_one=True))
         mixed = mixed + info["weights"][m.name] * p
         print(f"{m.name:14s} {'+'.join('ab'[c] for c in m.caches):10s} {info['member_samples_f1'][m.name]:9.4f} "
               f"{f1:7.4f} {info['weights'][m.name]:7.3f} {run.read_metrics()['seconds']:6.0f}")
-    y, p = unseen(args.out, caches)
-    run = RunDir(args.out).load()
-    per_class = samples_f1(y, apply_thresholds(p, run.thresholds, at_least_one=True))
+    y, p, own = unseen(args.out, caches)
     # the blend head (every member's columns of the fused features) must give the members' weighted mix
     print(f"blend head vs the members' weighted mix: max |diff| {np.abs(p - mixed).max():.2e}")
     print(f"\nblend ({'blended' if info['blended'] else 'best member alone'}): held-out {info['samples_f1']:.4f} "
-          f"(cross-fitted weights), unseen {per_class:.4f} with per-class thresholds")
+          f"(cross-fitted weights), unseen {own:.4f} by the run's own rule")
     try:
         from pipeline.decision import choose as choose_rule
         held = RunDir(args.out).held_out()

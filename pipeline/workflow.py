@@ -85,7 +85,7 @@ class RunConfig(Config):
                          "Off by default: on 10,000 images it scored 0.872, the frozen 5-fold head 0.875.")
     quality: str = opt("fast", "fast: one head (the default, minutes on a CPU); best: several heads over the main "
                        "encoders' cache, an extra image encoder's (--extra-image-encoder) and both fused, blended with "
-                       "weights learned on their out-of-fold probabilities, members in RUN/members (docs/best.md).")
+                       "weights learned on their out-of-fold probabilities, members in RUN/members (docs/recipes.md).")
     time_limit: float = opt(0.0, "With --quality best: seconds after which no more members are fitted (the blend "
                             "keeps those already there); 0: no limit.")
     extra_image_encoder: str = opt("auto", "With --quality best: the image encoder of the second cache (auto: "

@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--no-extra", action="store_true", help="lite0 + MiniLM only")
     ap.add_argument("--time-limit", type=float, default=0.0)
+    ap.add_argument("--existing", action="store_true", help="blend only the members already fitted in --out "
+                    "(fit nothing)")
     ap.add_argument("--only", default="", help="fit only these members (comma-separated names), then stop: to fit "
                     "members in two processes; a run without it reuses them")
     args = ap.parse_args()
@@ -65,7 +67,9 @@ def main() -> None:
     (args.out / "members").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     only = set(filter(None, args.only.split(",")))
-    members = fit_members([m for m in plan(len(caches)) if not only or m.name in only], caches, args.out,
+    wanted = [m for m in plan(len(caches)) if (not only or m.name in only)
+              and (not args.existing or RunDir(args.out / "members" / m.name).manifest.is_file())]
+    members = fit_members(wanted, caches, args.out,
                           folds=args.folds, time_limit=args.time_limit, rows=train_rows, quiet=True)
     if only:
         return

@@ -44,7 +44,7 @@ def run(cfg: FitHeadConfig, train: Features, report: Features) -> dict:
     t = time.perf_counter()
     results, held = fit(cfg, train, lambda s: None)
     scores_held = np.concatenate([r.val_scores for r in results])
-    _, th = evaluate(train.labels[held], scores_held, cfg.thresholds, cfg.train.seed)
+    _, th = evaluate(train.labels[held], scores_held, cfg.decision, cfg.train.seed)
     secs = time.perf_counter() - t
     scores = np.mean([predict_proba(h, report.image, report.text).numpy() for h in heads_of(cfg, train, results)],
                      axis=0)

@@ -44,7 +44,6 @@ from pipeline.metrics import samples_f1  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.runs import RunDir  # noqa: E402
-from pipeline.thresholds import apply_thresholds  # noqa: E402
 from pipeline.workflow import attention_training  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "comp5329"
@@ -99,7 +98,7 @@ def trunk(trunk_cache: Path, frozen_run: Path, out: Path, epochs: int, lr: float
             b = to_device(batch, torch.device("cpu"))
             scores.append(torch.sigmoid(model(b["pixels"], b["input_ids"], b["attention_mask"])).numpy())
     y = reader.labels()[rows]
-    return samples_f1(y, apply_thresholds(np.concatenate(scores), run.thresholds)), secs
+    return samples_f1(y, run.decision.apply(np.concatenate(scores))), secs
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ def decide(probs: np.ndarray, decision: dict) -> np.ndarray:
         if decision.get("calibration"):
             a, b = decision["calibration"]
             z = np.log(np.clip(p, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(p, 1e-7, 1 - 1e-7))
-            p = 1.0 / (1.0 + np.exp(-(a * z + b)))
+            p = 0.5 + 0.5 * np.tanh(0.5 * (a * z + b))  # the logistic function, without overflow
         return expected_f1_sets(p)
     margin = p - np.asarray(decision["thresholds"], dtype=np.float64)
     chosen = margin >= 0
@@ -105,7 +105,7 @@ def fit_calibration(y: np.ndarray, probs: np.ndarray, steps: int = 25) -> tuple[
     z, t = np.log(p) - np.log1p(-p), np.asarray(y, dtype=np.float64).ravel()
     a, b = 1.0, 0.0
     for _ in range(steps):
-        q = 1.0 / (1.0 + np.exp(-(a * z + b)))
+        q = 0.5 + 0.5 * np.tanh(0.5 * (a * z + b))
         g = np.array([np.dot(q - t, z), np.sum(q - t)])
         w = q * (1.0 - q)
         h = np.array([[np.dot(w, z * z), np.dot(w, z)], [np.dot(w, z), w.sum()]]) + 1e-9 * np.eye(2)

@@ -164,20 +164,12 @@ def test_mlc_run_head_attention_extracts_token_maps_itself(tmp_path):
 
 
 def test_attention_batches_give_small_datasets_enough_steps():
+    """The attention head is sized like every head (training.sized_training), from its training rows."""
+    from pipeline.fit_head import FitHeadConfig, sized
     from pipeline.workflow import attention_training
 
-    assert attention_training(808)["batch_size"] == 25  # the 808-row sample: ~32 steps an epoch, not 3
-    assert attention_training(100)["batch_size"] == 16 and attention_training(30000)["batch_size"] == 256
+    def batch(rows: int) -> int:
+        return sized(FitHeadConfig.build(caches=("x.h5",), folds=5, **attention_training(rows)), rows).train.batch_size
 
-
-def test_the_head_help_states_the_settings_mlc_run_trains_attention_with():
-    import re
-
-    from pipeline.heads import HeadOptions
-    from pipeline.workflow import ATTENTION_TRAINING
-
-    text = HeadOptions.__dataclass_fields__["head"].metadata["help"]
-    for name, value in ATTENTION_TRAINING.items():
-        said = re.search(rf"--{name.replace('_', '-')} ([^ ).]+(?:\.\d+)?)", text)
-        assert said, name
-        assert (said.group(1) == value) if isinstance(value, str) else float(said.group(1)) == value, name
+    assert batch(808) == 20  # the 808-row sample: 646 rows a fold, ~32 steps an epoch, not 3
+    assert batch(100) == 16 and batch(50000) == 256

@@ -4,6 +4,7 @@ cross-fitted candidate, and a saved decision round-trips."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -111,3 +112,18 @@ def test_decisions_round_trip_and_apply_alike():
     assert all(name in rules_help() for name in RULES)
     with pytest.raises(ValueError, match="unknown decision rule"):
         Decision.from_dict({"rule": "x", "thresholds": []})
+
+
+def test_the_export_clients_decision_step_is_mlcs_exactly():
+    """client.py carries decision.py's numpy source: run alone (numpy only), it decides as mlc does, every rule."""
+    from pipeline.export import CLIENT, decision_source
+
+    assert decision_source() in CLIENT
+    ns: dict = {"np": np}
+    exec(compile("_CHUNK = 4096\n" + decision_source(), "client.py", "exec"), ns)  # noqa: S102 - our own source
+    y, probs = _data(n=300, c=8, seed=5)
+    probs32 = probs.astype(np.float32)  # what onnxruntime hands the client
+    for name in RULES:
+        d = fit_rule(name, y[:200], probs[:200])
+        saved = json.loads(json.dumps(d.to_dict()))  # as export.json holds it
+        assert (ns["decide"](probs32[200:], saved) == d.apply(probs32[200:])).all(), name

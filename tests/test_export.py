@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import pipeline
 from pipeline.cli import app
 from pipeline.data import DataDir, load_image
+from pipeline.decision import RULES
 from pipeline.errors import MlcError
 from pipeline.export import ExportConfig, export
 from pipeline.predictor import load
@@ -73,7 +74,8 @@ def test_export_json_describes_the_graph_the_preprocessing_and_the_rule(onnx_exp
     assert meta["text"]["max_length"] == branch.text.preprocess.max_length
     assert meta["text"]["tokenizer"] in meta["files"]
     assert meta["label_ids"] == list(run.labels.ids) and meta["thresholds"] == pytest.approx(run.thresholds.tolist())
-    assert meta["decision"]["at_least_one"] is True and "at least one" in meta["decision"]["rule"]
+    assert meta["decision"]["at_least_one"] is True and meta["decision"]["rule"] in RULES
+    assert meta["decision"]["rule"] == run.decision.rule and meta["decision"]["help"] == RULES[run.decision.rule].help
     assert sorted(meta["files"]) == ["README.md", "model.onnx", "tokenizer.json"]  # no torch weights
 
 

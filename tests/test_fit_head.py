@@ -12,22 +12,25 @@ from typer.testing import CliRunner
 from pipeline import evaluation as ev
 from pipeline.cache import CacheMeta, CacheReader, CacheWriter
 from pipeline.cli import app
+from pipeline.decision import RULES
 from pipeline.errors import MismatchError, MlcError
+from pipeline.evaluation import evaluate
 from pipeline.fit_head import FitHeadConfig, fit_grid, fit_head
 from pipeline.labels import COCO18
 from pipeline.metrics import samples_f1
 from pipeline.predictor import Predictor
 from pipeline.runs import RunDir
+from pipeline.training import TrainOptions, sized_training
 
 
-def synthetic_cache(path, n=600, views=2, seed=0, split="train", **meta_kw):
-    """Features that carry the labels: image and text each see a noisy half of the signal."""
+def synthetic_cache(path, n=600, views=2, seed=0, split="train", signal=1.0, **meta_kw):
+    """Features that carry the labels: image and text each see a noisy half of the signal (none at signal 0)."""
     rng = np.random.default_rng(seed)
     c = len(COCO18)
     freq = np.linspace(0.5, 0.03, c)
     y = (rng.random((n, c)) < freq).astype(np.float32)
     y[y.sum(1) == 0, 0] = 1
-    w_img, w_txt = rng.normal(size=(c, 32)), rng.normal(size=(c, 16))
+    w_img, w_txt = signal * rng.normal(size=(c, 32)), signal * rng.normal(size=(c, 16))
     img = (y @ w_img)[:, None, :] + rng.normal(scale=1.5, size=(n, views, 32))
     txt = y @ w_txt + rng.normal(scale=1.5, size=(n, 16))
     meta = CacheMeta(
@@ -115,7 +118,10 @@ def test_folds_and_grid(cache, tmp_path):
                            grid={"head": ("concat", "sum"), "lr": (1e-3, 1e-4)}, quiet=True)
     assert len(board) == 4 and board == sorted(board, key=lambda r: -r["samples_f1"])
     assert json.loads((tmp_path / "g" / "config.json").read_text())["fusion"]["head"] == board[0]["head"]
-    assert best["samples_f1"] == pytest.approx(board[0]["samples_f1"], abs=1e-9)
+    assert best["decision"]["candidates"][board[0]["rule"]] == pytest.approx(board[0]["samples_f1"], abs=1e-9)
+    saved = json.loads((tmp_path / "g" / "grid.json").read_text())
+    assert saved["board"] == board and saved["selected_score"] == best["grid_selected_score"]
+    assert 0 < best["grid_selected_score"] <= 1  # the choice scored on rows it did not see
 
 
 def test_run_refuses_a_cache_from_other_encoders_or_labels(cache, tmp_path):
@@ -147,3 +153,52 @@ def test_cli_fit_head(cache, tmp_path):
     res = CliRunner().invoke(app, ["fit-head", str(cache), "--out", str(tmp_path / "r"), "--epochs", "3"])
     assert res.exit_code == 0, res.output
     assert "validation samples-F1" in res.output
+
+
+def test_a_100_row_dataset_gets_enough_steps(tmp_path):
+    """At batch 256 a 100-row dataset's fold was one step an epoch; now every head is sized to its rows."""
+    opts = FitHeadConfig.build(caches=("x.h5",)).train
+    assert (opts.batch_size, opts.epochs, opts.patience) == (None, None, None)  # fit-head: from the row count
+    s = sized_training(80, opts)  # 5 folds of 100 rows: 80 train a fold
+    steps = -(-80 // s["batch_size"])
+    assert s["batch_size"] <= 16 and steps >= 5 and steps * s["epochs"] >= 1000 and s["patience"] >= 10
+    assert sized_training(8000, opts)["batch_size"] == 250  # 10,000 rows: about the measured 256
+    assert sized_training(80, TrainOptions(batch_size=64, epochs=3, patience=0)) == \
+        {"batch_size": 64, "epochs": 3, "patience": 0}  # what is given is kept
+    cache = synthetic_cache(tmp_path / "c.h5", n=100)
+    fit_head(FitHeadConfig.build(caches=cache, out=tmp_path / "r", epochs=2, folds=5), quiet=True)
+    train = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert train["batch_size"] == 16 and train["patience"] == 4  # the final config says what was used
+
+
+def test_the_chosen_rule_is_the_best_candidate_and_is_what_predicts(cache, tmp_path):
+    m = fit_head(FitHeadConfig.build(caches=cache, out=tmp_path / "r", epochs=3, folds=3), quiet=True)
+    cand = m["decision"]["candidates"]
+    assert set(cand) == set(RULES) and m["threshold_mode"] == max(cand, key=cand.get)
+    run = RunDir(tmp_path / "r").load()
+    assert run.decision.rule == m["threshold_mode"]
+    held = run.dir.held_out()
+    assert (Predictor.of_run(run).decide(held.scores) == run.decision.apply(held.scores)).all()
+    forced = fit_head(FitHeadConfig.build(caches=cache, out=tmp_path / "f", epochs=3, folds=3, decision="fixed"),
+                      quiet=True)
+    assert forced["threshold_mode"] == "fixed" and forced["decision"]["forced"]
+    assert forced["samples_f1"] == forced["decision"]["candidates"]["fixed"]
+
+
+def test_a_model_that_loses_to_the_constant_answer_is_reported(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    y = np.zeros((120, 5), np.uint8)
+    y[:, 0] = 1  # every image has label 0; one other label at random
+    y[np.arange(120), rng.integers(1, 5, 120)] = 1
+    m, _ = evaluate(y, rng.random((120, 5)), "auto", 0)  # a model that knows nothing
+    base = m["baselines"]
+    assert base["constant"] > m["samples_f1"] - 0.01 and not base["beaten"] and "constant" in base["verdict"]
+    good, _ = evaluate(y, np.clip(y * 0.8 + rng.random((120, 5)) * 0.3, 0, 1), "auto", 0)
+    assert good["baselines"]["beaten"] and good["baselines"]["verdict"] is None
+    # and fit-head prints it: labels the features do not carry
+    cache = synthetic_cache(tmp_path / "c.h5", n=120, signal=0.0)
+    fit_head(FitHeadConfig.build(caches=cache, out=tmp_path / "r", epochs=2, folds=3))
+    err = capsys.readouterr().err
+    assert "warning: the model" in err and "does not clearly beat" in err
+    assert "does not clearly beat" in (tmp_path / "r" / "train.log").read_text()
+    assert not json.loads((tmp_path / "r" / "metrics.json").read_text())["baselines"]["beaten"]

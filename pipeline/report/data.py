@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from ..decision import Decision
 from ..errors import DataError, MlcError
 from ..labels import LabelSpace
 from ..metrics import average_precision_per_class, per_class, samples_f1
-from ..runs import RunDir
+from ..runs import RunDir, saved_decision
 from ..thresholds import apply_thresholds
 
 
@@ -33,6 +34,7 @@ class ReportData:
     test_pred: np.ndarray | None  # (M, C) bool predictions on test, from a submission CSV
     test_source: Path | None
     notes: list[str] = field(default_factory=list)  # what was missing or assumed
+    decision: Decision | None = None  # the run's decision rule (None: its per-class thresholds)
 
     @property
     def run_dir(self) -> Path:
@@ -114,7 +116,7 @@ def load_report_data(run_dir: Path, *, test_predictions: Path | None = None) -> 
         test_source = run.submission if run.submission.is_file() else None
     test_pred = read_predictions(test_source, labels) if test_source is not None else None
     return ReportData(run, labels, ids, scores, y_true, thresholds, str(th.get("mode", "?")), history,
-                      run.read_metrics(), run.read_config(), test_pred, test_source, notes)
+                      run.read_metrics(), run.read_config(), test_pred, test_source, notes, saved_decision(th))
 
 
 # ------------------------------------------------------------------------------------------ numbers
@@ -137,7 +139,7 @@ class Analysis:
 
 def analyse(d: ReportData) -> Analysis:
     """Predictions with the run's thresholds (at least one label per image, like ``mlc submit``)."""
-    y_pred = apply_thresholds(d.scores, d.thresholds, at_least_one=True) > 0
+    y_pred = (d.decision.apply(d.scores) if d.decision else apply_thresholds(d.scores, d.thresholds)) > 0
     pc = per_class(d.y_true, y_pred)
     ap = average_precision_per_class(d.y_true, d.scores)
     key = np.where(pc["support"] > 0, pc["f1"], np.inf)

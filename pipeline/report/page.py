@@ -44,7 +44,8 @@ def _headline_rows(d: ReportData, a: Analysis) -> list[tuple[str, str]]:
     m = d.metrics
     mode = m.get("threshold_mode", d.threshold_mode)
     rows = [
-        (f"samples-F1 of the submitted thresholds ({mode})", _fmt_num(m.get("samples_f1"))),
+        (f"samples-F1 of the submitted decision rule ({mode}; scored on rows its choice did not see)",
+         _fmt_num(m.get("samples_f1"))),
         ("samples-F1 at 0.5", _fmt_num(m.get("samples_f1_at_0.5"))),
         ("samples-F1, one global threshold (cross-fitted)", _fmt_num(m.get("samples_f1_global"))),
         ("samples-F1, per-class thresholds (cross-fitted)", _fmt_num(m.get("samples_f1_per_class"))),
@@ -57,11 +58,29 @@ def _headline_rows(d: ReportData, a: Analysis) -> list[tuple[str, str]]:
         ("held-out images", str(len(d.y_true))),
         ("labels per image: true / predicted", f"{d.y_true.sum(1).mean():.2f} / {a.y_pred.sum(1).mean():.2f}"),
     ]
+    rows += _decision_rows(m)
     rows = [r for r in rows if r[1] != "—"]  # metrics.json absent or older: leave its rows out
     if "best_epochs" in m:
         rows.append(("best epoch(s)", _fmt_num(m["best_epochs"])))
     if "seconds" in m:
         rows.append(("training time", f"{_fmt_num(m['seconds'], 1)} s"))
+    return rows
+
+
+def _decision_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every decision rule's cross-fitted score (the chosen one marked), and the baselines with their verdict."""
+    rows = []
+    dec, base = m.get("decision"), m.get("baselines")
+    if isinstance(dec, dict):
+        how = "forced by --decision" if dec.get("forced") else "chosen: best cross-fitted score"
+        for rule, f1 in dec.get("candidates", {}).items():
+            mark = f"  ← {how}" if rule == dec.get("rule") else ""
+            rows.append((f"decision rule {rule} (cross-fitted)", _fmt_num(f1) + mark))
+    if isinstance(base, dict):
+        rows.append(("baseline: constant answer, the same label set for every image", _fmt_num(base.get("constant"))))
+        rows.append(("baseline: label priors", _fmt_num(base.get("priors"))))
+        rows.append(("verdict", "beats both baselines clearly" if base.get("beaten") else
+                     f"WARNING: {base.get('verdict')}"))
     return rows
 
 

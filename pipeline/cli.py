@@ -174,6 +174,18 @@ def export(cfg: Any) -> None:
     typer.echo(f"wrote {path}: {size / 1e6:.1f} MB ({cfg.dtype}, {cfg.format})")
 
 
+def serve(cfg: Any) -> None:
+    """Serve a run folder or an export on a local HTTP endpoint: JSON predict, labels, model card and health
+    endpoints, and a web page at / to try photos and captions (needs the serve extra: pip install 'mlc[serve]')."""
+    from .serve import bind, build, serve, url_of
+
+    sock = bind(cfg.host, cfg.port)  # first: a port in use is said before a model loads for seconds
+    typer.echo(f"loading {cfg.model}", err=True)
+    app = build(cfg)
+    typer.echo(f"serving {cfg.model} on {url_of(sock)} (Ctrl+C stops)", err=True)
+    serve(app, sock)
+
+
 def encoders(cfg: Any) -> None:
     """List the registered image and text encoders and presets."""
     from .encoders import PRESETS, list_encoders
@@ -198,6 +210,7 @@ COMMANDS: dict[str, tuple[Callable[[Any], int | None], str]] = {
     "predict": (predict, "pipeline.predict:PredictConfig"),
     "evaluate": (evaluate, "pipeline.evaluate:EvaluateConfig"),
     "export": (export, "pipeline.export:ExportConfig"),
+    "serve": (serve, "pipeline.serve:ServeConfig"),
     "encoders": (encoders, "pipeline.config:Config"),
 }
 

@@ -74,6 +74,10 @@ RENAMED = {"extract": {"--out-dir": "--cache-dir", **ENCODE},
 # Options added since (issue 21: image token maps for the attention head; issue 26: mlc run's head training)
 ADDED = {name: ["--image-pooling"] for name in ("run", "extract", "finetune")}
 ADDED["run"] += ["--batch-size", "--epochs", "--lr", "--loss", "--dropout", "--seed", "--decision"]
+ADDED["run"] += ["--quality", "--time-limit", "--extra-image-encoder"]  # issue 28: mlc run --quality best
+# Commands added since: everything they list (issue 30: mlc serve)
+ADDED["serve"] = ["MODEL", "--host", "--port", "--allow-dir", "--max-upload-mb", "--max-photos", "--timeout",
+                  "--batch-size", "--batch-wait-ms", "--max-queue", "--backend", "--device", "--onnx-dir"]
 OLD_SPELLINGS = {(cmd, old) for cmd, names in RENAMED.items() for old in names
                  if old.startswith("--") and old not in ADDED.get(cmd, [])}
 
@@ -92,7 +96,7 @@ def _listed(name: str) -> list[str]:
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_help_lists_the_same_options_as_before_but_the_deliberate_renames(name):
-    want = [RENAMED.get(name, {}).get(o, o) for o in BEFORE[name].split()] + ADDED.get(name, [])
+    want = [RENAMED.get(name, {}).get(o, o) for o in BEFORE.get(name, "").split()] + ADDED.get(name, [])
     listed = [n for n in _listed(name) if n != "--help"]
     assert sorted(listed) == sorted(want)
     text = CliRunner().invoke(app, [name, "--help"], terminal_width=200).output

@@ -10,7 +10,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "pipeline"
 STAGES = {"validate", "extract", "fit_head", "finetune", "crossfit", "submit", "report", "predict", "export",
-          "evaluate"}
+          "evaluate", "serve"}
 
 
 def _module(path: Path) -> str:

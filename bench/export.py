@@ -1,4 +1,4 @@
-"""Benchmark `mlc export --dtype`: size of the export folder and label agreement with float32 and with the run.
+"""Benchmark `mlc export --precision`: size of the export folder and label agreement with float32 and with the run.
 
 Exports RUN (default: runs/demo, `make demo`'s run) as an ONNX folder in float32, float16 and int8, labels the
 test photos of DATA (default: examples/comp5329-mini, 201 photos) through each with `pipeline.load` (ONNX Runtime,
@@ -42,10 +42,10 @@ def main() -> None:
             image_id, labels = line.split(",", 1)
             submitted[image_id] = labels.split()
     probs, labels, sizes = {}, {}, {}
-    for dtype in ("float32", "float16", "int8"):
+    for dtype in ("fp32", "fp16", "int8"):
         folder = args.out / dtype
         if not (args.reuse and (folder / "export.json").is_file()):
-            export(ExportConfig.build(run=args.run, out=folder, dtype=dtype))
+            export(ExportConfig.build(run=args.run, out=folder, precision=dtype))
         sizes[dtype] = (sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
                         (folder / "model.onnx").stat().st_size)
         model = load(folder)
@@ -55,10 +55,10 @@ def main() -> None:
     print(f"{'dtype':8} {'folder MB':>10} {'model.onnx MB':>14} {'= float32 labels':>17} {'= submission':>13} "
           f"{'max |p - p32|':>14}")
     for dtype in probs:
-        same32 = np.mean([a == b for a, b in zip(labels[dtype], labels["float32"], strict=True)])
+        same32 = np.mean([a == b for a, b in zip(labels[dtype], labels["fp32"], strict=True)])
         same_sub = np.mean([labels[dtype][i] == " ".join(sorted(submitted[r.image_id], key=int))
                             for i, r in enumerate(records)]) if submitted else float("nan")
-        diff = float(np.abs(probs[dtype] - probs["float32"]).max())
+        diff = float(np.abs(probs[dtype] - probs["fp32"]).max())
         print(f"{dtype:8} {sizes[dtype][0] / 1e6:10.1f} {sizes[dtype][1] / 1e6:14.1f} {100 * same32:16.1f}% "
               f"{100 * same_sub:12.1f}% {diff:14.2e}")
 

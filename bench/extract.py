@@ -13,6 +13,7 @@ the fp32 graphs with their int8 versions (``--precision int8``; quantized once b
 feature cosine between the two.
 
     .venv/bin/python bench/extract.py [--images 2000] [--repeats 3] [--tune] [--engines torch eager,torch,onnx]
+    .venv/bin/python bench/extract.py --smoke   # tiny random encoders on 12 generated images (the slow suite)
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def max_diffs(engs: dict, x: torch.Tensor, captions: list[str], text) -> tuple[f
 
 
 def _encoders(image_name: str, text_name: str):
-    random = image_name == "resnet50"  # no ResNet50 weights here: random init, same FLOPs
+    random = image_name == "resnet50" or image_name.startswith("tiny")  # no ResNet50 weights here: same FLOPs
     image = create_image_encoder(image_name, random_init=random, seed=0 if random else None)
     text = create_text_encoder(text_name, random_init=text_name.startswith("tiny"), seed=0)
     return image, text, Recipe(image_encoder=image_name, text_encoder=text_name, random_init=random)
@@ -196,12 +197,27 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, among {ALL_ENGINES}")
     ap.add_argument("--measure", choices=(*ALL_ENGINES, "bare onnx"), help=argparse.SUPPRESS)  # one figure, internal
     ap.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="tiny random encoders on 12 generated images, once: checks "
+                    "that the script runs (its figures mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        args.pairs, args.engines, args.repeats, args.images = "tiny-resnet+tiny-bert", "torch,onnx", 1, 12
+        args.workers = 0
     if args.measure:
         print(measure(args.measure, args.pairs, args.data, args.workers, args.tmp))
         return
     if not args.data.is_dir():
         args.data = REPO / "examples" / "comp5329-mini"
+    with tempfile.TemporaryDirectory() as tmp_s:
+        if args.smoke:
+            sys.path.insert(0, str(REPO / "tests"))
+            from conftest import make_data_dir
+
+            args.data = make_data_dir(Path(tmp_s) / "tiny", n_train=args.images, n_test=2)
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     print(f"data {args.data}; batch 32, {torch.get_num_threads()} threads, {args.workers} decode workers; "
           f"median of {args.repeats}, engines alternated, each run in a fresh process")
     with tempfile.TemporaryDirectory() as tmp_s:

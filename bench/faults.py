@@ -12,7 +12,9 @@ fault and classifies what happens next:
 
     .venv/bin/python bench/faults.py [--repo PATH] [--only CASE,...] [--group all|core|inputs]
 
-The inputs group (issue 18 part B: data faults, photos, model folders, edited files) is bench/faults_inputs.py.
+The inputs group (issue 18 part B: data faults, photos, model folders, edited files) is bench/faults_inputs.py;
+the trust group (issue 25: output policy, bounded reads, self-agreeing model folders, options, interrupts) is
+bench/faults_trust.py.
 
 Disk-full and read-only cases mount small tmpfs file systems and need root; they are skipped otherwise.
 """
@@ -476,13 +478,15 @@ CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case
 
 def main() -> None:
     from faults_inputs import CASES as INPUTS  # the group of issue 18 part B (inputs), in its own module
+    from faults_trust import CASES as TRUST  # issue 25's classes
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, default=REPO)
     ap.add_argument("--only", default="")
-    ap.add_argument("--group", choices=("all", "core", "inputs"), default="all")
+    ap.add_argument("--group", choices=("all", "core", "inputs", "trust"), default="all")
     args = ap.parse_args()
-    cases = {**(CASES if args.group != "inputs" else {}), **(INPUTS if args.group != "core" else {})}
+    groups = {"core": CASES, "inputs": INPUTS, "trust": TRUST}
+    cases = {k: v for name, group in groups.items() if args.group in ("all", name) for k, v in group.items()}
     names = [n for n in cases if not args.only or n in args.only.split(",")]
     print(f"mlc checkout: {args.repo}")
     for name in names:

@@ -185,7 +185,7 @@ def case_input_hf_folder_with_code(e: Env) -> str:
 
 def _resign_export(model: Path, edit: Callable[[dict], None]) -> None:
     """Edit export.json as a writer that knows the format would: file hashes (and its own checksum) redone."""
-    from pipeline.runs import sha256_file
+    from pipeline.folders import sha256_file
 
     path = model / "export.json"
     d = json.loads(path.read_text())

@@ -4,7 +4,7 @@ Side by side, alternated, median of --repeats fresh processes each:
   export  `mlc predict EXPORT photo --caption ...` on an ONNX export (onnxruntime + tokenizers, no torch)
   run     `mlc predict RUN photo --caption ...` on the run folder itself (torch encoders, ONNX graphs cached
           in the user graph cache (~/.cache/mlc/onnx) and checked against torch at load)
-The export is written first (`mlc export RUN --out EXPORT --dtype float16`) unless it exists. Wall time is the
+The export is written first (`mlc export RUN --out EXPORT --precision fp16`) unless it exists. Wall time is the
 whole command as a user runs it (interpreter start included); peak RSS is the child's (wait4 rusage).
 
     .venv/bin/python bench/predict.py [--run runs/demo] [--export /tmp/mlc-bench-predict] [--repeats 5]
@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.export / "export.json").is_file():
         subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(args.run), "--out", str(args.export),
-                        "--dtype", "float16"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+                        "--precision", "fp16"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
     common = [str(PHOTO), "--caption", "a man riding a horse on a beach"]
     paths = {"export": ["predict", str(args.export), *common], "run": ["predict", str(args.run), *common]}
     once(paths["run"])  # the run's ONNX graphs exported once beforehand, as a second call finds them

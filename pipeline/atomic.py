@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from typing import Any, ClassVar
 
 from .config import Config, opt
 from .errors import BusyError, OutputError
+from .output_rules import check_name, mlc_folder
+from .reading import kind as _kind
 
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(tmp|staging|old)$")
 
@@ -193,24 +196,43 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
 
     Safe: missing, empty, or an existing output that ``ours`` recognises as ``what`` this command writes: True,
     or for a folder the list of its entries mlc did not write, which must be empty (``force`` waives this one
-    condition). Never safe, even with ``force``: one of ``inputs`` or ``sealed``
+    condition, except inside a folder among ``inputs``: a data or image folder's files are never replaced).
+    Never safe, even with ``force``: one of ``inputs`` or ``sealed``
     itself, or a folder holding one (replacing it would delete it), or a path inside a ``sealed`` folder (a
-    run or export whose manifest an extra file would break) other than the paths in ``allow``. Paths are
-    compared resolved, so symlinks, ``..`` and other spellings of one path are the same path. Finally the
-    parent folder must be writable, so a read-only destination fails before the work.
+    run or export whose manifest an extra file would break) other than the paths in ``allow``, or anything
+    but a regular file or folder (a FIFO, a device: renaming over it would replace it), or a name too long
+    for the file system once mlc's staging prefix is added. Paths are compared resolved, so symlinks, ``..``
+    and other spellings of one path are the same path. Finally the parent folder must be writable, so a
+    read-only destination fails before the work.
     """
+    check_name(target)
     path = Path(target).expanduser().resolve()
     sealed = [Path(s).expanduser().resolve() for s in sealed]
     allowed = {Path(a).expanduser().resolve() for a in allow}
-    for src in [Path(i).expanduser().resolve() for i in inputs] + sealed:
+    inputs = [Path(i).expanduser().resolve() for i in inputs]
+    inside = next((src for src in inputs if src.is_dir() and _within(path, src) and path != src), None)
+    if inside is not None and force:
+        force = False  # --force never replaces what an input folder holds
+        what = f"{what} (--force never replaces a file inside {inside}, which this command reads)"
+    for src in inputs + sealed:
         if _within(src, path):
             how = "is" if src == path else "holds"
             raise OutputError(str(target), f"it {how} {src}, which this command reads; choose another output path")
+    home = mlc_folder(path)
+    if home is not None and (home in sealed or path in allowed):
+        home = None  # sealed as an input already (or the one path the command may write there)
+    if home is not None:
+        sealed.append(home)  # every run or export is sealed, not only the one this command reads
     for src in sealed:
         if _within(path, src) and path not in allowed:
-            raise OutputError(str(target), f"it is inside {src}, which this command reads (an extra file would no "
-                              "longer match its manifest); choose another output path")
+            what_it_is = "an mlc run or export" if src == home else "which this command reads"
+            raise OutputError(str(target), f"it is inside {src}, {what_it_is} (an extra file would no longer match "
+                              "its manifest); choose another output path")
     if path.exists():
+        mode = path.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise OutputError(str(target), f"it is {_kind(mode)}, not a file mlc may replace; choose another "
+                              "output path")
         if path.is_dir() != folder:
             raise OutputError(str(target), f"it is a {'file' if folder else 'folder'}; {what} goes there")
         names = entries(path) if folder else ([] if path.stat().st_size == 0 else [path.name])
@@ -223,6 +245,7 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
             raise OutputError(str(target), f"{why}; mlc replaces only what it wrote: choose another output path, or "
                               "pass --force to replace it (deleting what it holds)")
     check_writable(path.parent)
+    clean_stale(path.parent)  # temp files and staging folders of writers that died (a killed export's, ...)
     return path
 
 

@@ -25,7 +25,6 @@ import importlib.metadata
 import io
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from .atomic import atomic_path, lock
 from .device import autocast
 from .encoders import ImageEncoder, TextEncoder
 from .errors import MlcError
+from .log import get
 from .options import BACKENDS
 
 EXPORT_VERSION = 1  # bump when what an exported graph computes changes
@@ -47,6 +47,8 @@ ATOL, RTOL = 1e-4, 1e-3  # below the float16 the caches store (relative step 1e-
 PROBE_CAPTIONS = ("a dog", "two people riding horses across a green field near a fence", "a red bus on a street")
 
 Outputs = dict[str, np.ndarray]
+
+logger = get(__name__)
 
 
 class BackendError(MlcError):
@@ -351,7 +353,7 @@ def engine(image: ImageEncoder | None, text: TextEncoder | None, *, backend: str
     modality without an encoder (None) gets no forward function. Graphs live in ``graph_dir(onnx_dir)``.
     ``precision``: fp32, bf16/fp16 (torch autocast) or int8 (ONNX graphs quantized by ``quantize``;
     ``calibration`` gives the image graph's images)."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or logger.info
     onnx_dir = graph_dir(onnx_dir)
     if backend not in BACKENDS:
         raise MlcError(f"--backend must be one of {BACKENDS}, not {backend!r}")

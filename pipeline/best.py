@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,11 +31,15 @@ from .errors import MlcError
 from .fit_head import Features, FitHeadConfig, fit_head, sized
 from .folders import sha256_file
 from .fused import _identity, plan_parts
-from .heads import BlendHead
+from .head_blend import BlendHead
+from .heartbeat import stage
+from .log import get
 from .runs import Contract, RunDir, RunFiles, feature_entry
 
 # The image encoder a best run adds beside the main one (its own resolution, its own cache).
 EXTRA_IMAGE = {"efficientnet-lite0": "efficientnet-lite2"}
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ def plan(n_caches: int) -> list[Member]:
 
 
 def _say(msg: str) -> None:
-    print(f"[mlc run] {msg}", file=sys.stderr, flush=True)
+    logger.info(f"[mlc run] {msg}")
+    stage(msg)  # what the CLI's heartbeat says while this step is quiet
 
 
 def columns(union: Sequence[CacheMeta], member: Sequence[CacheMeta]) -> dict[str, list[list[int]]]:
@@ -132,7 +136,7 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
                 readers = [CacheReader(p) for p in paths]
                 feats = Features.load(readers)
                 loaded[key] = (readers, feats if rows is None else feats.subset(rows))
-            fit_head(cfg, loaded=loaded[key], quiet=quiet)
+            fit_head(cfg, loaded=loaded[key], quiet=quiet, member_of=out)
             budget.spent.append(time.monotonic() - t)
             say(f"member {m.name}: held-out samples-F1 {run.read_metrics()['samples_f1']:.4f} "
                 f"({budget.spent[-1]:.0f} s)")

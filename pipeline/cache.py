@@ -219,12 +219,16 @@ def _in_child(fn: Any, target: Path) -> None:
     recv, send = ctx.Pipe(duplex=False)
 
     def child() -> None:
+        # Its failures go back through the pipe; what HDF5 and h5py print on their way down (a dataset that
+        # cannot be closed on a full disk: "Exception ignored in ... __dealloc__" tracebacks) is noise.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
         try:
             fn()
             send.send(None)
         except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as text
             send.send(_io_reason(e))
-            raise SystemExit(1) from None
+            os._exit(1)  # no finalizers: h5py objects left half-closed must not run their __dealloc__
 
     proc = ctx.Process(target=child, daemon=True)
     proc.start()

@@ -26,9 +26,15 @@ import click
 import typer
 import typer.core
 
+try:  # typer 0.2x runs on a click of its own (typer._click): only its UsageError ends in one usage box
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - an older typer, on click itself
+    from click import UsageError
+
 from . import __version__
 from .config import Config, Option
 from .errors import MlcError
+from .log import configure, rank
 
 
 def _fail(err: MlcError) -> NoReturn:
@@ -61,7 +67,7 @@ def extract(cfg: Any) -> None:
     from .extract import extract as run
 
     paths = run(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the paths; print once
+    if rank() == 0:  # under torchrun every rank returns the paths; print once
         for path in paths:
             typer.echo(str(path))
 
@@ -144,7 +150,7 @@ def run(cfg: Any) -> None:
 
     result = go(cfg)
     typer.echo(f"validation samples-F1 {result['samples_f1']:.4f} (cross-fitted)  run: {result['run']}")
-    typer.echo(f"submission: {result['submission']}   report: {result['report']}")
+    typer.echo(f"submission: {result['submission'] or 'none (no test.csv)'}   report: {result['report']}")
 
 
 def predict(cfg: Any) -> None:
@@ -167,11 +173,11 @@ def evaluate(cfg: Any) -> None:
 def export(cfg: Any) -> None:
     """Write one self-contained folder that predicts without the training data, the caches or torch: model.onnx,
     tokenizer, export.json (preprocessing, labels, thresholds, decision rule) and a README with a client;
-    --dtype float16 halves its size, int8 quantises it."""
+    --precision fp16 halves its size, int8 quantises it."""
     from .export import export as go
 
     path, size = go(cfg)
-    typer.echo(f"wrote {path}: {size / 1e6:.1f} MB ({cfg.dtype}, {cfg.format})")
+    typer.echo(f"wrote {path}: {size / 1e6:.1f} MB ({cfg.precision}, {cfg.format})")
 
 
 def serve(cfg: Any) -> None:
@@ -183,7 +189,22 @@ def serve(cfg: Any) -> None:
     typer.echo(f"loading {cfg.model}", err=True)
     app = build(cfg)
     typer.echo(f"serving {cfg.model} on {url_of(sock)} (Ctrl+C stops)", err=True)
+    from .heartbeat import stop
+
+    stop()  # loading had its heartbeat; a server waiting for requests is quiet on purpose
     serve(app, sock)
+
+
+def runs(cfg: Any) -> None:
+    """A leaderboard of the runs under FOLDER (default runs/): recipe, encoders, head, folds, decision rule,
+    cross-fitted samples-F1 and its baselines, fit time, size and date; --out writes it as an HTML page with each
+    label's F1 side by side. A damaged run is a row saying what is wrong."""
+    from .leaderboard import runs as go
+
+    _, table = go(cfg)
+    typer.echo(table)
+    if cfg.out is not None:
+        typer.echo(f"wrote {cfg.out}")
 
 
 def encoders(cfg: Any) -> None:
@@ -210,6 +231,7 @@ COMMANDS: dict[str, tuple[Callable[[Any], int | None], str]] = {
     "predict": (predict, "pipeline.predict:PredictConfig"),
     "evaluate": (evaluate, "pipeline.evaluate:EvaluateConfig"),
     "export": (export, "pipeline.export:ExportConfig"),
+    "runs": (runs, "pipeline.leaderboard:RunsConfig"),
     "serve": (serve, "pipeline.serve:ServeConfig"),
     "encoders": (encoders, "pipeline.config:Config"),
 }
@@ -223,18 +245,21 @@ def _flag(name: str, option: Option) -> str:
     return option.field.metadata.get("flag") or "--" + name.replace("_", "-")
 
 
-def _parameter(name: str, option: Option) -> tuple[inspect.Parameter, Any]:
-    """The Typer parameter of one option, and the annotation Typer should see."""
+def _parameter(name: str, option: Option, replayable: bool = False) -> tuple[inspect.Parameter, Any]:
+    """The Typer parameter of one option, and the annotation Typer should see (``replayable``: a command with
+    --config, whose required arguments may come from the recorded config instead)."""
     meta, hint, default = option.field.metadata, option.hint, option.default
+    text = meta["help"]() if callable(meta["help"]) else meta["help"]  # a registry's help lists what is registered
     if typing.get_origin(hint) is tuple:  # Typer repeats list options; configs keep tuples
         hint = list[typing.get_args(hint)[0]]
         default = list(default)
     if meta.get("argument"):
-        info = typer.Argument(... if meta.get("required") else default, help=meta["help"], show_default=False)
+        required = meta.get("required") and not replayable  # the config's own checks still require it
+        info = typer.Argument(... if required else default, help=text, show_default=False)
     else:
         flag = _flag(name, option)
         decls = [f"{flag}/--no-{flag[2:]}"] if hint is bool and default else [flag]
-        info = typer.Option(... if meta.get("required") else default, *decls, help=meta["help"],
+        info = typer.Option(... if meta.get("required") else default, *decls, help=text,
                             rich_help_panel=option.panel)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint), hint
 
@@ -257,6 +282,7 @@ def respell(args: list[str], renamed: dict[str, str], takes_value: set[str], com
     """``args`` with each old spelling of ``renamed`` (--old X, --old=X) replaced by the new one (for an argument,
     the value moved to the end, where it is the last positional), and a one-line notice on stderr for each.
     ``takes_value``: the options whose next word is their value, never an option."""
+    _refuse_both_spellings(args, renamed, takes_value)
     out: list[str] = []
     moved: list[str] = []
     i = 0
@@ -279,7 +305,7 @@ def respell(args: list[str], renamed: dict[str, str], takes_value: set[str], com
                 i += 1
                 moved.append(args[i])
             else:
-                raise click.UsageError(f"Option '{old}' requires an argument.")
+                raise UsageError(f"Option '{old}' requires an argument.")
         else:
             out.append(word)
             if word in takes_value and i + 1 < len(args):
@@ -287,6 +313,30 @@ def respell(args: list[str], renamed: dict[str, str], takes_value: set[str], com
                 out.append(args[i])
         i += 1
     return out + moved
+
+
+def _given(args: list[str], flags: set[str], takes_value: set[str]) -> dict[str, str]:
+    """The value each of ``flags`` has in ``args`` (--flag X, --flag=X; "" for a switch)."""
+    found: dict[str, str] = {}
+    for i, word in enumerate(args):
+        if word == "--":
+            break
+        name, eq, value = word.partition("=")
+        if name in flags:
+            found[name] = value if eq else (args[i + 1] if name in takes_value and i + 1 < len(args) else "")
+    return found
+
+
+def _refuse_both_spellings(args: list[str], renamed: dict[str, str], takes_value: set[str]) -> None:
+    """UsageError when an old spelling and its new one are both given with different values (the last one
+    silently won before); the same value twice is harmless."""
+    new = _given(args, {n for n in renamed.values() if n.startswith("--")}, takes_value | set(renamed))
+    old = _given(args, set(renamed), takes_value | set(renamed))
+    for o, value in old.items():
+        n = renamed[o]
+        if n in new and new[n] != value:
+            raise UsageError(f"{o} is the old spelling of {n}, and they disagree ({value!r} and "
+                                   f"{new[n]!r}): give {n} once")
 
 
 class _Command(typer.core.TyperCommand):
@@ -297,7 +347,9 @@ class _Command(typer.core.TyperCommand):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if self.renamed:
-            takes_value = {o for p in self.params if isinstance(p, click.Option) and not p.is_flag for o in p.opts}
+            # by duck type: typer's options are no click.Option under the click typer 0.2x vendors
+            takes_value = {o for p in self.params if getattr(p, "param_type_name", "") == "option"
+                           and not getattr(p, "is_flag", False) for o in p.opts}
             args = respell(args, self.renamed, takes_value, self.name or "")
         return super().parse_args(ctx, args)
 
@@ -308,13 +360,26 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[
     options = config_cls.options()
     # arguments, then the stage's own options, then the option groups'
     order = sorted(options, key=lambda n: (not options[n].field.metadata.get("argument"), options[n].group is not None))
-    built = [_parameter(n, options[n]) for n in order]
+    replayable = name in REPLAYABLE
+    built = [_parameter(n, options[n], replayable) for n in order]
+    if replayable:
+        context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        built += [_REPLAY, (context, typer.Context)]
 
     def command(**values: Any) -> None:
+        ctx = values.pop("ctx", None)
         try:
+            if values.pop("config", None) is not None:
+                from .replay import replayed
+
+                values = replayed(name, config_cls, values, ctx)
             code = fn(config_cls.build(**values))
         except MlcError as err:
             _fail(err)
+        except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (outputs are written atomically: none half-done)
+            typer.echo(f"interrupted: mlc {name} stopped; its outputs are as they were before (an extract resumes "
+                       "from its finished chunks when run again)", err=True)
+            raise typer.Exit(130) from None
         if code:
             raise typer.Exit(code)
 
@@ -325,6 +390,12 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[
     return command
 
 
+REPLAYABLE = ("run", "fit-head")  # the commands with --config
+_REPLAY = (inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(
+    None, "--config", help="Replay a recorded recipe: a run folder, its config.json (fit-head) or run.json (mlc run). "
+    "Every option given here overrides the recorded one.", rich_help_panel="Replay")), typing.Optional[str])  # noqa: UP045
+
+
 def _load(name: str) -> click.Command:
     fn, where = COMMANDS[name]
     module, _, cls = where.partition(":")
@@ -333,6 +404,20 @@ def _load(name: str) -> click.Command:
     kind = type("_Command", (_Command,), {"renamed": _renamed(config_cls.options())})
     sub.command(name, cls=kind)(config_command(name, fn, config_cls))
     return typer.main.get_command(sub)
+
+
+def _heartbeat(ctx: click.Context, name: str) -> None:
+    """No silence over 5 s from here to the command's end (importing a stage alone can take 25 s on a busy machine):
+    a line on stderr whenever nothing was printed for 3 s (3, not 5: the interpreter starts before it)."""
+    from .heartbeat import until_closed
+
+    quiet = bool(ctx.params.get("quiet"))  # -q silences the heartbeat with the progress lines
+
+    def say(line: str) -> None:
+        if not quiet:
+            typer.echo(f"[mlc {name}] {line}", err=True)
+
+    until_closed(ctx, say, 3.0, f"starting mlc {name}")
 
 
 class _LazyGroup(typer.core.TyperGroup):
@@ -349,7 +434,10 @@ class _LazyGroup(typer.core.TyperGroup):
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
                                                                             list[str]]:
         cmd_name, cmd, rest = super().resolve_command(ctx, args)
-        return cmd_name, (_load(cmd_name) if cmd_name in COMMANDS else cmd), rest
+        if cmd_name in COMMANDS:
+            _heartbeat(ctx, cmd_name)
+            cmd = _load(cmd_name)
+        return cmd_name, cmd, rest
 
 
 app = typer.Typer(
@@ -370,8 +458,15 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Print the mlc version and exit.")) -> None:
+                                      help="Print the mlc version and exit."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr: no progress "
+                                    "lines or bars (`mlc -q run ...`)."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lines too on stderr (`mlc -v run ...`)."),
+         ) -> None:
     """Multi-label image+caption classification."""
+    if quiet and verbose:
+        _fail(MlcError("--quiet and --verbose: choose one"))
+    configure(-1 if quiet else 1 if verbose else 0)  # the one place that decides what reaches the terminal
 
 
 if __name__ == "__main__":  # pragma: no cover

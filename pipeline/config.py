@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -29,9 +30,10 @@ from .errors import MlcError
 C = TypeVar("C", bound="Config")
 
 
-def opt(default: Any, help: str, *, argument: bool = False, flag: str | None = None, required: bool = False,
-        aliases: tuple[str, ...] = ()) -> Any:
-    """A config field: its default and its help. ``argument``: a positional CLI argument; ``flag``: the
+def opt(default: Any, help: str | Callable[[], str], *, argument: bool = False, flag: str | None = None,
+        required: bool = False, aliases: tuple[str, ...] = ()) -> Any:
+    """A config field: its default and its help (or a function making it when shown: a registry's choices, which
+    grow as entries register). ``argument``: a positional CLI argument; ``flag``: the
     option's name when it is not ``--field-name``; ``required``: the CLI insists (the Python default
     stays, and ``__post_init__`` says what is missing); ``aliases``: old, deprecated spellings the CLI still
     takes (hidden from --help, a one-line notice on stderr)."""
@@ -64,6 +66,41 @@ def require(checks: list[tuple[bool, str]]) -> None:
             raise MlcError(msg)
 
 
+# Ranges of numeric options by name, whichever config holds them (a rule, so later options are covered by
+# adding a line): beyond these a value is no typo-proof choice but a crash or a machine out of memory later.
+RANGES: dict[str, tuple[float, float]] = {
+    "seed": (0, 2**32 - 1),  # numpy's generators take no negative seed
+    "hidden": (1, 65536), "batch_size": (1, 65536), "encode_batch": (1, 65536), "workers": (0, 256),
+    "chunk_rows": (1, 1 << 20),
+    "views": (1, 64), "folds": (0, 1000), "epochs": (1, 1_000_000), "patience": (0, 1_000_000),
+    "lr": (0, 100), "encoder_lr": (0, 100), "weight_decay": (0, 100), "clip": (0, 1e6),
+}
+
+
+def option_flag(name: str, field: dataclasses.Field) -> str:
+    """An option's name on the command line: its ``flag``, else ``--field-name``."""
+    return field.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def check_numbers(config: Any) -> None:
+    """Every number among ``config``'s own fields finite (inf and NaN are refused: --lr inf trained into NaN
+    weights and a traceback) and within its ``RANGES``; MlcError naming the option otherwise."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        flag = option_flag(f.name, f)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MlcError(f"{flag} {value}: not a finite number")
+        lo, hi = RANGES.get(f.name, (-math.inf, math.inf))
+        if not lo <= value <= hi:
+            raise MlcError(f"{flag} {value}: out of range (it must be from {_num(lo)} to {_num(hi)})")
+
+
+def _num(x: float) -> str:
+    return f"{int(x)}" if float(x).is_integer() else f"{x:g}"
+
+
 class Option(NamedTuple):
     """One option of a config, by its flat name: where it lives and what it defaults to in this config."""
 
@@ -87,7 +124,7 @@ class Config(metaclass=_Coerced):
     """Base of every config and option group: ``__post_init__`` chains, so each group validates itself."""
 
     def __post_init__(self) -> None:
-        pass
+        check_numbers(self)
 
     @classmethod
     def coerce(cls, values: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +39,14 @@ from .device import PRECISIONS, autocast, resolve_precision, select_device
 from .encoders import NONE, TextEncoder, create_text_encoder
 from .errors import MismatchError, MlcError
 from .features import Recipe, cache_path, encode_texts
+from .identity import EncoderId
+from .log import get
 from .splits import kfold
 from .training import Task, TrainOptions, make_sampler, train
 
 MONITOR_ROWS = 512  # training rows a fold scores after each epoch (to pick its best epoch)
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +90,8 @@ class CrossfitConfig(Config):
 
     def recipe(self, data: DataDir) -> Recipe:
         """What the caches record: the encoder, and the cross-fit's identity in place of weights."""
-        spec = {k: v for k, v in self.flat_dict().items() if k not in ("data_dir", "cache_dir", "device", "overwrite")}
+        where = ("data_dir", "image_dir", "cache_dir", "device", "overwrite")  # where and how it runs, not what
+        spec = {k: v for k, v in self.flat_dict().items() if k not in where}
         spec["output"] = spec.pop("text_features")  # the name mlc 0.2 hashed: its cross-fits stay current
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
         return Recipe(image_encoder=NONE, text_encoder=self.text_encoder, text_weights=self.text_weights,
@@ -204,11 +208,11 @@ def _meta(split: str, cfg: CrossfitConfig, recipe: Recipe, text: TextEncoder, da
           data_fingerprint: str, weights_hash: str, labelled: bool) -> CacheMeta:
     labels = data.label_space()
     dim = len(labels.ids) if cfg.text_features == "logits" else text.dim
+    tuned = EncoderId(text.name, f"{text.weights_source}, finetuned on {cfg.folds} folds", weights_hash,
+                      cfg.random_init, text.preprocess.to_dict(), dim)
     return CacheMeta(
-        split=split, image_encoder=NONE, text_encoder=text.name, image_weights="", image_weights_hash="",
-        text_weights=f"{text.weights_source}, finetuned on {cfg.folds} folds", text_weights_hash=weights_hash,
-        random_init=cfg.random_init, image_preprocess={}, text_preprocess=text.preprocess.to_dict(), views=1,
-        image_dim=0, text_dim=dim, label_ids=labels.ids, label_names=labels.names,
+        split=split, image=EncoderId(random_init=cfg.random_init), text=tuned, views=1, label_ids=labels.ids,
+        label_names=labels.names,
         data_fingerprint=data_fingerprint, num_records=len(records), mlc_version=__version__,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"recipe": recipe.to_dict(), "crossfit": {"config": cfg.flat_dict(), "labelled": labelled}})
@@ -248,7 +252,7 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
     check_writable(targets[0].parent)
     with lock(targets[0], f"the cache {targets[0]}"):
         if _done(targets, cfg, recipe, prints):
-            print(f"{targets[0]}: up to date (same cross-fit, same data); nothing to do", file=sys.stderr)
+            logger.info(f"{targets[0]}: up to date (same cross-fit, same data); nothing to do")
             return targets
         device = select_device(cfg.device)
         y = data.label_space().multi_hot([r.labels for r in train_recs])
@@ -262,7 +266,7 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
 
         oof, (rest, test), _, hashes = crossfit_features(
             cfg, make, caps[:n], y[:n], [caps[n:], [r.caption for r in test_recs]], device,
-            lambda msg: print(msg, file=sys.stderr), progress=True)
+            logger.info, progress=True)
         text = make()
         digest = hashlib.sha256(" ".join(hashes).encode()).hexdigest()
         arrays = {"train": np.concatenate([oof, rest]), "test": test}
@@ -273,7 +277,7 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
                                  chunk_rows=max(1, len(recs)))
             writer.commit(0, {"text": arrays[split].astype(np.float16)})
             writer.finalize()
-            print(f"wrote {target} ({len(recs)} rows)", file=sys.stderr)
+            logger.info(f"wrote {target} ({len(recs)} rows)")
     return targets
 
 

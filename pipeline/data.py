@@ -14,7 +14,6 @@ import json
 import math
 import os
 import stat
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,12 +26,17 @@ from PIL import ExifTags, Image, ImageOps
 from .config import Config, opt, require
 from .errors import DataError, ImageError
 from .labels import RARE_ROWS, LabelSpace, odd_tokens, same_numbers, typed_ids
+from .log import get, progress_enabled
+from .reading import CSV_BYTES, read_bytes
+from .reading import kind as _kind
 from .records import IMAGE_EXTENSIONS, CsvLayout, Record, header_cells, image_id_fault, raise_problems, read_csv
 
 # ----------------------------------------------------------------------------------- data folder
 
 Split = Literal["train", "test"]
 LABELS_FILE = "labels.csv"
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +53,8 @@ class DataOptions(Config):
                               "any other label is then an error. Default: DATA_DIR/labels.csv when there, else "
                               "the labels train.csv holds (the COMP5329 names built in).")
     images: bool = opt(True, "Rows have images; --no-images for a text-only dataset (ids need not be files).")
+    image_dir: Path | None = opt(None, "The folder of the images, anywhere (e.g. train2014/ or pics/). Default: "
+                                 "DATA_DIR/data, else DATA_DIR/images, else DATA_DIR itself.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +66,10 @@ class DataOptions(Config):
         d = self.to_dict()
         if self.labels is not None:
             d["labels"] = str(Path(self.labels).resolve())
+        if self.image_dir is None:  # recorded only when set: caches made before the option keep their records
+            del d["image_dir"]
+        else:
+            d["image_dir"] = str(Path(self.image_dir).resolve())
         return d
 
 
@@ -67,7 +77,8 @@ class DataOptions(Config):
 class DataDir:
     """A data folder: ``train.csv``, ``test.csv`` and the images.
 
-    The images are in ``root/data`` (the Kaggle layout), else ``root/images``, else ``root`` itself.
+    The images are in ``options.image_dir`` when given, else ``root/data`` (the Kaggle layout), else
+    ``root/images``, else ``root`` itself.
     """
 
     root: Path
@@ -79,8 +90,14 @@ class DataDir:
         root = Path(root)
         if not root.is_dir():
             raise DataError(str(root), None, "data folder not found" if not root.exists() else "not a folder")
+        options = options or DataOptions()
         image_dir = next((d for d in (root / "data", root / "images") if d.is_dir()), root)
-        return cls(root, image_dir, options or DataOptions())
+        if options.image_dir is not None:
+            image_dir = Path(options.image_dir)
+            if not image_dir.is_dir():
+                raise DataError(str(image_dir), None, "--image-dir: image folder not found" if not image_dir.exists()
+                                else "--image-dir: not a folder")
+        return cls(root, image_dir, options)
 
     def csv_path(self, split: Split) -> Path:
         if split not in ("train", "test"):
@@ -88,16 +105,18 @@ class DataDir:
         return self.root / f"{split}.csv"
 
     def has(self, split: Split) -> bool:
-        return self.csv_path(split).is_file()
+        """Whether the split's CSV is there: anything by that name (a FIFO, a link to a device) counts, to be
+        refused by name when read rather than reported missing."""
+        return os.path.lexists(self.csv_path(split))
 
     @functools.cached_property
     def labels_file(self) -> Path | None:
         if self.options.labels is not None:
-            if not self.options.labels.is_file():
+            if not self.options.labels.exists():  # a FIFO or device is refused by name when read
                 raise DataError(str(self.options.labels), None, "labels file not found")
             return self.options.labels
         default = self.root / LABELS_FILE
-        return default if default.is_file() else None
+        return default if default.exists() else None
 
     @functools.cached_property
     def _fixed_labels(self) -> LabelSpace | None:
@@ -133,7 +152,7 @@ class DataDir:
 
     def _read(self, split: Split) -> list[Record]:
         path = self.csv_path(split)
-        if not path.is_file():
+        if not path.exists():  # anything else there (a FIFO, a device) is refused by name when read
             raise DataError(str(path), None, f"{split}.csv not found in the data folder")
         return read_csv(path, labelled=split == "train", layout=self.layout())
 
@@ -149,14 +168,14 @@ class DataDir:
         space, bad = train_label_space(path, self._train_records)
         raise_problems(path, bad)
         for warning in rare_labels(path, self._train_records, space):
-            print(f"warning: {warning}", file=sys.stderr)
+            logger.warning(f"warning: {warning}")
         return space
 
     def has_captions(self, split: Split = "train") -> bool:
         """Whether the split's CSV has the caption column (an image-only dataset has none)."""
         path = self.csv_path(split)
-        with open(path, encoding="utf-8-sig", errors="replace") as fh:
-            header = header_cells(fh.readline().rstrip("\r\n"))
+        text = read_bytes(path, limit=CSV_BYTES, what="CSV file").split(b"\n", 1)[0]
+        header = header_cells(text.decode("utf-8-sig", errors="replace").rstrip("\r"))
         return self.options.caption_col.lower() in {c.lower() for c in header} or (
             bool(header) and header[0].lower().endswith(IMAGE_EXTENSIONS))  # no header: the competition's layout
 
@@ -245,18 +264,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 ORIENTATION = "exif"  # every decode turns the photo as its EXIF Orientation tag says (recorded in preprocess)
 
 
-def _kind(mode: int) -> str:
-    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return what
-    return "not a regular file"
-
-
 def file_fault(path: Path, inside: Path | None = None) -> str | None:
-    """Why ``path`` may not be read as an image, without opening it: missing, not a regular file (a FIFO
-    would block the reader forever, a device never ends), or a symbolic link out of the folder ``inside``."""
+    """Why ``path`` may not be read as an image, without opening it: missing, or not a regular file (a FIFO
+    would block the reader forever, a device never ends). A symbolic link is followed wherever it points
+    (a data folder of links into a shared image store is common; docs/data.md#symbolic-links): what it
+    reaches must be a regular file. ``inside``, the folder the file was found in, is kept for callers."""
+    del inside  # links out of the folder are allowed: an ImageID can never climb out (image_id_fault)
     try:
         st = os.stat(path)  # follows links: what a reader would get
     except FileNotFoundError:
@@ -265,10 +278,6 @@ def file_fault(path: Path, inside: Path | None = None) -> str | None:
         return f"cannot read: {err.strerror or err}"
     if not stat.S_ISREG(st.st_mode):
         return f"not a regular file ({_kind(st.st_mode)})"
-    if inside is not None and os.path.islink(path):
-        target, folder = Path(os.path.realpath(path)), Path(os.path.realpath(inside))
-        if not target.is_relative_to(folder):
-            return f"a symbolic link to {target}, outside the image folder {inside}"
     return None
 
 
@@ -301,15 +310,27 @@ def load_image(path: str | os.PathLike[str], draft: int | None = None, inside: P
     path = Path(path)
     try:
         with open_image_file(path, inside) as fh, Image.open(fh) as im:
-            if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:
-                scale = draft / min(im.size)
-                im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
-            im.load()  # decode now, so a truncated file fails here and not inside a DataLoader
-            if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-                im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+            return decode_image(im, draft)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(str(path), f"cannot decode image: {err}") from err
+
+
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def decode_image(im: Image.Image, draft: int | None = None) -> Image.Image:
+    """The one decode rule, for a photo opened from a file (``load_image``) or given as a Pillow image (the
+    Python API): fully decoded, turned upright by its EXIF Orientation, converted to RGB (``_to_rgb``: 16-bit
+    and palette greyscale scaled, CMYK converted, alpha composited on white). ``draft``: see ``load_image``;
+    it applies to a JPEG not decoded yet (one fresh from ``Image.open``), as it does to a path. Raises what
+    Pillow raises (``DECODE_ERRORS``) for a corrupt or truncated one."""
+    if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:
+        scale = draft / min(im.size)
+        im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))  # no-op once decoded
+    im.load()  # decode now, so a truncated file fails here and not inside a DataLoader
+    if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        im = ImageOps.exif_transpose(im)
+    return _to_rgb(im)
 
 
 def _quick_check(path: Path, inside: Path | None = None) -> str | None:
@@ -352,7 +373,7 @@ def check_images(
     try:
         faults = pool.map(functools.partial(_quick_check, inside=data_dir.image_dir), paths)
         bar = tqdm(zip(records, paths, faults, strict=True), total=len(records), desc="images",
-                   unit="img", disable=None if progress else True, leave=False)
+                   unit="img", disable=None if progress and progress_enabled() else True, leave=False)
         for record, path, why in bar:
             if why is None:
                 kept.append(record)

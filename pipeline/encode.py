@@ -26,9 +26,9 @@ from .backends import Engine
 from .cache import CacheWriter
 from .data import DataDir
 from .datasets import ImageViews, collate_views
-from .device import is_main
 from .encoders import ImageEncoder, TextEncoder
 from .errors import ImageError
+from .log import progress_enabled
 from .options import LoaderOptions
 from .recipe import Recipe
 from .records import Record
@@ -199,7 +199,7 @@ def encode_chunks(job: Job, writer: CacheWriter, chunks: list[int], records: lis
         # One token length for the whole split so text_trunk rows stack into one dataset.
         pad_to = int(text.tokenize([rec.caption for rec in records])["attention_mask"].sum(1).max())
     bar = tqdm(total=len(rows), unit="img" if image is not None else "row", desc=f"extract {job.split}",
-               disable=not is_main(), dynamic_ncols=True, file=sys.stderr)
+               disable=not progress_enabled(), dynamic_ncols=True, file=sys.stderr)
     pool, flight = eng.pool(), _InFlight(writer, bar)
     try:
         for chunk in chunks:

@@ -37,8 +37,17 @@ class OutputError(MlcError):
 
     def __init__(self, path: str, err: OSError | str) -> None:
         self.path = str(path)
-        self.why = err if isinstance(err, str) else (err.strerror or str(err))
+        self.why = err if isinstance(err, str) else _reason(err.strerror or str(err))
         super().__init__(f"cannot write {path}: {self.why}")
+
+
+def _reason(text: str) -> str:
+    """One line out of an OSError with no strerror: HDF5's "... errno = 28, error message = '...' ..." spans
+    lines and buries the reason; its error message is the reason."""
+    import re
+
+    m = re.search(r"error message = '([^']+)'", text)
+    return m.group(1) if m else " ".join(text.split())[:300]
 
 
 class BusyError(MlcError):

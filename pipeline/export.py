@@ -8,13 +8,15 @@
       model.onnx            uint8 pixels + token ids + mask -> probabilities (the fold heads averaged inside),
                             checked against torch once, when written
       tokenizer.json        the `tokenizers` tokenizer, truncation and padding set
-      README.md             a 20-line onnxruntime client
+      README.md             the model card (card.py: encoders, weights and licences, training data, labels,
+                            cross-fitted scores, the decision rule, intended use, limits) and the files
+      client.py             a client with onnxruntime, tokenizers, Pillow and numpy alone, from any folder
 
     model/                  (--format safetensors: for torch, and for runs fused over several caches)
       export.json, encoders/<i>-image/, encoders/<i>-text/, head-K.safetensors
 
-``--dtype float16`` stores the weights in half precision (model.onnx computes in float32 after loading),
-``--dtype int8`` quantises the graph's matrix products (onnx format only). ``mlc predict`` and
+``--precision fp16`` stores the weights in half precision (model.onnx computes in float32 after loading),
+``--precision int8`` quantises the graph's matrix products (onnx format only). ``mlc predict`` and
 ``pipeline.load`` take the folder; an onnx one runs without torch.
 """
 
@@ -23,13 +25,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import sys
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,17 +41,26 @@ from . import __version__, schemas
 from . import decision as decision_mod
 from .atomic import OutputOptions, claim_output, owned, staged, write_json, write_safetensors, write_text
 from .backends import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, mismatch, probe_inputs, to_onnx
+from .card import card_markdown, model_card
 from .config import Config, group, opt, require
 from .decision import RULES
 from .errors import MlcError
+from .export_files import CLIENT as CLIENT_TEMPLATE
+from .export_files import README, SAFETENSORS_README
 from .folders import listing
+from .log import get
 from .onnx_dtypes import DTYPES, convert
 from .portable import session
-from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, load
+from .predictor import DECISION, EXPORT_FILE, EXPORT_FORMAT, Predictor, load
+from .runs import RunDir
 from .scoring import TorchScorer
 
 FORMATS = ("onnx", "safetensors")
+PRECISIONS = ("fp32", "fp16", "int8")  # DTYPES in mlc's precision vocabulary (docs/DESIGN.md)
+_OLD_PRECISIONS = {"float32": "fp32", "float16": "fp16"}
 GRAPH, TOKENIZER = "model.onnx", "tokenizer.json"
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,35 +70,53 @@ class ExportConfig(Config):
     run: Path = opt(None, "A run folder from `mlc fit-head` or `mlc finetune`.", argument=True, required=True)
     out: Path = opt(None, "The folder to write: a new or empty folder, or an earlier export it replaces whole.",
                     required=True)
-    dtype: str = opt("float32", "float32; float16 (weights stored in half precision: half the size); int8 (the "
-                     "graph's matrix products quantised; onnx format only).")
+    precision: str = opt("fp32", "What the weights are stored in: fp32; fp16 (half precision: half the size); int8 "
+                         "(the graph's matrix products quantised; onnx format only). The old float32/float16 are "
+                         "taken too, with a notice.", aliases=("--dtype",))
     format: str = opt("onnx", "onnx: one ONNX graph + tokenizer + export.json, runs without torch (a run over one "
                       "cache); safetensors: the encoders and heads, for torch (any run).")
     output: OutputOptions = group(OutputOptions)
 
+    @classmethod
+    def coerce(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """mlc's one precision vocabulary (fp32, fp16, int8); numpy's float32/float16 of mlc 0.2 taken with a notice."""
+        values = super().coerce(values)
+        old = values.get("precision")
+        if old in _OLD_PRECISIONS:
+            logger.warning(f"warning: --precision {old} is the old spelling; use {_OLD_PRECISIONS[old]}")
+            values["precision"] = _OLD_PRECISIONS[old]
+        return values
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require([(self.run is not None and self.out is not None, "give the run folder and --out"),
-                 (self.dtype in DTYPES, f"--dtype must be one of {DTYPES}"),
+                 (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
                  (self.format in FORMATS, f"--format must be one of {FORMATS}"),
-                 (not (self.dtype == "int8" and self.format == "safetensors"), "--dtype int8 quantises the ONNX "
-                  "graph: use it with --format onnx")])
+                 (not (self.precision == "int8" and self.format == "safetensors"), "--precision int8 quantises the "
+                  "ONNX graph: use it with --format onnx")])
+
+    @property
+    def dtype(self) -> str:
+        """The storage dtype's numpy name (float32, float16, int8): what export.json and onnx_dtypes speak."""
+        return dict(zip(PRECISIONS, DTYPES, strict=True))[self.precision]
 
 
-def _say(msg: str, stream: TextIO | None = None) -> None:
-    print(f"[mlc export] {msg}", file=stream or sys.stderr, flush=True)
+def _say(msg: str) -> None:
+    logger.info(f"[mlc export] {msg}")
 
 
 @contextlib.contextmanager
 def _ticking(what: str) -> Iterator[None]:
-    """``what`` said now and every 5 s until done: the ONNX exporter is silent for half a minute (and swallows
-    stderr meanwhile, hence the stream taken before)."""
-    stream, done, t0 = sys.stderr, threading.Event(), time.monotonic()
-    _say(what, stream)
+    """``what`` said now and every 5 s until done: the ONNX exporter is silent for half a minute. It silences
+    logging meanwhile (``logging.disable``), so the ticks go straight to the handlers, if progress is on."""
+    done, t0, speak = threading.Event(), time.monotonic(), logger.isEnabledFor(logging.INFO)
+    _say(what)
 
     def tick() -> None:
         while not done.wait(5):
-            _say(f"{what}: {time.monotonic() - t0:.0f} s", stream)
+            if speak:
+                msg = f"[mlc export] {what}: {time.monotonic() - t0:.0f} s"
+                logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, msg, None, None))
 
     thread = threading.Thread(target=tick, daemon=True)
     thread.start()
@@ -105,24 +134,31 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
                        ours=lambda p: owned(p, EXPORT_FILE, None))
     with _ticking(f"loading {cfg.run}"):
         pred = load(cfg.run, backend="torch")
+    card = _card(cfg.run, pred)
     with staged(out) as stage:
-        meta = {"format": EXPORT_FORMAT, "mlc_version": __version__, "source_run": str(Path(cfg.run).resolve()),
+        # the run by its folder name only: an export travels, the exporting machine's paths stay behind
+        meta = {"format": EXPORT_FORMAT, "mlc_version": __version__, "source_run": Path(cfg.run).resolve().name,
                 "kind": cfg.format, "dtype": cfg.dtype, "label_ids": list(pred.labels.ids),
                 "label_names": list(pred.labels.names), "thresholds": [float(t) for t in pred.thresholds],
-                "decision": {**pred.decision.to_dict(), "help": RULES[pred.decision.rule].help, **DECISION}}
+                "decision": {**pred.decision.to_dict(), "help": RULES[pred.decision.rule].help, **DECISION},
+                "card": card}
         if cfg.format == "onnx":
             meta |= _write_onnx(pred, stage, cfg.dtype)
         else:
             meta |= _write_safetensors(pred.scorer, stage, cfg.dtype)
+        write_text(stage / "README.md", readme(meta, pred))
         meta["files"] = listing(stage, (EXPORT_FILE,))
         write_json(stage / EXPORT_FILE, {**meta, schemas.CHECKSUM: schemas.checksum(meta)})
     return cfg.out, sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
-DECISION = {  # beside the rule's name and parameters (decision.Decision.to_dict()); client.py's decide() applies them
-    "at_least_one": True,
-    "columns": "probabilities[:, j] and thresholds[j] belong to label_ids[j] (named label_names[j])",
-}
+def _card(run: Path, pred: Predictor) -> dict[str, Any]:
+    """The model card (card.py) from the run folder's records and the loaded encoders."""
+    rd = RunDir(run)
+    encoders = [e for b in pred.scorer.branches for e in (b.image, b.text) if e is not None]
+    rule = pred.decision.rule
+    return model_card(encoders, rd.read_json("features.json"), rd.read_metrics(), pred.labels, rule,
+                      len(pred.scorer.heads))
 
 
 def _cast(module: nn.Module, dtype: str) -> nn.Module:
@@ -224,7 +260,7 @@ def _write_onnx(pred: Predictor, stage: Path, dtype: str) -> dict[str, Any]:
     meta["graph"] = {"file": GRAPH, "dtype": dtype, "inputs": _io(sess.get_inputs(), len(pred.labels)),
                      "outputs": _io(sess.get_outputs(), len(pred.labels)),
                      "probe_max_abs_diff_vs_torch": float(np.abs(got[0] - want).max())}
-    write_text(stage / "README.md", client_readme(meta, pred))
+    write_text(stage / CLIENT_FILE, CLIENT)
     return meta
 
 
@@ -275,85 +311,23 @@ def _io(args: Any, classes: int) -> list[dict[str, Any]]:
             for a in args]
 
 
-def client_readme(meta: dict[str, Any], pred: Predictor) -> str:
-    """README.md of an ONNX export: what the folder holds and a client with onnxruntime, tokenizers, Pillow, numpy."""
-    return README.format(classes=len(pred.labels), dtype=meta["graph"]["dtype"],
-                         inputs=", ".join(f"`{i['name']}` {i['dtype']} {i['shape']}" for i in meta["graph"]["inputs"]),
-                         client=CLIENT)
+def readme(meta: dict[str, Any], pred: Predictor) -> str:
+    """README.md of an export: its model card, then what the folder holds (and for ONNX, its client)."""
+    card = card_markdown(meta["card"])
+    if meta.get("graph") is None:
+        return SAFETENSORS_README.format(classes=len(pred.labels), card=card)
+    return README.format(classes=len(pred.labels), dtype=meta["graph"]["dtype"], card=card,
+                         inputs=", ".join(f"`{i['name']}` {i['dtype']} {i['shape']}" for i in meta["graph"]["inputs"]))
+
+
+CLIENT_FILE = "client.py"
 
 
 def decision_source() -> str:
-    """decision.py's numpy decision step, as source for the client: the same code decides in mlc and outside."""
-    return "\n\n".join(inspect.getsource(f) for f in (decision_mod.expected_f1_sets, decision_mod.decide)) + "\n"
+    """decision.py's numpy decision step as source for client.py (``decide`` named ``apply_decision`` there): the
+    same code decides in mlc and outside."""
+    src = "\n\n".join(inspect.getsource(f) for f in (decision_mod.expected_f1_sets, decision_mod.decide))
+    return "_CHUNK = 4096\n\n" + src.replace("def decide(", "def apply_decision(") + "\n"
 
 
-CLIENT = '''\
-import json, math, sys
-import numpy as np, onnxruntime as ort
-from PIL import Image, ImageOps
-from tokenizers import Tokenizer
-
-meta = json.load(open("export.json"))
-im_rule, tx_rule = meta["image"], meta["text"]
-session = ort.InferenceSession(meta["graph"]["file"])
-tok = Tokenizer.from_file(tx_rule["tokenizer"]) if tx_rule else None
-
-def pixels(path):
-    im = Image.open(path)
-    side, crop = im_rule["resize"]["shorter_side"], im_rule["crop"]["size"]
-    if im_rule["jpeg_draft"] and im.format == "JPEG" and min(im.size) >= 2 * side:
-        s = side / min(im.size)
-        im.draft("RGB", (math.ceil(im.width * s), math.ceil(im.height * s)))
-    im = ImageOps.exif_transpose(im)
-    if im.mode != "RGB":  # transparent pixels on white
-        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA")).convert("RGB")
-    w, h = im.size
-    long = int(side * max(w, h) / min(w, h))
-    size = (side, long) if w <= h else (long, side)
-    if size != (w, h):
-        im = im.resize(size, getattr(Image.Resampling, im_rule["resize"]["interpolation"].upper()))
-    top, left = round((im.height - crop) / 2), round((im.width - crop) / 2)
-    return np.asarray(im.crop((left, top, left + crop, top + crop))).transpose(2, 0, 1)
-
-_CHUNK = 4096
-
-{decision}
-def predict(paths, captions):
-    feed = {"pixels": np.stack([pixels(p) for p in paths])} if im_rule else {}
-    if tok:
-        enc = tok.encode_batch([c.lower() if tx_rule["lowercase"] else c for c in captions])
-        feed["input_ids"] = np.array([e.ids for e in enc], dtype=np.int64)
-        feed["attention_mask"] = np.array([e.attention_mask for e in enc], dtype=np.int64)
-    names = {i.name for i in session.get_inputs()}
-    probs = session.run(["probabilities"], {k: v for k, v in feed.items() if k in names})[0]
-    chosen = decide(probs, meta["decision"])
-    return [[meta["label_ids"][j] for j in np.flatnonzero(row)] for row in chosen]
-
-if __name__ == "__main__":  # python client.py photo.jpg "its caption" [photo caption ...]
-    args = sys.argv[1:]
-    for path, labels in zip(args[::2], predict(args[::2], args[1::2])):
-        print(path, " ".join(map(str, labels)))
-'''.replace("{decision}", decision_source())
-
-
-
-README = '''\
-# An exported mlc model
-
-A multi-label classifier of photos and their captions ({classes} labels), exported by `mlc export`.
-`mlc predict THIS_FOLDER photo.jpg --caption "..."` runs it (no torch needed), or any program with
-onnxruntime, tokenizers, Pillow and numpy:
-
-- `model.onnx` ({dtype}): inputs {inputs}; output `probabilities` float32 (batch, {classes}), the
-  fold heads' mean probability of each label.
-- `export.json`: how a photo becomes `pixels` (`image`: EXIF orientation, RGB, resize rule, centre crop,
-  interpolation; the graph normalises), how a caption becomes tokens (`text`), the label ids and names,
-  the per-label `thresholds` and the decision rule (`decision`: every photo gets at least one label),
-  and every file's size and sha256.
-- `tokenizer.json`: the caption tokenizer, truncation and padding set.
-
-A client (`python client.py photo.jpg "a caption"`, run in this folder):
-
-```python
-{client}```
-'''
+CLIENT = CLIENT_TEMPLATE.replace("# {decision}\n", decision_source())

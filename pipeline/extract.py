@@ -34,9 +34,10 @@ class ExtractConfig(Config):
     from_run: Path | None = opt(None, "Take both encoders from a finetuned run folder (frozen-then-finetuned).")
     views: int = opt(1, "Image views per image: 1 = evaluation transform; 2 adds a horizontal flip; more add "
                      "seeded augmentations (for head training and TTA).")
-    image_cut: str | None = opt(None, "Also cache the image encoder's activations at this trunk cut (e.g. "
-                                "block11, layer3) for `mlc finetune --from-cache`.")
-    text_cut: str | None = opt(None, "Also cache the text encoder's token states at this cut (e.g. layer4).")
+    image_cut: str | None = opt(None, "Where the image encoder's frozen trunk ends (e.g. block11, layer3): the cache "
+                                "also holds the trunk's activations there, for `mlc finetune --from-cache`.")
+    text_cut: str | None = opt(None, "Where the text encoder's frozen trunk ends (e.g. layer4): the cache also holds "
+                               "its token states there.")
     cache_dir: Path = opt(Path("cache"), "Where caches are written (CACHE_DIR/DATA_NAME/SPLIT__IMAGE__TEXT.h5).",
                           aliases=("--out-dir",))
     chunk_rows: int = opt(512, "Rows per committed chunk: an interrupted run loses at most this many rows of work "

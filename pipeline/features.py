@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import shutil
-import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -31,7 +29,9 @@ from .data import DataDir, check_images, fingerprint
 from .device import is_main, rank, world_size
 from .encode import Hints, Job, encode_chunks, encode_images, encode_texts, submit_texts
 from .encoders import NONE, ImageEncoder, TextEncoder
-from .errors import MismatchError, MlcError
+from .errors import MismatchError, MlcError, OutputError
+from .identity import EncoderId
+from .log import get
 from .options import LoaderOptions
 from .quantize import calibration_pixels
 from .recipe import Recipe, cache_path, fit_to_data, safe_name
@@ -42,29 +42,18 @@ __all__ = [  # the names stages make features with (some defined in recipe and e
     "encode_texts", "encoders_and_engine", "fit_to_data", "safe_name", "submit_texts",
 ]
 
-
-def _identity(enc: ImageEncoder | TextEncoder | None) -> dict[str, Any]:
-    """What the cache records of one encoder (or of none)."""
-    if enc is None:
-        return {"encoder": NONE, "weights": "", "weights_hash": "", "random_init": False, "preprocess": {}, "dim": 0}
-    return {"encoder": enc.name, "weights": enc.weights_source, "weights_hash": enc.weights_hash,
-            "random_init": enc.random_init, "preprocess": enc.preprocess.to_dict(), "dim": enc.dim}
+logger = get(__name__)
 
 
 def cache_meta(job: Job, image: ImageEncoder | None, text: TextEncoder | None, records: list[Record], eng: Engine,
           skipped: list[tuple[str, str]]) -> CacheMeta:
     r = job.recipe
-    i, t = _identity(image), _identity(text)
     labels = job.data.label_space()
     return CacheMeta(
-        split=job.split, image_encoder=i["encoder"], text_encoder=t["encoder"],
-        image_weights=i["weights"], image_weights_hash=i["weights_hash"],
-        text_weights=t["weights"], text_weights_hash=t["weights_hash"],
-        random_init=i["random_init"] or t["random_init"], image_preprocess=i["preprocess"],
-        text_preprocess=t["preprocess"], views=r.views, image_dim=i["dim"], text_dim=t["dim"],
-        label_ids=labels.ids, label_names=labels.names,
+        split=job.split, image=EncoderId.of(image, r.image_cut, r.precision),
+        text=EncoderId.of(text, r.text_cut, r.precision), views=r.views, label_ids=labels.ids,
+        label_names=labels.names, num_records=len(records),
         data_fingerprint=fingerprint(records, job.data.image_dir if image is not None else None),
-        num_records=len(records), image_cut=r.image_cut, text_cut=r.text_cut, precision=r.precision,
         source_run=str(Path(r.from_run).resolve()) if r.from_run else None,
         mlc_version=__version__, created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"recipe": r.to_dict(), "backend": eng.backends, "skipped": [list(x) for x in skipped]},
@@ -80,10 +69,9 @@ def _up_to_date(job: Job, meta: CacheMeta) -> bool:
     except MlcError as e:
         if not job.overwrite:
             raise
-        if is_main():
-            print(f"replacing {job.target}: {e}", file=sys.stderr)
+        logger.info(f"replacing {job.target}: {e}")
         return False
-    diffs = old.differences(meta)
+    diffs = old.differences(meta, ("the cache", "these options"))
     if not diffs:
         return True
     skipped = old.extra.get("skipped") or []
@@ -107,25 +95,39 @@ def _records(job: Job) -> tuple[list[Record], list[tuple[str, str]]]:
     if not kept:
         raise MlcError(f"every image of {job.data.csv_path(job.split)} is missing or unreadable ({len(skipped)}, "
                        f"e.g. {skipped[0][0]}: {skipped[0][1]}); nothing to extract")
-    if skipped and is_main():
-        print(f"skipped {len(skipped)} bad images in {job.split}: "
-              + ", ".join(f"{i} ({why})" for i, why in skipped), file=sys.stderr)
+    if skipped:
+        logger.warning(f"skipped {len(skipped)} bad images in {job.split}: "
+                       + ", ".join(f"{i} ({why})" for i, why in skipped))
     return kept, skipped
 
 
 def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, eng: Engine,
                 device: torch.device) -> Path:
     """Encode one split into its cache file (or find it already done), running the encoders through
-    ``eng``. Returns the cache path. One process at a time writes a cache: a second stops at once."""
-    check_writable(job.target.parent)
+    ``eng``. Returns the cache path. One process at a time writes a cache: a second stops at once. An up-to-date
+    cache on read-only storage is used as it is: reading it needs no lock."""
+    try:
+        check_writable(job.target.parent)
+        read_only = False
+    except OutputError:
+        if not job.target.is_file():
+            raise  # nothing to read there: stop before the work
+        read_only = True
     records, skipped = _records(job)
     meta = cache_meta(job, image, text, records, eng, skipped)
+    if read_only:
+        if not _up_to_date(job, meta):  # MismatchError naming the difference, as with a writable folder
+            check_writable(job.target.parent)  # the OutputError naming the read-only folder
+        if is_main():
+            logger.info(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data; read-only)")
+        return job.target
     with lock(job.target, f"the cache {job.target}") if is_main() else contextlib.nullcontext():
         if _up_to_date(job, meta):
             if is_main():
                 # chunks of some earlier, unfinished run: stale now (the lock says no one else writes them)
                 shutil.rmtree(f"{job.target}.partial", ignore_errors=True)
-                print(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data); nothing to do")
+                logger.info(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data); "
+                            "nothing to do")
             return job.target
         labels = job.data.label_space().multi_hot([r.labels or () for r in records]) if job.split == "train" \
             else None
@@ -133,15 +135,15 @@ def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, 
         chunk_rows = -(-job.chunk_rows // job.loader.encode_batch) * job.loader.encode_batch
         writer = CacheWriter(job.target, meta, [r.image_id for r in records], labels, chunk_rows)
         mine = [c for c in writer.pending() if c % world_size() == rank()]
-        if writer.resumed and is_main():
-            print(f"{job.target}: resuming, {writer.resumed} of {writer.num_chunks} chunks already done")
+        if writer.resumed:
+            logger.info(f"{job.target}: resuming, {writer.resumed} of {writer.num_chunks} chunks already done")
         if mine:
             encode_chunks(job, writer, mine, records, image, text, eng, device)
         if world_size() > 1:
             torch.distributed.barrier()
         if is_main():
             writer.finalize()
-            print(f"wrote {job.target} ({len(records)} rows, {job.recipe.views} view(s))")
+            logger.info(f"wrote {job.target} ({len(records)} rows, {job.recipe.views} view(s))")
         if world_size() > 1:
             torch.distributed.barrier()
     return job.target
@@ -151,10 +153,10 @@ def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.dev
                         data: DataDir | None = None) -> tuple[ImageEncoder | None, TextEncoder | None, Engine]:
     """The recipe's encoders (``verified`` as in Recipe.encoders) and the forward functions of the backend
     ``loader`` asks for (ONNX graphs exported to / reused from ``loader.onnx_dir``) in the recipe's precision
-    (int8 calibrated on ``data``'s images); progress notes on rank 0 only."""
+    (int8 calibrated on ``data``'s images)."""
     image, text = recipe.encoders(verified)
     eng = engine(image, text, backend=loader.backend, device=device, image_cut=recipe.image_cut,
                  text_cut=recipe.text_cut, onnx_dir=loader.onnx_dir, precision=recipe.precision,
                  calibration=None if data is None or image is None else lambda: calibration_pixels(data, image),
-                 log=lambda msg: print(msg, file=sys.stderr) if is_main() else None)
+                 log=logger.info)
     return image, text, eng

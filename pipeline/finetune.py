@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,13 @@ from .evaluation import evaluate
 from .features import Recipe
 from .heads import HeadOptions
 from .labels import LabelSpace
+from .log import get
 from .model import MultiModal
 from .runs import Contract, RunDir, RunFiles, data_inputs, feature_entry
 from .splits import train_val_split
 from .training import Task, TrainOptions, TrainResult, make_sampler, train
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +57,10 @@ class FinetuneConfig(Config):
     unfreeze: int = opt(2, "Top blocks of each encoder that train when not --end-to-end (0 = head only).")
     from_cache: Path | None = opt(None, "Train the encoders' top parts over a trunk cache (`mlc extract "
                                   "--image-cut ... --text-cut ...`) instead of images.")
-    image_cut: str | None = opt(None, "With --from-cache: the image cut the cache must have (checked).")
-    text_cut: str | None = opt(None, "With --from-cache: the text cut the cache must have (checked).")
+    image_cut: str | None = opt(None, "Where the image encoder's frozen trunk ends: with --from-cache, the cut the "
+                                "cache was made at (checked; default: the cache's).")
+    text_cut: str | None = opt(None, "Where the text encoder's frozen trunk ends: with --from-cache, the cut the cache "
+                               "was made at (checked; default: the cache's).")
     init_head: Path | None = opt(None, "Start the head from a fit-head run's head.")
     encoder_lr: float | None = opt(None, "Learning rate of the encoders (default lr/10).")
     max_rows: int | None = opt(None, "Use only the first N labelled rows (quick runs).")
@@ -261,7 +265,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         def log(msg: str) -> None:
             if is_main():
                 lines.append(msg)
-                print(msg, file=sys.stderr)
+            logger.info(msg)
 
         groups = task.param_groups
         precision = resolve_precision(cfg.precision, device)

@@ -11,10 +11,10 @@ averaged at prediction time. ``--grid`` fits heads x losses x learning rates and
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from logging import DEBUG, INFO
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,31 @@ from .errors import MlcError
 from .evaluation import DECISIONS, evaluate
 from .fused import load_joined, plan_parts, token_dim
 from .heads import HEADS, HeadOptions, predict_proba
+from .log import get
+from .losses import LOSSES
 from .runs import Contract, RunDir, RunFiles, feature_entry
 from .splits import kfold, train_val_split
 from .training import Task, TrainOptions, TrainResult, make_sampler, sized_training, train
 
-# The grid: heads x losses x head batch x dropout. Batch "auto" is the row-count rule (training.sized_training),
-# "small" a quarter of it (at least 8): the two ends small data is sensitive to.
-DEFAULT_GRID: dict[str, tuple] = {"head": ("concat", "gated"), "loss": ("bce", "asl"), "batch_size": ("auto", "small"),
-                                  "dropout": (0.2, 0.5)}
+# The grid: every registered head and loss that says it belongs in the grid (``grid``) x head batch x dropout.
+# Batch "auto" is the row-count rule (training.sized_training), "small" a quarter of it (at least 8): the two ends
+# small data is sensitive to.
+GRID_BATCHES = ("auto", "small")
+GRID_DROPOUTS = (0.2, 0.5)
+
+
+def default_grid() -> dict[str, tuple]:
+    """``--grid``: the registered heads and losses in the grid x ``GRID_BATCHES`` x ``GRID_DROPOUTS``."""
+    return {"head": HEADS.in_grid(), "loss": LOSSES.in_grid(), "batch_size": GRID_BATCHES, "dropout": GRID_DROPOUTS}
+
+
+def _grid_help() -> str:
+    grid = default_grid()
+    return (f"Train a grid of heads ({', '.join(grid['head'])}) x losses ({', '.join(grid['loss'])}) x head batch "
+            f"({', '.join(grid['batch_size'])}) x dropout ({', '.join(map(str, grid['dropout']))}), print a "
+            "leaderboard and the chosen config's score on rows the choice did not see.")
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +72,7 @@ class FitHeadConfig(Config):
                      "at prediction (0 = one split; 5 measured +0.008 samples-F1 over one split).")
     decision: str = opt("auto", "The decision rule: auto (every rule scored cross-fitted on held-out rows, the best "
                         "kept) or one of them: " + rules_help() + ".")
-    grid: bool = opt(False, "Train a grid of heads x losses x learning rates, pick the best on held-out "
-                     "samples-F1, print a leaderboard.")
+    grid: bool = opt(False, _grid_help)
     output: OutputOptions = group(OutputOptions)
     train: TrainOptions = group(TrainOptions, batch_size=None, epochs=None, patience=None)  # sized to the rows
     fusion: HeadOptions = group(HeadOptions)
@@ -171,9 +187,10 @@ def _fit_and_score(cfg: FitHeadConfig, feats: Features,
 
 
 def fit_head(cfg: FitHeadConfig, loaded: tuple[list[CacheReader], Features] | None = None, quiet: bool = False,
-             extra_json: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run stage 2 and write the run folder (whole, or not at all); returns metrics.json's content."""
-    run = _claim(cfg)
+             extra_json: dict[str, Any] | None = None, member_of: Path | None = None) -> dict[str, Any]:
+    """Run stage 2 and write the run folder (whole, or not at all); returns metrics.json's content. ``member_of``:
+    the best run (``mlc run --quality best``) whose members/ holds ``cfg.out``."""
+    run = _claim(cfg, member_of)
     readers, feats = loaded or _load(cfg.caches)
     with run.writing():  # before training: a folder that cannot be written fails now, not after the fit
         return _fit_head(cfg, run, readers, feats, quiet, extra_json)
@@ -185,8 +202,7 @@ def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats
 
     def log(msg: str) -> None:
         lines.append(msg)
-        if not quiet:
-            print(msg, file=sys.stderr)
+        logger.log(DEBUG if quiet else INFO, msg)
 
     parts = plan_parts([r.meta for r in readers])
     for r, part in zip(readers, parts, strict=True):
@@ -226,9 +242,15 @@ def log_decision(metrics: dict[str, Any], log: Callable[[str], None]) -> None:
         log(f"warning: {base['verdict']}")
 
 
-def _claim(cfg: FitHeadConfig) -> RunDir:
-    """The run folder --out names, proved safe to replace: never a cache it reads, nor a folder mlc did not write."""
-    return RunDir(cfg.out).claim("head", inputs=cfg.caches, force=cfg.output.force)
+def _claim(cfg: FitHeadConfig, member_of: Path | None = None) -> RunDir:
+    """The run folder --out names, proved safe to replace: never a cache it reads, nor a folder mlc did not write.
+    Inside another run only as a member of ``member_of`` (a best run's members/ is no part of its manifest)."""
+    allow = []
+    if member_of is not None:
+        if Path(cfg.out).resolve().parent != (Path(member_of) / "members").resolve():
+            raise MlcError(f"{cfg.out}: a member's run folder lies in {Path(member_of) / 'members'}")
+        allow = [cfg.out]
+    return RunDir(cfg.out).claim("head", inputs=cfg.caches, force=cfg.output.force, allow=allow)
 
 
 def _head_for(cfg: FitHeadConfig, feats: Features, log: Callable[[str], None]) -> FitHeadConfig:
@@ -256,31 +278,33 @@ def fit_grid(cfg: FitHeadConfig, grid: dict[str, tuple] | None = None,
     (config and rule) scored on rows it did not see (decision.select_nested), not the board's maximum. The board
     and that score are saved as grid.json.
     """
-    grid = grid or DEFAULT_GRID
+    grid = grid or default_grid()
     _claim(cfg)  # before the grid's minutes of fitting
     loaded = _load(cfg.caches)
     feats = loaded[1]
     keys = list(grid)
     board, held_scores = [], []
-    for combo in itertools.product(*(grid[k] for k in keys)):
+    combos = list(itertools.product(*(grid[k] for k in keys)))
+    for i, combo in enumerate(combos, 1):
         params = dict(zip(keys, combo, strict=True))
+        if not quiet:  # each config fits every fold: say which one, the heartbeat covers its seconds
+            logger.info(f"  config {i}/{len(combos)}: {' '.join(f'{k}={v}' for k, v in params.items())}")
         _, held, scores, m, _ = _fit_and_score(_grid_config(cfg, params, len(feats.ids)), feats, lambda s: None)
         order = np.argsort(held)
         held_scores.append(scores[order])
         best_rule = max(m["decision"]["candidates"].items(), key=lambda kv: kv[1])
         board.append({**params, "samples_f1": best_rule[1], "rule": best_rule[0], "at_0.5": m["samples_f1_at_0.5"],
                       "seconds": m["seconds"]})
-        if not quiet:
-            print(f"  {' '.join(f'{k}={v}' for k, v in params.items()):50s} samples-F1 {best_rule[1]:.4f} "
-                  f"({best_rule[0]}; {m['seconds']:.1f} s)", file=sys.stderr)
+        logger.log(DEBUG if quiet else INFO, f"  {' '.join(f'{k}={v}' for k, v in params.items()):50s} "
+                   f"samples-F1 {best_rule[1]:.4f} ({best_rule[0]}; {m['seconds']:.1f} s)")
     y = feats.labels[np.sort(held)]
     honest = select_nested(y, held_scores, cfg.train.seed)
     ranked = sorted(range(len(board)), key=lambda i: -board[i]["samples_f1"])
     board = [board[i] for i in ranked]
     best = {k: board[0][k] for k in keys}
     if not quiet:
-        print(f"grid: best {board[0]['samples_f1']:.4f} on the rows it was picked on; the choice scored on rows it "
-              f"did not see: {honest:.4f}", file=sys.stderr)
+        logger.info(f"grid: best {board[0]['samples_f1']:.4f} on the rows it was picked on; the choice scored on rows "
+                    f"it did not see: {honest:.4f}")
     metrics = fit_head(_grid_config(cfg, best, len(feats.ids)), loaded, quiet=quiet,
                        extra_json={"grid.json": {"board": board, "selected_score": honest}})
     metrics["grid_selected_score"] = honest

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MlcError
+from .reading import JSON_BYTES, read_text
 
 
 def read_json(path: Path, folder: str) -> Any:
     """A JSON file mlc wrote into ``folder`` (named in the message); NaN/Infinity refused, faults named."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants(path))
+        return json.loads(read_text(path, limit=JSON_BYTES, what="JSON file"), parse_constant=_no_constants(path))
     except FileNotFoundError:
         raise MlcError(f"{path}: missing from {folder}") from None
     except (OSError, ValueError) as e:
@@ -42,6 +43,8 @@ def check_listing(folder: Path, files: dict[str, Any], ignore: tuple[str, ...], 
     """``folder`` holds exactly ``files`` (a ``listing``), byte for byte; MlcError naming the first that is not."""
     for name, entry in files.items():
         path = folder / name
+        if path.exists() and not path.is_file():
+            raise MlcError(f"{path}: not a regular file (listed in the manifest as one); {fix}")
         if not path.is_file():
             raise MlcError(f"{path}: missing from the folder (listed in its manifest); {fix}")
         size = path.stat().st_size

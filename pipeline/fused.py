@@ -18,6 +18,7 @@ import numpy as np
 
 from .cache import CacheMeta, CacheReader
 from .errors import MismatchError, MlcError
+from .identity import FUSE, FeatureEntry
 
 
 @dataclass(frozen=True)
@@ -31,15 +32,15 @@ class Part:
         return {"image": self.image, "text": self.text}
 
     @classmethod
-    def of(cls, entry: dict[str, Any]) -> Part:
-        """The part of a features.json entry (feature_entry): both features unless it says otherwise."""
-        return cls(entry.get("image", True), entry.get("text", True))
+    def of(cls, entry: FeatureEntry) -> Part:
+        """The part of a features.json entry."""
+        return cls(entry.image, entry.text)
 
 
 def _identity(meta: CacheMeta, kind: str) -> str:
-    d = meta.to_dict()
-    keys = [f"{kind}_encoder", f"{kind}_weights_hash", f"{kind}_preprocess", f"{kind}_cut"]
-    return json.dumps({k: d[k] for k in keys} | ({"views": meta.views} if kind == "image" else {}), sort_keys=True)
+    """One encoder's features as fusion tells them apart (``identity.FUSE``; the image's views too)."""
+    key = meta.encoder(kind).key(FUSE) | ({"views": meta.views} if kind == "image" else {})
+    return json.dumps(key, sort_keys=True)
 
 
 def plan_parts(metas: Sequence[CacheMeta]) -> list[Part]:

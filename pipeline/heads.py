@@ -4,12 +4,19 @@ Every head has ``forward(image_feat, text_feat)`` with ``image_feat`` (B, Di) or
 ``text_feat`` (B, Dt) or None, a class attribute ``modalities`` naming the inputs it reads, and
 ``config()`` returning the keyword arguments that rebuild it: ``create_head(**head.config())``.
 Features may arrive as float16 from the cache; heads cast them to their own parameter dtype.
+
+A head registers itself (``@HEADS.register()``) and describes itself (pipeline/registries.py): its docstring's
+first line, ``options`` (default and meaning), ``recipe`` (how ``mlc run`` trains it) and ``grid`` (tried by
+``fit-head --grid``). ``--head``'s help, the grid and docs/heads.md come from there: a new head is one class in
+a module that registers it, and nothing else.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,7 +24,11 @@ import torch
 from torch import nn
 
 from .config import Config, opt, require
+from .encoders.registry import load_plugins
 from .errors import MlcError
+from .registries import Registry
+
+HEADS: Registry[type[FusionHead]] = Registry("head", load=load_plugins)  # $MLC_PLUGINS may register heads
 
 
 class FusionHead(nn.Module):
@@ -27,9 +38,14 @@ class FusionHead(nn.Module):
     modalities: ClassVar[tuple[str, ...]]
 
     tokens: ClassVar[bool] = False  # reads image token maps (an encoder with --image-pooling tokens)
+    # its options (default, meaning): the defaults of --hidden and --dropout, and of create_head
+    options: ClassVar[dict[str, tuple[Any, str]]] = {"hidden": (512, "Hidden width of the head."),
+                                                     "dropout": (0.5, "Dropout in the head.")}
+    recipe: ClassVar[dict[str, Any]] = {}  # the training options `mlc run --head NAME` sets (none: the defaults)
+    grid: ClassVar[bool] = False  # tried by `fit-head --grid`
 
     def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2, token_dim: int = 0) -> None:
+                 dropout: float = 0.5, token_dim: int = 0) -> None:
         super().__init__()
         self.image_dim, self.text_dim, self.num_classes = int(image_dim), int(text_dim), int(num_classes)
         self.hidden, self.dropout_p, self.token_dim = int(hidden), float(dropout), int(token_dim)
@@ -67,6 +83,7 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequentia
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
 
 
+@HEADS.register()
 class SumHead(FusionHead):
     """The seed report's fusion: project each modality to ``hidden`` linearly, add, ReLU, dropout, Linear.
 
@@ -75,6 +92,7 @@ class SumHead(FusionHead):
 
     name = "sum"
     modalities = ("image", "text")
+    grid = True
 
     def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         self.image_proj = nn.Linear(image_dim, hidden)
@@ -88,11 +106,13 @@ class SumHead(FusionHead):
         return self.classifier(self.dropout(torch.relu(zi + zt)))  # (B, C)
 
 
+@HEADS.register()
 class ConcatHead(FusionHead):
     """Concatenate both feature vectors, then an MLP with one hidden layer."""
 
     name = "concat"
     modalities = ("image", "text")
+    grid = True
 
     def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         self.mlp = _mlp(image_dim + text_dim, hidden, num_classes, dropout)
@@ -103,6 +123,7 @@ class ConcatHead(FusionHead):
         return self.mlp(x)  # (B, C)
 
 
+@HEADS.register()
 class GatedHead(FusionHead):
     """Gated fusion (after Arevalo et al. 2017's gated multimodal unit).
 
@@ -114,6 +135,7 @@ class GatedHead(FusionHead):
 
     name = "gated"
     modalities = ("image", "text")
+    grid = True
 
     def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         self.image_proj = nn.Linear(image_dim, hidden)
@@ -144,6 +166,7 @@ class _SingleModalityHead(FusionHead):
         return self.mlp(self._input(text_feat, "text", self.text_dim))  # (B, C)
 
 
+@HEADS.register()
 class ImageHead(_SingleModalityHead):
     """Image-only ablation."""
 
@@ -152,6 +175,7 @@ class ImageHead(_SingleModalityHead):
     modality = "image"
 
 
+@HEADS.register()
 class TextHead(_SingleModalityHead):
     """Caption-only ablation."""
 
@@ -160,6 +184,7 @@ class TextHead(_SingleModalityHead):
     modality = "text"
 
 
+@HEADS.register()
 class AttentionHead(FusionHead):
     """Label queries attending over the image's token map and the caption (Query2Label / ML-Decoder style).
 
@@ -173,8 +198,14 @@ class AttentionHead(FusionHead):
     """
 
     name = "attention"
+    summary = ("label queries over image token maps: needs a cache extracted with --image-pooling tokens (mlc run "
+               "--head attention does that, with a batch of rows/32 within 16-256)")
     modalities = ("image",)  # the caption is optional: text_dim 0 leaves it out
     tokens = True
+    # the pooled heads' defaults (lr 3e-3, dropout 0.5, 40 constant epochs) overfit a transformer layer within 3
+    # epochs; these were measured on ids 0-9999 (docs/recipes.md)
+    recipe = {"lr": 3e-4, "schedule": "cosine", "warmup": 0.05, "weight_decay": 1e-2, "epochs": 12, "hidden": 256,
+              "dropout": 0.2}
     HEADS_PER_LAYER: ClassVar[int] = 8
 
     def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
@@ -219,57 +250,6 @@ class AttentionHead(FusionHead):
         return (self.dropout(self.out_norm(q)) * self.group_weight).sum(-1) + self.group_bias  # (B, C)
 
 
-class BlendHead(FusionHead):
-    """A weighted blend of members (``mlc run --quality best``): each member is K fold heads over its own columns of
-    the fused features; its probability is their mean, the blend's is the weighted sum of the members'.
-
-    ``members``: [{"name", "head": head.json of the member, "folds": K, "weight": w, "image_ranges": [[start, end],
-    ...], "text_ranges": [...]}], the ranges picking the member's features out of the fused ones in the member's own
-    order. It returns logits (logit of the blended probability) like every head, so predict_proba, the run's scorer
-    and the ONNX export (one graph, the blend inside) treat it as any head.
-    """
-
-    name = "blend"
-    modalities = ("image", "text")
-
-    def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, members: Sequence[dict[str, Any]],
-                 hidden: int = 1, dropout: float = 0.0, token_dim: int = 0) -> None:
-        self.member_specs = [dict(m) for m in members]
-        super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
-                         dropout=dropout, token_dim=token_dim)
-
-    def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
-        if not self.member_specs:
-            raise ValueError("head 'blend' needs at least one member")
-        self.members = nn.ModuleList()
-        for i, m in enumerate(self.member_specs):
-            if m["head"].get("name") == "blend" or m["head"]["num_classes"] != num_classes:
-                raise ValueError(f"head 'blend': member {i} is no head over {num_classes} labels")
-            self.members.append(nn.ModuleList(create_head(**m["head"]) for _ in range(int(m["folds"]))))
-            for kind, dim in (("image", image_dim), ("text", text_dim)):
-                idx = [j for a, b in m[f"{kind}_ranges"] for j in range(a, b)]
-                if any(j < 0 or j >= dim for j in idx) or len(idx) != m["head"][f"{kind}_dim"]:
-                    raise ValueError(f"head 'blend': member {i}'s {kind} ranges do not fit its head or the features")
-                # not persistent: rebuilt from head.json, never stored beside the weights
-                self.register_buffer(f"_{kind}_idx{i}", torch.tensor(idx, dtype=torch.long), persistent=False)
-        self.register_buffer("_weights", torch.tensor([float(m["weight"]) for m in self.member_specs]),
-                             persistent=False)
-
-    def config(self) -> dict[str, Any]:
-        return super().config() | {"members": [dict(m) for m in self.member_specs]}
-
-    def forward(self, image_feat: torch.Tensor | None, text_feat: torch.Tensor | None) -> torch.Tensor:
-        img = self._input(image_feat, "image", self.image_dim)
-        txt = self._input(text_feat, "text", self.text_dim)
-        p = torch.zeros(img.shape[0], self.num_classes, dtype=img.dtype, device=img.device)
-        for i, folds in enumerate(self.members):
-            zi = img.index_select(1, getattr(self, f"_image_idx{i}"))
-            zt = txt.index_select(1, getattr(self, f"_text_idx{i}"))
-            p = p + self._weights[i] * torch.stack([torch.sigmoid(h(zi, zt)) for h in folds]).mean(0)
-        p = p.clamp(1e-7, 1 - 1e-7)
-        return torch.log(p) - torch.log1p(-p)  # logit: sigmoid() downstream gives back the blend's probability
-
-
 @torch.inference_mode()
 def predict_proba(head: nn.Module, image: torch.Tensor, text: torch.Tensor, batch: int = 8192) -> torch.Tensor:
     """image (N, V, Di), text (N, Dt) -> probabilities (N, C), averaged over the V cached image views
@@ -289,30 +269,21 @@ def ensemble_proba(heads: Sequence[nn.Module], image: np.ndarray, text: np.ndarr
     return (sum(predict_proba(h, img, txt) for h in heads) / len(heads)).numpy()
 
 
-HEADS: dict[str, type[FusionHead]] = {
-    cls.name: cls for cls in (SumHead, ConcatHead, GatedHead, ImageHead, TextHead, AttentionHead, BlendHead)
-}
-
-
 @dataclass(frozen=True, kw_only=True)
 class HeadOptions(Config):
     """Which fusion head, how wide: shared by ``fit-head`` and ``finetune``."""
 
     PANEL: ClassVar[str] = "Head"
 
-    head: str = opt("concat", "Fusion head: sum (the seed report's), concat, gated, image or text "
-                    "(single-modality ablations), or attention (label queries over image token maps: needs a "
-                    "cache extracted with --image-pooling tokens; mlc run --head attention does that, and trains it "
-                    "with --lr 3e-4 --schedule cosine --warmup 0.05 --weight-decay 0.01 --epochs 12 --hidden 256 "
-                    "--dropout 0.2, and a batch of rows/32 within 16-256).")
-    hidden: int = opt(512, "Hidden width of the head.")
-    dropout: float = opt(0.5, "Dropout in the head.")
+    head: str = opt("concat", HEADS.help("Fusion head (docs/heads.md):"))
+    hidden: int = opt(*FusionHead.options["hidden"])
+    dropout: float = opt(*FusionHead.options["dropout"])
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require([(self.head in HEADS and self.head != "blend",
-                  f"--head must be one of {sorted(set(HEADS) - {'blend'})} (a blend is built by mlc run --quality "
-                  "best)"),
+        inner = self.head in HEADS and self.head not in HEADS.choices()  # mlc's own (blend): never a choice
+        require([(self.head in HEADS.choices(), f"--head must be one of {sorted(HEADS.choices())}"
+                  + (f" ({self.head}: {HEADS.about[self.head].summary})" if inner else "")),
                  (self.hidden >= 1, "--hidden must be at least 1"),
                  (0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")])
 
@@ -327,18 +298,15 @@ def create_head(
     image_dim: int,
     text_dim: int,
     num_classes: int,
-    hidden: int = 512,
-    dropout: float = 0.2,
+    hidden: int = FusionHead.options["hidden"][0],
+    dropout: float = FusionHead.options["dropout"][0],
     token_dim: int = 0,
-    members: Sequence[dict[str, Any]] | None = None,
+    **extra: Any,
 ) -> FusionHead:
     """Build the head registered as ``name``; raises MlcError for an unknown name. ``token_dim``: the width of
-    each image token when the image features are a token map (0: pooled vectors)."""
-    if name not in HEADS:
-        raise MlcError(f"unknown head {name!r}; choose from {', '.join(sorted(HEADS))}")
-    if name == "blend":  # members, not layers: checked by BlendHead itself
-        return BlendHead(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, members=members or [],
-                         hidden=hidden, dropout=dropout)
+    each image token when the image features are a token map (0: pooled vectors). ``extra``: a head's own
+    arguments, as its ``config()`` records them (``blend``: its ``members``)."""
+    HEADS.get_entry(name)
     if HEADS[name].tokens != (token_dim > 0):
         raise MlcError(f"head {name!r} reads {'image token maps' if HEADS[name].tokens else 'pooled image vectors'}"
                        f", these features are {'token maps' if token_dim else 'pooled vectors'}: "
@@ -350,4 +318,14 @@ def create_head(
         raise ValueError(f"head {name!r} needs {' and '.join(HEADS[name].modalities)} features, num_classes and "
                          f"hidden >= 1 and dropout in [0, 1) (got dims {dims})")
     return HEADS[name](image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
-                       dropout=dropout, token_dim=token_dim)
+                       dropout=dropout, token_dim=token_dim, **extra)
+
+
+def _import_head_modules() -> None:
+    """A head of its own module, ``pipeline/head_<name>.py``, registers itself when imported: import them all, so
+    adding one is that one file."""
+    for path in sorted(Path(__file__).parent.glob("head_*.py")):
+        importlib.import_module(f"{__package__}.{path.stem}")
+
+
+_import_head_modules()  # last: those modules import FusionHead and HEADS from here

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .reading import LABELS_BYTES, read_text
 
 Label = int | str
 
@@ -104,7 +105,8 @@ class LabelSpace:
         """``labels.csv``: a header ``id,name`` (name optional), one label a row, in the order to use."""
         path = Path(path)
         try:
-            rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))))
+            text = read_text(path, limit=LABELS_BYTES, what="labels file", encoding="utf-8-sig")
+            rows = list(csv.reader(io.StringIO(text)))
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(str(path), None, f"cannot read the labels file ({e})") from e
         if not rows or [c.strip().lower() for c in rows[0][:1]] != ["id"]:

@@ -12,7 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .encoders.registry import load_plugins
 from .errors import MlcError
+from .registries import Registry
+
+# name -> factory(pos_weight=None, **kw); each describes itself (pipeline/registries.py): --loss's help comes from it
+LOSSES: Registry[Callable[..., nn.Module]] = Registry("loss", load=load_plugins)
 
 
 class AsymmetricLoss(nn.Module):
@@ -55,36 +60,36 @@ class AsymmetricLoss(nn.Module):
         return total / x.shape[0] if self.reduction == "mean" and x.shape[0] else total
 
 
+@LOSSES.register("bce", grid=True, options={"pos_weight": (False, "weight positives by negatives/positives "
+                                                                   "per class (--pos-weight)")})
 def _bce(pos_weight: torch.Tensor | None = None, **kw: object) -> nn.Module:
+    """Binary cross-entropy on each label."""
     # BCEWithLogitsLoss registers pos_weight as a buffer, so .to(device) moves it with the loss.
     return nn.BCEWithLogitsLoss(pos_weight=pos_weight, **kw)
 
 
+@LOSSES.register("soft-margin")
 def _soft_margin(pos_weight: torch.Tensor | None = None, **kw: object) -> nn.Module:
+    """torch's multi-label soft margin loss."""
     if pos_weight is not None:
         raise MlcError("loss 'soft-margin' takes no pos_weight; use 'bce', which does")
     return nn.MultiLabelSoftMarginLoss(**kw)
 
 
+@LOSSES.register("asl", grid=True, options={"gamma_neg": (4.0, "focusing on negatives"),
+                                            "gamma_pos": (1.0, "focusing on positives"),
+                                            "clip": (0.05, "probability shift of negatives")})
 def _asl(pos_weight: torch.Tensor | None = None, **kw: object) -> nn.Module:
+    """Asymmetric loss (Ridnik et al. 2021): easy negatives down-weighted."""
     if pos_weight is not None:
         raise MlcError("loss 'asl' takes no pos_weight (its asymmetric focusing handles imbalance); "
                        "use 'bce' for pos_weight")
     return AsymmetricLoss(**kw)
 
 
-LOSSES: dict[str, Callable[..., nn.Module]] = {
-    "bce": _bce,
-    "soft-margin": _soft_margin,
-    "asl": _asl,
-}
-
-
 def create_loss(name: str, *, pos_weight: torch.Tensor | None = None, **kw: object) -> nn.Module:
     """Build the loss registered as ``name`` (bce, soft-margin, asl); ``pos_weight`` (C,) is bce-only."""
-    if name not in LOSSES:
-        raise MlcError(f"unknown loss {name!r}; choose from {', '.join(sorted(LOSSES))}")
-    return LOSSES[name](pos_weight=pos_weight, **kw)
+    return LOSSES.get_entry(name)(pos_weight=pos_weight, **kw)
 
 
 def pos_weight_from_labels(y: np.ndarray, cap: float = 10.0) -> torch.Tensor:

@@ -92,11 +92,43 @@ def session(path: Path) -> Any:
         raise MlcError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {str(e)[:200]})") from e
 
 
+_ONNX_TYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32",
+               "tensor(float16)": "float16"}
+
+
+def _described(args: Any) -> dict[str, str]:
+    return {a.name: _ONNX_TYPES.get(a.type, a.type) for a in args}
+
+
+def agree(sess: Any, meta: dict[str, Any], path: Path) -> None:
+    """The graph is the one export.json describes: its input and output names and types as ``graph.inputs`` and
+    ``graph.outputs`` list them, and one probability a label (``label_ids``); MlcError naming the field else."""
+    classes = len(meta["label_ids"])
+    for field, args in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
+        declared = meta["graph"].get(field)
+        if not isinstance(declared, list) or not all(isinstance(d, dict) for d in declared):
+            raise MlcError(f"{path}: graph.{field}: expected a list of {{name, dtype, shape}}, found {declared!r:.60}")
+        have, said = _described(args), {d.get("name"): d.get("dtype") for d in declared}
+        if have != said:
+            raise MlcError(f"{path}: graph.{field}: the graph's {field} are {have}, export.json says {said}")
+    out = {o.name: o.shape for o in sess.get_outputs()}.get("probabilities")
+    if out is None:
+        raise MlcError(f"{path}: graph.outputs: the graph has no output 'probabilities'")
+    width = out[-1] if out and isinstance(out[-1], int) else None
+    if width is not None and width != classes:
+        raise MlcError(f"{path}: label_ids: {classes} labels, but the graph gives {width} probabilities a photo")
+    for d in meta["graph"]["outputs"]:
+        shape = d.get("shape")
+        if d.get("name") == "probabilities" and isinstance(shape, list) and shape and shape[-1] != classes:
+            raise MlcError(f"{path}: graph.outputs: probabilities of width {shape[-1]!r}, but {classes} labels")
+
+
 class OnnxScorer:
     """model.onnx: photos and captions -> (N, C) probabilities."""
 
     def __init__(self, folder: Path, meta: dict[str, Any]) -> None:
         self.session = session(folder / meta["graph"]["file"])
+        agree(self.session, meta, folder / "export.json")
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.image = ImageRule.of(meta["image"]) if meta.get("image") else None
         self.tokens = Tokens(folder / meta["text"]["tokenizer"], meta["text"]["lowercase"]) if meta.get("text") \

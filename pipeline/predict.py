@@ -28,11 +28,14 @@ from .atomic import OutputOptions, claim_output, first_line, write_text
 from .config import Config, group, opt, require
 from .data import DataOptions
 from .errors import MlcError
+from .log import get
 from .options import LoaderOptions
-from .predictor import Predictor, load, photo_faults
+from .predictor import Predictor, csv_header, load, photo_faults
 from .records import IMAGE_EXTENSIONS, CsvLayout, read_csv
 
 FORMATS = ("table", "csv", "json")
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,9 +76,11 @@ def image_paths(specs: tuple[str, ...]) -> list[str]:
     for spec in specs:
         p = Path(spec).expanduser()
         if p.is_dir():
+            # every entry with an image's name but a folder: a FIFO or a device among them is refused by name when
+            # read (or listed with --skip-bad-images), never silently left out
             found += sorted(os.path.join(spec, f.name) for f in p.iterdir()
-                            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
+                            if not f.is_dir() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.exists() or p.is_symlink():  # a FIFO, a device, a dangling link: load_image names what it is
             found.append(spec)
         elif any(ch in spec for ch in "*?["):
             found += sorted(m for m in glob.glob(spec, recursive=True) if Path(m).is_file())
@@ -87,9 +92,11 @@ def image_paths(specs: tuple[str, ...]) -> list[str]:
 
 
 def read_captions(path: Path, options: DataOptions) -> dict[str, str]:
-    """A captions CSV read with the data layout options: file name -> caption (DataError naming a faulty row)."""
+    """A captions CSV read with the data layout options: file name -> caption (DataError naming a faulty row). A
+    CSV with a labels column (the competition's train.csv) is read as validate reads it, labels and all."""
     layout = CsvLayout(options.id_col, options.labels_col, options.caption_col, options.label_sep, options.images)
-    return {r.image_id: r.caption for r in read_csv(path, labelled=False, layout=layout)}
+    labelled = options.labels_col.lower() in {c.lower() for c in csv_header(path)}
+    return {r.image_id: r.caption for r in read_csv(path, labelled=labelled, layout=layout)}
 
 
 def _captions_for(cfg: PredictConfig, keys: list[str], pred: Predictor, table: dict[str, str] | None) -> list[str]:
@@ -108,7 +115,7 @@ def _captions_for(cfg: PredictConfig, keys: list[str], pred: Predictor, table: d
 
 
 def _say(msg: str) -> None:
-    print(f"[mlc predict] {msg}", file=sys.stderr, flush=True)
+    logger.info(f"[mlc predict] {msg}")
 
 
 def predict(cfg: PredictConfig, pred: Predictor | None = None) -> list[dict[str, Any]]:
@@ -167,7 +174,8 @@ def render(results: list[dict[str, Any]], fmt: str, label_names: dict[str, str],
 def is_predictions(path: Path) -> bool:
     """A file ``render`` wrote, in any format (its first line), which new predictions may replace."""
     line = first_line(path)
-    if line.startswith(("ImageID,Labels", "path,labels", "photo ")):
+    # never "ImageID,Labels": that is a submission, which predictions must not replace
+    if line.startswith("path,labels,") or (line.startswith("photo ") and line.endswith(" labels (probability)")):
         return True
     try:
         return {"path", "labels"} <= set(json.loads(line))
@@ -176,12 +184,13 @@ def is_predictions(path: Path) -> bool:
 
 
 def _inputs(cfg: PredictConfig) -> list[Path]:
-    """The photos (as found) and the captions file."""
+    """The photos (as found), the folders holding them (whose files --force never replaces) and the captions file."""
     try:
         photos = image_paths(cfg.paths)
     except MlcError:  # predict() says what is wrong with them, in its turn
         photos = []
-    return photos + ([cfg.captions] if cfg.captions is not None else [])
+    folders = sorted({Path(p).parent for p in photos})
+    return [*photos, *folders] + ([cfg.captions] if cfg.captions is not None else [])
 
 
 def run(cfg: PredictConfig) -> None:

@@ -28,17 +28,24 @@ import numpy as np
 from PIL import Image
 
 from . import schemas
-from .data import DataDir, load_image
-from .decision import Decision
+from .data import DECODE_ERRORS, DataDir, decode_image, load_image
+from .decision import RULES, Decision
 from .errors import DataError, ImageError, MlcError
 from .folders import check_listing, read_json
 from .labels import LabelSpace
-from .metrics import per_class, samples_f1
+from .metrics import macro_f1, mean_average_precision, micro_f1, per_class, samples_f1
+from .reading import CSV_BYTES, read_bytes
 from .records import read_csv
 
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = 2  # 1: encoders + heads only (mlc 0.2.0); 2: + export.json describing preprocessing and the rule
 Photo = str | os.PathLike[str] | Image.Image
+# The decision rule export.json records and Predictor.decide applies: read back field by field, so an export
+# asking for another rule is refused rather than scored by this one.
+DECISION = {  # export.json's decision: these beside the rule's name and parameters (decision.Decision.to_dict())
+    "at_least_one": True,
+    "columns": "probabilities[:, j] and thresholds[j] belong to label_ids[j] (named label_names[j])",
+}
 
 
 def _raise(e: ImageError) -> None:
@@ -149,23 +156,19 @@ class Predictor:
     def evaluate(self, data: str | os.PathLike[str], *, split: str = "test", options: Any = None,
                  batch_size: int = 32, workers: int = 2, skip_bad_images: bool = False,
                  say: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """samples-F1 (thresholds and decision rule applied) and each label's precision, recall, F1 and support on
-        labelled rows: ``data`` a data folder (its ``split`` CSV) or a CSV file (photos in its folder's data/,
-        images/ or beside it), read with ``options`` (data.DataOptions; default columns otherwise)."""
+        """samples-, micro- and macro-F1 (thresholds and decision rule applied), mAP and each label's precision,
+        recall, F1 and support on labelled rows: ``data`` a data folder (its ``split`` CSV) or a CSV file (photos
+        in its folder's data/, images/ or beside it), read with ``options`` (data.DataOptions; default columns
+        otherwise)."""
         data = Path(data)
         folder = DataDir.open(data if data.is_dir() else data.parent, options)
         path = folder.csv_path(split) if data.is_dir() else data  # type: ignore[arg-type]
-        records = read_csv(path, labelled=True, layout=folder.layout())
+        header, layout = {c.lower() for c in csv_header(path)}, folder.layout()
+        if layout.id_col.lower() in header and layout.labels_col.lower() not in header:
+            raise MlcError(unlabelled(path, data, split, self.source))
+        records = read_csv(path, labelled=True, layout=layout)
         if not records:
             raise DataError(str(path), None, "no labelled rows")
-        y = np.zeros((len(records), len(self.labels)), np.uint8)
-        for i, r in enumerate(records):
-            for token in r.labels or ():
-                try:
-                    y[i, self.labels.column(token)] = 1
-                except KeyError:
-                    raise DataError(str(path), r.line, f"label {token!r} is not one the model knows "
-                                    f"({', '.join(map(str, self.labels.ids))})") from None
         if say is not None:
             say(f"{len(records)} rows of {path}")
         skipped, bad = photo_faults(skip_bad_images, say or (lambda _: None))
@@ -174,10 +177,28 @@ class Predictor:
                                        on_bad=bad, say=say)
         if not rows:
             raise MlcError(f"no photo could be read ({len(skipped)} skipped)")
-        y_true, y_pred = y[rows], self.decide(probs)
-        pc = per_class(y_true, y_pred)
-        return {"samples_f1": samples_f1(y_true, y_pred), "rows": len(rows), "skipped": [e.path for e in skipped],
-                "source": str(path), "model": str(self.source),
+        out = self.scores([records[i].labels or [] for i in rows], probs, str(path),
+                          [(str(path), records[i].line) for i in rows])
+        return {**out, "skipped": [e.path for e in skipped]}
+
+    def scores(self, tokens: Sequence[Sequence[Any]], probs: np.ndarray, source: str,
+               where: Sequence[tuple[str, int | None]] | None = None) -> dict[str, Any]:
+        """Each row's true labels (tokens) against its probabilities, through ``decide``: samples-, micro- and
+        macro-F1, mAP and each label's precision, recall, F1 and support (keyed by label id)."""
+        y = np.zeros((len(tokens), len(self.labels)), np.uint8)
+        for i, row in enumerate(tokens):
+            for token in row:
+                try:
+                    y[i, self.labels.column(token)] = 1
+                except KeyError:
+                    file, line = where[i] if where is not None else (source, None)
+                    raise DataError(file, line if where is not None else i, f"label {token!r} is not one the model "
+                                    f"knows ({', '.join(map(str, self.labels.ids))})") from None
+        y_pred = self.decide(probs)
+        pc = per_class(y, y_pred)
+        return {"samples_f1": samples_f1(y, y_pred), "micro_f1": micro_f1(y, y_pred),
+                "macro_f1": macro_f1(y, y_pred), "mAP": mean_average_precision(y, probs), "rows": len(y),
+                "source": source, "model": str(self.source),
                 "per_class": {str(lid): {"name": name, **{k: float(pc[k][j]) for k in ("precision", "recall", "f1")},
                                          "support": int(pc["support"][j])}
                               for j, (lid, name) in enumerate(zip(self.labels.ids, self.labels.names, strict=True))}}
@@ -191,7 +212,8 @@ class Predictor:
             return None
         if photos is None:
             raise MlcError(f"{self.source}: this model reads images; give photos")
-        return [p if isinstance(p, Image.Image) else load_image(p, self.draft) for p in photos]
+        return [_as_rgb(p, i, self.draft) if isinstance(p, Image.Image) else load_image(p, self.draft)
+                for i, p in enumerate(photos)]
 
     @classmethod
     def of_run(cls, run: Any, **engine: Any) -> Predictor:
@@ -208,7 +230,7 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
     """A run folder (fit-head or finetune) or a folder `mlc export` wrote. An ONNX export loads without torch;
     ``backend``, ``device`` and ``onnx_dir`` are for the torch path (run folders, safetensors exports)."""
     path = Path(path)
-    if (path / EXPORT_FILE).is_file():
+    if (path / EXPORT_FILE).exists():  # anything there but a regular file is refused by name when read
         meta = read_export(path)
         labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))
         th = np.asarray(meta["thresholds"], np.float32)
@@ -229,6 +251,26 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
                                                                   device=device, onnx_dir=onnx_dir), run.decision)
 
 
+def csv_header(path: Path) -> list[str]:
+    """The first line's cells (an empty list for a missing or empty file: the reader then says why)."""
+    try:  # bounded and never blocking (a FIFO, /dev/zero): reading.read_bytes; the reader then names the fault
+        line = read_bytes(path, limit=CSV_BYTES, what="CSV file").split(b"\n", 1)[0].decode("utf-8-sig", "replace")
+    except (OSError, DataError):
+        return []
+    return [c.strip().strip('"') for c in line.rstrip("\r").split(",")]
+
+
+def unlabelled(path: Path, data: Path, split: str, model: Path) -> str:
+    """What to say of a CSV without labels, and what works instead."""
+    offer = "score a labelled CSV"
+    if data.is_dir() and split == "test":
+        own = f"its model card ({model / 'README.md'})" if (model / EXPORT_FILE).is_file() else \
+            f"`mlc runs {model}` (its metrics.json)"
+        offer = (f"--split train scores train.csv (rows that trained the model: optimistic), or {own} shows the "
+                 "model's own cross-fitted scores")
+    return f"{path} has no labels column, so there is nothing to score against: {offer}"
+
+
 def read_export(path: Path) -> dict[str, Any]:
     """export.json, schema-checked, after checking the folder against its file list (sizes and sha256)."""
     meta = read_json(path / EXPORT_FILE, "the export folder")
@@ -237,8 +279,47 @@ def read_export(path: Path) -> dict[str, Any]:
         raise MlcError(f"{path}: export format {fmt!r}; this mlc reads format {EXPORT_FORMAT} (export the run "
                        "again with this mlc)")
     meta = schemas.export(meta, path / EXPORT_FILE)
+    honoured(meta, path / EXPORT_FILE)
     check_listing(path, meta["files"], (EXPORT_FILE,), "export the run again")
     return meta
+
+
+def honoured(meta: dict[str, Any], path: Path) -> None:
+    """Every field of export.json that decides something is one this mlc applies exactly, else MlcError naming the
+    file and field: the decision rule (each field of ``DECISION``), and the kind and dtype against the graph."""
+    decision = meta.get("decision")
+    if not isinstance(decision, dict):
+        raise MlcError(f"{path}: decision: expected the decision rule (an object), found {decision!r:.60}")
+    rule = decision.get("rule")
+    if rule not in RULES:
+        raise MlcError(f"{path}: decision.rule: {rule!r:.60} is not a rule this mlc applies ({', '.join(RULES)}); "
+                       "export the run again")
+    try:
+        parsed = Decision.from_dict(decision)
+    except (ValueError, TypeError, KeyError) as e:
+        raise MlcError(f"{path}: decision: {e}; export the run again") from None
+    expected = {**parsed.to_dict(), "help": RULES[rule].help, **DECISION}  # what this mlc writes, and so applies
+    for key in sorted(set(decision) | set(expected)):
+        if decision.get(key) != expected.get(key):
+            want = f"{expected[key]!r:.80}" if key in expected else "no such field"
+            raise MlcError(f"{path}: decision.{key}: {decision.get(key)!r:.80} is not the rule this mlc applies "
+                           f"({want}); it would be ignored, so the export is refused: export the run again")
+    graph = meta.get("graph")
+    kind = "onnx" if graph else "safetensors"
+    if meta.get("kind", kind) != kind:
+        raise MlcError(f"{path}: kind: {meta.get('kind')!r}, but the folder is a {kind} export"
+                       f" ({'a graph' if graph else 'no graph'} is listed)")
+    if graph and "dtype" in meta and graph.get("dtype", meta["dtype"]) != meta["dtype"]:
+        raise MlcError(f"{path}: dtype: {meta['dtype']!r}, but graph.dtype says {graph.get('dtype')!r}")
+
+
+def _as_rgb(im: Image.Image, i: int, draft: int | None) -> Image.Image:
+    """A photo given as a Pillow image, decoded by the rule a path is (data.decode_image), on a copy when it is
+    already decoded (the caller's image is left as it was)."""
+    try:
+        return decode_image(im if getattr(im, "fp", None) is not None else im.copy(), draft)
+    except DECODE_ERRORS as err:
+        raise ImageError(f"photo {i} (a {type(im).__name__})", f"cannot decode image: {err}") from err
 
 
 def decode_all(paths: Sequence[Path], draft: int | None, threads: int,

@@ -10,16 +10,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .data import DataDir, DataOptions
-from .device import is_main
 from .encoders import NONE, ImageEncoder, TextEncoder, create_image_encoder, create_text_encoder, load_encoder
 from .errors import MismatchError, MlcError
+from .log import get
 from .runs import RunDir
+
+logger = get(__name__)
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,10 @@ def fit_to_data(recipe: Recipe, data: DataDir) -> Recipe:
     changes: dict[str, Any] = {"data": data.options.recorded()}
     if not data.options.images and recipe.image_encoder != NONE:
         changes["image_encoder"] = NONE
-        if is_main():
-            print("note: --no-images: a text-only dataset; no image features", file=sys.stderr)
+        logger.info("note: --no-images: a text-only dataset; no image features")
     if not data.has_captions("train" if data.has("train") else "test") and recipe.text_encoder != NONE:
         changes["text_encoder"] = NONE
-        if is_main():
-            print(f"note: no {data.options.caption_col!r} column: an image-only dataset; no caption features",
-                  file=sys.stderr)
+        logger.info(f"note: no {data.options.caption_col!r} column: an image-only dataset; no caption features")
     return dataclasses.replace(recipe, **changes)
 
 

@@ -35,6 +35,7 @@ from .competition_csv import (
 )
 from .errors import DataError
 from .labels import token_fault
+from .reading import CSV_BYTES, read_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -208,7 +209,9 @@ def parse_csv(
     path = Path(path)
     file = str(path)
     try:
-        data = path.read_bytes()
+        data = read_bytes(path, limit=CSV_BYTES, what="CSV file")
+    except DataError as err:
+        return [], [err]
     except FileNotFoundError:
         return [], [DataError(file, None, "file not found")]
     except OSError as err:

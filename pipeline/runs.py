@@ -19,15 +19,15 @@
       members/NAME/        `mlc run --quality best`: each member's own run folder (not part of the manifest)
       submission.csv, report/            written later by `mlc submit` / `mlc report`
       submission.json      what submission.csv was made from (the run's manifest, the test caches' data)
+      run.json             the `mlc run` options that made it (`mlc run --config RUN` replays them)
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,61 +51,17 @@ from .atomic import (
 )
 from .cache import CacheMeta
 from .decision import Decision
-from .errors import MismatchError, MlcError
+from .errors import MlcError
 from .folders import check_listing, listing, read_json
 from .fused import Part
 from .heads import HEADS, create_head
+from .identity import Contract, FeatureEntry  # Contract lives in identity; re-exported here for callers
 from .labels import LabelSpace
 
 if TYPE_CHECKING:
     from .data import DataDir
 
 RUN_FORMAT = 2  # 1: mlc 0.1 (cache.json, image_encoder.safetensors, text_encoder/); no manifest
-
-
-@dataclass(frozen=True)
-class Contract:
-    """What features a head was trained on: a cache (or encoders) must match every field to feed it."""
-
-    image_encoder: str
-    text_encoder: str
-    image_weights_hash: str
-    text_weights_hash: str
-    image_preprocess: dict[str, Any]
-    text_preprocess: dict[str, Any]
-    image_dim: int
-    text_dim: int
-    label_ids: tuple[int | str, ...]
-    precision: str = "fp32"  # of the features (int8 or bf16 ones differ from fp32 ones)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "label_ids", tuple(self.label_ids))  # JSON gives a list
-
-    @classmethod
-    def of_cache(cls, meta: CacheMeta) -> Contract:
-        d = meta.to_dict()
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
-
-    @classmethod
-    def of_encoders(cls, image: Any, text: Any, labels: LabelSpace) -> Contract:
-        return cls(image.name, text.name, image.weights_hash, text.weights_hash, image.preprocess.to_dict(),
-                   text.preprocess.to_dict(), image.dim, text.dim, labels.ids)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Contract:
-        # a run written before precision was recorded holds fp32 features (the default)
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d or f.name != "precision"})
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in fields(self)}))
-
-    def check(self, found: Contract | CacheMeta, what: str) -> None:
-        """Refuse features from other encoders, weights, preprocessing or label vocabulary."""
-        theirs = (found if isinstance(found, Contract) else Contract.of_cache(found)).to_dict()
-        mine = self.to_dict()
-        diffs = [f"{k}: the run has {v!r}, it has {theirs[k]!r}" for k, v in mine.items() if theirs[k] != v]
-        if diffs:
-            raise MismatchError(f"{what} does not match the run: " + "; ".join(diffs))
 
 
 @dataclass
@@ -146,13 +102,18 @@ class Run:
         return self.dir.path
 
     @property
+    def entries(self) -> list[FeatureEntry]:
+        """features.json, typed: what the head reads from each cache."""
+        return [FeatureEntry.from_dict(e) for e in self.features]
+
+    @property
     def contract(self) -> Contract:
-        return Contract.from_dict(self.features[0]["contract"])
+        return Contract.from_dict(self.entries[0].contract)
 
     def check_caches(self, metas: list[CacheMeta], paths: list[Any]) -> None:
         """Each cache against its features.json entry (same order)."""
-        for entry, meta, path in zip(self.features, metas, paths, strict=True):
-            Contract.from_dict(entry["contract"]).check(meta, what=f"the {meta.split} cache {path}")
+        for entry, meta, path in zip(self.entries, metas, paths, strict=True):
+            Contract.from_dict(entry.contract).check(meta, what=f"the {meta.split} cache {path}")
 
 
 @dataclass(frozen=True)
@@ -246,11 +207,12 @@ class RunDir:
     # ------------------------------------------------------------------------------------ writing
 
     def claim(self, kind: str, *, inputs: tuple[Any, ...] | list[Any] = (), sealed: tuple[Any, ...] | list[Any] = (),
-              force: bool = False) -> RunDir:
+              force: bool = False, allow: tuple[Any, ...] | list[Any] = ()) -> RunDir:
         """This folder as the ``--out`` of a stage that writes a ``kind`` run, at its real path: a missing or empty
-        folder, or an mlc run of that kind (``atomic.claim_output``); never one of ``inputs``/``sealed``."""
+        folder, or an mlc run of that kind (``atomic.claim_output``); never one of ``inputs``/``sealed``; inside
+        another run only if ``allow`` names it (a best run's member)."""
         return RunDir(claim_output(self.path, what=f"an mlc {kind} run folder", folder=True, inputs=inputs,
-                                   sealed=sealed, force=force, ours=lambda p: RunDir(p).replaceable(kind)))
+                                   sealed=sealed, force=force, allow=allow, ours=lambda p: RunDir(p).replaceable(kind)))
 
     def replaceable(self, kind: str) -> bool | list[str]:
         """True for an mlc run of ``kind`` holding nothing mlc did not write (or, for a finetune, only the checkpoints
@@ -349,8 +311,9 @@ class RunDir:
 
 
 def data_inputs(data: DataDir) -> list[Path]:
-    """What a command reads from a data folder: its CSVs, labels file and image folder, which no output may be."""
-    return [p for p in (data.csv_path("train"), data.csv_path("test"), data.labels_file, data.image_dir)
+    """What a command reads from a data folder: its CSVs, labels file, image folder and the folder itself, which no
+    output may be (and whose files --force never replaces)."""
+    return [p for p in (data.csv_path("train"), data.csv_path("test"), data.labels_file, data.image_dir, data.root)
             if p is not None]
 
 
@@ -365,8 +328,9 @@ def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
     return head.eval()
 
 
-# written after the run, not part of it (members/: a best run's members, each a run folder of its own)
-_LATER = ("checkpoints", "members", "report", "submission.csv", "submission.json")
+# written after the run, not part of it (members/: a best run's members, each a run folder of its own; run.json:
+# the `mlc run` recipe that made it, for --config)
+_LATER = ("checkpoints", "members", "report", "submission.csv", "submission.json", "run.json")
 
 
 def saved_decision(th: dict[str, Any]) -> Decision:
@@ -384,7 +348,7 @@ def _check_consistent(run: RunDir, th: dict[str, Any], head_cfg: dict[str, Any],
                        f"made for ({list(contracts[0].label_ids)}, features.json)")
     if head_cfg["num_classes"] != len(th["label_ids"]):
         raise MlcError(f"{run.head}: num_classes {head_cfg['num_classes']} but {len(th['label_ids'])} labels")
-    parts = [Part.of(e) for e in features]
+    parts = [Part.of(FeatureEntry.from_dict(e)) for e in features]
     dims = (sum(c.image_dim for c, p in zip(contracts, parts, strict=True) if p.image),
             sum(c.text_dim for c, p in zip(contracts, parts, strict=True) if p.text))
     if (head_cfg["image_dim"], head_cfg["text_dim"]) != dims:
@@ -394,8 +358,9 @@ def _check_consistent(run: RunDir, th: dict[str, Any], head_cfg: dict[str, Any],
 
 def feature_entry(contract: Contract, recipe: dict[str, Any], use: dict[str, bool] | None = None,
                   data_fingerprint: str | None = None) -> dict[str, Any]:
-    """One entry of features.json: a cache's contract, its recipe, which of its features the head reads, and the
-    fingerprint of the data it was made from (so a rerun sees that train.csv or its images changed)."""
-    return {"contract": contract.to_dict(), "recipe": recipe, **(use or {"image": True, "text": True}),
-            "data_fingerprint": data_fingerprint}
+    """One entry of features.json (a ``FeatureEntry``): a cache's contract, its recipe, which of its features the
+    head reads, and the fingerprint of the data it was made from (so a rerun sees that train.csv or its images
+    changed)."""
+    use = use or {"image": True, "text": True}
+    return FeatureEntry(contract.to_dict(), recipe, use["image"], use["text"], data_fingerprint).to_dict()
 

@@ -8,7 +8,6 @@ encoders, and the head reads the branches' image features side by side, then the
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,11 @@ from .device import select_device
 from .encoders import ImageEncoder, TextEncoder, load_encoder
 from .errors import MlcError
 from .features import Recipe, encode_texts
-from .fused import Part
 from .heads import HEADS, ensemble_proba
+from .log import get
 from .runs import Run, load_head
+
+logger = get(__name__)
 
 
 @dataclass
@@ -90,7 +91,7 @@ class TorchScorer:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    logger.info(msg)
 
 
 def _branch(image: ImageEncoder | None, text: TextEncoder | None, backend: str, device: Any,
@@ -106,10 +107,9 @@ def run_scorer(run: Run, *, encoders: bool, backend: str = "auto", device: Any =
                onnx_dir: Path | None = None) -> TorchScorer:
     """A run's heads, and (``encoders``) the encoders its features.json entries name, each on its engine."""
     branches = []
-    for entry in run.features if encoders else []:
-        part = Part.of(entry)
-        image, text = Recipe.from_dict(entry["recipe"], str(run.dir.features)).encoders(run.path)
-        branches.append(_branch(image if part.image else None, text if part.text else None, backend,
+    for entry in run.entries if encoders else []:
+        image, text = Recipe.from_dict(entry.recipe, str(run.dir.features)).encoders(run.path)
+        branches.append(_branch(image if entry.image else None, text if entry.text else None, backend,
                                 device, onnx_dir))
     return TorchScorer(run.heads, run.head_config, branches)
 
@@ -123,5 +123,11 @@ def export_scorer(path: Path, meta: dict[str, Any], *, backend: str = "auto", de
         image = load_encoder(path / b["image"]).float() if b.get("image") else None
         text = load_encoder(path / b["text"]).float() if b.get("text") else None
         branches.append(_branch(image, text, backend, device, onnx_dir))  # type: ignore[arg-type]
+    dims = (sum(b.image.dim for b in branches if b.image is not None),
+            sum(b.text.dim for b in branches if b.text is not None))
+    if (head_cfg["image_dim"], head_cfg["text_dim"]) != dims:
+        have = f"{head_cfg['image_dim']}/{head_cfg['text_dim']}"
+        raise MlcError(f"{path / 'export.json'}: head.image_dim/text_dim: {have}, but the exported encoders give "
+                       f"{dims[0]}/{dims[1]} features")
     heads = [load_head(path / name, head_cfg) for name in meta["heads"]]
     return TorchScorer(heads, head_cfg, branches)

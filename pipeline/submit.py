@@ -77,7 +77,7 @@ def check_ids(expected: list[str], got: list[str], where: str) -> None:
 
 
 def _recipes(run: Run) -> list[Recipe]:
-    return [Recipe.from_dict(entry["recipe"], str(run.dir.features)) for entry in run.features]
+    return [Recipe.from_dict(entry.recipe, str(run.dir.features)) for entry in run.entries]
 
 
 def _test_caches(run: Run, cfg: SubmitConfig) -> list[Path]:
@@ -122,7 +122,7 @@ def submit(cfg: SubmitConfig) -> tuple[Path, str]:
         run.check_caches([r.meta for r in readers], caches)
         for r in readers:
             check_ids(expected, r.image_ids, str(r.path))
-        parts = [Part.of(e) for e in run.features]
+        parts = [Part.of(e) for e in run.entries]
         ids, image, text = load_joined(readers, parts)
         made_from = [{"cache": str(r.path), "data_fingerprint": r.meta.data_fingerprint} for r in readers]
     finally:

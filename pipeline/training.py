@@ -28,6 +28,7 @@ from .config import Config, flatten, opt, require
 from .device import autocast, is_main, rank, world_size
 from .errors import MismatchError, MlcError
 from .evaluation import cross_fitted_f1
+from .log import progress_enabled
 from .losses import LOSSES, create_loss, inverse_frequency_weights, pos_weight_from_labels
 from .metrics import samples_f1
 from .thresholds import apply_thresholds
@@ -44,7 +45,7 @@ class TrainOptions(Config):
 
     PANEL: ClassVar[str] = "Training"
 
-    loss: str = opt("bce", "bce, soft-margin or asl (asymmetric loss).")
+    loss: str = opt("bce", LOSSES.help("Loss (docs/heads.md):"))
     pos_weight: bool = opt(False, "Weight positives per class by negatives/positives (bce only).")
     sampler: str = opt("uniform", "uniform, or weighted (inverse label frequency, with replacement, as the "
                        "seed report).")
@@ -199,7 +200,9 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A config without the options that may change between a run and its resumption; flat, so a checkpoint of
     mlc 0.2 (a flat config) resumes too."""
-    return {k: v for k, v in flatten(config).items() if k not in ("resume", "nproc")}
+    # image_dir unset is what a checkpoint from before --image-dir existed meant
+    return {k: v for k, v in flatten(config).items() if k not in ("resume", "nproc") and
+            not (k == "image_dir" and v is None)}
 
 
 class _Checkpoints:
@@ -345,7 +348,7 @@ def _epoch(task: Task, model: nn.Module, loss_fn: nn.Module, step: _Stepper, dev
     """One pass over the epoch's batches: (mean train loss, rows seen, seconds per step)."""
     total, seen, step_secs = 0.0, 0, []
     bar = tqdm(task.batches(epoch), total=task.steps_per_epoch, desc=f"epoch {epoch}/{epochs}", unit="batch",
-               disable=not (progress and is_main()), dynamic_ncols=True, file=sys.stderr, leave=False)
+               disable=not (progress and progress_enabled()), dynamic_ncols=True, file=sys.stderr, leave=False)
     step.optimizer.zero_grad(set_to_none=True)
     t = time.perf_counter()
     for i, batch in enumerate(bar):

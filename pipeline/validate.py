@@ -68,9 +68,10 @@ class ValidationReport:
 
 
 def validate_data_dir(root: str | os.PathLike[str], *, csv_only: bool, progress: bool = True,
-                      options: DataOptions | None = None) -> ValidationReport:
+                      options: DataOptions | None = None, need_test: bool = True) -> ValidationReport:
     """Parse both CSVs (gathering every fault), check train/test overlap and test labels, and, unless
-    ``csv_only``, that every image opens. Raises DataError only when ``root`` is not a folder."""
+    ``csv_only``, that every image opens; a missing test.csv is a problem only with ``need_test``. Raises
+    DataError only when ``root`` is not a folder."""
     t0 = time.perf_counter()
     data_dir = DataDir.open(root, options)
     found: dict[str, list[Record]] = {}
@@ -84,7 +85,9 @@ def validate_data_dir(root: str | os.PathLike[str], *, csv_only: bool, progress:
         layout, labels_file_ok = data_dir.layout(with_labels_file=False), False
     for split in ("train", "test"):
         path = data_dir.csv_path(split)
-        if not path.is_file():
+        if not data_dir.has(split):  # anything else by that name is refused by name when read
+            if split == "test" and not need_test:
+                continue
             problems.append(DataError(str(path), None, f"{split}.csv not found in the data folder"))
             continue
         records, faults = parse_csv(path, labelled=split == "train", layout=layout)

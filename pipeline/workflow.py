@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import OutputOptions
+from .atomic import OutputOptions, write_json
 from .cache import read_meta
 from .config import Config, borrow, flatten, group, opt, require
 from .crossfit import CrossfitConfig, crossfit
@@ -29,8 +28,12 @@ from .features import LoaderOptions
 from .finetune import FinetuneConfig, finetune
 from .fit_head import FitHeadConfig, fit_head, sized
 from .folders import sha256_file
-from .heads import HeadOptions
+from .heads import HEADS, HeadOptions
+from .heartbeat import stage
+from .log import get
 from .quantize import PrecisionOptions
+from .reading import JSON_BYTES, read_text
+from .replay import RUN_RECIPE
 from .report import make_report
 from .runs import Contract, RunDir, data_inputs
 from .submit import SubmitConfig, submit
@@ -46,10 +49,10 @@ TRUNK_ROUTE: dict[str, dict[str, Any]] = {
     "resnet50": {"image_cut": "layer3", "epochs": 2, "lr": 1e-3, "encoder_lr": 3e-4},
 }
 TEXT_CUTS = {"minilm-l6": "layer4", "bert-base-uncased": "layer10"}
-# How `mlc run --head attention` trains it: the pooled heads' defaults (lr 3e-3, dropout 0.5, 40 constant
-# epochs) overfit a transformer layer within 3 epochs; these were measured on ids 0-9999 (docs/recipes.md).
-ATTENTION_TRAINING: dict[str, Any] = {"lr": 3e-4, "schedule": "cosine", "warmup": 0.05, "weight_decay": 1e-2,
-                                      "epochs": 12, "hidden": 256, "dropout": 0.2}
+# How `mlc run --head attention` trains it: the head's own recipe (heads.AttentionHead.recipe, in the registry).
+ATTENTION_TRAINING: dict[str, Any] = HEADS.about["attention"].recipe
+
+logger = get(__name__)
 
 
 def attention_training(rows: int) -> dict[str, Any]:
@@ -122,7 +125,8 @@ class RunConfig(Config):
 
 
 def _say(msg: str) -> None:
-    print(f"[mlc run] {msg}", file=sys.stderr, flush=True)
+    logger.info(f"[mlc run] {msg}")
+    stage(msg)  # what the CLI's heartbeat says while this step is quiet
 
 
 _UNSTORED = ("kind", "force")  # config.json keys that do not change what a run holds
@@ -140,13 +144,14 @@ def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool
     if wanted != stored or len(loaded.features) != len(caches):
         return False
     metas = [read_meta(c) for c in caches]
-    return all(Contract.from_dict(e["contract"]) == Contract.of_cache(m) and e.get("data_fingerprint") ==
-               m.data_fingerprint for e, m in zip(loaded.features, metas, strict=True))
+    return all(Contract.from_dict(e.contract) == Contract.of_cache(m) and e.data_fingerprint == m.data_fingerprint
+               for e, m in zip(loaded.entries, metas, strict=True))
 
 
 def fit(cfg: RunConfig, caches: list[Path], out: Path, folds: int) -> None:
     rows = read_meta(caches[0]).num_records
-    tuned = attention_training(rows) if cfg.head == "attention" else {}
+    tuned = attention_training(rows) if cfg.head == "attention" else \
+        HEADS.about[cfg.head].recipe  # every head trains with its registered recipe (none: the defaults)
     given = {k: getattr(cfg, k) for k in ("batch_size", "epochs", "lr", "loss", "dropout")
              if getattr(cfg, k) is not None}
     head_cfg = FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=cfg.head, output=cfg.output,
@@ -214,7 +219,7 @@ def _submission_current(run: RunDir, test_cache: Path) -> bool:
     if not run.submission.is_file():
         return False
     try:
-        info = json.loads(run.submission_info.read_text(encoding="utf-8"))
+        info = json.loads(read_text(run.submission_info, limit=JSON_BYTES))
         now = read_meta(test_cache).data_fingerprint
         return info["run_manifest"] == sha256_file(run.manifest) and bool(info["test"]) and \
             all(t["data_fingerprint"] == now for t in info["test"])
@@ -222,23 +227,44 @@ def _submission_current(run: RunDir, test_cache: Path) -> bool:
         return False  # none (an older mlc's), or damaged: make it again
 
 
+def _record(cfg: RunConfig, final: Path) -> None:
+    """run.json in the run folder(s): this job's options, paths resolved, so `mlc run --config RUN` replays it
+    from any folder. Rewritten only when it changed (a rerun that did no work writes nothing)."""
+    d = cfg.to_dict()
+    d.update(data_dir=str(cfg.data_dir.resolve()), cache_dir=str(Path(cfg.cache_dir).resolve()),
+             out=str(Path(cfg.out).resolve()))
+    d.get("output", {}).pop("force", None)  # how this job was allowed to write, not what it made
+    for folder in dict.fromkeys([cfg.out, final]):
+        path = RunDir(folder) / RUN_RECIPE
+        try:
+            same = json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(d))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            write_json(path, d)
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """The whole job; returns {"samples_f1", "run", "submission", "report"}."""
+    _say(f"mlc run {cfg.data_dir} -> {cfg.out}")
     _claim_outputs(cfg)
     _say(f"validating {cfg.data_dir}")
-    report = validate_data_dir(cfg.data_dir, csv_only=False, options=cfg.data)
+    report = validate_data_dir(cfg.data_dir, csv_only=False, options=cfg.data, need_test=False)
     if not report.ok:
-        print(format_report(report))
+        logger.warning(format_report(report))
         raise MlcError(f"{cfg.data_dir}: {len(report.problems)} problem(s) in the data (listed above); fix them, "
                        "or run the stages one by one (mlc extract --skip-bad-images ...)")
     _say("extracting features (reused when already there)")
     encoders = cfg.encoders
     if cfg.head == "attention":  # the attention head reads the image encoder's token map, not its pooled vector
         encoders = encoders.replace(image_pooling="tokens")
-    caches = extract(ExtractConfig(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite,
-                                   encoders=encoders, numerics=cfg.numerics, loader=cfg.loader, data=cfg.data))
-    train = [c for c in caches if c.name.startswith("train__")]
-    test = next(c for c in caches if c.name.startswith("test__"))
+    splits = ("train", "test") if DataDir.open(cfg.data_dir, cfg.data).has("test") else ("train",)
+    if len(splits) == 1:
+        _say("no test.csv: fitting without a submission")
+    stage1 = ExtractConfig(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite, splits=splits,
+                           encoders=encoders, numerics=cfg.numerics, loader=cfg.loader, data=cfg.data)
+    caches = dict(zip(stage1.splits, extract(stage1), strict=True))  # extract hands back one path per split
+    train, test = [caches["train"]], caches.get("test")
     if cfg.crossfit_text:
         _say("cross-fitting the caption tower (reused when already there)")
         enc = cfg.encoders
@@ -256,12 +282,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         fit(cfg, train, cfg.out, cfg.folds)
     final = finetune_route(cfg, train) if cfg.finetune else cfg.out
     rd = RunDir(final)
-    fresh = not _submission_current(rd, test)
+    fresh = test is not None and not _submission_current(rd, test)
     if fresh:  # none yet, or made by an earlier run or from an earlier test.csv: never hand that one back
+        _say("writing the submission")
         submit(SubmitConfig(run=final, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overwrite=cfg.overwrite,
                             loader=cfg.loader))
     if fresh or not (rd.report / "report.html").is_file():  # the report shows the submission's labels too
+        _say("writing the report")
         make_report(final)
+    _record(cfg, final)
     metrics = rd.read_metrics()
-    return {"samples_f1": metrics["samples_f1"], "run": final, "submission": rd.submission,
+    return {"samples_f1": metrics["samples_f1"], "run": final, "submission": rd.submission if test else None,
             "report": rd.report / "report.html"}

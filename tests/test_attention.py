@@ -173,3 +173,17 @@ def test_attention_batches_give_small_datasets_enough_steps():
 
     assert batch(808) == 20  # the 808-row sample: 646 rows a fold, ~32 steps an epoch, not 3
     assert batch(100) == 16 and batch(50000) == 256
+
+
+def test_the_head_help_states_the_settings_mlc_run_trains_attention_with():
+    import re
+
+    from pipeline.heads import HeadOptions
+    from pipeline.workflow import ATTENTION_TRAINING
+
+    made = HeadOptions.__dataclass_fields__["head"].metadata["help"]  # made from the head registry when shown
+    text = made()
+    for name, value in ATTENTION_TRAINING.items():
+        said = re.search(rf"--{name.replace('_', '-')} ([^ ).]+(?:\.\d+)?)", text)
+        assert said, name
+        assert (said.group(1) == value) if isinstance(value, str) else float(said.group(1)) == value, name

@@ -3,6 +3,7 @@ channels_last changes no numbers; JPEG draft decoding."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pipeline.cache import CacheReader
 from pipeline.cli import app
 from pipeline.data import load_image
 from pipeline.encoders import create_image_encoder, create_text_encoder
+from pipeline.errors import MlcError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.heads import create_head
 from pipeline.model import MultiModal
@@ -123,7 +125,7 @@ def test_an_encoder_that_cannot_be_exported(shared, tmp_path):
 
 
 def test_onnx_needs_the_cpu():
-    with pytest.raises(Exception, match="runs on the CPU"):
+    with pytest.raises(MlcError, match="runs on the CPU"):
         backends.engine(create_image_encoder("tiny-resnet", random_init=True, seed=0),
                         create_text_encoder("tiny-bert", random_init=True, seed=0), backend="onnx",
                         device=torch.device("cuda"), image_cut=None, text_cut=None, onnx_dir=Path("unused"))
@@ -209,7 +211,8 @@ def test_lanes_run_whole_batches_at_once_and_write_the_same_cache(shared, tmp_pa
             np.testing.assert_array_equal(a.array(name), b.array(name), err_msg=name)
 
 
-def test_a_forward_that_fails_stops_extract_and_a_rerun_resumes(shared, tmp_path, monkeypatch, capsys):
+def test_a_forward_that_fails_stops_extract_and_a_rerun_resumes(shared, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="mlc")
     threads = torch.get_num_threads()
     real = backends._onnx_runner
     calls = {"n": 0}
@@ -235,11 +238,11 @@ def test_a_forward_that_fails_stops_extract_and_a_rerun_resumes(shared, tmp_path
             extract(cfg)
         assert not list(tmp_path.rglob("*.h5"))
         monkeypatch.setattr(backends, "_onnx_runner", real)
-        capsys.readouterr()
+        caplog.clear()
         (cache,) = extract(cfg)
     finally:
         torch.set_num_threads(threads)
-    assert "resuming, 2 of 4 chunks already done" in capsys.readouterr().out  # those before the fault kept
+    assert "resuming, 2 of 4 chunks already done" in caplog.text  # those before the fault kept
     (fresh,) = extract(cfg.replace(cache_dir=tmp_path / "fresh"))
     with CacheReader(cache) as a, CacheReader(fresh) as b:
         np.testing.assert_array_equal(a.array("image"), b.array("image"))
@@ -276,11 +279,12 @@ def test_the_graph_folder_is_one_per_user_with_overrides(monkeypatch, tmp_path):
     assert backends.graph_dir(tmp_path / "option") == tmp_path / "option"  # --onnx-dir beats them all
 
 
-def test_a_new_output_folder_reuses_the_graphs(shared, tmp_path, capsys):
+def test_a_new_output_folder_reuses_the_graphs(shared, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mlc")
     extract(_cfg(shared, backend="onnx", cache_dir=tmp_path / "first"))
-    capsys.readouterr()
+    caplog.clear()
     extract(_cfg(shared, backend="onnx", cache_dir=tmp_path / "second"))
-    assert "exporting" not in capsys.readouterr().err
+    assert "exporting" not in caplog.text
     assert not list(tmp_path.rglob("*.onnx"))
 
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from pipeline.best import blend, fit_members, plan
 from pipeline.cli import app
 from pipeline.ensemble import choose, cross_fitted_blend, greedy_weights, log_loss, mix
-from pipeline.heads import BlendHead, create_head
+from pipeline.head_blend import BlendHead
+from pipeline.heads import create_head
 from pipeline.predictor import load
 from pipeline.runs import RunDir
 from pipeline.splits import kfold

@@ -10,7 +10,9 @@ import torch
 
 from pipeline.cache import CacheMeta, CacheReader, CacheWriter, check_compatible, read_meta
 from pipeline.errors import MismatchError, MlcError
+from pipeline.identity import EncoderId, differences
 from pipeline.labels import COCO18
+from pipeline.runs import Contract
 
 
 def make_meta(n: int, **kw) -> CacheMeta:
@@ -21,7 +23,7 @@ def make_meta(n: int, **kw) -> CacheMeta:
         label_ids=COCO18.ids, label_names=COCO18.names, data_fingerprint="f" * 64, num_records=n,
     )
     base.update(kw)
-    return CacheMeta(**base)
+    return CacheMeta.from_dict(base)  # the flat fields, as a cache stores them
 
 
 def rows(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -105,13 +107,44 @@ def test_identity_and_compatibility():
     a = make_meta(5)
     b = dataclasses.replace(a, created="later", mlc_version="9", extra={"x": 1})
     assert a.differences(b) == []
-    c = dataclasses.replace(a, text_weights_hash="c" * 64)
-    assert any("text_weights_hash" in d for d in a.differences(c))
+    c = a.replace(text_weights_hash="c" * 64)
+    assert c.text.weights_hash == "c" * 64 and c.image == a.image
+    assert a.differences(c) == [f"text_weights_hash: this cache has {'b' * 64!r}, that one has {'c' * 64!r}"]
     check_compatible(a, {"image_encoder": "tiny-resnet", "label_ids": list(COCO18.ids)}, what="x")
     with pytest.raises(MismatchError, match="image_encoder"):
         check_compatible(a, {"image_encoder": "resnet50"}, what="x")
     with pytest.raises(MismatchError, match="label_ids"):
         check_compatible(a, {"label_ids": [1, 2, 3]}, what="x")
+
+
+def test_the_meta_holds_two_identities_and_stores_them_flat_as_before():
+    """A cache's meta is two EncoderIds in memory and mlc 0.2's flat fields on disk: old caches read alike."""
+    a = make_meta(5, image_cut="stage3", precision="int8")
+    flat = a.to_dict()
+    assert list(flat)[:4] == ["split", "image_encoder", "text_encoder", "image_weights"]
+    assert (flat["image_cut"], flat["text_cut"], flat["precision"], flat["random_init"]) == ("stage3", None, "int8",
+                                                                                             True)
+    assert a.image == EncoderId("tiny-resnet", "random-init", "a" * 64, True, {"crop": 64}, 8, "stage3", "int8")
+    assert a.text.name == "tiny-bert" and a.text.precision == "int8" and a.text_dim == a.text.dim == 4
+    assert CacheMeta.from_dict(flat) == a
+    old = {k: v for k, v in flat.items() if k not in ("precision", "image_cut", "text_cut")}  # an older cache
+    assert CacheMeta.from_dict(old).image.precision == "fp32" and CacheMeta.from_dict(old).image.cut is None
+    with pytest.raises(AttributeError, match="no attribute 'image_nothing'"):
+        _ = a.image_nothing
+
+
+def test_a_run_contract_is_the_compared_part_of_the_cache_identities():
+    meta = make_meta(5)
+    contract = Contract.of_cache(meta)
+    stored = contract.to_dict()
+    assert list(stored) == ["image_encoder", "text_encoder", "image_weights_hash", "text_weights_hash",
+                            "image_preprocess", "text_preprocess", "image_dim", "text_dim", "label_ids", "precision"]
+    assert Contract.from_dict(stored) == contract and contract.image_dim == 8
+    contract.check(meta, what="the cache")
+    with pytest.raises(MismatchError, match=r"the cache does not match the run: image_dim: the run has 8, it has 9"):
+        contract.check(meta.replace(image_dim=9), what="the cache")
+    assert differences({"a": 1, "b": (1, 2)}, {"a": 1, "b": [1, 2]}) == []  # as JSON reads them
+    assert differences({"a": 1}, {"a": 2}, ("mine", "yours")) == ["a: mine has 1, yours has 2"]
 
 
 def test_not_a_cache(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import json
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ from conftest import REPO, refresh_manifest
 from typer.testing import CliRunner
 
 from pipeline.cache import CacheReader
-from pipeline.cli import COMMANDS, _load, app, respell
+from pipeline.cli import COMMANDS, _flag, _load, _renamed, app, respell
 from pipeline.config import Config, flatten
 from pipeline.crossfit import CrossfitConfig
 from pipeline.data import DataOptions
@@ -28,58 +29,10 @@ from pipeline.runs import RunDir
 from pipeline.training import TrainOptions, _comparable
 from pipeline.workflow import RunConfig, _up_to_date
 
-# What `mlc CMD --help` listed before option groups became fields (mlc 0.2, commit 7b71778): arguments by name.
-BEFORE = {
-    "run": "DATA_DIR --out --cache-dir --folds --head --crossfit-text --finetune --overwrite --force --id-col "
-           "--labels-col --caption-col --label-sep --labels --images --batch-size --workers --device --backend "
-           "--onnx-dir --precision --preset --image-encoder --text-encoder --image-weights --text-weights "
-           "--random-init --text-pooling",
-    "validate": "DATA_DIR --csv-only --id-col --labels-col --caption-col --label-sep --labels --images",
-    "extract": "DATA_DIR --split --from-run --views --image-cut --text-cut --out-dir --chunk-rows --skip-bad-images "
-               "--overwrite --id-col --labels-col --caption-col --label-sep --labels --images --batch-size --workers "
-               "--device --backend --onnx-dir --precision --preset --image-encoder --text-encoder --image-weights "
-               "--text-weights --random-init --text-pooling",
-    "fit-head": "CACHES --out --folds --thresholds --grid --force --loss --pos-weight --sampler --optimizer --lr "
-                "--weight-decay --batch-size --epochs --patience --best-by --schedule --warmup --clip --accumulate "
-                "--val-fraction --seed --head --hidden --dropout",
-    "finetune": "DATA_DIR --out --end-to-end --unfreeze --from-cache --image-cut --text-cut --init-head --encoder-lr "
-                "--max-rows --augment --workers --device --precision --channels-last --resume --nproc --force --id-col "
-                "--labels-col --caption-col --label-sep --labels --images --loss --pos-weight --sampler --optimizer "
-                "--lr --weight-decay --batch-size --epochs --patience --best-by --schedule --warmup --clip "
-                "--accumulate --val-fraction --seed --head --hidden --dropout --preset --image-encoder --text-encoder "
-                "--image-weights --text-weights --random-init --text-pooling",
-    "crossfit": "DATA_DIR --text-encoder --text-weights --random-init --folds --train-rows --encoder-lr --output "
-                "--out-dir --device --precision --overwrite --id-col --labels-col --caption-col --label-sep --labels "
-                "--images --loss --pos-weight --sampler --optimizer --lr --weight-decay --batch-size --epochs "
-                "--patience --best-by --schedule --warmup --clip --accumulate --val-fraction --seed",
-    "submit": "RUN --data --out --cache-dir --overwrite --force --batch-size --workers --device --backend --onnx-dir",
-    "report": "RUN",
-    "predict": "MODEL PATHS --caption --captions --format --top-k --skip-bad-images --out --force --id-col "
-               "--labels-col --caption-col --label-sep --labels --images --batch-size --workers --device --backend "
-               "--onnx-dir",
-    "evaluate": "MODEL DATA --split --skip-bad-images --out --id-col --labels-col --caption-col --label-sep --labels "
-                "--images --batch-size --workers --device --backend --onnx-dir",
-    "export": "RUN --out --dtype --format --force",
-    "encoders": "",
-}
-# The deliberate renames (docs/DESIGN.md, "One spelling per concept"): command -> {old: new}
-# (issue 26: the encoders' images per forward pass are --encode-batch, the head's rows per step --batch-size)
-ENCODE = {"--batch-size": "--encode-batch"}
-RENAMED = {"extract": {"--out-dir": "--cache-dir", **ENCODE},
-           "crossfit": {"--out-dir": "--cache-dir", "--output": "--text-features"},
-           "submit": {"--data": "DATA_DIR", **ENCODE},
-           "evaluate": {"DATA": "DATA_DIR", **ENCODE},
-           "predict": ENCODE, "run": ENCODE,
-           "fit-head": {"--thresholds": "--decision"}}
-# Options added since (issue 21: image token maps for the attention head; issue 26: mlc run's head training)
-ADDED = {name: ["--image-pooling"] for name in ("run", "extract", "finetune")}
-ADDED["run"] += ["--batch-size", "--epochs", "--lr", "--loss", "--dropout", "--seed", "--decision"]
-ADDED["run"] += ["--quality", "--time-limit", "--extra-image-encoder"]  # issue 28: mlc run --quality best
-# Commands added since: everything they list (issue 30: mlc serve)
-ADDED["serve"] = ["MODEL", "--host", "--port", "--allow-dir", "--max-upload-mb", "--max-photos", "--timeout",
-                  "--batch-size", "--batch-wait-ms", "--max-queue", "--backend", "--device", "--onnx-dir"]
-OLD_SPELLINGS = {(cmd, old) for cmd, names in RENAMED.items() for old in names
-                 if old.startswith("--") and old not in ADDED.get(cmd, [])}
+# Retired spellings (docs/DESIGN.md, "One spelling per concept"): still taken with a notice, never listed in --help
+# of a command where they are retired (issue 26: --batch-size is the head's rows per step where it is listed, and the
+# old spelling of --encode-batch, the encoders' images per pass, in the commands that only encode).
+RETIRED = {"--out-dir", "--data", "--output", "--dtype", "--batch-size", "--thresholds"}
 
 
 def _command(name: str) -> click.Command:
@@ -94,23 +47,95 @@ def _listed(name: str) -> list[str]:
             if not getattr(p, "hidden", False)]
 
 
+def _config_class(name: str) -> type[Config]:
+    module, _, cls = COMMANDS[name][1].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def without_help(params: list[click.Parameter]) -> list[str]:
+    """The parameters (arguments and options) whose help is empty."""
+    return [p.name or "?" for p in params if p.name != "help" and not (getattr(p, "help", None) or "").strip()]
+
+
+def spellings(commands: dict[str, list[click.Parameter]]) -> list[str]:
+    """Concepts spelled two ways: a config field under two flags, or a flag naming two fields."""
+    flags: dict[str, set[str]] = {}
+    fields: dict[str, set[str]] = {}
+    for params in commands.values():
+        for p in params:
+            if isinstance(p, click.Option) and p.name != "help":
+                flags.setdefault(p.name or "", set()).add(p.opts[0])
+                fields.setdefault(p.opts[0], set()).add(p.name or "")
+    return sorted([f"{k}: {sorted(v)}" for k, v in flags.items() if len(v) > 1] +
+                  [f"{k}: {sorted(v)}" for k, v in fields.items() if len(v) > 1])
+
+
 @pytest.mark.parametrize("name", list(COMMANDS))
-def test_help_lists_the_same_options_as_before_but_the_deliberate_renames(name):
-    want = [RENAMED.get(name, {}).get(o, o) for o in BEFORE.get(name, "").split()] + ADDED.get(name, [])
-    listed = [n for n in _listed(name) if n != "--help"]
-    assert sorted(listed) == sorted(want)
+def test_every_argument_and_option_has_help(name):
+    assert without_help(_command(name).params) == []
     text = CliRunner().invoke(app, [name, "--help"], terminal_width=200).output
-    for option in [o for o in want if o.startswith("--")]:
+    for option in [o for o in _listed(name) if o.startswith("--")]:
         assert re.search(rf"{option}(?![\w-])", text), f"mlc {name} --help does not show {option}"
-    for cmd, old in OLD_SPELLINGS:
-        if cmd == name:
-            assert not re.search(rf"{old}(?![\w-])", text), f"mlc {name} --help shows the old {old}"
+    retired = RETIRED - set(_listed(name))  # --batch-size is retired only where it is not the head's batch
+    assert not [old for old in retired if re.search(rf"{old}(?![\w-])", text)], f"mlc {name} --help shows a retired one"
 
 
-def test_the_help_check_catches_a_dropped_option(monkeypatch):
-    monkeypatch.setitem(BEFORE, "report", "RUN --nothing")
-    with pytest.raises(AssertionError):
-        test_help_lists_the_same_options_as_before_but_the_deliberate_renames("report")
+def test_one_spelling_per_option_across_commands():
+    assert spellings({name: _command(name).params for name in COMMANDS}) == []
+
+
+def vocabulary() -> dict[str, set[str]]:
+    """docs/DESIGN.md's "One spelling per concept" table: spelling -> the commands that take it."""
+    text = (REPO / "docs" / "DESIGN.md").read_text().split("### One spelling per concept", 1)[1]
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    return {cells[1].strip().strip("`"): set(re.findall(r"`([\w-]+)`", cells[2])) for cells in rows}
+
+
+def test_the_vocabulary_table_is_what_the_cli_takes():
+    table = vocabulary()
+    assert {"DATA_DIR", "RUN", "MODEL", "--precision", "--image-cut", "--cache-dir", "--out"} <= set(table)
+    for spelling, commands in table.items():
+        assert {n for n in COMMANDS if spelling in _listed(n)} == commands, spelling
+
+
+def test_a_cut_and_a_precision_mean_one_thing_everywhere(caplog):
+    for option, lead in (("image_cut", "Where the image encoder's frozen trunk ends"),
+                         ("text_cut", "Where the text encoder's frozen trunk ends")):
+        for name in ("extract", "finetune"):
+            assert _config_class(name).options()[option].field.metadata["help"].startswith(lead), (name, option)
+    from pipeline.export import ExportConfig
+
+    assert ExportConfig.build(run="r", out="o", precision="float16").precision == "fp16"  # mlc 0.2's value
+    assert "--precision float16 is the old spelling; use fp16" in caplog.text
+    assert ExportConfig.build(run="r", out="o", precision="fp16").dtype == "float16"  # export.json's name
+
+
+def test_the_rule_checks_can_fail():
+    bare = click.Option(["--x"])
+    assert without_help([bare, click.Option(["--y"], help="Why.")]) == ["x"]
+    two = {"a": [click.Option(["--out-dir", "out"])], "b": [click.Option(["--out"], help="h")]}
+    assert spellings(two) == ["out: ['--out', '--out-dir']"]
+
+
+def test_the_retired_spellings_are_the_aliases():
+    aliases = {old for n in COMMANDS if n != "encoders" for old in _renamed(_config_class(n).options())}
+    assert aliases == RETIRED
+
+
+@pytest.mark.parametrize("name", [n for n in COMMANDS if n != "encoders"])
+def test_every_deprecated_alias_warns_and_reaches_its_option(name, capsys):
+    options = _config_class(name).options()
+    renamed = _renamed(options)
+    arguments = [n for n, o in options.items() if o.field.metadata.get("argument") and o.field.metadata.get("required")]
+    for old, new in renamed.items():
+        field = new.lower() if not new.startswith("--") else next(n for n, o in options.items()
+                                                                  if _flag(n, o) == new)
+        given = [f"{a}-value" for a in arguments if a != field]
+        given += [w for n, o in options.items() if o.field.metadata.get("required") and n != field
+                  and not o.field.metadata.get("argument") for w in (_flag(n, o), f"{n}-value")]
+        got = _parsed(name, [*given, old, "1"])
+        assert str(got[field]) in ("1", "(1,)", "['1']"), (name, old, got[field])
+        assert f"mlc {name} {old} is deprecated" in capsys.readouterr().err
 
 
 def test_one_spelling_per_concept():
@@ -195,14 +220,14 @@ def test_an_unknown_option_is_refused_naming_it():
 
 
 def test_a_groups_validation_error_names_the_option(tmp_path):
-    with pytest.raises(MlcError, match="--encode-batch must be at least 1"):
+    with pytest.raises(MlcError, match="--encode-batch: out of range \\(it must be from 1 to"):
         ExtractConfig.build(data_dir="d", encode_batch=0)
     with pytest.raises(MlcError, match=r"--dropout must be in \[0, 1\)"):
         FinetuneConfig.build(data_dir="d", dropout=1.5)
     with pytest.raises(MlcError, match="--label-sep must not be empty"):
         DataOptions(label_sep="")
     res = CliRunner().invoke(app, ["extract", str(tmp_path), "--workers", "-1"])
-    assert res.exit_code == 2 and "error: --workers must be 0 or more" in res.output
+    assert res.exit_code == 2 and "error: --workers -1: out of range (it must be from 0 to 256)" in res.output
 
 
 def test_configs_are_frozen_and_a_stage_leaves_its_config_as_it_was(fitted):

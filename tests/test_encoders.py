@@ -88,7 +88,9 @@ def test_every_registered_name_builds_what_its_spec_promises(kind):
         enc = E.get_spec(kind, name).build(spec, weights=None, random_init=True, seed=0)
         assert (enc.kind, enc.name, enc.dim, enc.cuts) == (kind, name, spec.dim, spec.cuts)
         assert enc.preprocess == spec.preprocess and not enc.training
-        assert json.loads(json.dumps(enc.describe()))["preprocess"] == spec.preprocess.to_dict()
+        ident = enc.describe()  # the EncoderId caches and runs record
+        assert (ident.name, ident.dim, ident.random_init) == (name, spec.dim, True)
+        assert ident.preprocess == spec.preprocess.to_dict() and ident.weights_hash == enc.weights_hash
     for image, text in E.PRESETS.values():  # presets name registered encoders
         assert E.get_spec("image", image).kind == "image" and E.get_spec("text", text).kind == "text"
 

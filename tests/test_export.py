@@ -76,27 +76,44 @@ def test_export_json_describes_the_graph_the_preprocessing_and_the_rule(onnx_exp
     assert meta["label_ids"] == list(run.labels.ids) and meta["thresholds"] == pytest.approx(run.thresholds.tolist())
     assert meta["decision"]["at_least_one"] is True and meta["decision"]["rule"] in RULES
     assert meta["decision"]["rule"] == run.decision.rule and meta["decision"]["help"] == RULES[run.decision.rule].help
-    assert sorted(meta["files"]) == ["README.md", "model.onnx", "tokenizer.json"]  # no torch weights
+    assert sorted(meta["files"]) == ["README.md", "client.py", "model.onnx", "tokenizer.json"]  # no torch weights
+
+
+def test_the_model_card_carries_encoders_data_scores_and_no_absolute_path(onnx_export, finetuned):
+    meta = json.loads((onnx_export / "export.json").read_text())
+    card, metrics = meta["card"], json.loads((finetuned / "metrics.json").read_text())
+    features = json.loads((finetuned / "features.json").read_text())
+    assert [(e["kind"], e["name"]) for e in card["encoders"]] == [("image", "tiny-resnet"), ("text", "tiny-bert")]
+    assert all(e["weights"] and e["licence"] and len(e["weights_sha256"]) == 64 for e in card["encoders"])
+    assert card["training_data"]["fingerprints"] == [features[0]["data_fingerprint"]] and \
+        card["training_data"]["held_out_rows"] == metrics["held_out_rows"]
+    assert [lab["id"] for lab in card["labels"]] == meta["label_ids"]
+    assert card["metrics"]["samples_f1"] == metrics["samples_f1"] and "samples_f1_at_0.5" in card["metrics"]
+    assert card["decision_rule"] == meta["decision"]["rule"] and card["intended_use"] and card["limits"]
+    readme = (onnx_export / "README.md").read_text()
+    assert "## Model card" in readme and f"{metrics['samples_f1']:.4f}" in readme and "tiny-resnet" in readme
+    assert "Known limits" in readme and "client.py" in readme
+    for text in ((onnx_export / "export.json").read_text(), readme):
+        assert str(finetuned) not in text and "/tmp/" not in text and str(REPO) not in text
+    assert meta["source_run"] == finetuned.name
 
 
 def _client(folder: Path, tmp: Path, photos: list[Path], caps: list[str]) -> dict:
-    """Run the README's client in a fresh interpreter that cannot import mlc: its labels and pixels, and which
-    modules it loaded."""
-    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
-    (tmp / "client.py").write_text(code)
-    probe = (f"import hashlib, json, runpy, sys\nns = runpy.run_path({str(tmp / 'client.py')!r})\n"
+    """Run the export's own client.py from another folder in a fresh interpreter that cannot import mlc: its
+    labels and pixels, and which modules it loaded."""
+    probe = (f"import hashlib, json, runpy, sys\nns = runpy.run_path({str(folder / 'client.py')!r})\n"
              f"paths, caps = {[str(p) for p in photos]!r}, {caps!r}\n"
-             "print(json.dumps({'labels': ns['predict'](paths, caps), "
+             "print(json.dumps({'labels': ns['predict_ids'](paths, caps), 'named': ns['predict'](paths, caps), "
              "'pixels': [hashlib.sha256(ns['pixels'](p).tobytes()).hexdigest() for p in paths], "
              "'modules': sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pipeline', 'transformers'))}))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", probe], cwd=folder, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.splitlines()[-1])
 
 
-def test_the_readme_client_alone_gets_mlcs_pixels_and_labels(onnx_export, finetuned, photos, tmp_path):
+def test_the_shipped_client_alone_gets_mlcs_pixels_and_labels(onnx_export, finetuned, photos, tmp_path):
     paths, caps = photos
     got = _client(onnx_export, tmp_path, paths, caps)
     assert got["modules"] == []  # onnxruntime, tokenizers, Pillow, numpy: no torch, no mlc
@@ -108,6 +125,19 @@ def test_the_readme_client_alone_gets_mlcs_pixels_and_labels(onnx_export, finetu
     rule = load(onnx_export).scorer.image  # and mlc's own torch-free reading of it
     assert [hashlib.sha256(rule.pixels(load_image(p, rule.draft)).tobytes()).hexdigest() for p in paths] == want
     assert got["labels"] == load(finetuned, backend="torch").predict(paths, caps)
+    assert [sorted(n for n, _ in row) for row in got["named"]] == [sorted(r) for r in pipeline.load(finetuned).predict(
+        paths, caps)]  # names, as the Python API gives them
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cli = subprocess.run([sys.executable, str(onnx_export / "client.py"), str(paths[0]), caps[0]], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    line = cli.stdout.strip()
+    assert line.startswith(str(paths[0])) and re.search(r"\w+ 0\.\d{3}", line)  # names with probabilities
+    missing = subprocess.run([sys.executable, str(onnx_export / "client.py"), str(paths[0]), " "], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "no caption" in missing.stderr  # the missing-caption rule
+    res = runner.invoke(app, ["predict", str(onnx_export), str(paths[0]), "--caption", caps[0]])
+    assert res.exit_code == 0, res.output  # the shipped client is a listed file: the folder still checks out
 
 
 def test_predict_from_an_export_imports_no_torch_and_matches_the_run(onnx_export, finetuned, photos, tmp_path):
@@ -133,13 +163,14 @@ def test_predict_from_an_export_imports_no_torch_and_matches_the_run(onnx_export
 
 def test_the_python_api_loads_an_export_or_a_run(onnx_export, finetuned, photos):
     paths, caps = photos
-    model = pipeline.load(onnx_export)
+    model = load(onnx_export)  # the inference core; pipeline.load wraps it in a Model (names: tests/test_api.py)
+    assert isinstance(pipeline.load(onnx_export).predictor, pipeline.Predictor)
     assert isinstance(model, pipeline.Predictor) and model.needs_images and model.needs_captions
     probs = model.predict_proba(paths, caps)
     assert probs.shape == (len(paths), len(model.labels)) and ((probs >= 0) & (probs <= 1)).all()
     labels = model.predict([load_image(p, model.draft) for p in paths], caps)  # PIL images too
     assert all(len(x) >= 1 for x in labels) and labels == model.predict(paths, caps)
-    assert labels == pipeline.load(finetuned, backend="torch").predict(paths, caps)
+    assert labels == load(finetuned, backend="torch").predict(paths, caps)
     with pytest.raises(MlcError, match="give one caption per photo"):
         model.predict(paths)
 
@@ -147,7 +178,7 @@ def test_the_python_api_loads_an_export_or_a_run(onnx_export, finetuned, photos)
 @pytest.mark.slow  # a second whole export (~6 s), as int8's below: the fast suite keeps to 2 minutes
 def test_float16_halves_the_graph_and_keeps_its_labels(onnx_export, finetuned, photos, tmp_path):
     paths, caps = photos
-    out, _ = export(ExportConfig.build(run=finetuned, out=tmp_path / "float16", dtype="float16"))
+    out, _ = export(ExportConfig.build(run=finetuned, out=tmp_path / "float16", precision="fp16"))
     assert json.loads((out / "export.json").read_text())["graph"]["dtype"] == "float16"
     assert (out / "model.onnx").stat().st_size < (onnx_export / "model.onnx").stat().st_size
     assert _weight_bytes(out / "model.onnx") <= 0.51 * _weight_bytes(onnx_export / "model.onnx")  # (nodes stay)
@@ -159,7 +190,7 @@ def test_float16_halves_the_graph_and_keeps_its_labels(onnx_export, finetuned, p
 @pytest.mark.slow  # one more export (15 s)
 def test_int8_shrinks_the_graph_further(onnx_export, finetuned, photos, tmp_path):
     paths, caps = photos
-    out, _ = export(ExportConfig.build(run=finetuned, out=tmp_path / "int8", dtype="int8"))
+    out, _ = export(ExportConfig.build(run=finetuned, out=tmp_path / "int8", precision="int8"))
     assert json.loads((out / "export.json").read_text())["graph"]["dtype"] == "int8"
     assert _weight_bytes(out / "model.onnx") < 0.51 * _weight_bytes(onnx_export / "model.onnx")
     p = load(out).predict_proba(paths, caps)
@@ -178,7 +209,7 @@ def test_safetensors_export_float16_is_smaller_and_predicts_the_same_labels(fine
     paths, caps = photos
     full, full_size = export(ExportConfig.build(run=finetuned, out=tmp_path / "fp32", format="safetensors"))
     half, half_size = export(ExportConfig.build(run=finetuned, out=tmp_path / "fp16", format="safetensors",
-                                                dtype="float16"))
+                                                precision="fp16"))
     assert half_size < 0.6 * full_size
     run = load(finetuned, backend="torch")
     for folder in (full, half):
@@ -188,8 +219,8 @@ def test_safetensors_export_float16_is_smaller_and_predicts_the_same_labels(fine
     (half / "head-0.safetensors").write_bytes(b"broken")
     with pytest.raises(MlcError, match="head-0.safetensors: not as it was written"):
         load(half)
-    with pytest.raises(MlcError, match="--dtype int8 quantises the ONNX graph"):
-        ExportConfig.build(run=finetuned, out=tmp_path / "x", format="safetensors", dtype="int8")
+    with pytest.raises(MlcError, match="--precision int8 quantises the ONNX graph"):
+        ExportConfig.build(run=finetuned, out=tmp_path / "x", format="safetensors", precision="int8")
 
 
 @pytest.mark.parametrize("edit, fault", [
@@ -254,7 +285,7 @@ def test_a_photo_without_a_caption_is_refused_naming_it(onnx_export, photos, tmp
 
 def test_evaluate_scores_a_labelled_csv_from_the_cli_and_python(onnx_export, finetuned, tmp_path):
     data = finetuned.parent / "tiny"
-    model = pipeline.load(onnx_export)
+    model = load(onnx_export)
     scores = model.evaluate(data, split="train")
     records = DataDir.open(data).records("train")
     pred = model.predict([data / "data" / r.image_id for r in records], [r.caption for r in records])

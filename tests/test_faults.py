@@ -184,10 +184,11 @@ def test_damaged_cache_bytes_are_detected(fitted):
 
 def test_non_finite_features_are_refused_with_their_rows(tmp_path):
     n = 20
-    meta = CacheMeta(split="train", image_encoder="tiny-resnet", text_encoder="tiny-bert", image_weights="r",
+    meta = CacheMeta.from_dict(dict(split="train", image_encoder="tiny-resnet", text_encoder="tiny-bert",
+                                    image_weights="r",
                      image_weights_hash="a" * 64, text_weights="r", text_weights_hash="b" * 64, random_init=True,
                      image_preprocess={}, text_preprocess={}, views=1, image_dim=4, text_dim=3,
-                     label_ids=COCO18.ids, label_names=COCO18.names, data_fingerprint="f" * 64, num_records=n)
+                     label_ids=COCO18.ids, label_names=COCO18.names, data_fingerprint="f" * 64, num_records=n))
     image = np.ones((n, 1, 4), np.float16)
     image[7, 0, 2] = np.nan
     image[11, 0, 0] = np.inf
@@ -202,10 +203,11 @@ def test_an_hdf5_writer_that_dies_is_reported_and_the_chunks_kept(tmp_path, monk
     """The assembly runs in a child process because HDF5 can crash (a full disk): a child that dies
     without a word is an error naming the file, and the committed chunks stay for a rerun."""
     n = 4
-    meta = CacheMeta(split="test", image_encoder="tiny-resnet", text_encoder="tiny-bert", image_weights="r",
+    meta = CacheMeta.from_dict(dict(split="test", image_encoder="tiny-resnet", text_encoder="tiny-bert",
+                                    image_weights="r",
                      image_weights_hash="a" * 64, text_weights="r", text_weights_hash="b" * 64, random_init=True,
                      image_preprocess={}, text_preprocess={}, views=1, image_dim=4, text_dim=3,
-                     label_ids=COCO18.ids, label_names=COCO18.names, data_fingerprint="f" * 64, num_records=n)
+                     label_ids=COCO18.ids, label_names=COCO18.names, data_fingerprint="f" * 64, num_records=n))
     w = CacheWriter(tmp_path / "c.h5", meta, [f"{i}.jpg" for i in range(n)], None, 32)
     w.commit(0, {"image": np.ones((n, 1, 4), np.float16), "text": np.ones((n, 3), np.float16)})
     monkeypatch.setattr(cache_module.h5py, "File", lambda *a, **k: os._exit(139))  # as a segfault would

@@ -152,3 +152,27 @@ def test_predict_on_real_photos_matches_submit(tmp_path):
     (photos / records[5].image_id).write_bytes(b"not a jpeg")
     broken = runner.invoke(app, [*args, "--workers", "2", "--encode-batch", "7"])
     assert broken.exit_code == 2 and f"{photos / records[5].image_id}: cannot decode image" in broken.output
+
+
+def test_images_in_any_folder_with_image_dir(tmp_path):
+    data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
+    pics = tmp_path / "elsewhere" / "pics"
+    shutil.move(str(data / "data"), str(pics))
+    res = CliRunner().invoke(app, ["validate", str(data)])
+    assert res.exit_code == 1 and "0.jpg" in res.output  # not found where mlc looks by default
+    res = CliRunner().invoke(app, ["validate", str(data), "--image-dir", str(pics)])
+    assert res.exit_code == 0, res.output
+    assert DataDir.open(data, DataOptions(image_dir=pics)).image_dir == pics
+    assert DataOptions().recorded().get("image_dir", "absent") == "absent"  # older caches keep their recipe
+    assert DataOptions(image_dir=pics).recorded()["image_dir"] == str(pics.resolve())
+    with pytest.raises(DataError, match="image folder not found"):
+        DataDir.open(data, DataOptions(image_dir=tmp_path / "nope"))
+
+
+def test_predict_captions_reads_the_competitions_train_csv_as_validate_does():
+    from pipeline.predict import read_captions
+
+    mini = REPO / "examples" / "comp5329-mini"
+    for split in ("train", "test"):  # train.csv: labels column, unescaped quotes, multi-line captions
+        want = {r.image_id: r.caption for r in DataDir.open(mini).records(split)}
+        assert read_captions(mini / f"{split}.csv", DataOptions()) == want and len(want) > 200

@@ -89,7 +89,7 @@ def test_int8_features_are_close_to_fp32_and_cached_apart(tmp_path):
     assert int8 != fp32 and int8.name.endswith("int8.h5")
     with CacheReader(fp32) as a, CacheReader(int8) as b:
         assert (a.meta.precision, b.meta.precision) == ("fp32", "int8")
-        assert a.meta.differences(b.meta) == ["precision: 'fp32' != 'int8'"]
+        assert a.meta.differences(b.meta) == ["precision: this cache has 'fp32', that one has 'int8'"]
         assert "int8" in b.meta.extra["backend"]["image"] and "int8" in b.meta.extra["backend"]["text"]
         for name in ("image", "text"):
             x, q = a.array(name).astype(np.float32).reshape(16, -1), b.array(name).astype(np.float32).reshape(16, -1)

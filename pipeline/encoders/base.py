@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from ..atomic import write_json, write_safetensors
 from ..errors import MlcError, OutputError
+from ..identity import EncoderId
+from ..reading import JSON_BYTES, read_text
 from .transforms import ImagePreprocess, TextPreprocess
 from .weights import WEIGHTS_FILE, state_dict_hash
 
@@ -61,11 +63,9 @@ class Encoder(nn.Module):
         """Keyword arguments of ``create_*_encoder`` that rebuild this encoder (beyond its weights)."""
         return {}
 
-    def describe(self) -> dict[str, Any]:
-        """JSON-ready identity: what a cache or run records about this encoder."""
-        return {"kind": self.kind, "name": self.name, "dim": self.dim, "weights": self.weights_source,
-                "weights_hash": self.weights_hash, "random_init": self.random_init,
-                "preprocess": self.preprocess.to_dict(), "options": self.options()}
+    def describe(self) -> EncoderId:
+        """What a cache or run records about this encoder (uncut, fp32)."""
+        return EncoderId.of(self)
 
     def save(self, folder: str | os.PathLike[str]) -> None:
         """``encoder.json`` + ``model.safetensors`` (and whatever else the encoder needs) into ``folder``."""
@@ -245,7 +245,7 @@ def read_encoder_json(folder: Path) -> dict[str, Any]:
     """``encoder.json`` of a saved encoder, checked; MlcError naming the file otherwise."""
     path = Path(folder) / ENCODER_FILE
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(read_text(path, limit=JSON_BYTES, what="encoder.json"))
     except (OSError, ValueError) as e:
         raise MlcError(f"{path}: not a saved mlc encoder ({e})") from e
     if not isinstance(d, dict) or d.get("kind") not in ("image", "text") or not isinstance(d.get("name"), str) \

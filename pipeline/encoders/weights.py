@@ -26,7 +26,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from ..errors import WeightsError
+from ..errors import DataError, WeightsError
+from ..reading import read_text
 
 HINT_OFFLINE = (
     "Encoders that need no network exist: --preset offline (efficientnet-lite0 + minilm-l6, "
@@ -47,7 +48,9 @@ def refuse_custom_code(folder: str | os.PathLike[str], origin: str) -> None:
         try:
             if path.stat().st_size > _CONFIG_BYTES:
                 continue
-            d = json.loads(path.read_text(encoding="utf-8"))
+            d = json.loads(read_text(path, limit=_CONFIG_BYTES, what="model config"))
+        except DataError as e:  # a FIFO or device: the loader would block on it forever
+            raise WeightsError(str(e)) from None
         except (OSError, ValueError):
             continue  # not ours to judge: the loader names an unreadable config itself
         key = next((k for k in _CODE_KEYS if isinstance(d, dict) and k in d), None)

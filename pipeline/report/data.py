@@ -13,6 +13,7 @@ from ..decision import Decision
 from ..errors import DataError, MlcError
 from ..labels import LabelSpace
 from ..metrics import average_precision_per_class, per_class, samples_f1
+from ..reading import CSV_BYTES, read_text
 from ..runs import RunDir, saved_decision
 from ..thresholds import apply_thresholds
 
@@ -67,8 +68,8 @@ def _normalise_history(raw: Any, where: Path) -> list[list[dict[str, Any]]]:
 def read_predictions(path: Path, labels: LabelSpace) -> np.ndarray:
     """A submission CSV (``ImageID,Labels``; labels space-separated) -> (M, C) bool."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
+        text = read_text(path, limit=CSV_BYTES, what="submission CSV", encoding="utf-8-sig")
+    except (OSError, ValueError) as e:
         raise MlcError(f"{path}: cannot read ({e})") from e
     rows = list(csv.reader(text.splitlines()))
     if not rows or [h.strip() for h in rows[0][:2]] != ["ImageID", "Labels"]:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.best import blend, fit_members, plan  # noqa: E402
 from pipeline.cache import CacheReader  # noqa: E402
 from pipeline.fit_head import Features  # noqa: E402
+from pipeline.log import configure  # noqa: E402
 from pipeline.metrics import samples_f1  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.runs import RunDir  # noqa: E402
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="fit only these members (comma-separated names), then stop: to fit "
                     "members in two processes; a run without it reuses them")
     args = ap.parse_args()
+    configure(0)  # the members' progress lines (mlc logs; the package is silent unless asked)
     caches = [args.cache_dir / NAME.format(e) for e in (("lite0",) if args.no_extra else ("lite0", "lite2"))]
     ids = np.array([int(i.split(".")[0]) for i in CacheReader(caches[0]).image_ids])
     train_rows = np.flatnonzero(ids < 10000)

@@ -319,7 +319,11 @@ def data_inputs(data: DataDir) -> list[Path]:
 
 def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
     """A head built from ``head_cfg`` with the weights in ``path`` (float16 ones are cast), in eval mode."""
-    head = create_head(**head_cfg)
+    try:
+        head = create_head(**head_cfg)
+    except (KeyError, TypeError, ValueError) as e:  # a field schemas.head does not check (a blend's members)
+        raise MlcError(f"{path.parent}: its head's config does not build a {head_cfg.get('name')!r} head "
+                       f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
     try:
         head.load_state_dict(load_file(str(path)))  # copies into the float32 parameters, casting
     except Exception as e:  # SafetensorError, a shape mismatch, ...

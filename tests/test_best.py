@@ -143,3 +143,14 @@ def test_members_and_blend_are_reused_and_the_time_limit_is_honoured(fitted):
     blend(done, [cache], out, say=said.append)
     assert sum("not refitted" in s for s in said) == 4 and any("blend up to date" in s for s in said)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten
+
+
+def test_a_blend_whose_members_are_damaged_is_refused_by_name(tmp_path):
+    from pipeline.errors import MlcError
+    from pipeline.runs import load_head
+
+    cfg = create_head("concat", image_dim=3, text_dim=2, num_classes=4, hidden=5).config()
+    blend = {"name": "blend", "image_dim": 3, "text_dim": 2, "num_classes": 4, "hidden": 1, "dropout": 0.0,
+             "members": [{"name": "a", "head": cfg, "folds": 1, "weight": 1.0, "image_ranges": [[0, 3]]}]}
+    with pytest.raises(MlcError, match="does not build a 'blend' head.*text_ranges"):
+        load_head(tmp_path / "head-0.safetensors", blend)

@@ -16,6 +16,7 @@ from pipeline.cli import app
 from pipeline.ensemble import choose, cross_fitted_blend, greedy_weights, log_loss, mix
 from pipeline.head_blend import BlendHead
 from pipeline.heads import create_head
+from pipeline.leaderboard import find_runs, read_row
 from pipeline.predictor import load
 from pipeline.runs import RunDir
 from pipeline.splits import kfold
@@ -107,6 +108,8 @@ def test_mlc_run_quality_best_blends_reuses_everything_and_exports_what_it_predi
     assert members == sorted(info["member_samples_f1"]) and len(members) == 4  # one cache: 4 members
     assert info["samples_f1"] >= max(info["member_samples_f1"].values()) - 1e-12
     assert [h.name for h in run.load().heads] == ["blend"] and run.submission.is_file()
+    row = read_row(out)  # `mlc runs`: one row, its members/ no damage (and no rows of their own)
+    assert row.fault is None and row.head == "blend" and find_runs(out.parent) == [out], row.fault
     stamps = {p: p.stat().st_mtime_ns for p in [*out.rglob("*"), *cache.rglob("*.h5")] if p.is_file()}
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output

@@ -187,9 +187,10 @@ def _fit_and_score(cfg: FitHeadConfig, feats: Features,
 
 
 def fit_head(cfg: FitHeadConfig, loaded: tuple[list[CacheReader], Features] | None = None, quiet: bool = False,
-             extra_json: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run stage 2 and write the run folder (whole, or not at all); returns metrics.json's content."""
-    run = _claim(cfg)
+             extra_json: dict[str, Any] | None = None, member_of: Path | None = None) -> dict[str, Any]:
+    """Run stage 2 and write the run folder (whole, or not at all); returns metrics.json's content. ``member_of``:
+    the best run (``mlc run --quality best``) whose members/ holds ``cfg.out``."""
+    run = _claim(cfg, member_of)
     readers, feats = loaded or _load(cfg.caches)
     with run.writing():  # before training: a folder that cannot be written fails now, not after the fit
         return _fit_head(cfg, run, readers, feats, quiet, extra_json)
@@ -241,9 +242,15 @@ def log_decision(metrics: dict[str, Any], log: Callable[[str], None]) -> None:
         log(f"warning: {base['verdict']}")
 
 
-def _claim(cfg: FitHeadConfig) -> RunDir:
-    """The run folder --out names, proved safe to replace: never a cache it reads, nor a folder mlc did not write."""
-    return RunDir(cfg.out).claim("head", inputs=cfg.caches, force=cfg.output.force)
+def _claim(cfg: FitHeadConfig, member_of: Path | None = None) -> RunDir:
+    """The run folder --out names, proved safe to replace: never a cache it reads, nor a folder mlc did not write.
+    Inside another run only as a member of ``member_of`` (a best run's members/ is no part of its manifest)."""
+    allow = []
+    if member_of is not None:
+        if Path(cfg.out).resolve().parent != (Path(member_of) / "members").resolve():
+            raise MlcError(f"{cfg.out}: a member's run folder lies in {Path(member_of) / 'members'}")
+        allow = [cfg.out]
+    return RunDir(cfg.out).claim("head", inputs=cfg.caches, force=cfg.output.force, allow=allow)
 
 
 def _head_for(cfg: FitHeadConfig, feats: Features, log: Callable[[str], None]) -> FitHeadConfig:

@@ -281,7 +281,9 @@ class HeadOptions(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require([(self.head in HEADS, f"--head must be one of {sorted(HEADS)}"),
+        inner = self.head in HEADS and self.head not in HEADS.choices()  # mlc's own (blend): never a choice
+        require([(self.head in HEADS.choices(), f"--head must be one of {sorted(HEADS.choices())}"
+                  + (f" ({self.head}: {HEADS.about[self.head].summary})" if inner else "")),
                  (self.hidden >= 1, "--hidden must be at least 1"),
                  (0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")])
 
@@ -299,9 +301,11 @@ def create_head(
     hidden: int = FusionHead.options["hidden"][0],
     dropout: float = FusionHead.options["dropout"][0],
     token_dim: int = 0,
+    **extra: Any,
 ) -> FusionHead:
     """Build the head registered as ``name``; raises MlcError for an unknown name. ``token_dim``: the width of
-    each image token when the image features are a token map (0: pooled vectors)."""
+    each image token when the image features are a token map (0: pooled vectors). ``extra``: a head's own
+    arguments, as its ``config()`` records them (``blend``: its ``members``)."""
     HEADS.get_entry(name)
     if HEADS[name].tokens != (token_dim > 0):
         raise MlcError(f"head {name!r} reads {'image token maps' if HEADS[name].tokens else 'pooled image vectors'}"
@@ -314,7 +318,7 @@ def create_head(
         raise ValueError(f"head {name!r} needs {' and '.join(HEADS[name].modalities)} features, num_classes and "
                          f"hidden >= 1 and dropout in [0, 1) (got dims {dims})")
     return HEADS[name](image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
-                       dropout=dropout, token_dim=token_dim)
+                       dropout=dropout, token_dim=token_dim, **extra)
 
 
 def _import_head_modules() -> None:

@@ -24,8 +24,9 @@ from .folders import check_listing, read_json
 
 log = logging.getLogger(__name__)
 
-# runs._LATER (runs.py imports torch): what is written into a run after it, outside its manifest
-RUN_LATER = ("checkpoints", "report", "submission.csv", "submission.json", "run.json")
+# runs._LATER (runs.py imports torch): what is written into a run after it, outside its manifest (members/: a best
+# run's members, runs of their own)
+RUN_LATER = ("checkpoints", "members", "report", "submission.csv", "submission.json", "run.json")
 SORTS = ("f1", "date", "time", "size", "name")
 
 

@@ -3,7 +3,8 @@
 A :class:`Registry` maps a name to what builds it (a head class, a loss factory) and keeps, for each, what
 the rest of mlc needs to know without an edit of its own: a one-line summary (the docstring's first line), the
 entry's options with their defaults and meaning (``options``: name -> (default, help)), the training recipe
-``mlc run`` gives it (``recipe``: flat option -> value) and whether ``fit-head --grid`` tries it (``grid``).
+``mlc run`` gives it (``recipe``: flat option -> value), whether ``fit-head --grid`` tries it (``grid``) and
+whether only mlc builds it (``internal``: the blend of ``mlc run --quality best``, never a user's choice).
 The CLI's help (``help``), ``--grid`` and docs/heads.md (``table``) are generated from it: a new head is one
 module that registers itself (a package module imported by ``pipeline.heads``, or one ``$MLC_PLUGINS`` names).
 No torch.
@@ -29,6 +30,7 @@ class About:
     options: dict[str, tuple[Any, str]] = field(default_factory=dict)  # option -> (default, help)
     recipe: dict[str, Any] = field(default_factory=dict)  # flat training options `mlc run` sets for it
     grid: bool = False  # tried by `fit-head --grid`
+    internal: bool = False  # built by mlc itself: not offered as a choice (help, --grid, the option's check)
 
 
 def _summary(obj: Any) -> str:
@@ -56,10 +58,10 @@ class Registry(dict[str, T], Generic[T]):
 
     def register(self, name: str | None = None, *, summary: str | None = None,
                  options: dict[str, tuple[Any, str]] | None = None, recipe: dict[str, Any] | None = None,
-                 grid: bool | None = None) -> Callable[[T], T]:
+                 grid: bool | None = None, internal: bool | None = None) -> Callable[[T], T]:
         """A decorator registering its target under ``name`` (default: the target's ``name`` attribute). The
-        description comes from the keywords, else from the target's ``summary``/``options``/``recipe``/``grid``
-        attributes and its docstring. A name taken by another entry is refused (ValueError)."""
+        description comes from the keywords, else from the target's ``summary``/``options``/``recipe``/``grid``/
+        ``internal`` attributes and its docstring. A name taken by another entry is refused (ValueError)."""
 
         def add(entry: T) -> T:
             key = name or getattr(entry, "name", None)
@@ -72,7 +74,8 @@ class Registry(dict[str, T], Generic[T]):
                 summary if summary is not None else getattr(entry, "summary", None) or _summary(entry),
                 dict(options if options is not None else getattr(entry, "options", {}) or {}),
                 dict(recipe if recipe is not None else getattr(entry, "recipe", {}) or {}),
-                bool(grid if grid is not None else getattr(entry, "grid", False)))
+                bool(grid if grid is not None else getattr(entry, "grid", False)),
+                bool(internal if internal is not None else getattr(entry, "internal", False)))
             return entry
 
         return add
@@ -84,14 +87,21 @@ class Registry(dict[str, T], Generic[T]):
             raise MlcError(f"unknown {self.what} {name!r}; choose from {', '.join(sorted(self))}")
         return self[name]
 
+    def choices(self) -> tuple[str, ...]:
+        """The names a user may choose (every entry but the internal ones)."""
+        self._ready()
+        return tuple(n for n in self if not (n in self.about and self.about[n].internal))
+
     def help(self, lead: str) -> Callable[[], str]:
         """The option's help, made when it is shown (so entries registered later appear): ``lead`` then each
-        entry's name, summary and recipe."""
+        choosable entry's name, summary and recipe."""
 
         def text() -> str:
             self._ready()
             parts = []
             for name, about in self.about.items():
+                if about.internal:
+                    continue
                 recipe = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in about.recipe.items())
                 parts.append(f"{name} ({about.summary}" + (f"; `mlc run` trains it with {recipe}" if recipe else "")
                              + ")")
@@ -102,16 +112,22 @@ class Registry(dict[str, T], Generic[T]):
     def in_grid(self) -> tuple[str, ...]:
         """The entries ``fit-head --grid`` tries."""
         self._ready()
-        return tuple(n for n, a in self.about.items() if a.grid)
+        return tuple(n for n, a in self.about.items() if a.grid and not a.internal)
 
     def table(self) -> str:
-        """A markdown table of the entries: name, summary, options (default: meaning), recipe, in the grid."""
+        """A markdown table of the choosable entries: name, summary, options (default: meaning), recipe, in the grid;
+        then a line naming the internal ones."""
         self._ready()
         rows = [f"| {self.what} | what | options | `mlc run` trains it with | in `--grid` |", "|---|---|---|---|---|"]
+        inside = [f"`{n}` ({a.summary})" for n, a in self.about.items() if a.internal]
         for name, a in self.about.items():
+            if a.internal:
+                continue
             opts = "; ".join(f"`{k}` = {d!r}: {h.rstrip('.')}" for k, (d, h) in a.options.items())
             recipe = " ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in a.recipe.items()) or "the defaults"
             rows.append(f"| `{name}` | {a.summary} | {opts} | {recipe} | {'yes' if a.grid else 'no'} |")
+        if inside:
+            rows += ["", f"Built by mlc itself, never a choice of `--{self.what}`: " + "; ".join(inside) + "."]
         return "\n".join(rows) + "\n"
 
 

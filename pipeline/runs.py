@@ -16,6 +16,7 @@
       train.log            what was printed
       encoders/image/, encoders/text/    finetuned encoders (Encoder.save folders)
       checkpoints/         finetune's best.pt / last.pt (training state, not part of the manifest)
+      members/NAME/        `mlc run --quality best`: each member's own run folder (not part of the manifest)
       submission.csv, report/            written later by `mlc submit` / `mlc report`
       submission.json      what submission.csv was made from (the run's manifest, the test caches' data)
       run.json             the `mlc run` options that made it (`mlc run --config RUN` replays them)
@@ -206,17 +207,20 @@ class RunDir:
     # ------------------------------------------------------------------------------------ writing
 
     def claim(self, kind: str, *, inputs: tuple[Any, ...] | list[Any] = (), sealed: tuple[Any, ...] | list[Any] = (),
-              force: bool = False) -> RunDir:
+              force: bool = False, allow: tuple[Any, ...] | list[Any] = ()) -> RunDir:
         """This folder as the ``--out`` of a stage that writes a ``kind`` run, at its real path: a missing or empty
-        folder, or an mlc run of that kind (``atomic.claim_output``); never one of ``inputs``/``sealed``."""
+        folder, or an mlc run of that kind (``atomic.claim_output``); never one of ``inputs``/``sealed``; inside
+        another run only if ``allow`` names it (a best run's member)."""
         return RunDir(claim_output(self.path, what=f"an mlc {kind} run folder", folder=True, inputs=inputs,
-                                   sealed=sealed, force=force, ours=lambda p: RunDir(p).replaceable(kind)))
+                                   sealed=sealed, force=force, allow=allow, ours=lambda p: RunDir(p).replaceable(kind)))
 
     def replaceable(self, kind: str) -> bool | list[str]:
         """True for an mlc run of ``kind`` holding nothing mlc did not write (or, for a finetune, only the checkpoints
         an interrupted one left for --resume): what a new run may replace. Else what ``owned`` says."""
         if kind == "finetune" and self.path.is_dir() and set(entries(self.path)) <= {"checkpoints"}:
             return True
+        if kind == "head" and self.path.is_dir() and set(entries(self.path)) <= {"members"}:
+            return True  # an interrupted `mlc run --quality best`: its members, no blend yet
         return owned(self.path, "manifest.json", kind, _LATER)
 
     @contextlib.contextmanager
@@ -232,7 +236,7 @@ class RunDir:
         """Write the whole run into a staging folder beside this one, manifest last, then swap it in: the
         previous run (with its submission and report, which belong to it) stays intact until the new one
         is complete. A finetune's checkpoints move over to the new folder. Call inside ``writing()``."""
-        with staged(self.path, keep=("checkpoints",)) as folder:
+        with staged(self.path, keep=("checkpoints", "members")) as folder:
             stage = RunDir(folder)
             stage._write_files(files)
             stage._write_manifest(files.kind)
@@ -315,7 +319,11 @@ def data_inputs(data: DataDir) -> list[Path]:
 
 def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
     """A head built from ``head_cfg`` with the weights in ``path`` (float16 ones are cast), in eval mode."""
-    head = create_head(**head_cfg)
+    try:
+        head = create_head(**head_cfg)
+    except (KeyError, TypeError, ValueError) as e:  # a field schemas.head does not check (a blend's members)
+        raise MlcError(f"{path.parent}: its head's config does not build a {head_cfg.get('name')!r} head "
+                       f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
     try:
         head.load_state_dict(load_file(str(path)))  # copies into the float32 parameters, casting
     except Exception as e:  # SafetensorError, a shape mismatch, ...
@@ -324,8 +332,9 @@ def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
     return head.eval()
 
 
-# written after the run, not part of it (run.json: the `mlc run` recipe that made it, for --config)
-_LATER = ("checkpoints", "report", "submission.csv", "submission.json", "run.json")
+# written after the run, not part of it (members/: a best run's members, each a run folder of its own; run.json:
+# the `mlc run` recipe that made it, for --config)
+_LATER = ("checkpoints", "members", "report", "submission.csv", "submission.json", "run.json")
 
 
 def saved_decision(th: dict[str, Any]) -> Decision:

@@ -86,6 +86,13 @@ class RunConfig(Config):
     finetune: bool = opt(False, "Then finetune the encoders' top blocks over a trunk cache (the CPU route: "
                          "minutes per epoch) from a one-split head, and submit with the finetuned encoders. "
                          "Off by default: on 10,000 images it scored 0.872, the frozen 5-fold head 0.875.")
+    quality: str = opt("fast", "fast: one head (the default, minutes on a CPU); best: several heads over the main "
+                       "encoders' cache, an extra image encoder's (--extra-image-encoder) and both fused, blended with "
+                       "weights learned on their out-of-fold probabilities, members in RUN/members (docs/recipes.md).")
+    time_limit: float = opt(0.0, "With --quality best: seconds after which no more members are fitted (the blend "
+                            "keeps those already there); 0: no limit.")
+    extra_image_encoder: str = opt("auto", "With --quality best: the image encoder of the second cache (auto: "
+                                   "efficientnet-lite2 beside efficientnet-lite0, none otherwise; or 'none').")
     overwrite: bool = opt(False, "Rebuild the caches whose data changed (train.csv, test.csv or their images), then "
                           "refit and resubmit what depends on them, instead of stopping (naming the cache).")
     output: OutputOptions = group(OutputOptions)
@@ -110,7 +117,11 @@ class RunConfig(Config):
                  (not (self.crossfit_text and self.finetune), "--crossfit-text and --finetune are two routes past the "
                   "frozen features: choose one"),
                  (not (self.head == "attention" and self.finetune), "--finetune trains its own head over a trunk "
-                  "cache; --head attention is a head over frozen token maps: choose one")])
+                  "cache; --head attention is a head over frozen token maps: choose one"),
+                 (self.quality in ("fast", "best"), "--quality must be fast or best"),
+                 (self.quality == "fast" or not (self.finetune or self.crossfit_text or self.head != "concat"),
+                  "--quality best chooses its own heads and routes: leave out --head, --finetune and --crossfit-text"),
+                 (self.time_limit >= 0, "--time-limit must be 0 (none) or a number of seconds")])
 
 
 def _say(msg: str) -> None:
@@ -262,8 +273,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                                              cache_dir=cfg.cache_dir, device=cfg.loader.device,
                                              overwrite=cfg.overwrite, data=cfg.data,
                                              precision="bf16" if cfg.numerics.precision == "bf16" else "auto"))[0])
-    _say(f"fitting the head ({cfg.folds or 1} fold(s))")
-    fit(cfg, train, cfg.out, cfg.folds)
+    if cfg.quality == "best":
+        from .best import best_route  # it imports this module's reuse rule
+
+        best_route(cfg, train, test)
+    else:
+        _say(f"fitting the head ({cfg.folds or 1} fold(s))")
+        fit(cfg, train, cfg.out, cfg.folds)
     final = finetune_route(cfg, train) if cfg.finetune else cfg.out
     rd = RunDir(final)
     fresh = test is not None and not _submission_current(rd, test)

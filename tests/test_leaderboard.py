@@ -63,3 +63,11 @@ def test_runs_on_a_missing_folder_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(app, ["runs", str(tmp_path / "empty")])
     assert res.exit_code == 0 and "no runs under" in res.output
+
+
+def test_the_leaderboard_leaves_out_what_runs_leaves_out_of_a_manifest():
+    """leaderboard.py keeps its own copy of runs._LATER (runs.py imports torch): a best run's members/ among them."""
+    from pipeline.leaderboard import RUN_LATER
+    from pipeline.runs import _LATER
+
+    assert RUN_LATER == _LATER

@@ -26,6 +26,7 @@ def folder_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[mlc.Model, P
     return mlc.fit(data, out=root / "runs" / "nb", cache_dir=root / "cache", **TINY), data
 
 
+@pytest.mark.slow  # a whole job (or two): the fast suite keeps to its 2 minutes
 def test_a_notebook_session_from_a_folder(folder_model):
     model, data = folder_model
     assert isinstance(model, mlc.Model) and (model.path / "submission.csv").is_file()

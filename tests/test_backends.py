@@ -60,6 +60,7 @@ def _cfg(shared: dict[str, Path], **kw) -> ExtractConfig:
                                   **TINY, **kw})
 
 
+@pytest.mark.slow  # a whole job (or two): the fast suite keeps to its 2 minutes
 def test_onnx_and_torch_caches_agree_with_trunk_cuts(shared, tmp_path):
     cuts = dict(image_cut="layer3", text_cut="layer1", views=2)
     (onnx_cache,) = extract(_cfg(shared, backend="onnx", **cuts))
@@ -131,6 +132,7 @@ def test_onnx_needs_the_cpu():
                         device=torch.device("cuda"), image_cut=None, text_cut=None, onnx_dir=Path("unused"))
 
 
+@pytest.mark.slow  # a whole job (or two): the fast suite keeps to its 2 minutes
 def test_submit_runs_a_finetuned_runs_encoders_through_onnx(finetuned, tmp_path, monkeypatch):
     run, data = finetuned, finetuned.parent / "tiny"
     common = dict(run=run, data_dir=data, workers=0)

@@ -113,6 +113,7 @@ def _client(folder: Path, tmp: Path, photos: list[Path], caps: list[str]) -> dic
     return json.loads(out.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow  # a whole job (or two): the fast suite keeps to its 2 minutes
 def test_the_shipped_client_alone_gets_mlcs_pixels_and_labels(onnx_export, finetuned, photos, tmp_path):
     paths, caps = photos
     got = _client(onnx_export, tmp_path, paths, caps)

@@ -71,6 +71,7 @@ def test_a_label_outside_the_labels_file_or_the_training_labels_names_its_row(tm
     assert res.exit_code == 1 and "test.csv:3: label 'unicorn'" in res.output
 
 
+@pytest.mark.slow  # a whole job (or two): the fast suite keeps to its 2 minutes
 def test_image_only_and_text_only_datasets(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=24, n_test=4)
     no_caps = tmp_path / "nocaps"

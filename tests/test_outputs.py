@@ -100,6 +100,7 @@ def test_a_run_holding_a_file_mlc_did_not_write_is_not_replaced(fitted):
     assert (fitted["run"] / "my-notes.txt").read_text() == "keep me\n"
 
 
+@pytest.mark.slow  # a whole job (or two): the fast suite keeps to its 2 minutes
 def test_an_mlc_output_of_the_same_kind_is_replaced_of_another_kind_refused(fitted):
     run, export = fitted["run"], fitted["tmp"] / "model"
     assert mlc(*FOLDER_COMMANDS["fit-head"](fitted, run))[0] == 0  # a fit-head run over a fit-head run
@@ -222,6 +223,7 @@ def test_a_changed_test_csv_is_never_answered_with_the_old_submission(tmp_path):
     assert "label_distribution.png" in (sub.parent / "report" / "report.html").read_text()
 
 
+@pytest.mark.slow  # a whole job (or two): the fast suite keeps to its 2 minutes
 def test_a_changed_train_csv_refits_the_run(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
     assert _run(data, tmp_path)[0] == 0
@@ -254,6 +256,7 @@ def test_a_submission_made_from_another_test_csv_is_made_again(tmp_path):
     assert _ids(tmp_path / "runs" / "demo" / "submission.csv") == [ln.split(",", 1)[0] for ln in lines[1:-1]]
 
 
+@pytest.mark.slow  # a whole job (or two): the fast suite keeps to its 2 minutes
 def test_a_finetuned_run_made_from_other_data_is_finetuned_again_with_overwrite(tmp_path, monkeypatch):
     from pipeline import workflow
     from pipeline.cache import read_meta

@@ -287,18 +287,18 @@ def test_a_held_lock_names_its_holder_and_is_free_once_released(tmp_path):
 def test_two_concurrent_extracts(tmp_path):
     """Both started at once: one writes the cache, the other stops at once naming it; nothing is mixed."""
     data = make_data_dir(tmp_path / "tiny", n_train=120, n_test=2)
-    # 100 views an image: the writer holds the cache for seconds, while the other arrives
+    # 64 views an image (the most --views takes): the writer holds the cache for seconds, while the other arrives
     cmd = [sys.executable, "-m", "pipeline.cli", "extract", str(data), *TINY, "--split", "train", "--encode-batch", "4",
-           "--chunk-rows", "8", "--views", "100", "--cache-dir", str(tmp_path / "c")]
+           "--chunk-rows", "8", "--views", "64", "--cache-dir", str(tmp_path / "c")]
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [(p.pid, *p.communicate(timeout=600), p.returncode) for p in procs]
     assert sorted(r[3] for r in results) == [0, 2], [r[2][-1500:] for r in results]
     (winner,) = [r for r in results if r[3] == 0]
     (loser,) = [r for r in results if r[3] == 2]
-    target = tmp_path / "c" / "tiny" / "train__tiny-resnet__tiny-bert__random_v100.h5"
+    target = tmp_path / "c" / "tiny" / "train__tiny-resnet__tiny-bert__random_v64.h5"
     assert f"another mlc process is writing the cache {target} (pid {winner[0]})" in loser[2]
-    assert CacheReader(target).array("image").shape == (120, 100, 128)
+    assert CacheReader(target).array("image").shape == (120, 64, 128)
     assert not Path(f"{target}.partial").exists()
 
 

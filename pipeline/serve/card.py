@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..decision import RULES
 from ..errors import MlcError
 from ..predictor import EXPORT_FILE, Predictor, read_export
 
@@ -16,7 +17,11 @@ DEFAULT_RULE = ("label j is predicted when its probability reaches its threshold
 
 
 def thresholds(pred: Predictor) -> list[float] | None:
-    """Each label's threshold, or None for a model whose decision rule has none per label."""
+    """Each label's threshold, or None for a model whose decision rule has none per label (the expected-F1 rules
+    choose a top-k per photo; their stored 0.5s are not read: decision.decide)."""
+    decision = getattr(pred, "decision", None)
+    if decision is not None and decision.rule.startswith("expected-f1"):
+        return None
     th = getattr(pred, "thresholds", None)
     if th is None or np.ndim(th) != 1 or len(th) != len(pred.labels):
         return None
@@ -32,9 +37,11 @@ def labels(pred: Predictor, rule: str) -> dict[str, Any]:
 
 
 def rule_of(pred: Predictor, meta: dict[str, Any] | None) -> str:
-    """The decision rule in words: the export's own description, else the model's ``decide`` docstring."""
-    if meta and isinstance(meta.get("decision"), dict) and meta["decision"].get("rule"):
-        return str(meta["decision"]["rule"])
+    """The decision rule in words: the rule the model applies (decision.RULES' own help), else the model's
+    ``decide`` docstring."""
+    decision = getattr(pred, "decision", None)
+    if decision is not None and decision.rule in RULES:
+        return f"{decision.rule}: {RULES[decision.rule].help} (every photo gets at least one label)"
     doc = " ".join((type(pred).decide.__doc__ or "").split())
     return re.sub(r"^\(N, C\) 0/1:\s*", "", doc) or DEFAULT_RULE  # the docstring's return shape is not the rule
 

@@ -84,7 +84,7 @@ class Service:
                  max_queue: int = 1024) -> None:
         self.pred, self.path, self.limits = pred, Path(path), limits
         meta = card.export_meta(self.path)
-        self.rule = card.rule_of(pred, meta)
+        self.rule = card.rule_of(pred)
         self.card = card.card(pred, self.path, meta)
         self.labels = card.labels(pred, self.rule)
         self.batcher = MicroBatcher(self._score, max_rows=max_rows, wait_s=wait_s, max_queue=max_queue)

@@ -36,7 +36,7 @@ def labels(pred: Predictor, rule: str) -> dict[str, Any]:
             "decision_rule": rule}
 
 
-def rule_of(pred: Predictor, meta: dict[str, Any] | None) -> str:
+def rule_of(pred: Predictor) -> str:
     """The decision rule in words: the rule the model applies (decision.RULES' own help), else the model's
     ``decide`` docstring."""
     decision = getattr(pred, "decision", None)
@@ -54,7 +54,7 @@ def card(pred: Predictor, path: Path, meta: dict[str, Any] | None) -> dict[str, 
     """``/api/model``: where the model comes from, what it reads, how it was checked and how it decides."""
     reads = " and ".join(w for w, on in (("photos", pred.needs_images), ("captions", pred.needs_captions)) if on)
     out: dict[str, Any] = {"model": str(path), "kind": "export" if meta else "run folder", "reads": reads,
-                           "labels": len(pred.labels), "decision_rule": rule_of(pred, meta)}
+                           "labels": len(pred.labels), "decision_rule": rule_of(pred)}
     if meta:
         out.update(_export_card(meta))
     else:

@@ -3,7 +3,7 @@
 - ``constant``: the one label set that, given to every image, scores best (greedy forward selection over
   labels on the tuning rows: add the label that raises mean samples-F1 most, stop when none does).
 - ``priors``: the label frequencies taken as every image's probabilities, decided by the expected-F1 rule
-  (decision.expected_f1_sets): what the label counts alone predict.
+  (rule_expected_f1.expected_f1_sets): what the label counts alone predict.
 
 Both are cross-fitted like the decision rules (chosen on the other folds, scored on the fold they did not
 see), so a model's cross-fitted score and theirs are comparable. Pure numpy.
@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .decision import expected_f1_sets, fold_ids
+from .decision import fold_ids
 from .metrics import samples_f1_per_image
+from .rule_expected_f1 import expected_f1_sets
 
 MARGIN = 0.01  # "clearly beats": at least this much samples-F1 over the best baseline
 

@@ -1,129 +1,50 @@
 """Decision rules: (N, C) probabilities -> (N, C) 0/1 label sets, chosen by mlc's own cross-fitted scores.
 
-Pure numpy. A rule is registered in :data:`RULES` as a self-describing :class:`RuleSpec` (name, help,
-the parameters it tunes), in the style of the encoder and head registries, so ``--decision``'s help is
-generated from the registry. ``fit_rule(name, y, probs)`` tunes a rule on labelled rows and returns a
-:class:`Decision` (the rule's name plus its tuned parameters, JSON-ready) that ``apply``\\ s to new rows.
+Pure numpy. A rule is a self-describing :class:`Rule` registered in :data:`RULES` (pipeline/registries.py) by
+the module that defines it: ``pipeline/rule_<family>.py`` (imported below, so adding one is that one file) or a
+module ``$MLC_PLUGINS`` names. What a rule says of itself (summary, what fitting tunes, its simplicity rank,
+the numpy source the export's client carries) reaches ``--decision``'s help, the ``auto`` choice, the run's
+``decision`` and the export with no edit elsewhere. ``fit_rule(name, y, probs)`` tunes a rule on labelled rows
+and returns a :class:`Decision` (the rule's name plus its tuned parameters, JSON-ready) that ``apply``\\ s to
+new rows; :func:`decide` applies a saved one.
 
-Rules side by side:
-
-- ``fixed``: label j where p_j >= 0.5.
-- ``global``: one threshold for every label, tuned for samples-F1 (thresholds.tune_global, exact).
-- ``per-class``: one threshold per label, coordinate ascent from the global one (thresholds.tune_per_class).
-- ``expected-f1``: for each image, the label set that maximises *that image's* expected F1 if its labels
-  were independent with the given probabilities (Jansche 2007; Ye et al. 2012; Dembczynski et al.'s GFM).
-  Under independence the optimum is a top-k of the probabilities, with k chosen per image; E[F1] of each
-  top-k is exact via Poisson-binomial distributions of the true labels inside and outside the top k.
-  Nothing is tuned; it trusts the probabilities' calibration.
-- ``expected-f1-calibrated``: the same, after one logit-affine calibration sigmoid(a * logit(p) + b)
-  fitted on the tuning rows (log-loss), for heads whose loss (asymmetric loss) bends the probabilities.
+The rules of the package: ``fixed``, ``global`` and ``per-class`` thresholds (rule_thresholds.py);
+``expected-f1`` and ``expected-f1-calibrated``, each image's label set of highest expected F1
+(rule_expected_f1.py).
 
 Every rule gives each image at least one label (the competition scores every image). :func:`choose`
 scores every candidate *cross-fitted* (tuned on K-1 folds, scored on the fold it did not see), picks the
 best, and reports the chosen procedure's own score on rows the choice did not see (nested folds), so the
-printed number is not the optimistic maximum. :func:`decide` is the one numpy function that applies a
-saved decision; the export's client carries a copy of its source.
+printed number is not the optimistic maximum.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .metrics import samples_f1_per_image
-from .thresholds import tune_global, tune_per_class
+from .registries import Registry, load_plugins
 
-_CHUNK = 4096  # images per expected-F1 block: keeps the (rows, C+1, C+1) tables to a few MB
-
-
-def expected_f1_sets(probs: np.ndarray) -> np.ndarray:
-    """(N, C) probabilities -> (N, C) uint8: per image, the top-k maximising expected F1 (k >= 1).
-
-    Labels are taken as independent Bernoulli(p_j). For the top-k set, TP ~ PoissonBinomial(top k) and the
-    true labels outside it R ~ PoissonBinomial(the rest), independent, so E[F1] = sum_a,b P(TP=a) P(R=b)
-    2a / (k + a + b) exactly. Both distributions for every k come from one prefix and one suffix pass.
-    """
-    p = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
-    n, c = p.shape
-    out = np.zeros((n, c), dtype=np.uint8)
-    if n == 0 or c == 0:
-        return out
-    order = np.argsort(-p, axis=1, kind="stable")
-    ab = np.arange(c + 1, dtype=np.float64)
-    for s in range(0, n, _CHUNK):
-        q = np.take_along_axis(p[s:s + _CHUNK], order[s:s + _CHUNK], axis=1)  # (m, C) descending
-        m = q.shape[0]
-        pre = np.zeros((c + 1, m, c + 1))  # pre[k, i, a] = P(a true labels among image i's top k)
-        pre[0, :, 0] = 1.0
-        for k in range(1, c + 1):
-            qk = q[:, k - 1:k]
-            pre[k] = pre[k - 1] * (1.0 - qk)
-            pre[k, :, 1:] += pre[k - 1, :, :-1] * qk
-        suf = np.zeros((c + 1, m, c + 1))  # suf[k, i, b] = P(b true labels among ranks k+1..C)
-        suf[c, :, 0] = 1.0
-        for k in range(c - 1, -1, -1):
-            qk = q[:, k:k + 1]
-            suf[k] = suf[k + 1] * (1.0 - qk)
-            suf[k, :, 1:] += suf[k + 1, :, :-1] * qk
-        ef1 = np.empty((m, c))
-        for k in range(1, c + 1):
-            w = 2.0 * ab[:, None] / (k + ab[:, None] + ab[None, :])  # (a, b) F1 of the top-k
-            ef1[:, k - 1] = np.einsum("ia,ab,ib->i", pre[k], w, suf[k])
-        best_k = ef1.argmax(1) + 1  # the smallest k among exact ties
-        on = np.arange(c)[None, :] < best_k[:, None]  # (m, C) in sorted order
-        np.put_along_axis(out[s:s + m], order[s:s + m], on.astype(np.uint8), axis=1)
-    return out
-
-
-def decide(probs: np.ndarray, decision: dict) -> np.ndarray:
-    """(N, C) probabilities + a saved decision (``Decision.to_dict()``, export.json's ``decision``) -> (N, C) uint8.
-
-    Numpy only, so an exported model's client can carry it. Threshold rules: label j where p_j >= t_j, and an
-    image with none gets the label of largest p_j - t_j. Expected-F1 rules: calibrate if a calibration is given,
-    then the expected-F1 top-k per image.
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    if decision["rule"].startswith("expected-f1"):
-        if decision.get("calibration"):
-            a, b = decision["calibration"]
-            z = np.log(np.clip(p, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(p, 1e-7, 1 - 1e-7))
-            p = 0.5 + 0.5 * np.tanh(0.5 * (a * z + b))  # the logistic function, without overflow
-        return expected_f1_sets(p)
-    margin = p - np.asarray(decision["thresholds"], dtype=np.float64)
-    chosen = margin >= 0
-    if chosen.size:
-        chosen[np.arange(len(p)), margin.argmax(1)] = True
-    return chosen.astype(np.uint8)
-
-
-def fit_calibration(y: np.ndarray, probs: np.ndarray, steps: int = 25) -> tuple[float, float]:
-    """(a, b) minimising the log-loss of sigmoid(a * logit(p) + b) over every (image, label): Newton's method."""
-    p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), 1e-7, 1 - 1e-7)
-    z, t = np.log(p) - np.log1p(-p), np.asarray(y, dtype=np.float64).ravel()
-    a, b = 1.0, 0.0
-    for _ in range(steps):
-        q = 0.5 + 0.5 * np.tanh(0.5 * (a * z + b))
-        g = np.array([np.dot(q - t, z), np.sum(q - t)])
-        w = q * (1.0 - q)
-        h = np.array([[np.dot(w, z * z), np.dot(w, z)], [np.dot(w, z), w.sum()]]) + 1e-9 * np.eye(2)
-        step = np.linalg.solve(h, g)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-8:
-            break
-    return float(a), float(b)
+RULES: Registry[Rule] = Registry("decision rule", load=load_plugins)  # $MLC_PLUGINS may register rules
 
 
 @dataclass(frozen=True)
 class Decision:
-    """A fitted rule: its registry name and tuned parameters. ``thresholds`` (C,) are every rule's; the
-    expected-F1 rules do not read them (0.5 there, so an old client that applies thresholds stays sane)."""
+    """A fitted rule: its registry name and tuned parameters. ``thresholds`` (C,) are every rule's; a rule that
+    does not read them (the expected-F1 rules) stores 0.5s, so an old client that applies thresholds stays sane.
+    ``params``: a registered rule's own tuned numbers (JSON-ready), kept in export.json's ``decision``."""
 
     rule: str
     thresholds: tuple[float, ...]
     calibration: tuple[float, float] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
     def apply(self, probs: np.ndarray) -> np.ndarray:
         """(N, C) probabilities -> (N, C) uint8 decisions."""
@@ -133,6 +54,8 @@ class Decision:
         out: dict[str, Any] = {"rule": self.rule, "thresholds": [float(t) for t in self.thresholds]}
         if self.calibration is not None:
             out["calibration"] = [float(x) for x in self.calibration]
+        if self.params:
+            out["params"] = dict(self.params)
         return out
 
     @classmethod
@@ -140,56 +63,76 @@ class Decision:
         if d.get("rule") not in RULES:
             raise ValueError(f"unknown decision rule {d.get('rule')!r}; known: {', '.join(RULES)}")
         cal = d.get("calibration")
-        return cls(d["rule"], tuple(float(t) for t in d["thresholds"]), tuple(cal) if cal else None)
+        return cls(d["rule"], tuple(float(t) for t in d["thresholds"]), tuple(cal) if cal else None,
+                   dict(d.get("params") or {}))
 
 
 @dataclass(frozen=True)
-class RuleSpec:
-    """One registered rule: ``fit(y, probs) -> Decision`` and the words that describe it."""
+class Rule:
+    """One decision rule, describing itself. ``fit(y, probs) -> Decision`` tunes it; ``apply(probs, decision)``
+    (numpy only: ``decision`` is ``Decision.to_dict()`` as export.json holds it) decides. ``rank``: its
+    simplicity, for the one-SE choice (lower: fewer numbers tuned from the rows, preferred when scores tie).
+    ``client``: what the export's torch-free client.py carries besides ``apply`` (helper functions, whose source
+    is copied, or source text), ``None`` when it cannot carry the rule (such a rule is refused by an ONNX export).
+    ``reads_thresholds``: whether ``apply`` decides by the per-label thresholds (shown by ``mlc serve``)."""
 
     name: str
-    help: str
-    tuned: tuple[str, ...]  # what fitting sets, for --help and the report
+    summary: str
     fit: Callable[[np.ndarray, np.ndarray], Decision] = field(repr=False)
+    apply: Callable[[np.ndarray, dict[str, Any]], np.ndarray] = field(repr=False)
+    rank: int
+    tuned: tuple[str, ...] = ()  # what fitting sets, for --help and the report
+    client: tuple[Callable[..., Any] | str, ...] | None = ()
+    reads_thresholds: bool = True
+
+    @property
+    def help(self) -> str:
+        """The rule in words (export.json's ``decision.help``, ``--decision``'s help)."""
+        return self.summary
 
 
-def _fixed(y: np.ndarray, probs: np.ndarray) -> Decision:
-    return Decision("fixed", (0.5,) * probs.shape[1])
+def register(rule: Rule) -> Rule:
+    """Add ``rule`` to :data:`RULES` (a name taken by another rule is refused: ValueError)."""
+    return RULES.register()(rule)
 
 
-def _global(y: np.ndarray, probs: np.ndarray) -> Decision:
-    return Decision("global", (float(tune_global(y, probs)),) * probs.shape[1])
-
-
-def _per_class(y: np.ndarray, probs: np.ndarray) -> Decision:
-    g = tune_global(y, probs)
-    t = tune_per_class(y, probs, init=np.full(probs.shape[1], g))
-    return Decision("per-class", tuple(float(x) for x in t))
-
-
-def _expected_f1(y: np.ndarray, probs: np.ndarray) -> Decision:
-    return Decision("expected-f1", (0.5,) * probs.shape[1])
-
-
-def _expected_f1_calibrated(y: np.ndarray, probs: np.ndarray) -> Decision:
-    return Decision("expected-f1-calibrated", (0.5,) * probs.shape[1], fit_calibration(y, probs))
-
-
-RULES: dict[str, RuleSpec] = {s.name: s for s in (
-    RuleSpec("fixed", "label j where its probability is at least 0.5", (), _fixed),
-    RuleSpec("global", "one threshold for every label, tuned for samples-F1", ("threshold",), _global),
-    RuleSpec("per-class", "one threshold per label, tuned for samples-F1 from the global one", ("thresholds",),
-             _per_class),
-    RuleSpec("expected-f1", "per image, the top-k labels with the highest expected F1 (labels taken as "
-             "independent; nothing tuned)", (), _expected_f1),
-    RuleSpec("expected-f1-calibrated", "expected-f1 after one logit-affine calibration of the probabilities "
-             "fitted on the tuning rows", ("calibration",), _expected_f1_calibrated),
-)}
+def decide(probs: np.ndarray, decision: dict) -> np.ndarray:
+    """(N, C) probabilities + a saved decision (``Decision.to_dict()``, export.json's ``decision``) -> (N, C) uint8,
+    by the registered rule's ``apply`` (the function the export's client carries)."""
+    rule = decision.get("rule")
+    if rule not in RULES:
+        raise ValueError(f"unknown decision rule {rule!r}; known: {', '.join(RULES)}")
+    return RULES[rule].apply(probs, decision)
 
 
 def rules_help() -> str:
-    """One line per rule, for --decision's help."""
+    """One clause per rule, for --decision's help."""
+    RULES._ready()
     return "; ".join(f"{s.name}: {s.help}" for s in RULES.values())
+
+
+def decisions() -> tuple[str, ...]:
+    """--decision's choices: auto (chosen by cross-fitted score) and every registered rule."""
+    RULES._ready()
+    return ("auto", *RULES)
+
+
+def simplest_first() -> tuple[str, ...]:
+    """The rules by simplicity (``Rule.rank``): which one the one-SE choice keeps when scores cannot tell them apart."""
+    RULES._ready()
+    return tuple(sorted(RULES, key=lambda k: (RULES[k].rank, k)))
+
+
+def client_source(name: str) -> str:
+    """Numpy source that decides as rule ``name`` does, for the export's client: the rule's helpers, its ``apply``
+    and ``apply_decision(probs, decision)``; ValueError when the rule declares none."""
+    rule = RULES.get_entry(name)
+    if rule.client is None:
+        raise ValueError(f"decision rule {name!r} declares no numpy source for the export's client.py")
+    parts = [p if isinstance(p, str) else inspect.getsource(p) for p in (*rule.client, rule.apply)]
+    return ("\n\n".join(p.strip("\n") for p in parts) + "\n\n\ndef apply_decision(probs, decision):\n"
+            f"    \"\"\"export.json's decision rule ({name}), as mlc's decision.decide applies it.\"\"\"\n"
+            f"    return {rule.apply.__name__}(probs, decision)\n")
 
 
 def fit_rule(name: str, y: np.ndarray, probs: np.ndarray) -> Decision:
@@ -255,17 +198,11 @@ class Choice:
                         "selected_score: the whole choose-then-tune procedure scored on outer folds it never saw"}
 
 
-# Which rule wins when the scores cannot tell rules apart: the one that needs the least tuned from the data.
-# expected-f1 first: it is the decision that maximises each image's expected F1 (the metric) given the
-# probabilities, with nothing tuned; 0.5 is optimal for per-label accuracy, not F1. Then one threshold, a
-# calibration (two numbers), and one threshold per label last, the most prone to fit the tuning rows' noise.
-SIMPLEST_FIRST = ("expected-f1", "fixed", "global", "expected-f1-calibrated", "per-class")
-
-
 def _best(per_image: dict[str, np.ndarray]) -> str:
-    """The simplest rule whose cross-fitted score is within one standard error of the best's (Breiman's one-SE
-    rule): the error of the paired per-image difference, so two rules that differ on a handful of images among
-    thousands count as equal, and the one that tuned less from those rows is kept. Unlisted rules rank last."""
+    """The simplest rule (lowest ``Rule.rank``) whose cross-fitted score is within one standard error of the best's
+    (Breiman's one-SE rule): the error of the paired per-image difference, so two rules that differ on a handful of
+    images among thousands count as equal, and the one that tuned less from those rows is kept. Unregistered
+    names rank last."""
     means = {k: float(v.mean()) for k, v in per_image.items()}
     top = max(means, key=lambda k: means[k])
     n = len(per_image[top])
@@ -274,7 +211,8 @@ def _best(per_image: dict[str, np.ndarray]) -> str:
         diff = per_image[top] - per_image[k]
         return means[top] - means[k] <= (float(diff.std(ddof=1)) / np.sqrt(n) if n > 1 else 0.0) + 1e-12
 
-    rank = {k: (SIMPLEST_FIRST.index(k) if k in SIMPLEST_FIRST else len(SIMPLEST_FIRST)) for k in per_image}
+    last = max((r.rank for r in RULES.values()), default=0) + 1
+    rank = {k: RULES[k].rank if k in RULES else last for k in per_image}
     return min((k for k in per_image if close(k)), key=lambda k: (rank[k], -means[k]))
 
 
@@ -336,3 +274,13 @@ def _nested_score(y: np.ndarray, probs: np.ndarray, names: list[str], folds: int
         rule = fit_rule(_best(inner), y[~held], probs[~held])
         per_image[held] = samples_f1_per_image(y[held], rule.apply(probs[held]))
     return float(per_image.mean())
+
+
+def _import_rule_modules() -> None:
+    """A rule family of its own module, ``pipeline/rule_<name>.py``, registers itself when imported: import them
+    all, so adding one is that one file."""
+    for path in sorted(Path(__file__).parent.glob("rule_*.py")):
+        importlib.import_module(f"{__package__}.{path.stem}")
+
+
+_import_rule_modules()  # last: those modules import Rule, Decision and register from here

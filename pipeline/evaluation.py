@@ -28,7 +28,6 @@ from .splits import train_val_split
 from .thresholds import apply_thresholds, tune_global, tune_per_class
 
 THRESHOLD_MODES = ("per-class", "global", "fixed")  # the threshold rules of fit_thresholds
-DECISIONS = ("auto", *RULES)  # --decision: auto chooses by cross-fitted score
 
 
 def fit_thresholds(y: np.ndarray, scores: np.ndarray, mode: str) -> np.ndarray:
@@ -81,7 +80,7 @@ def evaluate(y: np.ndarray, scores: np.ndarray, decision: str, seed: int) -> tup
     }
     t_final = np.asarray(choice.decision.thresholds)
     metrics["detail_with_final_thresholds_in_sample"] = summarize(y, scores, t_final)
-    if choice.rule.startswith("expected-f1"):  # its decisions are not thresholds: the summary's own numbers
+    if not RULES[choice.rule].reads_thresholds:  # its decisions are not thresholds: the summary's own numbers
         metrics["detail_with_final_thresholds_in_sample"].update(_decided_summary(y, choice.decision.apply(scores)))
     thresholds = {"mode": choice.rule, "global": float(tune_global(y, scores)), "per_class": t_final.tolist(),
                   "decision": choice.decision.to_dict()}

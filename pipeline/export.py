@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
 import threading
 import time
@@ -38,12 +37,11 @@ import torch
 from torch import nn
 
 from . import __version__, schemas
-from . import decision as decision_mod
 from .atomic import OutputOptions, claim_output, owned, staged, write_json, write_safetensors, write_text
 from .backends import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, mismatch, probe_inputs, to_onnx
 from .card import card_markdown, model_card
 from .config import Config, group, opt, require
-from .decision import RULES
+from .decision import RULES, client_source
 from .errors import MlcError
 from .export_files import CLIENT as CLIENT_TEMPLATE
 from .export_files import README, SAFETENSORS_README
@@ -134,6 +132,11 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
                        ours=lambda p: owned(p, EXPORT_FILE, None))
     with _ticking(f"loading {cfg.run}"):
         pred = load(cfg.run, backend="torch")
+    rule = RULES[pred.decision.rule]
+    if cfg.format == "onnx" and rule.client is None:
+        raise MlcError(f"{cfg.run}: its decision rule {rule.name!r} declares no numpy source, so the ONNX export's "
+                       "torch-free client.py cannot apply it: export with --format safetensors, or fit with another "
+                       "--decision")
     card = _card(cfg.run, pred)
     with staged(out) as stage:
         # the run by its folder name only: an export travels, the exporting machine's paths stay behind
@@ -260,7 +263,7 @@ def _write_onnx(pred: Predictor, stage: Path, dtype: str) -> dict[str, Any]:
     meta["graph"] = {"file": GRAPH, "dtype": dtype, "inputs": _io(sess.get_inputs(), len(pred.labels)),
                      "outputs": _io(sess.get_outputs(), len(pred.labels)),
                      "probe_max_abs_diff_vs_torch": float(np.abs(got[0] - want).max())}
-    write_text(stage / CLIENT_FILE, CLIENT)
+    write_text(stage / CLIENT_FILE, client(pred.decision.rule))
     return meta
 
 
@@ -323,11 +326,7 @@ def readme(meta: dict[str, Any], pred: Predictor) -> str:
 CLIENT_FILE = "client.py"
 
 
-def decision_source() -> str:
-    """decision.py's numpy decision step as source for client.py (``decide`` named ``apply_decision`` there): the
-    same code decides in mlc and outside."""
-    src = "\n\n".join(inspect.getsource(f) for f in (decision_mod.expected_f1_sets, decision_mod.decide))
-    return "_CHUNK = 4096\n\n" + src.replace("def decide(", "def apply_decision(") + "\n"
-
-
-CLIENT = CLIENT_TEMPLATE.replace("# {decision}\n", decision_source())
+def client(rule: str) -> str:
+    """client.py for a model deciding by ``rule``: the template around the rule's own numpy source
+    (decision.client_source, ``apply_decision`` there), so the same code decides in mlc and outside."""
+    return CLIENT_TEMPLATE.replace("# {decision}\n", client_source(rule) + "\n")

@@ -24,9 +24,9 @@ import torch
 from .atomic import OutputOptions
 from .cache import CacheReader
 from .config import Config, group, opt, require
-from .decision import rules_help, select_nested
+from .decision import decisions, rules_help, select_nested
 from .errors import MlcError
-from .evaluation import DECISIONS, evaluate
+from .evaluation import evaluate
 from .fused import load_joined, plan_parts, token_dim
 from .heads import HEADS, HeadOptions, predict_proba
 from .log import get
@@ -70,8 +70,8 @@ class FitHeadConfig(Config):
     out: Path = opt(Path("runs/head"), "Run folder to write: a new or empty folder, or a fit-head run it replaces.")
     folds: int = opt(5, "K-fold: train K heads, tune thresholds on out-of-fold predictions, average the heads "
                      "at prediction (0 = one split; 5 measured +0.008 samples-F1 over one split).")
-    decision: str = opt("auto", "The decision rule: auto (every rule scored cross-fitted on held-out rows, the best "
-                        "kept) or one of them: " + rules_help() + ".", aliases=("--thresholds",))
+    decision: str = opt("auto", lambda: "The decision rule: auto (every rule scored cross-fitted on held-out rows, "
+                        "the best kept) or one of them: " + rules_help() + ".", aliases=("--thresholds",))
     grid: bool = opt(False, _grid_help)
     output: OutputOptions = group(OutputOptions)
     train: TrainOptions = group(TrainOptions, batch_size=None, epochs=None, patience=None)  # sized to the rows
@@ -80,7 +80,7 @@ class FitHeadConfig(Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         require([(bool(self.caches), "give a train cache"),
-                 (self.decision in DECISIONS, f"--decision must be one of {', '.join(DECISIONS)}"),
+                 (self.decision in decisions(), f"--decision must be one of {', '.join(decisions())}"),
                  (self.folds == 0 or self.folds >= 2, "--folds must be 0 (a single split) or at least 2")])
 
 

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from .config import Config, opt, require
-from .encoders.registry import load_plugins
 from .errors import MlcError
-from .registries import Registry
+from .registries import Registry, load_plugins
 
 HEADS: Registry[type[FusionHead]] = Registry("head", load=load_plugins)  # $MLC_PLUGINS may register heads
 

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .encoders.registry import load_plugins
 from .errors import MlcError
-from .registries import Registry
+from .registries import Registry, load_plugins
 
 # name -> factory(pos_weight=None, **kw); each describes itself (pipeline/registries.py): --loss's help comes from it
 LOSSES: Registry[Callable[..., nn.Module]] = Registry("loss", load=load_plugins)

@@ -12,6 +12,9 @@ No torch.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +23,29 @@ from typing import Any, Generic, TypeVar
 from .errors import MlcError
 
 T = TypeVar("T")
+
+_PLUGINS_DONE: set[str] = set()
+
+
+def load_plugins() -> None:
+    """Import each module ``$MLC_PLUGINS`` names that is not imported yet (a ``.py`` path or a module name)."""
+    for entry in filter(None, os.environ.get("MLC_PLUGINS", "").split(os.pathsep)):
+        if entry in _PLUGINS_DONE:
+            continue
+        _PLUGINS_DONE.add(entry)  # first: a plugin's own lookups must not import it again
+        try:
+            if entry.endswith(".py"):
+                name = f"mlc_plugin_{os.path.basename(entry)[:-3]}"
+                spec = importlib.util.spec_from_file_location(name, entry)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"{entry} is no Python file")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(entry)
+        except (ImportError, OSError) as e:
+            raise MlcError(f"MLC_PLUGINS: cannot import {entry} ({type(e).__name__}: {e})") from e
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from typing import Any, NoReturn
 
 from .errors import MlcError
 
-THRESHOLD_MODES = ("per-class", "global", "fixed", "expected-f1", "expected-f1-calibrated")  # decision.RULES
 RUN_KINDS = ("head", "finetune")
 CONTRACT_FIELDS = {"image_encoder": str, "text_encoder": str, "image_weights_hash": str, "text_weights_hash": str,
                    "image_preprocess": dict, "text_preprocess": dict, "image_dim": int, "text_dim": int,
@@ -106,8 +105,8 @@ def thresholds(d: Any, path: Path) -> dict:
     names = _list(_key(d, "label_names", path), path, "label_names")
     if len(names) != len(ids) or not all(isinstance(n, str) for n in names):
         _fail(path, "label_names", f"expected {len(ids)} names (one per label id), found {names!r:.80}")
-    if _key(d, "mode", path) not in THRESHOLD_MODES:
-        _fail(path, "mode", f"expected one of {THRESHOLD_MODES}, found {d['mode']!r}")
+    if _key(d, "mode", path) not in _rules():
+        _fail(path, "mode", f"expected one of {_rules()}, found {d['mode']!r}")
     _unit(_key(d, "global", path), path, "global")
     per_class = _list(_key(d, "per_class", path), path, "per_class")
     if len(per_class) != len(ids):
@@ -119,11 +118,19 @@ def thresholds(d: Any, path: Path) -> dict:
     return d
 
 
+def _rules() -> tuple[str, ...]:
+    """The decision rules this mlc applies (decision.RULES: the package's and those registered since)."""
+    from .decision import RULES  # here: decision imports numpy and the rule modules, and no schema is read at import
+
+    return tuple(RULES.choices())
+
+
 def decision(d: Any, path: Path, field: str, classes: int) -> dict:
-    """A saved decision rule (decision.Decision.to_dict()): a known rule, one threshold per label, a calibration."""
+    """A saved decision rule (decision.Decision.to_dict()): a known rule, one threshold per label, a calibration,
+    the rule's own tuned numbers (``params``)."""
     d = _dict(d, path, field)
-    if d.get("rule") not in THRESHOLD_MODES:
-        _fail(path, f"{field}.rule", f"expected one of {THRESHOLD_MODES}, found {d.get('rule')!r}")
+    if d.get("rule") not in _rules():
+        _fail(path, f"{field}.rule", f"expected one of {_rules()}, found {d.get('rule')!r}")
     th = _list(_key(d, "thresholds", path), path, f"{field}.thresholds")
     if len(th) != classes:
         _fail(path, f"{field}.thresholds", f"expected {classes} thresholds (one per label), found {len(th)}")
@@ -133,6 +140,11 @@ def decision(d: Any, path: Path, field: str, classes: int) -> dict:
     if cal is not None and not (isinstance(cal, list) and len(cal) == 2
                                 and all(isinstance(x, int | float) and math.isfinite(x) for x in cal)):
         _fail(path, f"{field}.calibration", f"expected two finite numbers [a, b], found {cal!r:.80}")
+    params = d.get("params", {})
+    if not (isinstance(params, dict) and all(isinstance(k, str) and isinstance(v, int | float)
+                                             and not isinstance(v, bool) and math.isfinite(v)
+                                             for k, v in params.items())):
+        _fail(path, f"{field}.params", f"expected an object of finite numbers, found {params!r:.80}")
     return d
 
 

@@ -14,15 +14,16 @@ from pipeline.decision import (
     Decision,
     _best,
     choose,
+    client_source,
     cross_fitted_per_image,
     cross_fitted_scores,
     decide,
-    expected_f1_sets,
-    fit_calibration,
     fit_rule,
     rules_help,
+    simplest_first,
 )
 from pipeline.metrics import samples_f1
+from pipeline.rule_expected_f1 import expected_f1_sets, fit_calibration
 
 
 def _brute_expected_f1(p: np.ndarray, pred: np.ndarray) -> float:
@@ -54,7 +55,7 @@ def test_expected_f1_picks_more_labels_when_they_are_likely():
 def test_expected_f1_chunks_agree_with_one_block(monkeypatch):
     probs = np.random.default_rng(1).random((50, 7))
     whole = expected_f1_sets(probs)
-    monkeypatch.setattr("pipeline.decision._CHUNK", 8)
+    monkeypatch.setattr("pipeline.rule_expected_f1._CHUNK", 8)
     assert (expected_f1_sets(probs) == whole).all()
 
 
@@ -121,15 +122,15 @@ def test_decisions_round_trip_and_apply_alike():
 
 
 def test_the_export_clients_decision_step_is_mlcs_exactly():
-    """client.py carries decision.py's numpy source: run alone (numpy only), it decides as mlc does, every rule."""
-    from pipeline.export import CLIENT, decision_source
+    """client.py carries its rule's numpy source: run alone (numpy only), it decides as mlc does, every rule."""
+    from pipeline.export import client
 
-    assert decision_source() in CLIENT
-    ns: dict = {"np": np}
-    exec(compile(decision_source(), "client.py", "exec"), ns)  # noqa: S102 - our own source
     y, probs = _data(n=300, c=8, seed=5)
     probs32 = probs.astype(np.float32)  # what onnxruntime hands the client
     for name in RULES:
+        assert client_source(name) in client(name)
+        ns: dict = {"np": np}
+        exec(compile(client_source(name), "client.py", "exec"), ns)  # noqa: S102 - our own source
         d = fit_rule(name, y[:200], probs[:200])
         saved = json.loads(json.dumps(d.to_dict()))  # as export.json holds it
         assert (ns["apply_decision"](probs32[200:], saved) == d.apply(probs32[200:])).all(), name
@@ -145,3 +146,8 @@ def test_a_rule_that_wins_only_by_noise_gives_way_to_the_simpler_one():
     clear = {"expected-f1": base, "per-class": np.clip(base + 0.05, 0, 1)}
     assert _best(clear) == "per-class"
     assert _best({"fixed": base, "global": base + 1e-3}) == "global"  # identical noise: any gain is real
+
+
+def test_the_rules_simplicity_order_is_the_one_se_choices():
+    """The rules rank themselves (Rule.rank): nothing tuned first, one threshold per label last."""
+    assert simplest_first() == ("expected-f1", "fixed", "global", "expected-f1-calibrated", "per-class")

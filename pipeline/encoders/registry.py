@@ -10,16 +10,14 @@ that is how the tests add their tiny random encoders without shipping them.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MlcError
+from ..registries import load_plugins  # $MLC_PLUGINS: one loader for every registry (no torch there)
 from .base import Encoder
 
 KINDS = ("image", "text")
@@ -41,30 +39,6 @@ class EncoderSpec:
 
 _SPECS: dict[str, dict[str, EncoderSpec]] = {k: {} for k in KINDS}
 _FAMILIES: dict[str, dict[str, Callable[[str], EncoderSpec]]] = {k: {} for k in KINDS}
-
-
-_PLUGINS_DONE: set[str] = set()
-
-
-def load_plugins() -> None:
-    """Import each module ``$MLC_PLUGINS`` names that is not imported yet (a ``.py`` path or a module name)."""
-    for entry in filter(None, os.environ.get("MLC_PLUGINS", "").split(os.pathsep)):
-        if entry in _PLUGINS_DONE:
-            continue
-        _PLUGINS_DONE.add(entry)  # first: a plugin's own lookups must not import it again
-        try:
-            if entry.endswith(".py"):
-                name = f"mlc_plugin_{os.path.basename(entry)[:-3]}"
-                spec = importlib.util.spec_from_file_location(name, entry)
-                if spec is None or spec.loader is None:
-                    raise ImportError(f"{entry} is no Python file")
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                spec.loader.exec_module(module)
-            else:
-                importlib.import_module(entry)
-        except (ImportError, OSError) as e:
-            raise MlcError(f"MLC_PLUGINS: cannot import {entry} ({type(e).__name__}: {e})") from e
 
 
 def register(spec: EncoderSpec) -> EncoderSpec:

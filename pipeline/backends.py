@@ -20,12 +20,10 @@ reason; ``--backend auto`` says so once and runs that encoder in torch.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import io
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,26 +31,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from .atomic import atomic_path, lock
+from .atomic import lock
 from .device import autocast
 from .encoders import ImageEncoder, TextEncoder
 from .errors import MlcError
+from .graphs import ATOL, RTOL, BackendError, encoder_graph, io_names, mismatch, probe_inputs, to_onnx
 from .log import get
 from .options import BACKENDS
 
 EXPORT_VERSION = 1  # bump when what an exported graph computes changes
-ATOL, RTOL = 1e-4, 1e-3  # below the float16 the caches store (relative step 1e-3)
-PROBE_CAPTIONS = ("a dog", "two people riding horses across a green field near a fence", "a red bus on a street")
 
 Outputs = dict[str, np.ndarray]
 
 logger = get(__name__)
-
-
-class BackendError(MlcError):
-    """An encoder that cannot run through the asked-for backend."""
 
 
 @dataclass
@@ -76,61 +68,6 @@ class Engine:
         return ThreadPoolExecutor(self.lanes, thread_name_prefix="mlc-lane")
 
 
-class _ImageGraph(nn.Module):
-    """What gets exported for an image encoder: uint8 pixels (B, 3, H, W) -> normalised -> features
-    (B, D), and with a cut also the trunk activations (B, C, h, w)."""
-
-    def __init__(self, encoder: ImageEncoder, cut: str | None) -> None:
-        super().__init__()
-        self.encoder, self.cut = encoder, cut
-        pre = encoder.preprocess
-        self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, pixels: torch.Tensor) -> Any:
-        x = (pixels.to(torch.float32) / 255 - self.mean) / self.std  # = ImagePreprocess.normalize
-        if self.cut is None:
-            return self.encoder(x)
-        h = self.encoder.forward_trunk(x, self.cut)
-        return self.encoder.forward_top(h, self.cut), h
-
-
-class _TextGraph(nn.Module):
-    """What gets exported for a text encoder: ids and mask (B, T) -> pooled (B, D), and with a cut also
-    the token states (B, T, H)."""
-
-    def __init__(self, encoder: TextEncoder, cut: str | None) -> None:
-        super().__init__()
-        self.encoder, self.cut = encoder, cut
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        if self.cut is None:
-            return self.encoder(input_ids, attention_mask)
-        h = self.encoder.forward_trunk(input_ids, attention_mask, self.cut)
-        return self.encoder.forward_top(h, attention_mask, self.cut), h
-
-
-def encoder_graph(encoder: Any, cut: str | None) -> nn.Module:
-    """The module exported for ``encoder``: uint8 pixels, or token ids and mask, in; features out."""
-    return (_ImageGraph if isinstance(encoder, ImageEncoder) else _TextGraph)(encoder, cut).eval()
-
-
-def _names(encoder: nn.Module, cut: str | None) -> tuple[list[str], list[str]]:
-    kind = "image" if isinstance(encoder, ImageEncoder) else "text"
-    inputs = ["pixels"] if kind == "image" else ["input_ids", "attention_mask"]
-    return inputs, [kind] + ([f"{kind}_trunk"] if cut else [])
-
-
-def probe_inputs(encoder: nn.Module) -> tuple[torch.Tensor, ...]:
-    """A fixed small batch: 2 seeded images, or 3 captions of different lengths (so padding is exercised)."""
-    if isinstance(encoder, ImageEncoder):
-        g = torch.Generator().manual_seed(0)
-        c = encoder.preprocess.crop
-        return (torch.randint(0, 256, (2, 3, c, c), generator=g, dtype=torch.uint8),)
-    tok = encoder.tokenize(list(PROBE_CAPTIONS))
-    return tok["input_ids"], tok["attention_mask"]
-
-
 def graph_dir(onnx_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where exported graphs are kept: ``onnx_dir`` when given, else ``$MLC_ONNX_DIR``, else
     ``$MLC_HOME/onnx``, else ``$XDG_CACHE_HOME/mlc/onnx`` (``~/.cache/mlc/onnx``). One folder per user,
@@ -152,67 +89,15 @@ def onnx_file(onnx_dir: Path, encoder: Any, cut: str | None) -> Path:
     return Path(onnx_dir) / f"{name}.onnx"
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporter prints progress lines and warnings; keep them out of the user's terminal."""
-    import logging
-    import warnings
-
-    buf = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        try:
-            yield
-        finally:
-            logging.disable(logging.NOTSET)
-
-
-TOKEN_INPUTS = ("input_ids", "attention_mask")  # their axis 1 (tokens) is dynamic too
-
-
-def to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str], path: Path,
-            metadata: dict[str, str] | None = None) -> None:
-    """Export ``module`` on ``args`` to ``path`` (atomically) with a dynamic batch axis, and a dynamic token
-    axis on the token inputs; ``metadata`` goes into the model's properties. BackendError (the exporter's
-    one-line reason) when torch cannot export it."""
-    import onnx
-
-    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=4096)
-    shapes = {k: {0: batch, 1: tokens} if k in TOKEN_INPUTS else {0: batch} for k in inputs}
-    try:
-        with _quiet(), torch.no_grad():
-            model = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
-                                      dynamic_shapes=shapes, verbose=False).model_proto
-    except Exception as e:
-        raise BackendError(_reason(e)) from e
-    for key, value in (metadata or {}).items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    with atomic_path(path) as tmp:
-        onnx.save(model, str(tmp))
-
-
 def export(encoder: Any, cut: str | None, path: Path) -> None:
     """Export ``encoder`` (its part above and below ``cut`` when given) to ``path``, atomically, with the
     weights hash in the model's metadata. BackendError when torch cannot export it."""
-    inputs, outputs = _names(encoder, cut)
+    inputs, outputs = io_names(encoder, cut)
     meta = {"mlc_weights_hash": encoder.weights_hash, "mlc_cut": cut or "", "mlc_export_version": str(EXPORT_VERSION)}
     try:
         to_onnx(encoder_graph(encoder, cut), probe_inputs(encoder), inputs, outputs, path, meta)
     except BackendError as e:
         raise BackendError(f"{encoder.name} cannot be exported to ONNX ({e}); use --backend torch") from e
-
-
-def _reason(e: Exception) -> str:
-    """One line out of torch.onnx.export's long, coloured error report: its exception summary."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if "## Exception summary" in lines:
-        i = lines.index("## Exception summary")
-        if i + 1 < len(lines):
-            return lines[i + 1][:300]
-    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def ort_session(path: Path, threads: int = 1) -> Any:
@@ -242,21 +127,9 @@ def _check(session: Any, encoder: Any, cut: str | None) -> str | None:
     with torch.inference_mode():
         want = encoder_graph(encoder, cut)(*args)
     want = want if isinstance(want, tuple) else (want,)
-    inputs, outputs = _names(encoder, cut)
+    inputs, outputs = io_names(encoder, cut)
     got = session.run(None, {k: a.numpy() for k, a in zip(inputs, args, strict=True)})
     return mismatch(outputs, got, [w.float().numpy() for w in want])
-
-
-def mismatch(names: list[str], got: list[np.ndarray], want: list[np.ndarray]) -> str | None:
-    """Where ONNX Runtime's outputs ``got`` leave torch's ``want`` (beyond ATOL + RTOL x |want|, or not
-    finite, or another shape), or None."""
-    for name, g, w in zip(names, got, want, strict=True):
-        if g.shape != w.shape:
-            return f"{name}: shape {g.shape} instead of {w.shape}"
-        err = np.abs(g - w) - (ATOL + RTOL * np.abs(w))
-        if not np.isfinite(g).all() or err.max() > 0:
-            return f"{name}: differs from torch by up to {float(np.abs(g - w).max()):.3g}"
-    return None
 
 
 def _reuse(path: Path, encoder: Any, cut: str | None) -> tuple[Any, str | None]:
@@ -330,7 +203,7 @@ def _torch_text(encoder: TextEncoder, cut: str | None, device: torch.device, pre
 
 def _onnx_runner(session: Any, encoder: Any, cut: str | None) -> Callable[..., Outputs]:
     """One session call per batch (thread-safe: lanes share the session)."""
-    inputs, outputs = _names(encoder, cut)
+    inputs, outputs = io_names(encoder, cut)
 
     def run(*args: torch.Tensor) -> Outputs:
         got = session.run(outputs, {k: a.cpu().numpy() for k, a in zip(inputs, args, strict=True)})

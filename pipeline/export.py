@@ -38,7 +38,6 @@ from torch import nn
 
 from . import __version__, schemas
 from .atomic import OutputOptions, claim_output, owned, staged, write_json, write_safetensors, write_text
-from .backends import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, mismatch, probe_inputs, to_onnx
 from .card import card_markdown, model_card
 from .config import Config, group, opt, require
 from .decision import RULES, client_source
@@ -46,6 +45,7 @@ from .errors import MlcError
 from .export_files import CLIENT as CLIENT_TEMPLATE
 from .export_files import README, SAFETENSORS_README
 from .folders import listing
+from .graphs import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, mismatch, probe_inputs, to_onnx
 from .log import get
 from .onnx_dtypes import DTYPES, convert
 from .portable import session

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .backends import BackendError, _names, _quiet, ort_session, probe_inputs
+from .backends import ort_session
 from .config import Config, opt, require
 from .data import DataDir, fingerprint, load_image
 from .device import resolve_precision
 from .encoders import ImageEncoder
 from .errors import MlcError
+from .graphs import BackendError, io_names, probe_inputs, quiet_exporter
 
 CALIBRATION_IMAGES = 64  # measured on lite0: feature cosine 0.992 against fp32 on unseen images
 MIN_COSINE = 0.9
@@ -107,7 +108,7 @@ def quantize_graph(fp32: Path, out: Path, calibration: np.ndarray | None, input_
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.items, None)
 
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp, _quiet(), atomic_path(out) as target:
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp, quiet_exporter(), atomic_path(out) as target:
         if calibration is None:
             quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=True)
         else:
@@ -118,7 +119,7 @@ def quantize_graph(fp32: Path, out: Path, calibration: np.ndarray | None, input_
 
 
 def _inputs(encoder: Any, calibration: Calibration | None) -> dict[str, np.ndarray]:
-    names, _ = _names(encoder, None)
+    names, _ = io_names(encoder, None)
     args = (calibration[0],) if calibration is not None else tuple(a.numpy() for a in probe_inputs(encoder))
     return dict(zip(names, args, strict=True))
 

@@ -16,8 +16,9 @@ from conftest import REPO, refresh_manifest
 from typer.testing import CliRunner
 
 from pipeline.cache import CacheReader
-from pipeline.cli import COMMANDS, _flag, _load, _renamed, app, respell
-from pipeline.config import Config, flatten
+from pipeline.cli import COMMANDS, _load, app
+from pipeline.cli_options import renamed_options, respell
+from pipeline.config import Config, flatten, option_flag
 from pipeline.crossfit import CrossfitConfig
 from pipeline.data import DataOptions
 from pipeline.encoders import EncoderOptions
@@ -117,21 +118,21 @@ def test_the_rule_checks_can_fail():
 
 
 def test_the_retired_spellings_are_the_aliases():
-    aliases = {old for n in COMMANDS if n != "encoders" for old in _renamed(_config_class(n).options())}
+    aliases = {old for n in COMMANDS if n != "encoders" for old in renamed_options(_config_class(n).options())}
     assert aliases == RETIRED
 
 
 @pytest.mark.parametrize("name", [n for n in COMMANDS if n != "encoders"])
 def test_every_deprecated_alias_warns_and_reaches_its_option(name, capsys):
     options = _config_class(name).options()
-    renamed = _renamed(options)
+    renamed = renamed_options(options)
     arguments = [n for n, o in options.items() if o.field.metadata.get("argument") and o.field.metadata.get("required")]
     for old, new in renamed.items():
         field = new.lower() if not new.startswith("--") else next(n for n, o in options.items()
-                                                                  if _flag(n, o) == new)
+                                                                  if option_flag(n, o.field) == new)
         given = [f"{a}-value" for a in arguments if a != field]
         given += [w for n, o in options.items() if o.field.metadata.get("required") and n != field
-                  and not o.field.metadata.get("argument") for w in (_flag(n, o), f"{n}-value")]
+                  and not o.field.metadata.get("argument") for w in (option_flag(n, o.field), f"{n}-value")]
         got = _parsed(name, [*given, old, "1"])
         assert str(got[field]) in ("1", "(1,)", "['1']"), (name, old, got[field])
         assert f"mlc {name} {old} is deprecated" in capsys.readouterr().err

@@ -107,20 +107,17 @@ def decide(probs: np.ndarray, decision: dict) -> np.ndarray:
 
 def rules_help() -> str:
     """One clause per rule, for --decision's help."""
-    RULES._ready()
-    return "; ".join(f"{s.name}: {s.help}" for s in RULES.values())
+    return "; ".join(f"{name}: {RULES[name].help}" for name in RULES.choices())
 
 
 def decisions() -> tuple[str, ...]:
     """--decision's choices: auto (chosen by cross-fitted score) and every registered rule."""
-    RULES._ready()
-    return ("auto", *RULES)
+    return ("auto", *RULES.choices())
 
 
 def simplest_first() -> tuple[str, ...]:
     """The rules by simplicity (``Rule.rank``): which one the one-SE choice keeps when scores cannot tell them apart."""
-    RULES._ready()
-    return tuple(sorted(RULES, key=lambda k: (RULES[k].rank, k)))
+    return tuple(sorted(RULES.choices(), key=lambda k: (RULES[k].rank, k)))
 
 
 def client_source(name: str) -> str:

@@ -79,6 +79,10 @@ class Registry(dict[str, T], Generic[T]):
             self._load()
 
     def __contains__(self, name: object) -> bool:
+        """A registered name needs no loading (so the predict path of a package rule imports no plugin, and no
+        torch a plugin may import); another one is looked for again once ``load`` ran."""
+        if super().__contains__(name):
+            return True
         self._ready()
         return super().__contains__(name)
 
@@ -108,7 +112,6 @@ class Registry(dict[str, T], Generic[T]):
 
     def get_entry(self, name: str) -> T:
         """The entry, or MlcError naming the choices."""
-        self._ready()
         if name not in self:
             raise MlcError(f"unknown {self.what} {name!r}; choose from {', '.join(sorted(self))}")
         return self[name]

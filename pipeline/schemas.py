@@ -105,7 +105,7 @@ def thresholds(d: Any, path: Path) -> dict:
     names = _list(_key(d, "label_names", path), path, "label_names")
     if len(names) != len(ids) or not all(isinstance(n, str) for n in names):
         _fail(path, "label_names", f"expected {len(ids)} names (one per label id), found {names!r:.80}")
-    if _key(d, "mode", path) not in _rules():
+    if not _known_rule(_key(d, "mode", path)):
         _fail(path, "mode", f"expected one of {_rules()}, found {d['mode']!r}")
     _unit(_key(d, "global", path), path, "global")
     per_class = _list(_key(d, "per_class", path), path, "per_class")
@@ -118,9 +118,16 @@ def thresholds(d: Any, path: Path) -> dict:
     return d
 
 
-def _rules() -> tuple[str, ...]:
-    """The decision rules this mlc applies (decision.RULES: the package's and those registered since)."""
+def _known_rule(name: Any) -> bool:
+    """Whether this mlc applies the decision rule ``name`` (decision.RULES: the package's and those registered)."""
     from .decision import RULES  # here: decision imports numpy and the rule modules, and no schema is read at import
+
+    return isinstance(name, str) and name in RULES
+
+
+def _rules() -> tuple[str, ...]:
+    """The decision rules this mlc applies, for a message (every plugin loaded)."""
+    from .decision import RULES
 
     return tuple(RULES.choices())
 
@@ -129,7 +136,7 @@ def decision(d: Any, path: Path, field: str, classes: int) -> dict:
     """A saved decision rule (decision.Decision.to_dict()): a known rule, one threshold per label, a calibration,
     the rule's own tuned numbers (``params``)."""
     d = _dict(d, path, field)
-    if d.get("rule") not in _rules():
+    if not _known_rule(d.get("rule")):
         _fail(path, f"{field}.rule", f"expected one of {_rules()}, found {d.get('rule')!r}")
     th = _list(_key(d, "thresholds", path), path, f"{field}.thresholds")
     if len(th) != classes:

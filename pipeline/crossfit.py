@@ -14,10 +14,18 @@ The result is a cache pair like any other (``train__none__<text>__crossfit-...h5
 image-less), fusable with frozen caches by ``mlc fit-head A.h5 B.h5`` and used by ``mlc run
 --crossfit``. The K fold models are not kept (K copies of the tower): ``mlc predict`` and ``export``
 need encoders and refuse runs over these features.
+
+Both caches are made by the one cache builder (``features.write_cache``) under extract's reuse policy: their
+identity (``CacheMeta``) is known before any fold trains (the text hash is that of the start weights and the
+whole seeded cross-fit recipe; the fold models' own digest is recorded in ``extra``), so a current pair is
+reused without training, a cache holding other features is refused naming the difference (``--overwrite``
+rebuilds it), and the pair is only trained when one of them must be written. Caches this very cross-fit wrote
+before (their text hash was the folds' digest) are reused as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -31,14 +39,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import check_writable, lock
-from .cache import CacheMeta, CacheWriter, read_meta
+from .cache import CacheMeta, read_meta
 from .config import Config, group, opt, require
 from .data import DataDir, DataOptions, fingerprint
 from .device import PRECISIONS, autocast, resolve_precision, select_device
 from .encoders import NONE, TextEncoder, create_text_encoder
-from .errors import MismatchError, MlcError
-from .features import Recipe, cache_path, encode_texts
+from .errors import MlcError
+from .features import Hints, Job, LoaderOptions, Recipe, cache_path, encode_texts, up_to_date, write_cache
 from .identity import EncoderId
 from .log import get
 from .splits import kfold
@@ -204,11 +211,19 @@ def crossfit_features(cfg: CrossfitConfig, make_encoder: Callable[[], TextEncode
     return oof, means, folds, hashes
 
 
+CROSSFIT_HINTS = Hints(bad_image="", skipped="", different="Pass --overwrite to replace it, or --cache-dir to write "
+                       "elsewhere.")
+
+
 def _meta(split: str, cfg: CrossfitConfig, recipe: Recipe, text: TextEncoder, data: DataDir, records: list,
-          data_fingerprint: str, weights_hash: str, labelled: bool) -> CacheMeta:
+          data_fingerprint: str, labelled: bool) -> CacheMeta:
+    """What one cache of this cross-fit holds, known before any fold trains (so the one reuse policy,
+    ``features.up_to_date``, can tell a current cache from another): the text identity's hash is that of the
+    start weights and the whole cross-fit recipe (seeded); the fold models' own hashes go in ``extra``."""
     labels = data.label_space()
     dim = len(labels.ids) if cfg.text_features == "logits" else text.dim
-    tuned = EncoderId(text.name, f"{text.weights_source}, finetuned on {cfg.folds} folds", weights_hash,
+    made = hashlib.sha256(f"{text.weights_hash} {recipe.crossfit}".encode()).hexdigest()
+    tuned = EncoderId(text.name, f"{text.weights_source}, finetuned on {cfg.folds} folds", made,
                       cfg.random_init, text.preprocess.to_dict(), dim)
     return CacheMeta(
         split=split, image=EncoderId(random_init=cfg.random_init), text=tuned, views=1, label_ids=labels.ids,
@@ -218,67 +233,70 @@ def _meta(split: str, cfg: CrossfitConfig, recipe: Recipe, text: TextEncoder, da
         extra={"recipe": recipe.to_dict(), "crossfit": {"config": cfg.flat_dict(), "labelled": labelled}})
 
 
-def _done(targets: list[Path], cfg: CrossfitConfig, recipe: Recipe, prints: list[str]) -> bool:
-    """True when both caches hold this very cross-fit of this very data (``prints``: each split's data
-    fingerprint); MismatchError when they hold another (without --overwrite)."""
-    if not all(t.is_file() for t in targets):
+def _written_before(job: Job, meta: CacheMeta) -> bool:
+    """A cache this very cross-fit wrote before its identity was known up front (mlc before issue 27: the text hash
+    was the fold models' digest): the same recipe and, but for that hash, the same identity. It is reused as it is."""
+    if not job.target.is_file():
         return False
-    metas = [read_meta(t) for t in targets]
-    if all(m.extra.get("recipe") == recipe.to_dict() for m in metas):
-        if [m.data_fingerprint for m in metas] == prints:
-            return True
-        what = "of other data (train.csv, test.csv or their images changed since)"
-    else:
-        what = "another cross-fit (other options)"
-    if not cfg.overwrite:
-        raise MismatchError(f"{targets[0]} holds {what}; pass --overwrite to replace it")
-    return False
+    try:
+        old = read_meta(job.target)
+    except MlcError:
+        return False
+    same = old.replace(text_weights_hash=meta.text.weights_hash).identity() == meta.identity()
+    return same and old.extra.get("recipe") == meta.extra["recipe"] and old.text.weights_hash != meta.text.weights_hash
 
 
 def crossfit(cfg: CrossfitConfig) -> list[Path]:
-    """Cross-fit the text tower and write the train (and test) caches; returns their paths."""
+    """Cross-fit the text tower and write the train (and test) caches through the one cache builder
+    (``features.write_cache``, the reuse policy of extract); returns their paths."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     data = DataDir.open(cfg.data_dir, cfg.data)
-    train_recs = data.records("train")
-    test_recs = data.records("test") if data.has("test") else []
+    recs = {"train": data.records("train")}
+    if data.has("test"):
+        recs["test"] = data.records("test")
     if not data.has_captions("train"):
         raise MlcError(f"{data.csv_path('train')}: no captions to finetune a text encoder on")
     recipe = cfg.recipe(data)
-    splits = ["train"] + (["test"] if test_recs else [])
-    targets = [cache_path(cfg.cache_dir, cfg.data_dir, s, recipe) for s in splits]
-    # image bytes too when the folder has images: so it fuses with the image caches of the same data
-    prints = [fingerprint(recs, data.image_dir if data.options.images else None)
-              for recs in [train_recs, test_recs][:len(splits)]]
-    check_writable(targets[0].parent)
-    with lock(targets[0], f"the cache {targets[0]}"):
-        if _done(targets, cfg, recipe, prints):
-            logger.info(f"{targets[0]}: up to date (same cross-fit, same data); nothing to do")
-            return targets
-        device = select_device(cfg.device)
-        y = data.label_space().multi_hot([r.labels for r in train_recs])
-        n = len(train_recs) if cfg.train_rows is None else min(cfg.train_rows, len(train_recs))
-        caps = [r.caption for r in train_recs]
-        weights = cfg.text_weights
+    weights = cfg.text_weights
 
-        def make() -> TextEncoder:
-            return create_text_encoder(cfg.text_encoder, weights=weights, random_init=cfg.random_init,
-                                       seed=0 if cfg.random_init else None)
+    def make() -> TextEncoder:
+        return create_text_encoder(cfg.text_encoder, weights=weights, random_init=cfg.random_init,
+                                   seed=0 if cfg.random_init else None)
 
-        oof, (rest, test), _, hashes = crossfit_features(
-            cfg, make, caps[:n], y[:n], [caps[n:], [r.caption for r in test_recs]], device,
-            logger.info, progress=True)
-        text = make()
-        digest = hashlib.sha256(" ".join(hashes).encode()).hexdigest()
-        arrays = {"train": np.concatenate([oof, rest]), "test": test}
-        for split, target, data_print in zip(splits, targets, prints, strict=True):
-            recs = train_recs if split == "train" else test_recs
-            meta = _meta(split, cfg, recipe, text, data, recs, data_print, digest, split == "train")
-            writer = CacheWriter(target, meta, [r.image_id for r in recs], y if split == "train" else None,
-                                 chunk_rows=max(1, len(recs)))
-            writer.commit(0, {"text": arrays[split].astype(np.float16)})
-            writer.finalize()
-            logger.info(f"wrote {target} ({len(recs)} rows)")
-    return targets
+    text = make()
+    loader = LoaderOptions(device=cfg.device)
+    jobs, metas = [], []
+    for split, rows in recs.items():
+        target = cache_path(cfg.cache_dir, cfg.data_dir, split, recipe)
+        # image bytes too when the folder has images: so it fuses with the image caches of the same data
+        meta = _meta(split, cfg, recipe, text, data, rows,
+                     fingerprint(rows, data.image_dir if data.options.images else None), split == "train")
+        old = _written_before(Job(recipe, data, split, target, loader), meta)
+        jobs.append(Job(recipe, data, split, target, loader, max(1, len(rows)), False, cfg.overwrite or old,
+                        CROSSFIT_HINTS))
+        metas.append((meta, old))
+    current = [old or up_to_date(job, meta) for job, (meta, old) in zip(jobs, metas, strict=True)]  # refusals first
+    if all(current):
+        logger.info(f"{jobs[0].target}: up to date (same cross-fit, same data); nothing to do")
+        return [job.target for job in jobs]
+    arrays, digest = _features(cfg, make, data, recs)
+    for job, (meta, _) in zip(jobs, metas, strict=True):
+        meta = dataclasses.replace(meta, extra={**meta.extra, "crossfit": {**meta.extra["crossfit"],
+                                                                         "fold_weights_hash": digest}})
+        block = arrays[job.split].astype(np.float16)
+        write_cache(job, meta, recs[job.split], lambda writer, chunks, b=block: writer.commit(0, {"text": b}))
+    return [job.target for job in jobs]
 
 
-
+def _features(cfg: CrossfitConfig, make: Callable[[], TextEncoder], data: DataDir,
+              recs: dict[str, list]) -> tuple[dict[str, np.ndarray], str]:
+    """Every split's cross-fitted text features, and the digest of the fold models' weights hashes."""
+    device = select_device(cfg.device)
+    train_recs = recs["train"]
+    y = data.label_space().multi_hot([r.labels for r in train_recs])
+    n = len(train_recs) if cfg.train_rows is None else min(cfg.train_rows, len(train_recs))
+    caps = [r.caption for r in train_recs]
+    oof, (rest, test), _, hashes = crossfit_features(
+        cfg, make, caps[:n], y[:n], [caps[n:], [r.caption for r in recs.get("test", [])]], device,
+        logger.info, progress=True)
+    return {"train": np.concatenate([oof, rest]), "test": test}, hashlib.sha256(" ".join(hashes).encode()).hexdigest()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ from .records import Record
 
 __all__ = [  # the names stages make features with (some defined in recipe and encode)
     "Hints", "Job", "LoaderOptions", "Recipe", "build_cache", "cache_meta", "cache_path", "encode_images",
-    "encode_texts", "encoders_and_engine", "fit_to_data", "safe_name", "submit_texts",
+    "encode_texts", "encoders_and_engine", "fit_to_data", "safe_name", "submit_texts", "up_to_date", "write_cache",
 ]
 
 logger = get(__name__)
@@ -60,8 +61,10 @@ def cache_meta(job: Job, image: ImageEncoder | None, text: TextEncoder | None, r
     )
 
 
-def _up_to_date(job: Job, meta: CacheMeta) -> bool:
-    """True when the target already holds these features; MismatchError when it holds others."""
+def up_to_date(job: Job, meta: CacheMeta) -> bool:
+    """The one reuse policy of a cache: True when the target already holds these features (``meta``'s identity);
+    MismatchError naming the difference when it holds others (or is no readable cache), unless ``job.overwrite``
+    (False: it is rebuilt)."""
     if not job.target.exists():
         return False
     try:
@@ -104,8 +107,25 @@ def _records(job: Job) -> tuple[list[Record], list[tuple[str, str]]]:
 def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, eng: Engine,
                 device: torch.device) -> Path:
     """Encode one split into its cache file (or find it already done), running the encoders through
-    ``eng``. Returns the cache path. One process at a time writes a cache: a second stops at once. An up-to-date
-    cache on read-only storage is used as it is: reading it needs no lock."""
+    ``eng``. Returns the cache path (``write_cache``)."""
+    records, skipped = _records(job)
+    meta = cache_meta(job, image, text, records, eng, skipped)
+
+    def fill(writer: CacheWriter, chunks: list[int]) -> None:
+        encode_chunks(job, writer, chunks, records, image, text, eng, device)
+
+    return write_cache(job, meta, records, fill)
+
+
+Fill = Callable[[CacheWriter, list[int]], None]  # commits the given chunks of the writer's rows
+
+
+def write_cache(job: Job, meta: CacheMeta, records: list[Record], fill: Fill) -> Path:
+    """The one way a cache is made (extract, submit, crossfit): reuse ``job.target`` when it holds ``meta``'s
+    features (``up_to_date``: else refused, or rebuilt with ``job.overwrite``), otherwise ``fill`` the chunks
+    still pending (a killed run resumes) and assemble the file. Returns the cache path. One process at a time
+    writes a cache: a second stops at once. An up-to-date cache on read-only storage is used as it is: reading it
+    needs no lock."""
     try:
         check_writable(job.target.parent)
         read_only = False
@@ -113,16 +133,14 @@ def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, 
         if not job.target.is_file():
             raise  # nothing to read there: stop before the work
         read_only = True
-    records, skipped = _records(job)
-    meta = cache_meta(job, image, text, records, eng, skipped)
     if read_only:
-        if not _up_to_date(job, meta):  # MismatchError naming the difference, as with a writable folder
+        if not up_to_date(job, meta):  # MismatchError naming the difference, as with a writable folder
             check_writable(job.target.parent)  # the OutputError naming the read-only folder
         if is_main():
             logger.info(f"{job.target}: up to date ({meta.num_records} rows, same encoders and data; read-only)")
         return job.target
     with lock(job.target, f"the cache {job.target}") if is_main() else contextlib.nullcontext():
-        if _up_to_date(job, meta):
+        if up_to_date(job, meta):
             if is_main():
                 # chunks of some earlier, unfinished run: stale now (the lock says no one else writes them)
                 shutil.rmtree(f"{job.target}.partial", ignore_errors=True)
@@ -138,7 +156,7 @@ def build_cache(job: Job, image: ImageEncoder | None, text: TextEncoder | None, 
         if writer.resumed:
             logger.info(f"{job.target}: resuming, {writer.resumed} of {writer.num_chunks} chunks already done")
         if mine:
-            encode_chunks(job, writer, mine, records, image, text, eng, device)
+            fill(writer, mine)
         if world_size() > 1:
             torch.distributed.barrier()
         if is_main():

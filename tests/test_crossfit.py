@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_data_dir
 
-from pipeline.cache import CacheReader
+from pipeline.cache import CacheReader, CacheWriter
 from pipeline.crossfit import CrossfitConfig, crossfit, crossfit_features
 from pipeline.data import DataDir
 from pipeline.encoders import create_text_encoder
@@ -68,17 +68,45 @@ def test_crossfit_features_have_no_encoders_to_predict_with():
         Recipe(image_encoder="none", text_encoder="tiny-bert", crossfit="k5-abc").encoders()
 
 
-def test_another_crossfit_over_the_same_caches_is_refused(tmp_path):
+def _rewrite(path, **changes) -> None:
+    """The cache at ``path`` written again with meta fields changed (flat names), as another writer left it."""
+    with CacheReader(path) as r:
+        meta, ids, text = r.meta.replace(**changes), r.image_ids, r.array("text")
+        labels = r.labels() if meta.split == "train" else None
+    writer = CacheWriter(path, meta, ids, labels, chunk_rows=len(ids))
+    writer.commit(0, {"text": text})
+    writer.finalize()
+
+
+def test_another_crossfit_over_the_same_caches_is_refused_by_extracts_policy(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
     cfg = CrossfitConfig.build(data_dir=data, folds=2, cache_dir=tmp_path / "c", **TINY)
-    train, _ = crossfit(cfg)
-    recipe = cfg.recipe(DataDir.open(data))
+    train, test = crossfit(cfg)
     other = CrossfitConfig.build(data_dir=data, folds=2, cache_dir=tmp_path / "c", **{**TINY, "lr": 5e-3})
-    assert other.recipe(DataDir.open(data)).crossfit != recipe.crossfit  # another cache name, not a clash
-    import pipeline.crossfit as cf
+    assert other.recipe(DataDir.open(data)).crossfit != cfg.recipe(DataDir.open(data)).crossfit  # another name
+    _rewrite(test, text_weights="someone else's tower", text_weights_hash="0" * 64)  # same name, other features
+    with pytest.raises(MismatchError, match=r"different features \(text_weights: .*text_weights_hash: .*--overwrite"):
+        crossfit(cfg)
+    assert crossfit(cfg.replace(overwrite=True))[1] == test
+    assert CacheReader(test).meta.text_weights_hash != "0" * 64
 
-    with pytest.raises(MismatchError, match="another cross-fit"):
-        cf._done([train], other, other.recipe(DataDir.open(data)), [CacheReader(train).meta.data_fingerprint])
+
+def test_caches_of_the_same_crossfit_written_before_its_identity_was_known_are_reused(tmp_path):
+    """Before issue 27 a cross-fit cache's text hash was the fold models' digest (known only after training): such a
+    cache of this very cross-fit is current, not another one; a new cross-fit's hash is known up front."""
+    data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
+    cfg = CrossfitConfig.build(data_dir=data, folds=2, cache_dir=tmp_path / "c", **TINY)
+    train, test = crossfit(cfg)
+    meta = CacheReader(train).meta
+    assert meta.extra["crossfit"]["fold_weights_hash"] != meta.text_weights_hash  # the folds' own, recorded
+    for path in (train, test):
+        _rewrite(path, text_weights_hash=meta.extra["crossfit"]["fold_weights_hash"])
+    stamps = [p.stat().st_mtime_ns for p in (train, test)]
+    assert crossfit(cfg) == [train, test] and [p.stat().st_mtime_ns for p in (train, test)] == stamps
+    test.unlink()  # the pair is made again together: the old train cache is this cross-fit's, replaced
+    crossfit(cfg)
+    assert CacheReader(train).meta.text_weights_hash == CacheReader(test).meta.text_weights_hash == \
+        meta.text_weights_hash
 
 
 def test_a_crossfit_of_data_that_changed_is_refused_then_rebuilt_with_overwrite(tmp_path):
@@ -88,7 +116,7 @@ def test_a_crossfit_of_data_that_changed_is_refused_then_rebuilt_with_overwrite(
     before = CacheReader(train).meta.data_fingerprint
     csv = data / "train.csv"
     csv.write_text(csv.read_text().replace("in the street", "on the road", 1))
-    with pytest.raises(MismatchError, match="other data"):
+    with pytest.raises(MismatchError, match="holds different features \\(data_fingerprint"):
         crossfit(cfg)
     train, _ = crossfit(CrossfitConfig.build(data_dir=data, folds=2, cache_dir=tmp_path / "c", overwrite=True, **TINY))
     assert CacheReader(train).meta.data_fingerprint != before

@@ -50,6 +50,12 @@ class Decision:
         """(N, C) probabilities -> (N, C) uint8 decisions."""
         return decide(probs, self.to_dict())
 
+    @property
+    def reads_thresholds(self) -> bool:
+        """Whether ``apply`` reads ``thresholds`` (its rule's ``Rule.reads_thresholds``): the expected-F1 rules choose
+        a top-k per image instead."""
+        return RULES.get_entry(self.rule).reads_thresholds
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rule": self.rule, "thresholds": [float(t) for t in self.thresholds]}
         if self.calibration is not None:

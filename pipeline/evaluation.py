@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .baselines import MARGIN, baselines, verdict
-from .decision import RULES, choose
+from .decision import choose
 from .metrics import (
     as_binary,
     average_precision_per_class,
@@ -80,7 +80,7 @@ def evaluate(y: np.ndarray, scores: np.ndarray, decision: str, seed: int) -> tup
     }
     t_final = np.asarray(choice.decision.thresholds)
     metrics["detail_with_final_thresholds_in_sample"] = summarize(y, scores, t_final)
-    if not RULES[choice.rule].reads_thresholds:  # its decisions are not thresholds: the summary's own numbers
+    if not choice.decision.reads_thresholds:  # its decisions are not thresholds: the summary's own numbers
         metrics["detail_with_final_thresholds_in_sample"].update(_decided_summary(y, choice.decision.apply(scores)))
     thresholds = {"mode": choice.rule, "global": float(tune_global(y, scores)), "per_class": t_final.tolist(),
                   "decision": choice.decision.to_dict()}

@@ -18,9 +18,9 @@ DEFAULT_RULE = ("label j is predicted when its probability reaches its threshold
 
 def thresholds(pred: Predictor) -> list[float] | None:
     """Each label's threshold, or None for a model whose decision rule has none per label (the expected-F1 rules
-    choose a top-k per photo; their stored 0.5s are not read: decision.Rule.reads_thresholds)."""
+    choose a top-k per photo; their stored 0.5s are not read: decision.Decision.reads_thresholds)."""
     decision = getattr(pred, "decision", None)
-    if decision is not None and decision.rule in RULES and not RULES[decision.rule].reads_thresholds:
+    if decision is not None and not decision.reads_thresholds:
         return None
     th = getattr(pred, "thresholds", None)
     if th is None or np.ndim(th) != 1 or len(th) != len(pred.labels):

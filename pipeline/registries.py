@@ -160,17 +160,36 @@ class Registry(dict[str, T], Generic[T]):
         return "\n".join(rows) + "\n"
 
 
+def rules_table() -> str:
+    """A markdown table of the decision rules (decision.RULES): name, summary, what fitting tunes, the one-SE
+    simplicity rank, whether an ONNX export's client.py carries it."""
+    from .decision import RULES
+
+    rows = ["| rule | what | tunes | simplicity rank (lower wins ties) | in an ONNX export's client.py |",
+            "|---|---|---|---|---|"]
+    for name in sorted(RULES.choices(), key=lambda k: (RULES[k].rank, k)):
+        r = RULES[name]
+        rows.append(f"| `{name}` | {r.summary} | {', '.join(r.tuned) or 'nothing'} | {r.rank} | "
+                    f"{'yes' if r.client is not None else 'no: export it with --format safetensors'} |")
+    return "\n".join(rows) + "\n"
+
+
 def document() -> str:
-    """docs/heads.md: the head and loss registries as tables (``python -m pipeline.registries > docs/heads.md``)."""
+    """docs/heads.md: the head, loss and decision-rule registries as tables (``python -m pipeline.registries >
+    docs/heads.md``)."""
     from .heads import HEADS
     from .losses import LOSSES
 
-    return ("# Heads and losses\n\n(Back to the [README](../README.md). Generated from the registries by "
-            "`python -m pipeline.registries > docs/heads.md`; `tests/test_registries.py` checks it is current.)\n\n"
+    return ("# Heads, losses and decision rules\n\n(Back to the [README](../README.md). Generated from the "
+            "registries by `python -m pipeline.registries > docs/heads.md`; `tests/test_registries.py` checks it is "
+            "current.)\n\n"
             "A head is a class in a module that registers it (`@HEADS.register()`, pipeline/heads.py), a loss a "
             "factory (`@LOSSES.register(name)`, pipeline/losses.py). What each says of itself becomes `--head` and "
             "`--loss`'s help, `fit-head --grid` and these tables. A head outside the package: a module "
-            "`$MLC_PLUGINS` names.\n\n## Heads\n\n" + HEADS.table() + "\n## Losses\n\n" + LOSSES.table())
+            "`$MLC_PLUGINS` names.\n\n## Heads\n\n" + HEADS.table() + "\n## Losses\n\n" + LOSSES.table()
+            + "\n## Decision rules\n\nA rule registers itself (`register(Rule(...))`, pipeline/decision.py) from a "
+            "`pipeline/rule_<family>.py` module; `--decision auto` scores every rule cross-fitted and keeps the "
+            "simplest within one standard error of the best ([DESIGN.md](DESIGN.md)).\n\n" + rules_table())
 
 
 if __name__ == "__main__":

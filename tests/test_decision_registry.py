@@ -31,6 +31,7 @@ from pipeline.evaluation import evaluate
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.metrics import samples_f1
 from pipeline.predictor import load
+from pipeline.registries import document
 from pipeline.schemas import decision as check_decision
 
 runner = CliRunner()
@@ -95,10 +96,13 @@ def _help_of(command: str, option: str) -> str:
 
 
 def test_a_rule_in_one_module_reaches_help_choices_and_the_simplicity_order(toy):
-    for command in ("fit-head", "run"):
+    for command in ("fit-head", "run"):  # generated when shown: the toy, registered after import, is there
         assert "top-k: each image's k most probable labels, k tuned for samples-F1" in _help_of(command, "decision")
     assert "top-k" in decisions() and FitHeadConfig.build(caches=(Path("x.h5"),), decision="top-k").decision == "top-k"
     assert simplest_first().index("fixed") < simplest_first().index("top-k") < simplest_first().index("global")
+    assert "| `top-k` | each image's k most probable labels, k tuned for samples-F1 | k | 25 | yes |" in document()
+    assert "| `top-k-opaque` | top-k without a client | nothing | 26 | no: export it with --format safetensors |" \
+        in document()
     with pytest.raises(MlcError, match="--decision must be one of auto, .*top-k"):
         FitHeadConfig.build(caches=(Path("x.h5"),), decision="top-j")
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import check_writable, lock
 from .cache import CacheMeta, read_meta
 from .config import Config, group, opt, require
 from .data import DataDir, DataOptions, fingerprint
@@ -251,9 +252,8 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
     (``features.write_cache``, the reuse policy of extract); returns their paths."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     data = DataDir.open(cfg.data_dir, cfg.data)
-    recs = {"train": data.records("train")}
-    if data.has("test"):
-        recs["test"] = data.records("test")
+    test = data.records("test") if data.has("test") else []
+    recs = {"train": data.records("train"), **({"test": test} if test else {})}  # no test cache of no rows
     if not data.has_captions("train"):
         raise MlcError(f"{data.csv_path('train')}: no captions to finetune a text encoder on")
     recipe = cfg.recipe(data)
@@ -279,12 +279,15 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
     if all(current):
         logger.info(f"{jobs[0].target}: up to date (same cross-fit, same data); nothing to do")
         return [job.target for job in jobs]
-    arrays, digest = _features(cfg, make, data, recs)
-    for job, (meta, _) in zip(jobs, metas, strict=True):
-        meta = dataclasses.replace(meta, extra={**meta.extra, "crossfit": {**meta.extra["crossfit"],
-                                                                         "fold_weights_hash": digest}})
-        block = arrays[job.split].astype(np.float16)
-        write_cache(job, meta, recs[job.split], lambda writer, chunks, b=block: writer.commit(0, {"text": b}))
+    check_writable(jobs[0].target.parent)  # before minutes of training, not after
+    # one cross-fit of these caches at a time: a second stops at once rather than training for nothing
+    with lock(jobs[0].target.with_suffix(".crossfit"), f"the cross-fit of {jobs[0].target}"):
+        arrays, digest = _features(cfg, make, data, recs)
+        for job, (meta, _) in zip(jobs, metas, strict=True):
+            meta = dataclasses.replace(meta, extra={**meta.extra, "crossfit": {**meta.extra["crossfit"],
+                                                                             "fold_weights_hash": digest}})
+            block = arrays[job.split].astype(np.float16)
+            write_cache(job, meta, recs[job.split], lambda writer, chunks, b=block: writer.commit(0, {"text": b}))
     return [job.target for job in jobs]
 
 

@@ -15,7 +15,7 @@ from conftest import make_data_dir
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline import backends
+from pipeline import backends, graphs
 from pipeline.cache import CacheReader
 from pipeline.cli import app
 from pipeline.data import load_image
@@ -103,7 +103,7 @@ def test_a_graph_that_disagrees_with_torch_is_refused(tmp_path, monkeypatch):
     text, exported = create_text_encoder("tiny-bert", random_init=True, seed=0), []
     session_graph(text)
     copying_export(monkeypatch, exported)
-    monkeypatch.setattr(backends, "ATOL", -1.0)  # nothing can pass: the check must refuse, not shrug
+    monkeypatch.setattr(graphs, "ATOL", -1.0)  # nothing can pass (graphs.mismatch): the check must refuse, not shrug
     with pytest.raises(backends.BackendError, match="does not reproduce torch"):
         backends.onnx_session(text, None, tmp_path / "strict", lambda m: None)
     assert len(exported) == 1 and not list((tmp_path / "strict").glob("*.onnx"))  # the refused graph is not kept

@@ -97,7 +97,7 @@ class Registry(dict[str, T], Generic[T]):
             key = name or getattr(entry, "name", None)
             if not key:
                 raise ValueError(f"a {self.what} needs a name")
-            if key in self and self[key] is not entry:
+            if dict.__contains__(self, key) and self[key] is not entry:  # no plugin import while registering
                 raise ValueError(f"{self.what} {key!r} is registered already ({self[key]!r})")
             self[key] = entry
             self.about[key] = About(

@@ -117,3 +117,14 @@ def test_a_name_is_registered_once():
 def test_docs_heads_md_is_the_registries_tables():
     """docs/heads.md is generated (python -m pipeline.registries > docs/heads.md): it says what the code does."""
     assert (REPO / "docs" / "heads.md").read_text() == document()
+
+
+def test_plugins_load_only_for_a_name_not_registered_or_a_listing():
+    """A registered name is found without importing $MLC_PLUGINS (whose modules may import torch: the predict path
+    of an export checks its decision rule by name); an unknown name, or a listing, loads them first."""
+    loads: list[int] = []
+    reg: Registry[object] = Registry("thing", load=lambda: loads.append(1))
+    reg.register("a", summary="one")(object())
+    assert "a" in reg and reg.get_entry("a") is not None and loads == []
+    assert "b" not in reg and len(loads) == 1
+    assert reg.choices() == ("a",) and len(loads) == 2

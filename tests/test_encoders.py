@@ -82,9 +82,9 @@ def test_every_registered_name_builds_what_its_spec_promises(kind):
     assert any(n.startswith("hf:") for n in listed)  # open families are listed as prefix:<name>
     for name in (n for n in listed if "<" not in n):
         spec = E.get_spec(kind, name)
-        if name in ("bert-base-uncased", "lstm", "efficientnet-lite2") or (name.startswith("efficientnet")
+        if name in ("bert-base-uncased", "mpnet-base", "lstm", "efficientnet-lite2") or (name.startswith("efficientnet")
                                                                           and not _has("efficientnet_lite_pytorch")):
-            continue  # bert-base (110 M) and lite2 are slow to build; the lstm has its own test below
+            continue  # bert-base, mpnet (110 M) and lite2 are slow to build; lstm and mpnet have tests of their own
         enc = E.get_spec(kind, name).build(spec, weights=None, random_init=True, seed=0)
         assert (enc.kind, enc.name, enc.dim, enc.cuts) == (kind, name, spec.dim, spec.cuts)
         assert enc.preprocess == spec.preprocess and not enc.training

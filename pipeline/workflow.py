@@ -87,7 +87,8 @@ class RunConfig(Config):
                          "minutes per epoch) from a one-split head, and submit with the finetuned encoders. "
                          "Off by default: on 10,000 images it scored 0.872, the frozen 5-fold head 0.875.")
     quality: str = opt("fast", "fast: one head (the default, minutes on a CPU); best: several heads over the main "
-                       "encoders' cache, an extra image encoder's (--extra-image-encoder) and both fused, blended with "
+                       "encoders' cache, the image encoder's token maps (--attention-member), an extra text encoder's "
+                       "(--extra-text-encoder) or image encoder's (--extra-image-encoder) and fused ones, blended with "
                        "weights learned on their out-of-fold probabilities, members in RUN/members (docs/recipes.md).")
     time_limit: float = opt(0.0, "With --quality best: seconds after which no more members are fitted (the blend "
                             "keeps those already there); 0: no limit.")

@@ -105,7 +105,8 @@ def test_mlc_run_quality_best_blends_reuses_everything_and_exports_what_it_predi
     run.verify()
     info = json.loads((out / "ensemble.json").read_text())
     members = sorted(p.name for p in (out / "members").iterdir() if not p.name.startswith("."))
-    assert members == sorted(info["member_samples_f1"]) and len(members) == 4  # one cache: 4 members
+    # one image encoder: 4 pooled members and the attention member over its token maps
+    assert members == sorted(info["member_samples_f1"]) and len(members) == 5 and "attention-a" in members
     assert info["samples_f1"] >= max(info["member_samples_f1"].values()) - 1e-12
     assert [h.name for h in run.load().heads] == ["blend"] and run.submission.is_file()
     row = read_row(out)  # `mlc runs`: one row, its members/ no damage (and no rows of their own)
@@ -113,7 +114,7 @@ def test_mlc_run_quality_best_blends_reuses_everything_and_exports_what_it_predi
     stamps = {p: p.stat().st_mtime_ns for p in [*out.rglob("*"), *cache.rglob("*.h5")] if p.is_file()}
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert again.output.count("not refitted") == 4 and "blend up to date" in again.output
+    assert again.output.count("not refitted") == 5 and "blend up to date" in again.output
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten
 
     exported = tmp_path / "export"

@@ -175,8 +175,9 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
             key = tuple(m.caches)
             if key not in loaded:
                 readers = [CacheReader(p) for p in paths]
-                feats = Features.load(readers)
-                loaded[key] = (readers, feats if rows is None else feats.subset(rows))
+                # the subset replaces the whole set at once: a token map (GBs) is not held twice while fitting
+                loaded[key] = (readers, Features.load(readers) if rows is None else
+                               Features.load(readers).subset(rows))
             fit_head(cfg, loaded=loaded[key], quiet=quiet, member_of=out)
             for k in [k for k in loaded if all(tuple(n.caches) != k for n in members[i + 1:])]:
                 del loaded[k]  # memory: a token map's features (GBs) are not held past their last member

@@ -6,6 +6,7 @@ which nothing tuned on. The members and the blend are built by pipeline/best.py,
 best`` builds them (fit_members + blend), over the lite0 + MiniLM cache and (when given) the lite2 + MiniLM one.
 
     .venv/bin/python bench/best.py --cache-dir /work/cache-shared [--out /tmp/best] [--folds 5] [--no-extra]
+        [--tokens] [--text-cache CACHE]   # the attention member over lite0's token maps; MPNet's caption members
 
 Prints each member's held-out (cross-fitted) and unseen samples-F1 and seconds, the blend's, and the peak memory
 (ru_maxrss) of the process. Rerunning reuses the members already fitted in --out.

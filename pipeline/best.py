@@ -283,7 +283,7 @@ def extra_image(cfg: Any) -> str | None:
     graph reads one token map)."""
     name = cfg.extra_image_encoder
     if name == "auto":
-        return None if cfg.attention_member else EXTRA_IMAGE.get(cfg.encoders.image_encoder)
+        return None if cfg.attention else EXTRA_IMAGE.get(cfg.encoders.image_encoder)
     return None if name == "none" or name == cfg.encoders.image_encoder else name
 
 
@@ -329,13 +329,13 @@ def _caches(cfg: Any, train: list[Path]) -> tuple[list[Path], int, int | None, l
         caches.append(more(f"the second image encoder's features ({extra})",
                            cfg.encoders.replace(image_encoder=extra, image_weights=None)))
     n_image = len(caches)
-    if cfg.attention_member:
+    if cfg.attention:
         tokens = len(caches)
         try:
             caches.append(more(f"{cfg.encoders.image_encoder}'s token maps for the attention member",
                                cfg.encoders.replace(image_pooling="tokens")))
         except MlcError as e:  # e.g. an encoder run whole has no token map: say how to go on without the member
-            raise MlcError(f"{e} (the attention member of --quality best needs them; --no-attention-member leaves "
+            raise MlcError(f"{e} (the attention member of --quality best needs them; --no-attention leaves "
                            "it out)") from e
     text = extra_text(cfg)
     if text is not None:

@@ -258,3 +258,9 @@ def test_the_export_of_a_blend_over_a_token_map_predicts_as_its_run_folder(three
     np.testing.assert_allclose(model.predict_proba(photos, captions), onnx.predict_proba(photos, captions),
                                atol=1e-4)
     assert model.predict(photos, captions) == onnx.predict(photos, captions)
+
+
+def test_a_second_image_encoder_beside_the_attention_member_is_refused_naming_the_way_out(tmp_path):
+    args = ["run", str(tmp_path), "--quality", "best", "--extra-image-encoder", "efficientnet-lite2"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "--no-attention" in res.output, res.output

@@ -55,6 +55,32 @@ def unseen(run: Path, caches: list[Path]) -> tuple[np.ndarray, np.ndarray, float
     return labels, p, samples_f1(labels, model.decide(p))
 
 
+def ablate(out: Path, caches: list[Path]) -> None:
+    """Blends of subsets of every member fitted in OUT/members (all; without the attention member; without the
+    extra text encoder's members, named ...am...; the main cache's pooled members only), each weighed and its rule
+    chosen on the held-out rows alone, scored there (cross-fitted) and on the unseen rows."""
+    from pipeline.best import _aligned
+    from pipeline.decision import choose as choose_rule
+    from pipeline.ensemble import choose, mix
+
+    names = sorted(p.name for p in (out / "members").iterdir() if RunDir(p).manifest.is_file())
+    runs = {n: RunDir(out / "members" / n) for n in names}
+    _, probs, y = _aligned([runs[n] for n in names])
+    unseen_p, yu = {}, None
+    for n in names:
+        yu, unseen_p[n], _ = unseen(runs[n].path, caches)
+    subsets = {"all": names, "no attention": [n for n in names if not n.startswith("attention")],
+               "no extra text": [n for n in names if "am" not in n.split("-")[1]],
+               "main pooled only": [n for n in names if not n.startswith("attention") and "am" not in n.split("-")[1]]}
+    print(f"\n{'blend of':18s} {'members':>7s} {'held-out':>9s} {'unseen':>7s}  weights")
+    for label, sub in subsets.items():
+        b = choose([probs[names.index(n)] for n in sub], y, "auto", 0)
+        rule = choose_rule(y.astype(np.float64), b.scores)
+        f1 = samples_f1(yu, rule.decision.apply(mix([unseen_p[n] for n in sub], b.weights)))
+        print(f"{label:18s} {len(sub):7d} {b.metrics['samples_f1']:9.4f} {f1:7.4f}  "
+              + " ".join(f"{n}={w:.2f}" for n, w in zip(sub, b.weights, strict=True) if w > 0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache-dir", type=Path, default=Path("/work/cache-shared"))
@@ -70,6 +96,8 @@ def main() -> None:
                     "(fit nothing)")
     ap.add_argument("--only", default="", help="fit only these members (comma-separated names), then stop: to fit "
                     "members in two processes; a run without it reuses them")
+    ap.add_argument("--ablate", action="store_true", help="then blends of subsets of every member fitted in --out "
+                    "(with and without the attention member, the extra text encoder's members)")
     args = ap.parse_args()
     configure(0)  # the members' progress lines (mlc logs; the package is silent unless asked)
     caches = [args.cache_dir / NAME.format(e) for e in (("lite0",) if args.no_extra or args.tokens
@@ -120,6 +148,8 @@ def main() -> None:
         print("no pipeline.decision (branch i26 not merged): per-class thresholds only")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"members {fit_s:.0f} s, blend {blend_s:.0f} s, peak RSS {rss:.0f} MB")
+    if args.ablate:
+        ablate(args.out, caches)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ which nothing tuned on. The members and the blend are built by pipeline/best.py,
 best`` builds them (fit_members + blend), over the lite0 + MiniLM cache and (when given) the lite2 + MiniLM one.
 
     .venv/bin/python bench/best.py --cache-dir /work/cache-shared [--out /tmp/best] [--folds 5] [--no-extra]
+        [--tokens] [--text-cache CACHE]   # the attention member over lite0's token maps; MPNet's caption members
 
 Prints each member's held-out (cross-fitted) and unseen samples-F1 and seconds, the blend's, and the peak memory
 (ru_maxrss) of the process. Rerunning reuses the members already fitted in --out.
@@ -27,27 +28,57 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.best import blend, fit_members, plan  # noqa: E402
 from pipeline.cache import CacheReader  # noqa: E402
-from pipeline.fit_head import Features  # noqa: E402
+from pipeline.fused import Part, load_joined  # noqa: E402
 from pipeline.log import configure  # noqa: E402
 from pipeline.metrics import samples_f1  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
-from pipeline.runs import RunDir  # noqa: E402
+from pipeline.runs import Contract, RunDir  # noqa: E402
 
 NAME = "comp5329/train__efficientnet-{}__minilm-l6.h5"
+TOKENS = "comp5329/train__efficientnet-lite0__minilm-l6__img-tokens.h5"
 
 
 def unseen(run: Path, caches: list[Path]) -> tuple[np.ndarray, np.ndarray, float]:
     """(labels, probabilities, samples-F1 by the run's own decision rule) of ids 10000-11999 under the run's heads,
-    its features joined as it was trained."""
+    its features joined as it was trained (features.json: which caches, and what each one feeds)."""
     loaded = RunDir(run).load()
-    wanted = {e["contract"]["image_encoder"] for e in loaded.features}
-    readers = [CacheReader(c) for c in caches if CacheReader(c).meta.image_encoder in wanted]
-    feats = Features.load(readers)
-    ids = np.array([int(i.split(".")[0]) for i in feats.ids])
-    rows = np.flatnonzero(ids >= 10000)
+    metas = {c: CacheReader(c).meta for c in caches}
+    paths = [next(c for c, m in metas.items() if Contract.of_cache(m) == Contract.from_dict(e.contract))
+             for e in loaded.entries]
+    readers = [CacheReader(c) for c in paths]
+    ids, image, text = load_joined(readers, [Part.of(e) for e in loaded.entries])
+    rows = np.flatnonzero(np.array([int(i.split(".")[0]) for i in ids]) >= 10000)
+    labels = readers[0].labels()[rows]
     model = Predictor.of_run(loaded)
-    p = model.from_features(feats.image[rows].numpy(), feats.text[rows].numpy())
-    return feats.labels[rows], p, samples_f1(feats.labels[rows], model.decide(p))
+    p = model.from_features(image[rows], text[rows])
+    del image
+    return labels, p, samples_f1(labels, model.decide(p))
+
+
+def ablate(out: Path, caches: list[Path]) -> None:
+    """Blends of subsets of every member fitted in OUT/members (all; without the attention member; without the
+    extra text encoder's members, named ...am...; the main cache's pooled members only), each weighed and its rule
+    chosen on the held-out rows alone, scored there (cross-fitted) and on the unseen rows."""
+    from pipeline.best import _aligned
+    from pipeline.decision import choose as choose_rule
+    from pipeline.ensemble import choose, mix
+
+    names = sorted(p.name for p in (out / "members").iterdir() if RunDir(p).manifest.is_file())
+    runs = {n: RunDir(out / "members" / n) for n in names}
+    _, probs, y = _aligned([runs[n] for n in names])
+    unseen_p, yu = {}, None
+    for n in names:
+        yu, unseen_p[n], _ = unseen(runs[n].path, caches)
+    subsets = {"all": names, "no attention": [n for n in names if not n.startswith("attention")],
+               "no extra text": [n for n in names if "am" not in n.split("-")[1]],
+               "main pooled only": [n for n in names if not n.startswith("attention") and "am" not in n.split("-")[1]]}
+    print(f"\n{'blend of':18s} {'members':>7s} {'held-out':>9s} {'unseen':>7s}  weights")
+    for label, sub in subsets.items():
+        b = choose([probs[names.index(n)] for n in sub], y, "auto", 0)
+        rule = choose_rule(y.astype(np.float64), b.scores)
+        f1 = samples_f1(yu, rule.decision.apply(mix([unseen_p[n] for n in sub], b.weights)))
+        print(f"{label:18s} {len(sub):7d} {b.metrics['samples_f1']:9.4f} {f1:7.4f}  "
+              + " ".join(f"{n}={w:.2f}" for n, w in zip(sub, b.weights, strict=True) if w > 0))
 
 
 def main() -> None:
@@ -56,20 +87,35 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/mlc-best-bench"))
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--no-extra", action="store_true", help="lite0 + MiniLM only")
+    ap.add_argument("--tokens", action="store_true", help="add the attention member over lite0's token maps "
+                    f"(--cache-dir/{TOKENS}); the blend then reads the maps, and lite2's members are left out")
+    ap.add_argument("--text-cache", type=Path, action="append", default=[], help="a train cache of lite0 with "
+                    "another text encoder (e.g. MPNet): its caption members (repeatable)")
     ap.add_argument("--time-limit", type=float, default=0.0)
     ap.add_argument("--existing", action="store_true", help="blend only the members already fitted in --out "
                     "(fit nothing)")
     ap.add_argument("--only", default="", help="fit only these members (comma-separated names), then stop: to fit "
                     "members in two processes; a run without it reuses them")
+    ap.add_argument("--ablate", action="store_true", help="then blends of subsets of every member fitted in --out "
+                    "(with and without the attention member, the extra text encoder's members)")
     args = ap.parse_args()
     configure(0)  # the members' progress lines (mlc logs; the package is silent unless asked)
-    caches = [args.cache_dir / NAME.format(e) for e in (("lite0",) if args.no_extra else ("lite0", "lite2"))]
+    caches = [args.cache_dir / NAME.format(e) for e in (("lite0",) if args.no_extra or args.tokens
+                                                        else ("lite0", "lite2"))]
+    n_image = len(caches)
+    tokens = None
+    if args.tokens:
+        tokens = len(caches)
+        caches.append(args.cache_dir / TOKENS)
+    texts = list(range(len(caches), len(caches) + len(args.text_cache)))
+    caches += args.text_cache
+    tags = ["a", "b"][:n_image] + ["t"] * (tokens is not None) + [f"m{k + 1}" for k in range(len(texts))]
     ids = np.array([int(i.split(".")[0]) for i in CacheReader(caches[0]).image_ids])
     train_rows = np.flatnonzero(ids < 10000)
     (args.out / "members").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     only = set(filter(None, args.only.split(",")))
-    wanted = [m for m in plan(len(caches)) if (not only or m.name in only)
+    wanted = [m for m in plan(n_image, tokens=tokens, texts=texts) if (not only or m.name in only)
               and (not args.existing or RunDir(args.out / "members" / m.name).manifest.is_file())]
     members = fit_members(wanted, caches, args.out,
                           folds=args.folds, time_limit=args.time_limit, rows=train_rows, quiet=True)
@@ -84,7 +130,7 @@ def main() -> None:
         y, p, f1 = unseen(args.out / "members" / m.name, caches)
         run = RunDir(args.out / "members" / m.name)
         mixed = mixed + info["weights"][m.name] * p
-        print(f"{m.name:14s} {'+'.join('ab'[c] for c in m.caches):10s} {info['member_samples_f1'][m.name]:9.4f} "
+        print(f"{m.name:14s} {'+'.join(tags[c] for c in m.caches):10s} {info['member_samples_f1'][m.name]:9.4f} "
               f"{f1:7.4f} {info['weights'][m.name]:7.3f} {run.read_metrics()['seconds']:6.0f}")
     y, p, own = unseen(args.out, caches)
     # the blend head (every member's columns of the fused features) must give the members' weighted mix
@@ -102,6 +148,8 @@ def main() -> None:
         print("no pipeline.decision (branch i26 not merged): per-class thresholds only")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"members {fit_s:.0f} s, blend {blend_s:.0f} s, peak RSS {rss:.0f} MB")
+    if args.ablate:
+        ablate(args.out, caches)
 
 
 if __name__ == "__main__":

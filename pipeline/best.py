@@ -2,11 +2,13 @@
 probabilities into one run folder that submits, predicts and exports like any run.
 
 Members are ordinary fit-head runs in RUN/members/NAME (concat, sum and gated heads over the main cache, an extra
-image encoder's cache and both fused, and more seeds), fitted cheapest-first and each reused when already fitted
-with the same options over the same features. ``ensemble.choose`` weighs them (non-negative weights, cross-fitted)
-or keeps the best member alone when blending does not win, and the run folder itself holds one ``blend`` head
-(heads.BlendHead: every member's fold heads, their columns of the fused features and their weights), the blend's
-cross-fitted held-out scores and thresholds, and ensemble.json (members, weights, each one's score and the blend's).
+image or text encoder's cache and fused ones, more seeds, and the attention head over the main image encoder's
+token maps, whose mean the pooled members then read inside the blend head: one graph), fitted likeliest-first and
+each reused when already fitted with the same options over the same features. ``ensemble.choose`` weighs them
+(non-negative weights, cross-fitted) or keeps the best member alone when blending does not win, and the run folder
+itself holds one ``blend`` head (heads.BlendHead: every member's fold heads, their columns of the fused features and
+their weights), the blend's cross-fitted held-out scores and thresholds, and ensemble.json (members, weights, each
+one's score and the blend's).
 ``--time-limit`` stops adding members once the next one would not fit, and blends those already there.
 
 Like workflow.py this module sits above the stages: it chains fit_head; no stage imports it.
@@ -30,7 +32,7 @@ from .ensemble import Blend, choose
 from .errors import MlcError
 from .fit_head import Features, FitHeadConfig, fit_head, sized
 from .folders import sha256_file
-from .fused import _identity, plan_parts
+from .fused import Part, _identity, plan_parts, token_dim
 from .head_blend import BlendHead
 from .heartbeat import stage
 from .log import get
@@ -38,28 +40,43 @@ from .runs import Contract, RunDir, RunFiles, feature_entry
 
 # The image encoder a best run adds beside the main one (its own resolution, its own cache).
 EXTRA_IMAGE = {"efficientnet-lite0": "efficientnet-lite2"}
+EXTRA_TEXT = "mpnet-base"  # the text encoder a best run adds when its weights are installed (its own members)
 
 logger = get(__name__)
 
 
 @dataclass(frozen=True)
 class Member:
-    """One member: a fit-head run over some of the caches (indices into the run's cache list)."""
+    """One member: a fit-head run over some of the caches (indices into the run's cache list); ``options``: fit-head
+    options of its own, as (name, value) pairs (the attention head's training recipe)."""
 
     name: str
     caches: tuple[int, ...]
     head: str = "concat"
     seed: int = 0
+    options: tuple[tuple[str, Any], ...] = ()
 
 
-def plan(n_caches: int) -> list[Member]:
-    """The members of a best run over ``n_caches`` caches (the main one first), cheapest and likeliest first, so a
-    time limit cuts the least useful ones."""
+def plan(n_caches: int = 1, *, tokens: int | None = None, texts: Sequence[int] = ()) -> list[Member]:
+    """The members of a best run, cheapest and likeliest first, so a time limit cuts the least useful ones.
+
+    Caches 0..n_caches-1 hold pooled image vectors (0: the main encoders', 1: an extra image encoder's); ``tokens``:
+    the index of the main image encoder's token-map cache (the attention member); ``texts``: those of the caches of
+    the main image encoder with an extra text encoder (each fused with cache 0: both captions' vectors)."""
+    from .workflow import ATTENTION_TRAINING  # the recipe `mlc run --head attention` trains with
+
     members = [Member("concat-a", (0,)), Member("gated-a", (0,), "gated"), Member("sum-a", (0,), "sum"),
                Member("concat-a-s1", (0,), seed=1)]
     if n_caches > 1:
         members[1:1] = [Member("concat-b", (1,)), Member("concat-ab", (0, 1))]
         members += [Member("gated-b", (1,), "gated"), Member("gated-ab", (0, 1), "gated")]
+    for k, t in enumerate(texts):
+        tag = "m" if k == 0 else f"m{k + 1}"
+        members.insert(1, Member(f"concat-a{tag}", (0, t)))
+        members.append(Member(f"gated-a{tag}", (0, t), "gated"))
+    if tokens is not None:  # the most diverse member (where things are), but the slowest: second
+        members.insert(1, Member("attention-a", (tokens,), "attention",
+                                 options=tuple(sorted(ATTENTION_TRAINING.items()))))
     return members
 
 
@@ -68,19 +85,42 @@ def _say(msg: str) -> None:
     stage(msg)  # what the CLI's heartbeat says while this step is quiet
 
 
-def columns(union: Sequence[CacheMeta], member: Sequence[CacheMeta]) -> dict[str, list[list[int]]]:
-    """Where a member's image and text features sit in the fused features of ``union`` (fit-head's layout: each
-    distinct encoder once, images then texts), as [start, end) ranges in the member's own order."""
-    out: dict[str, list[list[int]]] = {}
+def _layout(union: Sequence[CacheMeta], parts: Sequence[Part], kind: str) -> dict[str, list[int]]:
+    """Where each distinct encoder's ``kind`` features sit in the fused features of ``union``: {identity: [start,
+    end)} (fit-head's layout: the caches' parts in order)."""
+    where, off = {}, 0
+    for m, part in zip(union, parts, strict=True):
+        dim = m.image_dim if kind == "image" else m.text_dim
+        if getattr(part, kind) and dim:
+            where[_identity(m, kind)] = [off, off + dim]
+            off += dim
+    return where
+
+
+def columns(union: Sequence[CacheMeta], member: Sequence[CacheMeta],
+            parts: Sequence[Part] | None = None) -> dict[str, Any]:
+    """Where a member's image and text features sit in the fused features of ``union`` (``parts``: what each
+    cache feeds; default fit-head's layout: each distinct encoder once, images then texts), as [start, end) ranges
+    in the member's own order. Over a token map a pooled member reads the map's mean ("image_input": "mean")."""
+    parts = list(parts) if parts is not None else plan_parts(union)
+    tok = token_dim(union, parts)
+    owner = next((m for m, p in zip(union, parts, strict=True) if p.image and m.image_dim), None)
+    out: dict[str, Any] = {"image_input": "features"}
     for kind in ("image", "text"):
-        where, off = {}, 0
-        for m, part in zip(union, plan_parts(union), strict=True):
-            dim = m.image_dim if kind == "image" else m.text_dim
-            if getattr(part, kind) and dim:
-                where[_identity(m, kind)] = [off, off + dim]
-                off += dim
-        out[f"{kind}_ranges"] = [where[_identity(m, kind)] for m, part in zip(member, plan_parts(member), strict=True)
-                                 if getattr(part, kind) and (m.image_dim if kind == "image" else m.text_dim)]
+        where, ranges = _layout(union, parts, kind), []
+        for m, part in zip(member, plan_parts(member), strict=True):
+            if not (getattr(part, kind) and (m.image_dim if kind == "image" else m.text_dim)):
+                continue
+            if kind == "image" and tok and not m.image_preprocess.get("token_dim"):
+                if owner is None or m.image_encoder != owner.image_encoder or m.encoder("image").weights_hash != \
+                        owner.encoder("image").weights_hash or m.image_dim != tok:
+                    raise MlcError(f"a pooled member over {m.image_encoder} cannot read the mean of "
+                                   f"{owner.image_encoder if owner else 'no'} token maps")
+                ranges.append([0, tok])  # the map's mean over its positions is this encoder's pooled vector
+                out["image_input"] = "mean"
+            else:
+                ranges.append(where[_identity(m, kind)])
+        out[f"{kind}_ranges"] = ranges
     return out
 
 
@@ -119,7 +159,8 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
         paths = [caches[c] for c in m.caches]
         run = RunDir(out / "members" / m.name)
         cfg = FitHeadConfig.build(caches=tuple(paths), out=run.path, folds=folds, head=m.head, seed=m.seed,
-                                  decision=decision, output=output or OutputOptions(), **fit_options)
+                                  decision=decision, output=output or OutputOptions(),
+                                  **{**dict(m.options), **fit_options})
         cfg = sized(cfg, len(rows) if rows is not None else read_meta(paths[0]).num_records)  # as config.json holds it
         fresh = not _up_to_date(run, cfg.to_dict(), paths)
         if not budget.allows(fresh, len(done)):
@@ -134,9 +175,12 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
             key = tuple(m.caches)
             if key not in loaded:
                 readers = [CacheReader(p) for p in paths]
-                feats = Features.load(readers)
-                loaded[key] = (readers, feats if rows is None else feats.subset(rows))
+                # the subset replaces the whole set at once: a token map (GBs) is not held twice while fitting
+                loaded[key] = (readers, Features.load(readers) if rows is None else
+                               Features.load(readers).subset(rows))
             fit_head(cfg, loaded=loaded[key], quiet=quiet, member_of=out)
+            for k in [k for k in loaded if all(tuple(n.caches) != k for n in members[i + 1:])]:
+                del loaded[k]  # memory: a token map's features (GBs) are not held past their last member
             budget.spent.append(time.monotonic() - t)
             say(f"member {m.name}: held-out samples-F1 {run.read_metrics()['samples_f1']:.4f} "
                 f"({budget.spent[-1]:.0f} s)")
@@ -189,22 +233,36 @@ def blend(members: Sequence[Member], caches: Sequence[Path], out: Path, *, mode:
     return info
 
 
+def union(metas: Sequence[CacheMeta]) -> tuple[list[CacheMeta], list[Part]]:
+    """The caches the blend head reads and what each feeds it. Without a token map: fit-head's layout (each
+    distinct encoder once). With one (an attention member): the map is the one image input (the pooled members read
+    its mean) and the other caches feed their caption vectors only, or nothing, so the export stays one graph over
+    the same inputs (token map + captions)."""
+    tokened = [m for m in metas if m.image_preprocess.get("token_dim")]
+    if not tokened:
+        return list(metas), plan_parts(metas)
+    ordered = [tokened[0], *[m for m in metas if m is not tokened[0]]]
+    parts = [Part(True, True), *[Part(False, p.text) for p in plan_parts(ordered)[1:]]]
+    kept = [(m, p) for m, p in zip(ordered, parts, strict=True) if p.image or p.text]
+    return [m for m, _ in kept], [p for _, p in kept]
+
+
 def _write(rd: RunDir, members: Sequence[Member], runs: Sequence[RunDir], caches: Sequence[Path], chosen: Blend,
            ids: list[str], y: np.ndarray, info: dict[str, Any]) -> None:
     used = sorted({c for m, w in zip(members, chosen.weights, strict=True) if w > 0 for c in m.caches})
-    metas = [read_meta(caches[c]) for c in used]
+    metas, parts = union([read_meta(caches[c]) for c in used])
     specs, heads = [], []
     for m, r, w in zip(members, runs, chosen.weights, strict=True):
         if w <= 0:
             continue
         loaded = r.load()
         specs.append({"name": m.name, "head": loaded.head_config, "folds": len(loaded.heads), "weight": float(w),
-                      **columns(metas, [read_meta(caches[c]) for c in m.caches])})
+                      **columns(metas, [read_meta(caches[c]) for c in m.caches], parts)})
         heads.append(loaded.heads)
-    parts = plan_parts(metas)
     dims = (sum(m.image_dim for m, p in zip(metas, parts, strict=True) if p.image),
             sum(m.text_dim for m, p in zip(metas, parts, strict=True) if p.text))
-    head = BlendHead(image_dim=dims[0], text_dim=dims[1], num_classes=y.shape[1], members=specs)
+    head = BlendHead(image_dim=dims[0], text_dim=dims[1], num_classes=y.shape[1], members=specs,
+                     token_dim=token_dim(metas, parts))
     for slot, folds in zip(head.members, heads, strict=True):
         for target, source in zip(slot, folds, strict=True):
             target.load_state_dict(source.state_dict())
@@ -221,27 +279,78 @@ def _write(rd: RunDir, members: Sequence[Member], runs: Sequence[RunDir], caches
 
 
 def extra_image(cfg: Any) -> str | None:
-    """The image encoder of a best run's second cache, or None."""
+    """The image encoder of a best run's second cache, or None (always None beside the attention member: one
+    graph reads one token map)."""
     name = cfg.extra_image_encoder
     if name == "auto":
-        return EXTRA_IMAGE.get(cfg.encoders.image_encoder)
+        return None if cfg.attention else EXTRA_IMAGE.get(cfg.encoders.image_encoder)
     return None if name == "none" or name == cfg.encoders.image_encoder else name
 
 
-def best_route(cfg: Any, train: list[Path], test: Path) -> dict[str, Any]:
-    """``mlc run --quality best`` after the main caches are there (cfg: workflow.RunConfig): the extra image
-    encoder's train cache, the members, the blend in cfg.out. Returns ensemble.json's content."""
+def installed(name: str) -> bool:
+    """Whether text encoder ``name`` is registered and its pretrained weights load here (no download)."""
+    from .encoders.registry import create_encoder, names
+
+    if name not in names("text"):
+        return False
+    try:
+        create_encoder("text", name)
+    except MlcError:
+        return False
+    return True
+
+
+def extra_text(cfg: Any) -> str | None:
+    """The text encoder of a best run's extra caption members, or None; ``auto`` says what it chose."""
+    name = cfg.extra_text_encoder
+    if name == "auto":
+        # never with random weights (tests, speed runs): a random MPNet is slow and says nothing
+        name = EXTRA_TEXT if cfg.encoders.text_encoder != EXTRA_TEXT and not cfg.encoders.random_init and \
+            installed(EXTRA_TEXT) else "none"
+        _say(f"extra text encoder: {name} (auto: {EXTRA_TEXT} when registered with its weights installed)")
+    return None if name == "none" or name == cfg.encoders.text_encoder else name
+
+
+def _caches(cfg: Any, train: list[Path]) -> tuple[list[Path], int, int | None, list[int]]:
+    """A best run's train caches (extracted when missing): the main one, the extra image encoder's, the token
+    maps', the extra text encoder's; with how many hold pooled images, the token cache's index and the texts'."""
     from .extract import ExtractConfig, extract
 
-    caches = list(train)
-    extra = extra_image(cfg)
-    if extra is not None:
-        _say(f"extracting the second image encoder's features ({extra}; reused when already there)")
-        enc = cfg.encoders.replace(image_encoder=extra, image_weights=None)
-        caches += extract(ExtractConfig(data_dir=cfg.data_dir, splits=("train",), cache_dir=cfg.cache_dir,
+    def more(what: str, enc: Any) -> Path:
+        _say(f"extracting {what} (reused when already there)")
+        (path,) = extract(ExtractConfig(data_dir=cfg.data_dir, splits=("train",), cache_dir=cfg.cache_dir,
                                         overwrite=cfg.overwrite, encoders=enc, numerics=cfg.numerics,
                                         loader=cfg.loader, data=cfg.data))
-    members = plan(len(caches))
+        return path
+
+    caches, tokens, texts = list(train), None, []
+    extra = extra_image(cfg)
+    if extra is not None:
+        caches.append(more(f"the second image encoder's features ({extra})",
+                           cfg.encoders.replace(image_encoder=extra, image_weights=None)))
+    n_image = len(caches)
+    if cfg.attention:
+        tokens = len(caches)
+        try:
+            caches.append(more(f"{cfg.encoders.image_encoder}'s token maps for the attention member",
+                               cfg.encoders.replace(image_pooling="tokens")))
+        except MlcError as e:  # e.g. an encoder run whole has no token map: say how to go on without the member
+            raise MlcError(f"{e} (the attention member of --quality best needs them; --no-attention leaves "
+                           "it out)") from e
+    text = extra_text(cfg)
+    if text is not None:
+        texts.append(len(caches))
+        caches.append(more(f"the extra text encoder's caption features ({text})",
+                           cfg.encoders.replace(text_encoder=text, text_weights=None)))
+    return caches, n_image, tokens, texts
+
+
+def best_route(cfg: Any, train: list[Path], test: Path | None) -> dict[str, Any]:
+    """``mlc run --quality best`` after the main caches are there (cfg: workflow.RunConfig): the extra caches (a
+    second image encoder's, the token maps', a second text encoder's), the members, the blend in cfg.out. Returns
+    ensemble.json's content."""
+    caches, n_image, tokens, texts = _caches(cfg, train)
+    members = plan(n_image, tokens=tokens, texts=texts)
     (cfg.out / "members").mkdir(parents=True, exist_ok=True)
     _say(f"fitting up to {len(members)} members ({cfg.folds} folds each)"
          + (f" within {cfg.time_limit:.0f} s" if cfg.time_limit else ""))

@@ -344,7 +344,10 @@ class CacheReader:
     def finite(self, name: str, values: np.ndarray, ids: Sequence[str]) -> np.ndarray:
         """``values`` (rows of dataset ``name``, image ids ``ids``), or an MlcError naming the rows that hold
         NaN or infinity."""
-        bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(1))
+        flat = values.reshape(len(values), -1)
+        step = max(1, (1 << 26) // max(1, flat.shape[1]))  # ~64 MB of booleans at a time (token maps: GBs at once)
+        bad = np.concatenate([np.flatnonzero(~np.isfinite(flat[s:s + step]).all(1)) + s
+                              for s in range(0, len(flat), step)] or [np.zeros(0, np.int64)])
         if bad.size:
             raise MlcError(f"{self.path}: {bad.size} row(s) of {name!r} hold NaN or infinite values (e.g. "
                            f"{', '.join(ids[i] for i in bad[:5])}); the cache is damaged: extract it again "

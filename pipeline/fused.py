@@ -100,8 +100,15 @@ def load_joined(readers: Sequence[CacheReader], parts: Sequence[Part]) -> tuple[
     image: list[Any] = [np.zeros((n, views, 0), np.float16 if tokens else np.float32)]  # no images: no features
     text: list[Any] = [np.zeros((n, 0), np.float32)]
     for r, part in zip(readers, parts, strict=True):
-        if part.image and r.meta.image_dim:
-            image.append(r.finite("image", r.array("image").astype(np.float16 if tokens else np.float32), ids))
+        if part.image and r.meta.image_dim:  # copy=False: a float16 token map (GBs) is not copied again
+            image.append(r.finite("image", r.array("image").astype(np.float16 if tokens else np.float32, copy=False),
+                                  ids))
         if part.text and r.meta.text_dim:
-            text.append(r.finite("text", r.array("text").astype(np.float32), ids))
-    return ids, np.concatenate(image, axis=-1), np.concatenate(text, axis=-1)
+            text.append(r.finite("text", r.array("text").astype(np.float32, copy=False), ids))
+    return ids, _joined(image), _joined(text)
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays side by side on their last axis; one array (after the empty first) is returned as it is: a token
+    map is the one image input, and concatenating would hold it twice at once."""
+    return arrays[1] if len(arrays) == 2 else np.concatenate(arrays, axis=-1)

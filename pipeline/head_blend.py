@@ -22,15 +22,20 @@ class BlendHead(FusionHead):
     the fused features; its probability is their mean, the blend's is the weighted sum of the members'.
 
     ``members``: [{"name", "head": head.json of the member, "folds": K, "weight": w, "image_ranges": [[start, end],
-    ...], "text_ranges": [...]}], the ranges picking the member's features out of the fused ones in the member's own
-    order. It returns logits (logit of the blended probability) like every head, so predict_proba, the run's scorer
-    and the ONNX export (one graph, the blend inside) treat it as any head.
+    ...], "text_ranges": [...], "image_input": "features" | "mean"}], the ranges picking the member's features out of
+    the fused ones in the member's own order. Over an image token map (``token_dim`` > 0) an attention member reads
+    the map itself ("features") and a pooled member reads its mean over the positions ("mean", its ranges then index
+    that token_dim-wide vector): the map's mean is the pooled vector of the same encoder, so one graph with the same
+    inputs (token map + caption vectors) computes members of both kinds. It returns logits (logit of the blended
+    probability) like every head, so predict_proba, the run's scorer and the ONNX export (one graph, the blend
+    inside) treat it as any head.
     """
 
     name = "blend"
     modalities = ("image", "text")
     summary = "a weighted blend of members' fold heads, built by mlc run --quality best"
     internal: ClassVar[bool] = True
+    tokens: ClassVar[bool | None] = None  # either kind of image features (create_head checks no kind)
     options: ClassVar[dict[str, tuple[Any, str]]] = {}
 
     def __init__(self, *, image_dim: int, text_dim: int, num_classes: int, members: Sequence[dict[str, Any]],
@@ -38,6 +43,7 @@ class BlendHead(FusionHead):
         self.member_specs = [dict(m) for m in members]
         super().__init__(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
                          dropout=dropout, token_dim=token_dim)
+        self.tokens = self.token_dim > 0  # predict_proba's smaller batches for token maps
 
     def _build(self, image_dim: int, text_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         if not self.member_specs:
@@ -47,7 +53,11 @@ class BlendHead(FusionHead):
             if m["head"].get("name") == "blend" or m["head"]["num_classes"] != num_classes:
                 raise ValueError(f"head 'blend': member {i} is no head over {num_classes} labels")
             self.members.append(nn.ModuleList(create_head(**m["head"]) for _ in range(int(m["folds"]))))
-            for kind, dim in (("image", image_dim), ("text", text_dim)):
+            mean = m.get("image_input", "features") == "mean"
+            if m.get("image_input", "features") not in ("features", "mean") or (mean and not self.token_dim):
+                raise ValueError(f"head 'blend': member {i}'s image_input must be 'features', or 'mean' over a token "
+                                 "map")
+            for kind, dim in (("image", self.token_dim if mean else image_dim), ("text", text_dim)):
                 idx = [j for a, b in m[f"{kind}_ranges"] for j in range(a, b)]
                 if any(j < 0 or j >= dim for j in idx) or len(idx) != m["head"][f"{kind}_dim"]:
                     raise ValueError(f"head 'blend': member {i}'s {kind} ranges do not fit its head or the features")
@@ -63,8 +73,12 @@ class BlendHead(FusionHead):
         img = self._input(image_feat, "image", self.image_dim)
         txt = self._input(text_feat, "text", self.text_dim)
         p = torch.zeros(img.shape[0], self.num_classes, dtype=img.dtype, device=img.device)
+        # the token map's mean over its positions: the pooled vector the pooled members were fitted on
+        pooled = img.unflatten(1, (-1, self.token_dim)).mean(1) if any(
+            m.get("image_input") == "mean" for m in self.member_specs) else None
         for i, folds in enumerate(self.members):
-            zi = img.index_select(1, getattr(self, f"_image_idx{i}"))
+            src = pooled if self.member_specs[i].get("image_input") == "mean" else img
+            zi = src.index_select(1, getattr(self, f"_image_idx{i}"))
             zt = txt.index_select(1, getattr(self, f"_text_idx{i}"))
             p = p + self._weights[i] * torch.stack([torch.sigmoid(h(zi, zt)) for h in folds]).mean(0)
         p = p.clamp(1e-7, 1 - 1e-7)

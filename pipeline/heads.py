@@ -36,7 +36,7 @@ class FusionHead(nn.Module):
     name: ClassVar[str]
     modalities: ClassVar[tuple[str, ...]]
 
-    tokens: ClassVar[bool] = False  # reads image token maps (an encoder with --image-pooling tokens)
+    tokens: ClassVar[bool | None] = False  # reads image token maps (--image-pooling tokens); None: either
     # its options (default, meaning): the defaults of --hidden and --dropout, and of create_head
     options: ClassVar[dict[str, tuple[Any, str]]] = {"hidden": (512, "Hidden width of the head."),
                                                      "dropout": (0.5, "Dropout in the head.")}
@@ -306,7 +306,7 @@ def create_head(
     each image token when the image features are a token map (0: pooled vectors). ``extra``: a head's own
     arguments, as its ``config()`` records them (``blend``: its ``members``)."""
     HEADS.get_entry(name)
-    if HEADS[name].tokens != (token_dim > 0):
+    if HEADS[name].tokens is not None and HEADS[name].tokens != (token_dim > 0):  # None: either (blend)
         raise MlcError(f"head {name!r} reads {'image token maps' if HEADS[name].tokens else 'pooled image vectors'}"
                        f", these features are {'token maps' if token_dim else 'pooled vectors'}: "
                        + ("extract with --image-pooling tokens" if HEADS[name].tokens

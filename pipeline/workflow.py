@@ -87,12 +87,21 @@ class RunConfig(Config):
                          "minutes per epoch) from a one-split head, and submit with the finetuned encoders. "
                          "Off by default: on 10,000 images it scored 0.872, the frozen 5-fold head 0.875.")
     quality: str = opt("fast", "fast: one head (the default, minutes on a CPU); best: several heads over the main "
-                       "encoders' cache, an extra image encoder's (--extra-image-encoder) and both fused, blended with "
+                       "encoders' cache, the image encoder's token maps (--attention), an extra text encoder's "
+                       "(--extra-text-encoder) or image encoder's (--extra-image-encoder) and fused ones, blended with "
                        "weights learned on their out-of-fold probabilities, members in RUN/members (docs/recipes.md).")
     time_limit: float = opt(0.0, "With --quality best: seconds after which no more members are fitted (the blend "
                             "keeps those already there); 0: no limit.")
-    extra_image_encoder: str = opt("auto", "With --quality best: the image encoder of the second cache (auto: "
-                                   "efficientnet-lite2 beside efficientnet-lite0, none otherwise; or 'none').")
+    extra_image_encoder: str = opt("auto", "With --quality best: the image encoder of a second cache (auto: "
+                                   "efficientnet-lite2 beside efficientnet-lite0 with --no-attention, none "
+                                   "otherwise; or a name, or 'none').")
+    extra_text_encoder: str = opt("auto", "With --quality best: another text encoder whose caption vectors feed more "
+                                  "members (auto: mpnet-base when registered and its weights are installed, none "
+                                  "otherwise; or a name, or 'none').")
+    attention: bool = opt(True, "With --quality best: a member that is the attention head over the image encoder's "
+                          "token maps (a second cache, --image-pooling tokens; the slowest member, ~14x a pooled one). "
+                          "The blend then reads the token map and its pooled members the map's mean, so the export "
+                          "stays one graph; no second image encoder beside it.")
     overwrite: bool = opt(False, "Rebuild the caches whose data changed (train.csv, test.csv or their images), then "
                           "refit and resubmit what depends on them, instead of stopping (naming the cache).")
     output: OutputOptions = group(OutputOptions)
@@ -121,7 +130,11 @@ class RunConfig(Config):
                  (self.quality in ("fast", "best"), "--quality must be fast or best"),
                  (self.quality == "fast" or not (self.finetune or self.crossfit_text or self.head != "concat"),
                   "--quality best chooses its own heads and routes: leave out --head, --finetune and --crossfit-text"),
-                 (self.time_limit >= 0, "--time-limit must be 0 (none) or a number of seconds")])
+                 (self.time_limit >= 0, "--time-limit must be 0 (none) or a number of seconds"),
+                 (not (self.attention and self.quality == "best"
+                       and self.extra_image_encoder not in ("auto", "none", self.encoders.image_encoder)),
+                  "--extra-image-encoder NAME needs --no-attention: the attention member's token map and a "
+                  "second image encoder's vectors cannot feed one graph (the export)")])
 
 
 def _say(msg: str) -> None:

@@ -105,7 +105,8 @@ def test_mlc_run_quality_best_blends_reuses_everything_and_exports_what_it_predi
     run.verify()
     info = json.loads((out / "ensemble.json").read_text())
     members = sorted(p.name for p in (out / "members").iterdir() if not p.name.startswith("."))
-    assert members == sorted(info["member_samples_f1"]) and len(members) == 4  # one cache: 4 members
+    # one image encoder: 4 pooled members and the attention member over its token maps
+    assert members == sorted(info["member_samples_f1"]) and len(members) == 5 and "attention-a" in members
     assert info["samples_f1"] >= max(info["member_samples_f1"].values()) - 1e-12
     assert [h.name for h in run.load().heads] == ["blend"] and run.submission.is_file()
     row = read_row(out)  # `mlc runs`: one row, its members/ no damage (and no rows of their own)
@@ -113,7 +114,7 @@ def test_mlc_run_quality_best_blends_reuses_everything_and_exports_what_it_predi
     stamps = {p: p.stat().st_mtime_ns for p in [*out.rglob("*"), *cache.rglob("*.h5")] if p.is_file()}
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert again.output.count("not refitted") == 4 and "blend up to date" in again.output
+    assert again.output.count("not refitted") == 5 and "blend up to date" in again.output
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten
 
     exported = tmp_path / "export"
@@ -157,3 +158,109 @@ def test_a_blend_whose_members_are_damaged_is_refused_by_name(tmp_path):
              "members": [{"name": "a", "head": cfg, "folds": 1, "weight": 1.0, "image_ranges": [[0, 3]]}]}
     with pytest.raises(MlcError, match="does not build a 'blend' head.*text_ranges"):
         load_head(tmp_path / "head-0.safetensors", blend)
+
+
+def test_over_a_token_map_pooled_members_read_its_mean_and_attention_members_the_map():
+    torch.manual_seed(0)
+    c, positions = 8, 4
+    att = create_head("attention", image_dim=positions * c, text_dim=2, num_classes=3, hidden=16, token_dim=c)
+    pooled = create_head("concat", image_dim=c, text_dim=2, num_classes=3, hidden=5)
+    members = [{"name": "t", "head": att.config(), "folds": 1, "weight": 0.4, "image_ranges": [[0, positions * c]],
+                "text_ranges": [[0, 2]], "image_input": "features"},
+               {"name": "a", "head": pooled.config(), "folds": 1, "weight": 0.6, "image_ranges": [[0, c]],
+                "text_ranges": [[0, 2]], "image_input": "mean"}]
+    blend = create_head("blend", image_dim=positions * c, text_dim=2, num_classes=3, token_dim=c, members=members)
+    blend.members[0][0].load_state_dict(att.state_dict())
+    blend.members[1][0].load_state_dict(pooled.state_dict())
+    blend.eval(), att.eval(), pooled.eval()
+    img, txt = torch.randn(5, positions * c), torch.randn(5, 2)
+    want = 0.4 * torch.sigmoid(att(img, txt)) + 0.6 * torch.sigmoid(pooled(img.view(5, positions, c).mean(1), txt))
+    assert torch.allclose(torch.sigmoid(blend(img, txt)), want, atol=1e-5)
+    assert blend.tokens and not BlendHead(image_dim=c, text_dim=2, num_classes=3, members=[
+        dict(members[1], image_input="features")]).tokens  # predict_proba's batches follow the input kind
+    rebuilt = create_head(**blend.config())
+    assert rebuilt.token_dim == c and set(rebuilt.state_dict()) == set(blend.state_dict())
+    with pytest.raises(ValueError, match="image_input"):  # the mean of no token map
+        BlendHead(image_dim=c, text_dim=2, num_classes=3, members=[members[1]])
+    with pytest.raises(ValueError, match="ranges"):  # a pooled member's ranges index the map's mean (c wide)
+        BlendHead(image_dim=positions * c, text_dim=2, num_classes=3, token_dim=c,
+                  members=[dict(members[1], image_ranges=[[0, 2 * c]])])
+
+
+@pytest.fixture(scope="module")
+def three_caches(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tiny data's train caches: pooled images + tiny-bert, the same images' token maps + tiny-bert, pooled images
+    + tiny-bert-b (an extra text encoder)."""
+    from pipeline.extract import ExtractConfig, extract
+
+    root = tmp_path_factory.mktemp("best3")
+    data = make_data_dir(root / "tiny", n_train=30, n_test=4)
+    common = {"data_dir": data, "cache_dir": root / "cache", "splits": ("train",), "image_encoder": "tiny-resnet",
+              "random_init": True, "workers": 0, "backend": "torch"}
+    caches = [extract(ExtractConfig.build(**common, text_encoder=text, image_pooling=pool))[0]
+              for text, pool in (("tiny-bert", "avg"), ("tiny-bert", "tokens"), ("tiny-bert-b", "avg"))]
+    return {"root": root, "data": data, "caches": caches}
+
+
+def test_a_best_run_with_the_attention_member_and_an_extra_text_encoder_is_one_graph_over_the_token_map(
+        three_caches, tmp_path):
+    from pipeline.best import columns, union
+    from pipeline.cache import read_meta
+
+    caches, out = three_caches["caches"], tmp_path / "best"
+    members = plan(1, tokens=1, texts=[2])
+    assert [m.name for m in members][:3] == ["concat-a", "attention-a", "concat-am"]
+    said: list[str] = []
+    done = fit_members(members, caches, out, folds=2, say=said.append, epochs=2)
+    assert len(done) == len(members)
+    info = blend(done, caches, out, say=said.append)
+    assert info["samples_f1"] >= max(info["member_samples_f1"].values()) - 1e-12  # never below its best member
+    # the union over the three caches: the token map feeds the images, the pooled cache nothing (its images are
+    # the map's mean, its captions the map cache's), the extra text cache its captions only
+    metas = [read_meta(c) for c in caches]
+    kept, parts = union(metas)
+    assert kept == [metas[1], metas[2]] and [p.to_dict() for p in parts] == [
+        {"image": True, "text": True}, {"image": False, "text": True}]
+    fused = columns(kept, [metas[0], metas[2]], parts)  # concat-am: lite0's mean, both captions
+    assert fused == {"image_input": "mean", "image_ranges": [[0, 128]], "text_ranges": [[0, 32], [32, 56]]}
+    assert columns(kept, [metas[1]], parts)["image_input"] == "features"
+    # a rerun refits nothing
+    said.clear()
+    fit_members(members, caches, out, folds=2, say=said.append, epochs=2)
+    blend(done, caches, out, say=said.append)
+    assert sum("not refitted" in s for s in said) == len(members) and any("blend up to date" in s for s in said)
+
+
+@pytest.mark.slow  # two members, a forced blend over the token map, an ONNX export: ~20 s alone
+def test_the_export_of_a_blend_over_a_token_map_predicts_as_its_run_folder(three_caches, tmp_path):
+    from pipeline.best import _aligned, _write
+    from pipeline.ensemble import Blend
+    from pipeline.evaluation import evaluate
+
+    caches, out = three_caches["caches"], tmp_path / "best"
+    members = [m for m in plan(1, tokens=1) if m.name in ("concat-a", "attention-a")]
+    fit_members(members, caches, out, folds=2, say=lambda s: None, epochs=2)
+    runs = [RunDir(out / "members" / m.name) for m in members]
+    ids, probs, y = _aligned(runs)
+    weights = np.array([0.5, 0.5])  # both members, whatever the tiny data says: the token-map graph is exercised
+    mixed = mix(probs, weights)
+    metrics, th = evaluate(y.astype(np.float64), mixed, "per-class", 0)
+    chosen = Blend(weights, mixed, metrics, th, [0.0, 0.0], float(metrics["samples_f1"]), True)
+    _write(RunDir(out), members, runs, caches, chosen, ids, y, {"mode": "per-class", "blended": True})
+    run = RunDir(out).load()
+    assert [e.contract["image_encoder"] for e in run.entries] == ["tiny-resnet"] and run.heads[0].token_dim > 0
+    exported = tmp_path / "export"
+    res = CliRunner().invoke(app, ["export", str(out), "--out", str(exported)])
+    assert res.exit_code == 0, res.output
+    photos = sorted((three_caches["data"] / "data").glob("*.jpg"))[:6]
+    captions = [f"caption {i}" for i in range(len(photos))]
+    model, onnx = load(out, backend="torch"), load(exported)
+    np.testing.assert_allclose(model.predict_proba(photos, captions), onnx.predict_proba(photos, captions),
+                               atol=1e-4)
+    assert model.predict(photos, captions) == onnx.predict(photos, captions)
+
+
+def test_a_second_image_encoder_beside_the_attention_member_is_refused_naming_the_way_out(tmp_path):
+    args = ["run", str(tmp_path), "--quality", "best", "--extra-image-encoder", "efficientnet-lite2"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "--no-attention" in res.output, res.output

@@ -86,3 +86,16 @@ register(EncoderSpec("tiny-resnet", "image", 128, ImagePreprocess(72, 64, IMAGEN
 register(EncoderSpec("tiny-bert", "text", 32, TextPreprocess(128, True, "mean"), ("layer1",),
                      "none: random init for tests",
                      functools.partial(create_bert, locate=None, config=_tiny_config, tokenizer=_tiny_tokenizer)))
+
+
+def _tiny_config_b() -> Any:
+    """tiny-bert-b: another tiny text encoder (24-d), a best run's extra text encoder in tests."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=len(_tiny_vocab()), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=48, max_position_embeddings=128)
+
+
+register(EncoderSpec("tiny-bert-b", "text", 24, TextPreprocess(128, True, "mean"), ("layer0",),
+                     "none: random init for tests",
+                     functools.partial(create_bert, locate=None, config=_tiny_config_b, tokenizer=_tiny_tokenizer)))

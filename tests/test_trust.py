@@ -83,7 +83,7 @@ def test_an_output_that_is_no_regular_file_is_never_replaced(fitted, tmp_path):
     with no_hang():
         for out in (fifo, Path("/dev/null")):
             code, text = _predict(fitted, "--format", "csv", "--out", out, "--force")
-            assert one_line_error(code, text, out, "not a file mlc may replace"), text
+            assert one_line_error(code, text, out, "--out must be a regular file path"), text
     assert Path("/dev/null").is_char_device() and fifo.is_fifo()
 
 

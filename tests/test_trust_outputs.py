@@ -1,0 +1,86 @@
+"""Issue 25, trust round three (what was left): an output must be a regular file (or folder) path, said plainly
+and naming --out; --force replaces a foreign file, never what another mlc command wrote."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_inputs import no_hang
+from test_outputs import mlc, one_line_error
+
+from pipeline.atomic import claim_output
+from pipeline.errors import OutputError
+
+BACKEND = ("--backend", "torch", "--workers", 0)
+
+
+def _predict(f: dict, *extra: object) -> tuple[int, str]:
+    return mlc("predict", f["run"], f["data"] / "data" / "1000.jpg", "--caption", "a dog", *BACKEND, "--format", "csv",
+               *extra)
+
+
+@pytest.mark.parametrize("out", ["/dev/stdout", "/dev/stderr", "/dev/fd/1", "/proc/self/fd/1", "/dev/null"])
+def test_out_that_is_a_stream_or_a_device_must_be_a_regular_file_path(out, tmp_path):
+    """Whatever fd 1 is (a terminal, a pipe, a redirected file): the claim refuses before any work, naming --out."""
+    with pytest.raises(OutputError, match=f"{out}: --out must be a regular file path, and {out} is a "):
+        claim_output(out, what="a predictions file", ours=lambda p: True, folder=False, force=True)
+    with pytest.raises(OutputError, match="--out must be a folder path"):
+        claim_output(out, what="an mlc export folder", ours=lambda p: True, folder=True)
+    link = tmp_path / "out.csv"  # a link that leads there is the same output
+    link.symlink_to(out)
+    with pytest.raises(OutputError, match="--out must be a regular file path"):
+        claim_output(link, what="a predictions file", ours=lambda p: True, folder=False)
+    assert claim_output(tmp_path / "fine.csv", what="a predictions file", ours=lambda p: True, folder=False)
+
+
+def test_the_cli_says_so_in_one_line(fitted, tmp_path):
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with no_hang():
+        for out in ("/dev/stdout", fifo):
+            code, text = _predict(fitted, "--out", out, "--force")
+            assert one_line_error(code, text, f"--out must be a regular file path, and {out} is"), text
+    assert "a FIFO" in text and fifo.is_fifo()
+    code, text = mlc("export", fitted["run"], "--out", "/dev/stdout")
+    assert one_line_error(code, text, "--out must be a folder path, and /dev/stdout is a standard stream"), text
+
+
+def test_force_never_replaces_what_another_command_wrote(fitted):
+    f, tmp = fitted, fitted["tmp"]
+    (f["data"] / "test.csv").write_text((f["data"] / "train.csv").read_text())  # a labelled split to score
+    evaluate = ("evaluate", f["run"], f["data"], *BACKEND)
+    sub, preds, scores = tmp / "sub.csv", tmp / "preds.csv", tmp / "scores.json"
+    assert mlc("submit", f["run"], f["data"], "--cache-dir", tmp / "cache", *BACKEND, "--out", sub)[0] == 0
+    assert _predict(f, "--out", preds)[0] == 0
+    assert mlc(*evaluate, "--out", scores)[0] == 0
+    page = tmp / "runs.html"
+    assert mlc("runs", tmp, "--out", page)[0] == 0
+    kinds = {f["cache"]: "HDF5 feature cache", sub: "submission", preds: "predictions", scores: "scores",
+             page: "runs page"}
+    before = {p: p.read_bytes() for p in kinds}
+    for p in (f["cache"], sub, preds, page):
+        code, text = mlc(*evaluate, "--out", p, "--force")
+        assert one_line_error(code, text, p, kinds[p], "even --force never replaces"), (p, text)
+    for p in (f["cache"], sub, scores):
+        code, text = _predict(f, "--out", p, "--force")
+        assert one_line_error(code, text, p, kinds[p], "even --force never replaces"), (p, text)
+    code, text = mlc("submit", f["run"], f["data"], "--cache-dir", tmp / "cache", *BACKEND, "--out", preds, "--force")
+    assert one_line_error(code, text, preds, "predictions", "even --force never replaces"), text
+    assert {p: p.read_bytes() for p in kinds} == before
+    assert mlc(*evaluate, "--out", scores)[0] == 0  # its own kind: replaced, as before
+    foreign = tmp / "notes.json"
+    foreign.write_text('{"mine": 1}\n')
+    assert mlc(*evaluate, "--out", foreign, "--force")[0] == 0 and "samples_f1" in foreign.read_text()
+
+
+def test_mlc_kind_reads_only_what_it_knows(tmp_path):
+    from pipeline.output_rules import mlc_kind
+
+    for name, text in (("a.csv", "id,value\n1,2\n"), ("b.json", '{"samples_f1": 1}'), ("c.html", "<!doctype html>hi"),
+                       ("d.bin", "")):
+        (tmp_path / name).write_text(text)
+        assert mlc_kind(tmp_path / name) is None, name
+    assert mlc_kind(tmp_path / "missing") is None
+    assert mlc_kind(Path("/dev/null")) is None

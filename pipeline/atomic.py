@@ -237,8 +237,8 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
         if path.is_dir() != folder:
             raise OutputError(str(target), f"it is a {'file' if folder else 'folder'}; {what} goes there")
         names = entries(path) if folder else ([] if path.stat().st_size == 0 else [path.name])
-        if names and not folder:
-            check_kind(target, path, what, ours)
+        if names:
+            check_kind(target, path, what, ours, folder)
         mine = ours(path) if names and not force else True
         if mine is not True:
             if mine:

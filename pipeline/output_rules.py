@@ -124,10 +124,40 @@ def mlc_kind(path: Path) -> str | None:
     return None
 
 
-def check_kind(target: str | os.PathLike[str], path: Path, what: str, ours: Callable[[Path], object]) -> None:
-    """OutputError when the existing file ``path`` is what another mlc command wrote (``mlc_kind``) and not
-    ``what`` this one writes (``ours``): not even ``--force`` replaces another command's output."""
-    other = mlc_kind(path) if ours(path) is not True else None
+def check_kind(target: str | os.PathLike[str], path: Path, what: str, ours: Callable[[Path], object],
+               folder: bool) -> None:
+    """OutputError when the existing ``path`` is what another mlc command wrote (``mlc_kind``), or a folder holding
+    a dataset (``dataset_in``), and not ``what`` this command writes (``ours``): not even ``--force`` replaces
+    another command's output or deletes a dataset (a data folder typed after --out by mistake)."""
+    if ours(path) is True:
+        return
+    if folder:
+        data = dataset_in(path)
+        if data is not None:
+            raise OutputError(str(target), f"it holds a dataset ({data}); even --force never replaces a folder "
+                              "holding a data folder's train.csv or test.csv: choose another output path")
+        return
+    other = mlc_kind(path)
     if other is not None:
         raise OutputError(str(target), f"it is {other}, which is not {what}; even --force never replaces what "
                           "another mlc command wrote: choose another output path")
+
+
+DATA_FILES = ("train.csv", "test.csv")
+
+
+def dataset_in(folder: Path, limit: int = 1000) -> Path | None:
+    """A data folder's CSV in ``folder`` or in a folder directly inside it (the first ``limit`` entries looked at),
+    or None. mlc's own run and export folders hold none."""
+    with contextlib.suppress(OSError):
+        for name in DATA_FILES:
+            if (folder / name).is_file():
+                return folder / name
+        for i, sub in enumerate(folder.iterdir()):
+            if i >= limit:
+                break
+            for name in DATA_FILES:
+                with contextlib.suppress(OSError):
+                    if sub.is_dir() and (sub / name).is_file():
+                        return sub / name
+    return None

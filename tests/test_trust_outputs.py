@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from test_inputs import no_hang
-from test_outputs import mlc, one_line_error
+from test_outputs import mlc, one_line_error, snapshot
 
 from pipeline.atomic import claim_output
 from pipeline.errors import OutputError
@@ -84,3 +84,24 @@ def test_mlc_kind_reads_only_what_it_knows(tmp_path):
         assert mlc_kind(tmp_path / name) is None, name
     assert mlc_kind(tmp_path / "missing") is None
     assert mlc_kind(Path("/dev/null")) is None
+
+
+def test_force_never_replaces_a_data_folder_a_command_does_not_read(fitted, tmp_path):
+    """Hostile cases O02/O06: fit-head and export do not read the data folder, so it was no input of theirs, and
+    --force replaced it (train.csv, test.csv and every photo deleted)."""
+    f = fitted
+    copy = tmp_path / "parent" / "data"
+    copy.parent.mkdir()
+    copy.mkdir()
+    (copy / "train.csv").write_text((f["data"] / "train.csv").read_text())
+    before = snapshot(f["data"]), snapshot(copy.parent)
+    for out, csv in ((f["data"], f["data"] / "train.csv"), (copy.parent, copy / "train.csv")):
+        code, text = mlc("fit-head", f["cache"], "--out", out, "--force", "--folds", 0, "--epochs", 1)
+        assert one_line_error(code, text, out, f"it holds a dataset ({csv})", "even --force"), text
+        code, text = mlc("export", f["run"], "--out", out, "--force")
+        assert one_line_error(code, text, out, "it holds a dataset", "even --force"), text
+    assert (snapshot(f["data"]), snapshot(copy.parent)) == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    assert mlc("fit-head", f["cache"], "--out", foreign, "--force", "--folds", 0, "--epochs", 1)[0] == 0  # as before

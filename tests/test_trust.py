@@ -319,6 +319,9 @@ EDITS = {
         (lambda d, _: d.update(kind="safetensors"), "kind: 'safetensors', but the folder is a onnx export"),
         (lambda d, _: d["graph"]["inputs"][0].update(dtype="float32"), "graph.inputs: the graph's inputs are"),
         (_other_graph, "graph.outputs: the graph's outputs are"),
+        # hostile case M04: the README's "per-label thresholds" said 0.99 while decision.thresholds' 0.5 applied
+        (lambda d, _: d.update(thresholds=[0.99] * len(d["thresholds"])),
+         "thresholds: [0.99, 0.99, 0.99] disagree with decision.thresholds"),
     ],
     "safetensors": [
         (_drop_label, "head-0.safetensors: cannot load the head's weights"),

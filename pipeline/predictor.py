@@ -230,6 +230,10 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
     """A run folder (fit-head or finetune) or a folder `mlc export` wrote. An ONNX export loads without torch;
     ``backend``, ``device`` and ``onnx_dir`` are for the torch path (run folders, safetensors exports)."""
     path = Path(path)
+    if not path.is_dir():
+        found = "it is a file, not a folder" if path.exists() else "no such folder"
+        raise MlcError(f"{path}: {found}; a model is a run folder (mlc fit-head, mlc finetune) or an export folder "
+                       "(mlc export)")
     if (path / EXPORT_FILE).exists():  # anything there but a regular file is refused by name when read
         meta = read_export(path)
         labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))

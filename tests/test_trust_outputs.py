@@ -105,3 +105,20 @@ def test_force_never_replaces_a_data_folder_a_command_does_not_read(fitted, tmp_
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine\n")
     assert mlc("fit-head", f["cache"], "--out", foreign, "--force", "--folds", 0, "--epochs", 1)[0] == 0  # as before
+
+
+def test_load_of_a_file_or_a_missing_path_says_what_it_is(tmp_path):
+    """Hostile case A01: load() of an existing file said "missing the folder", and named run folders only."""
+    import pipeline as mlc_api
+    from pipeline.errors import MlcError
+    from pipeline.runs import RunDir
+
+    notes = tmp_path / "notes.csv"
+    notes.write_text("hi\n")
+    with pytest.raises(MlcError, match="notes.csv: it is a file, not a folder; a model is a run folder .* or an "
+                                       "export folder"):
+        mlc_api.load(notes)
+    with pytest.raises(MlcError, match="nope: no such folder; a model is a run folder"):
+        mlc_api.load(tmp_path / "nope")
+    with pytest.raises(MlcError, match=r"notes.csv: not an mlc run folder \(it is a file, not a folder\)"):
+        RunDir(notes).check_format()

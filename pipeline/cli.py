@@ -354,6 +354,13 @@ class _Command(typer.core.TyperCommand):
         return super().parse_args(ctx, args)
 
 
+def _interrupted(name: str) -> typing.NoReturn:
+    """Ctrl-C: one line and exit 130, no traceback (outputs are written atomically: none is half-done)."""
+    typer.echo(f"interrupted: mlc {name} stopped; its outputs are as they were before (an extract resumes "
+               "from its finished chunks when run again)", err=True)
+    raise typer.Exit(130) from None
+
+
 def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[Config]) -> Callable[..., None]:
     """A function Typer can register: keyword parameters from ``config_cls``'s options (its groups' flattened),
     calling ``fn(config_cls.build(**options))`` and turning MlcError into one line and exit code 2."""
@@ -377,9 +384,7 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[
         except MlcError as err:
             _fail(err)
         except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (outputs are written atomically: none half-done)
-            typer.echo(f"interrupted: mlc {name} stopped; its outputs are as they were before (an extract resumes "
-                       "from its finished chunks when run again)", err=True)
-            raise typer.Exit(130) from None
+            _interrupted(name)
         if code:
             raise typer.Exit(code)
 
@@ -436,7 +441,10 @@ class _LazyGroup(typer.core.TyperGroup):
         cmd_name, cmd, rest = super().resolve_command(ctx, args)
         if cmd_name in COMMANDS:
             _heartbeat(ctx, cmd_name)
-            cmd = _load(cmd_name)
+            try:
+                cmd = _load(cmd_name)  # importing a stage can take a minute on a busy machine: Ctrl-C may come here
+            except KeyboardInterrupt:
+                _interrupted(cmd_name)
         return cmd_name, cmd, rest
 
 

@@ -122,3 +122,18 @@ def test_load_of_a_file_or_a_missing_path_says_what_it_is(tmp_path):
         mlc_api.load(tmp_path / "nope")
     with pytest.raises(MlcError, match=r"notes.csv: not an mlc run folder \(it is a file, not a folder\)"):
         RunDir(notes).check_format()
+
+
+def test_ctrl_c_while_a_command_starts_ends_with_one_line(monkeypatch, tmp_path):
+    """Hostile case I02a: Ctrl-C while fit-head was still importing (a minute on a busy machine) ended with no
+    'interrupted:' line (click's own abort)."""
+    from pipeline import cli
+
+    def interrupted(name: str):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load", interrupted)
+    code, text = mlc("fit-head", tmp_path / "x.h5", "--out", tmp_path / "run")
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("[mlc fit-head]")]
+    assert code == 130 and lines == [lines[0]] and lines[0].startswith("interrupted: mlc fit-head stopped"), text
+    assert not (tmp_path / "run").exists()

@@ -137,3 +137,54 @@ def test_ctrl_c_while_a_command_starts_ends_with_one_line(monkeypatch, tmp_path)
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("[mlc fit-head]")]
     assert code == 130 and lines == [lines[0]] and lines[0].startswith("interrupted: mlc fit-head stopped"), text
     assert not (tmp_path / "run").exists()
+
+
+SLOW_DECODE = """
+import sys, time
+from pipeline.data import DataDir
+real = DataDir.image
+def image(self, *a, **k):  # decoding slowed, so Ctrl-C comes while the decode workers are busy
+    time.sleep(0.05)
+    return real(self, *a, **k)
+DataDir.image = image
+from pipeline.cli import app
+sys.argv = ["mlc", "extract", *sys.argv[1:]]
+app()
+"""
+
+
+@pytest.mark.slow  # a real extract in a subprocess, with decode workers, interrupted as a terminal does
+def test_ctrl_c_during_extract_with_decode_workers_is_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, make_data_dir
+
+    data = make_data_dir(tmp_path / "d", n_train=400, n_test=2)
+    cmd = [sys.executable, "-c", SLOW_DECODE, str(data), "--image-encoder", "tiny-resnet", "--text-encoder",
+           "tiny-bert", "--random-init", "--workers", "2", "--backend", "torch", "--split", "train", "--cache-dir",
+           str(tmp_path / "cache"), "--chunk-rows", "64"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    os.set_blocking(p.stderr.fileno(), False)  # type: ignore[union-attr]
+    err, t = b"", time.time()
+    while b"extract train" not in err and time.time() - t < 600 and p.poll() is None:  # the workers are decoding
+        err += p.stderr.read() or b""  # type: ignore[union-attr]
+        time.sleep(0.1)
+    assert p.poll() is None, err.decode(errors="replace")
+    time.sleep(1.0)
+    os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group, decode workers included
+    os.set_blocking(p.stderr.fileno(), True)  # type: ignore[union-attr]
+    out, rest = p.communicate(timeout=300)
+    text = (err + rest).decode(errors="replace").replace("\r", "\n")
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("[mlc extract]")
+             and "extract train" not in ln]
+    assert p.returncode == 130, text
+    assert len(lines) == 1 and lines[0].startswith("interrupted: mlc extract stopped"), text
+    for noise in ("Traceback", "multiprocessing", "KeyboardInterrupt", "Exception ignored"):
+        assert noise not in text, text
+    assert not out.strip(), out
+    assert not list((tmp_path / "cache").rglob("*.h5"))  # no cache claimed finished

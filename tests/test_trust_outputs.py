@@ -188,3 +188,16 @@ def test_ctrl_c_during_extract_with_decode_workers_is_one_line(tmp_path):
         assert noise not in text, text
     assert not out.strip(), out
     assert not list((tmp_path / "cache").rglob("*.h5"))  # no cache claimed finished
+
+
+def test_an_empty_or_unknown_photo_says_what_it_is(tmp_path):
+    """Hostile note V07: a zero-byte photo was 'cannot identify image file <_io.BufferedReader name=3>'."""
+    from pipeline.data import load_image
+    from pipeline.errors import ImageError
+
+    (tmp_path / "0.jpg").write_bytes(b"")
+    (tmp_path / "1.jpg").write_text("not a photo\n")
+    with pytest.raises(ImageError, match=r"0.jpg: cannot decode image: an empty file \(0 bytes\)$"):
+        load_image(tmp_path / "0.jpg")
+    with pytest.raises(ImageError, match=r"1.jpg: cannot decode image: no image format Pillow reads \(12 bytes\)$"):
+        load_image(tmp_path / "1.jpg")

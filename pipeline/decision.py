@@ -129,6 +129,11 @@ class Decision:
         """(N, C) probabilities -> (N, C) uint8 decisions."""
         return decide(probs, self.to_dict())
 
+    @property
+    def reads_thresholds(self) -> bool:
+        """Whether ``apply`` reads ``thresholds``: the expected-F1 rules choose a top-k per image instead."""
+        return not self.rule.startswith("expected-f1")
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rule": self.rule, "thresholds": [float(t) for t in self.thresholds]}
         if self.calibration is not None:

@@ -147,6 +147,8 @@ def test_the_page_labels_a_photo_as_mlc_predict_does(browser, server, model, fin
     # a threshold tick each where the rule reads thresholds; the expected-F1 rules choose a top-k per photo
     ticks_each = 0 if load_predictor(model).decision.rule.startswith("expected-f1") else 1
     assert len(bars) == len(want["probabilities"]) and all(ticks == ticks_each for *_, ticks in bars)
+    # the legend names the tick only where there are ticks
+    assert page.is_visible("[data-testid=tick-legend]") == bool(ticks_each)
     assert {i: p for i, p, *_ in bars} == pytest.approx(want["probabilities"], abs=1e-5)
     assert sorted(i for i, _, on, _ in bars if on) == sorted(map(str, want["labels"]))
     assert page.inner_text("[data-testid=chosen]").split(", ") == want["names"]

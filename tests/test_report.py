@@ -43,7 +43,7 @@ def fake_scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_run(path: Path, *, n: int = 400, folds: int = 0, submission: bool = True, encoders: bool = False,
-             seed: int = 0) -> dict:
+             seed: int = 0, rule: str = "per-class") -> dict:
     """A run folder written by the real writer, with fake held-out scores; returns its metrics."""
     y, s = fake_scores(n, seed)
     g = tune_global(y, s)
@@ -63,7 +63,9 @@ def make_run(path: Path, *, n: int = 400, folds: int = 0, submission: bool = Tru
     RunDir(path).write(RunFiles(
         kind="head", config={"head": "concat", "lr": 0.001, "folds": folds}, features=[], heads=heads,
         thresholds={"label_ids": list(COCO18.ids), "label_names": list(COCO18.names), "mode": "per-class",
-                    "global": float(g), "per_class": list(map(float, thr))},
+                    "global": float(g), "per_class": list(map(float, thr)),
+                    "decision": {"rule": rule,
+                                 "thresholds": [0.5] * 18 if rule == "expected-f1" else list(map(float, thr))}},
         metrics=metrics, history=[curve(k, 8 + k) for k in range(max(folds, 1))],
         val_ids=[f"{i}.jpg" for i in range(n)], val_scores=s, val_labels=y, log=["fake run"], encoders=enc))
     if submission:
@@ -97,6 +99,23 @@ def test_report_with_submission(tmp_path: Path) -> None:
     assert "Where the model is weak" in html and "<details><summary>config.json" in html
     assert "head + finetuned encoders" in html and "of the 100 MB limit" in html
     assert "Skipped" not in html
+
+
+def test_a_rule_without_thresholds_shows_none(tmp_path: Path) -> None:
+    """An expected-F1 run decides per image: the report shows its decisions, never the unread 0.5s as thresholds."""
+    run = tmp_path / "run"
+    make_run(run, rule="expected-f1", submission=False)
+    d = report.load_report_data(run)
+    a = report.analyse(d)
+    assert not d.reads_thresholds and d.threshold_text(0) == "-"
+    assert np.array_equal(a.y_pred, d.decision.apply(d.scores) > 0)  # the rule's labels, not thresholds at 0.5
+    assert not np.array_equal(a.y_pred, apply_thresholds(d.scores, d.thresholds) > 0)
+    html = report.make_report(run).read_text()
+    weak = html.split("Where the model is weak")[1].split("</ul>")[0]
+    assert "threshold -" in weak and "threshold 0.50" not in weak
+    make_run(tmp_path / "pc", submission=False)
+    d_pc = report.load_report_data(tmp_path / "pc")
+    assert d_pc.reads_thresholds and d_pc.threshold_text(0) == f"{d_pc.thresholds[0]:.2f}"
 
 
 def test_report_folds_without_submission(tmp_path: Path) -> None:

@@ -41,6 +41,15 @@ class ReportData:
     def run_dir(self) -> Path:
         return self.run.path
 
+    @property
+    def reads_thresholds(self) -> bool:
+        """Whether the run's labels come from its per-class thresholds (not from a per-image expected-F1 rule)."""
+        return self.decision is None or self.decision.reads_thresholds
+
+    def threshold_text(self, j: int, digits: int = 2) -> str:
+        """Class j's threshold as shown in the report, or a dash where the run's rule reads none."""
+        return f"{self.thresholds[j]:.{digits}f}" if self.reads_thresholds else "-"
+
 
 def _normalise_history(raw: Any, where: Path) -> list[list[dict[str, Any]]]:
     """history.json -> one list of epoch dicts per fold (a single run is one fold)."""

@@ -95,7 +95,7 @@ def weak_points(d: ReportData, a: Analysis, k: int = 3) -> list[str]:
                "mostly <b>spurious</b> (precision below recall)" if p < r - 0.05 else "misses and false alarms alike")
         out.append(f"<b>{html.escape(names[j])}</b>: F1 {a.f1[j]:.3f} on {a.support[j]} images "
                    f"({100 * a.support[j] / len(d.y_true):.1f}% of held-out), precision {p:.3f}, recall {r:.3f}, "
-                   f"threshold {d.thresholds[j]:.2f}: {why}.")
+                   f"threshold {d.threshold_text(j)}: {why}.")
     flat = np.argsort(-a.swaps, axis=None, kind="stable")[:5]
     pairs = [(int(i), int(j)) for i, j in zip(*np.unravel_index(flat, a.swaps.shape), strict=True)
              if a.swaps[i, j] > 0]
@@ -130,11 +130,11 @@ img{max-width:100%;border:1px solid #eee} .note{color:#8a5a00;background:#fff7e0
 """
 
 _CAPTIONS = {
-    "per_class_f1": "Bars: F1 of each class with the saved thresholds and the at-least-one-label rule (exactly "
+    "per_class_f1": "Bars: F1 of each class with the run's decision rule and at least one label a photo (exactly "
                     "what a submission predicts), weakest first; black tick: F1 at 0.5. Columns on the right: "
-                    "precision, recall, held-out positives, threshold.",
-    "pr_curves": "Precision against recall as the class's threshold moves. The red star is where the tuned "
-                 "threshold operates (threshold alone, without the at-least-one rule), the open circle is 0.5. "
+                    "precision, recall, held-out positives, threshold (a dash: the rule reads none).",
+    "pr_curves": "Precision against recall as the class's threshold moves. The red star is where the run's own "
+                 "decisions operate (its rule, at least one label a photo), the open circle is threshold 0.5. "
                  "A curve hugging the top right is a class the features separate well; a low curve is a "
                  "class that more threshold tuning cannot fix.",
     "f1_vs_threshold": "Blue: the class's own F1 as its threshold moves. Orange (right axis, zoomed): the "
@@ -185,7 +185,7 @@ def render_html(d: ReportData, a: Analysis, plots: dict[str, str | None], second
                  + "</ul>")
     rows = [(esc(d.labels.names[j]), str(d.labels.ids[j]), str(a.support[j]), f"{a.precision[j]:.3f}",
              f"{a.recall[j]:.3f}", f"{a.f1[j]:.3f}", "—" if np.isnan(a.ap[j]) else f"{a.ap[j]:.3f}",
-             f"{d.thresholds[j]:.3f}") for j in a.order]
+             d.threshold_text(j, 3)) for j in a.order]
     parts.append("<details><summary>All classes (weakest first)</summary>"
                  + _table(rows, ["class", "id", "support", "precision", "recall", "F1", "AP", "threshold"])
                  + "</details>")

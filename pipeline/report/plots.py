@@ -73,13 +73,13 @@ def plot_per_class_f1(d: ReportData, a: Analysis) -> Figure:
     mono = dict(transform=tr, fontsize=9, family="monospace", va="center")
     ax.text(1.02, -0.9, f"{'F1':>4}  {'P':>4}  {'R':>4}  {'support':>7}  {'thr':>4}", weight="bold", **mono)
     for yi, j in zip(y, order, strict=True):
-        txt = (f"{a.f1[j]:4.2f}  {a.precision[j]:4.2f}  {a.recall[j]:4.2f}  {a.support[j]:7d}  {d.thresholds[j]:4.2f}"
+        txt = (f"{a.f1[j]:4.2f}  {a.precision[j]:4.2f}  {a.recall[j]:4.2f}  {a.support[j]:7d}  {d.threshold_text(j):>4}"
                if a.support[j] > 0 else "no positives held out")
         ax.text(1.02, yi, txt, **mono)
     ax.legend([Patch(facecolor="0.75", edgecolor="0.3"), Line2D([], [], color="black", marker="|", ls="", ms=12)],
-              ["F1 at the run's thresholds", "F1 at threshold 0.5"], loc="upper right", fontsize=9, framealpha=0.95)
+              ["F1 of the run's decisions", "F1 at threshold 0.5"], loc="upper right", fontsize=9, framealpha=0.95)
     ax.set_title(f"Per-class F1 on held-out images, weakest first (held-out samples-F1 {a.samples_f1:.4f} "
-                 "at these thresholds)", fontsize=11, loc="left")
+                 "with the run's decision rule)", fontsize=11, loc="left")
     return fig
 
 
@@ -100,11 +100,12 @@ def plot_pr_curves(d: ReportData, a: Analysis) -> Figure:
         prec, rec = pr_curve(yj, sj)
         ax.plot(rec, prec, color="tab:blue", lw=1.4)
         ax.axhline(yj.mean(), color="0.6", lw=0.9, ls=":")  # a random ranking's precision
-        for t, style in ((d.thresholds[j], dict(marker="*", s=120, color="tab:red", zorder=4)),
-                         (0.5, dict(marker="o", s=34, facecolors="none", edgecolors="black", zorder=4))):
-            on = sj >= t
-            if on.any():
-                ax.scatter((on & yj).sum() / yj.sum(), (on & yj).sum() / on.sum(), **style)
+        on = sj >= 0.5
+        if on.any():
+            ax.scatter((on & yj).sum() / yj.sum(), (on & yj).sum() / on.sum(), marker="o", s=34, facecolors="none",
+                       edgecolors="black", zorder=4)
+        if a.y_pred[:, j].any():  # where the run's own decisions (its rule, at least one label a photo) operate
+            ax.scatter(a.recall[j], a.precision[j], marker="*", s=120, color="tab:red", zorder=5)
         _panel_title(ax, f"{name}  AP {a.ap[j]:.2f}  n={a.support[j]}")
     ax0 = axes[0]
     ax0.set_xlim(-0.02, 1.02)
@@ -115,7 +116,7 @@ def plot_pr_curves(d: ReportData, a: Analysis) -> Figure:
         ax.tick_params(labelsize=8.5)
     fig.supxlabel("recall", y=0.02)
     fig.supylabel("precision", x=0.01)
-    fig.suptitle("Precision-recall per class, weakest F1 first.   red star: tuned threshold,   "
+    fig.suptitle("Precision-recall per class, weakest F1 first.   red star: the run's decisions,   "
                  "open circle: 0.5,   dotted: share of images with the label", fontsize=11.5)
     return fig
 
@@ -140,7 +141,8 @@ def plot_f1_vs_threshold(d: ReportData, a: Analysis) -> Figure:
     cols = min(6, len(a.order))
     for k, (ax, j) in enumerate(zip(axes, a.order, strict=True)):
         ax.plot(SWEEP, cls_f1[j], color="tab:blue", lw=1.4)
-        ax.axvline(d.thresholds[j], color="tab:red", lw=1.3)
+        if d.reads_thresholds:
+            ax.axvline(d.thresholds[j], color="tab:red", lw=1.3)
         ax.axvline(0.5, color="black", lw=0.9, ls="--")
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8.5)
@@ -152,7 +154,7 @@ def plot_f1_vs_threshold(d: ReportData, a: Analysis) -> Figure:
             sec = ax.secondary_yaxis("right", functions=(_y_to_points, _points_to_y))
             sec.set_yticks([0, -_ZOOM_POINTS / 2, -_ZOOM_POINTS])
             sec.tick_params(labelsize=8.5, colors="tab:orange")
-        _panel_title(ax, f"{d.labels.names[j]}   thr {d.thresholds[j]:.2f}")
+        _panel_title(ax, d.labels.names[j] + (f"   thr {d.thresholds[j]:.2f}" if d.reads_thresholds else ""))
     ax0 = axes[0]
     ax0.set_xlim(0, 1)
     ax0.set_ylim(0, _Y_TOP)
@@ -160,15 +162,20 @@ def plot_f1_vs_threshold(d: ReportData, a: Analysis) -> Figure:
     ax0.set_yticks([0, 0.25, 0.5, 0.75, 1], ["0", "", "0.5", "", "1"])
     handles = [Line2D([], [], color="tab:blue", lw=1.4), Line2D([], [], color="tab:red", lw=1.3),
                Line2D([], [], color="black", lw=0.9, ls="--"), Line2D([], [], color="tab:orange", lw=1.2)]
-    fig.legend(handles, ["class F1 (left axis)", "tuned threshold", "0.5",
-                         "samples-F1 change in points when only this class's threshold moves (right axis)"],
+    names = ["class F1 (left axis)", "tuned threshold", "0.5",
+             "samples-F1 change in points when only this class's threshold moves (right axis)"]
+    if not d.reads_thresholds:  # no red line drawn: no key for it
+        del handles[1], names[1]
+    fig.legend(handles, names,
                loc="lower center", ncols=4, fontsize=9.5, frameon=False, bbox_to_anchor=(0.5, 0.0))
     w, h = fig.get_size_inches()
     fig.text(0.5, 0.55 / h, "threshold of this class", ha="center", fontsize=10.5)
     fig.text(0.15 / w, 0.5, "class F1", rotation=90, va="center", fontsize=10.5, color="tab:blue")
     fig.text(1 - 0.15 / w, 0.5, "samples-F1 change (points)", rotation=-90, va="center", fontsize=10.5,
              color="tab:orange")
-    fig.suptitle("F1 against each class's threshold (weakest F1 first)", fontsize=11.5)
+    rule = "" if d.reads_thresholds else (f";  the run's rule ({d.decision.rule}) reads no thresholds: this is what "
+                                          "one would do" if d.decision else "")
+    fig.suptitle(f"F1 against each class's threshold (weakest F1 first){rule}", fontsize=11.5)
     return fig
 
 

@@ -20,7 +20,7 @@ def thresholds(pred: Predictor) -> list[float] | None:
     """Each label's threshold, or None for a model whose decision rule has none per label (the expected-F1 rules
     choose a top-k per photo; their stored 0.5s are not read: decision.decide)."""
     decision = getattr(pred, "decision", None)
-    if decision is not None and decision.rule.startswith("expected-f1"):
+    if decision is not None and not decision.reads_thresholds:
         return None
     th = getattr(pred, "thresholds", None)
     if th is None or np.ndim(th) != 1 or len(th) != len(pred.labels):

@@ -134,6 +134,8 @@ async function start() {
   try {
     const [lab, card] = await Promise.all([getJSON("/api/labels"), getJSON("/api/model")]);
     labels = lab.labels;
+    // the tick's key only where the rule reads thresholds (the expected-F1 rules choose a top-k per photo)
+    $("tick-legend").hidden = !labels.some((l) => l.threshold !== null && l.threshold !== undefined);
     $("rule").textContent = `Decision rule: ${lab.decision_rule}`;
     drawCard(card);
     document.body.dataset.ready = "true";

@@ -81,6 +81,23 @@ def ablate(out: Path, caches: list[Path]) -> None:
               + " ".join(f"{n}={w:.2f}" for n, w in zip(sub, b.weights, strict=True) if w > 0))
 
 
+def smoke(args: argparse.Namespace) -> None:
+    """Point ``args`` at a tiny cache of generated rows (ids 9984-10007) under lite0's cache name, in a scratch
+    folder removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from _smoke import named, tiny_cache, tiny_data, tiny_env
+
+    tiny_env()
+    tmp = Path(tempfile.mkdtemp(prefix="mlc-best-smoke-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    cache = tiny_cache(tiny_data(tmp / "data"), tmp / "tiny")
+    args.cache_dir, args.out, args.folds, args.no_extra = tmp / "cache", tmp / "out", 2, True
+    named(cache, args.cache_dir, NAME.format("lite0"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache-dir", type=Path, default=Path("/work/cache-shared"))
@@ -98,7 +115,11 @@ def main() -> None:
                     "members in two processes; a run without it reuses them")
     ap.add_argument("--ablate", action="store_true", help="then blends of subsets of every member fitted in --out "
                     "(with and without the attention member, the extra text encoder's members)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random encoders on generated data, 2 folds, lite0's "
+                    "stand-in only: checks that the script runs (its figures mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        smoke(args)
     configure(0)  # the members' progress lines (mlc logs; the package is silent unless asked)
     caches = [args.cache_dir / NAME.format(e) for e in (("lite0",) if args.no_extra or args.tokens
                                                         else ("lite0", "lite2"))]
@@ -118,7 +139,8 @@ def main() -> None:
     wanted = [m for m in plan(n_image, tokens=tokens, texts=texts) if (not only or m.name in only)
               and (not args.existing or RunDir(args.out / "members" / m.name).manifest.is_file())]
     members = fit_members(wanted, caches, args.out,
-                          folds=args.folds, time_limit=args.time_limit, rows=train_rows, quiet=True)
+                          folds=args.folds, time_limit=args.time_limit, rows=train_rows, quiet=True,
+                          **({"epochs": 2} if args.smoke else {}))
     if only:
         return
     fit_s = time.perf_counter() - t0

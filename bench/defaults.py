@@ -9,6 +9,8 @@ score on ids 10000-11999 with the chosen rule.
 
     .venv/bin/python bench/defaults.py --small-caches DIR [--shared-cache H5] [--recipes old,bce,asl]
 
+    .venv/bin/python bench/defaults.py --smoke   # a tiny random-encoder cache of generated rows (the slow suite)
+
 DIR holds tags-mini/ and comp5329-mini/ train caches (`mlc extract ... --split train --cache-dir DIR`).
 """
 
@@ -72,11 +74,33 @@ def one(cache: Path, recipe: dict, out: Path, report_from: int | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small-caches", type=Path, required=True)
+    ap.add_argument("--small-caches", type=Path, help="required, but with --smoke")
     ap.add_argument("--shared-cache", type=Path, default=Path("/work/cache-shared/comp5329") / CACHE)
     ap.add_argument("--recipes", default="old,bce,asl")
     ap.add_argument("--datasets", default="tags-mini,comp5329-mini,shared")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random-encoder cache of generated rows (ids around "
+                    "10000) as a small dataset and as the shared one, 2 epochs: checks that the script runs (its "
+                    "figures mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        from _smoke import named, tiny_cache, tiny_data, tiny_env
+
+        tiny_env()
+        for recipe in RECIPES.values():
+            recipe["epochs"] = 2
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = tiny_cache(tiny_data(Path(tmp) / "data", n_train=30), Path(tmp) / "tiny")
+            args.small_caches, args.datasets, args.recipes = Path(tmp) / "small", "tiny,shared", "old,bce"
+            args.shared_cache = named(cache, args.small_caches, f"tiny/{CACHE}")
+            bench(args)
+        return
+    if args.small_caches is None:
+        ap.error("the following arguments are required: --small-caches")
+    bench(args)
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Each recipe on each dataset, one line each."""
     for ds in args.datasets.split(","):
         cache = args.shared_cache if ds == "shared" else args.small_caches / ds / CACHE
         for name in args.recipes.split(","):

@@ -7,12 +7,14 @@ float32's and the run's own submission (`mlc submit`, RUN/submission.csv, when t
 probability difference from float32.
 
     .venv/bin/python bench/export.py [--run runs/demo] [--data examples/comp5329-mini] [--out /tmp/mlc-bench-export]
+    .venv/bin/python bench/export.py --smoke   # a tiny random-encoder run on generated data (the slow suite)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,23 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO / "examples" / "comp5329-mini")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mlc-bench-export"))
     ap.add_argument("--reuse", action="store_true", help="use exports already in --out")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random-encoder run on generated data: checks that "
+                    "the script runs (its figures mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        from _smoke import tiny_env, tiny_run
+
+        tiny_env()
+        with tempfile.TemporaryDirectory() as tmp:
+            args.data, args.run = tiny_run(Path(tmp))
+            args.out, args.reuse = Path(tmp) / "exports", False
+            bench(args)
+        return
+    bench(args)
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Export in each dtype, label the test photos through each, print the table."""
     data = DataDir.open(args.data)
     records = data.records("test")
     photos = [data.image_dir / r.image_id for r in records]

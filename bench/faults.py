@@ -10,7 +10,8 @@ fault and classifies what happens next:
   TRACE    it stopped with a Python traceback
   CRASH    the process died (segmentation fault)
 
-    .venv/bin/python bench/faults.py [--repo PATH] [--only CASE,...] [--group all|core|inputs]
+    .venv/bin/python bench/faults.py [--repo PATH] [--only CASE,...] [--group all|core|inputs|trust]
+    .venv/bin/python bench/faults.py --smoke   # two quick trust cases (the slow suite)
 
 The inputs group (issue 18 part B: data faults, photos, model folders, edited files) is bench/faults_inputs.py;
 the trust group (issue 25: output policy, bounded reads, self-agreeing model folders, options, interrupts) is
@@ -484,7 +485,14 @@ def main() -> None:
     ap.add_argument("--repo", type=Path, default=REPO)
     ap.add_argument("--only", default="")
     ap.add_argument("--group", choices=("all", "core", "inputs", "trust"), default="all")
+    ap.add_argument("--smoke", action="store_true", help="two quick cases of the trust group (data only): checks that "
+                    "the harness runs")
     args = ap.parse_args()
+    if args.smoke:
+        import faults_trust
+
+        args.group, args.only = "trust", "trust_old_and_new_spelling,trust_labels_dev_zero"
+        faults_trust.LIMIT_S = 300  # a hang is what a case catches; on a busy machine a start alone may take 60 s
     groups = {"core": CASES, "inputs": INPUTS, "trust": TRUST}
     cases = {k: v for name, group in groups.items() if args.group in ("all", name) for k, v in group.items()}
     names = [n for n in cases if not args.only or n in args.only.split(",")]

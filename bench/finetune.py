@@ -12,6 +12,7 @@ split mlc uses); samples-F1 on the 20% (thresholds cross-fitted) of
 each with its training images per second.
 
     .venv/bin/python bench/finetune.py [--rows 2500] [--parts 1,2]   # --parts 3: ids 0-9999 -> 10000-11999
+    .venv/bin/python bench/finetune.py --smoke   # parts 1 and 2, tiny random encoders on generated data (slow suite)
 
 Needs the trunk cache: `mlc extract ../shared/data/comp5329 --preset offline --image-cut block11
 --text-cut layer4 --split train`.
@@ -44,20 +45,25 @@ from pipeline.losses import create_loss  # noqa: E402
 from pipeline.model import MultiModal  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "comp5329"
+# The encoders, their cuts (part 2's trunk caches: the given one, then the one made here) and the text cut;
+# --smoke swaps in the tiny random ones.
+ENC = {"image": "efficientnet-lite0", "text": "minilm-l6", "cuts": ("block11", "block13"), "text_cut": "layer4",
+       "random_init": False}
 
 
 def bare_loop(batch: int, steps: int) -> float:
     """Images/s of forward + backward + Adam step over in-memory tensors, lite0 + MiniLM + sum head."""
     torch.manual_seed(0)
-    image, text = create_image_encoder("efficientnet-lite0"), create_text_encoder("minilm-l6")
-    model = MultiModal(image, text, create_head("sum", image_dim=1280, text_dim=384, num_classes=18))
+    rnd = {"random_init": True, "seed": 0} if ENC["random_init"] else {}
+    image, text = create_image_encoder(ENC["image"], **rnd), create_text_encoder(ENC["text"], **rnd)
+    model = MultiModal(image, text, create_head("sum", image_dim=image.dim, text_dim=text.dim, num_classes=18))
     model.train()
     opt = torch.optim.Adam([{"params": model.head.parameters(), "lr": 1e-4},
                             {"params": [*image.parameters(), *text.parameters()], "lr": 1e-5}], weight_decay=1e-5)
     loss_fn = create_loss("bce")
-    x = torch.randn(batch, 3, 224, 224)
-    ids = torch.randint(1000, 5000, (batch, 16))
-    mask = torch.ones_like(ids)
+    x = torch.randn(batch, 3, image.preprocess.crop, image.preprocess.crop)
+    tok = text.tokenize(["a man riding a horse along the beach at sunset with a dog and two children"] * batch)
+    ids, mask = tok["input_ids"], tok["attention_mask"]
     y = (torch.rand(batch, 18) < 0.1).float()
     times = []
     for i in range(steps + 1):
@@ -76,6 +82,7 @@ def run_finetune(cfg: FinetuneConfig, per_step: bool = False) -> tuple[float, fl
     """(held-out samples-F1, training images/s): the whole epoch's rate, or the median step's."""
     metrics = finetune(cfg)
     history = json.loads((cfg.out / "history.json").read_text())
+    history = [epoch for fold in history for epoch in fold]  # a list of epochs per fold (one fold here)
     if per_step:
         steps = statistics.median(h["median_step_seconds"] for h in history)
         return metrics["samples_f1"], cfg.train.batch_size / steps
@@ -89,14 +96,40 @@ def main() -> None:
     ap.add_argument("--parts", default="1,2")
     ap.add_argument("--trunk-epochs", type=int, default=2)
     ap.add_argument("--cache-dir", type=Path, default=REPO / "cache" / "comp5329")
+    ap.add_argument("--smoke", action="store_true", help="parts 1 and 2 with tiny random encoders on generated data: "
+                    "checks that the script runs (its figures mean nothing)")
     args = ap.parse_args()
-    parts = set(args.parts.split(","))
+    if args.smoke:
+        smoke(args)
+        return
     trunk = next(iter(sorted(args.cache_dir.glob("train__efficientnet-lite0__minilm-l6__img-block11*.h5"))), None)
+    bench(args, trunk)
+
+
+def smoke(args: argparse.Namespace) -> None:
+    """Parts 1 and 2 on 24 generated rows, tiny random encoders, batch 4, 2 epochs above the cuts."""
+    global SHARED
+    from _smoke import IMAGE, TEXT, tiny_cache, tiny_data, tiny_env
+
+    tiny_env()
+    ENC.update(image=IMAGE, text=TEXT, cuts=("layer2", "layer3"), text_cut="layer1", random_init=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        SHARED = tiny_data(Path(tmp) / "data")
+        trunk = tiny_cache(SHARED, Path(tmp) / "cache", image_cut="layer2", text_cut="layer1")
+        args.parts, args.rows, args.batch_size, args.trunk_epochs = "1,2", 24, 4, 1
+        bench(args, trunk)
+
+
+def bench(args: argparse.Namespace, trunk: Path | None) -> None:
+    """The parts asked for (``trunk``: the first cut's trunk cache, when there is one)."""
+    parts = set(args.parts.split(","))
+    cut0, cut1 = ENC["cuts"]
     print(f"{torch.get_num_threads()} threads, batch {args.batch_size}")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        base = FinetuneConfig.build(data_dir=SHARED, image_encoder="efficientnet-lite0", text_encoder="minilm-l6",
-                                    batch_size=args.batch_size, workers=2, epochs=1, seed=0)
+        base = FinetuneConfig.build(data_dir=SHARED, image_encoder=ENC["image"], text_encoder=ENC["text"],
+                                    batch_size=args.batch_size, workers=0 if ENC["random_init"] else 2, epochs=1,
+                                    seed=0, random_init=ENC["random_init"])
         if "1" in parts:
             rows = 12 * args.batch_size * 5 // 4  # 80% of it trains: 12 steps
             # Alternate ours and bare, twice, so both see the same machine load; median step times.
@@ -115,13 +148,14 @@ def main() -> None:
             part3(trunk, base, args.trunk_epochs, tmp)
         if "2" in parts:
             if trunk is None:
-                sys.exit("no block11 trunk cache: see this script's docstring")
+                sys.exit(f"no {cut0} trunk cache: see this script's docstring")
             print(f"quality on the first {args.rows} labelled rows (80% train / 20% held out, the same split "
                   "for every row below; samples-F1 with per-class thresholds, cross-fitted):")
             # A block13 trunk cache of exactly those rows (a few minutes); it also holds their embeddings.
             (block13,) = extract(ExtractConfig.build(data_dir=first_rows(SHARED, args.rows, tmp), splits=("train",),
-                                                     image_encoder="efficientnet-lite0", text_encoder="minilm-l6",
-                                                     image_cut="block13", text_cut="layer4", cache_dir=tmp / "cache"))
+                                                     image_encoder=ENC["image"], text_encoder=ENC["text"],
+                                                     image_cut=cut1, text_cut=ENC["text_cut"], cache_dir=tmp / "cache",
+                                                     random_init=ENC["random_init"]))
             frozen = tmp / "frozen"
             t = time.perf_counter()
             m = fit_head(FitHeadConfig.build(caches=block13, out=frozen, head="sum", folds=0), quiet=True)
@@ -132,7 +166,7 @@ def main() -> None:
             # Finetunes start from that head (--init-head), as a user would after fit-head.
             tuned = dict(init_head=frozen, sampler="uniform", pos_weight=False, lr=3e-4, encoder_lr=1e-4,
                          max_rows=args.rows)
-            for cut, cache in (("block11", trunk), ("block13", block13)):
+            for cut, cache in ((cut0, trunk), (cut1, block13)):
                 f1, rate = run_finetune(base.replace(data_dir=None, from_cache=cache, image_cut=cut,
                                                      epochs=args.trunk_epochs, out=tmp / f"trunk-{cut}", **tuned))
                 print(f"  trunk cache, train above {cut} ({args.trunk_epochs} epochs) samples-F1 {f1:.4f}   "

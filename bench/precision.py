@@ -8,6 +8,7 @@ Two towers, each trained by mlc's own loop (``training.train``) in both precisio
   once beforehand, so only the model is timed); rows/s only.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/precision.py [--rows 2000] [--images 96] [--repeats 2]
+    .venv/bin/python bench/precision.py --smoke   # tiny random encoders on generated data, once (the slow suite)
 
 Prints every run, then medians per precision and the bf16 / fp32 ratio.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,20 +38,22 @@ from pipeline.thresholds import apply_thresholds  # noqa: E402
 from pipeline.training import Task, make_sampler, train  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "comp5329"
+# the encoders and the scored rows (row indices); --smoke swaps in tiny random encoders and its own rows
+ENC = {"image": "efficientnet-lite0", "text": "minilm-l6", "random": {}, "held": range(10000, 11000)}
 
 
 def caption_run(precision: str, caps: list[str], y: np.ndarray, rows: int) -> tuple[float, float, float]:
     """(train rows/s, samples-F1 at 0.5, tuned cross-fitted samples-F1 on ids 10000-10999)."""
     torch.manual_seed(0)
     cfg = CrossfitConfig.build(data_dir=SHARED, folds=2, epochs=1)
-    tower = CaptionTower(create_text_encoder("minilm-l6"), y.shape[1])
+    tower = CaptionTower(create_text_encoder(ENC["text"], **ENC["random"]), y.shape[1])
     tokens = tower.text.tokenize(caps)
     cpu = torch.device("cpu")
     res = train(_fold_task(cfg, tower, tokens, y, np.arange(rows), cpu, precision, set()), cfg.train, device=cpu,
                 log=lambda m: None, precision=precision)
     tower.load_state_dict(res.best_state)
     tower.eval()
-    held = np.arange(10000, 11000)
+    held = np.asarray(ENC["held"])
     scores = []
     with torch.inference_mode():
         for s in range(0, len(held), 128):
@@ -66,7 +70,7 @@ def caption_run(precision: str, caps: list[str], y: np.ndarray, rows: int) -> tu
 def image_run(precision: str, pixels: torch.Tensor, y: np.ndarray) -> float:
     """Train rows/s of lite0 + a linear layer, one epoch over ``pixels`` (uint8, already decoded)."""
     torch.manual_seed(0)
-    enc = create_image_encoder("efficientnet-lite0").to(memory_format=torch.channels_last)
+    enc = create_image_encoder(ENC["image"], **ENC["random"]).to(memory_format=torch.channels_last)
     model = nn.Sequential(enc, nn.Linear(enc.dim, y.shape[1]))
     cfg = CrossfitConfig.build(data_dir=SHARED, folds=2, epochs=1, batch_size=16, sampler="uniform")
     rows = np.arange(len(pixels))
@@ -92,14 +96,32 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000, help="caption tower training rows")
     ap.add_argument("--images", type=int, default=96, help="image tower training rows")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="tiny random encoders on 24 generated rows, once: checks "
+                    "that the script runs (its figures mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        global SHARED
+        from _smoke import IMAGE, TEXT, tiny_data, tiny_env
+
+        tiny_env()
+        ENC.update(image=IMAGE, text=TEXT, random={"random_init": True, "seed": 0}, held=range(16, 24))
+        args.rows, args.images, args.repeats = 16, 8, 1
+        with tempfile.TemporaryDirectory() as tmp:
+            SHARED = tiny_data(Path(tmp) / "data")
+            bench(args)
+        return
+    bench(args)
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Both towers in both precisions, alternated; every run, then the medians."""
     print(f"CPU bf16: {cpu_bf16()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), capability "
           f"{torch.backends.cpu.get_cpu_capability()}", flush=True)
     data = DataDir.open(SHARED)
     recs = data.records("train")
     y = data.label_space().multi_hot([r.labels for r in recs])
     caps = [r.caption for r in recs]
-    pre = create_image_encoder("efficientnet-lite0").preprocess
+    pre = create_image_encoder(ENC["image"], **ENC["random"]).preprocess
     pixels = torch.stack([pre.pixels(0)(load_image(data.image_path(r.image_id))) for r in recs[:args.images]])
     got: dict[tuple[str, str], list] = {}
     for rep in range(args.repeats):

@@ -8,6 +8,7 @@ The export is written first (`mlc export RUN --out EXPORT --precision fp16`) unl
 whole command as a user runs it (interpreter start included); peak RSS is the child's (wait4 rusage).
 
     .venv/bin/python bench/predict.py [--run runs/demo] [--export /tmp/mlc-bench-predict] [--repeats 5]
+    .venv/bin/python bench/predict.py --smoke   # a tiny random-encoder run on generated data, once (the slow suite)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,11 +46,27 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=REPO / "runs" / "demo")
     ap.add_argument("--export", type=Path, default=Path("/tmp/mlc-bench-predict"))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="a tiny random-encoder run on generated data, once: checks "
+                    "that the script runs (its figures mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        from _smoke import FIRST_ID, tiny_env, tiny_run
+
+        tiny_env()  # the spawned processes inherit the tiny encoders
+        with tempfile.TemporaryDirectory() as tmp:
+            data, args.run = tiny_run(Path(tmp))
+            args.export, args.repeats = Path(tmp) / "export", 1
+            bench(args, data / "data" / f"{FIRST_ID}.jpg")
+        return
+    bench(args, PHOTO)
+
+
+def bench(args: argparse.Namespace, photo: Path) -> None:
+    """Export once when needed, then time both ways alternated; print every run and the medians."""
     if not (args.export / "export.json").is_file():
         subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(args.run), "--out", str(args.export),
                         "--precision", "fp16"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
-    common = [str(PHOTO), "--caption", "a man riding a horse on a beach"]
+    common = [str(photo), "--caption", "a man riding a horse on a beach"]
     paths = {"export": ["predict", str(args.export), *common], "run": ["predict", str(args.run), *common]}
     once(paths["run"])  # the run's ONNX graphs exported once beforehand, as a second call finds them
     got: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}

@@ -14,6 +14,8 @@ trained with ``workflow.attention_training``, as ``mlc run --head attention`` do
                                       [--crossfit FOLDS:EPOCHS:PRECISION[:OUTPUT],...]
                                       [--attention FOLDS,...]
 
+    .venv/bin/python bench/recipes.py --smoke   # the default recipes, tiny random encoders on generated data
+
 Wall times: extraction of the train split (ONNX Runtime, 2 cores) + training + threshold tuning.
 """
 
@@ -48,13 +50,20 @@ from pipeline.workflow import attention_training  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "comp5329"
 TEXT = "minilm-l6"
+# the image encoders by their short names, the text cut of the trunk caches and extract's other options:
+# --smoke swaps in tiny random encoders
+IMAGES = {"lite0": "efficientnet-lite0", "lite2": "efficientnet-lite2"}
+TEXT_CUT = "layer4"
+EXTRACT: dict[str, Any] = {}
+FIT: dict[str, Any] = {}  # fit-head options of every frozen head
+TRAIN_ROWS = 10000  # the rows of ids 0-9999: the finetune's first rows, the attention head's training rows
 
 
 def cache(image: str, cache_dir: Path, **cuts: str) -> tuple[Path, float]:  # cuts: or precision
     """The train cache of ``image`` + MiniLM (made once), and how long making it took (0 when reused)."""
     t = time.perf_counter()
     (path,) = extract(ExtractConfig.build(data_dir=SHARED, image_encoder=image, text_encoder=TEXT, splits=("train",),
-                                          cache_dir=cache_dir, **cuts))
+                                          cache_dir=cache_dir, **cuts, **EXTRACT))
     return path, time.perf_counter() - t
 
 
@@ -70,7 +79,7 @@ def frozen(caches: list[Path], folds: int, out: Path, head: str = "concat", **op
     readers = [CacheReader(c) for c in caches]
     train, report, _, _ = split(readers)
     t = time.perf_counter()
-    fit_head(FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=head, **opts),
+    fit_head(FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=head, **{**FIT, **opts}),
              loaded=(readers, train), quiet=True)
     secs = time.perf_counter() - t
     model = Predictor.of_run(RunDir(out).load())
@@ -83,9 +92,10 @@ def trunk(trunk_cache: Path, frozen_run: Path, out: Path, epochs: int, lr: float
     """(samples-F1 on ids 10000-11999, seconds) of the trunk route: finetune from the frozen head."""
     reader = CacheReader(trunk_cache)
     t = time.perf_counter()
-    finetune(FinetuneConfig.build(from_cache=trunk_cache, out=out, max_rows=10000, init_head=frozen_run, epochs=epochs,
-                                  sampler="uniform", pos_weight=False, lr=lr, encoder_lr=encoder_lr, batch_size=32,
-                                  workers=2, image_encoder=reader.meta.image_encoder, text_encoder=TEXT, head="concat"))
+    finetune(FinetuneConfig.build(from_cache=trunk_cache, out=out, max_rows=TRAIN_ROWS, init_head=frozen_run,
+                                  epochs=epochs, sampler="uniform", pos_weight=False, lr=lr, encoder_lr=encoder_lr,
+                                  batch_size=32, workers=2, image_encoder=reader.meta.image_encoder, text_encoder=TEXT,
+                                  head="concat"))
     secs = time.perf_counter() - t
     run = RunDir(out).load()
     model = load_model(run, reader.meta.image_cut, reader.meta.text_cut)
@@ -112,7 +122,35 @@ def main() -> None:
                     help="cross-fits: FOLDS:EPOCHS:PRECISION[:OUTPUT], comma-separated (OUTPUT: embedding or logits)")
     ap.add_argument("--attention", default="5", help="fold counts of the attention-head recipe, comma-separated")
     ap.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "mlc-recipes.json")
+    ap.add_argument("--smoke", action="store_true", help="the default recipes (one trunk config) with tiny random "
+                    "encoders on generated data: checks that the script runs (its figures mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        smoke(args)
+        return
+    bench(args)
+
+
+def smoke(args: argparse.Namespace) -> None:
+    """The default parts on 24 generated rows (ids 9984-10007), tiny random encoders, one trunk config."""
+    global SHARED, TEXT, TEXT_CUT, TRAIN_ROWS
+    from _smoke import IMAGE, tiny_data, tiny_env
+    from _smoke import TEXT as TINY_TEXT
+
+    tiny_env()
+    IMAGES.update(lite0=IMAGE, lite2=IMAGE)
+    TEXT, TEXT_CUT, TRAIN_ROWS = TINY_TEXT, "layer1", 16
+    EXTRACT.update(random_init=True, workers=0)
+    FIT.update(epochs=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        SHARED = tiny_data(Path(tmp) / "data")
+        args.cache_dir, args.results = Path(tmp) / "cache", Path(tmp) / "results.json"
+        args.trunk = "layer3:1:3e-4:1e-4"
+        bench(args)
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Every recipe of --only, each printed (and saved to --results) as it ends."""
     parts = set(args.only.split(","))
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
 
@@ -124,8 +162,8 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        lite0, t0 = cache("efficientnet-lite0", args.cache_dir)
-        lite2, t2 = cache("efficientnet-lite2", args.cache_dir) if parts & {"frozen", "fused"} else (lite0, 0.0)
+        lite0, t0 = cache(IMAGES["lite0"], args.cache_dir)
+        lite2, t2 = cache(IMAGES["lite2"], args.cache_dir) if parts & {"frozen", "fused"} else (lite0, 0.0)
         print(f"train caches: lite0 + MiniLM {t0:.0f} s, lite2 + MiniLM {t2:.0f} s (0 = reused)", flush=True)
         if "frozen" in parts:
             for name, caches, folds in (("lite0 + MiniLM, one split", [lite0], 0),
@@ -137,29 +175,29 @@ def main() -> None:
             record("lite0 + MiniLM, 5 folds", *frozen([lite0], 5, tmp / "default"))
             record("frozen MiniLM alone (--head text), 5 folds", *frozen([lite0], 5, tmp / "text", head="text"))
         if "attention" in parts:  # image token maps + the attention head, as `mlc run --head attention` trains it
-            tok, tt = cache("efficientnet-lite0", args.cache_dir, image_pooling="tokens")
+            tok, tt = cache(IMAGES["lite0"], args.cache_dir, image_pooling="tokens")
             print(f"token-map train cache: {tt:.0f} s (0 = reused)", flush=True)
             for folds in map(int, args.attention.split(",")):
                 record(f"lite0 token maps + MiniLM, attention head, {folds} folds",
                        *frozen([tok], folds, tmp / f"attention-{folds}", head="attention",
-                              **attention_training(10000)))  # the 10,000 training rows: batch 256
+                              **attention_training(TRAIN_ROWS)))  # the 10,000 training rows: batch 256
         if "fused" in parts:
             record("lite0 + lite2 + MiniLM fused, 5 folds", *frozen([lite0, lite2], 5, tmp / "fused"))
         if "trunk" in parts:
             for spec in args.trunk.split(","):
                 cut, ep, lr_s, enc_s = spec.split(":")
                 epochs, lr, enc_lr = int(ep), float(lr_s), float(enc_s)
-                tc, secs = cache("efficientnet-lite0", args.cache_dir, image_cut=cut, text_cut="layer4")
+                tc, secs = cache(IMAGES["lite0"], args.cache_dir, image_cut=cut, text_cut=TEXT_CUT)
                 # The starting head is fitted on the finetune's own split (the first 10,000 rows, seed 0, 20%
                 # held out): a 5-fold head trained on the rows the finetune holds out (finetune refuses it).
                 base = tmp / f"frozen-{cut}"
                 f1, fsecs = frozen([tc], 0, base)
-                name = f"trunk {cut} + MiniLM layer4, {epochs} ep, lr {lr:g}/{enc_lr:g}"
+                name = f"trunk {cut} + MiniLM {TEXT_CUT}, {epochs} ep, lr {lr:g}/{enc_lr:g}"
                 f1_t, tsecs = trunk(tc, base, tmp / f"trunk-{cut}-{epochs}-{lr}", epochs, lr, enc_lr)
                 print(f"  (trunk cache {secs:.0f} s, its one-split start head {f1:.4f} in {fsecs:.0f} s)", flush=True)
                 record(name, f1_t, tsecs)
         if "int8" in parts:
-            int8, ti = cache("efficientnet-lite0", args.cache_dir, precision="int8")
+            int8, ti = cache(IMAGES["lite0"], args.cache_dir, precision="int8")
             print(f"int8 train cache: {ti:.0f} s (0 = reused)", flush=True)
             record("lite0 + MiniLM int8, 5 folds", *frozen([int8], 5, tmp / "int8"))
         if "crossfit" in parts:

@@ -11,6 +11,7 @@ at most 2,000 requests, 256 clients, 200 predict processes and --time-limit seco
 
     .venv/bin/python bench/serve.py [--model model/] [--run runs/demo] [--requests 100] [--clients 100] [--loop 20]
                                     [--batch-sizes 8,1,32] [--repeats 3]
+    .venv/bin/python bench/serve.py --smoke   # a tiny random-encoder export, 8 requests (the slow suite)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -132,7 +134,26 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="8,1,32", help="the server's --batch-size, one phase each")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each server setting, alternated (at most 10)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per phase at most")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random-encoder run on generated data, "
+                    "exported; 8 requests from 4 clients, 2 predict processes: checks that the script runs "
+                    "(figures mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        from _smoke import tiny_env, tiny_run
+
+        tiny_env()
+        ENV.update({k: os.environ[k] for k in ("MLC_PLUGINS", "MLC_ONNX_DIR", "MLC_OFFLINE")})
+        with tempfile.TemporaryDirectory() as tmp:
+            _, args.run = tiny_run(Path(tmp))
+            args.model, args.requests, args.clients, args.loop = Path(tmp) / "model", 8, 4, 2
+            args.batch_sizes, args.repeats = "4,1", 1
+            bench(args)
+        return
+    bench(args)
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Every server setting under load, alternated, then the predict loop; every run, then the medians."""
     n, clients, loop = min(args.requests, 2000), min(args.clients, 256), min(args.loop, 200)
     if not (args.model / "export.json").is_file():
         subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(args.run), "--out", str(args.model)],

@@ -6,6 +6,7 @@ A pytest plugin counts the ONNX encoder exports of each run and the seconds they
 then the medians and the ratio after / before.
 
     .venv/bin/python bench/suite.py [--base b3493dd] [--head HEAD] [--repeats 1] [--select EXPR]
+    .venv/bin/python bench/suite.py --smoke   # HEAD against HEAD, tests/test_metrics.py only (the slow suite)
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def checkout(rev: str, root: Path) -> Path:
     return folder
 
 
-def run_suite(folder: Path, plugins: Path, select: str | None) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "mlc_bench_exports", "-p", "no:cacheprovider"]
+def run_suite(folder: Path, plugins: Path, select: str | None, paths: tuple[str, ...] = ()) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "mlc_bench_exports", "-p", "no:cacheprovider",
+           *paths]
     if select:
         cmd += ["-k", select]
     env = {"PYTHONPATH": f"{folder}:{plugins}", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
@@ -70,16 +72,22 @@ def main() -> None:
     ap.add_argument("--head", default="HEAD")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--select", default=None, help="pytest -k expression (a quick check of this script)")
+    ap.add_argument("--smoke", action="store_true", help="HEAD against HEAD, tests/test_metrics.py only, once: checks "
+                    "that the script runs (its figures mean nothing)")
     args = ap.parse_args()
+    paths: tuple[str, ...] = ()
+    if args.smoke:
+        args.base, args.head, args.repeats, paths = "HEAD", "HEAD", 1, ("tests/test_metrics.py",)
     with tempfile.TemporaryDirectory(prefix="mlc-bench-suite-") as tmp:
         root = Path(tmp)
         (root / "plugins").mkdir()
         (root / "plugins" / "mlc_bench_exports.py").write_text(PLUGIN)
-        folders = {"before": checkout(args.base, root), "after": checkout(args.head, root)}
+        (root / "before").mkdir(), (root / "after").mkdir()  # the same revision may be both
+        folders = {"before": checkout(args.base, root / "before"), "after": checkout(args.head, root / "after")}
         runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
         for i in range(args.repeats):
             for name, folder in folders.items():  # alternated: load changes hit both alike
-                r = run_suite(folder, root / "plugins", args.select)
+                r = run_suite(folder, root / "plugins", args.select, paths)
                 runs[name].append(r)
                 print(f"run {i + 1} {name:6s} wall {r['wall']:.1f} s  tests {r['passed']}  "
                       f"ONNX exports {r['exports']} ({r['export_s']:.1f} s)", flush=True)

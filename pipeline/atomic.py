@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 from .config import Config, opt
 from .errors import BusyError, OutputError
-from .output_rules import check_name, mlc_folder
+from .output_rules import check_kind, check_name, check_regular, mlc_folder
 from .reading import kind as _kind
 
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(tmp|staging|old)$")
@@ -205,6 +205,7 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
     and other spellings of one path are the same path. Finally the parent folder must be writable, so a
     read-only destination fails before the work.
     """
+    check_regular(target, folder)
     check_name(target)
     path = Path(target).expanduser().resolve()
     sealed = [Path(s).expanduser().resolve() for s in sealed]
@@ -236,6 +237,8 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
         if path.is_dir() != folder:
             raise OutputError(str(target), f"it is a {'file' if folder else 'folder'}; {what} goes there")
         names = entries(path) if folder else ([] if path.stat().st_size == 0 else [path.name])
+        if names:
+            check_kind(target, path, what, ours, folder)
         mine = ours(path) if names and not force else True
         if mine is not True:
             if mine:

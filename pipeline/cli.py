@@ -25,7 +25,7 @@ import typer
 import typer.core
 
 from . import __version__
-from .cli_options import AliasedCommand, config_command, fail, renamed_options
+from .cli_options import AliasedCommand, config_command, fail, interrupted, renamed_options
 from .errors import MlcError
 from .log import configure, rank
 
@@ -263,7 +263,10 @@ class _LazyGroup(typer.core.TyperGroup):
         cmd_name, cmd, rest = super().resolve_command(ctx, args)
         if cmd_name in COMMANDS:
             _heartbeat(ctx, cmd_name)
-            cmd = _load(cmd_name)
+            try:
+                cmd = _load(cmd_name)  # importing a stage can take a minute on a busy machine: Ctrl-C may come here
+            except KeyboardInterrupt:
+                interrupted(cmd_name)
         return cmd_name, cmd, rest
 
 

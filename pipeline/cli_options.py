@@ -137,6 +137,13 @@ class AliasedCommand(typer.core.TyperCommand):
         return super().parse_args(ctx, args)
 
 
+def interrupted(name: str) -> NoReturn:
+    """Ctrl-C: one line and exit 130, no traceback (outputs are written atomically: none is half-done)."""
+    typer.echo(f"interrupted: mlc {name} stopped; its outputs are as they were before (an extract resumes "
+               "from its finished chunks when run again)", err=True)
+    raise typer.Exit(130) from None
+
+
 def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[Config]) -> Callable[..., None]:
     """A function Typer can register: keyword parameters from ``config_cls``'s options (its groups' flattened),
     calling ``fn(config_cls.build(**options))`` and turning MlcError into one line and exit code 2."""
@@ -159,10 +166,8 @@ def config_command(name: str, fn: Callable[[Any], int | None], config_cls: type[
             code = fn(config_cls.build(**values))
         except MlcError as err:
             fail(err)
-        except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (outputs are written atomically: none half-done)
-            typer.echo(f"interrupted: mlc {name} stopped; its outputs are as they were before (an extract resumes "
-                       "from its finished chunks when run again)", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            interrupted(name)
         if code:
             raise typer.Exit(code)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar, Literal
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .config import Config, opt, require
 from .errors import DataError, ImageError
@@ -311,6 +311,10 @@ def load_image(path: str | os.PathLike[str], draft: int | None = None, inside: P
     try:
         with open_image_file(path, inside) as fh, Image.open(fh) as im:
             return decode_image(im, draft)
+    except UnidentifiedImageError as err:  # Pillow names its file object (<_io.BufferedReader name=3>), not the fault
+        size = path.stat().st_size if path.is_file() else -1
+        why = "an empty file (0 bytes)" if size == 0 else f"no image format Pillow reads ({size:,} bytes)"
+        raise ImageError(str(path), f"cannot decode image: {why}") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(str(path), f"cannot decode image: {err}") from err
 

@@ -1,14 +1,50 @@
-"""Two rules of ``atomic.claim_output`` that need no state: an output name the file system can hold (with mlc's
-temporary name beside it), and the run or export folder a path lies inside (which no other writer may touch)."""
+"""Rules of ``atomic.claim_output`` that need no state: an output that is a path to a file or folder (not a device,
+a pipe or a process's standard stream), an output name the file system can hold (with mlc's temporary name beside
+it), and the run or export folder a path lies inside (which no other writer may touch)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import OutputError
+from .reading import kind
+
+# a process's open files by number: the standard streams (/dev/stdout -> /proc/self/fd/1) and /dev/fd/N
+_STREAMS = re.compile(r"/(dev/(stdin|stdout|stderr|fd/\d+)|proc/(self|thread-self|\d+)/fd/\d+)")
+
+
+def check_regular(target: str | os.PathLike[str], folder: bool, option: str = "--out") -> None:
+    """OutputError naming ``option`` when the output is, or leads through links to, a device, a FIFO, a socket or
+    a process's open file (``/dev/stdout``): mlc writes an output whole beside it, then renames it over, so an
+    output must be the path of a regular file (or folder); renaming over a stream or a device would replace it."""
+    given = os.path.abspath(os.path.expanduser(os.fspath(target)))
+    hops, at = [given], given
+    for _ in range(40):  # the link chain, as written (/dev/stdout -> /proc/self/fd/1 -> pipe:[...])
+        try:
+            at = os.path.normpath(os.path.join(os.path.dirname(at), os.readlink(at)))
+        except (OSError, ValueError):
+            break
+        hops.append(at)
+    what = None
+    if any(_STREAMS.fullmatch(h) for h in hops):
+        what = "a standard stream (a process's open file)"
+    else:
+        try:
+            mode = os.stat(given).st_mode
+        except (OSError, ValueError):
+            mode = None
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            what = kind(mode)
+    if what is not None:
+        need = "a folder path" if folder else "a regular file path"
+        raise OutputError(str(target), f"{option} must be {need}, and {target} is {what}; mlc writes an output whole, "
+                          "to a temporary file renamed over it, never to a device, a pipe or a stream")
 
 # the longest name mlc makes beside an output: ".NAME.PID.RANDOM.staging" (a pid has at most 7 digits)
 _STAGING_EXTRA = len(".x.1234567.01234567.staging") - 1  # atomic._temp_name's form, the largest pid
@@ -50,4 +86,78 @@ def mlc_folder(path: Path) -> Path | None:
                     d = json.loads(manifest.read_text(encoding="utf-8"))
                     if isinstance(d, dict) and isinstance(d.get("files"), dict):
                         return folder
+    return None
+
+
+_HDF5 = b"\x89HDF\r\n\x1a\n"
+
+
+def mlc_kind(path: Path) -> str | None:
+    """What mlc wrote at ``path`` (a regular file), by its content, or None: a feature cache, a submission,
+    predictions, evaluate's scores, a runs page. ``--force`` replaces a foreign file, never one of these when the
+    command writes another kind (the commands' own recognisers decide what is theirs; this one what is mlc's)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return None
+    if head.startswith(_HDF5):
+        return "an HDF5 feature cache (mlc extract writes them)"
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    line = text.split("\n", 1)[0].strip()
+    if line == "ImageID,Labels":
+        return "a submission (mlc submit)"
+    if line.startswith("path,labels,") or (line.startswith("photo ") and line.endswith(" labels (probability)")):
+        return "a predictions file (mlc predict)"
+    if text.startswith("<!doctype html>") and "<h1>mlc runs</h1>" in text:
+        return "a runs page (mlc runs --out)"
+    if line.startswith("{"):
+        with contextlib.suppress(ValueError, TypeError, OSError):
+            first = json.loads(line)  # predictions as JSON lines: one object a line
+            if isinstance(first, dict) and {"path", "labels"} <= set(first):
+                return "a predictions file (mlc predict)"
+        with contextlib.suppress(ValueError, TypeError, OSError):
+            if path.stat().st_size < (16 << 20):
+                d = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(d, dict) and {"samples_f1", "per_class", "rows", "source"} <= set(d):
+                    return "a scores file (mlc evaluate --out)"
+    return None
+
+
+def check_kind(target: str | os.PathLike[str], path: Path, what: str, ours: Callable[[Path], object],
+               folder: bool) -> None:
+    """OutputError when the existing ``path`` is what another mlc command wrote (``mlc_kind``), or a folder holding
+    a dataset (``dataset_in``), and not ``what`` this command writes (``ours``): not even ``--force`` replaces
+    another command's output or deletes a dataset (a data folder typed after --out by mistake)."""
+    if ours(path) is True:
+        return
+    if folder:
+        data = dataset_in(path)
+        if data is not None:
+            raise OutputError(str(target), f"it holds a dataset ({data}); even --force never replaces a folder "
+                              "holding a data folder's train.csv or test.csv: choose another output path")
+        return
+    other = mlc_kind(path)
+    if other is not None:
+        raise OutputError(str(target), f"it is {other}, which is not {what}; even --force never replaces what "
+                          "another mlc command wrote: choose another output path")
+
+
+DATA_FILES = ("train.csv", "test.csv")
+
+
+def dataset_in(folder: Path, limit: int = 1000) -> Path | None:
+    """A data folder's CSV in ``folder`` or in a folder directly inside it (the first ``limit`` entries looked at),
+    or None. mlc's own run and export folders hold none."""
+    with contextlib.suppress(OSError):
+        for name in DATA_FILES:
+            if (folder / name).is_file():
+                return folder / name
+        for i, sub in enumerate(folder.iterdir()):
+            if i >= limit:
+                break
+            for name in DATA_FILES:
+                with contextlib.suppress(OSError):
+                    if sub.is_dir() and (sub / name).is_file():
+                        return sub / name
     return None

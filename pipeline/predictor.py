@@ -230,6 +230,10 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
     """A run folder (fit-head or finetune) or a folder `mlc export` wrote. An ONNX export loads without torch;
     ``backend``, ``device`` and ``onnx_dir`` are for the torch path (run folders, safetensors exports)."""
     path = Path(path)
+    if not path.is_dir():
+        found = "it is a file, not a folder" if path.exists() else "no such folder"
+        raise MlcError(f"{path}: {found}; a model is a run folder (mlc fit-head, mlc finetune) or an export folder "
+                       "(mlc export)")
     if (path / EXPORT_FILE).exists():  # anything there but a regular file is refused by name when read
         meta = read_export(path)
         labels = LabelSpace(tuple(meta["label_ids"]), tuple(meta["label_names"]))
@@ -304,6 +308,12 @@ def honoured(meta: dict[str, Any], path: Path) -> None:
             want = f"{expected[key]!r:.80}" if key in expected else "no such field"
             raise MlcError(f"{path}: decision.{key}: {decision.get(key)!r:.80} is not the rule this mlc applies "
                            f"({want}); it would be ignored, so the export is refused: export the run again")
+    top = meta.get("thresholds", decision["thresholds"])  # the README's "per-label thresholds": the rule's own
+    same = isinstance(top, list) and len(top) == len(decision["thresholds"]) and all(  # top: float32-rounded
+        isinstance(a, (int, float)) and abs(a - b) <= 1e-6 for a, b in zip(top, decision["thresholds"], strict=False))
+    if not same:
+        raise MlcError(f"{path}: thresholds: {top!r:.80} disagree with decision.thresholds "
+                       f"({decision['thresholds']!r:.80}), which mlc applies; export the run again")
     graph = meta.get("graph")
     kind = "onnx" if graph else "safetensors"
     if meta.get("kind", kind) != kind:

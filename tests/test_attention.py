@@ -66,6 +66,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_the_attention_head_sees_where_things_are(one_thread):
     """Label k is on when the token at position k points along v: the mean of the tokens cannot tell which
     position did, the attention head (position embeddings, label queries) learns it."""

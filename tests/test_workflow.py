@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import make_data_dir
 from typer.testing import CliRunner
 
@@ -39,6 +40,7 @@ def test_mlc_run_stops_on_a_faulty_data_folder(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_mlc_run_finetune_route_starts_from_a_one_split_head_and_submits_with_the_finetuned_encoders(
         tmp_path, monkeypatch):
     from pipeline import workflow
@@ -63,6 +65,7 @@ def test_mlc_run_finetune_route_starts_from_a_one_split_head_and_submits_with_th
     assert len(trunk) == 1
 
 
+@pytest.mark.slow
 def test_mlc_run_with_a_cross_fitted_caption_tower(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=30, n_test=4)
     out = tmp_path / "runs" / "cf"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import OutputError
 from .reading import kind
+from .records import IMAGE_EXTENSIONS
 
 # a process's open files by number: the standard streams (/dev/stdout -> /proc/self/fd/1) and /dev/fd/N
 _STREAMS = re.compile(r"/(dev/(stdin|stdout|stderr|fd/\d+)|proc/(self|thread-self|\d+)/fd/\d+)")
@@ -135,7 +136,7 @@ def check_kind(target: str | os.PathLike[str], path: Path, what: str, ours: Call
         data = dataset_in(path)
         if data is not None:
             raise OutputError(str(target), f"it holds a dataset ({data}); even --force never replaces a folder "
-                              "holding a data folder's train.csv or test.csv: choose another output path")
+                              "holding a data folder's train.csv or test.csv, or photos: choose another output path")
         return
     other = mlc_kind(path)
     if other is not None:
@@ -147,15 +148,19 @@ DATA_FILES = ("train.csv", "test.csv")
 
 
 def dataset_in(folder: Path, limit: int = 1000) -> Path | None:
-    """A data folder's CSV in ``folder`` or in a folder directly inside it (the first ``limit`` entries looked at),
-    or None. mlc's own run and export folders hold none."""
+    """What makes ``folder`` data, or None: a data folder's CSV in it, in a folder directly inside it or beside it
+    (``folder`` is a dataset's image folder), or a photo in it (the first ``limit`` entries looked at). mlc's own
+    run and export folders hold none of these."""
     with contextlib.suppress(OSError):
-        for name in DATA_FILES:
-            if (folder / name).is_file():
-                return folder / name
+        for place in (folder, folder.parent):
+            for name in DATA_FILES:
+                if (place / name).is_file():
+                    return place / name
         for i, sub in enumerate(folder.iterdir()):
             if i >= limit:
                 break
+            if sub.suffix.lower() in IMAGE_EXTENSIONS:
+                return sub
             for name in DATA_FILES:
                 with contextlib.suppress(OSError):
                     if sub.is_dir() and (sub / name).is_file():

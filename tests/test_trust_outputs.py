@@ -101,6 +101,12 @@ def test_force_never_replaces_a_data_folder_a_command_does_not_read(fitted, tmp_
         code, text = mlc("export", f["run"], "--out", out, "--force")
         assert one_line_error(code, text, out, "it holds a dataset", "even --force"), text
     assert (snapshot(f["data"]), snapshot(copy.parent)) == before
+    photos = tmp_path / "photos"  # a folder of photos (a dataset's image folder, or anyone's): data too
+    photos.mkdir()
+    (photos / "IMG_0001.JPG").write_bytes(b"\xff\xd8 a photo")
+    before = snapshot(photos)
+    assert one_line_error(*mlc("export", f["run"], "--out", photos, "--force"), photos, "it holds a dataset", "photos")
+    assert snapshot(photos) == before
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine\n")

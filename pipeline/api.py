@@ -90,8 +90,10 @@ class Model:
         """Each photo's labels after the model's thresholds and decision rule (names; ``ids=True`` for ids), or
         with ``top_k`` its k likeliest labels as (label, probability) pairs, most probable first. One photo
         gives one list, many a list of lists; ``as_pandas`` a DataFrame (column ``labels``, or label_1, p_1, ...)."""
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
             raise TypeError(f"top_k must be a positive int, not {top_k!r}")
+        if top_k is not None and top_k < 1:  # the right type, a wrong value: ValueError, as Python's own APIs do
+            raise ValueError(f"top_k must be a positive int, not {top_k!r}")
         rows = _Rows.of(photos, captions, image_col, caption_col)
         probs = self.predictor.predict_proba(rows.photos, rows.captions, batch_size=batch_size)
         names = self.label_ids if ids else self.labels

@@ -74,8 +74,10 @@ def test_wrong_inputs_are_type_errors_naming_what_was_given(folder_model):
         model.predict(42)
     with pytest.raises(TypeError, match="not dict"):
         model.predict({"a": 1})
-    with pytest.raises(TypeError, match="top_k must be a positive int"):
+    with pytest.raises(ValueError, match="top_k must be a positive int, not 0"):
         model.predict(str(data / "data" / "0.jpg"), "a", top_k=0)
+    with pytest.raises(TypeError, match="top_k must be a positive int, not 2.5"):
+        model.predict(str(data / "data" / "0.jpg"), "a", top_k=2.5)
     with pytest.raises(TypeError, match="no column of photo paths"):
         model.predict(pd.DataFrame({"x": [1]}))
     with pytest.raises(TypeError, match="one photo takes one caption"):

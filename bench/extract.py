@@ -42,9 +42,10 @@ os.environ.setdefault("MLC_PLUGINS", str(REPO / "tests" / "tiny_encoders.py"))
 from _subset import first_rows  # noqa: E402
 
 from pipeline.backends import engine  # noqa: E402
-from pipeline.data import DataDir, load_image  # noqa: E402
+from pipeline.data import DataDir  # noqa: E402
 from pipeline.encoders import create_image_encoder, create_text_encoder  # noqa: E402
 from pipeline.features import Job, LoaderOptions, Recipe, build_cache, cache_path  # noqa: E402
+from pipeline.images import load_image  # noqa: E402
 from pipeline.quantize import calibration_pixels  # noqa: E402
 
 ENGINES = ("torch eager", "torch", "onnx")

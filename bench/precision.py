@@ -29,10 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.crossfit import CaptionTower, CrossfitConfig, _fold_task  # noqa: E402
-from pipeline.data import DataDir, load_image  # noqa: E402
+from pipeline.data import DataDir  # noqa: E402
 from pipeline.device import autocast, cpu_bf16  # noqa: E402
 from pipeline.encoders import create_image_encoder, create_text_encoder  # noqa: E402
 from pipeline.evaluation import cross_fitted_f1  # noqa: E402
+from pipeline.images import load_image  # noqa: E402
 from pipeline.metrics import samples_f1  # noqa: E402
 from pipeline.thresholds import apply_thresholds  # noqa: E402
 from pipeline.training import Task, make_sampler, train  # noqa: E402

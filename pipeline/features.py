@@ -26,12 +26,13 @@ from . import __version__
 from .atomic import check_writable, lock
 from .backends import Engine, engine
 from .cache import CacheMeta, CacheWriter, read_meta
-from .data import DataDir, check_images, fingerprint
+from .data import DataDir, fingerprint
 from .device import is_main, rank, world_size
 from .encode import Hints, Job, encode_chunks, encode_images, encode_texts, submit_texts
 from .encoders import NONE, ImageEncoder, TextEncoder
 from .errors import MismatchError, MlcError, OutputError
 from .identity import EncoderId
+from .images import check_images
 from .log import get
 from .options import LoaderOptions
 from .quantize import calibration_pixels

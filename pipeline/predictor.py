@@ -28,10 +28,11 @@ import numpy as np
 from PIL import Image
 
 from . import schemas
-from .data import DECODE_ERRORS, DataDir, decode_image, load_image
+from .data import DataDir
 from .decision import RULES, Decision
 from .errors import DataError, ImageError, MlcError
 from .folders import check_listing, read_json
+from .images import DECODE_ERRORS, decode_image, load_image
 from .labels import LabelSpace
 from .metrics import macro_f1, mean_average_precision, micro_f1, per_class, samples_f1
 from .reading import CSV_BYTES, read_bytes

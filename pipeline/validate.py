@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config, group, opt
-from .data import DataDir, DataOptions, check_images, rare_labels, train_label_space, unknown_labels
+from .data import DataDir, DataOptions, rare_labels, train_label_space, unknown_labels
 from .errors import DataError, ImageError
+from .images import check_images
 from .labels import LabelSpace
 from .records import Record, parse_csv
 

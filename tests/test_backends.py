@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 from pipeline import backends, graphs
 from pipeline.cache import CacheReader
 from pipeline.cli import app
-from pipeline.data import load_image
 from pipeline.encoders import create_image_encoder, create_text_encoder
 from pipeline.errors import MlcError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.heads import create_head
+from pipeline.images import load_image
 from pipeline.model import MultiModal
 from pipeline.runs import RunDir
 from pipeline.submit import SubmitConfig, submit

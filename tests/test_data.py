@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import DataDir, check_images, fingerprint, load_image
+from pipeline.data import DataDir, fingerprint
 from pipeline.errors import DataError, ImageError
+from pipeline.images import check_images, load_image
 from pipeline.labels import COCO18, LabelSpace
 from pipeline.records import (
     CsvLayout,

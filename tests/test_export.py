@@ -20,10 +20,11 @@ from typer.testing import CliRunner
 
 import pipeline
 from pipeline.cli import app
-from pipeline.data import DataDir, load_image
+from pipeline.data import DataDir
 from pipeline.decision import RULES
 from pipeline.errors import MlcError
 from pipeline.export import ExportConfig, export
+from pipeline.images import load_image
 from pipeline.predictor import load
 
 MINI = REPO / "examples" / "comp5329-mini"

@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 
 from pipeline.cache import CacheReader
 from pipeline.cli import app
-from pipeline.data import DataDir, load_image
+from pipeline.data import DataDir
 from pipeline.errors import ImageError, MismatchError, MlcError
 from pipeline.extract import ExtractConfig, extract
+from pipeline.images import load_image
 
 # backend torch: these tests are about the cache; tests/test_backends.py covers the ONNX path
 TINY = dict(image_encoder="tiny-resnet", text_encoder="tiny-bert", random_init=True, workers=0, encode_batch=4,

@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 
 from pipeline.cache import CacheReader
 from pipeline.config import flatten
-from pipeline.data import DataDir, load_image
+from pipeline.data import DataDir
 from pipeline.encoders import create_image_encoder, load_encoder
 from pipeline.errors import MismatchError, MlcError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.finetune import FinetuneConfig, build_task, finetune
+from pipeline.images import load_image
 from pipeline.losses import create_loss
 from pipeline.runs import RunDir
 

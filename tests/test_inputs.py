@@ -16,9 +16,10 @@ import pytest
 from conftest import make_data_dir
 from PIL import Image
 
-from pipeline.data import DataDir, DataOptions, check_images, fingerprint, load_image
+from pipeline.data import DataDir, DataOptions, fingerprint
 from pipeline.datasets import ImageViews
 from pipeline.errors import DataError, ImageError
+from pipeline.images import check_images, load_image
 from pipeline.labels import LabelSpace
 from pipeline.records import CsvLayout, parse_csv
 from pipeline.validate import format_report, validate_data_dir

@@ -198,8 +198,8 @@ def test_ctrl_c_during_extract_with_decode_workers_is_one_line(tmp_path):
 
 def test_an_empty_or_unknown_photo_says_what_it_is(tmp_path):
     """Hostile note V07: a zero-byte photo was 'cannot identify image file <_io.BufferedReader name=3>'."""
-    from pipeline.data import load_image
     from pipeline.errors import ImageError
+    from pipeline.images import load_image
 
     (tmp_path / "0.jpg").write_bytes(b"")
     (tmp_path / "1.jpg").write_text("not a photo\n")

@@ -38,8 +38,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..data import load_image
 from ..errors import ImageError, MlcError
+from ..images import load_image
 from ..predictor import Predictor
 from . import card
 from .batcher import MicroBatcher, QueueFull

@@ -159,15 +159,12 @@ def main() -> None:
     print(f"blend head vs the members' weighted mix: max |diff| {np.abs(p - mixed).max():.2e}")
     print(f"\nblend ({'blended' if info['blended'] else 'best member alone'}): held-out {info['samples_f1']:.4f} "
           f"(cross-fitted weights), unseen {own:.4f} by the run's own rule")
-    try:
-        from pipeline.decision import choose as choose_rule
-        held = RunDir(args.out).held_out()
-        choice = choose_rule(held.labels.astype(np.float64), held.scores)
-        print(f"decision rule chosen on the held-out rows: {choice.rule} "
-              f"(candidates {json.dumps({k: round(v, 4) for k, v in choice.scores.items()})}); "
-              f"unseen {samples_f1(y, choice.decision.apply(p)):.4f}")
-    except ImportError:
-        print("no pipeline.decision (branch i26 not merged): per-class thresholds only")
+    from pipeline.decision import choose as choose_rule
+    held = RunDir(args.out).held_out()
+    choice = choose_rule(held.labels.astype(np.float64), held.scores)
+    print(f"decision rule chosen on the held-out rows: {choice.rule} "
+          f"(candidates {json.dumps({k: round(v, 4) for k, v in choice.scores.items()})}); "
+          f"unseen {samples_f1(y, choice.decision.apply(p)):.4f}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"members {fit_s:.0f} s, blend {blend_s:.0f} s, peak RSS {rss:.0f} MB")
     if args.ablate:

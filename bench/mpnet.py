@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.best import Member, fit_members  # noqa: E402
+from pipeline.best import Member, _aligned, fit_members  # noqa: E402
 from pipeline.cache import CacheReader  # noqa: E402
 from pipeline.decision import choose  # noqa: E402
 from pipeline.fit_head import Features, FitHeadConfig, fit_head, sized  # noqa: E402
@@ -60,19 +60,6 @@ def unseen(run: Path, caches: list[Path], first: int) -> tuple[np.ndarray, np.nd
     model = Predictor.of_run(RunDir(run).load())
     p = model.from_features(feats.image[rows].numpy(), feats.text[rows].numpy())
     return feats.labels[rows], p, samples_f1(feats.labels[rows], model.decide(p))
-
-
-def held_out(runs: list[RunDir]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The labels and each run's out-of-fold probabilities, on the first run's held-out rows in its order."""
-    held = [r.held_out() for r in runs]
-    order = {i: k for k, i in enumerate(held[0].ids)}
-    probs = []
-    for h in held:
-        pos = np.empty(len(order), dtype=np.int64)
-        for k, i in enumerate(h.ids):
-            pos[order[i]] = k
-        probs.append(h.scores[pos])
-    return held[0].labels, probs
 
 
 def smoke_caches(tmp: Path) -> tuple[list[Path], int]:
@@ -137,7 +124,7 @@ def run(args: argparse.Namespace, caches: list[Path], first: int) -> None:
         unseen_p.append(p)
         print(f"{m.name:22s} {metrics['samples_f1']:9.4f} {f1:7.4f} {metrics['decision']['rule']:>22s} "
               f"{metrics['seconds']:6.0f}")
-    y_h, held = held_out(runs[:2])
+    _, held, y_h = _aligned(runs[:2])  # the out-of-fold probabilities on the first run's held-out rows
     t = time.perf_counter()
     c = choose(y_h, (held[0] + held[1]) / 2)
     avg_f1 = samples_f1(y_u, c.decision.apply((unseen_p[0] + unseen_p[1]) / 2))

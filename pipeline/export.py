@@ -49,7 +49,7 @@ from .graphs import ATOL, PROBE_CAPTIONS, RTOL, BackendError, encoder_graph, mis
 from .log import get
 from .onnx_dtypes import DTYPES, convert
 from .portable import session
-from .predictor import DECISION, EXPORT_FILE, EXPORT_FORMAT, Predictor, load
+from .predictor import EXPORT_FILE, EXPORT_FORMAT, Predictor, export_decision, load
 from .runs import RunDir
 from .scoring import TorchScorer
 
@@ -143,7 +143,7 @@ def export(cfg: ExportConfig) -> tuple[Path, int]:
         meta = {"format": EXPORT_FORMAT, "mlc_version": __version__, "source_run": Path(cfg.run).resolve().name,
                 "kind": cfg.format, "dtype": cfg.dtype, "label_ids": list(pred.labels.ids),
                 "label_names": list(pred.labels.names), "thresholds": [float(t) for t in pred.thresholds],
-                "decision": {**pred.decision.to_dict(), "help": RULES[pred.decision.rule].help, **DECISION},
+                "decision": export_decision(pred.decision),
                 "card": card}
         if cfg.format == "onnx":
             meta |= _write_onnx(pred, stage, cfg.dtype)

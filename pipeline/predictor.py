@@ -289,6 +289,12 @@ def read_export(path: Path) -> dict[str, Any]:
     return meta
 
 
+def export_decision(decision: Decision) -> dict[str, Any]:
+    """export.json's ``decision``: the rule's name and parameters, its help, and ``DECISION``. ``mlc export`` writes
+    it, and ``honoured`` requires exactly it back."""
+    return {**decision.to_dict(), "help": RULES[decision.rule].help, **DECISION}
+
+
 def honoured(meta: dict[str, Any], path: Path) -> None:
     """Every field of export.json that decides something is one this mlc applies exactly, else MlcError naming the
     file and field: the decision rule (each field of ``DECISION``), and the kind and dtype against the graph."""
@@ -303,7 +309,7 @@ def honoured(meta: dict[str, Any], path: Path) -> None:
         parsed = Decision.from_dict(decision)
     except (ValueError, TypeError, KeyError) as e:
         raise MlcError(f"{path}: decision: {e}; export the run again") from None
-    expected = {**parsed.to_dict(), "help": RULES[rule].help, **DECISION}  # what this mlc writes, and so applies
+    expected = export_decision(parsed)  # what this mlc writes, and so applies
     for key in sorted(set(decision) | set(expected)):
         if decision.get(key) != expected.get(key):
             want = f"{expected[key]!r:.80}" if key in expected else "no such field"

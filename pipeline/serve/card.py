@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ..decision import RULES
 from ..errors import MlcError
 from ..predictor import EXPORT_FILE, Predictor, read_export
 
-DEFAULT_RULE = ("label j is predicted when its probability reaches its threshold; a photo with no label over its "
-                "threshold gets the one closest to it (every photo gets at least one label)")
-
 
 def thresholds(pred: Predictor) -> list[float] | None:
     """Each label's threshold, or None for a model whose decision rule has none per label (the expected-F1 rules
     choose a top-k per photo; their stored 0.5s are not read: decision.Decision.reads_thresholds)."""
-    decision = getattr(pred, "decision", None)
-    if decision is not None and not decision.reads_thresholds:
+    if not pred.decision.reads_thresholds:
         return None
-    th = getattr(pred, "thresholds", None)
-    if th is None or np.ndim(th) != 1 or len(th) != len(pred.labels):
-        return None
-    return [round(float(t), 6) for t in th]
+    return [round(float(t), 6) for t in pred.thresholds]
 
 
 def labels(pred: Predictor, rule: str) -> dict[str, Any]:
@@ -37,13 +27,10 @@ def labels(pred: Predictor, rule: str) -> dict[str, Any]:
 
 
 def rule_of(pred: Predictor) -> str:
-    """The decision rule in words: the rule the model applies (decision.RULES' own help), else the model's
-    ``decide`` docstring."""
-    decision = getattr(pred, "decision", None)
-    if decision is not None and decision.rule in RULES:
-        return f"{decision.rule}: {RULES[decision.rule].help} (every photo gets at least one label)"
-    doc = " ".join((type(pred).decide.__doc__ or "").split())
-    return re.sub(r"^\(N, C\) 0/1:\s*", "", doc) or DEFAULT_RULE  # the docstring's return shape is not the rule
+    """The decision rule in words: the rule the model applies, in decision.RULES' own help (a loaded model's rule is
+    always a registered one: predictor.load checks it)."""
+    rule = pred.decision.rule
+    return f"{rule}: {RULES[rule].help} (every photo gets at least one label)"
 
 
 def export_meta(path: Path) -> dict[str, Any] | None:

@@ -17,7 +17,6 @@ an ONNX export imports no torch; ``fit`` imports the training stages when called
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -29,10 +28,11 @@ from PIL import Image
 
 from .errors import MlcError
 from .folders import read_json
+from .log import get
 from .predictor import EXPORT_FILE, Predictor
 from .predictor import load as load_predictor
 
-log = logging.getLogger(__name__)
+log = get(__name__)  # mlc.<module>: under the root the CLI configures
 
 IMAGE_COLS = ("path", "image", "file", "filename", "photo", "imageid")  # tried in order, any case
 CAPTION_COLS = ("caption", "text", "title", "description")

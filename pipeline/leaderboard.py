@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import html
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,6 @@ from .atomic import OutputOptions, claim_output, write_text
 from .config import Config, group, opt, require
 from .errors import MlcError
 from .folders import check_listing, read_json
-
-log = logging.getLogger(__name__)
 
 # runs._LATER (runs.py imports torch): what is written into a run after it, outside its manifest (members/: a best
 # run's members, runs of their own)
@@ -254,6 +251,5 @@ def runs(cfg: RunsConfig) -> tuple[list[Row], str]:
                            sealed=[p for p in find_runs(root)])
     rows = leaderboard(root, cfg.sort)
     if out is not None:
-        write_text(out, render_html(rows, root))
-        log.info("wrote %s", out)
+        write_text(out, render_html(rows, root))  # the CLI says "wrote OUT"
     return rows, render_table(rows, root)

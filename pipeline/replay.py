@@ -7,15 +7,15 @@ them as the command's defaults; every option given on the command line overrides
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from .config import Config, flatten
 from .errors import MlcError
 from .folders import read_json
+from .log import get
 
-log = logging.getLogger(__name__)
+log = get(__name__)  # mlc.<module>: under the root the CLI configures
 
 RUN_RECIPE = "run.json"  # written by `mlc run` into its run folder, after the run (runs._LATER lists it)
 _NOT_REPLAYED = ("kind", "force")  # what a recorded config holds that is no recipe: the run's kind, --force

@@ -87,6 +87,9 @@ def open_image_file(path: Path, inside: Path | None = None) -> Iterator[IO[bytes
         yield fh
 
 
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what a corrupt photo raises
+
+
 def load_image(path: str | os.PathLike[str], draft: int | None = None, inside: Path | None = None) -> Image.Image:
     """Open, fully decode, turn upright and convert an image to RGB; ImageError if missing, corrupt,
     truncated, not a regular file, or (``inside``) a link out of that folder.
@@ -99,15 +102,17 @@ def load_image(path: str | os.PathLike[str], draft: int | None = None, inside: P
     try:
         with open_image_file(path, inside) as fh, Image.open(fh) as im:
             return decode_image(im, draft)
-    except UnidentifiedImageError as err:  # Pillow names its file object (<_io.BufferedReader name=3>), not the fault
+    except DECODE_ERRORS as err:
+        raise ImageError(str(path), decode_fault(path, err)) from err
+
+
+def decode_fault(path: Path, err: Exception) -> str:
+    """What Pillow's ``err`` (one of ``DECODE_ERRORS``) means for the photo at ``path``, in the user's words."""
+    if isinstance(err, UnidentifiedImageError):  # Pillow names its file object (<_io.BufferedReader name=3>)
         size = path.stat().st_size if path.is_file() else -1
-        why = "an empty file (0 bytes)" if size == 0 else f"no image format Pillow reads ({size:,} bytes)"
-        raise ImageError(str(path), f"cannot decode image: {why}") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageError(str(path), f"cannot decode image: {err}") from err
-
-
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+        return "cannot decode image: " + ("an empty file (0 bytes)" if size == 0 else
+                                          f"no image format Pillow reads ({size:,} bytes)")
+    return f"cannot decode image: {err}"
 
 
 def decode_image(im: Image.Image, draft: int | None = None) -> Image.Image:
@@ -141,8 +146,8 @@ def _quick_check(path: Path, inside: Path | None = None) -> str | None:
                 return "image has no pixels"
     except ImageError as err:
         return err.fault
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return f"cannot decode image: {err}"
+    except DECODE_ERRORS as err:
+        return decode_fault(path, err)
     return None
 
 

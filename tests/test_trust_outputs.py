@@ -207,3 +207,8 @@ def test_an_empty_or_unknown_photo_says_what_it_is(tmp_path):
         load_image(tmp_path / "0.jpg")
     with pytest.raises(ImageError, match=r"1.jpg: cannot decode image: no image format Pillow reads \(12 bytes\)$"):
         load_image(tmp_path / "1.jpg")
+    # mlc validate's whole-folder check (images._quick_check) says it the same way
+    from pipeline.images import _quick_check
+
+    assert _quick_check(tmp_path / "0.jpg") == "cannot decode image: an empty file (0 bytes)"
+    assert _quick_check(tmp_path / "1.jpg") == "cannot decode image: no image format Pillow reads (12 bytes)"

@@ -221,17 +221,20 @@ def _version(package: str) -> str:
 def engine(image: ImageEncoder | None, text: TextEncoder | None, *, backend: str, device: torch.device,
            image_cut: str | None, text_cut: str | None, onnx_dir: Path | None = None,
            log: Callable[[str], None] | None = None, channels_last: bool = True, precision: str = "fp32",
-           calibration: Callable[[], Any] | None = None) -> Engine:
+           calibration: Callable[[int], Any] | None = None) -> Engine:
     """The forward functions for ``backend``: ``auto`` is ONNX Runtime on the CPU and torch on CUDA. A
     modality without an encoder (None) gets no forward function. Graphs live in ``graph_dir(onnx_dir)``.
-    ``precision``: fp32, bf16/fp16 (torch autocast) or int8 (ONNX graphs quantized by ``quantize``;
-    ``calibration`` gives the image graph's images)."""
+    ``precision``: fp32, bf16/fp16 (torch autocast) or int8 (``int8`` or ``int8-<calibration>``: ONNX graphs
+    quantized by ``quantize``; ``calibration(n)`` gives the image graph's first n images)."""
+    from .quantize import int8_calibration, int8_session, is_int8  # quantize builds on this module's sessions
+
     log = log or logger.info
     onnx_dir = graph_dir(onnx_dir)
     if backend not in BACKENDS:
         raise MlcError(f"--backend must be one of {BACKENDS}, not {backend!r}")
-    if (precision == "int8" and backend == "torch") or (precision in ("bf16", "fp16") and backend == "onnx"):
-        raise MlcError(f"--precision {precision} runs with --backend {'onnx' if precision == 'int8' else 'torch'}")
+    int8 = is_int8(precision)
+    if (int8 and backend == "torch") or (precision in ("bf16", "fp16") and backend == "onnx"):
+        raise MlcError(f"--precision {precision} runs with --backend {'onnx' if int8 else 'torch'}")
     if precision in ("bf16", "fp16"):
         backend = "torch"  # autocast is torch's; the ONNX graphs are fp32 (or int8)
     if backend == "onnx" and device.type != "cpu":
@@ -245,20 +248,19 @@ def engine(image: ImageEncoder | None, text: TextEncoder | None, *, backend: str
     if text is None:
         runs["text"] = None
     sessions: dict[str, tuple[Any, Any, str | None, Path]] = {}
-    if backend == "onnx" or precision == "int8" or (backend == "auto" and device.type == "cpu"):
+    if backend == "onnx" or int8 or (backend == "auto" and device.type == "cpu"):
         for kind, enc, cut in (("image", image, image_cut), ("text", text, text_cut)):
             if enc is None:
                 continue
             try:
                 sessions[kind] = (onnx_session(enc, cut, onnx_dir, log), enc, cut, onnx_file(onnx_dir, enc, cut))
-                if precision == "int8":
-                    from .quantize import int8_session
-
-                    session, path, cos = int8_session(sessions[kind][3], sessions[kind][0], enc, cut, log, calibration)
+                if int8:
+                    session, path, cos = int8_session(sessions[kind][3], sessions[kind][0], enc, cut, log, calibration,
+                                                      int8_calibration(precision))
                     sessions[kind] = (session, enc, cut, path)
                     names[kind] = f"onnxruntime {_version('onnxruntime')} int8 (cosine {cos:.4f} to fp32)"
             except BackendError as e:
-                if backend == "onnx" or precision == "int8":
+                if backend == "onnx" or int8:
                     raise
                 log(f"note: {e}; running {enc.name} with torch instead")
     threads = torch.get_num_threads()

@@ -14,9 +14,9 @@ from pathlib import Path
 from .config import Config, group, opt, require
 from .data import DataDir, DataOptions
 from .device import distributed
-from .encoders import EncoderOptions
+from .encoders import NONE, EncoderOptions
 from .features import Hints, Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine, fit_to_data
-from .quantize import PrecisionOptions, feature_precision
+from .quantize import FIRST_CALIBRATION, PrecisionOptions, feature_precision
 
 SPLITS = ("train", "test")
 HINTS = Hints(bad_image="pass --skip-bad-images to leave such images out",
@@ -76,7 +76,9 @@ def extract(cfg: ExtractConfig) -> list[Path]:
     for split in cfg.splits:
         data.records(split)  # a faulty CSV stops here, not after minutes of loading and exporting encoders
     with distributed(cfg.loader.device) as device:
-        recipe = dataclasses.replace(recipe, precision=feature_precision(cfg.numerics.precision, device))
+        # a caption-only cache's int8 has no image graph to calibrate: plain "int8" whatever the calibration
+        calib = cfg.numerics.calibration() if recipe.image_encoder != NONE else FIRST_CALIBRATION
+        recipe = dataclasses.replace(recipe, precision=feature_precision(cfg.numerics.precision, device, calib))
         image, text, eng = encoders_and_engine(recipe, cfg.loader, device, data=data)
         return [build_cache(Job(recipe, data, split, cache_path(cfg.cache_dir, cfg.data_dir, split, recipe),
                                 cfg.loader, cfg.chunk_rows, cfg.skip_bad_images, cfg.overwrite, HINTS),

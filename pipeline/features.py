@@ -176,6 +176,6 @@ def encoders_and_engine(recipe: Recipe, loader: LoaderOptions, device: torch.dev
     image, text = recipe.encoders(verified)
     eng = engine(image, text, backend=loader.backend, device=device, image_cut=recipe.image_cut,
                  text_cut=recipe.text_cut, onnx_dir=loader.onnx_dir, precision=recipe.precision,
-                 calibration=None if data is None or image is None else lambda: calibration_pixels(data, image),
+                 calibration=None if data is None or image is None else lambda n: calibration_pixels(data, image, n),
                  log=logger.info)
     return image, text, eng

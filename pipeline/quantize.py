@@ -2,11 +2,16 @@
 int8 stage one: the exported fp32 ONNX graphs quantized with ONNX Runtime.
 
 The image graph is quantized statically (QDQ: int8 weights per channel, uint8 activations whose ranges
-are calibrated on the data's own images: the first ``CALIBRATION_IMAGES`` labelled images of the data
+are calibrated on the data's own images: the first ``Int8Calibration.images`` labelled images of the data
 folder, so ``extract`` and ``submit`` of one data folder build the same graph); the text graph
 dynamically (int8 weights, activation ranges per batch at run time: token states have no fixed range).
+How the image graph is calibrated (``--int8-calibration METHOD-IMAGES[-float-ends]``: onnxruntime's MinMax,
+Entropy or Percentile calibrator, how many images, and whether the first and last convolutions stay
+float) is part of the precision's name (``precision_label``: ``int8`` for mlc's first calibration,
+``minmax-64``, else ``int8-<spec>``), so it is part of every cache's and run's identity and of the cache's
+file name: two calibrations never share a cache or a graph.
 
-A quantized graph is written next to its fp32 graph (``<fp32 name>-int8-<calibration digest>.onnx``),
+A quantized graph is written next to its fp32 graph (``<fp32 name>-int8-[<spec>-]<calibration digest>.onnx``),
 atomically, once, and checked against the fp32 graph on the calibration batch (mean cosine of the
 features at least ``MIN_COSINE``): int8 cannot match fp32 to float tolerance, but a broken
 quantization (a graph that computes something else) is refused. Caches record the precision as part of
@@ -16,6 +21,7 @@ their identity, so int8 features never mix with fp32 ones.
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +41,6 @@ from .errors import MlcError
 from .graphs import BackendError, io_names, probe_inputs, quiet_exporter
 from .images import load_image
 
-CALIBRATION_IMAGES = 64  # measured on lite0: feature cosine 0.992 against fp32 on unseen images
 MIN_COSINE = 0.9
 QUANT_VERSION = 1  # bump when how graphs are quantized changes
 
@@ -43,6 +48,62 @@ Calibration = tuple[np.ndarray, str]  # uint8 pixels (N, 3, H, W) and a digest o
 
 
 FEATURE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # onnxruntime's CalibrationMethod, by its lower name
+FLOAT_ENDS = "float-ends"
+CHECK_IMAGES = 64  # the calibration images the int8 graph is checked on (as many as mlc's first calibration)
+BATCH = 16  # calibration images per forward of the calibrator (its memory: every activation of a batch)
+
+
+@dataclass(frozen=True)
+class Int8Calibration:
+    """How the image graph's activation ranges are calibrated: onnxruntime's ``method`` (minmax: the observed
+    range; entropy: the range that keeps the histogram's KL divergence smallest; percentile: the 99.999th
+    percentile of |x|) over the first ``images`` labelled images; ``float_ends``: the first convolution (the stem,
+    reading the normalised pixels) and the last one with everything after it (the head convolution and the
+    pooling) stay float32. Spelled ``METHOD-IMAGES[-float-ends]`` (``spec``), e.g. ``percentile-512-float-ends``."""
+
+    method: str = "minmax"
+    images: int = 64
+    float_ends: bool = False
+
+    def __post_init__(self) -> None:
+        require([(self.method in CALIBRATION_METHODS,
+                  f"--int8-calibration: the method must be one of {CALIBRATION_METHODS}, not {self.method!r}"),
+                 (isinstance(self.images, int) and 1 <= self.images <= 100_000,
+                  f"--int8-calibration: the number of images must be from 1 to 100000, not {self.images!r}")])
+
+    @property
+    def spec(self) -> str:
+        return f"{self.method}-{self.images}" + (f"-{FLOAT_ENDS}" if self.float_ends else "")
+
+    @classmethod
+    def parse(cls, spec: str) -> Int8Calibration:
+        """``METHOD-IMAGES[-float-ends]`` -> Int8Calibration; MlcError saying the grammar otherwise."""
+        m = re.fullmatch(rf"([a-z]+)-(\d+)(-{FLOAT_ENDS})?", spec.strip().lower())
+        if m is None:
+            raise MlcError(f"--int8-calibration {spec!r}: expected METHOD-IMAGES[-{FLOAT_ENDS}], METHOD one of "
+                           f"{CALIBRATION_METHODS}, e.g. percentile-512-{FLOAT_ENDS}")
+        return cls(method=m[1], images=int(m[2]), float_ends=m[3] is not None)
+
+
+FIRST_CALIBRATION = Int8Calibration()  # mlc's first int8 (issue 21): its caches and graphs are named plain "int8"
+DEFAULT_CALIBRATION = FIRST_CALIBRATION
+
+
+def precision_label(calibration: Int8Calibration) -> str:
+    """The int8 precision's name as caches, runs and file names record it."""
+    return "int8" if calibration == FIRST_CALIBRATION else f"int8-{calibration.spec}"
+
+
+def is_int8(precision: str) -> bool:
+    return precision == "int8" or precision.startswith("int8-")
+
+
+def int8_calibration(precision: str) -> Int8Calibration:
+    """The calibration an int8 precision label names (``int8``: mlc's first one)."""
+    if not is_int8(precision):
+        raise MlcError(f"precision {precision!r} is not int8")
+    return FIRST_CALIBRATION if precision == "int8" else Int8Calibration.parse(precision[len("int8-"):])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,23 +116,35 @@ class PrecisionOptions(Config):
                          "images, the text graph dynamically), bf16 (torch autocast; CPUs with AMX or AVX512-BF16, "
                          "and CUDA), or auto (fp32 on CPU, mixed precision on CUDA).")
 
+    int8_calibration: str = opt(DEFAULT_CALIBRATION.spec, "With --precision int8: how the image graph's activation "
+                                f"ranges are calibrated, METHOD-IMAGES[-{FLOAT_ENDS}]: METHOD one of "
+                                f"{', '.join(CALIBRATION_METHODS)} (onnxruntime's calibrators), IMAGES the first "
+                                f"labelled images it is calibrated on, -{FLOAT_ENDS} keeps the first and last "
+                                "convolutions in float32. Part of the cache's name and identity "
+                                "(docs/recipes.md, 'int8 calibration').")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require([(self.precision in FEATURE_PRECISIONS, f"--precision must be one of {FEATURE_PRECISIONS}")])
+        Int8Calibration.parse(self.int8_calibration)  # a bad spec stops here, not after loading the encoders
+
+    def calibration(self) -> Int8Calibration:
+        return Int8Calibration.parse(self.int8_calibration)
 
 
-def feature_precision(precision: str, device: torch.device) -> str:
+def feature_precision(precision: str, device: torch.device,
+                      calibration: Int8Calibration = DEFAULT_CALIBRATION) -> str:
     """The precision features are made in: auto is fp32 through ONNX Runtime on a CPU (int8 measured -0.004
     samples-F1 on unseen rows, docs/recipes.md; bf16 needs torch, 4x slower than ONNX here) and mixed
-    precision on CUDA, as mlc always did there."""
+    precision on CUDA, as mlc always did there. int8 is named with its ``calibration`` (``precision_label``)."""
     if precision == "int8":
         if device.type != "cpu":
             raise MlcError("--precision int8 runs through ONNX Runtime on the CPU; use --device cpu")
-        return "int8"
+        return precision_label(calibration)
     return "fp32" if precision == "auto" and device.type == "cpu" else resolve_precision(precision, device)
 
 
-def calibration_pixels(data: DataDir, encoder: ImageEncoder, n: int = CALIBRATION_IMAGES) -> Calibration:
+def calibration_pixels(data: DataDir, encoder: ImageEncoder, n: int = DEFAULT_CALIBRATION.images) -> Calibration:
     """The first ``n`` labelled images (test images for a folder without labels) as the image graph's
     uint8 input, and a digest of their records and bytes."""
     records = data.records("train" if data.has("train") else "test")[:n]
@@ -80,9 +153,21 @@ def calibration_pixels(data: DataDir, encoder: ImageEncoder, n: int = CALIBRATIO
     return batch, fingerprint(records, data.image_dir)[:12]
 
 
-def int8_file(fp32: Path, digest: str) -> Path:
-    """Where the quantized version of the fp32 graph ``fp32`` goes."""
-    return fp32.with_name(f"{fp32.stem}-int8-{digest}-q{QUANT_VERSION}.onnx")
+def int8_file(fp32: Path, digest: str, calibration: Int8Calibration | None = None) -> Path:
+    """Where the quantized version of the fp32 graph ``fp32`` goes (a calibration other than mlc's first is
+    spelled out in the name; ``digest`` covers it too)."""
+    spec = "" if calibration in (None, FIRST_CALIBRATION) else f"{calibration.spec}-"
+    return fp32.with_name(f"{fp32.stem}-int8-{spec}{digest}-q{QUANT_VERSION}.onnx")
+
+
+def float_ends(model: Any) -> list[str]:
+    """The nodes ``float_ends`` keeps float: the first convolution, and the last one with every node after it
+    (activation, pooling, flattening), in the graph's (topological) order."""
+    nodes = list(model.graph.node)
+    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    if not convs:
+        return []
+    return [nodes[convs[0]].name] + [n.name for n in nodes[convs[-1]:]]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,11 +175,14 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)).mean())
 
 
-def quantize_graph(fp32: Path, out: Path, calibration: np.ndarray | None, input_name: str = "pixels") -> None:
-    """Write ``out``: ``fp32`` statically quantized on ``calibration`` (uint8 images), or dynamically
-    quantized (weights only) when there is none."""
+def quantize_graph(fp32: Path, out: Path, calibration: np.ndarray | None, input_name: str = "pixels",
+                   how: Int8Calibration = FIRST_CALIBRATION) -> None:
+    """Write ``out``: ``fp32`` statically quantized on ``calibration`` (uint8 images) as ``how`` says, or
+    dynamically quantized (weights only) when there is none."""
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
+        CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_dynamic,
@@ -103,20 +191,36 @@ def quantize_graph(fp32: Path, out: Path, calibration: np.ndarray | None, input_
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Batches(CalibrationDataReader):
+        """The images in batches of BATCH; ``set_range`` lets the calibrator take them one batch at a time."""
+
         def __init__(self, x: np.ndarray) -> None:
-            self.items = iter([{input_name: x[i:i + 16]} for i in range(0, len(x), 16)])
+            self.batches = [{input_name: x[i:i + BATCH]} for i in range(0, len(x), BATCH)]
+            self.set_range(0, len(self.batches))
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.items = iter(self.batches[start_index:end_index])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.items, None)
 
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[how.method]
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp, quiet_exporter(), atomic_path(out) as target:
         if calibration is None:
             quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=True)
         else:
             pre = Path(tmp) / "pre.onnx"  # shape inference + folding first, as ONNX Runtime recommends
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            exclude = float_ends(onnx.load(str(pre))) if how.float_ends else []
+            # one batch per collection (CalibStridedMinMax): the calibrator otherwise keeps every activation of
+            # every image in memory at once (512 images of lite0: gigabytes); ranges and histograms merge exactly
             quantize_static(str(pre), str(target), Batches(calibration), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=method, nodes_to_exclude=exclude,
+                            extra_options={"CalibStridedMinMax": 1})
 
 
 def _inputs(encoder: Any, calibration: Calibration | None) -> dict[str, np.ndarray]:
@@ -126,26 +230,31 @@ def _inputs(encoder: Any, calibration: Calibration | None) -> dict[str, np.ndarr
 
 
 def int8_session(fp32: Path, fp32_session: Any, encoder: Any, cut: str | None, log: Callable[[str], None],
-                 calibration: Callable[[], Calibration] | None) -> tuple[Any, Path, float]:
+                 calibration: Callable[[int], Calibration] | None,
+                 how: Int8Calibration = FIRST_CALIBRATION) -> tuple[Any, Path, float]:
     """A checked int8 session for the encoder whose verified fp32 graph is ``fp32``: (session, its file, mean
-    cosine to fp32 on the check batch). Static for an image encoder (``calibration`` gives its images),
-    dynamic for a text encoder. BackendError when it cannot be built or computes something else."""
+    cosine to fp32 on the check batch). Static for an image encoder (``calibration(n)`` gives its first n images,
+    calibrated as ``how`` says), dynamic for a text encoder. BackendError when it cannot be built or computes
+    something else."""
     if cut is not None:
         raise BackendError("--precision int8 makes pooled features for heads; trunk caches (--image-cut, "
                            "--text-cut) feed training: extract them in fp32")
-    calib = calibration() if isinstance(encoder, ImageEncoder) and calibration is not None else None
-    if isinstance(encoder, ImageEncoder) and calib is None:
+    image = isinstance(encoder, ImageEncoder)
+    calib = calibration(how.images) if image and calibration is not None else None
+    if image and calib is None:
         raise BackendError(f"{encoder.name}: int8 needs calibration images")
-    digest = calib[1] if calib is not None else "dynamic"
-    path = int8_file(fp32, hashlib.sha256(digest.encode()).hexdigest()[:12])
-    feed = _inputs(encoder, calib)
+    # mlc's first calibration keeps its graphs' names; any other is part of the digest and the name
+    digest = "dynamic" if calib is None else calib[1] if how == FIRST_CALIBRATION else f"{calib[1]}|{how.spec}"
+    path = int8_file(fp32, hashlib.sha256(digest.encode()).hexdigest()[:12], how if image else None)
+    feed = _inputs(encoder, None if calib is None else (calib[0][:CHECK_IMAGES], calib[1]))
     want = fp32_session.run(None, feed)[0]
     for attempt in range(2):
         if not path.is_file():
-            how = "dynamic" if calib is None else f"static, calibrated on {len(calib[0])} images"
-            log(f"quantizing {encoder.name} to int8 ({how}): {path}")
+            what = "dynamic" if calib is None else f"static, {how.method} on {len(calib[0])} images" + \
+                (", first and last convolutions float" if how.float_ends else "")
+            log(f"quantizing {encoder.name} to int8 ({what}): {path}")
             try:
-                quantize_graph(fp32, path, None if calib is None else calib[0])
+                quantize_graph(fp32, path, None if calib is None else calib[0], how=how)
             except Exception as e:
                 raise BackendError(f"{encoder.name}: int8 quantization failed ({type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); use --precision fp32") from e

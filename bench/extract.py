@@ -10,7 +10,8 @@ Also the bare ONNX forward over tensors already in memory (the ceiling the extra
 the largest difference between ONNX and torch features per encoder, and (--tune) how the two cores
 are best split between ONNX Runtime's threads and the decode workers. ``--engines onnx,onnx int8`` compares
 the fp32 graphs with their int8 versions (``--precision int8``; quantized once beforehand) and adds the
-feature cosine between the two.
+feature cosine between the two; ``onnx int8-<calibration>`` (e.g. ``onnx int8-percentile-512-float-ends``) is
+int8 with ``--int8-calibration <calibration>``.
 
     .venv/bin/python bench/extract.py [--images 2000] [--repeats 3] [--tune] [--engines torch eager,torch,onnx]
     .venv/bin/python bench/extract.py --smoke   # tiny random encoders on 12 generated images (the slow suite)
@@ -46,7 +47,7 @@ from pipeline.data import DataDir  # noqa: E402
 from pipeline.encoders import create_image_encoder, create_text_encoder  # noqa: E402
 from pipeline.features import Job, LoaderOptions, Recipe, build_cache, cache_path  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
-from pipeline.quantize import calibration_pixels  # noqa: E402
+from pipeline.quantize import calibration_pixels, is_int8  # noqa: E402
 
 ENGINES = ("torch eager", "torch", "onnx")
 ALL_ENGINES = (*ENGINES, "onnx int8")
@@ -59,12 +60,17 @@ def make_engine(name: str, image, text, onnx_dir: Path, data: Path | None = None
     kw = dict(device=torch.device("cpu"), image_cut=None, text_cut=None, onnx_dir=onnx_dir, log=lambda m: None)
     if name == "onnx":
         return engine(image, text, backend="onnx", **kw)
-    if name == "onnx int8":  # calibrated on the data's first images, as extract does
-        return engine(image, text, backend="onnx", precision="int8",
-                      calibration=lambda: calibration_pixels(DataDir.open(data), image), **kw)
+    if is_int8_engine(name):  # calibrated on the data's first images, as extract does
+        return engine(image, text, backend="onnx", precision=name.split(" ", 1)[1],
+                      calibration=lambda n: calibration_pixels(DataDir.open(data), image, n), **kw)
     if name == "torch eager":
         return engine(image, text, backend="torch", channels_last=False, **kw)
     return engine(copy.deepcopy(image), text, backend="torch", **kw)
+
+
+def is_int8_engine(name: str) -> bool:
+    """``onnx int8`` or ``onnx int8-<calibration>``."""
+    return name.startswith("onnx ") and is_int8(name.split(" ", 1)[1])
 
 
 def engines(image, text, onnx_dir: Path, names: tuple[str, ...] = ENGINES, data: Path | None = None) -> dict:
@@ -129,23 +135,24 @@ def measure(what: str, pair: str, data: Path, workers: int, tmp: Path) -> float:
     """One figure, in this (fresh) process: ``what`` is an engine's extract rate or "bare onnx"."""
     image, text, recipe = _encoders(*pair.split("+"))
     eng = make_engine("onnx" if what == "bare onnx" else what, image, text, tmp / "onnx", data)
-    if what == "onnx int8":
-        recipe = dataclasses.replace(recipe, precision="int8")
+    if is_int8_engine(what):
+        recipe = dataclasses.replace(recipe, precision=what.split(" ", 1)[1])
     if what == "bare onnx":
         x, captions = _sample(image, data)
         return bare_rate(eng, x, captions, text)
     return extract_rate(data, recipe, image, text, eng, workers, tmp)
 
 
-def cosines(engs: dict, x: torch.Tensor, captions: list[str], text) -> tuple[float, float]:
-    """Mean feature cosine of the int8 engine to the fp32 ONNX one: images, captions."""
+def cosines(engs: dict, x: torch.Tensor, captions: list[str], text) -> dict[str, tuple[float, float]]:
+    """Mean feature cosine of each int8 engine to the fp32 ONNX one: images, captions."""
     def cos(a: np.ndarray, b: np.ndarray) -> float:
         return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
     tok = text.tokenize(captions)
-    a, b = engs["onnx"], engs["onnx int8"]
-    return (cos(a.image(x)["image"], b.image(x)["image"]),
-            cos(a.text(tok["input_ids"], tok["attention_mask"])["text"],
-                b.text(tok["input_ids"], tok["attention_mask"])["text"]))
+    a = engs["onnx"]
+    return {name: (cos(a.image(x)["image"], b.image(x)["image"]),
+                   cos(a.text(tok["input_ids"], tok["attention_mask"])["text"],
+                       b.text(tok["input_ids"], tok["attention_mask"])["text"]))
+            for name, b in engs.items() if is_int8_engine(name)}
 
 
 def bench_pair(pair: str, data: Path, repeats: int, workers: int, tmp: Path, names: tuple[str, ...] = ENGINES) -> dict:
@@ -166,7 +173,7 @@ def bench_pair(pair: str, data: Path, repeats: int, workers: int, tmp: Path, nam
                 raise SystemExit(f"measuring {name} failed:\n{out.stderr[-3000:]}")
             rates[name].append(float(out.stdout.strip().splitlines()[-1]))
     x, captions = _sample(image, data)
-    cos = cosines(engs, x, captions, text) if {"onnx", "onnx int8"} <= set(engs) else None
+    cos = cosines(engs, x, captions, text) if "onnx" in engs else {}
     return {"rates": rates, "diffs": max_diffs(engs, x, captions, text), "cosines": cos, "export_s": export_s,
             "n": len(DataDir.open(data).records("train"))}
 
@@ -195,14 +202,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--pairs", default="efficientnet-lite0+minilm-l6,resnet50+tiny-bert")
-    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, among {ALL_ENGINES}")
-    ap.add_argument("--measure", choices=(*ALL_ENGINES, "bare onnx"), help=argparse.SUPPRESS)  # one figure, internal
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, among {ALL_ENGINES} and "
+                    "'onnx int8-<calibration>' (METHOD-IMAGES[-float-ends], as --int8-calibration)")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)  # one figure, internal
     ap.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="tiny random encoders on 12 generated images, once: checks "
                     "that the script runs (its figures mean nothing)")
     args = ap.parse_args()
     if args.smoke:
-        args.pairs, args.engines, args.repeats, args.images = "tiny-resnet+tiny-bert", "torch,onnx", 1, 12
+        args.pairs, args.repeats, args.images = "tiny-resnet+tiny-bert", 1, 12
+        args.engines = "torch,onnx,onnx int8-minmax-8-float-ends"
         args.workers = 0
     if args.measure:
         print(measure(args.measure, args.pairs, args.data, args.workers, args.tmp))
@@ -235,15 +244,15 @@ def run(args: argparse.Namespace) -> None:
             base = names[0]  # ratios against the first engine listed
             print(f"\n{pair} ({'random init, ' if image_name == 'resnet50' else ''}{r['n']} images; ONNX export "
                   f"{r['export_s']:.1f} s once):")
+            width = max(12, *map(len, names))
             for name in (*names, "bare onnx"):
-                print(f"  {name:12s} {rates[name]:7.1f} img/s   {rates[name] / rates[base]:5.2f}x {base}   (runs: "
+                print(f"  {name:{width}s} {rates[name]:7.1f} img/s   {rates[name] / rates[base]:5.2f}x {base}   (runs: "
                       f"{' / '.join(f'{v:.1f}' for v in runs[name])})")
-            last = names[-1]
-            ratios = [o / e for o, e in zip(runs[last], runs[base], strict=True)]
-            print(f"  {last} / {base}, run by run: {' / '.join(f'{v:.2f}x' for v in ratios)}")
-            if r["cosines"]:
-                print(f"  int8 vs fp32 feature cosine (mean over 256 images): image {r['cosines'][0]:.4f}, "
-                      f"text {r['cosines'][1]:.4f}")
+            for other in names[1:]:
+                ratios = [o / e for o, e in zip(runs[other], runs[base], strict=True)]
+                print(f"  {other} / {base}, run by run: {' / '.join(f'{v:.2f}x' for v in ratios)}")
+            for name, (ci, ct) in r["cosines"].items():
+                print(f"  {name} vs fp32 feature cosine (mean over 256 images): image {ci:.4f}, text {ct:.4f}")
             print(f"  extract / bare onnx forward: {rates['onnx'] / rates['bare onnx']:.2f}")
             if "torch" in names:
                 print(f"  max |onnx - torch|: image {r['diffs'][0]:.2e}, text {r['diffs'][1]:.2e}", flush=True)

@@ -161,13 +161,22 @@ def int8_file(fp32: Path, digest: str, calibration: Int8Calibration | None = Non
 
 
 def float_ends(model: Any) -> list[str]:
-    """The nodes ``float_ends`` keeps float: the first convolution, and the last one with every node after it
-    (activation, pooling, flattening), in the graph's (topological) order."""
+    """The nodes ``float_ends`` keeps float: the first convolution (the stem), and every node no convolution follows
+    (the last convolutions, one or several where a residual branch joins, and the activation and pooling after
+    them), in the graph's (topological) order."""
     nodes = list(model.graph.node)
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
     if not convs:
         return []
-    return [nodes[convs[0]].name] + [n.name for n in nodes[convs[-1]:]]
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for name in n.input:
+            consumers.setdefault(name, []).append(i)
+    conv_below = [False] * len(nodes)
+    for i in reversed(range(len(nodes))):
+        conv_below[i] = any(nodes[j].op_type == "Conv" or conv_below[j] for out in nodes[i].output
+                            for j in consumers.get(out, ()))
+    return [nodes[convs[0]].name] + [n.name for i, n in enumerate(nodes) if i > convs[0] and not conv_below[i]]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

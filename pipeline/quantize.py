@@ -126,7 +126,10 @@ class PrecisionOptions(Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         require([(self.precision in FEATURE_PRECISIONS, f"--precision must be one of {FEATURE_PRECISIONS}")])
-        Int8Calibration.parse(self.int8_calibration)  # a bad spec stops here, not after loading the encoders
+        # a bad spec stops here, not after loading the encoders; one given without int8 would be ignored
+        calibration = self.calibration()
+        require([(self.precision == "int8" or calibration == DEFAULT_CALIBRATION,
+                  f"--int8-calibration {self.int8_calibration} applies to --precision int8 only")])
 
     def calibration(self) -> Int8Calibration:
         return Int8Calibration.parse(self.int8_calibration)

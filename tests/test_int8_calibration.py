@@ -49,6 +49,9 @@ def test_a_calibration_is_spelled_and_named_in_the_precision():
             Int8Calibration.parse(bad)
     with pytest.raises(MlcError, match="--int8-calibration"):  # before any encoder is loaded
         ExtractConfig.build(data_dir="d", precision="int8", int8_calibration="minmax-many")
+    with pytest.raises(MlcError, match="applies to --precision int8 only"):  # not silently ignored
+        ExtractConfig.build(data_dir="d", int8_calibration="entropy-64")
+    assert ExtractConfig.build(data_dir="d", int8_calibration="MinMax-64").numerics.calibration() == FIRST_CALIBRATION
 
 
 def _graph(tmp_path, how: Int8Calibration) -> onnx.ModelProto:
@@ -99,12 +102,16 @@ def test_float_ends_stay_float_in_the_quantized_graph(tmp_path):
 
 def test_two_calibrations_never_share_a_graph_or_a_cache(tmp_path):
     data = make_data_dir(tmp_path / "tiny", n_train=12, n_test=2)
-    cache = tmp_path / "cache"
+    cache, graphs = tmp_path / "cache", tmp_path / "onnx"
+    graphs.mkdir()  # the session's fp32 graphs (not exported again); the int8 ones made here stay here
+    for p in graph_dir().glob("*tiny-*.onnx"):
+        if "int8" not in p.name:
+            shutil.copy(p, graphs)
 
-    def run(spec: str | None):
+    def run(spec: str | None, **more: str):
         opts = {} if spec is None else {"int8_calibration": spec}
         (path,) = extract(ExtractConfig.build(data_dir=data, cache_dir=cache, splits=("train",), precision="int8",
-                                              **opts, **TINY))
+                                              onnx_dir=graphs, **opts, **{**TINY, **more}))
         return path
 
     first, other = run(None), run("percentile-8-float-ends")
@@ -116,8 +123,8 @@ def test_two_calibrations_never_share_a_graph_or_a_cache(tmp_path):
         assert b.meta.extra["recipe"]["precision"] == "int8-percentile-8-float-ends"  # submit makes test alike
         assert not np.allclose(a.array("image"), b.array("image"))  # another graph computed them
         assert np.array_equal(a.array("text"), b.array("text"))  # the caption graph is the same dynamic one
-    graphs = sorted(p.name for p in graph_dir().glob("image-tiny-resnet-*int8-percentile-8-float-ends-*.onnx"))
-    assert len(graphs) == 1
+    made = sorted(p.name for p in graphs.glob("*int8*.onnx"))
+    assert len(made) == 3 and sum("int8-percentile-8-float-ends-" in m for m in made) == 1, made  # + text, + first
     # a cache made with one calibration, found where another's belongs, is refused by the one reuse policy
     with CacheReader(first) as a:
         meta = a.meta.replace(precision="int8-minmax-8")
@@ -129,6 +136,5 @@ def test_two_calibrations_never_share_a_graph_or_a_cache(tmp_path):
         up_to_date(job, meta)
     assert up_to_date(dataclasses.replace(job, target=first), meta.replace(precision="int8"))  # its own: reused
     # a caption-only cache has no image graph to calibrate: one int8 cache whatever the calibration
-    (text_only,) = extract(ExtractConfig.build(data_dir=data, cache_dir=cache, splits=("train",), precision="int8",
-                                               int8_calibration="entropy-8", **{**TINY, "image_encoder": "none"}))
+    text_only = run("entropy-8", image_encoder="none")
     assert text_only.name.endswith("__random_int8.h5")

@@ -44,7 +44,7 @@ class EncoderId:
     preprocess: dict[str, Any] = field(default_factory=dict)
     dim: int = 0
     cut: str | None = None
-    precision: str = "fp32"  # fp32, bf16, fp16 or int8 (older caches and runs: fp32)
+    precision: str = "fp32"  # fp32, bf16, fp16, int8 or int8-<calibration> (older caches and runs: fp32)
 
     @classmethod
     def of(cls, encoder: Any, cut: str | None = None, precision: str = "fp32") -> EncoderId:

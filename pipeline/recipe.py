@@ -40,7 +40,7 @@ class Recipe:
     text_pooling: str | None = None
     image_pooling: str = "avg"  # "tokens": the image encoder's last map positions (for --head attention)
     data: dict[str, Any] | None = None  # the data folder's layout (DataOptions), so test.csv reads alike
-    precision: str = "fp32"  # resolved: fp32, bf16, fp16 (CUDA) or int8
+    precision: str = "fp32"  # resolved: fp32, bf16, fp16 (CUDA), int8 or int8-<calibration> (quantize.precision_label)
     crossfit: str | None = None  # made by `mlc crossfit` (K fold models, not kept): its id
 
     def __post_init__(self) -> None:

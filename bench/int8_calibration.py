@@ -12,7 +12,7 @@ uint8 array under --work, and every graph runs over that array, so only the grap
 array are kept there, so a rerun only refits the heads.
 
     .venv/bin/python bench/int8_calibration.py [--cache-dir /work/cache-shared] [--work /tmp/mlc-int8-calibration]
-        [--settings minmax-64,minmax-512,percentile-512,...] [--full minmax-64,...]
+        [--settings minmax-64,minmax-512,percentile-512,...] [--full minmax-64,...] [--speed 512 --repeats 3]
     .venv/bin/python bench/int8_calibration.py --smoke   # tiny random encoders, generated images: figures mean nothing
 
 Prints, per row: the image (or caption) features' cosine to fp32 on the unseen rows, the held-out (cross-fitted) and
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -102,6 +103,25 @@ def image_features(label: str, x: np.ndarray, image, data: DataDir, work: Path) 
     return feats, build_s, rate
 
 
+def speeds(labels: list[str], x: np.ndarray, image, data: DataDir, work: Path, repeats: int) -> dict[str, list[float]]:
+    """Bare forward img/s of the fp32 image graph and each int8 one over the first images of ``x`` (in memory),
+    engines alternated, ``repeats`` times, in this one process (graphs built beforehand)."""
+    engs = {label: engine(image, None, backend="onnx", device=torch.device("cpu"), image_cut=None, text_cut=None,
+                          onnx_dir=work / "onnx", precision=label, log=lambda m: None,
+                          calibration=lambda n: calibration_pixels(data, image, n)) for label in ["fp32", *labels]}
+    batch = torch.from_numpy(np.array(x))
+    got: dict[str, list[float]] = {k: [] for k in engs}
+    for rep in range(repeats):
+        for label in list(engs) if rep % 2 == 0 else list(engs)[::-1]:
+            eng = engs[label]
+            eng.image(batch[:32])  # warm-up
+            t = time.perf_counter()
+            with eng.pool() as pool:
+                [c.result() for c in [pool.submit(eng.image, batch[s:s + 32]) for s in range(0, len(batch), 32)]]
+            got[label].append(len(batch) / (time.perf_counter() - t))
+    return got
+
+
 def text_features(data: DataDir, ids: list[str], work: Path) -> np.ndarray:
     """MiniLM's int8 (dynamically quantized) caption features of the train rows, in ``ids``' order."""
     path = work / "text-int8.npy"
@@ -155,12 +175,15 @@ def main() -> None:
     ap.add_argument("--full", default="minmax-64", help="calibrations also measured with the int8 captions (both "
                     "sides int8, as `mlc extract --precision int8` makes them)")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--speed", type=int, default=0, metavar="N", help="also time the bare image forward of fp32 and "
+                    "every calibration over N decoded images, side by side (alternated, --repeats times)")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny random encoders on 48 generated images, 3 folds")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_s:
         if args.smoke:
             args.work, args.folds, args.full = Path(tmp_s) / "work", 3, "minmax-8"
-            args.settings = "minmax-8,percentile-8-float-ends"
+            args.settings, args.speed, args.repeats = "minmax-8,percentile-8-float-ends", 16, 1
             cache, SHARED, FIRST = smoke_cache(Path(tmp_s))
         else:
             cache = args.cache_dir / CACHE
@@ -201,6 +224,13 @@ def bench(args: argparse.Namespace, cache: Path) -> None:
     for spec, label in labels.items():
         print(f"image graph {label}", flush=True)
         images[spec] = image_features(label, x, image, data, args.work)
+    if args.speed:
+        rates = speeds(list(labels.values()), x[:args.speed], image, data, args.work, args.repeats)
+        print(f"\nbare image forward over {args.speed} images in memory, img/s (runs; ratio to fp32, run by run):")
+        for label, runs in rates.items():
+            ratio = [r / f for r, f in zip(runs, rates["fp32"], strict=True)]
+            print(f"  {label:28s} {statistics.median(runs):7.1f}  ({' / '.join(f'{r:.1f}' for r in runs)}; "
+                  f"{' / '.join(f'{r:.2f}x' for r in ratio)}, median {statistics.median(ratio):.2f}x)", flush=True)
     t8 = text_features(data, base.ids, args.work)
     rows = [("fp32", "fp32")] + [("fp32", "int8")] + [(s, "fp32") for s in labels] + \
         [(s, "int8") for s in args.full.split(",") if s]

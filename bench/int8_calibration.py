@@ -146,15 +146,16 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
-def fit_and_score(name: str, reader: CacheReader, feats: Features, out: Path, folds: int) -> tuple[float, float, float]:
+def fit_and_score(name: str, reader: CacheReader, feats: Features, out: Path, folds: int,
+                  seed: int) -> tuple[float, float, float]:
     """(held-out samples-F1, unseen samples-F1, seconds) of the default head over ``feats``' ids < FIRST."""
     ids = np.array([number(i) for i in feats.ids])
     rows, unseen = np.flatnonzero(ids < FIRST), np.flatnonzero(ids >= FIRST)
-    run = out / name
+    run = out / (name if seed == 0 else f"{name}__s{seed}")
     if not (run / "metrics.json").is_file():
         t = time.perf_counter()
         # the run folder names the fp32 cache although some columns are swapped: a bench run, never submitted
-        fit_head(FitHeadConfig.build(caches=(reader.path,), out=run, folds=folds, head="concat"),
+        fit_head(FitHeadConfig.build(caches=(reader.path,), out=run, folds=folds, head="concat", seed=seed),
                  loaded=([reader], feats.subset(rows)), quiet=True)
         secs = time.perf_counter() - t
     else:
@@ -178,12 +179,14 @@ def main() -> None:
     ap.add_argument("--speed", type=int, default=0, metavar="N", help="also time the bare image forward of fp32 and "
                     "every calibration over N decoded images, side by side (alternated, --repeats times)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seeds", default="0", help="fit-head seeds (split, initialisation, sampling), comma-separated: "
+                    "each row is fitted once per seed, against fp32's fit of the same seed")
     ap.add_argument("--smoke", action="store_true", help="tiny random encoders on 48 generated images, 3 folds")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_s:
         if args.smoke:
             args.work, args.folds, args.full = Path(tmp_s) / "work", 3, "minmax-8"
-            args.settings, args.speed, args.repeats = "minmax-8,percentile-8-float-ends", 16, 1
+            args.settings, args.speed, args.repeats, args.seeds = "minmax-8,percentile-8-float-ends", 16, 1, "0,1"
             cache, SHARED, FIRST = smoke_cache(Path(tmp_s))
         else:
             cache = args.cache_dir / CACHE
@@ -210,13 +213,14 @@ def bench(args: argparse.Namespace, cache: Path) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     reader = CacheReader(cache)
-    base = Features.load([reader])
+    base_feats = Features.load([reader])
     data = DataDir.open(SHARED)
     image = create_image_encoder(ENC["image"], **ENC["random"])
-    unseen = np.flatnonzero(np.array([number(i) for i in base.ids]) >= FIRST)
-    print(f"{len(base.ids)} rows ({len(unseen)} unseen), {args.folds} folds; decoding the images once", flush=True)
-    x = pixels(data, base.ids, image, args.work)
-    fp32_img = base.image[:, 0].numpy()
+    unseen = np.flatnonzero(np.array([number(i) for i in base_feats.ids]) >= FIRST)
+    print(f"{len(base_feats.ids)} rows ({len(unseen)} unseen), {args.folds} folds; decoding the images once",
+          flush=True)
+    x = pixels(data, base_feats.ids, image, args.work)
+    fp32_img = base_feats.image[:, 0].numpy()
     check, _, _ = image_features("fp32", x[:64], image, data, args.work / "check")
     print(f"fp32 graph over the decoded array vs the cache: max |diff| {np.abs(check - fp32_img[:64]).max():.2e}")
     labels = {s: precision_label(Int8Calibration.parse(s)) for s in args.settings.split(",")}
@@ -231,23 +235,30 @@ def bench(args: argparse.Namespace, cache: Path) -> None:
             ratio = [r / f for r, f in zip(runs, rates["fp32"], strict=True)]
             print(f"  {label:28s} {statistics.median(runs):7.1f}  ({' / '.join(f'{r:.1f}' for r in runs)}; "
                   f"{' / '.join(f'{r:.2f}x' for r in ratio)}, median {statistics.median(ratio):.2f}x)", flush=True)
-    t8 = text_features(data, base.ids, args.work)
+    t8 = text_features(data, base_feats.ids, args.work)
     rows = [("fp32", "fp32")] + [("fp32", "int8")] + [(s, "fp32") for s in labels] + \
         [(s, "int8") for s in args.full.split(",") if s]
     out = args.work / "runs"
-    print(f"\n{'image':28s} {'caption':8s} {'cos img':>8s} {'cos txt':>8s} {'held-out':>9s} {'unseen':>7s} "
-          f"{'vs fp32':>8s} {'quant s':>8s} {'img/s':>7s} {'fit s':>6s}")
-    base_f1 = None
+    seeds = [int(v) for v in args.seeds.split(",")]
+    print(f"\nseeds {seeds}: held-out, unseen and (unseen - fp32's unseen) are means over the seeds; the run-by-run "
+          "differences follow")
+    print(f"{'image':30s} {'caption':8s} {'cos img':>8s} {'cos txt':>8s} {'held-out':>9s} {'unseen':>7s} "
+          f"{'vs fp32':>8s} {'quant s':>8s} {'img/s':>7s} {'fit s':>6s}  by seed")
+    base: dict[int, float] = {}
     for img, txt in rows:
-        feats = Features(base.ids, torch.from_numpy(images[img][0])[:, None], base.text if txt == "fp32" else
-                         torch.from_numpy(t8), base.labels, base.token_dim)
+        feats = Features(base_feats.ids, torch.from_numpy(images[img][0])[:, None], base_feats.text if txt == "fp32"
+                         else torch.from_numpy(t8), base_feats.labels, base_feats.token_dim)
         name = f"{'fp32' if img == 'fp32' else labels[img]}__{txt}"
-        held, f1, secs = fit_and_score(name, reader, feats, out, args.folds)
-        base_f1 = f1 if base_f1 is None else base_f1
+        got = [fit_and_score(name, reader, feats, out, args.folds, seed) for seed in seeds]
+        for seed, (_, f1, _) in zip(seeds, got, strict=True):
+            base.setdefault(seed, f1)  # the first row is fp32's
+        diffs = [f1 - base[seed] for seed, (_, f1, _) in zip(seeds, got, strict=True)]
         ci = cosine(images[img][0][unseen], fp32_img[unseen]).mean()
-        ct = cosine(feats.text[unseen].numpy(), base.text[unseen].numpy()).mean()
-        print(f"{'fp32' if img == 'fp32' else labels[img]:28s} {txt:8s} {ci:8.4f} {ct:8.4f} {held:9.4f} {f1:7.4f} "
-              f"{f1 - base_f1:+8.4f} {images[img][1]:8.1f} {images[img][2]:7.1f} {secs:6.0f}", flush=True)
+        ct = cosine(feats.text[unseen].numpy(), base_feats.text[unseen].numpy()).mean()
+        print(f"{'fp32' if img == 'fp32' else labels[img]:30s} {txt:8s} {ci:8.4f} {ct:8.4f} "
+              f"{np.mean([g[0] for g in got]):9.4f} {np.mean([g[1] for g in got]):7.4f} {np.mean(diffs):+8.4f} "
+              f"{images[img][1]:8.1f} {images[img][2]:7.1f} {sum(g[2] for g in got):6.0f}  "
+              + " / ".join(f"{d:+.4f}" for d in diffs), flush=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from .fused import Part, _identity, plan_parts, token_dim
 from .head_blend import BlendHead
 from .heartbeat import stage
 from .log import get
+from .pseudo import Teacher, Unlabelled
 from .runs import Contract, RunDir, RunFiles, feature_entry
 
 # The image encoder a best run adds beside the main one (its own resolution, its own cache).
@@ -147,11 +148,12 @@ class Budget:
 def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *, folds: int, time_limit: float = 0.0,
                 rows: np.ndarray | None = None, output: OutputOptions | None = None,
                 decision: str = "auto", say: Callable[[str], None] = _say, quiet: bool = False,
-                **fit_options: Any) -> list[Member]:
+                teacher: Teacher | None = None, **fit_options: Any) -> list[Member]:
     """Fit (or reuse) each member into OUT/members/NAME; returns the members that are there. ``rows``: fit on these
     rows of the caches only (benchmarks); ``decision``: fit-head's --decision; ``fit_options``: more of fit-head's
     options (e.g. epochs); ``quiet``: without fit-head's own lines (its folds and epochs: the progress within a
-    member)."""
+    member); ``teacher``: round two of --pseudo-label (each fold also trains on the rows round one's heads of that
+    fold label confidently; pseudo.json in the member says which and how many)."""
     from .workflow import _up_to_date  # the one reuse rule of mlc run
 
     budget, done, loaded = Budget(time_limit, time.monotonic(), []), [], {}
@@ -162,7 +164,8 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
                                   decision=decision, output=output or OutputOptions(),
                                   **{**dict(m.options), **fit_options})
         cfg = sized(cfg, len(rows) if rows is not None else read_meta(paths[0]).num_records)  # as config.json holds it
-        fresh = not _up_to_date(run, cfg.to_dict(), paths)
+        key = teacher.key(m.seed) if teacher is not None else None
+        fresh = not _up_to_date(run, cfg.to_dict(), paths) or (key is not None and _pseudo_key(run) != key)
         if not budget.allows(fresh, len(done)):
             say(f"time limit: {budget.left():.0f} s left, a member takes about {np.mean(budget.spent):.0f} s; "
                 f"stopping at {len(done)} of {len(members)} members")
@@ -172,13 +175,18 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
             eta = f", about {np.mean(budget.spent) * (len(members) - i):.0f} s left" if budget.spent else ""
             say(f"member {i + 1}/{len(members)}: {m.name} ({m.head} over {', '.join(p.name for p in paths)}, "
                 f"seed {m.seed}){eta}")
-            key = tuple(m.caches)
-            if key not in loaded:
+            if tuple(m.caches) not in loaded:
                 readers = [CacheReader(p) for p in paths]
                 # the subset replaces the whole set at once: a token map (GBs) is not held twice while fitting
-                loaded[key] = (readers, Features.load(readers) if rows is None else
+                loaded[tuple(m.caches)] = (readers, Features.load(readers) if rows is None else
                                Features.load(readers).subset(rows))
-            fit_head(cfg, loaded=loaded[key], quiet=quiet, member_of=out)
+            feats = loaded[tuple(m.caches)][1]
+            pseudo = None if teacher is None else teacher.rows(m.seed, m.caches, feats.ids, feats.labels)
+            if pseudo is not None:
+                say(f"member {m.name}: pseudo-labelled rows per fold {pseudo.summary()['rows_kept']} of "
+                    f"{len(pseudo.rows.ids)} unlabelled (confidence {teacher.confidence})")
+            fit_head(cfg, loaded=loaded[tuple(m.caches)], quiet=quiet, member_of=out, pseudo=pseudo,
+                     extra_json=None if pseudo is None else {"pseudo.json": pseudo.summary()})
             for k in [k for k in loaded if all(tuple(n.caches) != k for n in members[i + 1:])]:
                 del loaded[k]  # memory: a token map's features (GBs) are not held past their last member
             budget.spent.append(time.monotonic() - t)
@@ -188,6 +196,27 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
             say(f"member {i + 1}/{len(members)}: {m.name} up to date; not refitted")
         done.append(m)
     return done
+
+
+def _pseudo_key(run: RunDir) -> dict[str, Any] | None:
+    """What a round-two member's pseudo-labels were made from (its pseudo.json, less the counts), or None."""
+    try:
+        info = run.read_json("pseudo.json")
+    except MlcError:
+        return None
+    return {k: info.get(k) for k in ("teachers", "teacher_digest", "confidence", "unlabelled")}
+
+
+def students(members: Sequence[Member]) -> list[Member]:
+    """Round two of --pseudo-label: each member again, named NAME-pl, taught by round one."""
+    return [Member(f"{m.name}-pl", m.caches, m.head, m.seed, m.options) for m in members]
+
+
+def teacher(members: Sequence[Member], out: Path, folds: int, unlabelled: Callable[[tuple[int, ...]], Unlabelled],
+            confidence: float, source: Sequence[str]) -> Teacher:
+    """Round one's fitted members in OUT/members as --pseudo-label's teacher."""
+    return Teacher([(out / "members" / m.name, tuple(m.caches), m.seed) for m in members], unlabelled, folds,
+                   confidence, list(source))
 
 
 def _aligned(runs: Sequence[RunDir]) -> tuple[list[str], list[np.ndarray], np.ndarray]:
@@ -208,9 +237,12 @@ def _digest(runs: Sequence[RunDir], mode: str) -> str:
 
 
 def blend(members: Sequence[Member], caches: Sequence[Path], out: Path, *, mode: str = "auto", seed: int = 0,
-          say: Callable[[str], None] = _say) -> dict[str, Any]:
+          say: Callable[[str], None] = _say, rounds: dict[str, Sequence[str]] | None = None,
+          pseudo: dict[str, Any] | None = None) -> dict[str, Any]:
     """Weigh the members (ensemble.choose) and write OUT as a run folder with one blend head; reused when its
-    members and rule are unchanged. Returns ensemble.json's content."""
+    members and rule are unchanged. Returns ensemble.json's content. ``rounds``: named subsets of the members
+    (--pseudo-label's round one and round two) whose own cross-fitted blend scores ensemble.json records beside
+    ``pseudo`` (what the pseudo-labels were)."""
     runs = [RunDir(out / "members" / m.name) for m in members]
     digest, rd = _digest(runs, mode), RunDir(out)
     if rd.manifest.is_file() and (out / "ensemble.json").is_file():
@@ -229,6 +261,11 @@ def blend(members: Sequence[Member], caches: Sequence[Path], out: Path, *, mode:
     info = {"digest": digest, "mode": mode, **chosen.to_dict(names), "seconds": round(time.monotonic() - t, 2),
             "members": [{"name": m.name, "caches": [caches[c].name for c in m.caches], "head": m.head,
                          "seed": m.seed, "samples_f1": f} for m, f in zip(members, chosen.member_f1, strict=True)]}
+    if pseudo is not None:
+        info["pseudo"] = pseudo
+    if rounds:  # each round's own blend, weighed and scored cross-fitted on the same rows
+        info["rounds"] = {label: float(choose([probs[names.index(n)] for n in sub], y, mode, seed).metrics[
+            "samples_f1"]) for label, sub in rounds.items()}
     _write(rd, members, runs, caches, chosen, ids, y, info)
     return info
 
@@ -270,7 +307,8 @@ def _write(rd: RunDir, members: Sequence[Member], runs: Sequence[RunDir], caches
     th = dict(chosen.thresholds, label_ids=list(metas[0].label_ids), label_names=list(metas[0].label_names))
     with rd.writing():
         rd.write(RunFiles(
-            kind="head", config={"quality": "best", "members": [m.__dict__ for m in members], "mode": info["mode"]},
+            kind="head", config={"quality": "best", "members": [m.__dict__ for m in members], "mode": info["mode"],
+                                 "pseudo_label": "pseudo" in info},
             features=[feature_entry(Contract.of_cache(m), m.extra.get("recipe", {}), p.to_dict(), m.data_fingerprint)
                       for m, p in zip(metas, parts, strict=True)],
             heads=[head], thresholds=th, metrics=dict(chosen.metrics, ensemble=info["blended"]), history=[],
@@ -311,19 +349,28 @@ def extra_text(cfg: Any) -> str | None:
     return None if name == "none" or name == cfg.encoders.text_encoder else name
 
 
-def _caches(cfg: Any, train: list[Path]) -> tuple[list[Path], int, int | None, list[int]]:
+def _caches(cfg: Any, train: list[Path], test: Path | None = None
+            ) -> tuple[list[Path], int, int | None, list[int], list[Path] | None]:
     """A best run's train caches (extracted when missing): the main one, the extra image encoder's, the token
-    maps', the extra text encoder's; with how many hold pooled images, the token cache's index and the texts'."""
+    maps', the extra text encoder's; with how many hold pooled images, the token cache's index and the texts'; and,
+    with --pseudo-label and a test split (``test``: the main test cache), each one's test cache, else None."""
     from .extract import ExtractConfig, extract
+
+    tests = [test] if cfg.pseudo_label and test is not None else None
+    splits = ("train", "test") if tests else ("train",)
 
     def more(what: str, enc: Any) -> Path:
         _say(f"extracting {what} (reused when already there)")
-        (path,) = extract(ExtractConfig(data_dir=cfg.data_dir, splits=("train",), cache_dir=cfg.cache_dir,
-                                        overwrite=cfg.overwrite, encoders=enc, numerics=cfg.numerics,
-                                        loader=cfg.loader, data=cfg.data))
-        return path
+        paths = extract(ExtractConfig(data_dir=cfg.data_dir, splits=splits, cache_dir=cfg.cache_dir,
+                                      overwrite=cfg.overwrite, encoders=enc, numerics=cfg.numerics,
+                                      loader=cfg.loader, data=cfg.data))
+        if tests is not None:
+            tests.append(paths[1])
+        return paths[0]
 
     caches, tokens, texts = list(train), None, []
+    if tests is not None:
+        tests += [test] * (len(train) - 1)  # (a cross-fit's caption cache: never beside --quality best)
     extra = extra_image(cfg)
     if extra is not None:
         caches.append(more(f"the second image encoder's features ({extra})",
@@ -342,22 +389,50 @@ def _caches(cfg: Any, train: list[Path]) -> tuple[list[Path], int, int | None, l
         texts.append(len(caches))
         caches.append(more(f"the extra text encoder's caption features ({text})",
                            cfg.encoders.replace(text_encoder=text, text_weights=None)))
-    return caches, n_image, tokens, texts
+    return caches, n_image, tokens, texts, tests
+
+
+def pseudo_round(members: Sequence[Member], caches: Sequence[Path], tests: Sequence[Path], out: Path, *, folds: int,
+                 confidence: float, time_limit: float = 0.0, **fit: Any) -> list[Member]:
+    """--pseudo-label's round two: each fitted member again (NAME-pl), each fold also training on the test rows
+    that round one's heads of that fold label confidently (pipeline/pseudo.py). Returns the members fitted."""
+    def unlabelled(idx: tuple[int, ...]) -> Unlabelled:
+        return Unlabelled.load([tests[c] for c in idx])
+
+    teach = teacher(members, out, folds, unlabelled, confidence, sorted({tests[c].name for c in range(len(caches))}))
+    _say(f"pseudo-labelling {read_meta(tests[0]).num_records} test rows (confidence {confidence}), then refitting "
+         f"{len(members)} members")
+    return fit_members(students(members), caches, out, folds=folds, time_limit=time_limit, teacher=teach, **fit)
 
 
 def best_route(cfg: Any, train: list[Path], test: Path | None) -> dict[str, Any]:
     """``mlc run --quality best`` after the main caches are there (cfg: workflow.RunConfig): the extra caches (a
-    second image encoder's, the token maps', a second text encoder's), the members, the blend in cfg.out. Returns
-    ensemble.json's content."""
-    caches, n_image, tokens, texts = _caches(cfg, train)
+    second image encoder's, the token maps', a second text encoder's), the members, with --pseudo-label their
+    second round, the blend in cfg.out. Returns ensemble.json's content."""
+    caches, n_image, tokens, texts, tests = _caches(cfg, train, test)
     members = plan(n_image, tokens=tokens, texts=texts)
     (cfg.out / "members").mkdir(parents=True, exist_ok=True)
     _say(f"fitting up to {len(members)} members ({cfg.folds} folds each)"
          + (f" within {cfg.time_limit:.0f} s" if cfg.time_limit else ""))
+    start = time.monotonic()
     done = fit_members(members, caches, cfg.out, folds=cfg.folds, time_limit=cfg.time_limit, output=cfg.output,
                        decision=cfg.decision)
-    info = blend(done, caches, cfg.out, mode=cfg.decision, seed=0)
+    rounds, pseudo = None, None
+    if cfg.pseudo_label and tests is None:
+        logger.warning("warning: --pseudo-label: no test split to pseudo-label; fitting round one only")
+    elif cfg.pseudo_label:
+        left = max(1.0, cfg.time_limit - (time.monotonic() - start)) if cfg.time_limit else 0.0
+        second = pseudo_round(done, caches, tests, cfg.out, folds=cfg.folds, confidence=cfg.pseudo_confidence,
+                              time_limit=left, output=cfg.output, decision=cfg.decision)
+        rounds = {"round one": [m.name for m in done], "round two": [m.name for m in second]}
+        pseudo = {"confidence": cfg.pseudo_confidence, "members": {
+            m.name: RunDir(cfg.out / "members" / m.name).read_json("pseudo.json") for m in second}}
+        done = [*done, *second]
+    info = blend(done, caches, cfg.out, mode=cfg.decision, seed=0, rounds=rounds, pseudo=pseudo)
     _say(f"blend of {len(done)} members: cross-fitted samples-F1 {info['blend_samples_f1']:.4f}, best member "
          f"{max(info['member_samples_f1'].values()):.4f}; "
          + ("blended" if info["blended"] else "the best member alone scored at least as well: kept alone"))
+    if info.get("rounds"):
+        _say("pseudo-labels: " + ", ".join(f"{k} blend {v:.4f}" for k, v in info["rounds"].items())
+             + " (cross-fitted samples-F1)")
     return info

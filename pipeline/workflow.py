@@ -102,6 +102,12 @@ class RunConfig(Config):
                           "token maps (a second cache, --image-pooling tokens; the slowest member, ~14x a pooled one). "
                           "The blend then reads the token map and its pooled members the map's mean, so the export "
                           "stays one graph; no second image encoder beside it.")
+    pseudo_label: bool = opt(False, "With --quality best: self-training. After the members, label the test rows "
+                             "that each fold's heads are confident about, refit every member (NAME-pl) with them on "
+                             "each fold's training side (never held out), and blend both rounds "
+                             "(docs/recipes.md).")
+    pseudo_confidence: float = opt(0.9, "With --pseudo-label: a test row is kept when every label's probability is "
+                                   "at least this or at most 1 minus this, and one label is at least this.")
     overwrite: bool = opt(False, "Rebuild the caches whose data changed (train.csv, test.csv or their images), then "
                           "refit and resubmit what depends on them, instead of stopping (naming the cache).")
     output: OutputOptions = group(OutputOptions)
@@ -131,6 +137,8 @@ class RunConfig(Config):
                  (self.quality == "fast" or not (self.finetune or self.crossfit_text or self.head != "concat"),
                   "--quality best chooses its own heads and routes: leave out --head, --finetune and --crossfit-text"),
                  (self.time_limit >= 0, "--time-limit must be 0 (none) or a number of seconds"),
+                 (self.quality == "best" or not self.pseudo_label, "--pseudo-label is part of --quality best"),
+                 (0.5 < self.pseudo_confidence < 1, "--pseudo-confidence must be between 0.5 and 1"),
                  (not (self.attention and self.quality == "best"
                        and self.extra_image_encoder not in ("auto", "none", self.encoders.image_encoder)),
                   "--extra-image-encoder NAME needs --no-attention: the attention member's token map and a "

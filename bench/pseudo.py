@@ -31,13 +31,13 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from best import unseen  # noqa: E402
 
-from pipeline.best import Member, _aligned, fit_members, plan, students, teacher  # noqa: E402
+from pipeline.best import Member, _aligned, fit_members, plan, students  # noqa: E402
 from pipeline.cache import CacheReader  # noqa: E402
 from pipeline.decision import choose as choose_rule  # noqa: E402
 from pipeline.ensemble import choose, mix  # noqa: E402
 from pipeline.log import configure  # noqa: E402
 from pipeline.metrics import samples_f1  # noqa: E402
-from pipeline.pseudo import Unlabelled  # noqa: E402
+from pipeline.pseudo import Teacher, Unlabelled  # noqa: E402
 from pipeline.runs import RunDir  # noqa: E402
 
 A = "comp5329/{}__efficientnet-lite0__minilm-l6.h5"
@@ -128,7 +128,7 @@ def main() -> None:
             if not (out / "members" / m.name).exists():
                 shutil.copytree(args.out / "members" / m.name, out / "members" / m.name)
         t = time.perf_counter()
-        teach = teacher(one, out, args.folds, unlabelled, c, ["ids 10000-11999 (labels hidden)", "test"])
+        teach = Teacher.of(one, out, args.folds, unlabelled, c, ["ids 10000-11999 (labels hidden)", "test"])
         two = fit_members(students(one), train, out, folds=args.folds, rows=rows, quiet=True, teacher=teach, **fit)
         print(f"round two at confidence {c}: {len(two)} members, {time.perf_counter() - t:.0f} s", flush=True)
         outs[c] = (out, two)

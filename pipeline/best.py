@@ -165,7 +165,7 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
                                   **{**dict(m.options), **fit_options})
         cfg = sized(cfg, len(rows) if rows is not None else read_meta(paths[0]).num_records)  # as config.json holds it
         key = teacher.key(m.seed) if teacher is not None else None
-        fresh = not _up_to_date(run, cfg.to_dict(), paths) or (key is not None and _pseudo_key(run) != key)
+        fresh = not _up_to_date(run, cfg.to_dict(), paths) or (key is not None and Teacher.recorded(run) != key)
         if not budget.allows(fresh, len(done)):
             say(f"time limit: {budget.left():.0f} s left, a member takes about {np.mean(budget.spent):.0f} s; "
                 f"stopping at {len(done)} of {len(members)} members")
@@ -198,25 +198,9 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
     return done
 
 
-def _pseudo_key(run: RunDir) -> dict[str, Any] | None:
-    """What a round-two member's pseudo-labels were made from (its pseudo.json, less the counts), or None."""
-    try:
-        info = run.read_json("pseudo.json")
-    except MlcError:
-        return None
-    return {k: info.get(k) for k in ("teachers", "teacher_digest", "confidence", "unlabelled")}
-
-
 def students(members: Sequence[Member]) -> list[Member]:
     """Round two of --pseudo-label: each member again, named NAME-pl, taught by round one."""
     return [Member(f"{m.name}-pl", m.caches, m.head, m.seed, m.options) for m in members]
-
-
-def teacher(members: Sequence[Member], out: Path, folds: int, unlabelled: Callable[[tuple[int, ...]], Unlabelled],
-            confidence: float, source: Sequence[str]) -> Teacher:
-    """Round one's fitted members in OUT/members as --pseudo-label's teacher."""
-    return Teacher([(out / "members" / m.name, tuple(m.caches), m.seed) for m in members], unlabelled, folds,
-                   confidence, list(source))
 
 
 def _aligned(runs: Sequence[RunDir]) -> tuple[list[str], list[np.ndarray], np.ndarray]:
@@ -399,7 +383,7 @@ def pseudo_round(members: Sequence[Member], caches: Sequence[Path], tests: Seque
     def unlabelled(idx: tuple[int, ...]) -> Unlabelled:
         return Unlabelled.load([tests[c] for c in idx])
 
-    teach = teacher(members, out, folds, unlabelled, confidence, sorted({tests[c].name for c in range(len(caches))}))
+    teach = Teacher.of(members, out, folds, unlabelled, confidence, sorted({p.name for p in tests}))
     _say(f"pseudo-labelling {read_meta(tests[0]).num_records} test rows (confidence {confidence}), then refitting "
          f"{len(members)} members")
     return fit_members(students(members), caches, out, folds=folds, time_limit=time_limit, teacher=teach, **fit)
@@ -417,11 +401,11 @@ def best_route(cfg: Any, train: list[Path], test: Path | None) -> dict[str, Any]
     start = time.monotonic()
     done = fit_members(members, caches, cfg.out, folds=cfg.folds, time_limit=cfg.time_limit, output=cfg.output,
                        decision=cfg.decision)
-    rounds, pseudo = None, None
-    if cfg.pseudo_label and tests is None:
-        logger.warning("warning: --pseudo-label: no test split to pseudo-label; fitting round one only")
+    rounds, pseudo, left = None, None, cfg.time_limit - (time.monotonic() - start) if cfg.time_limit else 0.0
+    if cfg.pseudo_label and (tests is None or left < 0):
+        logger.warning("warning: --pseudo-label: " + ("no test split to pseudo-label" if tests is None else
+                       "the time limit is spent") + "; blending round one only")
     elif cfg.pseudo_label:
-        left = max(1.0, cfg.time_limit - (time.monotonic() - start)) if cfg.time_limit else 0.0
         second = pseudo_round(done, caches, tests, cfg.out, folds=cfg.folds, confidence=cfg.pseudo_confidence,
                               time_limit=left, output=cfg.output, decision=cfg.decision)
         rounds = {"round one": [m.name for m in done], "round two": [m.name for m in second]}

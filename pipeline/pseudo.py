@@ -133,6 +133,23 @@ class Teacher:
     source: Sequence[str] = ()
     _made: dict[int, tuple[list[str], list[np.ndarray]]] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, members: Sequence[Any], out: Path, folds: int, unlabelled: Callable[[tuple[int, ...]], Unlabelled],
+           confidence: float = DEFAULT_CONFIDENCE, source: Sequence[str] = ()) -> Teacher:
+        """A best run's fitted round-one members (best.Member: name, caches, seed) in OUT/members as the teacher."""
+        return cls([(Path(out) / "members" / m.name, tuple(m.caches), m.seed) for m in members], unlabelled, folds,
+                   confidence, list(source))
+
+    @staticmethod
+    def recorded(run: RunDir) -> dict[str, Any] | None:
+        """What a round-two member's pseudo-labels were made from (its pseudo.json less the counts; ``key``), or
+        None."""
+        try:
+            info = run.read_json("pseudo.json")
+        except MlcError:
+            return None
+        return {k: info.get(k) for k in ("teachers", "teacher_digest", "confidence", "unlabelled")}
+
     def teachers(self, seed: int) -> list[tuple[Path, tuple[int, ...], int]]:
         """The round-one members that share the folds of a member of ``seed`` (the same seed)."""
         same = [m for m in self.members if m[2] == seed]

@@ -27,6 +27,7 @@ PRINTS = {
     "fit_head.py": "default head (concat, bce) fit + threshold tuning",
     "precision.py": "medians",
     "predict.py": "export / run: time",
+    "pseudo.py": "round two (pseudo)",
     "recipes.py": "trunk layer3 + MiniLM layer1",
     "serve.py": "mlc predict in a loop",
     "silence.py": "longest silence",

@@ -120,7 +120,6 @@ def main() -> None:
                 Unlabelled.load([test[c] for c in idx]))
         return loaded[idx]
 
-    outs = {}
     for c in confidences:
         out = args.out / f"c{round(c * 100)}"
         (out / "members").mkdir(parents=True, exist_ok=True)
@@ -131,8 +130,7 @@ def main() -> None:
         teach = Teacher.of(one, out, args.folds, unlabelled, c, ["ids 10000-11999 (labels hidden)", "test"])
         two = fit_members(students(one), train, out, folds=args.folds, rows=rows, quiet=True, teacher=teach, **fit)
         print(f"round two at confidence {c}: {len(two)} members, {time.perf_counter() - t:.0f} s", flush=True)
-        outs[c] = (out, two)
-    report(one, outs, train)
+        report(one, {c: (out, two)}, train)  # each confidence's figures as soon as they are there
 
 
 def report(one: list[Member], outs: dict[float, tuple[Path, list[Member]]], caches: list[Path]) -> None:

@@ -131,7 +131,7 @@ class Teacher:
     folds: int
     confidence: float = DEFAULT_CONFIDENCE
     source: Sequence[str] = ()
-    _made: dict[int, tuple[list[str], list[np.ndarray]]] = field(default_factory=dict)
+    _made: dict[tuple[int, int], tuple[list[str], list[np.ndarray]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, members: Sequence[Any], out: Path, folds: int, unlabelled: Callable[[tuple[int, ...]], Unlabelled],
@@ -167,8 +167,9 @@ class Teacher:
 
     def fold_targets(self, seed: int, ids: Sequence[str], y: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
         """(unlabelled ids, per-fold teacher probabilities) for members of ``seed`` over labelled rows ``ids``,
-        ``y``; made once per seed."""
-        if seed not in self._made:
+        ``y``; made once per seed and rows."""
+        made = (seed, hash(tuple(ids)))  # the folds are those of these rows in this order
+        if made not in self._made:
             parts = kfold(y, self.folds, seed)  # fit-head's folds for these rows and this seed
             oof, fold_proba, order = [], [], None
             for path, caches, _ in self.teachers(seed):
@@ -178,18 +179,26 @@ class Teacher:
                 if len(heads) != self.folds:
                     raise MlcError(f"{path}: {len(heads)} fold heads, not {self.folds}; refit it")
                 order = order or rows.ids
-                pos = {i: k for k, i in enumerate(rows.ids)}
-                take = [pos[i] for i in order]
+                take = _positions(rows.ids, order, path)
                 fold_proba.append([predict_proba(h, rows.image, rows.text).numpy()[take] for h in heads])
-            self._made[seed] = (order, fold_teacher(oof, np.asarray(y, np.float64), parts, fold_proba))
-        return self._made[seed]
+            self._made[made] = (order, fold_teacher(oof, np.asarray(y, np.float64), parts, fold_proba))
+        return self._made[made]
 
     def rows(self, seed: int, caches: tuple[int, ...], ids: Sequence[str], y: np.ndarray) -> PseudoRows:
         """A student's pseudo rows: the unlabelled rows of its caches, with each fold's confident targets."""
         order, probs = self.fold_targets(seed, ids, y)
         rows = self.unlabelled(caches)
-        pos = {i: k for k, i in enumerate(rows.ids)}
-        take = np.array([pos[i] for i in order])
+        take = np.array(_positions(rows.ids, order, "the unlabelled rows"))
         rows = Unlabelled(order, rows.image[take], rows.text[take])
         kept = [confident(p, self.confidence) for p in probs]
         return PseudoRows(rows, [k for k, _ in kept], [t for _, t in kept], self.key(seed))
+
+
+def _positions(have: Sequence[str], wanted: Sequence[str], what: Any) -> list[int]:
+    """Where each of ``wanted`` sits in ``have``: the unlabelled rows of two caches must be the same rows."""
+    pos = {i: k for k, i in enumerate(have)}
+    missing = [i for i in wanted if i not in pos]
+    if missing or len(have) != len(wanted):
+        raise MlcError(f"{what}: the unlabelled rows of its caches differ from the others' ({missing[:3]} ...); "
+                       "extract every cache from the same test split")
+    return [pos[i] for i in wanted]

@@ -37,7 +37,7 @@ from pipeline.decision import choose as choose_rule  # noqa: E402
 from pipeline.ensemble import choose, mix  # noqa: E402
 from pipeline.log import configure  # noqa: E402
 from pipeline.metrics import samples_f1  # noqa: E402
-from pipeline.pseudo import Teacher, Unlabelled  # noqa: E402
+from pipeline.pseudo import PseudoRows, Teacher, Unlabelled  # noqa: E402
 from pipeline.runs import RunDir  # noqa: E402
 
 A = "comp5329/{}__efficientnet-lite0__minilm-l6.h5"
@@ -62,6 +62,20 @@ def blends(out: Path, caches: list[Path], sets: dict[str, list[str]]) -> None:
               + " ".join(f"{n}={w:.2f}" for n, w in zip(sub, b.weights, strict=True) if w > 0), flush=True)
 
 
+class SoftTeacher(Teacher):
+    """--soft: every unlabelled row, with fold k's teacher probabilities as soft targets (the alternative to
+    pipeline.pseudo's confident hard rows, measured here only)."""
+
+    def key(self, seed: int) -> dict:
+        return {**super().key(seed), "confidence": "soft"}
+
+    def rows(self, seed: int, caches: tuple[int, ...], ids: list[str], y: np.ndarray) -> PseudoRows:
+        hard = Teacher.rows(self, seed, caches, ids, y)
+        _, probs = self.fold_targets(seed, ids, y)
+        every = np.arange(len(hard.rows.ids))
+        return PseudoRows(hard.rows, [every] * len(probs), [p.astype(np.float32) for p in probs], self.key(seed))
+
+
 def smoke(args: argparse.Namespace) -> None:
     """Point ``args`` at tiny caches of generated rows (ids 9984-10007, 4 test rows) under the shared caches' names
     (the `m` cache a copy of `a`), in a scratch folder removed at exit."""
@@ -74,7 +88,7 @@ def smoke(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mlc-pseudo-smoke-"))
     atexit.register(shutil.rmtree, tmp, True)
     data = tiny_data(tmp / "data")
-    args.cache_dir, args.out, args.folds, args.confidence = tmp / "cache", tmp / "out", 2, [0.51]
+    args.cache_dir, args.out, args.folds, args.confidence, args.soft = tmp / "cache", tmp / "out", 2, [0.51], True
     for split in ("train", "test"):
         cache = tiny_cache(data, tmp / "tiny", split=split)
         for name in (A, M):
@@ -88,6 +102,8 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--confidence", type=float, action="append", default=[],
                     help="a pseudo-label confidence to measure (repeatable; default 0.75, mlc run's)")
+    ap.add_argument("--soft", action="store_true", help="also round two with every unlabelled row and soft targets "
+                    "(fold k's teacher probabilities)")
     ap.add_argument("--reuse", type=Path, help="a bench/best.py --out whose members/ to copy as round one")
     ap.add_argument("--smoke", action="store_true", help="tiny random encoders on generated data, 2 folds, "
                     "confidence 0.51: checks that the script runs (its figures mean nothing)")
@@ -120,14 +136,16 @@ def main() -> None:
                 Unlabelled.load([test[c] for c in idx]))
         return loaded[idx]
 
-    for c in confidences:
-        out = args.out / f"c{round(c * 100)}"
+    for c in confidences + ["soft"] * args.soft:
+        out = args.out / (f"c{round(c * 100)}" if c != "soft" else "soft")
         (out / "members").mkdir(parents=True, exist_ok=True)
         for m in one:  # round one's members are the teacher: the same folders under each confidence's run
             if not (out / "members" / m.name).exists():
                 shutil.copytree(args.out / "members" / m.name, out / "members" / m.name)
         t = time.perf_counter()
-        teach = Teacher.of(one, out, args.folds, unlabelled, c, ["ids 10000-11999 (labels hidden)", "test"])
+        kind = SoftTeacher if c == "soft" else Teacher
+        teach = kind.of(one, out, args.folds, unlabelled, 0.75 if c == "soft" else c,
+                        ["ids 10000-11999 (labels hidden)", "test"])
         two = fit_members(students(one), train, out, folds=args.folds, rows=rows, quiet=True, teacher=teach, **fit)
         print(f"round two at confidence {c}: {len(two)} members, {time.perf_counter() - t:.0f} s", flush=True)
         report(one, {c: (out, two)}, train)  # each confidence's figures as soon as they are there

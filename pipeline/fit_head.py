@@ -127,7 +127,7 @@ def head_task(cfg: FitHeadConfig, feats: Features, train_idx: np.ndarray, val_id
         pseudo, k = extra
         keep = torch.from_numpy(pseudo.keep[k])
         p_img, p_txt = pseudo.rows.image[keep], pseudo.rows.text[keep]
-        y = np.concatenate([feats.labels, pseudo.targets[k].astype(feats.labels.dtype)])
+        y = np.concatenate([feats.labels, pseudo.targets[k]]).astype(np.float32)  # targets may be soft
         rows_all = np.concatenate([train_idx, n + np.arange(len(keep))])
     y_t = torch.from_numpy(y).float()
     tr = torch.from_numpy(rows_all)

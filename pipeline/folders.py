@@ -12,6 +12,11 @@ from typing import Any
 from .errors import MlcError
 from .reading import JSON_BYTES, read_text
 
+# What is written into a run folder after the run, outside its manifest (members/: a best run's members, each a run
+# folder of its own; run.json: the `mlc run` recipe that made it, for --config). runs.py and the torch-free
+# leaderboard both read it here.
+RUN_LATER = ("checkpoints", "members", "report", "submission.csv", "submission.json", "run.json")
+
 
 def user_cache(name: str) -> Path:
     """mlc's per-user cache folder ``name`` (ONNX graphs, assembled weights): ``$MLC_HOME/NAME``, else

@@ -114,7 +114,7 @@ def test_a_damaged_saved_folder_is_one_message_for_every_family(case, tmp_path):
     key = sorted(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1)[0]
     sd[key] = sd[key] + 1.0  # the same shapes, other numbers: loads, and is not what was saved
     save_file(sd, str(weights))
-    with pytest.raises(WeightsError, match=head + ".*weights hash .* is not the .* encoder.json records"):
+    with pytest.raises(WeightsError, match=head + ".*model.safetensors hashes to .*, not the .* encoder.json records"):
         build_encoder(spec, weights=folder, **enc.options())
     weights.write_bytes(good[: len(good) // 2])  # cut short
     with pytest.raises(WeightsError, match=head):

@@ -23,7 +23,7 @@ import torch
 from ..errors import MlcError, WeightsError
 from ..registries import load_plugins  # $MLC_PLUGINS: one loader for every registry (no torch there)
 from .base import ENCODER_FILE, Encoder, read_encoder_json
-from .weights import WEIGHTS_FILE
+from .weights import WEIGHTS_FILE, read_state_dict, state_dict_hash
 
 KINDS = ("image", "text")
 
@@ -116,8 +116,8 @@ def build_encoder(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None =
     - Random weights only when asked (``random_init``, or an entry trained from scratch built without weights):
       an encoder that comes back random otherwise is refused, never used.
     - A folder an encoder was saved in (``Encoder.save``, ``mlc finetune``'s ``encoders/image``) is valid weights
-      for every family: checked here (encoder.json, its kind, model.safetensors, and afterwards the weights hash
-      encoder.json records), and anything wrong with it is one message, ``saved_folder_error``.
+      for every family: checked here (encoder.json, its kind, model.safetensors and the hash encoder.json records
+      of it), and anything wrong with it is one message, ``saved_folder_error``.
     """
     if random_init and weights is not None:
         raise MlcError(f"{spec.name}: pass either weights= or random_init=True, not both")
@@ -134,8 +134,6 @@ def build_encoder(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None =
     if encoder.random_init and not fresh:  # a family that fell back to random weights: never used silently
         raise WeightsError(f"{spec.name}: got random weights without random_init=True; mlc never falls back to "
                            "random weights")
-    if saved is not None:
-        _check_saved_hash(spec, saved, encoder)
     return encoder
 
 
@@ -173,14 +171,13 @@ def saved_folder(spec: EncoderSpec, weights: str | os.PathLike[str] | None) -> P
         raise saved_folder_error(spec, folder, f"it holds a {saved['kind']} encoder ({saved['name']})")
     if not (folder / WEIGHTS_FILE).is_file():
         raise saved_folder_error(spec, folder, f"{WEIGHTS_FILE} is missing")
-    return folder
-
-
-def _check_saved_hash(spec: EncoderSpec, folder: Path, encoder: Encoder) -> None:
-    """The weights loaded are the ones the folder's encoder.json records (built with the options it was saved with:
-    other options, such as another pooling, may load other parameters)."""
-    saved = read_encoder_json(folder)
     recorded = saved.get("weights_hash")
-    if isinstance(recorded, str) and saved.get("options", {}) == encoder.options() and recorded != encoder.weights_hash:
-        raise saved_folder_error(spec, folder, f"its weights hash {encoder.weights_hash[:12]} is not the "
-                                 f"{recorded[:12]} {ENCODER_FILE} records (an altered or damaged {WEIGHTS_FILE})")
+    if isinstance(recorded, str):  # the weights as saved (fp16 in an export): safetensors has no checksum of its own
+        try:
+            got = state_dict_hash(read_state_dict(folder))
+        except WeightsError as e:
+            raise saved_folder_error(spec, folder, str(e)) from None
+        if got != recorded:
+            raise saved_folder_error(spec, folder, f"its {WEIGHTS_FILE} hashes to {got[:12]}, not the {recorded[:12]} "
+                                     f"{ENCODER_FILE} records (an altered or damaged file)")
+    return folder

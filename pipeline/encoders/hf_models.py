@@ -78,7 +78,7 @@ def _load(spec_name: str, ref: str, weights: Any, random_init: bool) -> tuple[nn
             raise _missing(spec_name, ref, e) from e
         source = "random-init"
     else:  # a model saved without pooler weights (sentence-transformers') is taken: mean or cls pooling reads none
-        model = strict_pretrained(AutoModel, where, f"{spec_name}: {where}", local_only=local_only,
+        model = strict_pretrained(AutoModel, where, f"{spec_name}: {where}", local_only=local_only, checked=True,
                                   optional=("pooler",), failed=lambda e: _missing(spec_name, ref, e))
     if getattr(model.config, "auto_map", None):  # a hub repository asking for its code: refused like a folder
         raise WeightsError(f"{spec_name}: {ref}: config.json: auto_map: asks to run code of its own, and mlc never "

@@ -347,11 +347,12 @@ def minilm_folder() -> tuple[str, str]:
 
 def strict_pretrained(model_cls: Any, where: str, origin: str, *, local_only: bool = True,
                       optional: tuple[str, ...] = (), failed: Callable[[Exception], WeightsError] | None = None,
-                      **kwargs: Any) -> nn.Module:
+                      checked: bool = False, **kwargs: Any) -> nn.Module:
     """``model_cls.from_pretrained(where)`` strictly: local files only (unless ``local_only`` is False), no folder's
     code, every weight present (but names holding one of ``optional``), fp32, eval; a failed load is ``failed(e)``
-    (default: one line naming ``origin``), a weight transformers would initialise randomly a WeightsError."""
-    if Path(where).is_dir():
+    (default: one line naming ``origin``), a weight transformers would initialise randomly a WeightsError.
+    ``checked``: the caller refused a folder's custom code already (transformers is told to refuse it again)."""
+    if not checked and Path(where).is_dir():
         refuse_custom_code(where, origin)
     try:
         with quiet_transformers():

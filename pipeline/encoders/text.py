@@ -129,12 +129,12 @@ def create_bert(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, ra
                 pooling: str | None = None, locate: Callable[[], tuple[str, str]] | None,
                 config: Callable[[], Any], tokenizer: Callable[[], tuple[Any, str]]) -> BertTextEncoder:
     """A BERT-family entry: default weights from ``locate()``, a local folder, or random init."""
+    from transformers import BertModel
+
     pre = spec.preprocess
     if pooling is not None and pooling != pre.pooling:
         pre = TextPreprocess(pre.max_length, pre.lowercase, pooling)
     if random_init:
-        from transformers import BertModel
-
         with quiet_transformers():  # seeded by registry.build_encoder
             model = BertModel(config(), add_pooling_layer=pre.pooling == "pooler").float().eval()
         tok, tok_source = tokenizer()
@@ -142,8 +142,6 @@ def create_bert(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, ra
     else:
         location, source = resolve_weights(spec.name, weights=weights, random_init=False, pretrained=locate,
                                            folder=True)
-        from transformers import BertModel
-
         model = strict_pretrained(BertModel, location, f"{spec.name}: {source}",
                                   add_pooling_layer=pre.pooling == "pooler")
         tok, tok_source = folder_tokenizer(location, source)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from encoder_cases import FAST, IDENTITIES, PRETRAINED, SLOW, Case, build, identity
+from encoder_cases import FAST, IDENTITIES, PRETRAINED, SLOW, Case, build, hf_text_folder, identity
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import WeightsError
@@ -151,3 +151,20 @@ def test_a_saved_mpnet_folder_is_valid_weights(tmp_path):
     (tmp_path / "saved" / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match=re.escape(_not_valid("mpnet-base", "text", tmp_path / "saved"))):
         build_encoder(spec, weights=tmp_path / "saved")
+
+
+def test_a_hugging_face_model_saved_without_its_pooler_gets_none_not_a_random_one(tmp_path):
+    """sentence-transformers' folders hold no pooler weights: transformers would make a random pooler, hashed
+    differently at each load (so no cache of the model was ever reused); it is dropped instead."""
+    from transformers import BertConfig, BertModel
+
+    from pipeline import encoders as E
+
+    folder = hf_text_folder(tmp_path / "hf")
+    config = BertConfig.from_pretrained(folder)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)  # the same folder, no pooler weights
+    a, b = E.create_text_encoder(f"hf:{folder}"), E.create_text_encoder(f"hf:{folder}")
+    assert a.weights_hash == b.weights_hash and a.model.pooler is None
+    batch = a.tokenize(["a dog"])
+    with pytest.raises(WeightsError, match="has no pooler; use --text-pooling mean or cls"):
+        E.create_text_encoder(f"hf:{folder}", pooling="pooler")(**batch)

@@ -349,8 +349,9 @@ def strict_pretrained(model_cls: Any, where: str, origin: str, *, local_only: bo
                       optional: tuple[str, ...] = (), failed: Callable[[Exception], WeightsError] | None = None,
                       checked: bool = False, **kwargs: Any) -> nn.Module:
     """``model_cls.from_pretrained(where)`` strictly: local files only (unless ``local_only`` is False), no folder's
-    code, every weight present (but names holding one of ``optional``), fp32, eval; a failed load is ``failed(e)``
-    (default: one line naming ``origin``), a weight transformers would initialise randomly a WeightsError.
+    code, every weight present, fp32, eval; a failed load is ``failed(e)`` (default: one line naming ``origin``), a
+    weight transformers would initialise randomly a WeightsError. ``optional``: top-level parts the files may lack
+    (a pooler): dropped (None) when they do, never left random (a random part hashed differently each load).
     ``checked``: the caller refused a folder's custom code already (transformers is told to refuse it again)."""
     if not checked and Path(where).is_dir():
         refuse_custom_code(where, origin)
@@ -360,7 +361,11 @@ def strict_pretrained(model_cls: Any, where: str, origin: str, *, local_only: bo
                                                     **NO_REMOTE_CODE, **kwargs)
     except Exception as e:  # noqa: BLE001 - OSError (a missing file), ValueError (another architecture), ...
         raise (failed(e) if failed else WeightsError(f"cannot load {origin}: {one_line(e)}")) from e
-    missing = sorted(k for k in info.get("missing_keys", ()) if not any(o in k for o in optional))
+    missing = sorted(info.get("missing_keys", ()))
+    for part in optional:
+        if any(k.startswith(f"{part}.") for k in missing) and getattr(model, part, None) is not None:
+            setattr(model, part, None)
+            missing = [k for k in missing if not k.startswith(f"{part}.")]
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
     if missing or mismatched:  # transformers would have initialised these randomly: refuse
         raise WeightsError(f"{origin} lacks weights this encoder needs: missing {missing[:4]}, "

@@ -289,11 +289,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if cfg.crossfit_text:
         _say("cross-fitting the caption tower (reused when already there)")
         enc = cfg.encoders
-        train.append(crossfit(CrossfitConfig(data_dir=cfg.data_dir, text_encoder=enc.text_encoder,
-                                             text_weights=enc.text_weights, random_init=enc.random_init,
-                                             cache_dir=cfg.cache_dir, device=cfg.loader.device,
-                                             overwrite=cfg.overwrite, data=cfg.data,
-                                             precision="bf16" if cfg.numerics.precision == "bf16" else "auto"))[0])
+        train.append(crossfit(CrossfitConfig.build(data_dir=cfg.data_dir, text_encoder=enc.text_encoder,
+                                                   text_weights=enc.text_weights, random_init=enc.random_init,
+                                                   cache_dir=cfg.cache_dir, device=cfg.loader.device,
+                                                   overwrite=cfg.overwrite, data=cfg.data, precision=(
+                                                       "bf16" if cfg.numerics.precision == "bf16" else "auto")))[0])
     if cfg.quality == "best":
         from .best import best_route  # it imports this module's reuse rule
 

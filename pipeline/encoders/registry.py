@@ -42,6 +42,8 @@ class EncoderSpec:
     # build_encoder, which seeds it, hands it a checked saved-encoder folder and refuses a silent random fallback
     build: Callable[..., Encoder]
     scratch: bool = False  # no pretrained weights by design: weights=None builds seeded fresh ones (lstm)
+    # a cheap check that the default weights are installed here, without building (None: only a build tells)
+    present: Callable[[], bool] | None = None
 
 
 _SPECS: dict[str, dict[str, EncoderSpec]] = {k: {} for k in KINDS}

@@ -7,7 +7,7 @@ blocks finetuned from the frozen head) at several cuts, epochs and learning rate
 the cross-fitted caption tower (``mlc crossfit`` with ``--train-rows 10000``: its fold models train on
 ids 0-9999 only; ids 10000-11999 get the folds' mean features, as the test split does) fused with the
 frozen lite0 + MiniLM cache, and the attention head over lite0's 7x7 token maps (``--image-pooling tokens``,
-trained with ``workflow.attention_training``, as ``mlc run --head attention`` does).
+trained with ``heads.AttentionHead.recipe``, as ``mlc run --head attention`` does).
 
     .venv/bin/python bench/recipes.py [--only frozen,default,fused,trunk,int8,crossfit,attention]
                                       [--trunk CUT:EPOCHS:LR:ENC_LR,...]
@@ -42,11 +42,11 @@ from pipeline.datasets import TrunkRows, to_device  # noqa: E402
 from pipeline.extract import ExtractConfig, extract  # noqa: E402
 from pipeline.finetune import FinetuneConfig, finetune  # noqa: E402
 from pipeline.fit_head import Features, FitHeadConfig, fit_head  # noqa: E402
+from pipeline.heads import HEADS  # noqa: E402
 from pipeline.metrics import samples_f1  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.runs import RunDir  # noqa: E402
-from pipeline.workflow import attention_training  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "comp5329"
 TEXT = "minilm-l6"
@@ -180,7 +180,7 @@ def bench(args: argparse.Namespace) -> None:
             for folds in map(int, args.attention.split(",")):
                 record(f"lite0 token maps + MiniLM, attention head, {folds} folds",
                        *frozen([tok], folds, tmp / f"attention-{folds}", head="attention",
-                              **attention_training(TRAIN_ROWS)))  # the 10,000 training rows: batch 256
+                              **HEADS.about["attention"].recipe))  # sized from the 10,000 training rows: batch 256
         if "fused" in parts:
             record("lite0 + lite2 + MiniLM fused, 5 folds", *frozen([lite0, lite2], 5, tmp / "fused"))
         if "trunk" in parts:

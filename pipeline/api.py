@@ -120,8 +120,9 @@ class Model:
             by_name = {str(n): str(i) for i, n in zip(self.label_ids, self.labels, strict=True)}
             tokens = [[t if t in self.predictor.labels else by_name.get(t, t) for t in _label_tokens(v, i)]
                       for i, v in enumerate(data[col])]
+            y = self.predictor.truth(tokens, "the DataFrame")  # an unknown label fails before the photos are scored
             probs = self.predictor.predict_proba(rows.photos, rows.captions)
-            return self.predictor.scores(tokens, probs, "the DataFrame")
+            return self.predictor.scores(y, probs, "the DataFrame")
         if not isinstance(data, str | os.PathLike):
             raise TypeError(f"evaluate takes a data folder, a CSV path or a DataFrame, not {type(data).__name__}")
         from .data import DataOptions

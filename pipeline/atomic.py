@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ from typing import Any, ClassVar
 from .config import Config, opt
 from .errors import BusyError, OutputError
 from .output_rules import check_kind, check_name, check_regular, mlc_folder
-from .reading import kind as _kind
 
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(tmp|staging|old)$")
 
@@ -229,18 +227,14 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
             what_it_is = "an mlc run or export" if src == home else "which this command reads"
             raise OutputError(str(target), f"it is inside {src}, {what_it_is} (an extra file would no longer match "
                               "its manifest); choose another output path")
-    if path.exists():
-        mode = path.stat().st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise OutputError(str(target), f"it is {_kind(mode)}, not a file mlc may replace; choose another "
-                              "output path")
+    if path.exists():  # a regular file or folder: check_regular refused the rest
         if path.is_dir() != folder:
             raise OutputError(str(target), f"it is a {'file' if folder else 'folder'}; {what} goes there")
         names = entries(path) if folder else ([] if path.stat().st_size == 0 else [path.name])
+        mine = ours(path) if names else True
         if names:
-            check_kind(target, path, what, ours, folder)
-        mine = ours(path) if names and not force else True
-        if mine is not True:
+            check_kind(target, path, what, mine, folder)
+        if mine is not True and not force:
             if mine:
                 why = f"it is {what}, but also holds what mlc did not write ({_some(mine)})"
             else:
@@ -254,15 +248,6 @@ def claim_output(target: str | os.PathLike[str], *, what: str, ours: Callable[[P
 
 def _some(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
-
-def first_line(path: Path, limit: int = 4096) -> str:
-    """The first line of a file (at most ``limit`` bytes), decoded leniently; "" when unreadable."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(limit).split(b"\n", 1)[0].decode("utf-8", errors="replace").strip().lstrip("\ufeff")
-    except OSError:
-        return ""
 
 
 def _alive(pid: int) -> bool:

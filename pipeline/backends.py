@@ -36,6 +36,7 @@ from .atomic import lock
 from .device import autocast
 from .encoders import ImageEncoder, TextEncoder
 from .errors import MlcError
+from .folders import user_cache
 from .graphs import ATOL, RTOL, BackendError, encoder_graph, io_names, mismatch, probe_inputs, to_onnx
 from .log import get
 from .options import BACKENDS
@@ -76,9 +77,7 @@ def graph_dir(onnx_dir: str | os.PathLike[str] | None = None) -> Path:
         return Path(onnx_dir).expanduser()
     if os.environ.get("MLC_ONNX_DIR"):
         return Path(os.environ["MLC_ONNX_DIR"]).expanduser()
-    if os.environ.get("MLC_HOME"):
-        return Path(os.environ["MLC_HOME"]).expanduser() / "onnx"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mlc" / "onnx"
+    return user_cache("onnx")
 
 
 def onnx_file(onnx_dir: Path, encoder: Any, cut: str | None) -> Path:

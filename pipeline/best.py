@@ -34,13 +34,11 @@ from .fit_head import Features, FitHeadConfig, fit_head, sized
 from .folders import sha256_file
 from .fused import Part, _identity, plan_parts, token_dim
 from .head_blend import BlendHead
-from .heartbeat import stage
+from .heads import HEADS
+from .heartbeat import announcer
 from .log import get
+from .pseudo import Teacher
 from .runs import Contract, RunDir, RunFiles, feature_entry
-
-# The image encoder a best run adds beside the main one (its own resolution, its own cache).
-EXTRA_IMAGE = {"efficientnet-lite0": "efficientnet-lite2"}
-EXTRA_TEXT = "mpnet-base"  # the text encoder a best run adds when its weights are installed (its own members)
 
 logger = get(__name__)
 
@@ -63,7 +61,6 @@ def plan(n_caches: int = 1, *, tokens: int | None = None, texts: Sequence[int] =
     Caches 0..n_caches-1 hold pooled image vectors (0: the main encoders', 1: an extra image encoder's); ``tokens``:
     the index of the main image encoder's token-map cache (the attention member); ``texts``: those of the caches of
     the main image encoder with an extra text encoder (each fused with cache 0: both captions' vectors)."""
-    from .workflow import ATTENTION_TRAINING  # the recipe `mlc run --head attention` trains with
 
     members = [Member("concat-a", (0,)), Member("gated-a", (0,), "gated"), Member("sum-a", (0,), "sum"),
                Member("concat-a-s1", (0,), seed=1)]
@@ -76,13 +73,11 @@ def plan(n_caches: int = 1, *, tokens: int | None = None, texts: Sequence[int] =
         members.append(Member(f"gated-a{tag}", (0, t), "gated"))
     if tokens is not None:  # the most diverse member (where things are), but the slowest: second
         members.insert(1, Member("attention-a", (tokens,), "attention",
-                                 options=tuple(sorted(ATTENTION_TRAINING.items()))))
+                                 options=tuple(sorted(HEADS.about["attention"].recipe.items()))))
     return members
 
 
-def _say(msg: str) -> None:
-    logger.info(f"[mlc run] {msg}")
-    stage(msg)  # what the CLI's heartbeat says while this step is quiet
+_say = announcer(logger, "mlc run")
 
 
 def _layout(union: Sequence[CacheMeta], parts: Sequence[Part], kind: str) -> dict[str, list[int]]:
@@ -147,11 +142,12 @@ class Budget:
 def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *, folds: int, time_limit: float = 0.0,
                 rows: np.ndarray | None = None, output: OutputOptions | None = None,
                 decision: str = "auto", say: Callable[[str], None] = _say, quiet: bool = False,
-                **fit_options: Any) -> list[Member]:
+                teacher: Teacher | None = None, **fit_options: Any) -> list[Member]:
     """Fit (or reuse) each member into OUT/members/NAME; returns the members that are there. ``rows``: fit on these
     rows of the caches only (benchmarks); ``decision``: fit-head's --decision; ``fit_options``: more of fit-head's
     options (e.g. epochs); ``quiet``: without fit-head's own lines (its folds and epochs: the progress within a
-    member)."""
+    member); ``teacher``: round two of --pseudo-label (each fold also trains on the rows round one's heads of that
+    fold label confidently; pseudo.json in the member says which and how many)."""
     from .workflow import _up_to_date  # the one reuse rule of mlc run
 
     budget, done, loaded = Budget(time_limit, time.monotonic(), []), [], {}
@@ -162,7 +158,8 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
                                   decision=decision, output=output or OutputOptions(),
                                   **{**dict(m.options), **fit_options})
         cfg = sized(cfg, len(rows) if rows is not None else read_meta(paths[0]).num_records)  # as config.json holds it
-        fresh = not _up_to_date(run, cfg.to_dict(), paths)
+        key = teacher.key(m.seed) if teacher is not None else None
+        fresh = not _up_to_date(run, cfg.to_dict(), paths) or (key is not None and Teacher.recorded(run) != key)
         if not budget.allows(fresh, len(done)):
             say(f"time limit: {budget.left():.0f} s left, a member takes about {np.mean(budget.spent):.0f} s; "
                 f"stopping at {len(done)} of {len(members)} members")
@@ -172,13 +169,18 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
             eta = f", about {np.mean(budget.spent) * (len(members) - i):.0f} s left" if budget.spent else ""
             say(f"member {i + 1}/{len(members)}: {m.name} ({m.head} over {', '.join(p.name for p in paths)}, "
                 f"seed {m.seed}){eta}")
-            key = tuple(m.caches)
-            if key not in loaded:
+            if tuple(m.caches) not in loaded:
                 readers = [CacheReader(p) for p in paths]
                 # the subset replaces the whole set at once: a token map (GBs) is not held twice while fitting
-                loaded[key] = (readers, Features.load(readers) if rows is None else
+                loaded[tuple(m.caches)] = (readers, Features.load(readers) if rows is None else
                                Features.load(readers).subset(rows))
-            fit_head(cfg, loaded=loaded[key], quiet=quiet, member_of=out)
+            feats = loaded[tuple(m.caches)][1]
+            pseudo = None if teacher is None else teacher.rows(m.seed, m.caches, feats.ids, feats.labels)
+            if pseudo is not None:
+                say(f"member {m.name}: pseudo-labelled rows per fold {pseudo.summary()['rows_kept']} of "
+                    f"{len(pseudo.rows.ids)} unlabelled (confidence {teacher.confidence})")
+            fit_head(cfg, loaded=loaded[tuple(m.caches)], quiet=quiet, member_of=out, pseudo=pseudo,
+                     extra_json=None if pseudo is None else {"pseudo.json": pseudo.summary()})
             for k in [k for k in loaded if all(tuple(n.caches) != k for n in members[i + 1:])]:
                 del loaded[k]  # memory: a token map's features (GBs) are not held past their last member
             budget.spent.append(time.monotonic() - t)
@@ -188,6 +190,11 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
             say(f"member {i + 1}/{len(members)}: {m.name} up to date; not refitted")
         done.append(m)
     return done
+
+
+def students(members: Sequence[Member]) -> list[Member]:
+    """Round two of --pseudo-label: each member again, named NAME-pl, taught by round one."""
+    return [Member(f"{m.name}-pl", m.caches, m.head, m.seed, m.options) for m in members]
 
 
 def _aligned(runs: Sequence[RunDir]) -> tuple[list[str], list[np.ndarray], np.ndarray]:
@@ -208,9 +215,12 @@ def _digest(runs: Sequence[RunDir], mode: str) -> str:
 
 
 def blend(members: Sequence[Member], caches: Sequence[Path], out: Path, *, mode: str = "auto", seed: int = 0,
-          say: Callable[[str], None] = _say) -> dict[str, Any]:
+          say: Callable[[str], None] = _say, rounds: dict[str, Sequence[str]] | None = None,
+          pseudo: dict[str, Any] | None = None) -> dict[str, Any]:
     """Weigh the members (ensemble.choose) and write OUT as a run folder with one blend head; reused when its
-    members and rule are unchanged. Returns ensemble.json's content."""
+    members and rule are unchanged. Returns ensemble.json's content. ``rounds``: named subsets of the members
+    (--pseudo-label's round one and round two) whose own cross-fitted blend scores ensemble.json records beside
+    ``pseudo`` (what the pseudo-labels were)."""
     runs = [RunDir(out / "members" / m.name) for m in members]
     digest, rd = _digest(runs, mode), RunDir(out)
     if rd.manifest.is_file() and (out / "ensemble.json").is_file():
@@ -229,6 +239,11 @@ def blend(members: Sequence[Member], caches: Sequence[Path], out: Path, *, mode:
     info = {"digest": digest, "mode": mode, **chosen.to_dict(names), "seconds": round(time.monotonic() - t, 2),
             "members": [{"name": m.name, "caches": [caches[c].name for c in m.caches], "head": m.head,
                          "seed": m.seed, "samples_f1": f} for m, f in zip(members, chosen.member_f1, strict=True)]}
+    if pseudo is not None:
+        info["pseudo"] = pseudo
+    if rounds:  # each round's own blend, weighed and scored cross-fitted on the same rows
+        info["rounds"] = {label: float(choose([probs[names.index(n)] for n in sub], y, mode, seed).metrics[
+            "samples_f1"]) for label, sub in rounds.items()}
     _write(rd, members, runs, caches, chosen, ids, y, info)
     return info
 
@@ -270,94 +285,10 @@ def _write(rd: RunDir, members: Sequence[Member], runs: Sequence[RunDir], caches
     th = dict(chosen.thresholds, label_ids=list(metas[0].label_ids), label_names=list(metas[0].label_names))
     with rd.writing():
         rd.write(RunFiles(
-            kind="head", config={"quality": "best", "members": [m.__dict__ for m in members], "mode": info["mode"]},
+            kind="head", config={"quality": "best", "members": [m.__dict__ for m in members], "mode": info["mode"],
+                                 "pseudo_label": "pseudo" in info},
             features=[feature_entry(Contract.of_cache(m), m.extra.get("recipe", {}), p.to_dict(), m.data_fingerprint)
                       for m, p in zip(metas, parts, strict=True)],
             heads=[head], thresholds=th, metrics=dict(chosen.metrics, ensemble=info["blended"]), history=[],
             val_ids=ids, val_scores=chosen.scores, val_labels=y, log=[json.dumps(info)],
             extra_json={"ensemble.json": info}))
-
-
-def extra_image(cfg: Any) -> str | None:
-    """The image encoder of a best run's second cache, or None (always None beside the attention member: one
-    graph reads one token map)."""
-    name = cfg.extra_image_encoder
-    if name == "auto":
-        return None if cfg.attention else EXTRA_IMAGE.get(cfg.encoders.image_encoder)
-    return None if name == "none" or name == cfg.encoders.image_encoder else name
-
-
-def installed(name: str) -> bool:
-    """Whether text encoder ``name`` is registered and its pretrained weights load here (no download)."""
-    from .encoders.registry import create_encoder, names
-
-    if name not in names("text"):
-        return False
-    try:
-        create_encoder("text", name)
-    except MlcError:
-        return False
-    return True
-
-
-def extra_text(cfg: Any) -> str | None:
-    """The text encoder of a best run's extra caption members, or None; ``auto`` says what it chose."""
-    name = cfg.extra_text_encoder
-    if name == "auto":
-        # never with random weights (tests, speed runs): a random MPNet is slow and says nothing
-        name = EXTRA_TEXT if cfg.encoders.text_encoder != EXTRA_TEXT and not cfg.encoders.random_init and \
-            installed(EXTRA_TEXT) else "none"
-        _say(f"extra text encoder: {name} (auto: {EXTRA_TEXT} when registered with its weights installed)")
-    return None if name == "none" or name == cfg.encoders.text_encoder else name
-
-
-def _caches(cfg: Any, train: list[Path]) -> tuple[list[Path], int, int | None, list[int]]:
-    """A best run's train caches (extracted when missing): the main one, the extra image encoder's, the token
-    maps', the extra text encoder's; with how many hold pooled images, the token cache's index and the texts'."""
-    from .extract import ExtractConfig, extract
-
-    def more(what: str, enc: Any) -> Path:
-        _say(f"extracting {what} (reused when already there)")
-        (path,) = extract(ExtractConfig(data_dir=cfg.data_dir, splits=("train",), cache_dir=cfg.cache_dir,
-                                        overwrite=cfg.overwrite, encoders=enc, numerics=cfg.numerics,
-                                        loader=cfg.loader, data=cfg.data))
-        return path
-
-    caches, tokens, texts = list(train), None, []
-    extra = extra_image(cfg)
-    if extra is not None:
-        caches.append(more(f"the second image encoder's features ({extra})",
-                           cfg.encoders.replace(image_encoder=extra, image_weights=None)))
-    n_image = len(caches)
-    if cfg.attention:
-        tokens = len(caches)
-        try:
-            caches.append(more(f"{cfg.encoders.image_encoder}'s token maps for the attention member",
-                               cfg.encoders.replace(image_pooling="tokens")))
-        except MlcError as e:  # e.g. an encoder run whole has no token map: say how to go on without the member
-            raise MlcError(f"{e} (the attention member of --quality best needs them; --no-attention leaves "
-                           "it out)") from e
-    text = extra_text(cfg)
-    if text is not None:
-        texts.append(len(caches))
-        caches.append(more(f"the extra text encoder's caption features ({text})",
-                           cfg.encoders.replace(text_encoder=text, text_weights=None)))
-    return caches, n_image, tokens, texts
-
-
-def best_route(cfg: Any, train: list[Path], test: Path | None) -> dict[str, Any]:
-    """``mlc run --quality best`` after the main caches are there (cfg: workflow.RunConfig): the extra caches (a
-    second image encoder's, the token maps', a second text encoder's), the members, the blend in cfg.out. Returns
-    ensemble.json's content."""
-    caches, n_image, tokens, texts = _caches(cfg, train)
-    members = plan(n_image, tokens=tokens, texts=texts)
-    (cfg.out / "members").mkdir(parents=True, exist_ok=True)
-    _say(f"fitting up to {len(members)} members ({cfg.folds} folds each)"
-         + (f" within {cfg.time_limit:.0f} s" if cfg.time_limit else ""))
-    done = fit_members(members, caches, cfg.out, folds=cfg.folds, time_limit=cfg.time_limit, output=cfg.output,
-                       decision=cfg.decision)
-    info = blend(done, caches, cfg.out, mode=cfg.decision, seed=0)
-    _say(f"blend of {len(done)} members: cross-fitted samples-F1 {info['blend_samples_f1']:.4f}, best member "
-         f"{max(info['member_samples_f1'].values()):.4f}; "
-         + ("blended" if info["blended"] else "the best member alone scored at least as well: kept alone"))
-    return info

@@ -58,11 +58,18 @@ class CacheMeta:
         object.__setattr__(self, "label_names", tuple(self.label_names))
 
     def __getattr__(self, name: str) -> Any:
-        """The flat names of mlc 0.2 (``image_encoder``, ``text_dim``, ``precision``, ``random_init``, ...)."""
-        flat = self.to_dict() if name in _FLAT_ORDER else {}
-        if name not in flat:
-            raise AttributeError(f"CacheMeta has no attribute {name!r}")
-        return flat[name]
+        """The flat names of mlc 0.2 (``image_encoder``, ``text_dim``, ``precision``, ``random_init``, ...), read from
+        the one identity they belong to (not a whole ``to_dict`` per read: they are read in loops)."""
+        if name == "random_init":
+            return self.image.random_init or self.text.random_init
+        if name == "precision":
+            return self.image.precision
+        kind = name.split("_", 1)[0]
+        if name in _FLAT_ORDER and kind in ("image", "text"):
+            flat = self.encoder(kind).flat(kind)
+            if name in flat:
+                return copy.deepcopy(flat[name])
+        raise AttributeError(f"CacheMeta has no attribute {name!r}")
 
     @property
     def labels(self) -> LabelSpace:

@@ -43,14 +43,15 @@ def opt(default: Any, help: str | Callable[[], str], *, argument: bool = False, 
     return dataclasses.field(default=default, metadata=meta)
 
 
-def group(options: type[Config], **defaults: Any) -> Any:
+def group(options: type[Config], *, omit: tuple[str, ...] = (), **defaults: Any) -> Any:
     """A field holding the option group ``options``; ``defaults``: this stage's own defaults for some of the
-    group's options (their help stays the group's)."""
-    unknown = set(defaults) - {f.name for f in dataclasses.fields(options)}
+    group's options (their help stays the group's); ``omit``: the group's options this stage has no use for (not
+    among its options, nor in its config.json), so it offers none that does nothing."""
+    unknown = (set(defaults) | set(omit)) - {f.name for f in dataclasses.fields(options)}
     if unknown:
         raise TypeError(f"{options.__name__} has no option {sorted(unknown)}")
     return dataclasses.field(default_factory=functools.partial(options, **defaults),
-                             metadata={"group": options, "defaults": defaults})
+                             metadata={"group": options, "defaults": defaults, "omit": tuple(omit)})
 
 
 def borrow(owner: type, name: str, default: Any) -> Any:
@@ -165,8 +166,13 @@ class Config(metaclass=_Coerced):
         return type(self).build(**{**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **flat})
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, nested: each group a dict under its field name. Paths as strings, tuples as lists."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """JSON-ready, nested: each group a dict under its field name (less the options it omits). Paths as
+        strings, tuples as lists."""
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        for f in dataclasses.fields(self):
+            for name in f.metadata.get("omit", ()):
+                del out[f.name][name]
+        return out
 
     def flat_dict(self) -> dict[str, Any]:
         """JSON-ready, flat: every option by its flat name (what the CLI takes, and what mlc 0.2 wrote)."""
@@ -232,7 +238,8 @@ def _options(cls: type) -> dict[str, Option]:
             add(f.name, Option(f, hints[f.name], None, None, f.default))
     groups = _groups(cls)
     for name, (kind, defaults) in groups.items():
-        for f in dataclasses.fields(kind):
+        omit = cls.__dataclass_fields__[name].metadata.get("omit", ())
+        for f in (f for f in dataclasses.fields(kind) if f.name not in omit):
             add(f.name, Option(f, _hints(kind)[f.name], name, getattr(kind, "PANEL", None),
                                defaults.get(f.name, f.default)))
     clash = set(groups) & set(out)

@@ -43,12 +43,13 @@ from .atomic import check_writable, lock
 from .cache import CacheMeta, read_meta
 from .config import Config, group, opt, require
 from .data import DataDir, DataOptions, fingerprint
-from .device import PRECISIONS, autocast, resolve_precision, select_device
+from .device import autocast, resolve_precision, select_device
 from .encoders import NONE, TextEncoder, create_text_encoder
 from .errors import MlcError
 from .features import Hints, Job, LoaderOptions, Recipe, cache_path, encode_texts, up_to_date, write_cache
 from .identity import EncoderId
 from .log import get
+from .options import ComputeOptions
 from .splits import kfold
 from .training import Task, TrainOptions, make_sampler, train
 
@@ -76,12 +77,11 @@ class CrossfitConfig(Config):
                              "alone; logits 0.8708, 0.8491.", aliases=("--output",))
     cache_dir: Path = opt(Path("cache"), "Where the two caches are written (CACHE_DIR/DATA_NAME/...).",
                           aliases=("--out-dir",))
-    device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
-    precision: str = opt("auto", "auto, fp32 or bf16 for the forward passes (weights stay fp32); auto: mixed "
-                         "precision on CUDA, bf16 on CPUs with AMX or AVX512-BF16, else fp32.")
     overwrite: bool = opt(False, "Rebuild the caches of another cross-fit (other options or data) instead of "
                           "stopping.")
     data: DataOptions = group(DataOptions)
+    # no DataLoader: every caption is tokenised once, in this process, so --workers would do nothing
+    compute: ComputeOptions = group(ComputeOptions, omit=("workers",))
     train: TrainOptions = group(TrainOptions, lr=1e-3, weight_decay=0.01, batch_size=32, epochs=1, patience=0,
                                 schedule="cosine", warmup=0.06, clip=1.0)
 
@@ -93,12 +93,12 @@ class CrossfitConfig(Config):
                  (self.train_rows is None or self.train_rows >= 2 * self.folds,
                   "--train-rows must leave at least 2 rows per fold"),
                  (self.encoder_lr > 0, "--encoder-lr must be > 0"),
-                 (self.text_features in ("logits", "embedding"), "--text-features must be logits or embedding"),
-                 (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}")])
+                 (self.text_features in ("logits", "embedding"), "--text-features must be logits or embedding")])
 
     def recipe(self, data: DataDir) -> Recipe:
         """What the caches record: the encoder, and the cross-fit's identity in place of weights."""
         where = ("data_dir", "image_dir", "cache_dir", "device", "overwrite")  # where and how it runs, not what
+        # flat: the compute group's device and precision hash as the own options they were (the digest of mlc 0.2)
         spec = {k: v for k, v in self.flat_dict().items() if k not in where}
         spec["output"] = spec.pop("text_features")  # the name mlc 0.2 hashed: its cross-fits stay current
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
@@ -178,7 +178,7 @@ def crossfit_features(cfg: CrossfitConfig, make_encoder: Callable[[], TextEncode
                       progress: bool = False) -> tuple[np.ndarray, list[np.ndarray], list[Fold], list[str]]:
     """Out-of-fold features (N, D) of ``captions`` (labels ``y``), the fold models' mean features of each list
     in ``others``, what each fold trained on and encoded, and the fold models' weights hashes."""
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.compute.precision, device)
     n, k = len(captions), cfg.folds
     oof: np.ndarray | None = None
     means: list[np.ndarray] = []
@@ -260,11 +260,10 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
     weights = cfg.text_weights
 
     def make() -> TextEncoder:
-        return create_text_encoder(cfg.text_encoder, weights=weights, random_init=cfg.random_init,
-                                   seed=0 if cfg.random_init else None)
+        return create_text_encoder(cfg.text_encoder, weights=weights, random_init=cfg.random_init)  # seeded: 0
 
     text = make()
-    loader = LoaderOptions(device=cfg.device)
+    loader = LoaderOptions(device=cfg.compute.device)
     jobs, metas = [], []
     for split, rows in recs.items():
         target = cache_path(cfg.cache_dir, cfg.data_dir, split, recipe)
@@ -294,7 +293,7 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
 def _features(cfg: CrossfitConfig, make: Callable[[], TextEncoder], data: DataDir,
               recs: dict[str, list]) -> tuple[dict[str, np.ndarray], str]:
     """Every split's cross-fitted text features, and the digest of the fold models' weights hashes."""
-    device = select_device(cfg.device)
+    device = select_device(cfg.compute.device)
     train_recs = recs["train"]
     y = data.label_space().multi_hot([r.labels for r in train_recs])
     n = len(train_recs) if cfg.train_rows is None else min(cfg.train_rows, len(train_recs))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import MlcError
+from .options import PRECISIONS  # what training computes in; torch-free, so ComputeOptions checks it without torch
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -23,9 +24,6 @@ def select_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda:"):
         return torch.device(name)
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def cpu_flags() -> set[str]:

@@ -18,10 +18,9 @@ from typing import Any
 from .atomic import OutputOptions, claim_output, write_json
 from .config import Config, group, opt, require
 from .data import DataDir, DataOptions
-from .errors import MlcError
-from .folders import read_json
 from .log import get
 from .options import LoaderOptions
+from .output_rules import is_scores
 from .predictor import load
 
 logger = get(__name__)
@@ -65,15 +64,6 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if out is not None:
         write_json(out, scores)
     return scores
-
-
-def is_scores(path: Path) -> bool:
-    """A JSON file ``evaluate --out`` wrote, which new scores may replace."""
-    try:
-        d = read_json(path, str(path.parent))
-    except MlcError:
-        return False
-    return isinstance(d, dict) and {"samples_f1", "per_class", "rows", "source"} <= set(d)
 
 
 def claim_out(cfg: EvaluateConfig) -> Path:

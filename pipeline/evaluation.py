@@ -79,19 +79,12 @@ def evaluate(y: np.ndarray, scores: np.ndarray, decision: str, seed: int) -> tup
                 "fifth; samples_f1 is the choice of rule itself scored on rows it did not see (nested)",
     }
     t_final = np.asarray(choice.decision.thresholds)
-    metrics["detail_with_final_thresholds_in_sample"] = summarize(y, scores, t_final)
-    if not choice.decision.reads_thresholds:  # its decisions are not thresholds: the summary's own numbers
-        metrics["detail_with_final_thresholds_in_sample"].update(_decided_summary(y, choice.decision.apply(scores)))
+    # a rule that does not read thresholds (expected-F1) is summarised by its own decisions, per class too
+    decided = None if choice.decision.reads_thresholds else choice.decision.apply(scores)
+    metrics["detail_with_final_thresholds_in_sample"] = summarize(y, scores, t_final, y_pred=decided)
     thresholds = {"mode": choice.rule, "global": float(tune_global(y, scores)), "per_class": t_final.tolist(),
                   "decision": choice.decision.to_dict()}
     return to_jsonable(metrics), thresholds
-
-
-def _decided_summary(y: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
-    t = as_binary(y, "y_true")
-    return {"samples_f1": _json_float(samples_f1(t, y_pred)), "micro_f1": _json_float(micro_f1(t, y_pred)),
-            "macro_f1": _json_float(macro_f1(t, y_pred)),
-            "mean_pred_labels": _json_float(float(y_pred.sum(1).mean()) if y_pred.size else float("nan"))}
 
 
 def _json_float(x: float) -> float | None:
@@ -100,14 +93,17 @@ def _json_float(x: float) -> float | None:
 
 
 def summarize(y_true: np.ndarray, scores: np.ndarray, thresholds: float | np.ndarray, *, at_least_one: bool = True,
-              names: Sequence[str] | None = None) -> dict[str, Any]:
+              names: Sequence[str] | None = None, y_pred: np.ndarray | None = None) -> dict[str, Any]:
     """Every metric for one (y_true, scores, thresholds) triple, as a JSON-ready dict (metrics.json).
 
     Predictions are ``apply_thresholds(scores, thresholds, at_least_one=at_least_one)``, exactly what
-    a submission would contain. Per-class entries are lists in column order; ``ap`` is None for a
-    class with no positives (it is left out of ``mAP``).
+    a submission would contain, or ``y_pred`` when given (a rule that does not decide by thresholds: its
+    per-class ``threshold`` entries are then None). Per-class entries are lists in column order; ``ap`` is
+    None for a class with no positives (it is left out of ``mAP``).
     """
-    y_pred = apply_thresholds(scores, thresholds, at_least_one=at_least_one)
+    by_threshold = y_pred is None
+    if y_pred is None:
+        y_pred = apply_thresholds(scores, thresholds, at_least_one=at_least_one)
     t = as_binary(y_true, "y_true")
     pc = per_class(t, y_pred)
     ap = average_precision_per_class(t, scores)
@@ -125,7 +121,7 @@ def summarize(y_true: np.ndarray, scores: np.ndarray, thresholds: float | np.nda
         "mean_true_labels": _json_float(float(t.sum(1).mean()) if t.size else float("nan")),
         "mean_pred_labels": _json_float(float(y_pred.sum(1).mean()) if y_pred.size else float("nan")),
         "per_class": {
-            "threshold": [float(x) for x in thr],
+            "threshold": [float(x) if by_threshold else None for x in thr],
             "precision": [float(x) for x in pc["precision"]],
             "recall": [float(x) for x in pc["recall"]],
             "f1": [float(x) for x in pc["f1"]],

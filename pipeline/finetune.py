@@ -38,6 +38,7 @@ from .heads import HeadOptions
 from .labels import LabelSpace
 from .log import get
 from .model import MultiModal
+from .options import ComputeOptions
 from .runs import Contract, RunDir, RunFiles, data_inputs, feature_entry
 from .splits import train_val_split
 from .training import Task, TrainOptions, TrainResult, make_sampler, train
@@ -65,17 +66,13 @@ class FinetuneConfig(Config):
     encoder_lr: float | None = opt(None, "Learning rate of the encoders (default lr/10).")
     max_rows: int | None = opt(None, "Use only the first N labelled rows (quick runs).")
     augment: bool = opt(True, "The seed's image augmentations.")
-    workers: int = opt(2, "DataLoader workers.")
-    device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
-    precision: str = opt("auto", "auto, fp32 or bf16: what forward passes compute in (weights stay fp32). auto: mixed "
-                         "precision on CUDA, bf16 on CPUs with AMX or AVX512-BF16, fp32 elsewhere; the one used is in "
-                         "metrics.json.")
     channels_last: bool = opt(True, "Image convolutions in channels_last memory layout (about 1.4x faster on CPU "
                               "and on GPUs, same numbers); --no-channels-last to use the plain layout.")
     resume: bool = opt(False, "Continue from OUT/checkpoints/last.pt.")
     nproc: int = opt(1, "Processes: >1 relaunches under torchrun (DDP; NCCL on CUDA, gloo on CPU).")
     output: OutputOptions = group(OutputOptions)
     data: DataOptions = group(DataOptions)
+    compute: ComputeOptions = group(ComputeOptions)
     train: TrainOptions = group(TrainOptions, pos_weight=True, sampler="weighted", optimizer="adam", lr=1e-4,
                                 weight_decay=1e-5, batch_size=64, epochs=4, patience=0, best_by="f1-tuned",
                                 schedule="cosine", warmup=0.05, clip=1.0)
@@ -91,7 +88,7 @@ class FinetuneConfig(Config):
             (self.unfreeze >= 0, "--unfreeze must be 0 or more"),
             (self.encoder_lr is None or self.encoder_lr >= 0, "--encoder-lr must be 0 or more"),
             (self.max_rows is None or self.max_rows >= 10, "--max-rows must be at least 10"),
-            (self.workers >= 0 and self.nproc >= 1, "--workers must be >= 0 and --nproc >= 1"),
+            (self.nproc >= 1, "--nproc must be at least 1"),
         ])
 
     @property
@@ -174,9 +171,9 @@ def _model(cfg: FinetuneConfig, src: _Source, device: torch.device, held_out: se
 
 def _loaders(cfg: FinetuneConfig, src: _Source, train_idx: np.ndarray, val_idx: np.ndarray, sampler: Any,
              device: torch.device) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    kw: dict[str, Any] = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
-                              generator=torch.Generator().manual_seed(cfg.train.seed))
-    if cfg.workers:
+    kw: dict[str, Any] = dict(num_workers=cfg.compute.workers, pin_memory=device.type == "cuda",
+                              persistent_workers=False, generator=torch.Generator().manual_seed(cfg.train.seed))
+    if cfg.compute.workers:
         kw["prefetch_factor"] = 2
     collate = None
     if src.reader is not None:
@@ -231,7 +228,7 @@ def build_task(cfg: FinetuneConfig, device: torch.device) -> tuple[Task, _Source
     model = _model(cfg, src, device, {str(src.ids[i]) for i in val_idx})
     sampler = make_sampler(cfg.train, src.y[train_idx])
     train_loader, val_loader = _loaders(cfg, src, train_idx, val_idx, sampler, device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.compute.precision, device)
 
     def batches(epoch: int) -> Any:
         if isinstance(train_loader.dataset, TrunkRows):
@@ -255,7 +252,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train, validate each epoch, checkpoint, and write the run folder. Returns metrics.json's content."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run = _claim(cfg) if is_main() else RunDir(cfg.out)
-    with distributed(cfg.device) as device, run.writing() if is_main() else contextlib.nullcontext():
+    with distributed(cfg.compute.device) as device, run.writing() if is_main() else contextlib.nullcontext():
         if is_main() and not cfg.resume and (run.checkpoints / "last.pt").exists():
             raise MlcError(f"{cfg.out} already holds a finetune run; pass --resume to continue it or choose "
                            "another --out")
@@ -268,7 +265,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             logger.info(msg)
 
         groups = task.param_groups
-        precision = resolve_precision(cfg.precision, device)
+        precision = resolve_precision(cfg.compute.precision, device)
         log(f"finetune ({cfg.mode}): {len(task.sampler) * world_size()} train draws/epoch, "
             f"{len(task.y) - len(task.train_rows)} validation rows, "
             f"{sum(q.numel() for q in groups[1]['params']) / 1e6:.2f} M encoder + "

@@ -31,6 +31,7 @@ from .fused import load_joined, plan_parts, token_dim
 from .heads import HEADS, HeadOptions, predict_proba
 from .log import get
 from .losses import LOSSES
+from .pseudo import PseudoRows
 from .runs import Contract, RunDir, RunFiles, feature_entry
 from .splits import kfold, train_val_split
 from .training import Task, TrainOptions, TrainResult, make_sampler, sized_training, train
@@ -114,42 +115,63 @@ class Features:
         return opts.create_head(self.image.shape[-1], self.text.shape[-1], self.labels.shape[1], self.token_dim)
 
 
-def head_task(cfg: FitHeadConfig, feats: Features, train_idx: np.ndarray, val_idx: np.ndarray) -> Task:
-    """A head over in-memory features as a training task: batches are index gathers, no DataLoader."""
+def head_task(cfg: FitHeadConfig, feats: Features, train_idx: np.ndarray, val_idx: np.ndarray,
+              extra: tuple[PseudoRows, int] | None = None) -> Task:
+    """A head over in-memory features as a training task: batches are index gathers, no DataLoader. ``extra``:
+    pseudo rows and the fold whose targets they train with (rows past the labelled ones; never held out)."""
     torch.manual_seed(cfg.train.seed)
     head = feats.create_head(cfg.fusion)
-    y_t = torch.from_numpy(feats.labels).float()
-    tr = torch.from_numpy(train_idx)
-    sampler = make_sampler(cfg.train, feats.labels[train_idx])
-    views = feats.image.shape[1]
+    n, y = len(feats.ids), feats.labels
+    rows_all, p_img, p_txt = train_idx, feats.image[:0], feats.text[:0]
+    if extra is not None:  # positions n.. are the fold's kept pseudo rows, after the labelled ones
+        pseudo, k = extra
+        keep = torch.from_numpy(pseudo.keep[k])
+        p_img, p_txt = pseudo.rows.image[keep], pseudo.rows.text[keep]
+        y = np.concatenate([feats.labels, pseudo.targets[k]]).astype(np.float32)  # targets may be soft
+        rows_all = np.concatenate([train_idx, n + np.arange(len(keep))])
+    y_t = torch.from_numpy(y).float()
+    tr = torch.from_numpy(rows_all)
+    sampler = make_sampler(cfg.train, y[rows_all])
+    views, p_views = feats.image.shape[1], max(1, p_img.shape[1])
 
     def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         order = tr[sampler.order()]
         g = torch.Generator().manual_seed(cfg.train.seed * 100003 + epoch)
         for s in range(0, len(order), cfg.train.batch_size):
             rows = order[s:s + cfg.train.batch_size]
-            v = torch.randint(views, (len(rows),), generator=g)  # one cached view per sample and epoch
-            yield {"image": feats.image[rows, v], "text": feats.text[rows], "labels": y_t[rows]}
+            lab, ps = rows[rows < n], rows[rows >= n] - n
+            v = torch.randint(views, (len(lab),), generator=g)  # one cached view per sample and epoch
+            image, text = feats.image[lab, v], feats.text[lab]
+            if len(ps):
+                w = torch.randint(p_views, (len(ps),), generator=g)
+                image, text = torch.cat([image, p_img[ps, w]]), torch.cat([text, p_txt[ps]])
+            yield {"image": image, "text": text, "labels": torch.cat([y_t[lab], y_t[n + ps]])}
 
     def predict(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
         return val_idx, predict_proba(model, feats.image[val_idx], feats.text[val_idx]).numpy()
 
-    return Task(model=head, param_groups=[{"params": list(head.parameters()), "lr": cfg.train.lr}], y=feats.labels,
-                train_rows=train_idx, sampler=sampler, steps_per_epoch=-(-len(sampler) // cfg.train.batch_size),
+    return Task(model=head, param_groups=[{"params": list(head.parameters()), "lr": cfg.train.lr}], y=y,
+                train_rows=rows_all, sampler=sampler, steps_per_epoch=-(-len(sampler) // cfg.train.batch_size),
                 batches=batches, forward=lambda m, b: m(b["image"], b["text"]), predict=predict)
 
 
-def fit(cfg: FitHeadConfig, feats: Features, log: Callable[[str], None]) -> tuple[list[TrainResult], np.ndarray]:
-    """Train one head (or K fold heads); returns their results and the held-out rows they were scored on."""
+def fit(cfg: FitHeadConfig, feats: Features, log: Callable[[str], None],
+        pseudo: PseudoRows | None = None) -> tuple[list[TrainResult], np.ndarray]:
+    """Train one head (or K fold heads); returns their results and the held-out rows they were scored on.
+    ``pseudo``: unlabelled rows with per-fold targets, added to each fold's training rows (K folds only)."""
+    if pseudo is not None and (not cfg.folds or len(pseudo.keep) != cfg.folds):
+        raise MlcError(f"pseudo-labels are made per fold: {len(pseudo.keep)} sets for --folds {cfg.folds}")
     if cfg.folds:
         parts = kfold(feats.labels, cfg.folds, cfg.train.seed)
     else:
         parts = [train_val_split(feats.labels, cfg.train.val_fraction, cfg.train.seed)]
     results = []
     for k, (tr, va) in enumerate(parts):
-        log(f"-- fold {k + 1}/{cfg.folds}: {len(tr)} train, {len(va)} held out" if cfg.folds
+        more = f" + {len(pseudo.keep[k])} pseudo-labelled" if pseudo is not None else ""
+        log(f"-- fold {k + 1}/{cfg.folds}: {len(tr)} train{more}, {len(va)} held out" if cfg.folds
             else f"{len(tr)} train rows, {len(va)} validation rows")
-        results.append(train(head_task(cfg, feats, tr, va), cfg.train, device=torch.device("cpu"), log=log))
+        task = head_task(cfg, feats, tr, va, None if pseudo is None else (pseudo, k))
+        results.append(train(task, cfg.train, device=torch.device("cpu"), log=log))
     return results, np.concatenate([r.val_rows for r in results])
 
 
@@ -173,12 +195,12 @@ def sized(cfg: FitHeadConfig, rows: int) -> FitHeadConfig:
     return cfg.replace(**sized_training(train_rows(cfg, rows), cfg.train))
 
 
-def _fit_and_score(cfg: FitHeadConfig, feats: Features,
-                   log: Callable[[str], None]) -> tuple[list[TrainResult], np.ndarray, np.ndarray, dict, dict]:
+def _fit_and_score(cfg: FitHeadConfig, feats: Features, log: Callable[[str], None], pseudo: PseudoRows | None = None
+                   ) -> tuple[list[TrainResult], np.ndarray, np.ndarray, dict, dict]:
     """Fit, then evaluate the held-out scores: (results, held-out rows, their scores, metrics, thresholds)."""
     cfg = sized(cfg, len(feats.ids))
     start = time.perf_counter()
-    results, held = fit(cfg, feats, log)
+    results, held = fit(cfg, feats, log, pseudo)
     scores = np.concatenate([r.val_scores for r in results])
     metrics, th = evaluate(feats.labels[held], scores, cfg.decision, cfg.train.seed)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
@@ -187,17 +209,19 @@ def _fit_and_score(cfg: FitHeadConfig, feats: Features,
 
 
 def fit_head(cfg: FitHeadConfig, loaded: tuple[list[CacheReader], Features] | None = None, quiet: bool = False,
-             extra_json: dict[str, Any] | None = None, member_of: Path | None = None) -> dict[str, Any]:
+             extra_json: dict[str, Any] | None = None, member_of: Path | None = None,
+             pseudo: PseudoRows | None = None) -> dict[str, Any]:
     """Run stage 2 and write the run folder (whole, or not at all); returns metrics.json's content. ``member_of``:
-    the best run (``mlc run --quality best``) whose members/ holds ``cfg.out``."""
+    the best run (``mlc run --quality best``) whose members/ holds ``cfg.out``; ``pseudo``: pseudo-labelled rows
+    for each fold's training side (``--pseudo-label``; pipeline/pseudo.py)."""
     run = _claim(cfg, member_of)
     readers, feats = loaded or _load(cfg.caches)
     with run.writing():  # before training: a folder that cannot be written fails now, not after the fit
-        return _fit_head(cfg, run, readers, feats, quiet, extra_json)
+        return _fit_head(cfg, run, readers, feats, quiet, extra_json, pseudo)
 
 
 def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats: Features, quiet: bool,
-              extra_json: dict[str, Any] | None) -> dict[str, Any]:
+              extra_json: dict[str, Any] | None, pseudo: PseudoRows | None = None) -> dict[str, Any]:
     lines: list[str] = []
 
     def log(msg: str) -> None:
@@ -216,7 +240,7 @@ def _fit_head(cfg: FitHeadConfig, run: RunDir, readers: list[CacheReader], feats
     log(f"training: batch {t.batch_size}, up to {t.epochs} epochs, patience {t.patience}, lr {t.lr}, loss {t.loss} "
         f"({train_rows(cfg, len(feats.ids))} training rows a fold)")
     feats.create_head(cfg.fusion)  # the head fits these features (token maps or pooled), or says so before any fold
-    results, held, scores, metrics, th = _fit_and_score(cfg, feats, log)
+    results, held, scores, metrics, th = _fit_and_score(cfg, feats, log, pseudo)
     log_decision(metrics, log)
     meta = readers[0].meta
     th.update(label_ids=list(meta.label_ids), label_names=list(meta.label_names))

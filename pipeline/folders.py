@@ -5,11 +5,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from .errors import MlcError
 from .reading import JSON_BYTES, read_text
+
+# What is written into a run folder after the run, outside its manifest (members/: a best run's members, each a run
+# folder of its own; run.json: the `mlc run` recipe that made it, for --config). runs.py and the torch-free
+# leaderboard both read it here.
+RUN_LATER = ("checkpoints", "members", "report", "submission.csv", "submission.json", "run.json")
+
+
+def user_cache(name: str) -> Path:
+    """mlc's per-user cache folder ``name`` (ONNX graphs, assembled weights): ``$MLC_HOME/NAME``, else
+    ``$XDG_CACHE_HOME/mlc/NAME`` (``~/.cache/mlc/NAME``). Never under an output folder: every command and data
+    folder shares it."""
+    if os.environ.get("MLC_HOME"):
+        return Path(os.environ["MLC_HOME"]).expanduser() / name
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mlc" / name
 
 
 def read_json(path: Path, folder: str) -> Any:

@@ -8,6 +8,7 @@ before importing its stage, whose import alone can take half a minute on a busy 
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import threading
@@ -24,6 +25,15 @@ def stage(what: str) -> None:
     """Name the work now going on, for the running heartbeat's lines (nothing when none runs)."""
     for beat in _ACTIVE:
         beat.stage(what)
+
+
+def announcer(logger: logging.Logger, command: str) -> Callable[[str], None]:
+    """A ``say(msg)`` for a long job's steps: ``msg`` logged as "[COMMAND] msg" (the CLI decides what is shown) and
+    named as the running heartbeat's stage (what it says while the step is quiet)."""
+    def say(msg: str) -> None:
+        logger.info(f"[{command}] {msg}")
+        stage(msg)
+    return say
 
 
 class _Tap:

@@ -92,11 +92,12 @@ class LabelSpace:
 
     @classmethod
     def from_tokens(cls, tokens: Iterable[str]) -> LabelSpace:
-        """The labels that occur: integers (sorted numerically, named after COCO when they are COCO ids)
-        when every token is one, else text sorted."""
+        """The labels that occur: integers (sorted numerically; when most are COCO ids, those are named after COCO
+        and a stray other number such as 0 or 25 keeps its number as its name) when every token is one, else text
+        sorted."""
         ids = sorted(typed_ids(set(tokens)))  # type: ignore[type-var]  # all int or all str
         if ids and isinstance(ids[0], int):
-            coco = all(i in COCO_NAMES or i == COCO_UNUSED for i in ids)
+            coco = 2 * sum(i in COCO_NAMES or i == COCO_UNUSED for i in ids) > len(ids)
             return cls(tuple(ids), tuple(COCO_NAMES.get(i, str(i)) if coco else str(i) for i in ids))
         return cls(tuple(ids), tuple(ids))
 

@@ -19,11 +19,9 @@ from . import schemas
 from .atomic import OutputOptions, claim_output, write_text
 from .config import Config, group, opt, require
 from .errors import MlcError
-from .folders import check_listing, read_json
+from .folders import RUN_LATER, check_listing, read_json
+from .output_rules import is_runs_page
 
-# runs._LATER (runs.py imports torch): what is written into a run after it, outside its manifest (members/: a best
-# run's members, runs of their own)
-RUN_LATER = ("checkpoints", "members", "report", "submission.csv", "submission.json", "run.json")
 SORTS = ("f1", "date", "time", "size", "name")
 
 
@@ -141,9 +139,10 @@ def _size(path: Path) -> int:
         return 0
 
 
-def leaderboard(folder: Path, sort: str = "f1") -> list[Row]:
-    """Every run under ``folder`` as a row, sorted (damaged runs last, in path order)."""
-    rows = [read_row(p) for p in find_runs(folder)]
+def leaderboard(folder: Path, sort: str = "f1", found: list[Path] | None = None) -> list[Row]:
+    """Every run under ``folder`` (or ``found``, its runs when already listed) as a row, sorted (damaged runs last,
+    in path order)."""
+    rows = [read_row(p) for p in (find_runs(folder) if found is None else found)]
     keys = {"f1": lambda r: -(r.f1 or 0), "date": lambda r: _neg(r.date), "time": lambda r: -(r.seconds or 0),
             "size": lambda r: -r.size, "name": lambda r: str(r.path)}
     good = sorted((r for r in rows if r.fault is None), key=keys[sort])
@@ -243,13 +242,12 @@ function sortBy(th){{
 def runs(cfg: RunsConfig) -> tuple[list[Row], str]:
     """The leaderboard's rows and its terminal table; with ``cfg.out`` the HTML page written too."""
     root = Path(cfg.folder)
-    out = None
+    out, found = None, find_runs(root)
     if cfg.out is not None:  # proved safe before any reading: never inside a run, never a foreign file
         out = claim_output(cfg.out, what="an mlc runs page", folder=False, force=cfg.output.force,
-                           ours=lambda p: p.read_text(errors="replace").startswith("<!doctype html>") and
-                           "<h1>mlc runs</h1>" in p.read_text(errors="replace"),
-                           sealed=[p for p in find_runs(root)])
-    rows = leaderboard(root, cfg.sort)
+                           ours=is_runs_page,
+                           sealed=found)
+    rows = leaderboard(root, cfg.sort, found)
     if out is not None:
         write_text(out, render_html(rows, root))  # the CLI says "wrote OUT"
     return rows, render_table(rows, root)

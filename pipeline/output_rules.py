@@ -90,47 +90,95 @@ def mlc_folder(path: Path) -> Path | None:
     return None
 
 
+DATA_FILES = ("train.csv", "test.csv")  # what makes a folder a dataset
 _HDF5 = b"\x89HDF\r\n\x1a\n"
 
 
-def mlc_kind(path: Path) -> str | None:
-    """What mlc wrote at ``path`` (a regular file), by its content, or None: a feature cache, a submission,
-    predictions, evaluate's scores, a runs page. ``--force`` replaces a foreign file, never one of these when the
-    command writes another kind (the commands' own recognisers decide what is theirs; this one what is mlc's)."""
+def first_line(path: Path, limit: int = 4096) -> str:
+    """The first line of a file (at most ``limit`` bytes), decoded leniently; "" when unreadable."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(1 << 16)
+            return fh.read(limit).split(b"\n", 1)[0].decode("utf-8", errors="replace").strip().lstrip("\ufeff")
     except OSError:
-        return None
-    if head.startswith(_HDF5):
-        return "an HDF5 feature cache (mlc extract writes them)"
-    text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
-    line = text.split("\n", 1)[0].strip()
-    if line == "ImageID,Labels":
-        return "a submission (mlc submit)"
+        return ""
+
+
+# What each mlc command writes, recognised by its content: the command's own ``ours`` (it may replace its own
+# kind) and ``mlc_kind`` (--force never replaces another command's) read these same functions.
+
+def is_cache(path: Path) -> bool:
+    """An HDF5 file (mlc extract writes its feature caches as HDF5)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(_HDF5)) == _HDF5
+    except OSError:
+        return False
+
+
+def is_submission(path: Path) -> bool:
+    """A file mlc submit wrote (its header)."""
+    return first_line(path) == "ImageID,Labels"
+
+
+def is_predictions(path: Path) -> bool:
+    """A file mlc predict wrote, in any format (its first line); never "ImageID,Labels", which is a submission."""
+    line = first_line(path)
     if line.startswith("path,labels,") or (line.startswith("photo ") and line.endswith(" labels (probability)")):
-        return "a predictions file (mlc predict)"
-    if text.startswith("<!doctype html>") and "<h1>mlc runs</h1>" in text:
-        return "a runs page (mlc runs --out)"
-    if line.startswith("{"):
-        with contextlib.suppress(ValueError, TypeError, OSError):
-            first = json.loads(line)  # predictions as JSON lines: one object a line
-            if isinstance(first, dict) and {"path", "labels"} <= set(first):
-                return "a predictions file (mlc predict)"
-        with contextlib.suppress(ValueError, TypeError, OSError):
-            if path.stat().st_size < (16 << 20):
-                d = json.loads(path.read_text(encoding="utf-8"))
-                if isinstance(d, dict) and {"samples_f1", "per_class", "rows", "source"} <= set(d):
-                    return "a scores file (mlc evaluate --out)"
-    return None
+        return True
+    try:
+        return {"path", "labels"} <= set(json.loads(line))  # JSON lines: one object a line
+    except (ValueError, TypeError):
+        return False
 
 
-def check_kind(target: str | os.PathLike[str], path: Path, what: str, ours: Callable[[Path], object],
-               folder: bool) -> None:
+def is_scores(path: Path) -> bool:
+    """A JSON file mlc evaluate --out wrote."""
+    with contextlib.suppress(ValueError, TypeError, OSError):
+        if path.stat().st_size < (16 << 20):
+            d = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(d, dict) and {"samples_f1", "per_class", "rows", "source"} <= set(d)
+    return False
+
+
+def is_runs_page(path: Path) -> bool:
+    """The HTML page mlc runs --out wrote."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as fh:
+            text = fh.read(1 << 16).decode("utf-8", errors="replace")
+        return text.startswith("<!doctype html>") and "<h1>mlc runs</h1>" in text
+    return False
+
+
+def is_dataset_csv(path: Path) -> bool:
+    """A data folder's labels CSV: named train.csv / test.csv, or headed ImageID then Labels or Caption (a
+    submission is headed "ImageID,Labels" alone)."""
+    line = first_line(path)
+    return path.name in DATA_FILES or (line.startswith("ImageID,") and "Caption" in line)
+
+
+KINDS: tuple[tuple[Callable[[Path], bool], str], ...] = (
+    (is_cache, "an HDF5 feature cache (mlc extract writes them)"),
+    (is_submission, "a submission (mlc submit)"),
+    (is_predictions, "a predictions file (mlc predict)"),
+    (is_runs_page, "a runs page (mlc runs --out)"),
+    (is_scores, "a scores file (mlc evaluate --out)"),
+    (is_dataset_csv, "a dataset's labels CSV"),
+)
+
+
+def mlc_kind(path: Path) -> str | None:
+    """What mlc wrote (or reads as data) at ``path`` (a regular file), by its content, or None: a feature cache, a
+    submission, predictions, evaluate's scores, a runs page, a dataset's CSV. ``--force`` replaces a foreign file,
+    never one of these when the command writes another kind (the commands' own ``ours`` decide what is theirs)."""
+    return next((what for recognise, what in KINDS if recognise(path)), None)
+
+
+def check_kind(target: str | os.PathLike[str], path: Path, what: str, mine: object, folder: bool) -> None:
     """OutputError when the existing ``path`` is what another mlc command wrote (``mlc_kind``), or a folder holding
-    a dataset (``dataset_in``), and not ``what`` this command writes (``ours``): not even ``--force`` replaces
-    another command's output or deletes a dataset (a data folder typed after --out by mistake)."""
-    if ours(path) is True:
+    a dataset (``dataset_in``), and not ``what`` this command writes: not even ``--force`` replaces
+    another command's output or deletes a dataset (a data folder typed after --out by mistake). ``mine``: what the
+    command's own recogniser said of ``path`` (True: its own kind)."""
+    if mine is True:
         return
     if folder:
         data = dataset_in(path)
@@ -143,8 +191,6 @@ def check_kind(target: str | os.PathLike[str], path: Path, what: str, ours: Call
         raise OutputError(str(target), f"it is {other}, which is not {what}; even --force never replaces what "
                           "another mlc command wrote: choose another output path")
 
-
-DATA_FILES = ("train.csv", "test.csv")
 
 
 def dataset_in(folder: Path, limit: int = 1000) -> Path | None:

@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import OutputOptions, claim_output, first_line, write_text
+from .atomic import OutputOptions, claim_output, write_text
 from .config import Config, group, opt, require
 from .data import DataOptions
 from .errors import MlcError
 from .log import get
 from .options import LoaderOptions
+from .output_rules import is_predictions
 from .predictor import Predictor, csv_header, load, photo_faults
 from .records import IMAGE_EXTENSIONS, CsvLayout, read_csv
 
@@ -169,18 +170,6 @@ def render(results: list[dict[str, Any]], fmt: str, label_names: dict[str, str],
         extra = [f"{label_names[k]} {p[k]:.2f}" for k in top if k not in map(str, r["labels"])]
         lines.append(f"{r['path']:<{width}}  {', '.join(chosen)}" + (f"   [also: {', '.join(extra)}]" if extra else ""))
     return "\n".join(lines) + "\n"
-
-
-def is_predictions(path: Path) -> bool:
-    """A file ``render`` wrote, in any format (its first line), which new predictions may replace."""
-    line = first_line(path)
-    # never "ImageID,Labels": that is a submission, which predictions must not replace
-    if line.startswith("path,labels,") or (line.startswith("photo ") and line.endswith(" labels (probability)")):
-        return True
-    try:
-        return {"path", "labels"} <= set(json.loads(line))
-    except (ValueError, TypeError):
-        return False
 
 
 def _inputs(cfg: PredictConfig) -> list[Path]:

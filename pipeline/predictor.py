@@ -76,6 +76,7 @@ class Predictor:
     thresholds: np.ndarray  # (C,) per label
     scorer: Any  # scoring.TorchScorer | portable.OnnxScorer
     rule: Decision | None = None  # the run's chosen decision rule; None: the thresholds (per-class)
+    export: dict[str, Any] | None = None  # export.json as read and verified (None: a run folder)
 
     @property
     def needs_images(self) -> bool:
@@ -170,6 +171,7 @@ class Predictor:
         records = read_csv(path, labelled=True, layout=layout)
         if not records:
             raise DataError(str(path), None, "no labelled rows")
+        y = self.truth([r.labels or [] for r in records], str(path), [(str(path), r.line) for r in records])
         if say is not None:
             say(f"{len(records)} rows of {path}")
         skipped, bad = photo_faults(skip_bad_images, say or (lambda _: None))
@@ -178,14 +180,14 @@ class Predictor:
                                        on_bad=bad, say=say)
         if not rows:
             raise MlcError(f"no photo could be read ({len(skipped)} skipped)")
-        out = self.scores([records[i].labels or [] for i in rows], probs, str(path),
-                          [(str(path), records[i].line) for i in rows])
+        out = self.scores(y[rows], probs, str(path))
         return {**out, "skipped": [e.path for e in skipped]}
 
-    def scores(self, tokens: Sequence[Sequence[Any]], probs: np.ndarray, source: str,
-               where: Sequence[tuple[str, int | None]] | None = None) -> dict[str, Any]:
-        """Each row's true labels (tokens) against its probabilities, through ``decide``: samples-, micro- and
-        macro-F1, mAP and each label's precision, recall, F1 and support (keyed by label id)."""
+    def truth(self, tokens: Sequence[Sequence[Any]], source: str,
+              where: Sequence[tuple[str, int | None]] | None = None) -> np.ndarray:
+        """Each row's true labels (tokens: ids or names the model knows) as an (N, C) 0/1 matrix, checked before
+        any photo is scored: DataError naming the file and row (``where``) of the first label the model does not
+        know."""
         y = np.zeros((len(tokens), len(self.labels)), np.uint8)
         for i, row in enumerate(tokens):
             for token in row:
@@ -195,6 +197,11 @@ class Predictor:
                     file, line = where[i] if where is not None else (source, None)
                     raise DataError(file, line if where is not None else i, f"label {token!r} is not one the model "
                                     f"knows ({', '.join(map(str, self.labels.ids))})") from None
+        return y
+
+    def scores(self, y: np.ndarray, probs: np.ndarray, source: str) -> dict[str, Any]:
+        """True labels ``y`` (``truth``) against the probabilities, through ``decide``: samples-, micro- and
+        macro-F1, mAP and each label's precision, recall, F1 and support (keyed by label id)."""
         y_pred = self.decide(probs)
         pc = per_class(y, y_pred)
         return {"samples_f1": samples_f1(y, y_pred), "micro_f1": micro_f1(y, y_pred),
@@ -243,11 +250,11 @@ def load(path: str | os.PathLike[str], *, backend: str = "auto", device: Any = N
         if meta.get("graph"):
             from .portable import OnnxScorer
 
-            return Predictor(path, labels, th, OnnxScorer(path, meta), rule)
+            return Predictor(path, labels, th, OnnxScorer(path, meta), rule, meta)
         from .scoring import export_scorer
 
         return Predictor(path, labels, th, export_scorer(path, meta, backend=backend, device=device,
-                                                         onnx_dir=onnx_dir), rule)
+                                                         onnx_dir=onnx_dir), rule, meta)
     from .runs import RunDir
     from .scoring import run_scorer
 

@@ -114,13 +114,13 @@ class Recipe:
                 raise MismatchError(f"{run.path} holds {image.name} + {text.name}, not "
                                     f"{self.image_encoder} + {self.text_encoder}")
         else:
-            # Random init is seeded so a rerun builds the same weights (same hash): resumable and reusable.
-            seed = 0 if self.random_init else None
+            # Random init is seeded (seed 0, by the one encoder builder), so a rerun builds the same weights (same
+            # hash): resumable and reusable.
             image = None if self.image_encoder == NONE else create_image_encoder(
-                self.image_encoder, weights=self.image_weights, random_init=self.random_init, seed=seed,
+                self.image_encoder, weights=self.image_weights, random_init=self.random_init,
                 pooling=self.image_pooling)
             text = None if self.text_encoder == NONE else create_text_encoder(
-                self.text_encoder, weights=self.text_weights, random_init=self.random_init, seed=seed,
+                self.text_encoder, weights=self.text_weights, random_init=self.random_init,
                 pooling=self.text_pooling)
         for enc, cut in ((image, self.image_cut), (text, self.text_cut)):
             if cut is not None and (enc is None or cut not in enc.cuts):

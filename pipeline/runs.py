@@ -52,7 +52,7 @@ from .atomic import (
 from .cache import CacheMeta
 from .decision import Decision
 from .errors import MlcError
-from .folders import check_listing, listing, read_json
+from .folders import RUN_LATER, check_listing, listing, read_json
 from .fused import Part
 from .heads import HEADS, create_head
 from .identity import Contract, FeatureEntry  # Contract lives in identity; re-exported here for callers
@@ -221,7 +221,7 @@ class RunDir:
             return True
         if kind == "head" and self.path.is_dir() and set(entries(self.path)) <= {"members"}:
             return True  # an interrupted `mlc run --quality best`: its members, no blend yet
-        return owned(self.path, "manifest.json", kind, _LATER)
+        return owned(self.path, "manifest.json", kind, RUN_LATER)
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -262,7 +262,7 @@ class RunDir:
 
     def _write_manifest(self, kind: str) -> None:
         m = {"format": RUN_FORMAT, "kind": kind, "mlc_version": __version__,
-             "files": listing(self.path, _LATER + ("manifest.json",))}
+             "files": listing(self.path, RUN_LATER + ("manifest.json",))}
         write_json(self.manifest, {**m, schemas.CHECKSUM: schemas.checksum(m)})
 
     # ------------------------------------------------------------------------------------ reading
@@ -271,7 +271,7 @@ class RunDir:
         """The manifest, after checking the folder against it: every listed file present with its size and
         sha256, nothing unlisted beside them. MlcError naming the first file that is not as written."""
         manifest = self.check_format()
-        check_listing(self.path, manifest["files"], _LATER + ("manifest.json",), "refit the run")
+        check_listing(self.path, manifest["files"], RUN_LATER + ("manifest.json",), "refit the run")
         return manifest
 
     def check_format(self) -> dict[str, Any]:
@@ -332,10 +332,6 @@ def load_head(path: Path, head_cfg: dict[str, Any]) -> torch.nn.Module:
         raise MlcError(f"{path}: cannot load the head's weights ({type(e).__name__}: {why})") from e
     return head.eval()
 
-
-# written after the run, not part of it (members/: a best run's members, each a run folder of its own; run.json:
-# the `mlc run` recipe that made it, for --config)
-_LATER = ("checkpoints", "members", "report", "submission.csv", "submission.json", "run.json")
 
 
 def saved_decision(th: dict[str, Any]) -> Decision:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import OutputOptions, claim_output, first_line, write_json, write_text
+from .atomic import OutputOptions, claim_output, write_json, write_text
 from .cache import CacheReader
 from .config import Config, group, opt, require
 from .data import DataDir
@@ -22,6 +22,7 @@ from .errors import MlcError
 from .features import Hints, Job, LoaderOptions, Recipe, build_cache, cache_path, encoders_and_engine
 from .folders import sha256_file
 from .fused import Part, load_joined
+from .output_rules import is_submission
 from .predictor import Predictor
 from .runs import Run, RunDir, data_inputs
 
@@ -100,11 +101,6 @@ def make_test_features(run: Run, cfg: SubmitConfig, data: DataDir) -> list[Path]
                       overwrite=cfg.overwrite, hints=HINTS)
             paths.append(build_cache(job, image, text, eng, device))
     return paths
-
-
-def is_submission(path: Path) -> bool:
-    """A file mlc's submit wrote (its header), which another submission may replace."""
-    return first_line(path) == "ImageID,Labels"
 
 
 def submit(cfg: SubmitConfig) -> tuple[Path, str]:

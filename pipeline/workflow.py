@@ -29,7 +29,7 @@ from .finetune import FinetuneConfig, finetune
 from .fit_head import FitHeadConfig, fit_head, sized
 from .folders import sha256_file
 from .heads import HEADS, HeadOptions
-from .heartbeat import stage
+from .heartbeat import announcer
 from .log import get
 from .quantize import PrecisionOptions
 from .reading import JSON_BYTES, read_text
@@ -49,16 +49,8 @@ TRUNK_ROUTE: dict[str, dict[str, Any]] = {
     "resnet50": {"image_cut": "layer3", "epochs": 2, "lr": 1e-3, "encoder_lr": 3e-4},
 }
 TEXT_CUTS = {"minilm-l6": "layer4", "bert-base-uncased": "layer10"}
-# How `mlc run --head attention` trains it: the head's own recipe (heads.AttentionHead.recipe, in the registry).
-ATTENTION_TRAINING: dict[str, Any] = HEADS.about["attention"].recipe
 
 logger = get(__name__)
-
-
-def attention_training(rows: int) -> dict[str, Any]:
-    """ATTENTION_TRAINING; its batch comes from the row count like every head's (training.sized_training: ~32
-    steps an epoch; at batch 256 the 808-row sample made 3 steps an epoch and scored 0.62, at batch 20 0.81)."""
-    return dict(ATTENTION_TRAINING)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +94,12 @@ class RunConfig(Config):
                           "token maps (a second cache, --image-pooling tokens; the slowest member, ~14x a pooled one). "
                           "The blend then reads the token map and its pooled members the map's mean, so the export "
                           "stays one graph; no second image encoder beside it.")
+    pseudo_label: bool = opt(False, "With --quality best: self-training. After the members, label the test rows "
+                             "that each fold's heads are confident about, refit every member (NAME-pl) with them on "
+                             "each fold's training side (never held out), and blend both rounds "
+                             "(docs/recipes.md).")
+    pseudo_confidence: float = opt(0.75, "With --pseudo-label: a test row is kept when every label's probability "
+                                   "is at least this or at most 1 minus this, and one label is at least this.")
     overwrite: bool = opt(False, "Rebuild the caches whose data changed (train.csv, test.csv or their images), then "
                           "refit and resubmit what depends on them, instead of stopping (naming the cache).")
     output: OutputOptions = group(OutputOptions)
@@ -131,15 +129,15 @@ class RunConfig(Config):
                  (self.quality == "fast" or not (self.finetune or self.crossfit_text or self.head != "concat"),
                   "--quality best chooses its own heads and routes: leave out --head, --finetune and --crossfit-text"),
                  (self.time_limit >= 0, "--time-limit must be 0 (none) or a number of seconds"),
+                 (self.quality == "best" or not self.pseudo_label, "--pseudo-label is part of --quality best"),
+                 (0.5 < self.pseudo_confidence < 1, "--pseudo-confidence must be between 0.5 and 1"),
                  (not (self.attention and self.quality == "best"
                        and self.extra_image_encoder not in ("auto", "none", self.encoders.image_encoder)),
                   "--extra-image-encoder NAME needs --no-attention: the attention member's token map and a "
                   "second image encoder's vectors cannot feed one graph (the export)")])
 
 
-def _say(msg: str) -> None:
-    logger.info(f"[mlc run] {msg}")
-    stage(msg)  # what the CLI's heartbeat says while this step is quiet
+_say = announcer(logger, "mlc run")
 
 
 _UNSTORED = ("kind", "force")  # config.json keys that do not change what a run holds
@@ -163,8 +161,9 @@ def _up_to_date(run: RunDir, config: dict[str, Any], caches: list[Path]) -> bool
 
 def fit(cfg: RunConfig, caches: list[Path], out: Path, folds: int) -> None:
     rows = read_meta(caches[0]).num_records
-    tuned = attention_training(rows) if cfg.head == "attention" else \
-        HEADS.about[cfg.head].recipe  # every head trains with its registered recipe (none: the defaults)
+    # every head trains with its registered recipe (none: the defaults; the attention head's: heads.AttentionHead),
+    # its batch sized from the row count like every head's (training.sized_training)
+    tuned = HEADS.about[cfg.head].recipe
     given = {k: getattr(cfg, k) for k in ("batch_size", "epochs", "lr", "loss", "dropout")
              if getattr(cfg, k) is not None}
     head_cfg = FitHeadConfig.build(caches=tuple(caches), out=out, folds=folds, head=cfg.head, output=cfg.output,
@@ -281,13 +280,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if cfg.crossfit_text:
         _say("cross-fitting the caption tower (reused when already there)")
         enc = cfg.encoders
-        train.append(crossfit(CrossfitConfig(data_dir=cfg.data_dir, text_encoder=enc.text_encoder,
-                                             text_weights=enc.text_weights, random_init=enc.random_init,
-                                             cache_dir=cfg.cache_dir, device=cfg.loader.device,
-                                             overwrite=cfg.overwrite, data=cfg.data,
-                                             precision="bf16" if cfg.numerics.precision == "bf16" else "auto"))[0])
+        train.append(crossfit(CrossfitConfig.build(data_dir=cfg.data_dir, text_encoder=enc.text_encoder,
+                                                   text_weights=enc.text_weights, random_init=enc.random_init,
+                                                   cache_dir=cfg.cache_dir, device=cfg.loader.device,
+                                                   overwrite=cfg.overwrite, data=cfg.data, precision=(
+                                                       "bf16" if cfg.numerics.precision == "bf16" else "auto")))[0])
     if cfg.quality == "best":
-        from .best import best_route  # it imports this module's reuse rule
+        from .best_route import best_route  # it imports this module's reuse rule
 
         best_route(cfg, train, test)
     else:

@@ -130,3 +130,24 @@ def test_the_python_page_runs(tmp_path, monkeypatch):
         exec(compile(code, "docs/python.md", "exec"), ns)
     assert isinstance(ns["model"], mlc.Model) and isinstance(ns["framed"], mlc.Model)
     assert len(ns["top3"].columns) == 6 and 0 <= ns["scores"]["samples_f1"] <= 1
+
+
+def test_an_unknown_label_is_refused_before_any_photo_is_scored(folder_model, tmp_path):
+    """Hostile case M07: evaluate scored every photo, then refused the CSV's unknown label. The labels are checked
+    first: the refusal names the file and row, though the first row's photo is missing (scoring first would stop
+    there, or after minutes of work on a real set)."""
+    from pipeline.errors import DataError
+
+    model, data = folder_model
+    rows = (data / "train.csv").read_text().splitlines()
+    (tmp_path / "data").symlink_to(data / "data")
+    first, last = rows[1].split(",", 2), rows[-1].split(",", 2)
+    bad = tmp_path / "labelled.csv"
+    bad.write_text("\n".join([rows[0], ",".join(["missing.jpg", *first[1:]]), *rows[2:-1],
+                              ",".join([last[0], "99", last[2]])]) + "\n")
+    with pytest.raises(DataError, match=rf"{bad.name}:{len(rows)}: label '99' is not one the model knows"):
+        model.evaluate(bad)
+    photo = str(tmp_path / "missing.jpg")
+    frame = pd.DataFrame({"image": [photo], "caption": ["a"], "labels": ["99"]})
+    with pytest.raises(DataError, match="label '99' is not one the model knows"):
+        model.evaluate(frame)

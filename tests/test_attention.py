@@ -167,10 +167,11 @@ def test_mlc_run_head_attention_extracts_token_maps_itself(tmp_path):
 def test_attention_batches_give_small_datasets_enough_steps():
     """The attention head is sized like every head (training.sized_training), from its training rows."""
     from pipeline.fit_head import FitHeadConfig, sized
-    from pipeline.workflow import attention_training
+    from pipeline.heads import HEADS
 
     def batch(rows: int) -> int:
-        return sized(FitHeadConfig.build(caches=("x.h5",), folds=5, **attention_training(rows)), rows).train.batch_size
+        recipe = HEADS.about["attention"].recipe  # what mlc run --head attention trains with
+        return sized(FitHeadConfig.build(caches=("x.h5",), folds=5, **recipe), rows).train.batch_size
 
     assert batch(808) == 40  # the 808-row sample: 646 rows a fold, ~16 steps an epoch, not 3
     assert batch(100) == 16 and batch(50000) == 256
@@ -179,12 +180,11 @@ def test_attention_batches_give_small_datasets_enough_steps():
 def test_the_head_help_states_the_settings_mlc_run_trains_attention_with():
     import re
 
-    from pipeline.heads import HeadOptions
-    from pipeline.workflow import ATTENTION_TRAINING
+    from pipeline.heads import HEADS, HeadOptions
 
     made = HeadOptions.__dataclass_fields__["head"].metadata["help"]  # made from the head registry when shown
     text = made()
-    for name, value in ATTENTION_TRAINING.items():
+    for name, value in HEADS.about["attention"].recipe.items():
         said = re.search(rf"--{name.replace('_', '-')} ([^ ).]+(?:\.\d+)?)", text)
         assert said, name
         assert (said.group(1) == value) if isinstance(value, str) else float(said.group(1)) == value, name

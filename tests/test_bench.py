@@ -28,6 +28,7 @@ PRINTS = {
     "int8_calibration.py": "int8-percentile-8-float-ends fp32",
     "precision.py": "medians",
     "predict.py": "export / run: time",
+    "pseudo.py": "round two (pseudo)",
     "recipes.py": "trunk layer3 + MiniLM layer1",
     "serve.py": "mlc predict in a loop",
     "silence.py": "longest silence",

@@ -264,3 +264,20 @@ def test_a_second_image_encoder_beside_the_attention_member_is_refused_naming_th
     args = ["run", str(tmp_path), "--quality", "best", "--extra-image-encoder", "efficientnet-lite2"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "--no-attention" in res.output, res.output
+
+
+def test_an_extra_encoder_is_installed_by_its_specs_cheap_check(monkeypatch):
+    """best asks a spec's ``present`` (MPNet: are the five parts installed?) instead of building 420 MB; a spec
+    without one is built. The tiny text encoder has no pretrained weights, so only its check can say yes."""
+    import dataclasses
+
+    import tiny_encoders  # noqa: F401  # registers tiny-bert
+
+    from pipeline.best_route import installed
+    from pipeline.encoders import registry
+
+    spec = registry.get_spec("text", "tiny-bert")
+    assert not installed("tiny-bert") and not installed("no-such-encoder")  # built: no weights
+    for answer in (True, False):
+        monkeypatch.setitem(registry._SPECS["text"], "tiny-bert", dataclasses.replace(spec, present=lambda a=answer: a))
+        assert installed("tiny-bert") is answer

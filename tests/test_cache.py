@@ -131,6 +131,7 @@ def test_the_meta_holds_two_identities_and_stores_them_flat_as_before():
     assert CacheMeta.from_dict(old).image.precision == "fp32" and CacheMeta.from_dict(old).image.cut is None
     with pytest.raises(AttributeError, match="no attribute 'image_nothing'"):
         _ = a.image_nothing
+    assert {k: getattr(a, k) for k in flat} == {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 
 def test_a_run_contract_is_the_compared_part_of_the_cache_identities():

@@ -583,6 +583,10 @@ def test_label_tokens_are_integers_only_when_every_one_is() -> None:
     assert typed_ids(["3", "-1", "19"]) == [3, -1, 19]
     assert typed_ids(["--5", "3"]) == ["--5", "3"] and typed_ids(["³", "3"]) == ["³", "3"]  # never int("--5")
     assert LabelSpace.from_tokens(["10", "9", "10"]).ids == (9, 10)  # numerically, not "10" < "9"
+    # hostile case V04: a stray 0 or 25 among COCO ids no longer strips every label of its COCO name
+    stray = LabelSpace.from_tokens(["1", "3", "15", "0", "25"])
+    assert stray.names == ("0", "person", "car", "bench", "25")
+    assert LabelSpace.from_tokens(["100", "200", "1"]).names == ("1", "100", "200")  # not COCO: numbers
     rec = Record(image_id="1.jpg", labels=("--5", "3"), caption="c", line=2)
     assert len(fingerprint([rec], None)) == 64
 

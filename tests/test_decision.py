@@ -151,3 +151,21 @@ def test_a_rule_that_wins_only_by_noise_gives_way_to_the_simpler_one():
 def test_the_rules_simplicity_order_is_the_one_se_choices():
     """The rules rank themselves (Rule.rank): nothing tuned first, one threshold per label last."""
     assert simplest_first() == ("expected-f1", "fixed", "global", "expected-f1-calibrated", "per-class")
+
+
+def test_metrics_detail_of_a_rule_without_thresholds_is_its_own_decisions():
+    """metrics.json's per-class detail (the leaderboard's per-label F1) under expected-F1 comes from that rule's
+    decisions, not from its placeholder thresholds."""
+    from pipeline.evaluation import evaluate
+    from pipeline.metrics import per_class
+
+    y, probs = _data()
+    metrics, _ = evaluate(y, probs, "expected-f1", seed=0)
+    detail = metrics["detail_with_final_thresholds_in_sample"]
+    decided = choose(y, probs, force="expected-f1").decision.apply(probs)
+    assert detail["per_class"]["f1"] == pytest.approx(per_class(y, decided)["f1"].tolist())
+    assert detail["samples_f1"] == pytest.approx(samples_f1(y, decided))
+    assert detail["per_class"]["threshold"] == [None] * y.shape[1]
+    metrics, _ = evaluate(y, probs, "per-class", seed=0)
+    tuned = metrics["detail_with_final_thresholds_in_sample"]["per_class"]["threshold"]
+    assert all(isinstance(t, float) for t in tuned)

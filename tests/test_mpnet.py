@@ -139,7 +139,7 @@ def test_the_registered_entry_refuses_a_model_of_another_width(installed):
 def test_tiny_mpnet_pools_real_tokens_and_round_trips(installed, tmp_path, monkeypatch):
     spec = _unsized()
     monkeypatch.setitem(registry._SPECS["text"], "mpnet-base", spec)  # so load_encoder rebuilds the tiny one
-    enc = spec.build(spec, weights=None, random_init=False, seed=None)
+    enc = registry.build_encoder(spec, weights=None, random_init=False, seed=None)
     assert (enc.dim, enc.cuts, enc.preprocess.pooling, enc.random_init) == (32, (), "mean", False)
     ident = enc.describe()
     assert (ident.name, ident.dim, ident.weights_hash) == ("mpnet-base", 32, enc.weights_hash)
@@ -155,7 +155,7 @@ def test_tiny_mpnet_pools_real_tokens_and_round_trips(installed, tmp_path, monke
     assert again.weights_hash == enc.weights_hash and again.dim == 32
     with torch.no_grad():
         torch.testing.assert_close(again(**batch), together)
-    other = spec.build(spec, weights=None, random_init=True, seed=1)
+    other = registry.build_encoder(spec, weights=None, random_init=True, seed=1)
     assert other.random_init and other.weights_hash != enc.weights_hash  # random weights are said and hashed
 
 
@@ -164,7 +164,7 @@ def test_tiny_mpnet_runs_through_onnx_like_torch(installed, tmp_path):
     from pipeline import backends
 
     spec = _unsized()
-    enc = spec.build(spec, weights=None, random_init=False, seed=None)
+    enc = registry.build_encoder(spec, weights=None, random_init=False, seed=None)
     said: list[str] = []
     session = backends.onnx_session(enc, None, tmp_path / "graphs", said.append)  # checked against torch there
     batch = enc.tokenize(CAPTIONS + ["a surfer rides a wave on the beach in the park with two dogs"])

@@ -86,6 +86,28 @@ def test_mlc_kind_reads_only_what_it_knows(tmp_path):
     assert mlc_kind(Path("/dev/null")) is None
 
 
+def test_force_never_replaces_a_lone_dataset_csv(tmp_path):
+    """A data folder's labels CSV is refused as an output even with --force, by name or by its header, wherever it
+    lies (`mlc runs --out train.csv --force` replaced it: no photos beside it, so no dataset folder)."""
+    from pipeline.output_rules import mlc_kind
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("ImageID,Labels,Caption\n0.jpg,1,a dog\n")
+    named = tmp_path / "train.csv"
+    named.write_text("id,value\n1,2\n")
+    before = {p: p.read_bytes() for p in (labels, named)}
+    for p in (labels, named):
+        assert mlc_kind(p) == "a dataset's labels CSV"
+        code, text = mlc("runs", runs, "--out", p, "--force")
+        assert one_line_error(code, text, p, "a dataset's labels CSV", "even --force never replaces"), text
+    assert {p: p.read_bytes() for p in (labels, named)} == before
+    other = tmp_path / "other.csv"
+    other.write_text("id,value\n1,2\n")
+    assert mlc("runs", runs, "--out", other, "--force")[0] == 0 and "<h1>mlc runs</h1>" in other.read_text()
+
+
 def test_force_never_replaces_a_data_folder_a_command_does_not_read(fitted, tmp_path):
     """Hostile cases O02/O06: fit-head and export do not read the data folder, so it was no input of theirs, and
     --force replaced it (train.csv, test.csv and every photo deleted)."""

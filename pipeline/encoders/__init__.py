@@ -142,8 +142,9 @@ class EncoderOptions(Config):
                  (self.image_pooling in IMAGE_POOLINGS, f"--image-pooling must be one of {', '.join(IMAGE_POOLINGS)}")])
 
     def create(self, seed: int | None = None) -> tuple[ImageEncoder, TextEncoder]:
-        """Both encoders. Random init is seeded (default 0) so a rerun builds the same weights."""
-        s = (0 if seed is None else seed) if self.random_init else None
+        """Both encoders. Random init is seeded with ``seed`` (the builder's default: 0), so a rerun builds the same
+        weights."""
+        s = seed if self.random_init else None  # an encoder trained from scratch (lstm) keeps its own seed, 0
         return (create_image_encoder(self.image_encoder, weights=self.image_weights, random_init=self.random_init,
                                      seed=s, pooling=self.image_pooling),
                 create_text_encoder(self.text_encoder, weights=self.text_weights, random_init=self.random_init,

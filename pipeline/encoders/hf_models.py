@@ -34,7 +34,7 @@ from .weights import (
     quiet_transformers,
     refuse_custom_code,
     resolve_weights,
-    seeded,
+    strict_pretrained,
 )
 
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes the processors store
@@ -63,30 +63,23 @@ def _missing(spec_name: str, ref: str, e: Exception) -> WeightsError:
     )
 
 
-def _load(spec_name: str, ref: str, weights: Any, random_init: bool,
-          seed: int | None) -> tuple[nn.Module, str, str, bool]:
+def _load(spec_name: str, ref: str, weights: Any, random_init: bool) -> tuple[nn.Module, str, str, bool]:
     """(model, source, where its processor/tokenizer files are, whether to read them from local files
     only) from a hub id or folder."""
     from transformers import AutoConfig, AutoModel
 
     where, local_only, source = _source(spec_name, ref, weights)
-    try:
-        with quiet_transformers():
-            if random_init:
+    if random_init:
+        try:
+            with quiet_transformers():
                 config = AutoConfig.from_pretrained(where, local_files_only=local_only, **NO_REMOTE_CODE)
-                with seeded(seed):
-                    model = AutoModel.from_config(config, **NO_REMOTE_CODE)
-                source = "random-init"
-            else:
-                model, info = AutoModel.from_pretrained(where, local_files_only=local_only,
-                                                        output_loading_info=True, **NO_REMOTE_CODE)
-                missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
-                if missing:  # transformers would initialise these randomly: refuse
-                    raise WeightsError(f"{spec_name}: {where} lacks weights the model needs: {sorted(missing)[:4]}")
-    except WeightsError:
-        raise
-    except Exception as e:  # noqa: BLE001 - OSError (not cached), ValueError (unknown architecture), ...
-        raise _missing(spec_name, ref, e) from e
+                model = AutoModel.from_config(config, **NO_REMOTE_CODE)  # seeded by registry.build_encoder
+        except Exception as e:  # noqa: BLE001 - OSError (not cached), ValueError (unknown architecture), ...
+            raise _missing(spec_name, ref, e) from e
+        source = "random-init"
+    else:  # a model saved without pooler weights (sentence-transformers') is taken: mean or cls pooling reads none
+        model = strict_pretrained(AutoModel, where, f"{spec_name}: {where}", local_only=local_only, checked=True,
+                                  optional=("pooler",), failed=lambda e: _missing(spec_name, ref, e))
     if getattr(model.config, "auto_map", None):  # a hub repository asking for its code: refused like a folder
         raise WeightsError(f"{spec_name}: {ref}: config.json: auto_map: asks to run code of its own, and mlc never "
                            "runs code from a model folder or hub repository")
@@ -109,11 +102,11 @@ class HFTextEncoder(BertTextEncoder):
         return super()._pool(hidden, attention_mask)
 
 
-def _create_text(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: int | None, ref: str,
+def _create_text(spec: EncoderSpec, *, weights: Any, random_init: bool, ref: str,
                  pooling: str | None = None) -> HFTextEncoder:
     from transformers import AutoTokenizer
 
-    model, source, where, local_only = _load(spec.name, ref, weights, random_init, seed)
+    model, source, where, local_only = _load(spec.name, ref, weights, random_init)
     try:
         with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only, **NO_REMOTE_CODE)
@@ -171,11 +164,10 @@ def _image_preprocess(processor: Any) -> ImagePreprocess:
                            interpolation=_RESAMPLE.get(int(getattr(processor, "resample", 3)), "bicubic"))
 
 
-def _create_image(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: int | None,
-                  ref: str) -> HFImageEncoder:
+def _create_image(spec: EncoderSpec, *, weights: Any, random_init: bool, ref: str) -> HFImageEncoder:
     from transformers import AutoImageProcessor
 
-    model, source, where, local_only = _load(spec.name, ref, weights, random_init, seed)
+    model, source, where, local_only = _load(spec.name, ref, weights, random_init)
     try:
         processor = AutoImageProcessor.from_pretrained(where, local_files_only=local_only, **NO_REMOTE_CODE)
     except Exception as e:  # noqa: BLE001

@@ -14,7 +14,7 @@ from ..errors import WeightsError
 from .base import ImageEncoder
 from .registry import EncoderSpec, register
 from .transforms import IMAGE_POOLINGS, TF_LITE_MEAN, TF_LITE_STD, ImagePreprocess
-from .weights import load_weights, pypi_file, resolve_weights, seeded, torchvision_state_dict
+from .weights import load_weights, pypi_file, resolve_weights, torchvision_state_dict
 
 
 class ResNetEncoder(ImageEncoder):
@@ -91,7 +91,7 @@ def _lite_resolution(variant: str, fallback: int) -> int:
 
 
 def create_stepped(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, random_init: bool,
-                   seed: int | None, architecture: Callable[[], ImageEncoder],
+                   architecture: Callable[[], ImageEncoder],
                    load: Callable[[], tuple[dict, str]] | None, ignore: tuple[str, ...],
                    pooling: str = "avg") -> ImageEncoder:
     """Build ``architecture`` and load its weights: the default ``load``, a local file/folder, or none.
@@ -99,8 +99,7 @@ def create_stepped(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None,
     if pooling not in IMAGE_POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(IMAGE_POOLINGS)}, not {pooling!r}")
     resolved = resolve_weights(spec.name, weights=weights, random_init=random_init, pretrained=load)
-    with seeded(seed):
-        enc = architecture()
+    enc = architecture()  # random weights, seeded by registry.build_encoder; then filled from ``resolved``
     source = load_weights(enc, spec.name, resolved, ignore)
     enc.preprocess = spec.preprocess
     enc.finish(spec.name, source, random_init, spec.cuts)

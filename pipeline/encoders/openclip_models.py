@@ -23,14 +23,12 @@ from .base import TextEncoder, WholeImageEncoder
 from .registry import EncoderSpec, register_family
 from .transforms import ImagePreprocess, TextPreprocess
 from .weights import (
-    WEIGHTS_FILE,
     hf_cache_dir,
     hub_weights,
     load_strict,
     load_weights,
     read_state_dict,
     resolve_weights,
-    seeded,
 )
 
 
@@ -55,8 +53,7 @@ def _parse(rest: str) -> tuple[str, str | None]:
     return arch, (tag or None)
 
 
-def _model(name: str, arch: str, tag: str | None, weights: Any, random_init: bool,
-           seed: int | None) -> tuple[nn.Module, str]:
+def _model(name: str, arch: str, tag: str | None, weights: Any, random_init: bool) -> tuple[nn.Module, str]:
     """The whole CLIP model (both towers) with its weights, and their source in words."""
     oc = _open_clip()
     if arch not in oc.list_models():
@@ -65,8 +62,7 @@ def _model(name: str, arch: str, tag: str | None, weights: Any, random_init: boo
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly" before any weights are loaded
     try:
-        with seeded(seed):
-            model = oc.create_model(arch, pretrained=None, **_no_pickle(oc))
+        model = oc.create_model(arch, pretrained=None, **_no_pickle(oc))  # seeded by registry.build_encoder
     finally:
         root.setLevel(level)
     resolved = resolve_weights(name, weights=weights, random_init=random_init,
@@ -160,39 +156,31 @@ def _preprocess(visual: nn.Module) -> ImagePreprocess:
                            interpolation=interp if interp in ("nearest", "bilinear", "bicubic") else "bicubic")
 
 
-def _weights_file(weights: Any) -> Any:
-    """A folder an mlc encoder was saved in holds model.safetensors: the tower alone, loaded below."""
-    if weights is not None and Path(weights).is_dir():
-        return Path(weights) / WEIGHTS_FILE
-    return weights
-
-
-def _tower(spec: EncoderSpec, weights: Any, random_init: bool, seed: int | None, rest: str,
+def _tower(spec: EncoderSpec, weights: Any, random_init: bool, rest: str,
            wrap: Callable[[Any, str], Any], module: Callable[[Any], nn.Module]) -> tuple[Any, str]:
     """(encoder, weights source): the open_clip model built, ``wrap``ped into one tower's encoder, and the
-    tower's weights loaded from a folder an mlc encoder was saved in (``module`` picks what they fill)."""
+    tower's weights loaded from a folder an mlc encoder was saved in (its model.safetensors holds the tower alone;
+    ``module`` picks what they fill)."""
     arch, tag = _parse(rest)
     saved = weights is not None and Path(weights).is_dir()
-    model, source = _model(spec.name, arch, tag, None if saved else weights, random_init or saved, seed)
+    model, source = _model(spec.name, arch, tag, None if saved else weights, random_init or saved)
     enc = wrap(model, arch)
     if saved:
-        load_strict(module(enc), read_state_dict(_weights_file(weights)), (), f"{spec.name}: {weights}")
+        load_strict(module(enc), read_state_dict(weights), (), f"{spec.name}: {weights}")
         source = f"file:{Path(weights).resolve()}"
     return enc, source
 
 
-def _create_image(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: int | None,
-                  rest: str) -> OpenClipImageEncoder:
-    enc, source = _tower(spec, weights, random_init, seed, rest, lambda m, _: OpenClipImageEncoder(m.visual),
+def _create_image(spec: EncoderSpec, *, weights: Any, random_init: bool, rest: str) -> OpenClipImageEncoder:
+    enc, source = _tower(spec, weights, random_init, rest, lambda m, _: OpenClipImageEncoder(m.visual),
                          lambda e: e.visual)
     enc.preprocess = _preprocess(enc.visual)
     enc.finish(spec.name, source, random_init, ())
     return enc
 
 
-def _create_text(spec: EncoderSpec, *, weights: Any, random_init: bool, seed: int | None,
-                 rest: str) -> OpenClipTextEncoder:
-    enc, source = _tower(spec, weights, random_init, seed, rest,
+def _create_text(spec: EncoderSpec, *, weights: Any, random_init: bool, rest: str) -> OpenClipTextEncoder:
+    enc, source = _tower(spec, weights, random_init, rest,
                          lambda m, arch: OpenClipTextEncoder(m, _open_clip().get_tokenizer(arch), f"open_clip:{arch}"),
                          lambda e: e.clip)
     enc.finish(spec.name, source, random_init, ())

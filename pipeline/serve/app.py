@@ -83,9 +83,8 @@ class Service:
     def __init__(self, pred: Predictor, path: Path, limits: Limits, *, max_rows: int = 8, wait_s: float = 0.01,
                  max_queue: int = 1024) -> None:
         self.pred, self.path, self.limits = pred, Path(path), limits
-        meta = card.export_meta(self.path)
         self.rule = card.rule_of(pred)
-        self.card = card.card(pred, self.path, meta)
+        self.card = card.card(pred, self.path, pred.export)  # export.json as load() read and verified it
         self.labels = card.labels(pred, self.rule)
         self.batcher = MicroBatcher(self._score, max_rows=max_rows, wait_s=wait_s, max_queue=max_queue)
         self.started = time.monotonic()

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..decision import RULES
 from ..errors import MlcError
-from ..predictor import EXPORT_FILE, Predictor, read_export
+from ..predictor import Predictor
 
 
 def thresholds(pred: Predictor) -> list[float] | None:
@@ -31,10 +31,6 @@ def rule_of(pred: Predictor) -> str:
     always a registered one: predictor.load checks it)."""
     rule = pred.decision.rule
     return f"{rule}: {RULES[rule].help} (every photo gets at least one label)"
-
-
-def export_meta(path: Path) -> dict[str, Any] | None:
-    return read_export(path) if (path / EXPORT_FILE).is_file() else None
 
 
 def card(pred: Predictor, path: Path, meta: dict[str, Any] | None) -> dict[str, Any]:

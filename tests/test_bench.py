@@ -25,7 +25,7 @@ PRINTS = {
     "faults.py": "trust_old_and_new_spelling",
     "finetune.py": "end-to-end finetune (1 epoch)",
     "fit_head.py": "default head (concat, bce) fit + threshold tuning",
-    "int8_calibration.py": "int8-percentile-8-float-ends fp32",
+    "int8_calibration.py": "fit s  by seed",
     "precision.py": "medians",
     "predict.py": "export / run: time",
     "pseudo.py": "round two (pseudo)",

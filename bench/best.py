@@ -55,30 +55,37 @@ def unseen(run: Path, caches: list[Path]) -> tuple[np.ndarray, np.ndarray, float
     return labels, p, samples_f1(labels, model.decide(p))
 
 
-def ablate(out: Path, caches: list[Path]) -> None:
-    """Blends of subsets of every member fitted in OUT/members (all; without the attention member; without the
-    extra text encoder's members, named ...am...; the main cache's pooled members only), each weighed and its rule
-    chosen on the held-out rows alone, scored there (cross-fitted) and on the unseen rows."""
+def blends(out: Path, caches: list[Path], sets: dict[str, list[str]]) -> None:
+    """Each named set of members in OUT/members blended (weights and rule chosen on the held-out rows alone):
+    held-out (cross-fitted) and unseen samples-F1 (bench/pseudo.py uses it too)."""
     from pipeline.best import _aligned
     from pipeline.decision import choose as choose_rule
     from pipeline.ensemble import choose, mix
 
-    names = sorted(p.name for p in (out / "members").iterdir() if RunDir(p).manifest.is_file())
+    names = sorted({n for s in sets.values() for n in s})
     runs = {n: RunDir(out / "members" / n) for n in names}
     _, probs, y = _aligned([runs[n] for n in names])
     unseen_p, yu = {}, None
     for n in names:
         yu, unseen_p[n], _ = unseen(runs[n].path, caches)
-    subsets = {"all": names, "no attention": [n for n in names if not n.startswith("attention")],
-               "no extra text": [n for n in names if "am" not in n.split("-")[1]],
-               "main pooled only": [n for n in names if not n.startswith("attention") and "am" not in n.split("-")[1]]}
-    print(f"\n{'blend of':18s} {'members':>7s} {'held-out':>9s} {'unseen':>7s}  weights")
-    for label, sub in subsets.items():
+    width = max(18, *map(len, sets))
+    print(f"\n{'blend of':{width}s} {'members':>7s} {'held-out':>9s} {'unseen':>7s}  weights")
+    for label, sub in sets.items():
         b = choose([probs[names.index(n)] for n in sub], y, "auto", 0)
         rule = choose_rule(y.astype(np.float64), b.scores)
         f1 = samples_f1(yu, rule.decision.apply(mix([unseen_p[n] for n in sub], b.weights)))
-        print(f"{label:18s} {len(sub):7d} {b.metrics['samples_f1']:9.4f} {f1:7.4f}  "
-              + " ".join(f"{n}={w:.2f}" for n, w in zip(sub, b.weights, strict=True) if w > 0))
+        print(f"{label:{width}s} {len(sub):7d} {b.metrics['samples_f1']:9.4f} {f1:7.4f}  "
+              + " ".join(f"{n}={w:.2f}" for n, w in zip(sub, b.weights, strict=True) if w > 0), flush=True)
+
+
+def ablate(out: Path, caches: list[Path]) -> None:
+    """Blends of subsets of every member fitted in OUT/members (all; without the attention member; without the
+    extra text encoder's members, named ...am...; the main cache's pooled members only)."""
+    names = sorted(p.name for p in (out / "members").iterdir() if RunDir(p).manifest.is_file())
+    blends(out, caches, {
+        "all": names, "no attention": [n for n in names if not n.startswith("attention")],
+        "no extra text": [n for n in names if "am" not in n.split("-")[1]],
+        "main pooled only": [n for n in names if not n.startswith("attention") and "am" not in n.split("-")[1]]})
 
 
 def smoke(args: argparse.Namespace) -> None:

@@ -29,37 +29,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from best import unseen  # noqa: E402
+from best import blends, unseen  # noqa: E402
 
-from pipeline.best import Member, _aligned, fit_members, plan, students  # noqa: E402
+from pipeline.best import Member, fit_members, plan, students  # noqa: E402
 from pipeline.cache import CacheReader  # noqa: E402
-from pipeline.decision import choose as choose_rule  # noqa: E402
-from pipeline.ensemble import choose, mix  # noqa: E402
 from pipeline.log import configure  # noqa: E402
-from pipeline.metrics import samples_f1  # noqa: E402
 from pipeline.pseudo import PseudoRows, Teacher, Unlabelled  # noqa: E402
 from pipeline.runs import RunDir  # noqa: E402
 
 A = "comp5329/{}__efficientnet-lite0__minilm-l6.h5"
 M = "comp5329/{}__efficientnet-lite0__mpnet-base.h5"
-
-
-def blends(out: Path, caches: list[Path], sets: dict[str, list[str]]) -> None:
-    """Each named set of members in OUT/members blended (weights and rule chosen on the held-out rows alone):
-    held-out (cross-fitted) and unseen samples-F1."""
-    names = sorted({n for s in sets.values() for n in s})
-    runs = {n: RunDir(out / "members" / n) for n in names}
-    _, probs, y = _aligned([runs[n] for n in names])
-    unseen_p, yu = {}, None
-    for n in names:
-        yu, unseen_p[n], _ = unseen(runs[n].path, caches)
-    print(f"\n{'blend of':28s} {'members':>7s} {'held-out':>9s} {'unseen':>7s}  weights")
-    for label, sub in sets.items():
-        b = choose([probs[names.index(n)] for n in sub], y, "auto", 0)
-        rule = choose_rule(y.astype(np.float64), b.scores)
-        f1 = samples_f1(yu, rule.decision.apply(mix([unseen_p[n] for n in sub], b.weights)))
-        print(f"{label:28s} {len(sub):7d} {b.metrics['samples_f1']:9.4f} {f1:7.4f}  "
-              + " ".join(f"{n}={w:.2f}" for n, w in zip(sub, b.weights, strict=True) if w > 0), flush=True)
 
 
 class SoftTeacher(Teacher):

@@ -63,5 +63,7 @@ def load_model(run: Run, image_cut: str | None = None, text_cut: str | None = No
     if not run.dir.has_encoders():
         raise MlcError(f"{run.path}: holds no encoders (a fit-head run predicts from cached features; "
                        "`mlc finetune` writes encoders)")
-    image, text = load_encoder(run.dir.encoder_dir("image")), load_encoder(run.dir.encoder_dir("text"))
+    # run: RunDir.load() checked every file's sha256, the encoders' among them
+    image = load_encoder(run.dir.encoder_dir("image"), verified=True)
+    text = load_encoder(run.dir.encoder_dir("text"), verified=True)
     return MultiModal(image, text, run.heads[0], image_cut, text_cut).eval()  # type: ignore[arg-type]

@@ -109,7 +109,9 @@ class Recipe:
             if not run.has_encoders():
                 raise MlcError(f"{run.path}: not a finetuned run folder (needs encoders/image and encoders/text, "
                                "written by `mlc finetune`)")
-            image, text = load_encoder(run.encoder_dir("image")), load_encoder(run.encoder_dir("text"))
+            # verified just above (or by the caller): every file's sha256, the encoders' among them
+            image = load_encoder(run.encoder_dir("image"), verified=True)
+            text = load_encoder(run.encoder_dir("text"), verified=True)
             if (image.name, text.name) != (self.image_encoder, self.text_encoder):
                 raise MismatchError(f"{run.path} holds {image.name} + {text.name}, not "
                                     f"{self.image_encoder} + {self.text_encoder}")

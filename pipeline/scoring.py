@@ -120,8 +120,9 @@ def export_scorer(path: Path, meta: dict[str, Any], *, backend: str = "auto", de
     head_cfg = schemas.head(meta["head"], path / "export.json", tuple(HEADS))
     branches = []
     for b in meta["branches"]:
-        image = load_encoder(path / b["image"]).float() if b.get("image") else None
-        text = load_encoder(path / b["text"]).float() if b.get("text") else None
+        # read_export has checked every listed file's sha256, the encoders' among them
+        image = load_encoder(path / b["image"], verified=True).float() if b.get("image") else None
+        text = load_encoder(path / b["text"], verified=True).float() if b.get("text") else None
         branches.append(_branch(image, text, backend, device, onnx_dir))  # type: ignore[arg-type]
     dims = (sum(b.image.dim for b in branches if b.image is not None),
             sum(b.text.dim for b in branches if b.text is not None))

@@ -168,3 +168,22 @@ def test_a_hugging_face_model_saved_without_its_pooler_gets_none_not_a_random_on
     batch = a.tokenize(["a dog"])
     with pytest.raises(WeightsError, match="has no pooler; use --text-pooling mean or cls"):
         E.create_text_encoder(f"hf:{folder}", pooling="pooler")(**batch)
+
+
+def test_a_folder_its_caller_verified_is_not_hashed_again(tmp_path):
+    """Inside a run or export whose manifest's sha256 the caller has just checked (RunDir.load, read_export), a
+    saved encoder is read once, to build: the recorded-hash check is the manifest's there. Everywhere else the
+    folder's own hash is checked (the damaged-folder test above)."""
+    from pipeline import encoders as E
+
+    enc = E.create_text_encoder("tiny-bert", random_init=True, seed=0)
+    enc.save(tmp_path / "text")
+    weights = tmp_path / "text" / "model.safetensors"
+    sd = load_file(str(weights))
+    key = sorted(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1)[0]
+    sd[key] = sd[key] + 1.0
+    save_file(sd, str(weights))
+    with pytest.raises(WeightsError, match="hashes to"):
+        E.load_encoder(tmp_path / "text")
+    loaded = E.load_encoder(tmp_path / "text", verified=True)  # the caller's manifest would have refused this file
+    assert loaded.weights_hash != enc.weights_hash

@@ -69,9 +69,10 @@ def create_text_encoder(name: str, *, weights: str | os.PathLike[str] | None = N
     return create_encoder("text", name, weights=weights, random_init=random_init, seed=seed, **kw)  # type: ignore
 
 
-def load_encoder(folder: str | os.PathLike[str]) -> Encoder:
+def load_encoder(folder: str | os.PathLike[str], *, verified: bool = False) -> Encoder:
     """The encoder saved in ``folder`` (``encoder.json`` + weights), with its saved options: each one checked
-    against what the encoder takes, so an edited file is one line naming it, never a traceback."""
+    against what the encoder takes, so an edited file is one line naming it, never a traceback. ``verified``: the
+    folder is inside a run or export whose manifest (every file's sha256) the caller has just checked."""
     path = Path(folder) / ENCODER_FILE
     d = read_encoder_json(Path(folder))
     try:
@@ -85,7 +86,7 @@ def load_encoder(folder: str | os.PathLike[str]) -> Encoder:
             raise MlcError(f"{path}: options.{key}: not an option of {d['name']} (it takes: "
                            f"{', '.join(sorted(allowed)) or 'none'})")
     try:
-        return create_encoder(d["kind"], d["name"], weights=folder, **options)
+        return create_encoder(d["kind"], d["name"], weights=folder, verified=verified, **options)
     except (TypeError, ValueError) as e:  # an option of the wrong type or value (pooling "max")
         raise MlcError(f"{path}: options: {e}") from e
 

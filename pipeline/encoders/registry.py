@@ -96,19 +96,21 @@ def build_options(spec: EncoderSpec) -> set[str]:
 
 
 def create_encoder(kind: str, name: str, *, weights: str | os.PathLike[str] | None = None,
-                   random_init: bool = False, seed: int | None = None, **options: Any) -> Encoder:
+                   random_init: bool = False, seed: int | None = None, verified: bool = False,
+                   **options: Any) -> Encoder:
     """Build ``name`` in eval mode (``build_encoder`` of its spec).
 
     weights=None: the entry's pretrained weights (WeightsError when unavailable); weights=PATH: a local
     file or folder (an encoder saved by ``Encoder.save``, a state dict, a Hugging Face folder);
     random_init=True: random weights (``seed``, default 0, makes them reproducible). ``options`` are the entry's
-    own (e.g. ``pooling`` for text encoders).
+    own (e.g. ``pooling`` for text encoders). ``verified``: ``build_encoder``'s.
     """
-    return build_encoder(get_spec(kind, name), weights=weights, random_init=random_init, seed=seed, **options)
+    return build_encoder(get_spec(kind, name), weights=weights, random_init=random_init, seed=seed,
+                         verified=verified, **options)
 
 
 def build_encoder(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None = None, random_init: bool = False,
-                  seed: int | None = None, **options: Any) -> Encoder:
+                  seed: int | None = None, verified: bool = False, **options: Any) -> Encoder:
     """The one way an encoder of any family is built (as timm's ``build_model_with_cfg``): what every family would
     otherwise do, and do differently, is done here once.
 
@@ -119,12 +121,14 @@ def build_encoder(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None =
       an encoder that comes back random otherwise is refused, never used.
     - A folder an encoder was saved in (``Encoder.save``, ``mlc finetune``'s ``encoders/image``) is valid weights
       for every family: checked here (encoder.json, its kind, model.safetensors and the hash encoder.json records
-      of it), and anything wrong with it is one message, ``saved_folder_error``.
+      of it), and anything wrong with it is one message, ``saved_folder_error``. ``verified``: the folder lies in a
+      run or export whose manifest's sha256 the caller has just checked, so its weights are not read and hashed a
+      second time for that hash (the family reads them once, to build).
     """
     if random_init and weights is not None:
         raise MlcError(f"{spec.name}: pass either weights= or random_init=True, not both")
     fresh = random_init or (weights is None and spec.scratch)
-    saved = saved_folder(spec, weights)
+    saved = saved_folder(spec, weights, verified)
     with seeded((0 if seed is None else seed) if fresh else None):
         try:
             encoder = spec.build(spec, weights=weights if saved is None else saved, random_init=random_init,
@@ -156,9 +160,10 @@ def saved_folder_error(spec: EncoderSpec, folder: Path, fault: str) -> WeightsEr
                         f"{WEIGHTS_FILE} + its own files, as `mlc finetune` and Encoder.save write them): {fault}")
 
 
-def saved_folder(spec: EncoderSpec, weights: str | os.PathLike[str] | None) -> Path | None:
+def saved_folder(spec: EncoderSpec, weights: str | os.PathLike[str] | None, verified: bool = False) -> Path | None:
     """``weights`` resolved when it is a folder an encoder was saved in (it holds encoder.json), checked for what
-    every family needs; None for anything else (a file, a Hugging Face folder), which the family reads itself."""
+    every family needs (the recorded hash only when not ``verified`` already); None for anything else (a file, a
+    Hugging Face folder), which the family reads itself."""
     if weights is None:
         return None
     folder = Path(weights).expanduser()
@@ -174,7 +179,8 @@ def saved_folder(spec: EncoderSpec, weights: str | os.PathLike[str] | None) -> P
     if not (folder / WEIGHTS_FILE).is_file():
         raise saved_folder_error(spec, folder, f"{WEIGHTS_FILE} is missing")
     recorded = saved.get("weights_hash")
-    if isinstance(recorded, str):  # the weights as saved (fp16 in an export): safetensors has no checksum of its own
+    # the weights as saved (fp16 in an export): safetensors has no checksum of its own
+    if isinstance(recorded, str) and not verified:
         try:
             got = state_dict_hash(read_state_dict(folder))
         except WeightsError as e:

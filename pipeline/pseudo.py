@@ -172,8 +172,11 @@ class Teacher:
         if made not in self._made:
             parts = kfold(y, self.folds, seed)  # fit-head's folds for these rows and this seed
             oof, fold_proba, order = [], [], None
-            for path, caches, _ in self.teachers(seed):
-                run, rows = RunDir(path), self.unlabelled(caches)
+            sets: dict[tuple[int, ...], Unlabelled] = {}  # teachers over the same caches read them once, here only:
+            for path, caches, _ in self.teachers(seed):  # a test token map (GBs) is not held past this loop
+                if caches not in sets:
+                    sets[caches] = self.unlabelled(caches)
+                run, rows = RunDir(path), sets[caches]
                 oof.append(held_out_in_order(run, ids, parts))
                 heads = run.load().heads
                 if len(heads) != self.folds:

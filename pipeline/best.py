@@ -16,6 +16,7 @@ Like workflow.py this module sits above the stages: it chains fit_head; no stage
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -45,14 +46,13 @@ logger = get(__name__)
 
 @dataclass(frozen=True)
 class Member:
-    """One member: a fit-head run over some of the caches (indices into the run's cache list); ``options``: fit-head
-    options of its own, as (name, value) pairs (the attention head's training recipe)."""
+    """One member: a fit-head run over some of the caches (indices into the run's cache list), trained with its
+    head's registered recipe (heads: the attention head's), as `mlc run --head` trains it."""
 
     name: str
     caches: tuple[int, ...]
     head: str = "concat"
     seed: int = 0
-    options: tuple[tuple[str, Any], ...] = ()
 
 
 def plan(n_caches: int = 1, *, tokens: int | None = None, texts: Sequence[int] = ()) -> list[Member]:
@@ -72,8 +72,7 @@ def plan(n_caches: int = 1, *, tokens: int | None = None, texts: Sequence[int] =
         members.insert(1, Member(f"concat-a{tag}", (0, t)))
         members.append(Member(f"gated-a{tag}", (0, t), "gated"))
     if tokens is not None:  # the most diverse member (where things are), but the slowest: second
-        members.insert(1, Member("attention-a", (tokens,), "attention",
-                                 options=tuple(sorted(HEADS.about["attention"].recipe.items()))))
+        members.insert(1, Member("attention-a", (tokens,), "attention"))
     return members
 
 
@@ -156,7 +155,7 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
         run = RunDir(out / "members" / m.name)
         cfg = FitHeadConfig.build(caches=tuple(paths), out=run.path, folds=folds, head=m.head, seed=m.seed,
                                   decision=decision, output=output or OutputOptions(),
-                                  **{**dict(m.options), **fit_options})
+                                  **{**HEADS.about[m.head].recipe, **fit_options})
         cfg = sized(cfg, len(rows) if rows is not None else read_meta(paths[0]).num_records)  # as config.json holds it
         key = teacher.key(m.seed) if teacher is not None else None
         fresh = not _up_to_date(run, cfg.to_dict(), paths) or (key is not None and Teacher.recorded(run) != key)
@@ -194,7 +193,7 @@ def fit_members(members: Sequence[Member], caches: Sequence[Path], out: Path, *,
 
 def students(members: Sequence[Member]) -> list[Member]:
     """Round two of --pseudo-label: each member again, named NAME-pl, taught by round one."""
-    return [Member(f"{m.name}-pl", m.caches, m.head, m.seed, m.options) for m in members]
+    return [dataclasses.replace(m, name=f"{m.name}-pl") for m in members]
 
 
 def _aligned(runs: Sequence[RunDir]) -> tuple[list[str], list[np.ndarray], np.ndarray]:

@@ -163,11 +163,11 @@ class Registry(dict[str, T], Generic[T]):
 def rules_table() -> str:
     """A markdown table of the decision rules (decision.RULES): name, summary, what fitting tunes, the one-SE
     simplicity rank, whether an ONNX export's client.py carries it."""
-    from .decision import RULES
+    from .decision import RULES, simplest_first
 
     rows = ["| rule | what | tunes | simplicity rank (lower wins ties) | in an ONNX export's client.py |",
             "|---|---|---|---|---|"]
-    for name in sorted(RULES.choices(), key=lambda k: (RULES[k].rank, k)):
+    for name in simplest_first():
         r = RULES[name]
         rows.append(f"| `{name}` | {r.summary} | {', '.join(r.tuned) or 'nothing'} | {r.rank} | "
                     f"{'yes' if r.client is not None else 'no: export it with --format safetensors'} |")

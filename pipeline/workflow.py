@@ -31,6 +31,7 @@ from .folders import sha256_file
 from .heads import HEADS, HeadOptions
 from .heartbeat import announcer
 from .log import get
+from .pseudo import DEFAULT_CONFIDENCE
 from .quantize import PrecisionOptions
 from .reading import JSON_BYTES, read_text
 from .replay import RUN_RECIPE
@@ -98,8 +99,9 @@ class RunConfig(Config):
                              "that each fold's heads are confident about, refit every member (NAME-pl) with them on "
                              "each fold's training side (never held out), and blend both rounds "
                              "(docs/recipes.md).")
-    pseudo_confidence: float = opt(0.75, "With --pseudo-label: a test row is kept when every label's probability "
-                                   "is at least this or at most 1 minus this, and one label is at least this.")
+    pseudo_confidence: float = opt(DEFAULT_CONFIDENCE, "With --pseudo-label: a test row is kept when every label's "
+                                   "probability is at least this or at most 1 minus this, and one label is at least "
+                                   "this.")
     overwrite: bool = opt(False, "Rebuild the caches whose data changed (train.csv, test.csv or their images), then "
                           "refit and resubmit what depends on them, instead of stopping (naming the cache).")
     output: OutputOptions = group(OutputOptions)

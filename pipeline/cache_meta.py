@@ -60,10 +60,8 @@ class CacheMeta:
     def __getattr__(self, name: str) -> Any:
         """The flat names of mlc 0.2 (``image_encoder``, ``text_dim``, ``precision``, ``random_init``, ...), read from
         the one identity they belong to (not a whole ``to_dict`` per read: they are read in loops)."""
-        if name == "random_init":
-            return self.image.random_init or self.text.random_init
-        if name == "precision":
-            return self.image.precision
+        if name in ("random_init", "precision"):
+            return self._shared()[name]
         kind = name.split("_", 1)[0]
         if name in _FLAT_ORDER and kind in ("image", "text"):
             flat = self.encoder(kind).flat(kind)
@@ -79,11 +77,14 @@ class CacheMeta:
         """``image`` or ``text``'s identity."""
         return self.image if kind == "image" else self.text
 
+    def _shared(self) -> dict[str, Any]:
+        """The flat fields the two identities share: one ``random_init`` (either encoder's) and one ``precision``."""
+        return {"random_init": self.image.random_init or self.text.random_init, "precision": self.image.precision}
+
     def to_dict(self) -> dict[str, Any]:
-        """Flat, as caches store it: one ``random_init`` (either encoder's) and one ``precision``."""
+        """Flat, as caches store it (with ``_shared``'s two fields)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("image", "text")}
-        d.update(self.image.flat("image") | self.text.flat("text"),
-                 random_init=self.image.random_init or self.text.random_init, precision=self.image.precision)
+        d.update(self.image.flat("image") | self.text.flat("text"), **self._shared())
         d["label_ids"], d["label_names"] = list(self.label_ids), list(self.label_names)
         return copy.deepcopy({k: d[k] for k in _FLAT_ORDER})
 

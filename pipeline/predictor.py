@@ -322,9 +322,10 @@ def honoured(meta: dict[str, Any], path: Path) -> None:
             want = f"{expected[key]!r:.80}" if key in expected else "no such field"
             raise MlcError(f"{path}: decision.{key}: {decision.get(key)!r:.80} is not the rule this mlc applies "
                            f"({want}); it would be ignored, so the export is refused: export the run again")
-    top = meta.get("thresholds", decision["thresholds"])  # the README's "per-label thresholds": the rule's own
-    same = isinstance(top, list) and len(top) == len(decision["thresholds"]) and all(  # top: float32-rounded
-        isinstance(a, (int, float)) and abs(a - b) <= 1e-6 for a, b in zip(top, decision["thresholds"], strict=False))
+    # the README's "per-label thresholds" must be the rule's own (float32-rounded); schemas.export has checked both
+    # lists (one number in [0, 1] per label) before this runs
+    top = meta["thresholds"]
+    same = all(abs(a - b) <= 1e-6 for a, b in zip(top, decision["thresholds"], strict=True))
     if not same:
         raise MlcError(f"{path}: thresholds: {top!r:.80} disagree with decision.thresholds "
                        f"({decision['thresholds']!r:.80}), which mlc applies; export the run again")

@@ -234,13 +234,13 @@ def _meta(split: str, cfg: CrossfitConfig, recipe: Recipe, text: TextEncoder, da
         extra={"recipe": recipe.to_dict(), "crossfit": {"config": cfg.flat_dict(), "labelled": labelled}})
 
 
-def _written_before(job: Job, meta: CacheMeta) -> bool:
+def _written_before(target: Path, meta: CacheMeta) -> bool:
     """A cache this very cross-fit wrote before its identity was known up front (mlc before issue 27: the text hash
     was the fold models' digest): the same recipe and, but for that hash, the same identity. It is reused as it is."""
-    if not job.target.is_file():
+    if not target.is_file():
         return False
     try:
-        old = read_meta(job.target)
+        old = read_meta(target)
     except MlcError:
         return False
     same = old.replace(text_weights_hash=meta.text.weights_hash).identity() == meta.identity()
@@ -270,7 +270,7 @@ def crossfit(cfg: CrossfitConfig) -> list[Path]:
         # image bytes too when the folder has images: so it fuses with the image caches of the same data
         meta = _meta(split, cfg, recipe, text, data, rows,
                      fingerprint(rows, data.image_dir if data.options.images else None), split == "train")
-        old = _written_before(Job(recipe, data, split, target, loader), meta)
+        old = _written_before(target, meta)
         jobs.append(Job(recipe, data, split, target, loader, max(1, len(rows)), False, cfg.overwrite or old,
                         CROSSFIT_HINTS))
         metas.append((meta, old))

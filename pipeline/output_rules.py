@@ -189,7 +189,7 @@ def check_kind(target: str | os.PathLike[str], path: Path, what: str, mine: obje
     other = mlc_kind(path)
     if other is not None:
         raise OutputError(str(target), f"it is {other}, which is not {what}; even --force never replaces what "
-                          "another mlc command wrote: choose another output path")
+                          "another mlc command wrote, nor a dataset's CSV: choose another output path")
 
 
 
